@@ -1,0 +1,14 @@
+// Subcommands of the `amaq` executable. Each registers its flags on the parser and returns the
+// function that runs it.
+#pragma once
+#include <CLI/CLI.hpp>
+
+#include <functional>
+
+namespace amaq::app {
+
+using Run = std::function<int()>;
+
+Run add_forward(CLI::App& app);
+
+}  // namespace amaq::app

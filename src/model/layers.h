@@ -1,0 +1,109 @@
+// Decoder building blocks in HF's arithmetic: RMSNorm, rotary embeddings, GQA attention, SwiGLU,
+// and a linear layer that can carry a LoRA adapter.
+#pragma once
+#include <ATen/ATen.h>
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+
+namespace amaq {
+
+/// LoRA hyper-parameters (PEFT's names in comments).
+struct LoRAOptions {
+  explicit LoRAOptions(int64_t rank) : rank_(rank) {}
+  /// rank r (`r`); required.
+  LoRAOptions& rank(int64_t v) { rank_ = v; return *this; }
+  /// scale numerator (`lora_alpha`); default 16.
+  LoRAOptions& alpha(double v) { alpha_ = v; return *this; }
+  /// dropout on the adapter's input (`lora_dropout`); default 0.
+  LoRAOptions& dropout(double v) { dropout_ = v; return *this; }
+  /// scale alpha / sqrt(r) instead of alpha / r (`use_rslora`); default false.
+  LoRAOptions& rslora(bool v) { rslora_ = v; return *this; }
+  int64_t rank() const { return rank_; }
+  double alpha() const { return alpha_; }
+  double dropout() const { return dropout_; }
+  bool rslora() const { return rslora_; }
+  double scale() const;
+
+ private:
+  int64_t rank_;
+  double alpha_ = 16.0;
+  double dropout_ = 0.0;
+  bool rslora_ = false;
+};
+
+/// y = x W^T + b, plus (dropout(x) A^T B^T) * scale when a LoRA adapter is attached.
+/// Parameters: `weight` (out, in), `bias` (out), `lora_A` (r, in), `lora_B` (out, r).
+class LinearImpl : public torch::nn::Module {
+ public:
+  LinearImpl(int64_t in, int64_t out, bool bias, at::ScalarType dtype);
+  at::Tensor forward(const at::Tensor& x);  // (..., in) -> (..., out)
+  /// Attaches a LoRA adapter: lora_A Kaiming-uniform (a = sqrt(5)), lora_B zero, as PEFT does.
+  void add_lora(const LoRAOptions& opt);
+  bool has_lora() const { return lora_a.defined(); }
+  const LoRAOptions& lora_options() const { return lora_opt_; }
+
+  at::Tensor weight, bias, lora_a, lora_b;
+
+ private:
+  LoRAOptions lora_opt_{0};
+};
+TORCH_MODULE(Linear);
+
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int64_t dim, double eps, at::ScalarType dtype);
+  at::Tensor forward(const at::Tensor& x);
+  at::Tensor weight;
+  double eps;
+};
+TORCH_MODULE(RMSNorm);
+
+namespace functional {
+/// Inverse frequencies (head_dim / 2,) for the configured rope type, in fp32 as HF computes them.
+at::Tensor rope_inv_freq(const RopeConfig& rope, int64_t head_dim);
+/// cos and sin tables (T, head_dim) for positions 0..T-1.
+std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& inv_freq, int64_t T, at::ScalarType dtype, at::Device device);
+/// x * cos + rotate_half(x) * sin, x (B, H, T, D).
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+/// Additive attention bias (B, 1, T, T): 0 where query i may see key j (j <= i, inside the window,
+/// key not padding), the dtype's lowest value elsewhere. `attention_mask` (B, T) of 0/1 or undefined.
+at::Tensor attention_bias(const at::Tensor& attention_mask, int64_t B, int64_t T, int64_t window, at::ScalarType dtype,
+                          at::Device device);
+}  // namespace functional
+
+class AttentionImpl : public torch::nn::Module {
+ public:
+  AttentionImpl(const ModelConfig& c, at::ScalarType dtype);
+  /// x (B, T, C), cos/sin (T, D), bias (B, 1, T, T) -> (B, T, C)
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias);
+  Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+
+ private:
+  int64_t num_heads_, num_kv_heads_, head_dim_;
+};
+TORCH_MODULE(Attention);
+
+class MLPImpl : public torch::nn::Module {
+ public:
+  MLPImpl(const ModelConfig& c, at::ScalarType dtype);
+  at::Tensor forward(const at::Tensor& x);  // down(silu(gate(x)) * up(x))
+  Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+};
+TORCH_MODULE(MLP);
+
+class DecoderLayerImpl : public torch::nn::Module {
+ public:
+  DecoderLayerImpl(const ModelConfig& c, at::ScalarType dtype);
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias);
+  Attention self_attn{nullptr};
+  MLP mlp{nullptr};
+  RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+};
+TORCH_MODULE(DecoderLayer);
+
+}  // namespace amaq

@@ -1,0 +1,171 @@
+#include "model/part.h"
+
+#include <set>
+
+#include "core/error.h"
+
+namespace amaq {
+
+EmbeddingImpl::EmbeddingImpl(int64_t vocab, int64_t dim, at::ScalarType dtype) {
+  weight = register_parameter("weight", at::zeros({vocab, dim}, at::TensorOptions().dtype(dtype)), false);
+}
+
+at::Tensor EmbeddingImpl::forward(const at::Tensor& ids) { return at::embedding(weight, ids); }
+
+DecoderPartImpl::DecoderPartImpl(const ModelConfig& config, int64_t layer_begin, int64_t layer_end, at::ScalarType dtype)
+    : config_(config), layer_begin_(layer_begin), layer_end_(layer_end), dtype_(dtype) {
+  TORCH_CHECK(0 <= layer_begin && layer_begin <= layer_end && layer_end <= config.num_layers,
+              "layer range [", layer_begin, ", ", layer_end, ") is outside [0, ", config.num_layers, "]");
+  if (has_embedding()) embed_tokens = register_module("embed_tokens", Embedding(config.vocab_size, config.hidden_size, dtype));
+  // Children are named by their global layer index so parameter names match the checkpoint's.
+  auto stack = std::make_shared<torch::nn::Module>("layers");
+  for (int64_t i = layer_begin; i < layer_end; ++i) {
+    layers.push_back(stack->register_module(std::to_string(i), DecoderLayer(config, dtype)));
+  }
+  register_module("layers", stack);
+  if (has_head()) {
+    norm = register_module("norm", RMSNorm(config.hidden_size, config.rms_norm_eps, dtype));
+    if (!(config.tie_word_embeddings && has_embedding())) {
+      lm_head = register_module("lm_head", Linear(config.hidden_size, config.vocab_size, false, dtype));
+    }
+  }
+  inv_freq_ = functional::rope_inv_freq(config.rope, config.head_dim);
+}
+
+at::Tensor DecoderPartImpl::forward(const at::Tensor& input, const at::Tensor& attention_mask,
+                                    std::map<int64_t, at::Tensor>* hidden) {
+  at::Tensor h;
+  if (has_embedding()) {
+    TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kLong, "expected token ids (B, T) int64, got ",
+                input.sizes(), " ", input.scalar_type());
+    h = embed_tokens->forward(input);
+    if (hidden) (*hidden)[0] = h;
+  } else {
+    TORCH_CHECK(input.dim() == 3 && input.size(2) == config_.hidden_size, "expected a hidden state (B, T, ",
+                config_.hidden_size, "), got ", input.sizes());
+    h = input.to(dtype_);
+  }
+  const int64_t B = h.size(0), T = h.size(1);
+  auto [cos, sin] = functional::rope_tables(inv_freq_, T, dtype_, h.device());
+  std::map<int64_t, at::Tensor> bias_by_window;
+  for (size_t n = 0; n < layers.size(); ++n) {
+    const int64_t i = layer_begin_ + static_cast<int64_t>(n);
+    const int64_t window = config_.layer_window[i];
+    auto it = bias_by_window.find(window);
+    if (it == bias_by_window.end()) {
+      it = bias_by_window.emplace(window, functional::attention_bias(attention_mask, B, T, window, dtype_, h.device())).first;
+    }
+    h = layers[n]->forward(h, cos, sin, it->second);
+    if (hidden && i + 1 < config_.num_layers) (*hidden)[i + 1] = h;
+  }
+  if (!has_head()) return h;
+  h = norm->forward(h);
+  if (hidden) (*hidden)[config_.num_layers] = h;
+  return lm_head ? lm_head->forward(h) : at::linear(h, embed_tokens->weight);
+}
+
+std::vector<std::pair<std::string, at::Tensor>> DecoderPartImpl::base_weights() {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& p : named_parameters()) {
+    const std::string& name = p.key();
+    if (name.find("lora_") != std::string::npos) continue;
+    std::string hf = name;
+    if (name == "lm_head.weight") {
+      hf = config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+    } else {
+      hf = "model." + name;
+    }
+    out.emplace_back(hf, p.value());
+  }
+  return out;
+}
+
+void DecoderPartImpl::load_weights(const CheckpointReader& ckpt) {
+  at::NoGradGuard no_grad;
+  for (auto& [name, param] : base_weights()) {
+    param.copy_(ckpt.load(name, dtype_, param.sizes().vec()));
+  }
+}
+
+std::vector<std::pair<std::string, Linear>> DecoderPartImpl::linears() {
+  std::vector<std::pair<std::string, Linear>> out;
+  for (const auto& m : named_modules("", /*include_self=*/false)) {
+    if (auto lin = std::dynamic_pointer_cast<LinearImpl>(m.value())) {
+      out.emplace_back(m.key() == "lm_head" ? "lm_head" : "model." + m.key(), Linear(lin));
+    }
+  }
+  return out;
+}
+
+void DecoderPartImpl::set_base_trainable(bool trainable) {
+  for (auto& [name, param] : base_weights()) param.set_requires_grad(trainable);
+}
+
+std::vector<at::Tensor> DecoderPartImpl::trainable_parameters() {
+  std::vector<at::Tensor> out;
+  std::set<const void*> seen;
+  for (const auto& p : parameters()) {
+    if (p.requires_grad() && seen.insert(p.unsafeGetTensorImpl()).second) out.push_back(p);
+  }
+  return out;
+}
+
+static void check_split(const ModelConfig& config, int64_t split) {
+  if (split < 1 || split >= config.num_layers) {
+    throw Error("split layer " + std::to_string(split) + " is outside [1, " + std::to_string(config.num_layers - 1) +
+                    "] for a model with " + std::to_string(config.num_layers) + " layers",
+                "k = 0 would leave the client no layer (its raw embeddings would reveal the tokens); k = L would leave "
+                "the server nothing to run; pick 1 <= k < L");
+  }
+}
+
+DecoderPart client_part(const ModelConfig& config, int64_t split, at::ScalarType dtype) {
+  check_split(config, split);
+  return DecoderPart(config, 0, split, dtype);
+}
+
+DecoderPart server_part(const ModelConfig& config, int64_t split, at::ScalarType dtype) {
+  check_split(config, split);
+  return DecoderPart(config, split, config.num_layers, dtype);
+}
+
+DecoderPart full_model(const ModelConfig& config, at::ScalarType dtype) {
+  return DecoderPart(config, 0, config.num_layers, dtype);
+}
+
+at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels) {
+  TORCH_CHECK(logits.dim() == 3 && labels.dim() == 2 && logits.size(0) == labels.size(0) && logits.size(1) == labels.size(1),
+              "expected logits (B, T, V) and labels (B, T), got ", logits.sizes(), " and ", labels.sizes());
+  const int64_t T = logits.size(1), V = logits.size(2);
+  at::Tensor l = logits.narrow(1, 0, T - 1).reshape({-1, V}).to(at::kFloat);
+  at::Tensor y = labels.narrow(1, 1, T - 1).reshape({-1}).to(at::kLong);
+  return at::cross_entropy_loss(l, y, {}, at::Reduction::Mean, /*ignore_index=*/-100, /*label_smoothing=*/0.0);
+}
+
+bool lora_target_matches(const std::string& module_name, const std::vector<std::string>& targets) {
+  for (const auto& t : targets) {
+    if (t == "all-linear") {
+      if (module_name != "lm_head") return true;
+      continue;
+    }
+    if (module_name == t) return true;
+    if (module_name.size() > t.size() && module_name.compare(module_name.size() - t.size(), t.size(), t) == 0 &&
+        module_name[module_name.size() - t.size() - 1] == '.') {
+      return true;
+    }
+  }
+  return false;
+}
+
+int64_t apply_lora(DecoderPart& part, const LoRAOptions& opt, const std::vector<std::string>& targets) {
+  int64_t n = 0;
+  for (auto& [name, lin] : part->linears()) {
+    if (lora_target_matches(name, targets)) {
+      lin->add_lora(opt);
+      ++n;
+    }
+  }
+  return n;
+}
+
+}  // namespace amaq

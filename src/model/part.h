@@ -1,0 +1,88 @@
+// A contiguous slice of a decoder-only LM. The split puts layers [0, k) with the embeddings on the
+// client and layers [k, L) with the final norm and LM head on the server; the unsplit model is the
+// slice [0, L). Each slice loads only its own tensors from the checkpoint.
+#pragma once
+#include <ATen/ATen.h>
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/safetensors.h"
+#include "model/config.h"
+#include "model/layers.h"
+
+namespace amaq {
+
+class EmbeddingImpl : public torch::nn::Module {
+ public:
+  EmbeddingImpl(int64_t vocab, int64_t dim, at::ScalarType dtype);
+  at::Tensor forward(const at::Tensor& ids);  // (B, T) int64 -> (B, T, C)
+  at::Tensor weight;                          // (V, C)
+};
+TORCH_MODULE(Embedding);
+
+class DecoderPartImpl : public torch::nn::Module {
+ public:
+  /// Layers [layer_begin, layer_end); the embeddings come with layer_begin == 0, the final norm and
+  /// LM head with layer_end == L.
+  DecoderPartImpl(const ModelConfig& config, int64_t layer_begin, int64_t layer_end, at::ScalarType dtype = at::kFloat);
+
+  /// input: token ids (B, T) if has_embedding(), else the hidden state (B, T, C) from the part before.
+  /// Returns logits (B, T, V) if has_head(), else the hidden state (B, T, C) for the part after.
+  /// attention_mask (B, T) of 0/1 marks padding (may be undefined). When `hidden` is given, HF's
+  /// output_hidden_states entries this part produces are stored under their global index.
+  at::Tensor forward(const at::Tensor& input, const at::Tensor& attention_mask = {},
+                     std::map<int64_t, at::Tensor>* hidden = nullptr);
+
+  bool has_embedding() const { return layer_begin_ == 0; }
+  bool has_head() const { return layer_end_ == config_.num_layers; }
+  int64_t layer_begin() const { return layer_begin_; }
+  int64_t layer_end() const { return layer_end_; }
+  const ModelConfig& config() const { return config_; }
+  at::ScalarType dtype() const { return dtype_; }
+
+  /// (checkpoint tensor name, parameter) for every base weight this part holds.
+  std::vector<std::pair<std::string, at::Tensor>> base_weights();
+  /// Copies this part's weights, and only those, from the checkpoint.
+  void load_weights(const CheckpointReader& ckpt);
+  /// (HF module name such as "model.layers.3.mlp.up_proj", layer) for every linear layer.
+  std::vector<std::pair<std::string, Linear>> linears();
+  /// Makes every base weight trainable (full fine-tuning) or frozen.
+  void set_base_trainable(bool trainable);
+  /// Parameters with requires_grad, each once.
+  std::vector<at::Tensor> trainable_parameters();
+
+  Embedding embed_tokens{nullptr};
+  std::vector<DecoderLayer> layers;
+  RMSNorm norm{nullptr};
+  Linear lm_head{nullptr};  // absent when the head is tied to embed_tokens held by this same part
+
+ private:
+  ModelConfig config_;
+  int64_t layer_begin_, layer_end_;
+  at::ScalarType dtype_;
+  at::Tensor inv_freq_;  // (head_dim / 2,)
+};
+TORCH_MODULE(DecoderPart);
+
+/// Embeddings + layers [0, k). Refuses k outside [1, L).
+DecoderPart client_part(const ModelConfig& config, int64_t split, at::ScalarType dtype = at::kFloat);
+/// Layers [k, L) + final norm + LM head. Refuses k outside [1, L).
+DecoderPart server_part(const ModelConfig& config, int64_t split, at::ScalarType dtype = at::kFloat);
+/// The unsplit model.
+DecoderPart full_model(const ModelConfig& config, at::ScalarType dtype = at::kFloat);
+
+/// Mean next-token cross-entropy, labels shifted inside as HF does; label -100 is ignored.
+/// logits (B, T, V), labels (B, T) int64.
+at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels);
+
+/// Attaches LoRA to every linear layer whose module name matches `targets` (PEFT's rules: a name
+/// equal to the last component or the whole name; "all-linear" = every linear but lm_head).
+/// Returns the number of layers adapted.
+int64_t apply_lora(DecoderPart& part, const LoRAOptions& opt, const std::vector<std::string>& targets);
+bool lora_target_matches(const std::string& module_name, const std::vector<std::string>& targets);
+
+}  // namespace amaq

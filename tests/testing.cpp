@@ -1,0 +1,58 @@
+#include "testing.h"
+
+#include <unistd.h>
+
+#include <array>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+namespace amaq::testing {
+
+TempDir::TempDir() {
+  std::string tmpl = (std::filesystem::temp_directory_path() / "amaq-test-XXXXXX").string();
+  char* p = ::mkdtemp(tmpl.data());
+  if (!p) throw std::runtime_error("mkdtemp failed");
+  path_ = p;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
+::testing::AssertionResult all_close(const at::Tensor& actual, const at::Tensor& expected, double atol, double rtol) {
+  if (actual.sizes() != expected.sizes()) {
+    return ::testing::AssertionFailure() << "shape " << actual.sizes() << " != expected " << expected.sizes();
+  }
+  at::Tensor a = actual.detach().to(at::kDouble).flatten(), e = expected.detach().to(at::kDouble).flatten();
+  at::Tensor excess = (a - e).abs() - (atol + rtol * e.abs());
+  if (a.isnan().any().item<bool>()) return ::testing::AssertionFailure() << "actual has NaN";
+  int64_t worst = excess.argmax().item<int64_t>();
+  double w = excess[worst].item<double>();
+  if (w <= 0) return ::testing::AssertionSuccess();
+  int64_t bad = (excess > 0).sum().item<int64_t>();
+  return ::testing::AssertionFailure() << bad << " of " << a.numel() << " elements outside atol " << atol << " rtol " << rtol
+                                       << "; worst at flat index " << worst << ": got " << a[worst].item<double>()
+                                       << ", expected " << e[worst].item<double>();
+}
+
+void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+int run_command(const std::string& cmd, std::string* output) {
+  std::string full = cmd + " 2>&1";
+  FILE* p = ::popen(full.c_str(), "r");
+  if (!p) return -1;
+  std::array<char, 4096> buf{};
+  output->clear();
+  size_t n;
+  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) output->append(buf.data(), n);
+  int status = ::pclose(p);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+}  // namespace amaq::testing
