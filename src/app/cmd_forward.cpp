@@ -31,7 +31,8 @@ int run_forward(const ForwardArgs& a) {
   }
   at::Tensor ids = io.load("input_ids");
   if (ids.dim() != 2 || ids.scalar_type() != at::kLong) {
-    throw Error(a.ids + ": input_ids must be int64 (B, T), got " + c10::str(ids.scalar_type(), " ", ids.sizes()), "");
+    throw Error(a.ids + ": input_ids must be int64 (B, T), got " + c10::str(ids.scalar_type(), " ", ids.sizes()),
+                "write the token ids as an int64 tensor named input_ids, shape (B, T)");
   }
   if (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= config.vocab_size) {
     throw Error(a.ids + ": input_ids outside [0, " + std::to_string(config.vocab_size) + ")",

@@ -242,7 +242,8 @@ CheckpointReader::CheckpointReader(const std::string& dir) : dir_(dir) {
       throw Error(index + " has no weight_map object", "the sharded checkpoint index is malformed; download it again");
     }
     for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
-      if (!it.value().is_string()) throw Error(index + ": weight_map['" + it.key() + "'] is not a file name", "");
+      if (!it.value().is_string()) throw Error(index + ": weight_map['" + it.key() + "'] is not a file name",
+                                          "the sharded checkpoint index is malformed; download it again");
       std::string file = it.value().get<std::string>();
       if (file.find('/') != std::string::npos || file.find("..") != std::string::npos) {
         throw Error(index + ": shard name '" + file + "' is not a plain file name", "shards must lie beside the index");

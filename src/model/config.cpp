@@ -119,8 +119,10 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& w
   if (c.head_dim % 2 != 0) r.fail("head_dim", "must be even for rotary embeddings");
 
   std::string act = r.string_or("hidden_act", "silu");
-  if (act != "silu") r.fail("hidden_act", "is '" + act + "'; amaq implements the SwiGLU MLP with silu only", "");
-  if (r.number_or("partial_rotary_factor", 1.0) != 1.0) r.fail("partial_rotary_factor", "other than 1.0 is not supported", "");
+  if (act != "silu") r.fail("hidden_act", "is '" + act + "'; amaq implements the SwiGLU MLP with silu only",
+                            "this checkpoint is not a Llama/Qwen2/Mistral-style model");
+  if (r.number_or("partial_rotary_factor", 1.0) != 1.0) r.fail("partial_rotary_factor", "other than 1.0 is not supported",
+                                                                "amaq rotates the whole head dimension, as Llama, Qwen2 and Mistral do");
   if (r.has("quantization_config")) {
     r.fail("quantization_config", "is set: quantized checkpoints are not supported",
            "use an unquantized (fp32/bf16/fp16) checkpoint; amaq quantizes only what crosses the network");

@@ -52,7 +52,7 @@ AdapterConfig AdapterConfig::load(const std::string& dir) {
 
   AdapterConfig c;
   const auto* r = get("r");
-  if (!r || !r->is_number_integer() || r->get<int64_t>() <= 0) throw Error(path + ": r must be a positive integer", "");
+  if (!r || !r->is_number_integer() || r->get<int64_t>() <= 0) throw Error(path + ": r must be a positive integer", "re-export the adapter with PEFT");
   c.r = r->get<int64_t>();
   if (const auto* a = get("lora_alpha")) c.lora_alpha = a->get<double>();
   if (const auto* d = get("lora_dropout")) c.lora_dropout = d->get<double>();

@@ -1,0 +1,110 @@
+// PEFT adapters: the HF-made fixture adapter re-exported unchanged, split export == unsplit export,
+// and unsupported adapter features refused.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "core/fs.h"
+#include "core/safetensors.h"
+#include "model/config.h"
+#include "model/part.h"
+#include "model/peft.h"
+#include "testing.h"
+
+namespace amaq {
+namespace {
+
+using testing::data_path;
+using testing::TempDir;
+
+class Peft : public ::testing::TestWithParam<std::string> {
+ protected:
+  std::string dir() const { return data_path("hf/" + GetParam()); }
+  ModelConfig config() const { return ModelConfig::load(dir()); }
+};
+
+TEST_P(Peft, ReExportOfTheFixtureAdapterHasIdenticalTensors) {
+  DecoderPart m = full_model(config());
+  AdapterConfig ac = load_peft_adapter(m, dir() + "/adapter");
+  TempDir tmp;
+  save_peft_adapter({m}, ac, tmp.path());
+  auto ref = load_safetensors(dir() + "/adapter/adapter_model.safetensors");
+  auto got = load_safetensors(tmp.file("adapter_model.safetensors"));
+  ASSERT_EQ(got.size(), ref.size());
+  for (const auto& [k, t] : ref) {
+    ASSERT_TRUE(got.count(k)) << "missing PEFT key " << k;
+    EXPECT_TRUE(at::equal(got.at(k), t)) << k;
+  }
+}
+
+TEST_P(Peft, ExportedConfigHasEveryFieldPeftNeedsAndReimports) {
+  DecoderPart m = full_model(config());
+  AdapterConfig ac = load_peft_adapter(m, dir() + "/adapter");
+  ac.base_model_name_or_path = "tests/" + GetParam();
+  TempDir tmp;
+  save_peft_adapter({m}, ac, tmp.path());
+  auto j = nlohmann::json::parse(read_file(tmp.file("adapter_config.json")));
+  for (const char* field : {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules",
+                            "base_model_name_or_path", "bias", "fan_in_fan_out", "inference_mode", "use_rslora",
+                            "use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights"}) {
+    EXPECT_TRUE(j.contains(field)) << field;
+  }
+  EXPECT_EQ(j["peft_type"], "LORA");
+  EXPECT_EQ(j["task_type"], "CAUSAL_LM");
+  // Every field the fixture (written by PEFT 0.21) sets to a non-default value has the same value.
+  auto ref = nlohmann::json::parse(read_file(dir() + "/adapter/adapter_config.json"));
+  for (const char* field : {"r", "lora_alpha", "lora_dropout", "bias", "fan_in_fan_out", "use_rslora", "use_dora"}) {
+    EXPECT_EQ(j[field], ref[field]) << field;
+  }
+  auto sorted = [](std::vector<std::string> v) { std::sort(v.begin(), v.end()); return v; };
+  EXPECT_EQ(sorted(j["target_modules"].get<std::vector<std::string>>()),
+            sorted(ref["target_modules"].get<std::vector<std::string>>()));
+
+  DecoderPart again = full_model(config());
+  AdapterConfig back = load_peft_adapter(again, tmp.path());
+  EXPECT_EQ(back.to_json(), ac.to_json());
+  auto a = m->linears(), b = again->linears();
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].second->has_lora(), b[i].second->has_lora()) << a[i].first;
+    if (!a[i].second->has_lora()) continue;
+    EXPECT_TRUE(at::equal(a[i].second->lora_a, b[i].second->lora_a)) << a[i].first;
+    EXPECT_TRUE(at::equal(a[i].second->lora_b, b[i].second->lora_b)) << a[i].first;
+  }
+}
+
+TEST_P(Peft, ClientAndServerExportIsOneAdapterForTheWholeModel) {
+  DecoderPart c = client_part(config(), 1), s = server_part(config(), 1);
+  AdapterConfig ac = load_peft_adapter(c, dir() + "/adapter");
+  load_peft_adapter(s, dir() + "/adapter");
+  TempDir tmp;
+  save_peft_adapter({c, s}, ac, tmp.path());
+  auto ref = load_safetensors(dir() + "/adapter/adapter_model.safetensors");
+  auto got = load_safetensors(tmp.file("adapter_model.safetensors"));
+  ASSERT_EQ(got.size(), ref.size());
+  for (const auto& [k, t] : ref) EXPECT_TRUE(got.count(k) && at::equal(got.at(k), t)) << k;
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, Peft, ::testing::Values("llama-gqa", "qwen2-tied"));
+
+TEST(PeftRefuses, FeaturesAmaqDoesNotImplement) {
+  std::string src = data_path("hf/llama-gqa/adapter");
+  auto ref = nlohmann::json::parse(read_file(src + "/adapter_config.json"));
+  TempDir tmp;
+  write_file_atomic(tmp.file("adapter_model.safetensors"), read_file(src + "/adapter_model.safetensors"));
+  auto try_with = [&](const char* key, nlohmann::json v) {
+    nlohmann::json j = ref;
+    j[key] = v;
+    write_file_atomic(tmp.file("adapter_config.json"), j.dump());
+    DecoderPart m = full_model(ModelConfig::load(data_path("hf/llama-gqa")));
+    load_peft_adapter(m, tmp.path());
+  };
+  EXPECT_AMAQ_ERROR(try_with("use_dora", true), "use_dora");
+  EXPECT_AMAQ_ERROR(try_with("rank_pattern", {{"q_proj", 8}}), "rank_pattern");
+  EXPECT_AMAQ_ERROR(try_with("peft_type", "IA3"), "peft_type", "IA3");
+  EXPECT_AMAQ_ERROR(try_with("r", 8), "lora_A", "shape");  // tensors are r = 4
+  EXPECT_AMAQ_ERROR(try_with("target_modules", {"lm_head", "q_proj", "w_gate"}), "lm_head.lora_A");
+}
+
+}  // namespace
+}  // namespace amaq
