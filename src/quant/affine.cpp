@@ -1,0 +1,251 @@
+#include "quant/affine.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace amaq::quant {
+
+uint16_t half_bits_rounded(float v, bool up) {
+  c10::Half h(v);
+  uint16_t bits = h.x;
+  float back = static_cast<float>(h);
+  if (up ? back >= v : back <= v) return bits;
+  // One fp16 ulp further in the wanted direction.
+  const bool neg = bits & 0x8000;
+  const uint16_t mag = bits & 0x7fff;
+  if (mag == 0) return up ? 0x0001 : 0x8001;
+  return (up != neg) ? static_cast<uint16_t>(bits + 1) : static_cast<uint16_t>(bits - 1);
+}
+
+float half_bits_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+
+float stochastic_uniform(uint64_t seed, uint64_t index) {
+  // splitmix64 of (seed, index): stateless, so every thread and every implementation agrees.
+  uint64_t z = seed * 0x9E3779B97F4A7C15ull + index + 0x632BE59BD9B4E019ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
+}
+
+namespace {
+
+void check_input(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "expected contiguous fp32 (rows, cols)");
+  TORCH_CHECK(x.size(0) == layout.rows && x.size(1) == layout.cols, "layout does not match x");
+  TORCH_CHECK(bits.numel() == layout.cols && bits.scalar_type() == at::kByte, "bits must be (cols,) uint8");
+  TORCH_CHECK(layout.granularity != Granularity::kGroup || layout.group > 0, "group size must be positive");
+}
+
+float tensor_scale(float max_abs) { return max_abs > 0 ? max_abs : 1.0f; }
+
+// The one formula for a channel's step, used by every path.
+inline float step_of(float lo, float hi, int b) { return (hi - lo) / static_cast<float>((1 << b) - 1); }
+
+inline uint8_t quantize_one(float x, float lo, float step, int b, Rounding rounding, uint64_t seed, uint64_t index) {
+  if (!(step > 0)) return 0;
+  const float u = (x - lo) / step;
+  const float q = rounding == Rounding::kNearest ? std::nearbyint(u) : std::floor(u + stochastic_uniform(seed, index));
+  const float qmax = static_cast<float>((1 << b) - 1);
+  return static_cast<uint8_t>(std::min(std::max(q, 0.0f), qmax));
+}
+
+inline float dequantize_one(uint8_t code, float lo, float step) { return lo + static_cast<float>(code) * step; }
+
+}  // namespace
+
+AffineQuant affine_quantize_ref(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
+                                uint64_t seed) {
+  check_input(x, bits, layout);
+  const int64_t rows = layout.rows, cols = layout.cols, G = layout.num_groups();
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* b = bits.data_ptr<uint8_t>();
+  float max_abs = 0;
+  for (int64_t i = 0; i < rows * cols; ++i) max_abs = std::max(max_abs, std::fabs(xp[i]));
+  AffineQuant q;
+  q.scale = tensor_scale(max_abs);
+  std::vector<float> mn(G, std::numeric_limits<float>::infinity()), mx(G, -std::numeric_limits<float>::infinity());
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t g = layout.group_of(r, c);
+      mn[g] = std::min(mn[g], xp[r * cols + c]);
+      mx[g] = std::max(mx[g], xp[r * cols + c]);
+    }
+  }
+  q.lo = at::empty({G}, at::kHalf);
+  q.hi = at::empty({G}, at::kHalf);
+  auto* lo16 = reinterpret_cast<uint16_t*>(q.lo.data_ptr());
+  auto* hi16 = reinterpret_cast<uint16_t*>(q.hi.data_ptr());
+  for (int64_t g = 0; g < G; ++g) {
+    lo16[g] = half_bits_rounded(mn[g] / q.scale, /*up=*/false);
+    hi16[g] = half_bits_rounded(mx[g] / q.scale, /*up=*/true);
+  }
+  q.codes = at::empty({rows, cols}, at::kByte);
+  uint8_t* out = q.codes.data_ptr<uint8_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t g = layout.group_of(r, c);
+      const float lo = half_bits_to_float(lo16[g]) * q.scale, hi = half_bits_to_float(hi16[g]) * q.scale;
+      out[r * cols + c] = quantize_one(xp[r * cols + c], lo, step_of(lo, hi, b[c]), b[c], rounding, seed,
+                                       static_cast<uint64_t>(r * cols + c));
+    }
+  }
+  return q;
+}
+
+at::Tensor affine_dequantize_ref(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout) {
+  const int64_t rows = layout.rows, cols = layout.cols;
+  at::Tensor out = at::empty({rows, cols}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  const uint8_t* codes = q.codes.data_ptr<uint8_t>();
+  const uint8_t* b = bits.data_ptr<uint8_t>();
+  const auto* lo16 = reinterpret_cast<const uint16_t*>(q.lo.data_ptr());
+  const auto* hi16 = reinterpret_cast<const uint16_t*>(q.hi.data_ptr());
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t g = layout.group_of(r, c);
+      const float lo = half_bits_to_float(lo16[g]) * q.scale, hi = half_bits_to_float(hi16[g]) * q.scale;
+      o[r * cols + c] = dequantize_one(codes[r * cols + c], lo, step_of(lo, hi, b[c]));
+    }
+  }
+  return out;
+}
+
+namespace {
+
+// Decoded fp32 range starts and ends per group.
+void decoded_ranges(const AffineQuant& q, std::vector<float>& lo, std::vector<float>& hi) {
+  const int64_t G = q.lo.numel();
+  lo.resize(G);
+  hi.resize(G);
+  const auto* lo16 = reinterpret_cast<const uint16_t*>(q.lo.data_ptr());
+  const auto* hi16 = reinterpret_cast<const uint16_t*>(q.hi.data_ptr());
+  for (int64_t g = 0; g < G; ++g) {
+    lo[g] = half_bits_to_float(lo16[g]) * q.scale;
+    hi[g] = half_bits_to_float(hi16[g]) * q.scale;
+  }
+}
+
+// Calls f(r, c0, c1, g) for each run of columns [c0, c1) of row r that share range group g.
+template <typename F>
+inline void for_row_groups(const AffineLayout& L, int64_t r, const F& f) {
+  switch (L.granularity) {
+    case Granularity::kToken: f(r, 0, L.cols, r); break;
+    case Granularity::kGroup:
+      for (int64_t c0 = 0, gi = 0; c0 < L.cols; c0 += L.group, ++gi) f(r, c0, std::min(L.cols, c0 + L.group), r * L.groups_per_row() + gi);
+      break;
+    case Granularity::kChannel: f(r, 0, L.cols, -1); break;  // group = column
+  }
+}
+
+}  // namespace
+
+AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
+                            uint64_t seed) {
+  check_input(x, bits, layout);
+  const int64_t rows = layout.rows, cols = layout.cols, G = layout.num_groups();
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* b = bits.data_ptr<uint8_t>();
+  AffineQuant q;
+  q.scale = tensor_scale(x.numel() ? x.abs().max().item<float>() : 0.0f);
+  const float scale = q.scale;
+  q.lo = at::empty({G}, at::kHalf);
+  q.hi = at::empty({G}, at::kHalf);
+  auto* lo16 = reinterpret_cast<uint16_t*>(q.lo.data_ptr());
+  auto* hi16 = reinterpret_cast<uint16_t*>(q.hi.data_ptr());
+
+  // Ranges.
+  if (layout.granularity == Granularity::kChannel) {
+    at::Tensor mn = x.amin(0), mx = x.amax(0);  // exact reductions
+    const float* mnp = mn.data_ptr<float>();
+    const float* mxp = mx.data_ptr<float>();
+    for (int64_t c = 0; c < cols; ++c) {
+      lo16[c] = half_bits_rounded(mnp[c] / scale, false);
+      hi16[c] = half_bits_rounded(mxp[c] / scale, true);
+    }
+  } else {
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for_row_groups(layout, r, [&](int64_t row, int64_t c0, int64_t c1, int64_t g) {
+          const float* p = xp + row * cols;
+          float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+          for (int64_t c = c0; c < c1; ++c) {
+            mn = std::min(mn, p[c]);
+            mx = std::max(mx, p[c]);
+          }
+          lo16[g] = half_bits_rounded(mn / scale, false);
+          hi16[g] = half_bits_rounded(mx / scale, true);
+        });
+      }
+    });
+  }
+  std::vector<float> lo, hi;
+  decoded_ranges(q, lo, hi);
+  std::vector<float> levels(9);
+  for (int k = 1; k <= 8; ++k) levels[k] = static_cast<float>((1 << k) - 1);
+
+  // Codes.
+  q.codes = at::empty({rows, cols}, at::kByte);
+  uint8_t* out = q.codes.data_ptr<uint8_t>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for_row_groups(layout, r, [&](int64_t row, int64_t c0, int64_t c1, int64_t g) {
+        const float* p = xp + row * cols;
+        uint8_t* o = out + row * cols;
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t gg = g < 0 ? c : g;
+          const float step = (hi[gg] - lo[gg]) / levels[b[c]];
+          o[c] = quantize_one(p[c], lo[gg], step, b[c], rounding, seed, static_cast<uint64_t>(row * cols + c));
+        }
+      });
+    }
+  });
+  return q;
+}
+
+at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout) {
+  const int64_t rows = layout.rows, cols = layout.cols;
+  at::Tensor out = at::empty({rows, cols}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  const uint8_t* codes = q.codes.data_ptr<uint8_t>();
+  const uint8_t* b = bits.data_ptr<uint8_t>();
+  std::vector<float> lo, hi;
+  decoded_ranges(q, lo, hi);
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for_row_groups(layout, r, [&](int64_t row, int64_t c0, int64_t c1, int64_t g) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t gg = g < 0 ? c : g;
+          o[row * cols + c] = dequantize_one(codes[row * cols + c], lo[gg], step_of(lo[gg], hi[gg], b[c]));
+        }
+      });
+    }
+  });
+  return out;
+}
+
+std::pair<at::Tensor, at::Tensor> affine_lo_step(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout) {
+  const int64_t rows = layout.rows, cols = layout.cols;
+  at::Tensor lo_t = at::empty({rows, cols}, at::kFloat), step_t = at::empty({rows, cols}, at::kFloat);
+  float* lp = lo_t.data_ptr<float>();
+  float* sp = step_t.data_ptr<float>();
+  const uint8_t* b = bits.data_ptr<uint8_t>();
+  std::vector<float> lo, hi;
+  decoded_ranges(q, lo, hi);
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t g = layout.group_of(r, c);
+        lp[r * cols + c] = lo[g];
+        sp[r * cols + c] = step_of(lo[g], hi[g], b[c]);
+      }
+    }
+  });
+  return {lo_t, step_t};
+}
+
+}  // namespace amaq::quant

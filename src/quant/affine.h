@@ -1,0 +1,65 @@
+// Asymmetric min/max quantization with a bit-width per channel, shared by the `fixed` and `amaq`
+// codecs. Ranges are kept per token, per channel, or per (token, group of g channels).
+//
+// Exactness contract: a group's range is stored as two fp16 numbers relative to one fp32 tensor
+// scale (lo rounded down, hi rounded up, so the range still covers the data), and every side
+// computes step = (hi - lo) / (2^b - 1) and x' = lo + code * step from those stored numbers in the
+// same fp32 operations. So the value the sender's fake-quant uses is bit for bit what the receiver
+// decodes. The relative fp16 ranges survive outliers above fp16's 65504 and gradients below 6e-5.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace amaq::quant {
+
+enum class Granularity : uint8_t { kToken = 1, kChannel = 2, kGroup = 3 };
+enum class Rounding : uint8_t { kNearest = 0, kStochastic = 1 };
+
+struct AffineLayout {
+  int64_t rows = 0, cols = 0;
+  Granularity granularity = Granularity::kToken;
+  int64_t group = 0;  // channels per group, kGroup only
+
+  int64_t groups_per_row() const { return granularity == Granularity::kGroup ? (cols + group - 1) / group : 1; }
+  int64_t num_groups() const { return granularity == Granularity::kChannel ? cols : rows * groups_per_row(); }
+  int64_t group_of(int64_t r, int64_t c) const {
+    switch (granularity) {
+      case Granularity::kToken: return r;
+      case Granularity::kChannel: return c;
+      case Granularity::kGroup: return r * groups_per_row() + c / group;
+    }
+    return 0;
+  }
+};
+
+/// What crosses the wire for one tensor.
+struct AffineQuant {
+  at::Tensor codes;  // (rows, cols) uint8
+  at::Tensor lo;     // (num_groups,) fp16, relative to scale
+  at::Tensor hi;     // (num_groups,) fp16, relative to scale
+  float scale = 1.0f;
+};
+
+/// Reference: scalar loops in the most direct form. x (rows, cols) fp32.
+AffineQuant affine_quantize_ref(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
+                                uint64_t seed);
+at::Tensor affine_dequantize_ref(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout);
+
+/// Fast CPU path: the same arithmetic, multi-threaded over rows (or columns for per-channel ranges).
+AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
+                            uint64_t seed);
+at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout);
+
+/// Per-element range start and step (rows, cols) fp32, from the stored ranges: what the gates'
+/// gradient needs.
+std::pair<at::Tensor, at::Tensor> affine_lo_step(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout);
+
+/// The uniform random number in [0, 1) used to stochastically round element `index` under `seed`.
+float stochastic_uniform(uint64_t seed, uint64_t index);
+
+/// fp16 nearest to v/scale rounded toward -inf (down) or +inf (up), as its bits.
+uint16_t half_bits_rounded(float v, bool up);
+float half_bits_to_float(uint16_t h);
+
+}  // namespace amaq::quant

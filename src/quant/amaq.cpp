@@ -1,0 +1,110 @@
+#include "quant/amaq.h"
+
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cmath>
+
+namespace amaq::quant {
+
+AmaqGatesImpl::AmaqGatesImpl(int64_t channels, const CodecSpec& spec) : spec_(spec) {
+  TORCH_CHECK(spec.codec == CodecId::kAmaq, "AMAQ gates need an amaq codec spec");
+  // Start every channel at bits_init; keep sigmoid away from saturation so the gates can move.
+  double p = (spec.bits_init - spec.bits_min) / std::max(1e-9, double(spec.bits_max - spec.bits_min));
+  p = std::min(std::max(p, 0.05), 0.95);
+  const double q0 = std::log(p / (1 - p)) / spec.alpha;
+  gates = register_parameter("gates", at::full({channels}, q0, at::kFloat));
+}
+
+at::Tensor AmaqGatesImpl::bits_continuous() const {
+  return spec_.bits_min + (spec_.bits_max - spec_.bits_min) * at::sigmoid(gates * spec_.alpha);
+}
+
+at::Tensor AmaqGatesImpl::bit_map() const {
+  at::NoGradGuard no_grad;
+  return bits_continuous().round().clamp(spec_.bits_min, spec_.bits_max).to(at::kByte).to(at::kCPU).contiguous();
+}
+
+at::Tensor AmaqGatesImpl::regularization() const { return at::sigmoid(gates * spec_.alpha).pow(2).mean(); }
+
+double AmaqGatesImpl::budget_at(int64_t step) const {
+  if (spec_.decay_steps <= 0 || step >= spec_.decay_steps) return spec_.budget;
+  const double t = static_cast<double>(step) / static_cast<double>(spec_.decay_steps);
+  return spec_.bits_init + (spec_.budget - spec_.bits_init) * t;
+}
+
+double AmaqGatesImpl::beta_at(int64_t step) const {
+  if (spec_.mode == BudgetMode::kPenalty) return spec_.beta;
+  return mean_bits(bit_map()) > budget_at(step) ? spec_.beta : 0.0;
+}
+
+double AmaqGatesImpl::project(double budget) {
+  at::NoGradGuard no_grad;
+  auto mean_after = [&](double tau) {
+    at::Tensor b = (spec_.bits_min + (spec_.bits_max - spec_.bits_min) * at::sigmoid((gates - tau) * spec_.alpha)).round();
+    return b.clamp(spec_.bits_min, spec_.bits_max).to(at::kDouble).mean().item<double>();
+  };
+  if (mean_after(0) <= budget) return mean_after(0);
+  // Bisection on the common shift: mean_after is non-increasing in tau.
+  double lo = 0, hi = 1;
+  while (mean_after(hi) > budget && hi < 1e6) hi *= 2;
+  for (int i = 0; i < 60; ++i) {
+    double mid = 0.5 * (lo + hi);
+    (mean_after(mid) > budget ? lo : hi) = mid;
+  }
+  gates.sub_(hi);
+  return mean_after(0);
+}
+
+namespace {
+
+struct FakeQuantFn : public torch::autograd::Function<FakeQuantFn> {
+  // x (..., C); decoded: its quantized value; residual_dstep (rows, C): (code - u) * dstep/db.
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& bits,
+                            const at::Tensor& decoded, const at::Tensor& residual_dstep) {
+    ctx->save_for_backward({residual_dstep});
+    ctx->saved_data["has_bits"] = bits.defined();
+    return decoded.clone();
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
+    const at::Tensor& dy = grads[0];
+    at::Tensor dbits;
+    if (ctx->saved_data["has_bits"].toBool()) {
+      at::Tensor rd = ctx->get_saved_variables()[0];
+      dbits = (dy.reshape(rd.sizes()).to(at::kFloat) * rd).sum(0);
+    }
+    return {dy, dbits, at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor fake_quant(const at::Tensor& x, const Encoded& e, const at::Tensor& bits_continuous) {
+  at::Tensor decoded = e.decoded.to(x.device()).to(x.scalar_type());
+  at::Tensor residual_dstep;
+  if (bits_continuous.defined()) {
+    TORCH_CHECK(e.quant.codes.defined(), "bit-width gradients need an affine (fixed/amaq) encoding");
+    auto [lo, step] = affine_lo_step(e.quant, e.bits, e.layout);  // (rows, C)
+    at::Tensor xf = x.detach().to(at::kCPU).to(at::kFloat).reshape({e.layout.rows, e.layout.cols});
+    at::Tensor safe = at::where(step > 0, step, at::ones_like(step));
+    at::Tensor u = (xf - lo) / safe;
+    at::Tensor residual = at::where(step > 0, e.quant.codes.to(at::kFloat) - u, at::zeros_like(u));
+    at::Tensor pow2 = at::pow(2.0, e.bits.to(at::kFloat));            // (C,)
+    at::Tensor dstep_db = -step * std::log(2.0) * pow2 / (pow2 - 1);  // (rows, C)
+    residual_dstep = (residual * dstep_db).to(x.device());
+  }
+  return FakeQuantFn::apply(x, bits_continuous, decoded, residual_dstep);
+}
+
+at::Tensor shift_bit_map(const at::Tensor& forward_map, double budget, int bits_min, int bits_max) {
+  at::Tensor f = forward_map.to(at::kDouble);
+  auto shifted = [&](double tau) { return (f + tau).round().clamp(bits_min, bits_max); };
+  double lo = -16, hi = 16;  // mean(shifted(tau)) is non-decreasing in tau
+  if (shifted(lo).mean().item<double>() > budget) return shifted(lo).to(at::kByte);
+  for (int i = 0; i < 60; ++i) {
+    double mid = 0.5 * (lo + hi);
+    (shifted(mid).mean().item<double>() <= budget ? lo : hi) = mid;
+  }
+  return shifted(lo).to(at::kByte).contiguous();
+}
+
+}  // namespace amaq::quant

@@ -1,0 +1,27 @@
+// Dense bit packing of unsigned codes with a bit-width per channel.
+//
+// Codes are a (rows, cols) uint8 matrix; channel c uses bits[c] in 1..8. Values are written row by
+// row, channel by channel, least significant bit first into a little-endian bit stream with no
+// padding between values or rows; the last byte is zero-padded. A row therefore takes
+// sum(bits) bits and the whole tensor ceil(rows * sum(bits) / 8) bytes.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <string>
+
+namespace amaq::quant {
+
+/// Bytes that `rows` rows take with the per-channel widths `bits` (cols,) uint8.
+int64_t packed_bytes(int64_t rows, const at::Tensor& bits);
+
+/// Reference packer: one bit at a time, obviously correct. codes (rows, cols) uint8.
+std::string pack_ref(const at::Tensor& codes, const at::Tensor& bits);
+at::Tensor unpack_ref(const uint8_t* data, int64_t size, int64_t rows, const at::Tensor& bits);
+
+/// Fast packer: 64-bit accumulators, rows split across threads at byte-aligned row blocks.
+/// Writes exactly the bytes pack_ref writes. `out` must hold packed_bytes(rows, bits) bytes.
+void pack_fast(const at::Tensor& codes, const at::Tensor& bits, uint8_t* out);
+at::Tensor unpack_fast(const uint8_t* data, int64_t size, int64_t rows, const at::Tensor& bits);
+
+}  // namespace amaq::quant

@@ -1,0 +1,365 @@
+#include "quant/codec.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+
+#include "quant/bitpack.h"
+
+namespace amaq::quant {
+namespace {
+
+at::ScalarType to_scalar(WireDtype d) {
+  switch (d) {
+    case WireDtype::kF32: return at::kFloat;
+    case WireDtype::kBF16: return at::kBFloat16;
+    case WireDtype::kF16: return at::kHalf;
+  }
+  return at::kFloat;
+}
+
+WireDtype to_wire(at::ScalarType t) {
+  if (t == at::kBFloat16) return WireDtype::kBF16;
+  if (t == at::kHalf) return WireDtype::kF16;
+  TORCH_CHECK(t == at::kFloat, "codecs take fp32, bf16 or fp16 tensors, got ", t);
+  return WireDtype::kF32;
+}
+
+void check_finite(const at::Tensor& x) {
+  if (x.numel() == 0) return;
+  at::Tensor bad = x.isfinite().logical_not();
+  int64_t n = bad.sum().item<int64_t>();
+  if (n > 0) {
+    throw Error("tensor to encode has " + std::to_string(n) + " NaN/Inf values of " + std::to_string(x.numel()) +
+                    " (first at flat index " + std::to_string(bad.flatten().nonzero()[0].item<int64_t>()) + ")",
+                "training diverged: lower the learning rate, enable gradient clipping, or check the input data");
+  }
+}
+
+void write_header(ByteWriter& w, PacketHeader h, const at::IntArrayRef shape) {
+  h.ndim = static_cast<uint8_t>(shape.size());
+  w.put(h);
+  for (int64_t d : shape) w.put(static_cast<uint32_t>(d));
+}
+
+void write_bytes(ByteWriter& w, const at::Tensor& t) { w.append(t.data_ptr(), static_cast<size_t>(t.numel() * t.element_size())); }
+
+// 4 bits per channel, low nibble first.
+void write_bit_map(ByteWriter& w, const at::Tensor& bits) {
+  const uint8_t* b = bits.data_ptr<uint8_t>();
+  const int64_t C = bits.numel();
+  for (int64_t c = 0; c < C; c += 2) w.put(static_cast<uint8_t>(b[c] | (c + 1 < C ? b[c + 1] << 4 : 0)));
+}
+
+at::Tensor read_bit_map(ByteReader& r, int64_t C) {
+  const uint8_t* p = r.take(static_cast<uint64_t>((C + 1) / 2), "bit map");
+  at::Tensor bits = at::empty({C}, at::kByte);
+  uint8_t* b = bits.data_ptr<uint8_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    b[c] = (c % 2 == 0) ? (p[c / 2] & 0xf) : (p[c / 2] >> 4);
+    if (b[c] < 1 || b[c] > 8) throw PacketError("channel " + std::to_string(c) + " has bit-width " + std::to_string(b[c]) + ", not in 1..8");
+  }
+  return bits;
+}
+
+at::Tensor read_halves(ByteReader& r, int64_t n, const char* what) {
+  const uint8_t* p = r.take(static_cast<uint64_t>(n) * 2, what);
+  at::Tensor t = at::empty({n}, at::kHalf);
+  std::memcpy(t.data_ptr(), p, static_cast<size_t>(n) * 2);
+  if (!t.to(at::kFloat).isfinite().all().item<bool>()) throw PacketError(std::string(what) + " contain NaN or Inf");
+  return t;
+}
+
+std::string pack(const at::Tensor& codes, const at::Tensor& bits, Impl impl) {
+  if (impl == Impl::kRef) return pack_ref(codes, bits);
+  std::string out(static_cast<size_t>(packed_bytes(codes.size(0), bits)), '\0');
+  pack_fast(codes, bits, reinterpret_cast<uint8_t*>(out.data()));
+  return out;
+}
+
+at::Tensor unpack(ByteReader& r, int64_t rows, const at::Tensor& bits, Impl impl) {
+  const int64_t n = packed_bytes(rows, bits);
+  const uint8_t* p = r.take(static_cast<uint64_t>(n), "packed codes");
+  return impl == Impl::kRef ? unpack_ref(p, n, rows, bits) : unpack_fast(p, n, rows, bits);
+}
+
+// AQ-SGD's symmetric step for a channel: max-abs over `levels` = 2^(b-1) - 1.
+inline float sym_step(uint16_t amax16, float scale, int levels) { return half_bits_to_float(amax16) * scale / static_cast<float>(levels); }
+
+}  // namespace
+
+double mean_bits(const at::Tensor& bits) { return bits.to(at::kDouble).mean().item<double>(); }
+
+Codec::Codec(CodecSpec spec, Impl impl, AqsgdOptions aqsgd) : spec_(spec), impl_(impl) {
+  if (spec_.codec == CodecId::kAqsgd) buffer_ = std::make_unique<AqsgdBuffer>(aqsgd.max_memory_bytes, aqsgd.spill_path);
+}
+
+Encoded Codec::encode(const at::Tensor& x_in, const EncodeArgs& args) {
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.dim() <= 4, "codecs take tensors of 1 to 4 dims, got ", x_in.sizes());
+  at::Tensor x = x_in.detach().to(at::kCPU).contiguous();
+  check_finite(x);
+  switch (spec_.codec) {
+    case CodecId::kNone: {
+      Encoded e;
+      ByteWriter w;
+      PacketHeader h;
+      h.codec = static_cast<uint8_t>(CodecId::kNone);
+      h.dtype = static_cast<uint8_t>(to_wire(x.scalar_type()));
+      h.wire_dtype = static_cast<uint8_t>(spec_.dtype);
+      write_header(w, h, x.sizes());
+      at::Tensor wire = x.to(to_scalar(spec_.dtype)).contiguous();
+      write_bytes(w, wire);
+      e.packet = std::move(w.str());
+      e.decoded = wire.to(x.scalar_type());
+      return e;
+    }
+    case CodecId::kFixed:
+      return encode_affine(x, at::full({x.size(-1)}, spec_.bits, at::kByte), args);
+    case CodecId::kAmaq:
+      TORCH_CHECK(args.bits.defined() && args.bits.numel() == x.size(-1), "amaq needs a (C,) bit map, C = ", x.size(-1));
+      return encode_affine(x, args.bits.to(at::kByte).contiguous(), args);
+    case CodecId::kAqsgd:
+      return encode_aqsgd(x, args);
+  }
+  TORCH_CHECK(false, "unknown codec");
+}
+
+Encoded Codec::encode_affine(const at::Tensor& x, const at::Tensor& bits, const EncodeArgs& args) {
+  Encoded e;
+  const int64_t C = x.size(-1);
+  e.layout = AffineLayout{x.numel() / C, C, spec_.granularity, spec_.group};
+  at::Tensor x2 = x.to(at::kFloat).reshape({e.layout.rows, C}).contiguous();
+  e.bits = bits;
+  e.quant = impl_ == Impl::kRef ? affine_quantize_ref(x2, bits, e.layout, spec_.rounding, args.seed)
+                                : affine_quantize(x2, bits, e.layout, spec_.rounding, args.seed);
+  at::Tensor deq = impl_ == Impl::kRef ? affine_dequantize_ref(e.quant, bits, e.layout) : affine_dequantize(e.quant, bits, e.layout);
+  e.decoded = deq.view(x.sizes()).to(x.scalar_type());
+
+  ByteWriter w;
+  PacketHeader h;
+  h.codec = static_cast<uint8_t>(spec_.codec);
+  h.dtype = static_cast<uint8_t>(to_wire(x.scalar_type()));
+  h.granularity = static_cast<uint8_t>(spec_.granularity);
+  h.group = static_cast<uint32_t>(spec_.group);
+  h.scale = e.quant.scale;
+  const bool send_map = spec_.codec == CodecId::kAmaq && !(sent_map_.defined() && at::equal(sent_map_, bits));
+  if (spec_.codec == CodecId::kAmaq) {
+    if (send_map) {
+      sent_map_ = bits.clone();
+      ++sent_map_id_;
+      h.flags |= kFlagBitMap;
+    }
+    h.map_id = sent_map_id_;
+  } else {
+    h.bits = static_cast<uint8_t>(spec_.bits);
+  }
+  write_header(w, h, x.sizes());
+  if (send_map) write_bit_map(w, bits);
+  for (int64_t g = 0; g < e.layout.num_groups(); ++g) {  // interleaved (lo, hi) pairs
+    w.append(static_cast<const char*>(e.quant.lo.data_ptr()) + 2 * g, 2);
+    w.append(static_cast<const char*>(e.quant.hi.data_ptr()) + 2 * g, 2);
+  }
+  w.str() += pack(e.quant.codes, bits, impl_);
+  e.packet = std::move(w.str());
+  return e;
+}
+
+Encoded Codec::encode_aqsgd(const at::Tensor& x, const EncodeArgs& args) {
+  TORCH_CHECK(x.dim() == 3, "aqsgd encodes (B, T, C) activations, got ", x.sizes());
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  TORCH_CHECK(static_cast<int64_t>(args.sample_ids.size()) == B, "aqsgd needs one sample id per batch row");
+  const int levels = (1 << (spec_.bits - 1)) - 1;
+  at::Tensor xf = x.to(at::kFloat);
+  std::vector<uint8_t> kinds(B);
+  std::vector<int64_t> delta_rows;
+  for (int64_t b = 0; b < B; ++b) {
+    kinds[b] = buffer_->contains(args.sample_ids[b]) ? 0 : 1;
+    if (!kinds[b]) delta_rows.push_back(b);
+  }
+  const int64_t nd = static_cast<int64_t>(delta_rows.size());
+  // Deltas against the memory, their per-channel max-abs relative to one tensor scale.
+  at::Tensor deltas = at::empty({nd, T, C}, at::kFloat);
+  for (int64_t i = 0; i < nd; ++i) deltas[i].copy_(xf[delta_rows[i]] - buffer_->get(args.sample_ids[delta_rows[i]]));
+  float max_abs = nd ? deltas.abs().max().item<float>() : 0.0f;
+  const float scale = max_abs > 0 ? max_abs : 1.0f;
+  at::Tensor amax = nd ? deltas.abs().amax(1) : at::empty({0, C});  // (nd, C)
+  at::Tensor amax16 = at::empty({nd, C}, at::kHalf);
+  auto* a16 = reinterpret_cast<uint16_t*>(amax16.data_ptr());
+  const float* ap = amax.data_ptr<float>();
+  for (int64_t i = 0; i < nd * C; ++i) a16[i] = half_bits_rounded(ap[i] / scale, /*up=*/true);
+  // Codes: round(d / step) + levels, symmetric; the same expression on both paths.
+  at::Tensor codes = at::empty({nd * T, C}, at::kByte), deq = at::empty({nd, T, C}, at::kFloat);
+  const float* dp = deltas.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  float* qp = deq.data_ptr<float>();
+  auto quantize_row = [&](int64_t row) {  // row in [0, nd * T)
+    const int64_t i = row / T;
+    for (int64_t c = 0; c < C; ++c) {
+      const float step = sym_step(a16[i * C + c], scale, levels);
+      const float d = dp[row * C + c];
+      float q = step > 0 ? std::nearbyint(d / step) : 0.0f;
+      q = std::min(std::max(q, -static_cast<float>(levels)), static_cast<float>(levels));
+      cp[row * C + c] = static_cast<uint8_t>(q + static_cast<float>(levels));
+      qp[row * C + c] = q * step;
+    }
+  };
+  if (impl_ == Impl::kRef) {
+    for (int64_t row = 0; row < nd * T; ++row) quantize_row(row);
+  } else {
+    at::parallel_for(0, nd * T, 16, [&](int64_t r0, int64_t r1) { for (int64_t r = r0; r < r1; ++r) quantize_row(r); });
+  }
+
+  Encoded e;
+  e.bits = at::full({C}, spec_.bits, at::kByte);
+  e.decoded = at::empty({B, T, C}, at::kFloat);
+  ByteWriter w;
+  PacketHeader h;
+  h.codec = static_cast<uint8_t>(CodecId::kAqsgd);
+  h.dtype = h.wire_dtype = static_cast<uint8_t>(to_wire(x.scalar_type()));
+  h.bits = static_cast<uint8_t>(spec_.bits);
+  h.scale = scale;
+  write_header(w, h, x.sizes());
+  for (int64_t id : args.sample_ids) w.put(static_cast<uint64_t>(id));
+  w.append(kinds.data(), kinds.size());
+  write_bytes(w, amax16);
+  for (int64_t b = 0; b < B; ++b) {
+    if (!kinds[b]) continue;
+    at::Tensor full = x[b].contiguous();  // the first pass goes in the input's own precision
+    write_bytes(w, full);
+    at::Tensor m = full.to(at::kFloat).clone();
+    buffer_->put(args.sample_ids[b], m);
+    e.decoded[b].copy_(m);
+  }
+  for (int64_t i = 0; i < nd; ++i) {
+    at::Tensor m = buffer_->get(args.sample_ids[delta_rows[i]]);
+    m.add_(deq[i]);
+    buffer_->put(args.sample_ids[delta_rows[i]], m);
+    e.decoded[delta_rows[i]].copy_(m);
+  }
+  w.str() += pack(codes, e.bits, impl_);
+  e.packet = std::move(w.str());
+  e.decoded = e.decoded.to(x.scalar_type());
+  return e;
+}
+
+at::Tensor Codec::decode(std::string_view packet) {
+  ByteReader r(packet);
+  auto h = r.get<PacketHeader>("header");
+  if (h.magic != kPacketMagic) throw PacketError("bad magic (not an amaq packet)");
+  if (h.version != kPacketVersion) throw PacketError("version " + std::to_string(h.version) + ", this build reads version " + std::to_string(kPacketVersion));
+  if (h.codec != static_cast<uint8_t>(spec_.codec)) {
+    throw PacketError(std::string("codec id ") + std::to_string(h.codec) + ", this side is configured for " + codec_name(spec_.codec));
+  }
+  if (h.dtype > static_cast<uint8_t>(WireDtype::kF16) || h.wire_dtype > static_cast<uint8_t>(WireDtype::kF16)) {
+    throw PacketError("unknown dtype " + std::to_string(std::max(h.dtype, h.wire_dtype)));
+  }
+  if (h.ndim < 1 || h.ndim > 4) throw PacketError("ndim " + std::to_string(h.ndim) + " not in 1..4");
+  if (!std::isfinite(h.scale) || !(h.scale > 0)) throw PacketError("scale is not a positive finite number");
+  std::vector<int64_t> shape;
+  int64_t numel = 1;
+  for (int i = 0; i < h.ndim; ++i) {
+    int64_t d = r.get<uint32_t>("dims");
+    if (d != 0 && numel > kMaxPacketElements / d) throw PacketError("shape product exceeds 2^34 elements");
+    numel *= d;
+    shape.push_back(d);
+  }
+  at::Tensor out;
+  if (spec_.codec == CodecId::kNone) {
+    at::ScalarType t = to_scalar(static_cast<WireDtype>(h.wire_dtype));
+    const uint8_t* p = r.take(static_cast<uint64_t>(numel) * at::elementSize(t), "raw values");
+    out = at::empty(shape, t);
+    std::memcpy(out.data_ptr(), p, static_cast<size_t>(numel) * at::elementSize(t));
+    out = out.to(to_scalar(static_cast<WireDtype>(h.dtype)));
+  } else {
+    if (shape.back() == 0) throw PacketError("zero channels");
+    out = spec_.codec == CodecId::kAqsgd ? decode_aqsgd(r, h, shape) : decode_affine(r, h, shape);
+  }
+  r.expect_end();
+  return out;
+}
+
+at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape) {
+  const int64_t C = shape.back();
+  int64_t numel = 1;
+  for (auto d : shape) numel *= d;
+  if (h.granularity < 1 || h.granularity > 3) throw PacketError("granularity " + std::to_string(h.granularity) + " unknown");
+  AffineLayout layout{numel / C, C, static_cast<Granularity>(h.granularity), static_cast<int64_t>(h.group)};
+  if (layout.granularity == Granularity::kGroup && layout.group == 0) throw PacketError("group size 0");
+  at::Tensor bits;
+  if (spec_.codec == CodecId::kFixed) {
+    if (h.bits < 1 || h.bits > 8) throw PacketError("bit-width " + std::to_string(h.bits) + " not in 1..8");
+    bits = at::full({C}, static_cast<int>(h.bits), at::kByte);
+  } else if (h.flags & kFlagBitMap) {
+    bits = read_bit_map(r, C);
+    recv_map_ = bits;
+    recv_map_id_ = h.map_id;
+  } else {
+    if (!recv_map_.defined() || recv_map_id_ != h.map_id || recv_map_.numel() != C) {
+      throw PacketError("packet uses bit map #" + std::to_string(h.map_id) + " but the last map received is #" +
+                        std::to_string(recv_map_id_) + " (a packet was lost or the stream restarted)");
+    }
+    bits = recv_map_;
+  }
+  AffineQuant q;
+  q.scale = h.scale;
+  const int64_t G = layout.num_groups();
+  at::Tensor pairs = read_halves(r, 2 * G, "ranges").view({G, 2});
+  q.lo = pairs.select(1, 0).contiguous();
+  q.hi = pairs.select(1, 1).contiguous();
+  if ((q.lo.to(at::kFloat) > q.hi.to(at::kFloat)).any().item<bool>()) throw PacketError("a range has lo > hi");
+  q.codes = unpack(r, layout.rows, bits, impl_);
+  at::Tensor deq = impl_ == Impl::kRef ? affine_dequantize_ref(q, bits, layout) : affine_dequantize(q, bits, layout);
+  return deq.view(shape).to(to_scalar(static_cast<WireDtype>(h.dtype)));
+}
+
+at::Tensor Codec::decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape) {
+  if (shape.size() != 3) throw PacketError("aqsgd packets carry (B, T, C)");
+  if (h.bits < 2 || h.bits > 8) throw PacketError("aqsgd bit-width " + std::to_string(h.bits) + " not in 2..8");
+  const int64_t B = shape[0], T = shape[1], C = shape[2];
+  const int levels = (1 << (h.bits - 1)) - 1;
+  std::vector<int64_t> ids(B);
+  for (int64_t b = 0; b < B; ++b) ids[b] = static_cast<int64_t>(r.get<uint64_t>("sample ids"));
+  const uint8_t* kinds = r.take(static_cast<uint64_t>(B), "sample kinds");
+  std::vector<int64_t> delta_rows;
+  for (int64_t b = 0; b < B; ++b) {
+    if (kinds[b] > 1) throw PacketError("sample kind " + std::to_string(kinds[b]));
+    if (!kinds[b]) {
+      if (!buffer_->contains(ids[b])) throw PacketError("delta for sample " + std::to_string(ids[b]) + " that this side never saw in full");
+      delta_rows.push_back(b);
+    }
+  }
+  const int64_t nd = static_cast<int64_t>(delta_rows.size());
+  at::Tensor amax16 = read_halves(r, nd * C, "scales");
+  const auto* a16 = reinterpret_cast<const uint16_t*>(amax16.data_ptr());
+  at::ScalarType dt = to_scalar(static_cast<WireDtype>(h.wire_dtype));
+  at::Tensor out = at::empty({B, T, C}, at::kFloat);
+  for (int64_t b = 0; b < B; ++b) {
+    if (!kinds[b]) continue;
+    const uint8_t* p = r.take(static_cast<uint64_t>(T * C) * at::elementSize(dt), "full sample");
+    at::Tensor full = at::empty({T, C}, dt);
+    std::memcpy(full.data_ptr(), p, static_cast<size_t>(T * C) * at::elementSize(dt));
+    at::Tensor m = full.to(at::kFloat).clone();
+    buffer_->put(ids[b], m);
+    out[b].copy_(m);
+  }
+  at::Tensor codes = unpack(r, nd * T, at::full({C}, static_cast<int>(h.bits), at::kByte), impl_);
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  for (int64_t i = 0; i < nd; ++i) {
+    at::Tensor m = buffer_->get(ids[delta_rows[i]]);
+    float* mp = m.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int code = cp[(i * T + t) * C + c];
+        if (code > 2 * levels) throw PacketError("aqsgd code " + std::to_string(code) + " out of range");
+        const float step = sym_step(a16[i * C + c], h.scale, levels);
+        mp[t * C + c] += static_cast<float>(code - levels) * step;
+      }
+    }
+    buffer_->put(ids[delta_rows[i]], m);
+    out[delta_rows[i]].copy_(m);
+  }
+  return out.to(to_scalar(static_cast<WireDtype>(h.dtype)));
+}
+
+}  // namespace amaq::quant

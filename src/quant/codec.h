@@ -1,0 +1,74 @@
+// A codec turns a tensor that must cross the split, activations (B, T, C) or their gradients, into
+// a self-describing packet and back. One Codec object serves one direction on one side: the sender
+// calls encode, the receiver decode; both keep the state their codec needs (AMAQ's last bit map,
+// AQ-SGD's per-sample memory).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "quant/affine.h"
+#include "quant/aqsgd.h"
+#include "quant/packet.h"
+#include "quant/spec.h"
+
+namespace amaq::quant {
+
+/// Which kernels a codec uses: the plain reference or the fast multi-threaded CPU path. Both write
+/// the same bytes (tested).
+enum class Impl { kFast, kRef };
+
+struct EncodeArgs {
+  at::Tensor bits;                  ///< amaq: (C,) uint8 bit map to use
+  std::vector<int64_t> sample_ids;  ///< aqsgd: one id per batch row
+  uint64_t seed = 0;                ///< stochastic rounding
+};
+
+struct Encoded {
+  std::string packet;
+  at::Tensor decoded;  ///< exactly what decode(packet) returns on the other side, in the input dtype
+  AffineQuant quant;   ///< fixed, amaq: codes and ranges (for the gates' gradient)
+  AffineLayout layout;
+  at::Tensor bits;     ///< (C,) uint8 bit-width per channel used (quantizing codecs)
+  double bits_per_element() const { return 8.0 * static_cast<double>(packet.size()) / static_cast<double>(decoded.numel()); }
+};
+
+struct AqsgdOptions {
+  int64_t max_memory_bytes = int64_t{1} << 30;
+  std::string spill_path;  ///< empty: a unique file under $TMPDIR, removed with the buffer
+};
+
+class Codec {
+ public:
+  explicit Codec(CodecSpec spec, Impl impl = Impl::kFast, AqsgdOptions aqsgd = {});
+  /// x (..., C) fp32/bf16/fp16, finite. Refuses NaN/Inf with an error naming the count.
+  Encoded encode(const at::Tensor& x, const EncodeArgs& args = {});
+  /// Validates every field before use; throws PacketError naming the problem.
+  at::Tensor decode(std::string_view packet);
+
+  const CodecSpec& spec() const { return spec_; }
+  /// AQ-SGD's per-sample memory on this side (nullptr for other codecs).
+  AqsgdBuffer* aqsgd_buffer() { return buffer_.get(); }
+
+ private:
+  Encoded encode_affine(const at::Tensor& x, const at::Tensor& bits, const EncodeArgs& args);
+  Encoded encode_aqsgd(const at::Tensor& x, const EncodeArgs& args);
+  at::Tensor decode_affine(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape);
+  at::Tensor decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape);
+
+  CodecSpec spec_;
+  Impl impl_;
+  at::Tensor sent_map_;  // amaq sender: the map the receiver has
+  uint32_t sent_map_id_ = 0;
+  at::Tensor recv_map_;  // amaq receiver
+  uint32_t recv_map_id_ = 0;
+  std::unique_ptr<AqsgdBuffer> buffer_;
+};
+
+/// Mean of a (C,) bit map.
+double mean_bits(const at::Tensor& bits);
+
+}  // namespace amaq::quant

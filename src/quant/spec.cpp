@@ -1,0 +1,156 @@
+#include "quant/spec.h"
+
+#include <fmt/format.h>
+
+#include <map>
+#include <sstream>
+
+#include "core/error.h"
+
+namespace amaq::quant {
+namespace {
+
+const char* kSpecHint =
+    "codecs are none:fp32|bf16|fp16, fixed:bits=B[,gran=token|channel|group][,group=G][,round=nearest|stochastic], "
+    "amaq:budget=B[,bmin=,bmax=,init=,alpha=,beta=,mode=guaranteed|penalty|stop,decay=N,gran=,group=], aqsgd:bits=B";
+
+[[noreturn]] void bad(const std::string& text, const std::string& why) {
+  throw Error("codec '" + text + "': " + why, kSpecHint);
+}
+
+double number(const std::string& text, const std::string& key, const std::string& v) {
+  try {
+    size_t used = 0;
+    double d = std::stod(v, &used);
+    if (used != v.size()) throw std::invalid_argument(v);
+    return d;
+  } catch (const std::exception&) {
+    bad(text, key + "=" + v + " is not a number");
+  }
+}
+
+int integer_in(const std::string& text, const std::string& key, const std::string& v, int lo, int hi) {
+  double d = number(text, key, v);
+  if (d != static_cast<int>(d) || d < lo || d > hi) bad(text, fmt::format("{}={} must be an integer in [{}, {}]", key, v, lo, hi));
+  return static_cast<int>(d);
+}
+
+}  // namespace
+
+const char* codec_name(CodecId id) {
+  switch (id) {
+    case CodecId::kNone: return "none";
+    case CodecId::kFixed: return "fixed";
+    case CodecId::kAmaq: return "amaq";
+    case CodecId::kAqsgd: return "aqsgd";
+  }
+  return "?";
+}
+
+CodecSpec CodecSpec::parse(const std::string& text) {
+  CodecSpec s;
+  std::string name = text.substr(0, text.find(':'));
+  std::string rest = text.find(':') == std::string::npos ? "" : text.substr(text.find(':') + 1);
+  if (name == "none") {
+    s.codec = CodecId::kNone;
+    if (rest.empty() || rest == "fp32") {
+      s.dtype = WireDtype::kF32;
+    } else if (rest == "bf16") {
+      s.dtype = WireDtype::kBF16;
+    } else if (rest == "fp16") {
+      s.dtype = WireDtype::kF16;
+    } else {
+      bad(text, "none takes fp32, bf16 or fp16, got '" + rest + "'");
+    }
+    return s;
+  }
+  if (name == "fixed") {
+    s.codec = CodecId::kFixed;
+  } else if (name == "amaq") {
+    s.codec = CodecId::kAmaq;
+  } else if (name == "aqsgd") {
+    s.codec = CodecId::kAqsgd;
+    s.granularity = Granularity::kChannel;
+  } else {
+    bad(text, "unknown codec '" + name + "'");
+  }
+  std::stringstream ss(rest);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item.empty()) continue;
+    auto eq = item.find('=');
+    if (eq == std::string::npos) bad(text, "'" + item + "' is not key=value");
+    std::string k = item.substr(0, eq), v = item.substr(eq + 1);
+    const bool amaq = s.codec == CodecId::kAmaq, affine = s.codec != CodecId::kAqsgd;
+    if (k == "bits" && !amaq) {
+      s.bits = integer_in(text, k, v, s.codec == CodecId::kAqsgd ? 2 : 1, 8);
+    } else if (k == "gran" && affine) {
+      if (v == "token") s.granularity = Granularity::kToken;
+      else if (v == "channel") s.granularity = Granularity::kChannel;
+      else if (v == "group") s.granularity = Granularity::kGroup;
+      else bad(text, "gran must be token, channel or group, got '" + v + "'");
+    } else if (k == "group" && affine) {
+      s.group = integer_in(text, k, v, 1, 1 << 20);
+      s.granularity = Granularity::kGroup;
+    } else if (k == "round" && !amaq && affine) {
+      if (v == "nearest") s.rounding = Rounding::kNearest;
+      else if (v == "stochastic") s.rounding = Rounding::kStochastic;
+      else bad(text, "round must be nearest or stochastic, got '" + v + "'");
+    } else if (k == "budget" && amaq) {
+      s.budget = number(text, k, v);
+    } else if (k == "bmin" && amaq) {
+      s.bits_min = integer_in(text, k, v, 1, 8);
+    } else if (k == "bmax" && amaq) {
+      s.bits_max = integer_in(text, k, v, 1, 8);
+    } else if (k == "init" && amaq) {
+      s.bits_init = number(text, k, v);
+    } else if (k == "alpha" && amaq) {
+      s.alpha = number(text, k, v);
+    } else if (k == "beta" && amaq) {
+      s.beta = number(text, k, v);
+    } else if (k == "decay" && amaq) {
+      s.decay_steps = integer_in(text, k, v, 0, 1 << 30);
+    } else if (k == "mode" && amaq) {
+      if (v == "penalty") s.mode = BudgetMode::kPenalty;
+      else if (v == "stop") s.mode = BudgetMode::kStop;
+      else if (v == "guaranteed") s.mode = BudgetMode::kGuaranteed;
+      else bad(text, "mode must be guaranteed, penalty or stop, got '" + v + "'");
+    } else {
+      bad(text, "'" + k + "' is not an option of " + name);
+    }
+  }
+  if (s.codec == CodecId::kAmaq) {
+    if (s.bits_min > s.bits_max) bad(text, "bmin must not exceed bmax");
+    if (s.budget < s.bits_min || s.budget > s.bits_max) bad(text, fmt::format("budget {} outside [bmin, bmax] = [{}, {}]", s.budget, s.bits_min, s.bits_max));
+    if (s.bits_init < s.budget || s.bits_init > s.bits_max) bad(text, "init must lie in [budget, bmax]");
+    if (!(s.alpha > 0)) bad(text, "alpha must be positive");
+  }
+  return s;
+}
+
+std::string CodecSpec::to_string() const {
+  const char* gran = granularity == Granularity::kToken ? "token" : granularity == Granularity::kChannel ? "channel" : "group";
+  std::string g = granularity == Granularity::kGroup ? fmt::format("gran=group,group={}", group) : fmt::format("gran={}", gran);
+  switch (codec) {
+    case CodecId::kNone: return std::string("none:") + (dtype == WireDtype::kF32 ? "fp32" : dtype == WireDtype::kBF16 ? "bf16" : "fp16");
+    case CodecId::kFixed: return fmt::format("fixed:bits={},{},round={}", bits, g, rounding == Rounding::kNearest ? "nearest" : "stochastic");
+    case CodecId::kAmaq:
+      return fmt::format("amaq:budget={},bmin={},bmax={},init={},alpha={},beta={},mode={},decay={},{}", budget, bits_min, bits_max,
+                         bits_init, alpha, beta, mode == BudgetMode::kPenalty ? "penalty" : mode == BudgetMode::kStop ? "stop" : "guaranteed",
+                         decay_steps, g);
+    case CodecId::kAqsgd: return fmt::format("aqsgd:bits={}", bits);
+  }
+  return "?";
+}
+
+double CodecSpec::nominal_bits() const {
+  switch (codec) {
+    case CodecId::kNone: return dtype == WireDtype::kF32 ? 32 : 16;
+    case CodecId::kFixed:
+    case CodecId::kAqsgd: return bits;
+    case CodecId::kAmaq: return budget;
+  }
+  return 0;
+}
+
+}  // namespace amaq::quant

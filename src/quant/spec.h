@@ -1,0 +1,49 @@
+// Codec configuration, written as `name:key=value,...` on the command line:
+//   none:fp32 | none:bf16 | none:fp16
+//   fixed:bits=4,gran=group,group=128,round=nearest|stochastic
+//   amaq:budget=4,bmin=2,bmax=8,init=8,gran=group,group=128,alpha=1,beta=1,mode=guaranteed|penalty|stop,decay=200
+//   aqsgd:bits=4
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "quant/affine.h"
+
+namespace amaq::quant {
+
+enum class CodecId : uint8_t { kNone = 0, kFixed = 1, kAmaq = 2, kAqsgd = 3 };
+enum class WireDtype : uint8_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+/// How AMAQ meets its bit budget.
+enum class BudgetMode : uint8_t {
+  kPenalty = 0,     ///< the paper's loss beta * mean(sigmoid(alpha q)^2), nothing else
+  kStop = 1,        ///< the same, switched off while the mean bit-width is at or below the budget
+  kGuaranteed = 2,  ///< the penalty plus a projection of the gates onto the budget after each step
+};
+
+struct CodecSpec {
+  CodecId codec = CodecId::kNone;
+  WireDtype dtype = WireDtype::kF32;  ///< none: the wire dtype
+  int bits = 4;                       ///< fixed, aqsgd
+  Granularity granularity = Granularity::kGroup;
+  int64_t group = 128;
+  Rounding rounding = Rounding::kNearest;
+  // amaq
+  double budget = 4.0;  ///< target mean bits per element (fractional allowed)
+  int bits_min = 2;
+  int bits_max = 8;
+  double bits_init = 8.0;  ///< initial bit-width of every channel
+  double alpha = 1.0;      ///< gate sharpness in sigmoid(alpha * q)
+  double beta = 1.0;       ///< weight of the bit regularizer
+  BudgetMode mode = BudgetMode::kGuaranteed;
+  int64_t decay_steps = 200;  ///< steps over which the budget walks from bits_init to `budget`
+
+  /// Parses `name:key=value,...`; errors name the bad key and list the valid ones.
+  static CodecSpec parse(const std::string& text);
+  std::string to_string() const;
+  /// Mean bits per element the codec aims at (nominal; packets report the measured figure).
+  double nominal_bits() const;
+};
+
+const char* codec_name(CodecId id);
+
+}  // namespace amaq::quant

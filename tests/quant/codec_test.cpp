@@ -1,0 +1,207 @@
+// Codecs: fast == ref on the packed bytes, decode(encode(x)) == the sender's value, named error
+// budgets, bytes accounting, and the bit map sent only when it changed.
+#include <gtest/gtest.h>
+
+#include <c10/util/Half.h>
+
+#include "quant/bitpack.h"
+#include "quant/codec.h"
+#include "testing.h"
+
+namespace amaq::quant {
+namespace {
+
+// Largest normalised MSE, E|x - x'|^2 / E|x|^2, of per-group (g = 128) round-to-nearest fixed
+// quantization on N(0, 1) data: uniform quantization over a group's ~5.2-sigma range predicts
+// 2.25 / (2^b - 1)^2 for b >= 2 (measured 0.251, 0.0461, 0.00997, ... 3.46e-5); the budgets allow
+// 30% above the measured figures. 1 bit is worse than sending zeros (NMSE 3.6): min/max with two
+// levels maps every value to an extreme of its group.
+constexpr double kMaxNmseGaussian[9] = {0, 4.7, 0.33, 0.061, 0.0135, 0.0032, 7.7e-4, 1.9e-4, 4.7e-5};
+// The same on Student-t (3 dof) data with 1% of channels scaled by 50 (outlier channels): about
+// four times worse per group at every width, which is what AMAQ's per-channel bits are for.
+constexpr double kMaxNmseHeavy[9] = {0, 5.7, 1.1, 0.24, 0.067, 0.017, 0.0039, 9.3e-4, 2.4e-4};
+
+EncodeArgs with_bits(const at::Tensor& bits) {
+  EncodeArgs a;
+  a.bits = bits;
+  return a;
+}
+
+EncodeArgs seeded(uint64_t seed) {
+  EncodeArgs a;
+  a.seed = seed;
+  return a;
+}
+
+at::Tensor gaussian(at::Generator& gen) { return at::randn({4, 64, 512}, gen); }
+
+at::Tensor heavy_tailed(at::Generator& gen) {
+  // Student-t(3) = N / sqrt(chi2_3 / 3).
+  at::Tensor n = at::randn({4, 64, 512}, gen), chi = at::randn({3, 4, 64, 512}, gen).pow(2).sum(0) / 3;
+  at::Tensor t = n / chi.sqrt();
+  at::Tensor gain = at::ones({512});
+  for (int64_t c : {3, 100, 257, 400, 511}) gain[c] = 50;
+  return t * gain;
+}
+
+double nmse(const at::Tensor& x, const at::Tensor& y) {
+  return ((x - y).pow(2).sum() / x.pow(2).sum()).item<double>();
+}
+
+CodecSpec fixed_spec(int bits, Granularity g = Granularity::kGroup, Rounding r = Rounding::kNearest) {
+  CodecSpec s = CodecSpec::parse("fixed:bits=" + std::to_string(bits));
+  s.granularity = g;
+  s.rounding = r;
+  return s;
+}
+
+TEST(Codec, FixedErrorBudgetsPerBitWidthAndMonotone) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(1);
+  at::Tensor xs[2] = {gaussian(gen), heavy_tailed(gen)};
+  const double* budgets[2] = {kMaxNmseGaussian, kMaxNmseHeavy};
+  for (int d = 0; d < 2; ++d) {
+    double prev = 1e9;
+    for (int b = 1; b <= 8; ++b) {
+      Codec codec(fixed_spec(b));
+      double e = nmse(xs[d], codec.decode(codec.encode(xs[d]).packet));
+      std::printf("  %s %d-bit NMSE %.3g\n", d ? "heavy" : "gauss", b, e);
+      EXPECT_LT(e, budgets[d][b]) << (d ? "heavy-tailed" : "gaussian") << " at " << b << " bits";
+      EXPECT_LT(e, prev) << "error must fall with every extra bit";
+      prev = e;
+    }
+  }
+}
+
+TEST(Codec, FastEqualsRefOnPacketsForEveryAffineVariant) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(2);
+  at::Tensor x = heavy_tailed(gen).narrow(2, 0, 301).contiguous();  // odd channel count
+  for (auto gran : {Granularity::kToken, Granularity::kChannel, Granularity::kGroup}) {
+    for (auto round : {Rounding::kNearest, Rounding::kStochastic}) {
+      for (int b : {1, 3, 4, 8}) {
+        CodecSpec s = fixed_spec(b, gran, round);
+        s.group = 64;
+        Codec ref(s, Impl::kRef), fast(s, Impl::kFast);
+        Encoded er = ref.encode(x, seeded(99)), ef = fast.encode(x, seeded(99));
+        ASSERT_EQ(er.packet, ef.packet) << s.to_string();
+        ASSERT_TRUE(at::equal(er.decoded, ef.decoded));
+        ASSERT_TRUE(at::equal(ref.decode(ef.packet), fast.decode(er.packet)));
+      }
+    }
+  }
+  CodecSpec a = CodecSpec::parse("amaq:budget=4,group=32");
+  Codec ref(a, Impl::kRef), fast(a, Impl::kFast);
+  for (int k = 0; k < 3; ++k) {
+    at::Tensor bits = at::randint(2, 9, {301}, gen, at::kByte);
+    Encoded er = ref.encode(x, with_bits(bits)), ef = fast.encode(x, with_bits(bits));
+    ASSERT_EQ(er.packet, ef.packet);
+  }
+}
+
+TEST(Codec, ReceiverDecodesExactlyTheSendersValue) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
+  at::Tensor x = heavy_tailed(gen);
+  std::vector<std::string> specs = {"none:fp32", "none:bf16", "none:fp16", "fixed:bits=3,gran=token", "fixed:bits=2,gran=channel",
+                                    "fixed:bits=4,group=128,round=stochastic", "amaq:budget=3"};
+  for (const auto& text : specs) {
+    Codec sender(CodecSpec::parse(text)), receiver(CodecSpec::parse(text));
+    EncodeArgs args;
+    if (text.rfind("amaq", 0) == 0) args.bits = at::randint(2, 9, {512}, gen, at::kByte);
+    for (auto dtype : {at::kFloat, at::kBFloat16}) {
+      at::Tensor xin = x.to(dtype);
+      Encoded e = sender.encode(xin, args);
+      at::Tensor got = receiver.decode(e.packet);
+      EXPECT_EQ(got.scalar_type(), dtype) << text;
+      EXPECT_TRUE(at::equal(got, e.decoded)) << text;
+      if (text == "none:fp32") {
+        EXPECT_TRUE(at::equal(got, xin));
+      }
+      if (text == "none:bf16") {
+        EXPECT_TRUE(at::equal(got, xin.to(at::kBFloat16).to(dtype)));
+      }
+    }
+  }
+}
+
+TEST(Codec, EncodedBytesAreWhatTheFormatImplies) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(4);
+  at::Tensor x = at::randn({2, 10, 300}, gen);
+  const int64_t header = sizeof(PacketHeader) + 3 * 4;
+  Codec none(CodecSpec::parse("none:bf16"));
+  EXPECT_EQ(none.encode(x).packet.size(), size_t(header + 6000 * 2));
+  Codec fixed(CodecSpec::parse("fixed:bits=3,group=128"));
+  const int64_t groups = 20 * 3;  // 20 tokens x ceil(300 / 128)
+  EXPECT_EQ(fixed.encode(x).packet.size(), size_t(header + groups * 4 + (6000 * 3 + 7) / 8));
+  Codec amaq(CodecSpec::parse("amaq:budget=3,group=128"));
+  at::Tensor bits = at::randint(2, 9, {300}, gen, at::kByte);
+  int64_t sum = bits.to(at::kLong).sum().item<int64_t>();
+  Encoded first = amaq.encode(x, with_bits(bits));
+  EXPECT_EQ(first.packet.size(), size_t(header + 150 + groups * 4 + (20 * sum + 7) / 8));
+  EXPECT_NEAR(first.bits_per_element(), 8.0 * first.packet.size() / 6000, 1e-12);
+}
+
+TEST(Codec, AmaqSendsTheBitMapOnlyWhenItChanges) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  CodecSpec s = CodecSpec::parse("amaq:budget=4");
+  Codec sender(s), receiver(s), late_receiver(s);
+  at::Tensor x = at::randn({2, 8, 64}, gen), bits = at::randint(2, 9, {64}, gen, at::kByte);
+  Encoded a = sender.encode(x, with_bits(bits));
+  Encoded b = sender.encode(x, with_bits(bits));
+  EXPECT_EQ(a.packet.size(), b.packet.size() + 32);  // 64 channels x 4 bits
+  PacketHeader ha, hb;
+  std::memcpy(&ha, a.packet.data(), sizeof ha);
+  std::memcpy(&hb, b.packet.data(), sizeof hb);
+  EXPECT_TRUE(ha.flags & kFlagBitMap);
+  EXPECT_FALSE(hb.flags & kFlagBitMap);
+  EXPECT_EQ(ha.map_id, hb.map_id);
+  EXPECT_TRUE(at::equal(receiver.decode(a.packet), a.decoded));
+  EXPECT_TRUE(at::equal(receiver.decode(b.packet), b.decoded));
+  // A receiver that missed the map cannot silently use a wrong one.
+  EXPECT_THROW(late_receiver.decode(b.packet), PacketError);
+  bits[0] = bits[0].item<int>() == 8 ? 7 : 8;
+  Encoded c = sender.encode(x, with_bits(bits));
+  PacketHeader hc;
+  std::memcpy(&hc, c.packet.data(), sizeof hc);
+  EXPECT_TRUE(hc.flags & kFlagBitMap);
+  EXPECT_EQ(hc.map_id, ha.map_id + 1);
+  EXPECT_TRUE(at::equal(receiver.decode(c.packet), c.decoded));
+}
+
+TEST(Codec, MixedBitsFollowTheMapChannelByChannel) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(6);
+  at::Tensor x = at::randn({1, 256, 8}, gen);
+  at::Tensor bits = at::tensor({2, 8, 2, 8, 2, 8, 2, 8}, at::kByte);
+  CodecSpec s = CodecSpec::parse("amaq:budget=5,gran=channel");
+  Codec c(s);
+  at::Tensor err = (c.encode(x, with_bits(bits)).decoded - x).pow(2).mean(at::IntArrayRef{0, 1});  // per channel
+  for (int k = 0; k < 8; k += 2) EXPECT_GT(err[k].item<double>(), 100 * err[k + 1].item<double>()) << "channel " << k;
+}
+
+TEST(Codec, NanActivationsAreRefusedWithACause) {
+  at::Tensor x = at::randn({2, 4, 8});
+  x[1][2][3] = std::numeric_limits<float>::quiet_NaN();
+  Codec c(CodecSpec::parse("fixed:bits=4"));
+  EXPECT_AMAQ_ERROR(c.encode(x), "1 NaN/Inf", "flat index 51");
+}
+
+TEST(Codec, ScalesSurviveValuesOutsideFp16Range) {
+  // Gradients far below fp16's smallest normal and activations far above its largest value.
+  for (double mag : {1e-9, 1e6}) {
+    at::Tensor x = at::randn({2, 16, 64}) * mag;
+    Codec c(CodecSpec::parse("fixed:bits=8,group=64"));
+    EXPECT_LT(nmse(x, c.decode(c.encode(x).packet)), kMaxNmseGaussian[8]) << mag;
+  }
+}
+
+TEST(CodecSpec, ParsesAndRefuses) {
+  EXPECT_EQ(CodecSpec::parse("fixed:bits=3,group=64").to_string(), "fixed:bits=3,gran=group,group=64,round=nearest");
+  EXPECT_EQ(CodecSpec::parse(CodecSpec::parse("amaq:budget=2.5,bmin=1").to_string()).to_string(),
+            CodecSpec::parse("amaq:budget=2.5,bmin=1").to_string());
+  EXPECT_AMAQ_ERROR(CodecSpec::parse("fixed:bits=9"), "bits=9");
+  EXPECT_AMAQ_ERROR(CodecSpec::parse("zstd:level=3"), "unknown codec 'zstd'");
+  EXPECT_AMAQ_ERROR(CodecSpec::parse("amaq:budget=1,bmin=2"), "budget 1");
+  EXPECT_AMAQ_ERROR(CodecSpec::parse("amaq:bits=4"), "'bits' is not an option of amaq");
+  EXPECT_AMAQ_ERROR(CodecSpec::parse("aqsgd:bits=1"), "bits=1");
+}
+
+}  // namespace
+}  // namespace amaq::quant
