@@ -1,0 +1,127 @@
+// AMAQ's learnable bit-widths: gradients reach the gates, the regularizer walks the mean down to the
+// budget, and the channels a task needs keep more bits than the rest.
+#include <gtest/gtest.h>
+
+#include <torch/optim/adam.h>
+
+#include "quant/amaq.h"
+#include "quant/codec.h"
+
+namespace amaq::quant {
+namespace {
+
+EncodeArgs with_bits(const at::Tensor& bits) {
+  EncodeArgs a;
+  a.bits = bits;
+  return a;
+}
+
+TEST(Amaq, GatesGetTheirGradientAndActivationsPassStraightThrough) {
+  CodecSpec spec = CodecSpec::parse("amaq:budget=4,gran=token");
+  AmaqGates gates(64, spec);
+  Codec codec(spec);
+  at::Tensor x = at::randn({2, 16, 64}).requires_grad_(true);
+  Encoded e = codec.encode(x, with_bits(gates->bit_map()));
+  at::Tensor y = fake_quant(x, e, gates->bits_continuous());
+  EXPECT_TRUE(at::equal(y.detach(), e.decoded));
+  // Reconstruction loss: more bits can only help, so every gate's gradient must point up (< 0).
+  at::Tensor upstream = 2 * (y - x.detach());
+  (y - x.detach()).pow(2).sum().backward();
+  EXPECT_TRUE(at::allclose(x.grad(), upstream.detach()));  // straight-through: dL/dx == dL/dy
+  at::Tensor g = gates->gates.grad();
+  ASSERT_TRUE(g.defined());
+  EXPECT_EQ((g < 0).sum().item<int64_t>(), 64) << g;
+}
+
+double train_gates(const std::string& spec_text, int steps, std::vector<double>* budget_trace = nullptr,
+                   std::vector<double>* mean_trace = nullptr) {
+  CodecSpec spec = CodecSpec::parse(spec_text);
+  AmaqGates gates(128, spec);
+  torch::optim::Adam opt({gates->gates}, torch::optim::AdamOptions(0.05));
+  for (int step = 0; step < steps; ++step) {
+    opt.zero_grad();
+    (gates->beta_at(step) * gates->regularization()).backward();
+    opt.step();
+    if (spec.mode == BudgetMode::kGuaranteed) gates->project(gates->budget_at(step));
+    if (budget_trace) budget_trace->push_back(gates->budget_at(step));
+    if (mean_trace) mean_trace->push_back(mean_bits(gates->bit_map()));
+  }
+  return mean_bits(gates->bit_map());
+}
+
+TEST(Amaq, RegularizerAloneWalksTheMeanDownToTheBudget) {
+  // The paper's penalty alone keeps pulling: everything ends at b_min.
+  EXPECT_EQ(train_gates("amaq:budget=3,bmin=2,mode=penalty,decay=0", 400), 2.0);
+  // Stopping at the budget: the mean settles within one bit below it.
+  double stop = train_gates("amaq:budget=3,bmin=2,mode=stop,decay=0", 400);
+  EXPECT_LE(stop, 3.0);
+  EXPECT_GE(stop, 2.0);
+  // Guaranteed: at every step the map's mean is within the schedule's budget, which walks from 8 to 3.5.
+  std::vector<double> budget, mean;
+  double end = train_gates("amaq:budget=3.5,bmin=2,init=8,mode=guaranteed,decay=100", 150, &budget, &mean);
+  for (size_t i = 0; i < mean.size(); ++i) ASSERT_LE(mean[i], budget[i] + 1e-9) << "step " << i;
+  EXPECT_LE(end, 3.5);
+  EXPECT_GT(mean[10], 6.0) << "precision starts high and walks down";
+}
+
+TEST(Amaq, ProjectionKeepsTheChannelRankingAndHitsFractionalBudgets) {
+  CodecSpec spec = CodecSpec::parse("amaq:budget=2.5,bmin=2,bmax=8");
+  AmaqGates gates(100, spec);
+  {
+    at::NoGradGuard g;
+    gates->gates.copy_(at::linspace(-3, 3, 100));
+  }
+  double mean = gates->project(2.5);
+  EXPECT_LE(mean, 2.5);
+  EXPECT_GE(mean, 2.4);  // distinct gates: the budget is met closely, not by a whole bit
+  at::Tensor b = gates->bit_map().to(at::kInt);
+  for (int i = 1; i < 100; ++i) EXPECT_GE(b[i].item<int>(), b[i - 1].item<int>());
+}
+
+TEST(Amaq, ChannelsTheTaskNeedsKeepMoreBits) {
+  // The task reads 4 of 32 channels through a fixed linear probe; the rest only meet the regularizer.
+  const int64_t C = 32;
+  CodecSpec spec = CodecSpec::parse("amaq:budget=3,bmin=2,bmax=8,init=6,mode=guaranteed,decay=50,gran=token");
+  AmaqGates gates(C, spec);
+  Codec codec(spec);
+  torch::optim::Adam opt({gates->gates}, torch::optim::AdamOptions(0.05));
+  at::Tensor w = at::zeros({C, 1});
+  const std::vector<int64_t> important = {3, 11, 20, 29};
+  for (int64_t c : important) w[c][0] = 1.0;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(0);
+  for (int step = 0; step < 300; ++step) {
+    at::Tensor x = at::randn({8, 16, C}, gen);
+    Encoded e = codec.encode(x, with_bits(gates->bit_map()));
+    at::Tensor y = fake_quant(x, e, gates->bits_continuous());
+    at::Tensor task = (at::matmul(y, w) - at::matmul(x, w)).pow(2).mean();
+    opt.zero_grad();
+    (task + gates->beta_at(step) * gates->regularization()).backward();
+    opt.step();
+    gates->project(gates->budget_at(step));
+  }
+  at::Tensor bits = gates->bit_map().to(at::kDouble);
+  at::Tensor mask = at::zeros({C}, at::kBool);
+  for (int64_t c : important) mask[c] = true;
+  double imp = bits.masked_select(mask).mean().item<double>(), rest = bits.masked_select(mask.logical_not()).mean().item<double>();
+  std::printf("  important channels %.2f bits, others %.2f, mean %.2f\n", imp, rest, bits.mean().item<double>());
+  EXPECT_GE(imp, rest + 2.0);
+  EXPECT_LE(bits.mean().item<double>(), 3.0);
+}
+
+TEST(Amaq, BackwardMapShiftsTheForwardRankingToItsBudget) {
+  at::Tensor fwd = at::tensor({2, 3, 3, 4, 8, 2, 5, 3}, at::kByte);  // mean 3.75
+  at::Tensor bwd = shift_bit_map(fwd, 6.0, 2, 8);
+  EXPECT_LE(mean_bits(bwd), 6.0);
+  EXPECT_GE(mean_bits(bwd), 5.0);
+  for (int i = 0; i < 8; ++i) {
+    for (int j = 0; j < 8; ++j) {
+      if (fwd[i].item<int>() < fwd[j].item<int>()) {
+        EXPECT_LE(bwd[i].item<int>(), bwd[j].item<int>());
+      }
+    }
+  }
+  EXPECT_EQ(shift_bit_map(fwd, 8.0, 2, 8).min().item<int>(), 8);
+}
+
+}  // namespace
+}  // namespace amaq::quant
