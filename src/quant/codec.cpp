@@ -43,7 +43,9 @@ void write_header(ByteWriter& w, PacketHeader h, const at::IntArrayRef shape) {
   for (int64_t d : shape) w.put(static_cast<uint32_t>(d));
 }
 
-void write_bytes(ByteWriter& w, const at::Tensor& t) { w.append(t.data_ptr(), static_cast<size_t>(t.numel() * t.element_size())); }
+void write_bytes(ByteWriter& w, const at::Tensor& t) {
+  if (t.numel() > 0) w.append(t.data_ptr(), static_cast<size_t>(t.numel() * t.element_size()));
+}
 
 // 4 bits per channel, low nibble first.
 void write_bit_map(ByteWriter& w, const at::Tensor& bits) {
@@ -66,7 +68,7 @@ at::Tensor read_bit_map(ByteReader& r, int64_t C) {
 at::Tensor read_halves(ByteReader& r, int64_t n, const char* what) {
   const uint8_t* p = r.take(static_cast<uint64_t>(n) * 2, what);
   at::Tensor t = at::empty({n}, at::kHalf);
-  std::memcpy(t.data_ptr(), p, static_cast<size_t>(n) * 2);
+  if (n > 0) std::memcpy(t.data_ptr(), p, static_cast<size_t>(n) * 2);
   if (!t.to(at::kFloat).isfinite().all().item<bool>()) throw PacketError(std::string(what) + " contain NaN or Inf");
   return t;
 }
@@ -269,7 +271,7 @@ at::Tensor Codec::decode(std::string_view packet) {
     at::ScalarType t = to_scalar(static_cast<WireDtype>(h.wire_dtype));
     const uint8_t* p = r.take(static_cast<uint64_t>(numel) * at::elementSize(t), "raw values");
     out = at::empty(shape, t);
-    std::memcpy(out.data_ptr(), p, static_cast<size_t>(numel) * at::elementSize(t));
+    if (numel > 0) std::memcpy(out.data_ptr(), p, static_cast<size_t>(numel) * at::elementSize(t));
     out = out.to(to_scalar(static_cast<WireDtype>(h.dtype)));
   } else {
     if (shape.back() == 0) throw PacketError("zero channels");
@@ -338,7 +340,7 @@ at::Tensor Codec::decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::
     if (!kinds[b]) continue;
     const uint8_t* p = r.take(static_cast<uint64_t>(T * C) * at::elementSize(dt), "full sample");
     at::Tensor full = at::empty({T, C}, dt);
-    std::memcpy(full.data_ptr(), p, static_cast<size_t>(T * C) * at::elementSize(dt));
+    if (T * C > 0) std::memcpy(full.data_ptr(), p, static_cast<size_t>(T * C) * at::elementSize(dt));
     at::Tensor m = full.to(at::kFloat).clone();
     buffer_->put(ids[b], m);
     out[b].copy_(m);
