@@ -27,5 +27,10 @@ test: build
 run: build
 	@bash scripts/demo.sh $(BUILD)
 
+# Speed targets live here, never in unit tests: Google Benchmark JSON in $(BUILD)/bench.json.
+bench: build
+	$(BUILD)/amaq_bench --benchmark_out=$(BUILD)/bench.json --benchmark_out_format=json --benchmark_min_time=0.5
+	@echo "bench: JSON written to $(BUILD)/bench.json"
+
 clean:
 	rm -rf $(BUILD)

@@ -4,6 +4,8 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+
+#include "core/error.h"
 #include <limits>
 #include <vector>
 
@@ -46,17 +48,59 @@ float tensor_scale(float max_abs) { return max_abs > 0 ? max_abs : 1.0f; }
 // The one formula for a channel's step, used by every path.
 inline float step_of(float lo, float hi, int b) { return (hi - lo) / static_cast<float>((1 << b) - 1); }
 
+// Clamping u to [0, qmax] before rounding equals clamping after: the bounds are integers and
+// rounding is monotone. Stochastic: floor(u + r) of a non-negative value is its truncation.
 inline uint8_t quantize_one(float x, float lo, float step, int b, Rounding rounding, uint64_t seed, uint64_t index) {
   if (!(step > 0)) return 0;
-  const float u = (x - lo) / step;
-  const float q = rounding == Rounding::kNearest ? std::nearbyint(u) : std::floor(u + stochastic_uniform(seed, index));
   const float qmax = static_cast<float>((1 << b) - 1);
-  return static_cast<uint8_t>(std::min(std::max(q, 0.0f), qmax));
+  const float u = (x - lo) / step;
+  if (rounding == Rounding::kNearest) return static_cast<uint8_t>(round_half_even(std::min(std::max(u, 0.0f), qmax)));
+  const float v = std::min(std::max(u + stochastic_uniform(seed, index), 0.0f), qmax);
+  return static_cast<uint8_t>(static_cast<int>(v));
 }
 
 inline float dequantize_one(uint8_t code, float lo, float step) { return lo + static_cast<float>(code) * step; }
 
 }  // namespace
+
+float checked_max_abs(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "checked_max_abs takes contiguous fp32");
+  const float* p = x.data_ptr<float>();
+  const int64_t n = x.numel();
+  const int64_t chunk = 1 << 16, chunks = (n + chunk - 1) / chunk;
+  std::vector<float> part(chunks, 0.0f);
+  std::vector<int64_t> bad(chunks, 0), first(chunks, -1);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t i0 = c * chunk, i1 = std::min(n, i0 + chunk);
+      float m = 0.0f;
+      int64_t nb = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const float a = std::fabs(p[i]);
+        m = a > m ? a : m;
+        nb += !(a <= std::numeric_limits<float>::max());  // NaN and Inf
+      }
+      part[c] = m;
+      bad[c] = nb;
+      if (nb) {
+        for (int64_t i = i0; i < i1 && first[c] < 0; ++i) if (!std::isfinite(p[i])) first[c] = i;
+      }
+    }
+  });
+  int64_t total_bad = 0, first_bad = -1;
+  float m = 0.0f;
+  for (int64_t c = 0; c < chunks; ++c) {
+    m = std::max(m, part[c]);
+    total_bad += bad[c];
+    if (first_bad < 0 && first[c] >= 0) first_bad = first[c];
+  }
+  if (total_bad > 0) {
+    throw Error("tensor to encode has " + std::to_string(total_bad) + " NaN/Inf values of " + std::to_string(n) +
+                    " (first at flat index " + std::to_string(first_bad) + ")",
+                "training diverged: lower the learning rate, enable gradient clipping, or check the input data");
+  }
+  return m;
+}
 
 AffineQuant affine_quantize_ref(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
                                 uint64_t seed) {
@@ -151,7 +195,7 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
   const float* xp = x.data_ptr<float>();
   const uint8_t* b = bits.data_ptr<uint8_t>();
   AffineQuant q;
-  q.scale = tensor_scale(x.numel() ? x.abs().max().item<float>() : 0.0f);
+  q.scale = tensor_scale(checked_max_abs(x));
   const float scale = q.scale;
   q.lo = at::empty({G}, at::kHalf);
   q.hi = at::empty({G}, at::kHalf);

@@ -55,6 +55,14 @@ at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const
 /// gradient needs.
 std::pair<at::Tensor, at::Tensor> affine_lo_step(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout);
 
+/// Round half to even without libm: exact for |v| < 2^22 (adding 1.5 * 2^23 leaves no fraction bits),
+/// so it vectorises and every path rounds alike.
+inline float round_half_even(float v) { return (v + 12582912.0f) - 12582912.0f; }
+
+/// max |x| over a contiguous fp32 tensor, multi-threaded; throws amaq::Error naming the count and
+/// first index of NaN/Inf values.
+float checked_max_abs(const at::Tensor& x);
+
 /// The uniform random number in [0, 1) used to stochastically round element `index` under `seed`.
 float stochastic_uniform(uint64_t seed, uint64_t index);
 

@@ -1,0 +1,97 @@
+// Encode and decode throughput of every codec on an activation of (8, 512, 2048) fp32, next to a
+// memcpy and a tensor clone of the same bytes. GB/s are of fp32 input. `make bench` writes JSON.
+#include <benchmark/benchmark.h>
+
+#include <cstring>
+
+#include "core/runtime.h"
+#include "quant/codec.h"
+
+namespace {
+
+using namespace amaq::quant;
+
+const at::Tensor& activation() {
+  static at::Tensor x = [] {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(0);
+    at::Tensor t = at::randn({8, 512, 2048}, gen);
+    t.select(2, 17).mul_(40);  // an outlier channel, as real activations have
+    return t;
+  }();
+  return x;
+}
+
+EncodeArgs args_for(const CodecSpec& spec) {
+  EncodeArgs a;
+  if (spec.codec == CodecId::kAmaq) {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(1);
+    a.bits = at::randint(2, 7, {2048}, gen, at::kByte);  // mean ~4 bits
+  }
+  if (spec.codec == CodecId::kAqsgd) a.sample_ids = {0, 1, 2, 3, 4, 5, 6, 7};
+  return a;
+}
+
+void set_counters(benchmark::State& state, size_t packet_bytes) {
+  const double in_bytes = static_cast<double>(activation().numel()) * 4;
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * in_bytes));
+  if (packet_bytes) state.counters["bits_per_element"] = 8.0 * static_cast<double>(packet_bytes) / activation().numel();
+  state.counters["threads"] = at::get_num_threads();
+}
+
+void BM_Memcpy(benchmark::State& state) {
+  const at::Tensor& x = activation();
+  std::vector<char> dst(x.numel() * 4);
+  for (auto _ : state) {
+    std::memcpy(dst.data(), x.data_ptr(), dst.size());
+    benchmark::DoNotOptimize(dst.data());
+  }
+  set_counters(state, 0);
+}
+
+void BM_Clone(benchmark::State& state) {
+  for (auto _ : state) benchmark::DoNotOptimize(activation().clone());
+  set_counters(state, 0);
+}
+
+void BM_Encode(benchmark::State& state, const std::string& text) {
+  CodecSpec spec = CodecSpec::parse(text);
+  Codec codec(spec);
+  EncodeArgs args = args_for(spec);
+  size_t bytes = codec.encode(activation(), args).packet.size();  // AQ-SGD: later passes send deltas
+  for (auto _ : state) bytes = codec.encode(activation(), args).packet.size();
+  set_counters(state, bytes);
+}
+
+void BM_Decode(benchmark::State& state, const std::string& text) {
+  CodecSpec spec = CodecSpec::parse(text);
+  Codec sender(spec), receiver(spec);
+  EncodeArgs args = args_for(spec);
+  receiver.decode(sender.encode(activation(), args).packet);
+  std::string packet = sender.encode(activation(), args).packet;
+  for (auto _ : state) benchmark::DoNotOptimize(receiver.decode(packet));
+  set_counters(state, packet.size());
+}
+
+const char* kCodecs[] = {"none:bf16", "fixed:bits=4,group=128", "fixed:bits=4,gran=token", "amaq:budget=4,group=128",
+                         "aqsgd:bits=4"};
+
+int register_all() {
+  benchmark::RegisterBenchmark("memcpy", BM_Memcpy)->Unit(benchmark::kMillisecond)->UseRealTime();
+  benchmark::RegisterBenchmark("clone", BM_Clone)->Unit(benchmark::kMillisecond)->UseRealTime();
+  for (const char* c : kCodecs) {
+    benchmark::RegisterBenchmark((std::string("encode/") + c).c_str(), BM_Encode, std::string(c))->Unit(benchmark::kMillisecond)->UseRealTime();
+    benchmark::RegisterBenchmark((std::string("decode/") + c).c_str(), BM_Decode, std::string(c))->Unit(benchmark::kMillisecond)->UseRealTime();
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  amaq::configure_threads(0);
+  register_all();
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
