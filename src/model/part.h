@@ -50,7 +50,8 @@ class DecoderPartImpl : public torch::nn::Module {
   void load_weights(const CheckpointReader& ckpt);
   /// (HF module name such as "model.layers.3.mlp.up_proj", layer) for every linear layer.
   std::vector<std::pair<std::string, Linear>> linears();
-  /// Makes every base weight trainable (full fine-tuning) or frozen.
+  /// Makes every base weight trainable (full fine-tuning) or frozen. With tied embeddings split
+  /// across two parts, each side trains its own copy (the unsplit model shares one).
   void set_base_trainable(bool trainable);
   /// Parameters with requires_grad, each once.
   std::vector<at::Tensor> trainable_parameters();

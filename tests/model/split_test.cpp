@@ -97,6 +97,32 @@ TEST_P(Split, EachSideHoldsOnlyItsOwnWeights) {
   for (const auto& [n, bytes] : sizes) EXPECT_TRUE(f.count(n)) << "checkpoint tensor " << n << " is used by no part";
 }
 
+// Full fine-tuning: every base weight trains, and the split gives the unsplit model's gradients.
+TEST(SplitFullFinetune, BaseWeightGradientsMatchTheUnsplitModel) {
+  const std::string name = "llama-gqa";
+  auto [config, ids] = load_case(name);
+  CheckpointReader ckpt(data_path("hf/" + name));
+  DecoderPart full = full_model(config), client = client_part(config, 2), server = server_part(config, 2);
+  for (DecoderPart p : {full, client, server}) {
+    p->load_weights(ckpt);
+    p->set_base_trainable(true);
+  }
+  EXPECT_EQ(full->trainable_parameters().size(), full->base_weights().size());
+  causal_lm_loss(full->forward(ids), ids).backward();
+  at::Tensor h = client->forward(ids);
+  at::Tensor hs = h.detach().requires_grad_(true);
+  causal_lm_loss(server->forward(hs), ids).backward();
+  h.backward(hs.grad());
+  std::map<std::string, at::Tensor> split_grads;
+  for (DecoderPart p : {client, server}) {
+    for (auto& [n, w] : p->base_weights()) split_grads[n] = w.grad();
+  }
+  for (auto& [n, w] : full->base_weights()) {
+    ASSERT_TRUE(w.grad().defined()) << n;
+    EXPECT_TRUE(at::equal(split_grads.at(n), w.grad())) << n;
+  }
+}
+
 TEST(SplitRange, KOutsideOneToLMinusOneIsRefused) {
   ModelConfig config = ModelConfig::load(data_path("hf/llama-gqa"));
   EXPECT_AMAQ_ERROR(client_part(config, 0), "split layer 0", "[1, 3]");
