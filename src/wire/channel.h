@@ -1,0 +1,48 @@
+// A Channel moves frames between the two sides. Implementations: in-process (two queues of encoded
+// bytes, for single-process runs and tests) and TCP/TLS. Both move the same bytes, so the same
+// accounting holds. Operations return a Status; nothing throws through a session loop.
+#pragma once
+#include <array>
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <utility>
+
+#include "wire/frame.h"
+
+namespace amaq::wire {
+
+/// Bytes and frames per direction and message type, plus time spent blocked on the peer.
+struct Accounting {
+  struct Counts {
+    uint64_t frames = 0;
+    uint64_t bytes = 0;  ///< header included
+  };
+  std::array<Counts, kMaxMessageType + 1> sent{}, received{};
+  double seconds_blocked = 0;  ///< waiting in receive()
+
+  uint64_t bytes_sent() const;
+  uint64_t bytes_received() const;
+  void count_sent(MessageType t, uint64_t bytes);
+  void count_received(MessageType t, uint64_t bytes);
+};
+
+class Channel {
+ public:
+  virtual ~Channel() = default;
+  virtual Status send(const Frame& frame) = 0;
+  /// Waits up to `timeout` for the next frame.
+  virtual Status receive(Frame* frame, std::chrono::milliseconds timeout) = 0;
+  virtual void close() = 0;
+  const Accounting& accounting() const { return accounting_; }
+
+ protected:
+  Accounting accounting_;
+};
+
+/// Two connected in-process channels. Frames are encoded and decoded exactly as on a socket
+/// (checksums, size limit), so byte accounting matches the TCP channel's.
+std::pair<std::unique_ptr<Channel>, std::unique_ptr<Channel>> make_in_process_pair(uint64_t max_payload_bytes);
+
+}  // namespace amaq::wire

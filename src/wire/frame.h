@@ -1,0 +1,114 @@
+// Frames: the unit the transport moves. Layout (little-endian), documented in docs/protocol.md:
+//
+//   FrameHeader (24 bytes)   magic "AMQF", protocol version, message type, flags,
+//                            payload length (u64), CRC32C of the payload, reserved
+//   payload                  `length` bytes
+//
+// The reader checks magic, version, type and that length <= the configured maximum before it
+// allocates anything, then the checksum once the payload is in.
+#pragma once
+#include <cstdint>
+#include <deque>
+#include <string>
+#include <string_view>
+
+namespace amaq::wire {
+
+constexpr uint32_t kFrameMagic = 0x46514D41;  // "AMQF"
+constexpr uint16_t kProtocolVersion = 1;
+
+/// Message types. Values only ever grow; a reader refuses those it does not know.
+enum class MessageType : uint8_t {
+  kHello = 1,      ///< client -> server: version, model fingerprint, split, codecs, client nonce
+  kChallenge = 2,  ///< server -> client: server nonce for the token HMAC
+  kAuth = 3,       ///< client -> server: HMAC(token, transcript)
+  kHelloAck = 4,   ///< server -> client: session id, server settings, server proof
+  kForward = 5,    ///< step, micro-batch, labels/mask, compressed activations
+  kBackward = 6,   ///< step, micro-batch, compressed gradients
+  kEval = 7,
+  kControl = 8,    ///< checkpoint now, bit-width sync, schedule
+  kHeartbeat = 9,
+  kError = 10,     ///< code + text, then the sender closes
+  kBye = 11,
+};
+constexpr uint8_t kMaxMessageType = 11;
+const char* message_name(MessageType t);
+
+#pragma pack(push, 1)
+struct FrameHeader {
+  uint32_t magic = kFrameMagic;
+  uint16_t version = kProtocolVersion;
+  uint8_t type = 0;
+  uint8_t flags = 0;
+  uint64_t length = 0;    ///< payload bytes
+  uint32_t checksum = 0;  ///< CRC32C (Castagnoli) of the payload
+  uint32_t reserved = 0;
+};
+#pragma pack(pop)
+static_assert(sizeof(FrameHeader) == 24, "the frame header is part of the wire protocol");
+
+/// Why a frame or a session failed. Values only grow.
+enum class ErrorCode : uint16_t {
+  kOk = 0,
+  kBadMagic = 1,
+  kBadVersion = 2,
+  kBadType = 3,
+  kTooLarge = 4,
+  kBadChecksum = 5,
+  kTruncated = 6,
+  kBadAuth = 7,
+  kModelMismatch = 8,
+  kSplitMismatch = 9,
+  kCodecMismatch = 10,
+  kBadMessage = 11,
+  kTimeout = 12,
+  kClosed = 13,
+  kInternal = 14,
+  kTls = 15,
+};
+const char* error_name(ErrorCode c);
+
+/// What network operations return instead of throwing through the session loop.
+struct Status {
+  ErrorCode code = ErrorCode::kOk;
+  std::string message;
+  bool ok() const { return code == ErrorCode::kOk; }
+  static Status Ok() { return {}; }
+  static Status Fail(ErrorCode c, std::string m) { return {c, std::move(m)}; }
+};
+
+struct Frame {
+  MessageType type = MessageType::kHeartbeat;
+  uint8_t flags = 0;
+  std::string payload;
+};
+
+uint32_t crc32c(const void* data, size_t size);
+
+/// Header + payload bytes of a frame.
+std::string encode_frame(const Frame& f);
+
+/// Checks a header before any payload is read or allocated.
+Status check_header(const FrameHeader& h, uint64_t max_payload_bytes);
+
+/// Incremental decoder over a byte stream (a socket's reads, a fuzzer's input): feed bytes, take
+/// complete frames. After the first error it stays failed.
+class FrameDecoder {
+ public:
+  explicit FrameDecoder(uint64_t max_payload_bytes) : max_payload_(max_payload_bytes) {}
+  /// Consumes bytes; returns the first error met, if any.
+  Status feed(std::string_view bytes);
+  /// Pops the next complete frame; false when none is complete yet.
+  bool next(Frame* out);
+  /// Bytes the decoder still needs before it can finish the frame in progress (at least 1).
+  uint64_t wanted() const;
+  const Status& status() const { return status_; }
+
+ private:
+  uint64_t max_payload_;
+  std::string buffer_;
+  std::deque<Frame> ready_;
+  Status status_;
+};
+
+}  // namespace amaq::wire
