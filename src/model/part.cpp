@@ -3,6 +3,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "core/hash.h"
 
 namespace amaq {
 
@@ -131,6 +132,15 @@ DecoderPart server_part(const ModelConfig& config, int64_t split, at::ScalarType
 
 DecoderPart full_model(const ModelConfig& config, at::ScalarType dtype) {
   return DecoderPart(config, 0, config.num_layers, dtype);
+}
+
+std::string model_fingerprint(const ModelConfig& config, const CheckpointReader& ckpt) {
+  std::string canon = config.to_json().dump();
+  for (const auto& [name, bytes] : ckpt.sizes()) {
+    const TensorInfo& ti = ckpt.info(name);
+    canon += "\n" + name + ":" + ti.dtype_name + ":" + c10::str(at::IntArrayRef(ti.shape));
+  }
+  return sha256_hex(canon);
 }
 
 at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels) {

@@ -76,6 +76,10 @@ DecoderPart server_part(const ModelConfig& config, int64_t split, at::ScalarType
 /// The unsplit model.
 DecoderPart full_model(const ModelConfig& config, at::ScalarType dtype = at::kFloat);
 
+/// SHA-256 of the config and every checkpoint tensor's name, dtype and shape (headers only, no
+/// weights read): two sides with the same fingerprint run the same model.
+std::string model_fingerprint(const ModelConfig& config, const CheckpointReader& ckpt);
+
 /// Mean next-token cross-entropy, labels shifted inside as HF does; label -100 is ignored.
 /// logits (B, T, V), labels (B, T) int64.
 at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels);

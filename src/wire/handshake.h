@@ -1,0 +1,54 @@
+// The handshake. Nothing is trained before both sides agree on the protocol, the model, the split
+// and the codecs, and (with a token) have proved to each other that they hold it:
+//
+//   client -> HELLO      {protocol, model_fingerprint, split, fwd_codec, bwd_codec, client_nonce, resume_step}
+//   server -> CHALLENGE  {server_nonce}                           only when the server has a token
+//   client -> AUTH       {mac: HMAC-SHA256(token, "client" | transcript)}
+//   server -> HELLO_ACK  {session_id, settings, proof: HMAC-SHA256(token, "server" | transcript)}
+//          or ERROR      {code, text naming the difference}, then closes
+//
+// transcript = "amaq-auth-v1" | client_nonce | server_nonce | HELLO payload. The token itself
+// never crosses the wire; the server proves itself too, so a client cannot be fooled by an
+// impostor that merely accepts everything.
+#pragma once
+#include <nlohmann/json.hpp>
+
+#include <string>
+
+#include "wire/channel.h"
+
+namespace amaq::wire {
+
+struct Hello {
+  int protocol = kProtocolVersion;
+  std::string model_fingerprint;
+  int64_t split = 0;
+  std::string fwd_codec, bwd_codec;
+  std::string client_nonce;
+  int64_t resume_step = -1;  ///< step to resume from, -1 for a fresh run
+
+  std::string to_payload() const;
+  static Status parse(const std::string& payload, Hello* out);
+};
+
+struct ServerPolicy {
+  std::string model_fingerprint;
+  int64_t split = 0;
+  std::string fwd_codec, bwd_codec;
+  std::string token;  ///< empty: no authentication
+  nlohmann::json settings = nlohmann::json::object();
+};
+
+struct HelloAck {
+  uint64_t session_id = 0;
+  nlohmann::json settings;
+};
+
+/// Client side. Returns the server's ERROR as a Status when refused.
+Status client_handshake(Channel& ch, Hello hello, const std::string& token, std::chrono::milliseconds timeout, HelloAck* ack);
+
+/// Server side. On failure it has already told the client (ERROR frame) and closed the channel.
+Status server_handshake(Channel& ch, const ServerPolicy& policy, uint64_t session_id, std::chrono::milliseconds timeout,
+                        Hello* hello);
+
+}  // namespace amaq::wire

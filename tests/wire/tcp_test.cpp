@@ -1,0 +1,299 @@
+// The transport over real sockets: plain TCP and TLS 1.3 (certificates made here with the openssl
+// command), the handshake, and a server that keeps 8 good sessions going while hostile clients
+// send garbage, oversized frames, wrong versions, truncated frames, bad tokens and untrusted
+// certificates.
+#include <gtest/gtest.h>
+
+#include <boost/asio.hpp>
+#include <cstring>
+#include <future>
+#include <thread>
+
+#include "core/hash.h"
+#include "model/config.h"
+#include "model/part.h"
+#include "testing.h"
+#include "wire/handshake.h"
+#include "wire/tcp.h"
+
+namespace amaq::wire {
+namespace {
+
+using namespace std::chrono_literals;
+
+// CA, server cert (SAN 127.0.0.1, localhost) and a client cert signed by it, and a self-signed
+// client cert nobody trusts. EC P-256 keys so generation takes milliseconds.
+class Certs {
+ public:
+  Certs() {
+    const std::string d = dir_.path();
+    std::string out;
+    auto run = [&](const std::string& cmd) {
+      if (testing::run_command("cd " + d + " && " + cmd, &out) != 0) throw std::runtime_error(cmd + ": " + out);
+    };
+    const std::string ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    run("openssl req -x509 " + ec + " -keyout ca.key -out ca.pem -days 2 -subj /CN=amaq-test-ca");
+    run("printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\n' > san.ext");
+    run("openssl req " + ec + " -keyout server.key -out server.csr -subj /CN=localhost");
+    run("openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile san.ext");
+    run("openssl req " + ec + " -keyout client.key -out client.csr -subj /CN=amaq-client");
+    run("openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2");
+    run("openssl req -x509 " + ec + " -keyout rogue.key -out rogue.pem -days 2 -subj /CN=rogue");
+  }
+  std::string f(const std::string& name) const { return dir_.file(name); }
+  TlsFiles server() const { return {f("server.pem"), f("server.key"), f("ca.pem")}; }
+  TlsFiles client() const { return {f("client.pem"), f("client.key"), f("ca.pem")}; }
+  TlsFiles rogue() const { return {f("rogue.pem"), f("rogue.key"), f("ca.pem")}; }
+
+ private:
+  testing::TempDir dir_;
+};
+
+const Certs& certs() {
+  static Certs c;
+  return c;
+}
+
+ServerPolicy policy() {
+  ServerPolicy p;
+  p.model_fingerprint = model_fingerprint(ModelConfig::load(testing::data_path("hf/llama-gqa")),
+                                          CheckpointReader(testing::data_path("hf/llama-gqa")));
+  p.split = 2;
+  p.fwd_codec = "amaq:budget=4";
+  p.bwd_codec = "fixed:bits=8";
+  p.token = "s3cret-token";
+  return p;
+}
+
+Hello hello_for(const ServerPolicy& p) {
+  Hello h;
+  h.model_fingerprint = p.model_fingerprint;
+  h.split = p.split;
+  h.fwd_codec = p.fwd_codec;
+  h.bwd_codec = p.bwd_codec;
+  return h;
+}
+
+// The test server: handshake, then answer each FORWARD with a BACKWARD carrying the payload reversed.
+Server::Handler echo_handler(const ServerPolicy& p) {
+  return [p](Channel& ch, const SessionContext& ctx) {
+    Hello hello;
+    if (!server_handshake(ch, p, ctx.id, 2s, &hello).ok()) return;
+    Frame f;
+    while (true) {
+      Status s = ch.receive(&f, 5s);
+      if (!s.ok()) {
+        refuse(ch, s);
+        return;
+      }
+      if (f.type == MessageType::kBye) return;
+      std::reverse(f.payload.begin(), f.payload.end());
+      f.type = MessageType::kBackward;
+      if (!ch.send(f).ok()) return;
+    }
+  };
+}
+
+// A full good session: handshake, `rounds` FORWARD/BACKWARD round trips, BYE.
+Status good_session(const ClientOptions& opt, const ServerPolicy& p, int rounds, size_t bytes) {
+  std::unique_ptr<Channel> ch;
+  Status s = connect(opt, &ch);
+  if (!s.ok()) return s;
+  HelloAck ack;
+  s = client_handshake(*ch, hello_for(p), p.token, 5s, &ack);
+  if (!s.ok()) return s;
+  std::string payload(bytes, '\0');
+  for (size_t i = 0; i < bytes; ++i) payload[i] = static_cast<char>(i * 7 + ack.session_id);
+  for (int r = 0; r < rounds; ++r) {
+    payload[0] = static_cast<char>(r);
+    s = ch->send({MessageType::kForward, 0, payload});
+    if (!s.ok()) return s;
+    Frame back;
+    s = ch->receive(&back, 10s);
+    if (!s.ok()) return s;
+    std::string want(payload.rbegin(), payload.rend());
+    if (back.type != MessageType::kBackward || back.payload != want) return Status::Fail(ErrorCode::kBadMessage, "wrong echo");
+  }
+  return ch->send({MessageType::kBye, 0, ""});
+}
+
+TEST(Tcp, EveryMessageTypeRoundTripsPlainAndTls) {
+  for (bool tls : {false, true}) {
+    ServerOptions so(0);
+    if (tls) so.tls(certs().server());
+    Server server(so, [](Channel& ch, const SessionContext&) {
+      Frame f;
+      while (ch.receive(&f, 5s).ok() && f.type != MessageType::kBye) ch.send(f);
+    });
+    ClientOptions co("127.0.0.1", server.port());
+    if (tls) co.tls({"", "", certs().f("ca.pem")});
+    std::unique_ptr<Channel> ch;
+    ASSERT_TRUE(connect(co, &ch).ok());
+    for (uint8_t t = 1; t <= kMaxMessageType; ++t) {
+      if (static_cast<MessageType>(t) == MessageType::kBye) continue;
+      Frame f{static_cast<MessageType>(t), t, std::string(t == 5 ? (16 << 20) : 100 * t, static_cast<char>(t))};
+      ASSERT_TRUE(ch->send(f).ok());
+      Frame back;
+      ASSERT_TRUE(ch->receive(&back, 10s).ok()) << (tls ? "tls " : "tcp ") << message_name(f.type);
+      EXPECT_EQ(back.type, f.type);
+      EXPECT_EQ(back.flags, f.flags);
+      EXPECT_TRUE(back.payload == f.payload);
+    }
+    ch->send({MessageType::kBye, 0, ""});
+    EXPECT_EQ(ch->accounting().bytes_sent(), ch->accounting().bytes_received() + sizeof(FrameHeader));
+  }
+}
+
+TEST(Handshake, AgreesOrNamesTheDifference) {
+  const ServerPolicy p = policy();
+  auto attempt = [&](Hello h, const std::string& token) {
+    auto [client, server] = make_in_process_pair(1 << 20);
+    auto srv = std::async(std::launch::async, [&, s = server.get()] {
+      Hello got;
+      return server_handshake(*s, p, 42, 2s, &got);
+    });
+    HelloAck ack;
+    Status st = client_handshake(*client, h, token, 2s, &ack);
+    srv.get();
+    if (st.ok()) {
+      EXPECT_EQ(ack.session_id, 42u);
+    }
+    return st;
+  };
+  EXPECT_TRUE(attempt(hello_for(p), p.token).ok());
+  Status s = attempt(hello_for(p), "wrong-token");
+  EXPECT_EQ(s.code, ErrorCode::kBadAuth) << s.message;
+  EXPECT_EQ(attempt(hello_for(p), "").code, ErrorCode::kBadAuth);
+  Hello h = hello_for(p);
+  h.split = 3;
+  s = attempt(h, p.token);
+  EXPECT_EQ(s.code, ErrorCode::kSplitMismatch);
+  EXPECT_NE(s.message.find("client 3, server 2"), std::string::npos) << s.message;
+  h = hello_for(p);
+  h.model_fingerprint = model_fingerprint(ModelConfig::load(testing::data_path("hf/qwen2-tied")),
+                                          CheckpointReader(testing::data_path("hf/qwen2-tied")));
+  EXPECT_EQ(attempt(h, p.token).code, ErrorCode::kModelMismatch);
+  h = hello_for(p);
+  h.fwd_codec = "fixed:bits=4";
+  s = attempt(h, p.token);
+  EXPECT_EQ(s.code, ErrorCode::kCodecMismatch);
+  EXPECT_NE(s.message.find("fixed:bits=4"), std::string::npos) << s.message;
+  h = hello_for(p);
+  h.protocol = 9;
+  EXPECT_EQ(attempt(h, p.token).code, ErrorCode::kBadVersion);
+}
+
+TEST(Handshake, ClientRefusesAnImpostorServer) {
+  // A server that accepts any AUTH but does not know the token cannot produce the proof.
+  auto [client, server] = make_in_process_pair(1 << 20);
+  std::thread impostor([s = server.get()] {
+    Frame f;
+    s->receive(&f, 2s);
+    s->send({MessageType::kChallenge, 0, nlohmann::json{{"server_nonce", random_hex(32)}}.dump()});
+    s->receive(&f, 2s);
+    s->send({MessageType::kHelloAck, 0, nlohmann::json{{"session_id", 1}, {"proof", "00"}}.dump()});
+  });
+  HelloAck ack;
+  EXPECT_EQ(client_handshake(*client, hello_for(policy()), "s3cret-token", 2s, &ack).code, ErrorCode::kBadAuth);
+  impostor.join();
+}
+
+// Raw bytes to the server, then the ERROR frame it answers with (kClosed if none came).
+Status hostile_raw(uint16_t port, const std::string& bytes, bool then_wait) {
+  boost::asio::io_context io;
+  boost::asio::ip::tcp::socket sock(io);
+  sock.connect({boost::asio::ip::make_address("127.0.0.1"), port});
+  boost::asio::write(sock, boost::asio::buffer(bytes));
+  if (!then_wait) sock.shutdown(boost::asio::ip::tcp::socket::shutdown_send);
+  FrameDecoder d(1 << 20);
+  char buf[4096];
+  boost::system::error_code ec;
+  Frame f;
+  while (!d.next(&f)) {
+    size_t n = sock.read_some(boost::asio::buffer(buf), ec);
+    if (ec) return Status::Fail(ErrorCode::kClosed, "closed without an ERROR frame");
+    d.feed(std::string_view(buf, n));
+  }
+  EXPECT_EQ(f.type, MessageType::kError);
+  return parse_error_payload(f.payload);
+}
+
+std::string header_bytes(uint32_t magic, uint16_t version, uint8_t type, uint64_t length) {
+  FrameHeader h;
+  h.magic = magic;
+  h.version = version;
+  h.type = type;
+  h.length = length;
+  return std::string(reinterpret_cast<const char*>(&h), sizeof h);
+}
+
+TEST(Server, GoodSessionsCompleteWhileHostileClientsAreRefused) {
+  const ServerPolicy p = policy();
+  ServerOptions plain_opt(0);
+  plain_opt.max_payload(1 << 20).io_timeout(2s);
+  Server plain(plain_opt, echo_handler(p));
+  ServerOptions tls_opt(0);
+  tls_opt.tls(certs().server(), /*require_client_cert=*/true).max_payload(1 << 20).handshake_timeout(2s);
+  Server tls(tls_opt, echo_handler(p));
+
+  // 8 good sessions on each server, running while the hostile clients below do their worst.
+  std::vector<std::future<Status>> good;
+  for (int i = 0; i < 8; ++i) {
+    good.push_back(std::async(std::launch::async, [&] { return good_session(ClientOptions("127.0.0.1", plain.port()), p, 30, 64 << 10); }));
+    good.push_back(std::async(std::launch::async, [&] {
+      return good_session(ClientOptions("127.0.0.1", tls.port()).tls(certs().client()), p, 30, 64 << 10);
+    }));
+  }
+
+  std::string junk(300, '\0');
+  for (size_t i = 0; i < junk.size(); ++i) junk[i] = static_cast<char>(i * 131 + 7);
+  EXPECT_EQ(hostile_raw(plain.port(), junk, false).code, ErrorCode::kBadMagic);
+  EXPECT_EQ(hostile_raw(plain.port(), header_bytes(kFrameMagic, kProtocolVersion, 1, uint64_t{1} << 60), true).code, ErrorCode::kTooLarge);
+  EXPECT_EQ(hostile_raw(plain.port(), header_bytes(0xDEADBEEF, kProtocolVersion, 1, 4) + "abcd", false).code, ErrorCode::kBadMagic);
+  EXPECT_EQ(hostile_raw(plain.port(), header_bytes(kFrameMagic, 7, 1, 4) + "abcd", false).code, ErrorCode::kBadVersion);
+  // Truncated frame, then silence: the server gives up at its deadline and says so.
+  Status trunc = hostile_raw(plain.port(), header_bytes(kFrameMagic, kProtocolVersion, 1, 100) + "only part", true);
+  EXPECT_EQ(trunc.code, ErrorCode::kTimeout) << trunc.message;
+  // Bad token, over TLS with a trusted client certificate.
+  {
+    std::unique_ptr<Channel> ch;
+    ASSERT_TRUE(connect(ClientOptions("127.0.0.1", tls.port()).tls(certs().client()), &ch).ok());
+    HelloAck ack;
+    EXPECT_EQ(client_handshake(*ch, hello_for(p), "guess", 5s, &ack).code, ErrorCode::kBadAuth);
+  }
+  // A TLS client whose certificate no CA of the server signed: no session, no frame.
+  {
+    std::unique_ptr<Channel> ch;
+    Status s = connect(ClientOptions("127.0.0.1", tls.port()).tls(certs().rogue()), &ch);
+    if (s.ok()) {
+      HelloAck ack;
+      s = client_handshake(*ch, hello_for(p), p.token, 5s, &ack);
+    }
+    EXPECT_FALSE(s.ok());
+    EXPECT_TRUE(s.code == ErrorCode::kTls || s.code == ErrorCode::kClosed) << s.message;
+  }
+  // A client that does not trust the server's certificate refuses it.
+  {
+    std::unique_ptr<Channel> ch;
+    Status s = connect(ClientOptions("127.0.0.1", tls.port()).tls({certs().f("client.pem"), certs().f("client.key"), certs().f("rogue.pem")}), &ch);
+    EXPECT_EQ(s.code, ErrorCode::kTls) << s.message;
+  }
+
+  for (auto& g : good) {
+    Status s = g.get();
+    EXPECT_TRUE(s.ok()) << error_name(s.code) << ": " << s.message;
+  }
+  plain.stop();
+  tls.stop();
+  EXPECT_GE(plain.sessions_started(), 13u);
+}
+
+TEST(Server, PlainTcpOffLoopbackNeedsInsecure) {
+  EXPECT_AMAQ_ERROR(Server(ServerOptions(0).host("0.0.0.0"), [](Channel&, const SessionContext&) {}), "plain TCP", "--insecure");
+  Server ok(ServerOptions(0).host("0.0.0.0").insecure(true), [](Channel&, const SessionContext&) {});
+  EXPECT_GT(ok.port(), 0);
+  EXPECT_TRUE(is_loopback("127.0.0.1") && is_loopback("::1") && is_loopback("localhost") && !is_loopback("10.1.2.3"));
+}
+
+}  // namespace
+}  // namespace amaq::wire
