@@ -6,7 +6,7 @@ BUILD_TYPE ?= RelWithDebInfo
 export CCACHE_SLOPPINESS := pch_defines,time_macros,include_file_mtime,include_file_ctime
 export CCACHE_MAXSIZE ?= 5G
 
-.PHONY: all setup configure build test run bench clean
+.PHONY: all setup configure build test run bench fuzz clean
 
 all: build
 
@@ -31,6 +31,11 @@ run: build
 bench: build
 	$(BUILD)/amaq_bench --benchmark_out=$(BUILD)/bench.json --benchmark_out_format=json --benchmark_min_time=0.5
 	@echo "bench: JSON written to $(BUILD)/bench.json"
+
+# The libFuzzer target (clang); `make test` also runs it for 60 s.
+fuzz: configure
+	cmake --build $(BUILD) --target fuzz
+	tests/fuzz/run.sh $(BUILD)/amaq_fuzz_frame $${FUZZ_SECONDS:-60}
 
 clean:
 	rm -rf $(BUILD)

@@ -1,8 +1,28 @@
 #include "wire/channel.h"
 
+#include <cstring>
 #include <deque>
 
 namespace amaq::wire {
+
+std::string error_payload(const Status& s) {
+  std::string out(2, '\0');
+  uint16_t code = static_cast<uint16_t>(s.code);
+  std::memcpy(out.data(), &code, 2);
+  return out + s.message;
+}
+
+Status parse_error_payload(const std::string& payload) {
+  if (payload.size() < 2) return Status::Fail(ErrorCode::kBadMessage, "ERROR frame without a code");
+  uint16_t code;
+  std::memcpy(&code, payload.data(), 2);
+  return Status::Fail(static_cast<ErrorCode>(code), payload.substr(2));
+}
+
+void refuse(Channel& channel, const Status& why) {
+  channel.send({MessageType::kError, 0, error_payload(why)});
+  channel.close();
+}
 
 uint64_t Accounting::bytes_sent() const {
   uint64_t n = 0;

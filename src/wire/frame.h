@@ -83,8 +83,13 @@ struct Frame {
   std::string payload;
 };
 
+/// CRC32C (Castagnoli): the SSE4.2 instruction where the CPU has it, else Boost.CRC.
 uint32_t crc32c(const void* data, size_t size);
+/// Boost.CRC's table-driven CRC32C: the portable path and the reference the fast one is tested against.
+uint32_t crc32c_portable(const void* data, size_t size);
 
+/// The header announcing `f` (checksum computed).
+FrameHeader frame_header(const Frame& f);
 /// Header + payload bytes of a frame.
 std::string encode_frame(const Frame& f);
 
@@ -95,6 +100,10 @@ Status check_header(const FrameHeader& h, uint64_t max_payload_bytes);
 /// complete frames. After the first error it stays failed.
 class FrameDecoder {
  public:
+  /// A header's length is trusted for at most this much up-front reservation; beyond it the
+  /// payload buffer grows only as bytes actually arrive.
+  static constexpr uint64_t kMaxReserve = uint64_t{64} << 20;
+
   explicit FrameDecoder(uint64_t max_payload_bytes) : max_payload_(max_payload_bytes) {}
   /// Consumes bytes; returns the first error met, if any.
   Status feed(std::string_view bytes);
@@ -106,7 +115,10 @@ class FrameDecoder {
 
  private:
   uint64_t max_payload_;
-  std::string buffer_;
+  std::string header_bytes_;  // the header being received
+  FrameHeader header_{};
+  bool have_header_ = false;
+  std::string payload_;       // the payload being received
   std::deque<Frame> ready_;
   Status status_;
 };

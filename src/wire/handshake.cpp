@@ -1,7 +1,6 @@
 #include "wire/handshake.h"
 
 #include "core/hash.h"
-#include "wire/tcp.h"
 
 namespace amaq::wire {
 namespace {

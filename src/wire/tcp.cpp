@@ -5,6 +5,7 @@
 
 #include <boost/asio.hpp>
 #include <boost/asio/ssl.hpp>
+#include <array>
 #include <cstring>
 
 #include "core/error.h"
@@ -46,22 +47,24 @@ class StreamChannel : public Channel {
 
   Status send(const Frame& frame) override {
     if (closed_) return Status::Fail(ErrorCode::kClosed, "channel is closed");
-    std::string bytes = encode_frame(frame);
+    const FrameHeader header = frame_header(frame);
+    const size_t total = sizeof header + frame.payload.size();
+    const std::array<asio::const_buffer, 2> bytes = {asio::buffer(&header, sizeof header), asio::buffer(frame.payload)};
     bool done = false;
     error_code ec;
-    asio::async_write(stream_, asio::buffer(bytes), [&](const error_code& e, size_t) {
+    asio::async_write(stream_, bytes, [&](const error_code& e, size_t) {
       ec = e;
       done = true;
     });
     if (!run_until(*io_, stream_, done, Clock::now() + io_timeout_)) {
       close();
-      return Status::Fail(ErrorCode::kTimeout, "send of " + std::to_string(bytes.size()) + " bytes timed out");
+      return Status::Fail(ErrorCode::kTimeout, "send of " + std::to_string(total) + " bytes timed out");
     }
     if (ec) {
       close();
       return Status::Fail(ErrorCode::kClosed, "send failed: " + ec.message());
     }
-    accounting_.count_sent(frame.type, bytes.size());
+    accounting_.count_sent(frame.type, total);
     return Status::Ok();
   }
 
@@ -144,25 +147,6 @@ bool is_loopback(const std::string& host) {
   error_code ec;
   auto addr = asio::ip::make_address(host, ec);
   return !ec && addr.is_loopback();
-}
-
-std::string error_payload(const Status& s) {
-  std::string out(2, '\0');
-  uint16_t code = static_cast<uint16_t>(s.code);
-  std::memcpy(out.data(), &code, 2);
-  return out + s.message;
-}
-
-Status parse_error_payload(const std::string& payload) {
-  if (payload.size() < 2) return Status::Fail(ErrorCode::kBadMessage, "ERROR frame without a code");
-  uint16_t code;
-  std::memcpy(&code, payload.data(), 2);
-  return Status::Fail(static_cast<ErrorCode>(code), payload.substr(2));
-}
-
-void refuse(Channel& channel, const Status& why) {
-  channel.send({MessageType::kError, 0, error_payload(why)});
-  channel.close();
 }
 
 Status connect(const ClientOptions& opt, std::unique_ptr<Channel>* out) {

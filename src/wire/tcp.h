@@ -99,12 +99,6 @@ class Server {
   std::atomic<uint64_t> started_{0}, failed_{0};
 };
 
-/// Best effort: tells the peer why with an ERROR frame, then closes.
-void refuse(Channel& channel, const Status& why);
-/// ERROR payload: u16 code + text.
-std::string error_payload(const Status& s);
-Status parse_error_payload(const std::string& payload);
-
 bool is_loopback(const std::string& host);
 
 }  // namespace amaq::wire

@@ -26,19 +26,9 @@ using namespace std::chrono_literals;
 class Certs {
  public:
   Certs() {
-    const std::string d = dir_.path();
     std::string out;
-    auto run = [&](const std::string& cmd) {
-      if (testing::run_command("cd " + d + " && " + cmd, &out) != 0) throw std::runtime_error(cmd + ": " + out);
-    };
-    const std::string ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
-    run("openssl req -x509 " + ec + " -keyout ca.key -out ca.pem -days 2 -subj /CN=amaq-test-ca");
-    run("printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\n' > san.ext");
-    run("openssl req " + ec + " -keyout server.key -out server.csr -subj /CN=localhost");
-    run("openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile san.ext");
-    run("openssl req " + ec + " -keyout client.key -out client.csr -subj /CN=amaq-client");
-    run("openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2");
-    run("openssl req -x509 " + ec + " -keyout rogue.key -out rogue.pem -days 2 -subj /CN=rogue");
+    const std::string cmd = std::string(AMAQ_SOURCE_DIR) + "/scripts/make-test-certs.sh " + dir_.path();
+    if (testing::run_command(cmd, &out) != 0) throw std::runtime_error(cmd + ": " + out);
   }
   std::string f(const std::string& name) const { return dir_.file(name); }
   TlsFiles server() const { return {f("server.pem"), f("server.key"), f("ca.pem")}; }
