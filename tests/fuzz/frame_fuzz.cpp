@@ -1,5 +1,6 @@
 // libFuzzer target for everything that parses bytes from an untrusted peer before a session is
-// established: the frame decoder (fed in fuzzer-chosen chunk sizes) and the handshake messages.
+// established: the frame decoder (fed in fuzzer-chosen chunk sizes), the handshake messages and
+// the training message bodies.
 // Built with clang -fsanitize=fuzzer,address,undefined by `make fuzz`; `make test` runs it 60 s.
 #include <cstddef>
 #include <cstdint>
@@ -8,6 +9,7 @@
 #include "wire/channel.h"
 #include "wire/frame.h"
 #include "wire/handshake.h"
+#include "wire/messages.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;
@@ -21,8 +23,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     amaq::wire::Frame f;
     while (decoder.next(&f)) {
       amaq::wire::Hello hello;
+      amaq::wire::ForwardMsg fwd;
+      amaq::wire::BackwardMsg bwd;
+      amaq::wire::ControlMsg ctl;
       switch (f.type) {
         case amaq::wire::MessageType::kHello: amaq::wire::Hello::parse(f.payload, &hello); break;
+        case amaq::wire::MessageType::kForward:
+        case amaq::wire::MessageType::kEval: amaq::wire::ForwardMsg::decode(f.payload, &fwd); break;
+        case amaq::wire::MessageType::kBackward: amaq::wire::BackwardMsg::decode(f.payload, &bwd); break;
+        case amaq::wire::MessageType::kControl: amaq::wire::ControlMsg::decode(f.payload, &ctl); break;
         case amaq::wire::MessageType::kError: amaq::wire::parse_error_payload(f.payload); break;
         default: (void)nlohmann::json::parse(f.payload, nullptr, false); break;
       }

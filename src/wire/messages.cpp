@@ -1,0 +1,169 @@
+#include "wire/messages.h"
+
+#include <cstring>
+
+namespace amaq::wire {
+namespace {
+
+class Writer {
+ public:
+  template <typename T>
+  void put(T v) { out_.append(reinterpret_cast<const char*>(&v), sizeof v); }
+  void bytes(const void* p, size_t n) {
+    if (n) out_.append(static_cast<const char*>(p), n);
+  }
+  std::string take() { return std::move(out_); }
+
+ private:
+  std::string out_;
+};
+
+// Reads that check the bytes are there; the first failure sticks and names the field.
+class Reader {
+ public:
+  Reader(const std::string& data, const char* message) : data_(data), message_(message) {}
+  template <typename T>
+  T get(const char* field) {
+    T v{};
+    if (need(sizeof v, field)) std::memcpy(&v, data_.data() + pos_, sizeof v), pos_ += sizeof v;
+    return v;
+  }
+  template <typename T>
+  void array(std::vector<T>* out, uint64_t count, const char* field) {
+    if (count > (data_.size() - pos_) / sizeof(T)) {
+      fail(std::string(field) + ": " + std::to_string(count) + " entries announced, " + std::to_string(data_.size() - pos_) +
+           " bytes left");
+      return;
+    }
+    out->resize(count);
+    if (count) std::memcpy(out->data(), data_.data() + pos_, count * sizeof(T));
+    pos_ += count * sizeof(T);
+  }
+  void blob(std::string* out, const char* field) {
+    uint64_t n = get<uint64_t>(field);
+    if (!status_.ok()) return;
+    if (n != data_.size() - pos_) {
+      fail(std::string(field) + ": length " + std::to_string(n) + " but " + std::to_string(data_.size() - pos_) + " bytes follow");
+      return;
+    }
+    out->assign(data_, pos_, n);
+    pos_ += n;
+  }
+  void fail(const std::string& why) {
+    if (status_.ok()) status_ = Status::Fail(ErrorCode::kBadMessage, std::string(message_) + " " + why);
+  }
+  const Status& status() const { return status_; }
+
+ private:
+  bool need(size_t n, const char* field) {
+    if (!status_.ok()) return false;
+    if (n > data_.size() - pos_) {
+      fail(std::string("truncated at ") + field);
+      return false;
+    }
+    return true;
+  }
+  const std::string& data_;
+  const char* message_;
+  size_t pos_ = 0;
+  Status status_;
+};
+
+}  // namespace
+
+std::string ForwardMsg::encode() const {
+  Writer w;
+  w.put(step);
+  w.put(micro_batch);
+  w.put(batch);
+  w.put(seq);
+  w.put<uint8_t>(!labels.empty());
+  w.put<uint8_t>(!mask.empty());
+  w.put<uint16_t>(0);
+  w.bytes(labels.data(), labels.size() * sizeof(int64_t));
+  w.bytes(mask.data(), mask.size());
+  w.put<uint64_t>(sample_ids.size());
+  w.bytes(sample_ids.data(), sample_ids.size() * sizeof(int64_t));
+  w.put<uint64_t>(packet.size());
+  w.bytes(packet.data(), packet.size());
+  return w.take();
+}
+
+Status ForwardMsg::decode(const std::string& payload, ForwardMsg* m) {
+  *m = ForwardMsg{};
+  Reader r(payload, "FORWARD");
+  m->step = r.get<uint64_t>("step");
+  m->micro_batch = r.get<uint32_t>("micro_batch");
+  m->batch = r.get<uint32_t>("batch");
+  m->seq = r.get<uint32_t>("seq");
+  const uint8_t has_labels = r.get<uint8_t>("has_labels"), has_mask = r.get<uint8_t>("has_mask");
+  r.get<uint16_t>("reserved");
+  if (!r.status().ok()) return r.status();
+  if (has_labels > 1 || has_mask > 1) r.fail("flags must be 0 or 1");
+  const uint64_t cells = uint64_t{m->batch} * m->seq;
+  if (has_labels) r.array(&m->labels, cells, "labels");
+  if (has_mask) {
+    r.array(&m->mask, cells, "mask");
+    for (uint8_t v : m->mask) {
+      if (v > 1) {
+        r.fail("mask values must be 0 or 1");
+        break;
+      }
+    }
+  }
+  const uint64_t ids = r.get<uint64_t>("sample_count");
+  if (r.status().ok() && ids != 0 && ids != m->batch) r.fail("has " + std::to_string(ids) + " sample ids for a batch of " + std::to_string(m->batch));
+  if (r.status().ok()) r.array(&m->sample_ids, ids, "sample_ids");
+  r.blob(&m->packet, "packet");
+  return r.status();
+}
+
+std::string BackwardMsg::encode() const {
+  Writer w;
+  w.put(step);
+  w.put(micro_batch);
+  w.put<uint32_t>(0);
+  w.put<uint64_t>(packet.size());
+  w.bytes(packet.data(), packet.size());
+  return w.take();
+}
+
+Status BackwardMsg::decode(const std::string& payload, BackwardMsg* m) {
+  *m = BackwardMsg{};
+  Reader r(payload, "BACKWARD");
+  m->step = r.get<uint64_t>("step");
+  m->micro_batch = r.get<uint32_t>("micro_batch");
+  r.get<uint32_t>("reserved");
+  r.blob(&m->packet, "packet");
+  return r.status();
+}
+
+std::string ControlMsg::encode() const {
+  Writer w;
+  w.put(static_cast<uint16_t>(kind));
+  w.put<uint16_t>(0);
+  w.put<uint32_t>(static_cast<uint32_t>(json.size()));
+  w.bytes(json.data(), json.size());
+  return w.take();
+}
+
+Status ControlMsg::decode(const std::string& payload, ControlMsg* m) {
+  *m = ControlMsg{};
+  Reader r(payload, "CONTROL");
+  const uint16_t kind = r.get<uint16_t>("kind");
+  r.get<uint16_t>("reserved");
+  const uint32_t n = r.get<uint32_t>("json_len");
+  if (!r.status().ok()) return r.status();
+  if (kind < 1 || kind > 4) r.fail("kind " + std::to_string(kind) + " unknown");
+  if (n != payload.size() - 8) r.fail("json_len " + std::to_string(n) + " but " + std::to_string(payload.size() - 8) + " bytes follow");
+  if (!r.status().ok()) return r.status();
+  m->kind = static_cast<ControlKind>(kind);
+  m->json = payload.substr(8);
+  return Status::Ok();
+}
+
+uint64_t max_payload_for(uint64_t batch, uint64_t seq, uint64_t hidden) {
+  return batch * seq * (hidden * 4 + 8 + 1) + batch * 8 + (uint64_t{1} << 20);
+}
+
+}  // namespace amaq::wire

@@ -1,0 +1,56 @@
+// Bodies of the training messages. Binary, little-endian, every count and length checked against
+// the bytes actually present before use (docs/protocol.md). The compressed tensors are opaque
+// byte strings here: wire/ knows nothing of codecs or models.
+//
+//   FORWARD   u64 step | u32 micro_batch | u32 batch | u32 seq | u8 has_labels | u8 has_mask | u16 0
+//             | [labels: batch*seq x i64] | [mask: batch*seq x u8] | u64 sample_count | sample ids x i64
+//             | u64 packet_len | packet
+//   BACKWARD  u64 step | u32 micro_batch | u32 0 | u64 packet_len | packet
+//   CONTROL   u16 kind | u16 0 | u32 json_len | JSON
+//   EVAL      same layout as FORWARD (labels required)
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "wire/frame.h"
+
+namespace amaq::wire {
+
+struct ForwardMsg {
+  uint64_t step = 0;
+  uint32_t micro_batch = 0;
+  uint32_t batch = 0, seq = 0;
+  std::vector<int64_t> labels;       ///< batch * seq, or empty
+  std::vector<uint8_t> mask;         ///< batch * seq attention mask (0/1), or empty
+  std::vector<int64_t> sample_ids;   ///< one per batch row (AQ-SGD), or empty
+  std::string packet;                ///< compressed activations
+
+  std::string encode() const;
+  static Status decode(const std::string& payload, ForwardMsg* out);
+};
+
+struct BackwardMsg {
+  uint64_t step = 0;
+  uint32_t micro_batch = 0;
+  std::string packet;  ///< compressed gradients
+
+  std::string encode() const;
+  static Status decode(const std::string& payload, BackwardMsg* out);
+};
+
+enum class ControlKind : uint16_t { kCheckpoint = 1, kBitSync = 2, kSchedule = 3, kResume = 4 };
+
+struct ControlMsg {
+  ControlKind kind = ControlKind::kCheckpoint;
+  std::string json;  ///< kind-specific settings
+
+  std::string encode() const;
+  static Status decode(const std::string& payload, ControlMsg* out);
+};
+
+/// A frame limit that fits one FORWARD of (batch, seq, hidden) in fp32 with labels, mask and ids,
+/// plus slack for headers: the default `max_payload` for a run.
+uint64_t max_payload_for(uint64_t batch, uint64_t seq, uint64_t hidden);
+
+}  // namespace amaq::wire
