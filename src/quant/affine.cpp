@@ -229,8 +229,6 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
   }
   std::vector<float> lo, hi;
   decoded_ranges(q, lo, hi);
-  std::vector<float> levels(9);
-  for (int k = 1; k <= 8; ++k) levels[k] = static_cast<float>((1 << k) - 1);
 
   // Codes.
   q.codes = at::empty({rows, cols}, at::kByte);
@@ -242,8 +240,8 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
         uint8_t* o = out + row * cols;
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t gg = g < 0 ? c : g;
-          const float step = (hi[gg] - lo[gg]) / levels[b[c]];
-          o[c] = quantize_one(p[c], lo[gg], step, b[c], rounding, seed, static_cast<uint64_t>(row * cols + c));
+          o[c] = quantize_one(p[c], lo[gg], step_of(lo[gg], hi[gg], b[c]), b[c], rounding, seed,
+                              static_cast<uint64_t>(row * cols + c));
         }
       });
     }

@@ -196,8 +196,12 @@ struct Server::Impl {
   tcp::acceptor acceptor{io};
   std::shared_ptr<asio::ssl::context> tls;
   std::thread accept_thread;
+  struct SessionThread {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
   std::mutex mu;
-  std::vector<std::thread> sessions;
+  std::vector<SessionThread> sessions;
   std::atomic<int> active{0};
   std::atomic<uint64_t> next_id{1};
   Server* owner = nullptr;
@@ -210,9 +214,27 @@ struct Server::Impl {
       if (ec) return;  // acceptor closed
       accept_next();
       const uint64_t id = next_id++;
+      auto done = std::make_shared<std::atomic<bool>>(false);
       std::lock_guard<std::mutex> lock(mu);
-      sessions.emplace_back([this, ctx, id, s = std::move(socket)]() mutable { run_session(ctx, std::move(s), id); });
+      reap_finished();
+      sessions.push_back({std::thread([this, ctx, id, done, s = std::move(socket)]() mutable {
+                            run_session(ctx, std::move(s), id);
+                            *done = true;
+                          }),
+                          done});
     });
+  }
+
+  // Joins the threads of sessions that ended, so a long-running server holds only live ones.
+  void reap_finished() {
+    for (auto it = sessions.begin(); it != sessions.end();) {
+      if (*it->done) {
+        it->thread.join();
+        it = sessions.erase(it);
+      } else {
+        ++it;
+      }
+    }
   }
 
   void run_session(std::shared_ptr<asio::io_context> ctx, tcp::socket socket, uint64_t id) {
@@ -294,12 +316,12 @@ void Server::stop() {
     impl_->acceptor.close(ignored);
   });
   impl_->accept_thread.join();
-  std::vector<std::thread> sessions;
+  std::vector<Impl::SessionThread> sessions;
   {
     std::lock_guard<std::mutex> lock(impl_->mu);
     sessions.swap(impl_->sessions);
   }
-  for (auto& t : sessions) t.join();
+  for (auto& s : sessions) s.thread.join();
 }
 
 Server::~Server() { stop(); }
