@@ -46,6 +46,36 @@ void Accounting::count_received(MessageType t, uint64_t bytes) {
   received[static_cast<uint8_t>(t)].bytes += bytes;
 }
 
+Status Channel::send(const Frame& frame) {
+  std::lock_guard<std::mutex> lock(send_mu_);
+  return send_frame(frame);
+}
+
+Status Channel::receive(Frame* frame, std::chrono::milliseconds idle_timeout) {
+  while (true) {
+    Status s = receive_frame(frame, idle_timeout);
+    if (!s.ok() || frame->type != MessageType::kHeartbeat) return s;
+  }
+}
+
+HeartbeatScope::HeartbeatScope(Channel& channel, std::chrono::milliseconds interval) : channel_(channel) {
+  thread_ = std::thread([this, interval] {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!cv_.wait_for(lock, interval, [this] { return stop_; })) {
+      if (!channel_.send({MessageType::kHeartbeat, 0, ""}).ok()) return;
+    }
+  });
+}
+
+HeartbeatScope::~HeartbeatScope() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
 namespace {
 
 // One direction: a queue of encoded frames.
@@ -62,7 +92,7 @@ class InProcessChannel : public Channel {
       : out_(std::move(out)), in_(std::move(in)), decoder_(max_payload) {}
   ~InProcessChannel() override { close(); }
 
-  Status send(const Frame& frame) override {
+  Status send_frame(const Frame& frame) override {
     std::string bytes = encode_frame(frame);
     const uint64_t n = bytes.size();
     {
@@ -75,7 +105,7 @@ class InProcessChannel : public Channel {
     return Status::Ok();
   }
 
-  Status receive(Frame* frame, std::chrono::milliseconds timeout) override {
+  Status receive_frame(Frame* frame, std::chrono::milliseconds timeout) override {
     const auto t0 = std::chrono::steady_clock::now();
     while (!decoder_.next(frame)) {
       std::string bytes;

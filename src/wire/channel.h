@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <utility>
 
 #include "wire/frame.h"
@@ -31,14 +32,39 @@ struct Accounting {
 class Channel {
  public:
   virtual ~Channel() = default;
-  virtual Status send(const Frame& frame) = 0;
-  /// Waits up to `timeout` for the next frame.
-  virtual Status receive(Frame* frame, std::chrono::milliseconds timeout) = 0;
+  /// Sends one frame (callers on two threads are serialised).
+  Status send(const Frame& frame);
+  /// The next frame other than a HEARTBEAT. `idle_timeout` is the longest silence accepted: every
+  /// heartbeat from the peer starts it again, so a peer that is busy computing but alive is waited for.
+  Status receive(Frame* frame, std::chrono::milliseconds idle_timeout);
   virtual void close() = 0;
   const Accounting& accounting() const { return accounting_; }
 
  protected:
+  virtual Status send_frame(const Frame& frame) = 0;
+  virtual Status receive_frame(Frame* frame, std::chrono::milliseconds timeout) = 0;
   Accounting accounting_;
+
+ private:
+  std::mutex send_mu_;
+};
+
+/// While alive, sends a HEARTBEAT every `interval` from a helper thread. Scope it around work
+/// during which its owner does not use the channel (the server computing a step), so the peer
+/// blocked in receive() knows this side is alive.
+class HeartbeatScope {
+ public:
+  HeartbeatScope(Channel& channel, std::chrono::milliseconds interval);
+  ~HeartbeatScope();
+  HeartbeatScope(const HeartbeatScope&) = delete;
+  HeartbeatScope& operator=(const HeartbeatScope&) = delete;
+
+ private:
+  Channel& channel_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::thread thread_;
 };
 
 /// Best effort: tells the peer why with an ERROR frame, then closes.

@@ -45,7 +45,7 @@ class StreamChannel : public Channel {
         buffer_(1 << 20) {}
   ~StreamChannel() override { close(); }
 
-  Status send(const Frame& frame) override {
+  Status send_frame(const Frame& frame) override {
     if (closed_) return Status::Fail(ErrorCode::kClosed, "channel is closed");
     const FrameHeader header = frame_header(frame);
     const size_t total = sizeof header + frame.payload.size();
@@ -68,7 +68,7 @@ class StreamChannel : public Channel {
     return Status::Ok();
   }
 
-  Status receive(Frame* frame, Millis timeout) override {
+  Status receive_frame(Frame* frame, Millis timeout) override {
     const auto t0 = Clock::now();
     while (!decoder_.next(frame)) {
       if (!decoder_.status().ok()) return decoder_.status();

@@ -136,7 +136,8 @@ TEST(InProcessChannel, CarriesFramesBothWaysAndCountsBytes) {
   });
   uint64_t expect_sent = 0;
   for (uint8_t t = 1; t <= kMaxMessageType; ++t) {
-    if (static_cast<MessageType>(t) == MessageType::kBye) continue;
+    // BYE ends the echo; HEARTBEAT is consumed by receive() (see the Heartbeat test).
+    if (static_cast<MessageType>(t) == MessageType::kBye || static_cast<MessageType>(t) == MessageType::kHeartbeat) continue;
     Frame f{static_cast<MessageType>(t), 0, std::string(t, 'p')};
     ASSERT_TRUE(client->send(f).ok());
     expect_sent += sizeof(FrameHeader) + t;
@@ -154,6 +155,30 @@ TEST(InProcessChannel, CarriesFramesBothWaysAndCountsBytes) {
   EXPECT_EQ(client->receive(&f, std::chrono::milliseconds(10)).code, ErrorCode::kTimeout);
   server->close();
   EXPECT_EQ(client->receive(&f, std::chrono::milliseconds(10)).code, ErrorCode::kClosed);
+}
+
+TEST(Heartbeat, KeepsAWaitingPeerFromTimingOutWhileTheOtherComputes) {
+  auto [client, server] = make_in_process_pair(kLimit);
+  std::thread busy_server([srv = server.get()] {
+    {
+      HeartbeatScope alive(*srv, std::chrono::milliseconds(50));
+      std::this_thread::sleep_for(std::chrono::milliseconds(600));  // "computing" for 3x the idle limit
+    }
+    srv->send({MessageType::kBackward, 0, "result"});
+  });
+  Frame f;
+  Status s = client->receive(&f, std::chrono::milliseconds(200));
+  busy_server.join();
+  ASSERT_TRUE(s.ok()) << s.message;
+  EXPECT_EQ(f.type, MessageType::kBackward);  // heartbeats are consumed, never returned
+  EXPECT_GE(client->accounting().received[static_cast<int>(MessageType::kHeartbeat)].frames, 5u);
+  // Without heartbeats the same silence is a timeout.
+  std::thread silent([srv = server.get()] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(600));
+    srv->send({MessageType::kBackward, 0, "late"});
+  });
+  EXPECT_EQ(client->receive(&f, std::chrono::milliseconds(200)).code, ErrorCode::kTimeout);
+  silent.join();
 }
 
 }  // namespace
