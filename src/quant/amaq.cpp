@@ -62,7 +62,7 @@ struct FakeQuantFn : public torch::autograd::Function<FakeQuantFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& bits,
                             const at::Tensor& decoded, const at::Tensor& residual_dstep) {
     ctx->save_for_backward({residual_dstep});
-    ctx->saved_data["has_bits"] = bits.defined();
+    ctx->saved_data["has_bits"] = bits.numel() > 0;
     return decoded.clone();
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
@@ -92,7 +92,9 @@ at::Tensor fake_quant(const at::Tensor& x, const Encoded& e, const at::Tensor& b
     at::Tensor dstep_db = -step * std::log(2.0) * pow2 / (pow2 - 1);  // (rows, C)
     residual_dstep = (residual * dstep_db).to(x.device());
   }
-  return FakeQuantFn::apply(x, bits_continuous, decoded, residual_dstep);
+  // Custom functions take no undefined inputs: without gates, an empty placeholder stands in.
+  const at::Tensor bits = bits_continuous.defined() ? bits_continuous : at::empty({0});
+  return FakeQuantFn::apply(x, bits, decoded, residual_dstep.defined() ? residual_dstep : at::empty({0}));
 }
 
 at::Tensor shift_bit_map(const at::Tensor& forward_map, double budget, int bits_min, int bits_max) {

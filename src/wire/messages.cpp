@@ -122,7 +122,7 @@ std::string BackwardMsg::encode() const {
   Writer w;
   w.put(step);
   w.put(micro_batch);
-  w.put<uint32_t>(0);
+  w.put(loss);
   w.put<uint64_t>(packet.size());
   w.bytes(packet.data(), packet.size());
   return w.take();
@@ -133,7 +133,7 @@ Status BackwardMsg::decode(const std::string& payload, BackwardMsg* m) {
   Reader r(payload, "BACKWARD");
   m->step = r.get<uint64_t>("step");
   m->micro_batch = r.get<uint32_t>("micro_batch");
-  r.get<uint32_t>("reserved");
+  m->loss = r.get<float>("loss");
   r.blob(&m->packet, "packet");
   return r.status();
 }

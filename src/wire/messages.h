@@ -5,7 +5,7 @@
 //   FORWARD   u64 step | u32 micro_batch | u32 batch | u32 seq | u8 has_labels | u8 has_mask | u16 0
 //             | [labels: batch*seq x i64] | [mask: batch*seq x u8] | u64 sample_count | sample ids x i64
 //             | u64 packet_len | packet
-//   BACKWARD  u64 step | u32 micro_batch | u32 0 | u64 packet_len | packet
+//   BACKWARD  u64 step | u32 micro_batch | f32 loss | u64 packet_len | packet
 //   CONTROL   u16 kind | u16 0 | u32 json_len | JSON
 //   EVAL      same layout as FORWARD (labels required)
 #pragma once
@@ -33,6 +33,7 @@ struct ForwardMsg {
 struct BackwardMsg {
   uint64_t step = 0;
   uint32_t micro_batch = 0;
+  float loss = 0;      ///< the server's task loss for this micro-batch (for the client's log)
   std::string packet;  ///< compressed gradients
 
   std::string encode() const;

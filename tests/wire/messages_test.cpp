@@ -36,9 +36,10 @@ TEST(Messages, RoundTrip) {
   ASSERT_TRUE(ForwardMsg::decode(f.encode(), &g).ok());
   EXPECT_TRUE(g.labels.empty() && g.mask.empty() && g.sample_ids.empty());
 
-  BackwardMsg b{99, 1, "gradient bytes"}, b2;
+  BackwardMsg b{99, 1, 2.5f, "gradient bytes"}, b2;
   ASSERT_TRUE(BackwardMsg::decode(b.encode(), &b2).ok());
   EXPECT_EQ(b2.step, 99u);
+  EXPECT_EQ(b2.loss, 2.5f);
   EXPECT_EQ(b2.packet, b.packet);
   ControlMsg c{ControlKind::kBitSync, R"({"budget":3.5})"}, c2;
   ASSERT_TRUE(ControlMsg::decode(c.encode(), &c2).ok());
