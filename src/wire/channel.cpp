@@ -20,6 +20,7 @@ Status parse_error_payload(const std::string& payload) {
 }
 
 void refuse(Channel& channel, const Status& why) {
+  channel.record_error(why);
   channel.send({MessageType::kError, 0, error_payload(why)});
   channel.close();
 }
@@ -48,12 +49,15 @@ void Accounting::count_received(MessageType t, uint64_t bytes) {
 
 Status Channel::send(const Frame& frame) {
   std::lock_guard<std::mutex> lock(send_mu_);
-  return send_frame(frame);
+  Status s = send_frame(frame);
+  record_error(s);
+  return s;
 }
 
 Status Channel::receive(Frame* frame, std::chrono::milliseconds idle_timeout) {
   while (true) {
     Status s = receive_frame(frame, idle_timeout);
+    record_error(s);
     if (!s.ok() || frame->type != MessageType::kHeartbeat) return s;
   }
 }

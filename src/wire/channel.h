@@ -39,6 +39,11 @@ class Channel {
   Status receive(Frame* frame, std::chrono::milliseconds idle_timeout);
   virtual void close() = 0;
   const Accounting& accounting() const { return accounting_; }
+  /// The first failure of this channel (a send, a receive, or the reason given to refuse()).
+  const Status& first_error() const { return first_error_; }
+  void record_error(const Status& s) {
+    if (first_error_.ok() && !s.ok()) first_error_ = s;
+  }
 
  protected:
   virtual Status send_frame(const Frame& frame) = 0;
@@ -47,6 +52,7 @@ class Channel {
 
  private:
   std::mutex send_mu_;
+  Status first_error_;
 };
 
 /// While alive, sends a HEARTBEAT every `interval` from a helper thread. Scope it around work

@@ -237,6 +237,17 @@ struct Server::Impl {
     }
   }
 
+  // One line per session that ended on a failure (refused, timed out, dropped); the others continue.
+  void log_end(const Channel& ch, const SessionContext& sc) {
+    const Status& e = ch.first_error();
+    if (e.ok() || e.code == ErrorCode::kClosed) {
+      if (!e.ok()) spdlog::info("session {} from {}: peer closed the connection", sc.id, sc.peer);
+      return;
+    }
+    owner->failed_++;
+    spdlog::warn("session {} from {}: closed: {} ({})", sc.id, sc.peer, error_name(e.code), e.message);
+  }
+
   void run_session(std::shared_ptr<asio::io_context> ctx, tcp::socket socket, uint64_t id) {
     error_code ec;
     auto ep = socket.remote_endpoint(ec);
@@ -255,6 +266,7 @@ struct Server::Impl {
       if (!options.tls_) {
         StreamChannel<tcp::socket> ch(ctx, nullptr, std::move(socket), options.max_payload_, options.io_timeout_);
         handler(ch, sc);
+        log_end(ch, sc);
       } else {
         TlsStream stream(std::move(socket), *tls);
         bool done = false;
@@ -268,6 +280,7 @@ struct Server::Impl {
         } else {
           StreamChannel<TlsStream> ch(ctx, tls, std::move(stream), options.max_payload_, options.io_timeout_);
           handler(ch, sc);
+          log_end(ch, sc);
         }
       }
     } catch (const std::exception& e) {

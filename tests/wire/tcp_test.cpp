@@ -277,6 +277,10 @@ TEST(Server, GoodSessionsCompleteWhileHostileClientsAreRefused) {
   plain.stop();
   tls.stop();
   EXPECT_GE(plain.sessions_started(), 13u);
+  // Every hostile session was logged as failed: 5 frame-level on the plain server; the bad token,
+  // the untrusted certificate and the client that distrusted the server on the TLS server.
+  EXPECT_EQ(plain.sessions_failed(), 5u);
+  EXPECT_EQ(tls.sessions_failed(), 3u);
 }
 
 TEST(Server, PlainTcpOffLoopbackNeedsInsecure) {
