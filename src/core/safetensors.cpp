@@ -59,12 +59,6 @@ std::string dtype_to_safetensors(at::ScalarType t) {
   TORCH_CHECK(false, "safetensors cannot store dtype ", t);
 }
 
-int64_t TensorInfo::numel() const {
-  int64_t n = 1;
-  for (auto d : shape) n *= d;
-  return n;
-}
-
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd_ < 0) {

@@ -21,7 +21,6 @@ struct TensorInfo {
   at::ScalarType dtype;
   std::vector<int64_t> shape;
   uint64_t begin = 0, end = 0;  // byte range inside the data section
-  int64_t numel() const;
 };
 
 /// Opens a safetensors file and validates its header: every dtype known, every shape consistent

@@ -1,7 +1,5 @@
 #include "model/config.h"
 
-#include <set>
-
 #include "core/error.h"
 #include "core/fs.h"
 

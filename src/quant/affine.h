@@ -66,7 +66,8 @@ float checked_max_abs(const at::Tensor& x);
 /// The uniform random number in [0, 1) used to stochastically round element `index` under `seed`.
 float stochastic_uniform(uint64_t seed, uint64_t index);
 
-/// fp16 nearest to v/scale rounded toward -inf (down) or +inf (up), as its bits.
+/// The fp16 value nearest to v, moved one ulp toward -inf (up = false) or +inf (up = true) when
+/// needed so that it does not lie above (below) v; returned as its bits.
 uint16_t half_bits_rounded(float v, bool up);
 float half_bits_to_float(uint16_t h);
 

@@ -173,28 +173,44 @@ Encoded Codec::encode_aqsgd(const at::Tensor& x, const EncodeArgs& args) {
   const int64_t nd = static_cast<int64_t>(delta_rows.size());
   // Deltas against the memory, their per-channel max-abs relative to one tensor scale.
   at::Tensor deltas = at::empty({nd, T, C}, at::kFloat);
-  for (int64_t i = 0; i < nd; ++i) deltas[i].copy_(xf[delta_rows[i]] - buffer_->get(args.sample_ids[delta_rows[i]]));
-  float max_abs = nd ? deltas.abs().max().item<float>() : 0.0f;
+  std::vector<at::Tensor> memory(nd);  // each delta sample's memory, fetched once
+  for (int64_t i = 0; i < nd; ++i) {
+    memory[i] = buffer_->get(args.sample_ids[delta_rows[i]]);
+    at::Tensor slot = deltas[i];
+    at::sub_out(slot, xf[delta_rows[i]], memory[i]);
+  }
+  at::Tensor amax = at::empty({0, C});  // (nd, C) max |d| over tokens, without a full-size |d| temporary
+  if (nd) {
+    auto [mn, mx] = at::aminmax(deltas, 1);
+    amax = at::maximum(mx, mn.neg()).contiguous();
+  }
+  const float max_abs = nd ? amax.max().item<float>() : 0.0f;
   const float scale = max_abs > 0 ? max_abs : 1.0f;
-  at::Tensor amax = nd ? deltas.abs().amax(1) : at::empty({0, C});  // (nd, C)
   at::Tensor amax16 = at::empty({nd, C}, at::kHalf);
   auto* a16 = reinterpret_cast<uint16_t*>(amax16.data_ptr());
   const float* ap = amax.data_ptr<float>();
-  for (int64_t i = 0; i < nd * C; ++i) a16[i] = half_bits_rounded(ap[i] / scale, /*up=*/true);
+  std::vector<float> steps(nd * C);  // per (sample, channel), from the stored fp16 as the receiver computes it
+  for (int64_t i = 0; i < nd * C; ++i) {
+    a16[i] = half_bits_rounded(ap[i] / scale, /*up=*/true);
+    steps[i] = sym_step(a16[i], scale, levels);
+  }
   // Codes: round(d / step) + levels, symmetric; the same expression on both paths.
-  at::Tensor codes = at::empty({nd * T, C}, at::kByte), deq = at::empty({nd, T, C}, at::kFloat);
+  // The dequantized delta goes straight into the sample's memory: m += (code - levels) * step.
+  at::Tensor codes = at::empty({nd * T, C}, at::kByte);
   const float* dp = deltas.data_ptr<float>();
   uint8_t* cp = codes.data_ptr<uint8_t>();
-  float* qp = deq.data_ptr<float>();
+  std::vector<float*> mem(nd);
+  for (int64_t i = 0; i < nd; ++i) mem[i] = memory[i].data_ptr<float>();
   auto quantize_row = [&](int64_t row) {  // row in [0, nd * T)
     const int64_t i = row / T;
+    float* mp = mem[i] + (row - i * T) * C;
     for (int64_t c = 0; c < C; ++c) {
-      const float step = sym_step(a16[i * C + c], scale, levels);
+      const float step = steps[i * C + c];
       const float d = dp[row * C + c];
       const float L = static_cast<float>(levels);
       const float q = step > 0 ? round_half_even(std::min(std::max(d / step, -L), L)) : 0.0f;
       cp[row * C + c] = static_cast<uint8_t>(q + static_cast<float>(levels));
-      qp[row * C + c] = q * step;
+      mp[c] += q * step;
     }
   };
   if (impl_ == Impl::kRef) {
@@ -225,10 +241,8 @@ Encoded Codec::encode_aqsgd(const at::Tensor& x, const EncodeArgs& args) {
     e.decoded[b].copy_(m);
   }
   for (int64_t i = 0; i < nd; ++i) {
-    at::Tensor m = buffer_->get(args.sample_ids[delta_rows[i]]);
-    m.add_(deq[i]);
-    buffer_->put(args.sample_ids[delta_rows[i]], m);
-    e.decoded[delta_rows[i]].copy_(m);
+    buffer_->put(args.sample_ids[delta_rows[i]], memory[i]);  // re-inserts it if it was spilled meanwhile
+    e.decoded[delta_rows[i]].copy_(memory[i]);
   }
   w.str() += pack(codes, e.bits, impl_);
   e.packet = std::move(w.str());
@@ -338,15 +352,16 @@ at::Tensor Codec::decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::
   }
   at::Tensor codes = unpack(r, nd * T, at::full({C}, static_cast<int>(h.bits), at::kByte), impl_);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
+  std::vector<float> steps(C);
   for (int64_t i = 0; i < nd; ++i) {
     at::Tensor m = buffer_->get(ids[delta_rows[i]]);
     float* mp = m.data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) steps[c] = sym_step(a16[i * C + c], h.scale, levels);
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t c = 0; c < C; ++c) {
         const int code = cp[(i * T + t) * C + c];
         if (code > 2 * levels) throw PacketError("aqsgd code " + std::to_string(code) + " out of range");
-        const float step = sym_step(a16[i * C + c], h.scale, levels);
-        mp[t * C + c] += static_cast<float>(code - levels) * step;
+        mp[t * C + c] += static_cast<float>(code - levels) * steps[c];
       }
     }
     buffer_->put(ids[delta_rows[i]], m);
