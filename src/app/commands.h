@@ -10,5 +10,9 @@ namespace amaq::app {
 using Run = std::function<int()>;
 
 Run add_forward(CLI::App& app);
+Run add_server(CLI::App& app);
+Run add_client(CLI::App& app);
+Run add_train(CLI::App& app);
+Run add_export(CLI::App& app);
 
 }  // namespace amaq::app

@@ -16,6 +16,14 @@ int main(int argc, char** argv) {
   std::vector<std::pair<CLI::App*, amaq::app::Run>> commands;
   auto* forward = app.add_subcommand("forward", "run a checkpoint (optionally split and with an adapter) on token ids");
   commands.emplace_back(forward, amaq::app::add_forward(*forward));
+  auto* server = app.add_subcommand("server", "serve the server side of split fine-tuning (layers [K, L)) to clients");
+  commands.emplace_back(server, amaq::app::add_server(*server));
+  auto* client = app.add_subcommand("client", "train the client side (data, embeddings, layers [0, K)) against a server");
+  commands.emplace_back(client, amaq::app::add_client(*client));
+  auto* train = app.add_subcommand("train", "split fine-tuning with both sides in this process (in-process or loopback TCP)");
+  commands.emplace_back(train, amaq::app::add_train(*train));
+  auto* exp = app.add_subcommand("export", "write a run's client + server LoRA as one PEFT adapter");
+  commands.emplace_back(exp, amaq::app::add_export(*exp));
 
   CLI11_PARSE(app, argc, argv);
   amaq::configure_threads(threads);

@@ -26,11 +26,13 @@ at::Tensor AmaqGatesImpl::bit_map() const {
 
 at::Tensor AmaqGatesImpl::regularization() const { return at::sigmoid(gates * spec_.alpha).pow(2).mean(); }
 
-double AmaqGatesImpl::budget_at(int64_t step) const {
-  if (spec_.decay_steps <= 0 || step >= spec_.decay_steps) return spec_.budget;
-  const double t = static_cast<double>(step) / static_cast<double>(spec_.decay_steps);
-  return spec_.bits_init + (spec_.budget - spec_.bits_init) * t;
+double budget_at(const CodecSpec& spec, int64_t step) {
+  if (spec.decay_steps <= 0 || step >= spec.decay_steps) return spec.budget;
+  const double t = static_cast<double>(step) / static_cast<double>(spec.decay_steps);
+  return spec.bits_init + (spec.budget - spec.bits_init) * t;
 }
+
+double AmaqGatesImpl::budget_at(int64_t step) const { return quant::budget_at(spec_, step); }
 
 double AmaqGatesImpl::beta_at(int64_t step) const {
   if (spec_.mode == BudgetMode::kPenalty) return spec_.beta;

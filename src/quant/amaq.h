@@ -39,6 +39,10 @@ class AmaqGatesImpl : public torch::nn::Module {
 };
 TORCH_MODULE(AmaqGates);
 
+/// The budget an amaq spec sets at `step`: bits_init walking linearly to spec.budget over
+/// decay_steps (the forward gates' schedule; the server's backward map follows it too).
+double budget_at(const CodecSpec& spec, int64_t step);
+
 /// The value decode(encode(x)) in the autograd graph. dy/dx is the identity (straight-through);
 /// when `bits_continuous` (C,) is given, it receives the LSQ-style gradient
 ///   dL/db_c = sum over channel c of dL/dy * (code - u) * dstep/db,  u = (x - lo) / step,

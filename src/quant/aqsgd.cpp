@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
@@ -27,6 +28,14 @@ AqsgdBuffer::~AqsgdBuffer() {
     ::close(fd_);
     ::unlink(spill_path_.c_str());
   }
+}
+
+std::vector<int64_t> AqsgdBuffer::ids() const {
+  std::vector<int64_t> out;
+  for (const auto& [id, e] : memory_) out.push_back(id);
+  for (const auto& [id, s] : spilled_) out.push_back(id);
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 at::Tensor AqsgdBuffer::get(int64_t id) {

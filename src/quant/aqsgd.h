@@ -7,6 +7,7 @@
 #include <list>
 #include <map>
 #include <string>
+#include <vector>
 
 namespace amaq::quant {
 
@@ -24,6 +25,8 @@ class AqsgdBuffer {
   at::Tensor get(int64_t id);
   void put(int64_t id, const at::Tensor& m);  // (T, C) fp32
 
+  /// Every sample id held, ascending.
+  std::vector<int64_t> ids() const;
   int64_t samples() const { return static_cast<int64_t>(memory_.size() + spilled_.size()); }
   int64_t memory_bytes() const { return memory_bytes_; }
   int64_t spilled_samples() const { return static_cast<int64_t>(spilled_.size()); }

@@ -50,6 +50,8 @@ class Codec {
   at::Tensor decode(std::string_view packet);
 
   const CodecSpec& spec() const { return spec_; }
+  /// amaq receiver: the bit map of the last packet decoded (undefined before the first).
+  const at::Tensor& received_map() const { return recv_map_; }
   /// AQ-SGD's per-sample memory on this side (nullptr for other codecs).
   AqsgdBuffer* aqsgd_buffer() { return buffer_.get(); }
 

@@ -41,6 +41,7 @@ const char* error_name(ErrorCode c) {
     case ErrorCode::kClosed: return "connection closed";
     case ErrorCode::kInternal: return "internal error";
     case ErrorCode::kTls: return "TLS failure";
+    case ErrorCode::kResume: return "cannot resume";
   }
   return "unknown error";
 }

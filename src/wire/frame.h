@@ -65,6 +65,7 @@ enum class ErrorCode : uint16_t {
   kClosed = 13,
   kInternal = 14,
   kTls = 15,
+  kResume = 16,  ///< the server cannot resume the run at the step the client asks for
 };
 const char* error_name(ErrorCode c);
 

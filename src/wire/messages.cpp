@@ -123,6 +123,8 @@ std::string BackwardMsg::encode() const {
   w.put(step);
   w.put(micro_batch);
   w.put(loss);
+  w.put(grad_sq_norm);
+  w.put(server_seconds);
   w.put<uint64_t>(packet.size());
   w.bytes(packet.data(), packet.size());
   return w.take();
@@ -134,6 +136,8 @@ Status BackwardMsg::decode(const std::string& payload, BackwardMsg* m) {
   m->step = r.get<uint64_t>("step");
   m->micro_batch = r.get<uint32_t>("micro_batch");
   m->loss = r.get<float>("loss");
+  m->grad_sq_norm = r.get<double>("grad_sq_norm");
+  m->server_seconds = r.get<float>("server_seconds");
   r.blob(&m->packet, "packet");
   return r.status();
 }
@@ -144,6 +148,7 @@ std::string ControlMsg::encode() const {
   w.put<uint16_t>(0);
   w.put<uint32_t>(static_cast<uint32_t>(json.size()));
   w.bytes(json.data(), json.size());
+  w.bytes(blob.data(), blob.size());
   return w.take();
 }
 
@@ -154,12 +159,45 @@ Status ControlMsg::decode(const std::string& payload, ControlMsg* m) {
   r.get<uint16_t>("reserved");
   const uint32_t n = r.get<uint32_t>("json_len");
   if (!r.status().ok()) return r.status();
-  if (kind < 1 || kind > 4) r.fail("kind " + std::to_string(kind) + " unknown");
-  if (n != payload.size() - 8) r.fail("json_len " + std::to_string(n) + " but " + std::to_string(payload.size() - 8) + " bytes follow");
+  if (kind < 1 || kind > kMaxControlKind) r.fail("kind " + std::to_string(kind) + " unknown");
+  if (n > payload.size() - 8) r.fail("json_len " + std::to_string(n) + " but " + std::to_string(payload.size() - 8) + " bytes follow");
   if (!r.status().ok()) return r.status();
   m->kind = static_cast<ControlKind>(kind);
-  m->json = payload.substr(8);
+  m->json = payload.substr(8, n);
+  m->blob = payload.substr(8 + n);
   return Status::Ok();
+}
+
+std::string EvalResultMsg::encode() const {
+  Writer w;
+  w.put(step);
+  w.put<uint32_t>(static_cast<uint32_t>(rows.size()));
+  for (const Row& row : rows) {
+    w.put(row.nll_sum);
+    w.put(row.tokens);
+    w.put(row.correct);
+  }
+  return w.take();
+}
+
+Status EvalResultMsg::decode(const std::string& payload, EvalResultMsg* m) {
+  *m = EvalResultMsg{};
+  Reader r(payload, "EVAL result");
+  m->step = r.get<uint64_t>("step");
+  const uint32_t n = r.get<uint32_t>("rows");
+  if (!r.status().ok()) return r.status();
+  if (uint64_t{n} * 16 != payload.size() - 12) {
+    r.fail(std::to_string(n) + " rows announced, " + std::to_string(payload.size() - 12) + " bytes follow");
+    return r.status();
+  }
+  m->rows.resize(n);
+  for (Row& row : m->rows) {
+    row.nll_sum = r.get<double>("nll_sum");
+    row.tokens = r.get<uint32_t>("tokens");
+    row.correct = r.get<uint32_t>("correct");
+    if (row.correct > row.tokens || !(row.nll_sum >= 0)) r.fail("row with correct > tokens or a negative/NaN NLL");
+  }
+  return r.status();
 }
 
 uint64_t max_payload_for(uint64_t batch, uint64_t seq, uint64_t hidden) {

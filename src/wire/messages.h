@@ -5,9 +5,10 @@
 //   FORWARD   u64 step | u32 micro_batch | u32 batch | u32 seq | u8 has_labels | u8 has_mask | u16 0
 //             | [labels: batch*seq x i64] | [mask: batch*seq x u8] | u64 sample_count | sample ids x i64
 //             | u64 packet_len | packet
-//   BACKWARD  u64 step | u32 micro_batch | f32 loss | u64 packet_len | packet
-//   CONTROL   u16 kind | u16 0 | u32 json_len | JSON
-//   EVAL      same layout as FORWARD (labels required)
+//   BACKWARD  u64 step | u32 micro_batch | f32 loss | f64 grad_sq_norm | f32 server_seconds | u64 packet_len | packet
+//   CONTROL   u16 kind | u16 0 | u32 json_len | JSON | blob (the rest; kind-specific, usually empty)
+//   EVAL      client -> server: same layout as FORWARD (labels required)
+//             server -> client: u64 step | u32 rows | rows x (f64 nll_sum | u32 tokens | u32 correct)
 #pragma once
 #include <cstdint>
 #include <string>
@@ -34,20 +35,40 @@ struct BackwardMsg {
   uint64_t step = 0;
   uint32_t micro_batch = 0;
   float loss = 0;      ///< the server's task loss for this micro-batch (for the client's log)
+  double grad_sq_norm = 0;  ///< squared L2 norm of the server's accumulated gradients (global clipping)
+  float server_seconds = 0;  ///< the server's compute time for this micro-batch
   std::string packet;  ///< compressed gradients
 
   std::string encode() const;
   static Status decode(const std::string& payload, BackwardMsg* out);
 };
 
-enum class ControlKind : uint16_t { kCheckpoint = 1, kBitSync = 2, kSchedule = 3, kResume = 4 };
+/// CONTROL kinds (docs/protocol.md "Training session"). kResume (4) is reserved: resuming is agreed
+/// in the SCHEDULE exchange.
+enum class ControlKind : uint16_t { kCheckpoint = 1, kBitSync = 2, kSchedule = 3, kResume = 4, kStep = 5 };
+constexpr uint16_t kMaxControlKind = 5;
 
 struct ControlMsg {
   ControlKind kind = ControlKind::kCheckpoint;
   std::string json;  ///< kind-specific settings
+  std::string blob;  ///< kind-specific bytes (the server's adapter in a final checkpoint reply)
 
   std::string encode() const;
   static Status decode(const std::string& payload, ControlMsg* out);
+};
+
+/// The server's answer to an EVAL: per batch row, the summed next-token NLL over labelled
+/// positions, their count, and how many of them the argmax predicted.
+struct EvalResultMsg {
+  struct Row {
+    double nll_sum = 0;
+    uint32_t tokens = 0, correct = 0;
+  };
+  uint64_t step = 0;
+  std::vector<Row> rows;
+
+  std::string encode() const;
+  static Status decode(const std::string& payload, EvalResultMsg* out);
 };
 
 /// A frame limit that fits one FORWARD of (batch, seq, hidden) in fp32 with labels, mask and ids,

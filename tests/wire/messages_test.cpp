@@ -36,15 +36,30 @@ TEST(Messages, RoundTrip) {
   ASSERT_TRUE(ForwardMsg::decode(f.encode(), &g).ok());
   EXPECT_TRUE(g.labels.empty() && g.mask.empty() && g.sample_ids.empty());
 
-  BackwardMsg b{99, 1, 2.5f, "gradient bytes"}, b2;
+  BackwardMsg b{99, 1, 2.5f, 0.125, 0.5f, "gradient bytes"}, b2;
   ASSERT_TRUE(BackwardMsg::decode(b.encode(), &b2).ok());
   EXPECT_EQ(b2.step, 99u);
   EXPECT_EQ(b2.loss, 2.5f);
+  EXPECT_EQ(b2.grad_sq_norm, 0.125);
+  EXPECT_EQ(b2.server_seconds, 0.5f);
   EXPECT_EQ(b2.packet, b.packet);
-  ControlMsg c{ControlKind::kBitSync, R"({"budget":3.5})"}, c2;
+  ControlMsg c{ControlKind::kBitSync, R"({"budget":3.5})", ""}, c2;
   ASSERT_TRUE(ControlMsg::decode(c.encode(), &c2).ok());
   EXPECT_EQ(c2.kind, ControlKind::kBitSync);
   EXPECT_EQ(c2.json, c.json);
+  EXPECT_TRUE(c2.blob.empty());
+  ControlMsg d{ControlKind::kCheckpoint, R"({"step":4})", std::string("\0adapter\xff", 9)}, d2;
+  ASSERT_TRUE(ControlMsg::decode(d.encode(), &d2).ok());
+  EXPECT_EQ(d2.json, d.json);
+  EXPECT_EQ(d2.blob, d.blob);
+
+  EvalResultMsg e{7, {{1.5, 3, 2}, {0.25, 1, 1}}}, e2;
+  ASSERT_TRUE(EvalResultMsg::decode(e.encode(), &e2).ok());
+  EXPECT_EQ(e2.step, 7u);
+  ASSERT_EQ(e2.rows.size(), 2u);
+  EXPECT_EQ(e2.rows[0].nll_sum, 1.5);
+  EXPECT_EQ(e2.rows[1].tokens, 1u);
+  EXPECT_EQ(e2.rows[0].correct, 2u);
 }
 
 TEST(Messages, MalformedBodiesNameTheField) {
@@ -63,8 +78,16 @@ TEST(Messages, MalformedBodiesNameTheField) {
   EXPECT_NE(ForwardMsg::decode(good + "x", &m).message.find("packet"), std::string::npos);
   ControlMsg c;
   EXPECT_FALSE(ControlMsg::decode(std::string("\x09\x00\x00\x00\x00\x00\x00\x00", 8), &c).ok());
+  ControlMsg too_long{ControlKind::kSchedule, "{}", ""};
+  std::string cl = too_long.encode();
+  cl[4] = 50;  // json_len past the end
+  EXPECT_NE(ControlMsg::decode(cl, &c).message.find("json_len"), std::string::npos);
   BackwardMsg b;
   EXPECT_FALSE(BackwardMsg::decode("short", &b).ok());
+  EvalResultMsg e;
+  const std::string eval = EvalResultMsg{1, {{1.0, 2, 3}}}.encode();  // correct > tokens
+  EXPECT_NE(EvalResultMsg::decode(eval, &e).message.find("correct"), std::string::npos);
+  EXPECT_NE(EvalResultMsg::decode(eval.substr(0, eval.size() - 1), &e).message.find("rows"), std::string::npos);
 }
 
 TEST(Messages, DefaultFrameLimitFitsAForward) {

@@ -1,0 +1,286 @@
+// amaq server / client / train / export: split fine-tuning as two processes over TCP/TLS, or both
+// sides in one process (in-process channel or loopback TCP) with the same code paths.
+#include <fmt/format.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+
+#include <atomic>
+#include <thread>
+
+#include "app/commands.h"
+#include "app/config_toml.h"
+#include "core/error.h"
+#include "core/fs.h"
+#include "core/hash.h"
+#include "train/session.h"
+#include "wire/tcp.h"
+
+namespace amaq::app {
+namespace {
+
+using train::ClientConfig;
+using train::ServerConfig;
+using train::SideOptions;
+
+std::pair<std::string, uint16_t> host_port(const std::string& text, const char* flag) {
+  const auto colon = text.rfind(':');
+  int port = -1;
+  if (colon != std::string::npos) {
+    try {
+      port = std::stoi(text.substr(colon + 1));
+    } catch (const std::exception&) {
+    }
+  }
+  if (colon == std::string::npos || colon == 0 || port < 0 || port > 65535) {
+    throw Error(std::string(flag) + " '" + text + "' is not HOST:PORT", "e.g. 127.0.0.1:7000 or server.example.org:7000");
+  }
+  return {text.substr(0, colon), static_cast<uint16_t>(port)};
+}
+
+std::string read_token(const std::string& path) {
+  if (path.empty()) return {};
+  std::string t = read_file(path);
+  while (!t.empty() && (t.back() == '\n' || t.back() == '\r' || t.back() == ' ')) t.pop_back();
+  if (t.size() < 16) throw Error("token in " + path + " is shorter than 16 characters", "generate one: openssl rand -hex 32 > " + path);
+  return t;
+}
+
+void add_side_options(CLI::App& app, SideOptions* side, const std::string& prefix, const std::string& who) {
+  app.add_flag("--" + prefix + "full", side->full, "train all of the " + who + "'s weights instead of LoRA");
+  app.add_option("--" + prefix + "lora-r", side->lora_r, "LoRA rank on the " + who)->check(CLI::Range(1, 4096));
+  app.add_option("--" + prefix + "lora-alpha", side->lora_alpha, "LoRA alpha on the " + who);
+  app.add_option("--" + prefix + "lora-dropout", side->lora_dropout, "LoRA dropout on the " + who)->check(CLI::Range(0.0, 0.99));
+  app.add_flag("--" + prefix + "rslora", side->rslora, "scale LoRA by alpha/sqrt(r) on the " + who);
+  app.add_option("--" + prefix + "lora-targets", side->targets, "modules to adapt on the " + who + " (all-linear, q_proj,v_proj, ...)")
+      ->delimiter(',');
+  app.add_option("--" + prefix + "adapter", side->init_adapter, "start the " + who + "'s LoRA from this PEFT adapter");
+}
+
+void add_codec_options(CLI::App& app, std::string* fwd, std::string* bwd) {
+  app.add_option("--fwd-codec", *fwd, "activation codec: none:fp32|none:bf16, fixed:bits=4,gran=group, amaq:budget=4, aqsgd:bits=4");
+  app.add_option("--bwd-codec", *bwd, "gradient codec (aqsgd here means direct quantization)");
+}
+
+struct ClientArgs {
+  ClientConfig cfg;
+  std::string connect, tls_ca, tls_cert, tls_key, token_file;
+};
+
+void add_client_options(CLI::App& app, ClientConfig* c) {
+  app.add_option("--model", c->model, "HF model directory (config.json + safetensors)")->required();
+  app.add_option("--split", c->split, "the client keeps layers [0, K)")->required();
+  app.add_option("--run-dir", c->run_dir, "where metrics, checkpoints and the summary go")->required();
+  app.add_option("--data", c->data, "training data (.txt, or .jsonl with text | prompt+completion | text+label)")->required();
+  app.add_option("--val-data", c->val_data, "validation data (same formats)");
+  app.add_option("--val-fraction", c->val_fraction, "hold out this fraction of --data for validation")->check(CLI::Range(0.0, 0.9));
+  app.add_option("--tokenizer", c->tokenizer, "auto (the model's), byte, or a tokenizer file");
+  app.add_option("--batch", c->batch, "sequences per micro-batch")->check(CLI::Range(1, 4096));
+  app.add_option("--seq-len", c->seq_len, "tokens per sequence")->check(CLI::Range(2, 1 << 20));
+  app.add_option("--steps", c->schedule.steps, "optimizer steps");
+  app.add_option("--micro-batches", c->schedule.micro_batches, "gradient accumulation: micro-batches per step");
+  app.add_option("--lr", c->schedule.lr, "peak learning rate (AdamW)");
+  app.add_option("--warmup", c->schedule.warmup, "linear warm-up steps");
+  app.add_option("--min-lr-ratio", c->schedule.min_lr_ratio, "cosine decay ends at lr * this");
+  app.add_option("--weight-decay", c->schedule.weight_decay, "AdamW weight decay");
+  app.add_option("--clip", c->schedule.clip, "global gradient-norm clip over both sides (0 = off)");
+  app.add_option("--gate-lr", c->schedule.gate_lr, "learning rate of the AMAQ bit gates");
+  app.add_option("--seed", c->schedule.seed, "seed of data order and LoRA init");
+  add_codec_options(app, &c->fwd_codec, &c->bwd_codec);
+  add_side_options(app, &c->side, "", "client");
+  app.add_option("--checkpoint-every", c->checkpoint_every, "checkpoint every N steps (and always at the end)");
+  app.add_option("--keep-checkpoints", c->keep_checkpoints, "checkpoints kept per side")->check(CLI::Range(1, 1000));
+  app.add_option("--eval-every", c->eval_every, "evaluate every N steps (and at the end)");
+  app.add_option("--eval-batches", c->eval_batches, "batches per evaluation (0 = all)");
+  app.add_flag("--resume", c->resume, "continue the run in --run-dir from its last checkpoint");
+  app.add_option("--retries", c->retries, "reconnects after a dropped connection (resuming from the last checkpoint)");
+  app.add_option("--stop-after", c->stop_after, "leave after N steps as if interrupted (checkpointed; resume with --resume)");
+  app.add_flag("--quiet", c->quiet, "no progress output");
+  app.add_flag("--progress", c->progress_bar, "draw the progress bar even when stderr is not a terminal");
+}
+
+int run_client(ClientArgs& a, const CLI::App& app) {
+  ClientConfig& c = a.cfg;
+  c.resolved = resolved_options(app);
+  c.token = read_token(a.token_file);
+  auto [host, port] = host_port(a.connect, "--connect");
+  wire::ClientOptions opt(host, port);
+  if (!a.tls_ca.empty()) opt.tls({a.tls_cert, a.tls_key, a.tls_ca});
+  else if (!wire::is_loopback(host)) spdlog::warn("connecting to {} without TLS: activations cross the network in the clear", host);
+  train::ClientTrainer trainer(c);
+  trainer.run([&](std::unique_ptr<wire::Channel>* out) { return wire::connect(opt, out); });
+  return 0;
+}
+
+struct ServerArgs {
+  ServerConfig cfg;
+  std::string listen = "127.0.0.1:7000", tls_cert, tls_key, tls_ca, token_file;
+  bool insecure = false;
+  int max_sessions = 16;
+  int64_t max_runs = 0;
+  double idle_timeout = 600;
+};
+
+void add_server_options(CLI::App& app, ServerArgs* a) {
+  app.add_option("--model", a->cfg.model, "HF model directory (config.json + safetensors)")->required();
+  app.add_option("--split", a->cfg.split, "the server keeps layers [K, L)")->required();
+  app.add_option("--run-dir", a->cfg.run_dir, "one subdirectory per client run: checkpoints and metrics")->required();
+  app.add_option("--listen", a->listen, "HOST:PORT to listen on (port 0: any free port, printed)");
+  app.add_option("--tls-cert", a->tls_cert, "server certificate (PEM)");
+  app.add_option("--tls-key", a->tls_key, "server private key (PEM)");
+  app.add_option("--tls-ca", a->tls_ca, "require client certificates signed by this CA (mutual TLS)");
+  app.add_flag("--insecure", a->insecure, "allow plain TCP on a non-loopback address");
+  app.add_option("--token-file", a->token_file, "file with the shared token clients must prove they hold");
+  add_codec_options(app, &a->cfg.fwd_codec, &a->cfg.bwd_codec);
+  add_side_options(app, &a->cfg.side, "", "server");
+  app.add_option("--keep-checkpoints", a->cfg.keep_checkpoints, "checkpoints kept per run")->check(CLI::Range(1, 1000));
+  app.add_option("--max-sessions", a->max_sessions, "sessions served at once");
+  app.add_option("--max-runs", a->max_runs, "exit after this many runs ended with BYE (0 = serve until SIGINT/SIGTERM)");
+  app.add_option("--idle-timeout", a->idle_timeout, "seconds of silence before a session is dropped");
+}
+
+int run_server(ServerArgs& a, const CLI::App& app) {
+  a.cfg.token = read_token(a.token_file);
+  a.cfg.idle_timeout = std::chrono::milliseconds(static_cast<int64_t>(a.idle_timeout * 1000));
+  auto [host, port] = host_port(a.listen, "--listen");
+  if (a.tls_cert.empty() != a.tls_key.empty()) throw Error("--tls-cert and --tls-key go together", "give both, or neither with --insecure");
+  if (a.cfg.token.empty()) spdlog::warn("no --token-file: any client that reaches this port can train");
+  auto rows = resolved_options(app);
+  std::vector<std::vector<std::string>> table{{"option", "value"}};
+  for (auto& [k, v] : rows) table.push_back({k, v});
+  std::fprintf(stderr, "%s", train::format_table(table).c_str());
+
+  // Signals are taken by this thread only (sigtimedwait below), never by session threads.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+
+  train::TrainServer srv(a.cfg);
+  wire::ServerOptions opt(port);
+  opt.host(host).insecure(a.insecure).max_payload(srv.max_payload()).max_sessions(a.max_sessions);
+  if (!a.tls_cert.empty()) opt.tls({a.tls_cert, a.tls_key, a.tls_ca}, !a.tls_ca.empty());
+  std::atomic<int64_t> finished{0};
+  wire::Server server(opt, [&](wire::Channel& ch, const wire::SessionContext& ctx) {
+    spdlog::info("session {} from {}", ctx.id, ctx.peer);
+    if (srv.serve(ch, ctx.id).ok()) ++finished;
+  });
+  std::fprintf(stdout, "listening on %s:%u\n", host.c_str(), server.port());
+  std::fflush(stdout);
+  spdlog::info("amaq server: layers [{}, L) of {}, {} / {}, {}", a.cfg.split, a.cfg.model, a.cfg.fwd_codec, a.cfg.bwd_codec,
+               a.tls_cert.empty() ? "plain TCP" : "TLS 1.3");
+  timespec tick{0, 200 * 1000 * 1000};
+  while (a.max_runs <= 0 || finished < a.max_runs) {
+    const int sig = sigtimedwait(&sigs, nullptr, &tick);
+    if (sig == SIGINT || sig == SIGTERM) {
+      spdlog::info("signal {}: stopping", sig);
+      break;
+    }
+  }
+  server.stop();
+  spdlog::info("served {} sessions ({} failed), {} steps", server.sessions_started(), server.sessions_failed(), srv.steps_served());
+  return 0;
+}
+
+struct TrainArgs {
+  ClientConfig cfg;
+  SideOptions server_side;
+  bool server_side_given = false;
+  std::string transport = "inproc";
+};
+
+int run_train(TrainArgs& a, const CLI::App& app) {
+  ClientConfig& c = a.cfg;
+  c.resolved = resolved_options(app);
+  ServerConfig s;
+  s.model = c.model;
+  s.split = c.split;
+  s.run_dir = join_path(c.run_dir, "server");
+  s.side = a.server_side;
+  s.fwd_codec = c.fwd_codec;
+  s.bwd_codec = c.bwd_codec;
+  s.keep_checkpoints = c.keep_checkpoints;
+  if (a.transport == "tcp") s.token = c.token = random_hex(32);
+  train::TrainServer srv(s);
+  if (a.transport == "tcp") {
+    wire::Server server(wire::ServerOptions(0).max_payload(srv.max_payload()),
+                        [&](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx.id); });
+    train::ClientTrainer(c).run([&](std::unique_ptr<wire::Channel>* out) {
+      return wire::connect(wire::ClientOptions("127.0.0.1", server.port()).max_payload(srv.max_payload()), out);
+    });
+    return 0;
+  }
+  train::ClientTrainer trainer(c);
+  std::vector<std::thread> sessions;
+  uint64_t next_id = 1;
+  try {
+    trainer.run([&](std::unique_ptr<wire::Channel>* out) {
+      auto [client_end, server_end] = wire::make_in_process_pair(srv.max_payload());
+      sessions.emplace_back([&srv, ch = std::shared_ptr<wire::Channel>(std::move(server_end)), id = next_id++] { srv.serve(*ch, id); });
+      *out = std::move(client_end);
+      return wire::Status::Ok();
+    });
+  } catch (...) {
+    for (auto& t : sessions) t.join();
+    throw;
+  }
+  for (auto& t : sessions) t.join();
+  return 0;
+}
+
+}  // namespace
+
+Run add_server(CLI::App& app) {
+  use_toml_config(app);
+  auto a = std::make_shared<ServerArgs>();
+  add_server_options(app, a.get());
+  return [a, &app] { return run_server(*a, app); };
+}
+
+Run add_client(CLI::App& app) {
+  use_toml_config(app);
+  auto a = std::make_shared<ClientArgs>();
+  add_client_options(app, &a->cfg);
+  app.add_option("--connect", a->connect, "server HOST:PORT")->required();
+  app.add_option("--tls-ca", a->tls_ca, "CA that signed the server's certificate (turns TLS on)");
+  app.add_option("--tls-cert", a->tls_cert, "client certificate for mutual TLS");
+  app.add_option("--tls-key", a->tls_key, "client key for mutual TLS");
+  app.add_option("--token-file", a->token_file, "file with the token the server was given");
+  return [a, &app] { return run_client(*a, app); };
+}
+
+Run add_train(CLI::App& app) {
+  use_toml_config(app);
+  auto a = std::make_shared<TrainArgs>();
+  add_client_options(app, &a->cfg);
+  add_side_options(app, &a->server_side, "server-", "server");
+  app.add_option("--transport", a->transport, "inproc (one process, in-memory channel) or tcp (loopback TCP with a token)")
+      ->check(CLI::IsMember({"inproc", "tcp"}));
+  return [a, &app] {
+    // Unless told otherwise, the server side trains what the client side trains.
+    const auto given = [&](const char* flag) { return app.get_option(flag)->count() > 0; };
+    SideOptions& srv = a->server_side;
+    const SideOptions& cli = a->cfg.side;
+    if (!given("--server-full")) srv.full = cli.full;
+    if (!given("--server-lora-r")) srv.lora_r = cli.lora_r;
+    if (!given("--server-lora-alpha")) srv.lora_alpha = cli.lora_alpha;
+    if (!given("--server-lora-dropout")) srv.lora_dropout = cli.lora_dropout;
+    if (!given("--server-rslora")) srv.rslora = cli.rslora;
+    if (!given("--server-lora-targets")) srv.targets = cli.targets;
+    if (!given("--server-adapter")) srv.init_adapter = cli.init_adapter;
+    return run_train(*a, app);
+  };
+}
+
+Run add_export(CLI::App& app) {
+  auto run_dir = std::make_shared<std::string>(), out = std::make_shared<std::string>();
+  app.add_option("--run-dir", *run_dir, "the client's run directory")->required();
+  app.add_option("--out", *out, "adapter directory to write (adapter_config.json + adapter_model.safetensors)")->required();
+  return [run_dir, out] {
+    train::export_adapter(*run_dir, *out);
+    fmt::print("exported {} -> {}\n", *run_dir, *out);
+    return 0;
+  };
+}
+
+}  // namespace amaq::app

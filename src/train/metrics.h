@@ -1,0 +1,65 @@
+// What a run reports: one JSON line per step (RUN/metrics.jsonl), a progress bar on a terminal (a
+// plain line every 10% otherwise), and a summary table at the end.
+#pragma once
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+namespace amaq::train {
+
+struct BitsStats {
+  double mean = 0, min = 0, max = 0;
+};
+
+/// One optimizer step, as the client saw it.
+struct StepRecord {
+  int64_t step = 0;
+  double loss = 0;      ///< task loss + beta * regularizer
+  double task_loss = 0; ///< mean over micro-batches of the server's loss
+  double reg_loss = 0;  ///< AMAQ bit regularizer (0 without AMAQ)
+  double lr = 0;
+  double grad_norm = 0;  ///< global, before clipping
+  BitsStats fwd_bits, bwd_bits;
+  uint64_t fwd_wire_bytes = 0, bwd_wire_bytes = 0;      ///< whole frames, headers included
+  uint64_t fwd_packet_bytes = 0, bwd_packet_bytes = 0;  ///< the codecs' packets (their headers included)
+  uint64_t elements = 0;                                ///< activation elements sent (= gradient elements back)
+  double client_seconds = 0, server_seconds = 0, network_seconds = 0;
+  int64_t tokens = 0;
+  double tokens_per_second = 0;
+
+  nlohmann::json to_json() const;
+};
+
+/// Appends JSON lines to a file, flushed per line.
+class JsonlLog {
+ public:
+  explicit JsonlLog(const std::string& path);
+  ~JsonlLog();
+  void write(const nlohmann::json& line);
+
+ private:
+  std::FILE* f_ = nullptr;
+};
+
+class Progress {
+ public:
+  /// A bar on stderr when it is a terminal (or `force_bar`), else a line every 10%.
+  Progress(int64_t first_step, int64_t total_steps, bool force_bar = false);
+  void update(const StepRecord& r, uint64_t total_bytes);
+  void finish();
+
+ private:
+  int64_t first_, total_;
+  bool bar_;
+  int64_t last_decile_ = -1;
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+};
+
+/// A plain-text table with aligned columns (first row = header).
+std::string format_table(const std::vector<std::vector<std::string>>& rows);
+
+}  // namespace amaq::train

@@ -1,0 +1,136 @@
+// A split fine-tuning run, end to end. The client owns the data and the schedule and drives every
+// step; the server serves one session per client connection. The session protocol (docs/protocol.md
+// "Training session"):
+//
+//   handshake (HELLO ... HELLO_ACK)
+//   client -> CONTROL SCHEDULE {run_id, resume_step, schedule, batch, seq_len}
+//   server -> CONTROL SCHEDULE {resume_step, server side}   or ERROR (e.g. no checkpoint at that step)
+//   per optimizer step s:
+//     [client -> CONTROL BIT_SYNC {step, budget}]            backward AMAQ budget, when it changes
+//     per micro-batch m: client -> FORWARD, server -> BACKWARD {loss, grad_sq_norm, server_seconds}
+//     client -> CONTROL STEP {step, lr, coef}                 both sides clip by `coef` and step
+//     [client -> EVAL, server -> EVAL result]                 periodic evaluation
+//     [client -> CONTROL CHECKPOINT {step, final}, server -> CONTROL CHECKPOINT {ok} (+ adapter blob)]
+//   client -> BYE
+//
+// Clipping is global: the server reports its squared gradient norm with the last micro-batch's
+// BACKWARD, the client adds its own and sends the coefficient, exactly as clip_grad_norm_ over the
+// unsplit model's parameters.
+#pragma once
+#include <nlohmann/json.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "core/safetensors.h"
+#include "model/config.h"
+#include "quant/spec.h"
+#include "train/metrics.h"
+#include "train/options.h"
+#include "wire/channel.h"
+
+namespace amaq::train {
+
+struct ServerConfig {
+  std::string model;    ///< HF model directory
+  int64_t split = 0;
+  std::string run_dir;  ///< one subdirectory per client run id (checkpoints, metrics)
+  SideOptions side;
+  std::string fwd_codec = "none:fp32", bwd_codec = "none:fp32";
+  std::string token;    ///< empty: no authentication
+  int keep_checkpoints = 3;
+  std::chrono::milliseconds idle_timeout{std::chrono::minutes(10)};
+  std::chrono::milliseconds handshake_timeout{std::chrono::seconds(30)};
+};
+
+class TrainServer {
+ public:
+  explicit TrainServer(ServerConfig cfg);
+  ~TrainServer();
+  /// Serves one client session from HELLO to BYE. Never throws: a failure is logged in one line,
+  /// told to the client when it can be, and returned.
+  wire::Status serve(wire::Channel& ch, uint64_t session_id);
+  /// The frame limit for this model with the batch shapes a client may send.
+  uint64_t max_payload() const;
+  uint64_t steps_served() const { return steps_served_; }
+
+ private:
+  struct Run;
+  wire::Status serve_session(wire::Channel& ch, uint64_t session_id);
+  ServerConfig cfg_;
+  ModelConfig model_;
+  std::unique_ptr<CheckpointReader> ckpt_;
+  std::string fingerprint_;
+  quant::CodecSpec fwd_spec_, bwd_spec_;
+  std::mutex runs_mu_;
+  std::map<std::string, std::shared_ptr<std::timed_mutex>> runs_;  // one session per run at a time
+  std::atomic<uint64_t> steps_served_{0};
+};
+
+struct ClientConfig {
+  std::string model;
+  int64_t split = 0;
+  std::string run_dir;
+  std::string data, val_data;
+  std::string tokenizer = "auto";  ///< "auto": the model directory's tokenizer
+  double val_fraction = 0.0;       ///< hold out this fraction of `data` when no val_data
+  int64_t batch = 8;               ///< sequences per micro-batch
+  int64_t seq_len = 128;
+  SideOptions side;
+  Schedule schedule;
+  std::string fwd_codec = "none:fp32", bwd_codec = "none:fp32";
+  std::string token;
+  int64_t checkpoint_every = 0;  ///< 0: only at the end
+  int keep_checkpoints = 3;
+  int64_t eval_every = 0;        ///< 0: only at the end (when there is validation data)
+  int64_t eval_batches = 0;      ///< 0: the whole validation set
+  bool resume = false;
+  int64_t stop_after = -1;       ///< leave after this many steps as if interrupted (tests)
+  int retries = 3;               ///< reconnects (resuming from the last checkpoint) after a dropped link
+  bool quiet = false;
+  bool progress_bar = false;     ///< force the bar even when stderr is not a terminal
+  std::vector<std::pair<std::string, std::string>> resolved;  ///< the resolved options, for the table
+};
+
+struct RunResult {
+  std::vector<StepRecord> steps;  ///< every step of the run (from metrics.jsonl, resumed parts included)
+  nlohmann::json eval;            ///< final evaluation (empty without validation data)
+  int64_t completed_steps = 0;
+  std::string run_dir;
+  std::string summary;            ///< the summary table printed at the end
+};
+
+/// Opens a channel to the server (TCP/TLS or in-process).
+using Connector = std::function<wire::Status(std::unique_ptr<wire::Channel>*)>;
+
+class ClientTrainer {
+ public:
+  explicit ClientTrainer(ClientConfig cfg);
+  ~ClientTrainer();
+  /// The whole run (or up to stop_after). Reconnects up to `retries` times after a dropped
+  /// connection, resuming from the last checkpoint; a refusal (auth, model, split, codec, resume)
+  /// throws amaq::Error naming it.
+  RunResult run(const Connector& connect);
+
+ private:
+  struct State;
+  ClientConfig cfg_;
+};
+
+/// The summary rows of a run's metrics (bytes each way against bf16, mean bits overall and over the
+/// last 10%, final loss, eval).
+std::string summarize(const std::vector<StepRecord>& steps, const nlohmann::json& eval);
+/// Reads RUN/metrics.jsonl; a step logged twice (re-run after a resume) keeps its last line.
+std::vector<StepRecord> read_metrics(const std::string& path);
+
+/// `export`: the client's LoRA from RUN's last checkpoint and the server's from RUN/server_adapter,
+/// merged into one PEFT adapter in `out`.
+void export_adapter(const std::string& run_dir, const std::string& out);
+
+}  // namespace amaq::train

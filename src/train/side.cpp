@@ -1,0 +1,95 @@
+#include "train/side.h"
+
+#include <cmath>
+
+#include "core/error.h"
+#include "model/peft.h"
+
+namespace amaq::train {
+
+std::mutex& rng_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+Side Side::build(const ModelConfig& config, const CheckpointReader& ckpt, SideRole role, int64_t split,
+                 const SideOptions& options, uint64_t seed, double weight_decay) {
+  Side s;
+  s.options = options;
+  s.part = role == SideRole::kClient ? client_part(config, split) : server_part(config, split);
+  s.part->load_weights(ckpt);
+  if (options.full) {
+    s.part->set_base_trainable(true);
+  } else if (!options.init_adapter.empty()) {
+    load_peft_adapter(s.part, options.init_adapter);
+  } else {
+    std::lock_guard<std::mutex> lock(rng_mutex());
+    at::manual_seed(seed);
+    if (apply_lora(s.part, options.lora(), options.targets) == 0) {
+      throw Error("LoRA targets match no linear layer of this side", "check --lora-targets (e.g. all-linear, q_proj,v_proj)");
+    }
+  }
+  auto params = s.part->trainable_parameters();
+  if (params.empty()) throw Error("this side has nothing to train", "set LoRA targets or --full");
+  s.opt = std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(1e-3).weight_decay(weight_decay));
+  return s;
+}
+
+NamedTensors Side::state() {
+  NamedTensors out;
+  if (options.full) {
+    for (auto& [name, t] : part->base_weights()) out.emplace_back(name, t.detach());
+    return out;
+  }
+  for (auto& [name, lin] : part->linears()) {
+    if (!lin->has_lora()) continue;
+    out.emplace_back(peft_key(name, "lora_A"), lin->lora_a.detach());
+    out.emplace_back(peft_key(name, "lora_B"), lin->lora_b.detach());
+  }
+  return out;
+}
+
+void Side::load_state(const std::map<std::string, at::Tensor>& tensors, const std::string& what) {
+  at::NoGradGuard no_grad;
+  for (auto& [name, t] : state()) {
+    auto it = tensors.find(name);
+    if (it == tensors.end()) throw Error(what + " has no tensor '" + name + "'", "the checkpoint is from a run with other LoRA targets");
+    if (it->second.sizes() != t.sizes()) {
+      throw Error(what + ": tensor '" + name + "' has shape " + c10::str(it->second.sizes()) + ", expected " + c10::str(t.sizes()),
+                  "the checkpoint is from a run with another LoRA rank or model");
+    }
+    t.copy_(it->second);
+  }
+}
+
+double Side::grad_sq_norm() const {
+  double sq = 0;
+  for (const auto& group : opt->param_groups()) {
+    for (const auto& p : group.params()) {
+      if (p.grad().defined()) sq += p.grad().to(at::kDouble).pow(2).sum().item<double>();
+    }
+  }
+  return sq;
+}
+
+void Side::step(double lr, double coef) {
+  for (auto& group : opt->param_groups()) {
+    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+    if (coef != 1.0) {
+      for (auto& p : group.params()) {
+        if (p.grad().defined()) p.mutable_grad().mul_(coef);
+      }
+    }
+  }
+  opt->step();
+}
+
+void Side::zero_grad() { opt->zero_grad(); }
+
+double clip_coefficient(double total_sq_norm, double max_norm) {
+  if (max_norm <= 0) return 1.0;
+  const double coef = max_norm / (std::sqrt(total_sq_norm) + 1e-6);
+  return coef < 1.0 ? coef : 1.0;
+}
+
+}  // namespace amaq::train

@@ -1,0 +1,48 @@
+// One side of a split run: its slice of the model, what it trains (LoRA or full weights) and its
+// AdamW. The client and the server both hold one; the unsplit reference in tests builds the same.
+#pragma once
+#include <ATen/ATen.h>
+#include <torch/optim/adamw.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "core/safetensors.h"
+#include "model/config.h"
+#include "model/part.h"
+#include "train/options.h"
+
+namespace amaq::train {
+
+enum class SideRole { kClient, kServer };
+
+/// Torch's CPU generator is process-wide: code that seeds it and draws (LoRA init) holds this.
+std::mutex& rng_mutex();
+
+struct Side {
+  DecoderPart part{nullptr};
+  SideOptions options;
+  std::unique_ptr<torch::optim::AdamW> opt;
+
+  /// Loads this side's base weights, attaches LoRA (from options.init_adapter, or freshly drawn
+  /// after seeding the generator with `seed`) or unfreezes the weights (full), and makes AdamW.
+  static Side build(const ModelConfig& config, const CheckpointReader& ckpt, SideRole role, int64_t split,
+                    const SideOptions& options, uint64_t seed, double weight_decay);
+
+  /// What this side trains: LoRA tensors under PEFT keys, or base weights under checkpoint names.
+  NamedTensors state();
+  /// Restores state(); every tensor must be present with its shape. `what` names the source.
+  void load_state(const std::map<std::string, at::Tensor>& tensors, const std::string& what);
+  /// Squared L2 norm of the gradients accumulated so far.
+  double grad_sq_norm() const;
+  /// Multiplies the gradients by `coef` (clipping), sets the learning rate and steps.
+  void step(double lr, double coef);
+  void zero_grad();
+};
+
+/// Clip coefficient as torch.nn.utils.clip_grad_norm_ computes it (1 when off or under the limit).
+double clip_coefficient(double total_sq_norm, double max_norm);
+
+}  // namespace amaq::train
