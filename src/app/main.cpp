@@ -1,6 +1,9 @@
 // amaq: collaborative split fine-tuning with adaptive mixed-bit activation quantization.
 #include <CLI/CLI.hpp>
 
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
 #include <iostream>
 
 #include "app/commands.h"
@@ -26,6 +29,9 @@ int main(int argc, char** argv) {
   commands.emplace_back(exp, amaq::app::add_export(*exp));
 
   CLI11_PARSE(app, argc, argv);
+  // Logs go to stderr; stdout carries results (the port a server listens on, exported paths).
+  spdlog::set_default_logger(spdlog::stderr_color_mt("amaq"));
+  spdlog::set_pattern("[%Y-%m-%d %H:%M:%S.%e] [%^%l%$] %v");
   amaq::configure_threads(threads);
   try {
     for (auto& [sub, run] : commands) {

@@ -295,7 +295,8 @@ RunResult ClientTrainer::run(const Connector& connect) {
       rec.lr = c.schedule.lr_at(step);
       const auto t_step = Clock::now();
       const double blocked0 = ch->accounting().seconds_blocked;
-      const uint64_t sent0 = ch->accounting().bytes_sent(), recv0 = ch->accounting().bytes_received();
+      const wire::Accounting acc0 = ch->accounting();
+      const uint64_t sent0 = acc0.bytes_sent(), recv0 = acc0.bytes_received();
       if (bwd_spec.codec == quant::CodecId::kAmaq) {
         const double b = quant::budget_at(bwd_spec, step);
         if (b != st.bwd_budget_sent) {
@@ -323,6 +324,8 @@ RunResult ClientTrainer::run(const Connector& connect) {
         fwd_bits = stats_of(e.bits, nominal_fwd);
         rec.fwd_packet_bytes += e.packet.size();
         rec.elements += static_cast<uint64_t>(h.numel());
+        rec.rows += static_cast<uint64_t>(b.ids.size(0));
+        rec.cells += static_cast<uint64_t>(b.ids.numel());
         rec.tokens += b.mask.sum().item<int64_t>();
         wire::ForwardMsg fm;
         fm.step = static_cast<uint64_t>(step);
@@ -332,7 +335,7 @@ RunResult ClientTrainer::run(const Connector& connect) {
         fm.labels.assign(b.labels.data_ptr<int64_t>(), b.labels.data_ptr<int64_t>() + b.labels.numel());
         at::Tensor m8 = b.mask.to(at::kByte).contiguous();
         fm.mask.assign(m8.data_ptr<uint8_t>(), m8.data_ptr<uint8_t>() + m8.numel());
-        fm.sample_ids = b.sample_ids;
+        if (fwd_spec.codec == quant::CodecId::kAqsgd) fm.sample_ids = b.sample_ids;
         fm.packet = std::move(e.packet);
         rec.client_seconds += seconds_since(t0);
         s = ch->send({wire::MessageType::kForward, 0, fm.encode()});
@@ -391,6 +394,9 @@ RunResult ClientTrainer::run(const Connector& connect) {
       rec.bwd_bits = bwd_bits;
       rec.fwd_wire_bytes = ch->accounting().bytes_sent() - sent0;
       rec.bwd_wire_bytes = ch->accounting().bytes_received() - recv0;
+      const auto fwd_type = static_cast<size_t>(wire::MessageType::kForward), bwd_type = static_cast<size_t>(wire::MessageType::kBackward);
+      rec.forward_frame_bytes = ch->accounting().sent[fwd_type].bytes - acc0.sent[fwd_type].bytes;
+      rec.backward_frame_bytes = ch->accounting().received[bwd_type].bytes - acc0.received[bwd_type].bytes;
       rec.network_seconds = std::max(0.0, ch->accounting().seconds_blocked - blocked0 - rec.server_seconds);
       rec.tokens_per_second = static_cast<double>(rec.tokens) / std::max(1e-9, seconds_since(t_step));
       metrics.write(rec.to_json());
@@ -406,6 +412,7 @@ RunResult ClientTrainer::run(const Connector& connect) {
     if (s.ok()) {
       ch->send({wire::MessageType::kBye, 0, {}});
       ch->close();
+      metrics.write({{"session", {{"bytes_sent", ch->accounting().bytes_sent()}, {"bytes_received", ch->accounting().bytes_received()}}}});
       RunResult out;
       out.steps = read_metrics(join_path(c.run_dir, "metrics.jsonl"));
       out.eval = final_eval;
@@ -452,7 +459,11 @@ std::vector<StepRecord> read_metrics(const std::string& path) {
     r.bwd_wire_bytes = j["bwd_wire_bytes"];
     r.fwd_packet_bytes = j["fwd_packet_bytes"];
     r.bwd_packet_bytes = j["bwd_packet_bytes"];
+    r.forward_frame_bytes = j["forward_frame_bytes"];
+    r.backward_frame_bytes = j["backward_frame_bytes"];
     r.elements = j["elements"];
+    r.rows = j["rows"];
+    r.cells = j["cells"];
     r.client_seconds = j["client_seconds"];
     r.server_seconds = j["server_seconds"];
     r.network_seconds = j["network_seconds"];

@@ -26,7 +26,9 @@ struct StepRecord {
   BitsStats fwd_bits, bwd_bits;
   uint64_t fwd_wire_bytes = 0, bwd_wire_bytes = 0;      ///< whole frames, headers included
   uint64_t fwd_packet_bytes = 0, bwd_packet_bytes = 0;  ///< the codecs' packets (their headers included)
+  uint64_t forward_frame_bytes = 0, backward_frame_bytes = 0;  ///< the FORWARD / BACKWARD frames alone
   uint64_t elements = 0;                                ///< activation elements sent (= gradient elements back)
+  uint64_t rows = 0, cells = 0;                         ///< sequences and (padded) token positions sent
   double client_seconds = 0, server_seconds = 0, network_seconds = 0;
   int64_t tokens = 0;
   double tokens_per_second = 0;

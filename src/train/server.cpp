@@ -184,14 +184,18 @@ wire::Status TrainServer::serve_session(wire::Channel& ch, uint64_t session_id) 
                run->schedule.micro_batches);
 
   const int64_t C = model_.hidden_size;
+  // The link failed (the client vanished, or a send or receive timed out): the run's state stays
+  // on disk for a resume.
+  auto dropped = [&](wire::Status why) {
+    spdlog::warn("session {}: run {} dropped after step {}: {} ({})", session_id, run->id, run->step, why.message,
+                 wire::error_name(why.code));
+    return why;
+  };
   while (true) {
     s = ch.receive(&f, cfg_.idle_timeout);
-    if (!s.ok()) {
-      spdlog::warn("session {}: run {} dropped after step {}: {} ({})", session_id, run->id, run->step, s.message,
-                   wire::error_name(s.code));
-      return s;
-    }
+    if (!s.ok()) return dropped(s);
     if (f.type == wire::MessageType::kBye) {
+      run->log->write({{"session", {{"bytes_sent", ch.accounting().bytes_sent()}, {"bytes_received", ch.accounting().bytes_received()}}}});
       spdlog::info("session {}: run {} ended by the client after step {}", session_id, run->id, run->step);
       return wire::Status::Ok();
     }
@@ -220,7 +224,7 @@ wire::Status TrainServer::serve_session(wire::Channel& ch, uint64_t session_id) 
         at::NoGradGuard no_grad;
         wire::EvalResultMsg res = detail::score_rows(run->side.part->forward(h.to(run->side.part->dtype()), mask), labels, fm.step);
         s = ch.send({wire::MessageType::kEval, 0, res.encode()});
-        if (!s.ok()) return s;
+        if (!s.ok()) return dropped(s);
         continue;
       }
       h = h.to(run->side.part->dtype()).requires_grad_(true);
@@ -248,7 +252,7 @@ wire::Status TrainServer::serve_session(wire::Channel& ch, uint64_t session_id) 
       run->seconds += bm.server_seconds;
       ++run->micro;
       s = ch.send({wire::MessageType::kBackward, 0, bm.encode()});
-      if (!s.ok()) return s;
+      if (!s.ok()) return dropped(s);
       continue;
     }
     if (f.type != wire::MessageType::kControl) return fail(bad(std::string("unexpected ") + wire::message_name(f.type)));
@@ -296,7 +300,7 @@ wire::Status TrainServer::serve_session(wire::Channel& ch, uint64_t session_id) 
           std::string blob;
           if (final && !run->side.options.full) blob = safetensors_bytes(run->side.state(), {{"format", "pt"}});
           s = detail::send_control(ch, wire::ControlKind::kCheckpoint, reply, std::move(blob));
-          if (!s.ok()) return s;
+          if (!s.ok()) return dropped(s);
           break;
         }
         default:

@@ -1,0 +1,266 @@
+// Split runs end to end in one process (ClientTrainer + TrainServer, the code behind `amaq train`,
+// `amaq client` and `amaq server`): uncompressed split training equals the unsplit model's training
+// with the same schedule; a run interrupted and resumed equals the uninterrupted one; mismatches
+// are refused by name.
+#include <gtest/gtest.h>
+#include <torch/nn/utils/clip_grad.h>
+
+#include <thread>
+
+#include "core/fs.h"
+#include "model/peft.h"
+#include "testing.h"
+#include "train/checkpoint.h"
+#include "train/data.h"
+#include "train/session.h"
+#include "train/side.h"
+#include "wire/tcp.h"
+
+namespace amaq::train {
+namespace {
+
+const std::string kModel = testing::data_path("hf/llama-gqa");
+
+// Some English text for the byte tokenizer (the fixtures' vocabulary has 1000 ids).
+std::string corpus() {
+  std::string text;
+  for (const char* f : {"/README.md", "/docs/amaq.md", "/docs/protocol.md"}) text += read_file(std::string(AMAQ_SOURCE_DIR) + f);
+  return text.substr(0, 6000);
+}
+
+ClientConfig base_config(const testing::TempDir& tmp, const std::string& name) {
+  if (!file_exists(tmp.file("data.txt"))) testing::write_bytes(tmp.file("data.txt"), corpus());
+  ClientConfig c;
+  c.model = kModel;
+  c.split = 2;
+  c.run_dir = tmp.file(name);
+  c.data = tmp.file("data.txt");
+  c.tokenizer = "byte";
+  c.batch = 2;
+  c.seq_len = 32;
+  c.schedule.steps = 20;
+  c.schedule.micro_batches = 2;
+  c.schedule.lr = 1e-2;
+  c.schedule.warmup = 3;
+  c.schedule.weight_decay = 0.01;
+  c.schedule.clip = 0.5;
+  c.quiet = true;
+  return c;
+}
+
+ServerConfig server_for(const ClientConfig& c, const SideOptions& side) {
+  ServerConfig s;
+  s.model = c.model;
+  s.split = c.split;
+  s.run_dir = c.run_dir + "-server";
+  s.side = side;
+  s.fwd_codec = c.fwd_codec;
+  s.bwd_codec = c.bwd_codec;
+  return s;
+}
+
+// Runs `c` against `srv` in this process, one server thread per connection.
+RunResult run_in_process(TrainServer& srv, const ClientConfig& c) {
+  std::vector<std::thread> sessions;
+  RunResult r;
+  try {
+    r = ClientTrainer(c).run([&](std::unique_ptr<wire::Channel>* out) {
+      auto [a, b] = wire::make_in_process_pair(srv.max_payload());
+      sessions.emplace_back([&srv, ch = std::shared_ptr<wire::Channel>(std::move(b)), id = sessions.size()] { srv.serve(*ch, id); });
+      *out = std::move(a);
+      return wire::Status::Ok();
+    });
+  } catch (...) {
+    for (auto& t : sessions) t.join();
+    throw;
+  }
+  for (auto& t : sessions) t.join();
+  return r;
+}
+
+// The unsplit model trained with the same data order, accumulation, clipping (torch's
+// clip_grad_norm_ over all parameters) and schedule.
+std::vector<double> unsplit_losses(const ClientConfig& c) {
+  ModelConfig mc = ModelConfig::load(kModel);
+  DecoderPart full = full_model(mc);
+  full->load_weights(CheckpointReader(kModel));
+  load_peft_adapter(full, c.side.init_adapter);
+  auto params = full->trainable_parameters();
+  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(c.schedule.lr).weight_decay(c.schedule.weight_decay));
+  ByteTokenizer tok;
+  Dataset data = Dataset::load(c.data, tok, c.seq_len);
+  Sampler sampler(static_cast<int64_t>(data.examples.size()), c.schedule.seed);
+  std::vector<double> out;
+  int64_t pos = 0;
+  for (int64_t s = 0; s < c.schedule.steps; ++s) {
+    opt.zero_grad();
+    double loss_sum = 0;
+    for (int64_t m = 0; m < c.schedule.micro_batches; ++m) {
+      std::vector<int64_t> idx;
+      for (int64_t i = 0; i < c.batch; ++i) idx.push_back(sampler.at(pos++));
+      Batch b = make_batch(data, idx, tok.eos_id());
+      at::Tensor loss = causal_lm_loss(full->forward(b.ids, b.mask), b.labels);
+      (loss / static_cast<double>(c.schedule.micro_batches)).backward();
+      loss_sum += loss.item<double>();
+    }
+    torch::nn::utils::clip_grad_norm_(params, c.schedule.clip);
+    for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(c.schedule.lr_at(s));
+    opt.step();
+    out.push_back(loss_sum / static_cast<double>(c.schedule.micro_batches));
+  }
+  return out;
+}
+
+TEST(SplitRun, UncompressedSplitOverTcpReproducesUnsplitTraining) {
+  testing::TempDir tmp;
+  ClientConfig c = base_config(tmp, "run");
+  c.side.init_adapter = kModel + "/adapter";
+  TrainServer srv(server_for(c, c.side));
+  wire::Server server(wire::ServerOptions(0), [&](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx.id); });
+  RunResult r = ClientTrainer(c).run(
+      [&](std::unique_ptr<wire::Channel>* out) { return wire::connect(wire::ClientOptions("127.0.0.1", server.port()), out); });
+  std::vector<double> ref = unsplit_losses(c);
+  ASSERT_EQ(r.steps.size(), ref.size());
+  for (size_t s = 0; s < ref.size(); ++s) EXPECT_NEAR(r.steps[s].task_loss, ref[s], 1e-6) << "step " << s;
+  EXPECT_LT(ref.back(), ref.front() - 0.1);
+  // Clipping was active (the test would not notice a missing server norm otherwise).
+  EXPECT_GT(r.steps.front().grad_norm, c.schedule.clip);
+  EXPECT_EQ(srv.steps_served(), 20u);
+}
+
+void expect_resume_matches(const std::string& fwd, const std::string& bwd) {
+  SCOPED_TRACE(fwd + " / " + bwd);
+  testing::TempDir tmp;
+  ClientConfig c = base_config(tmp, "whole");
+  c.schedule.steps = 10;
+  c.fwd_codec = fwd;
+  c.bwd_codec = bwd;
+  c.checkpoint_every = 3;
+  c.val_fraction = 0.2;
+  c.eval_every = 4;
+  TrainServer srv(server_for(c, c.side));
+  RunResult whole = run_in_process(srv, c);
+
+  ClientConfig first = c;
+  first.run_dir = tmp.file("parts");
+  first.stop_after = 4;  // checkpoints at 3 and 4; the resumed run continues from 4
+  ServerConfig sc = server_for(first, first.side);
+  {
+    TrainServer srv1(sc);
+    RunResult part = run_in_process(srv1, first);
+    EXPECT_EQ(part.completed_steps, 4);
+  }
+  ClientConfig second = first;
+  second.stop_after = -1;
+  second.resume = true;
+  TrainServer srv2(sc);  // a new server process: only the disk carries over
+  RunResult resumed = run_in_process(srv2, second);
+  ASSERT_EQ(whole.steps.size(), 10u);
+  ASSERT_EQ(resumed.steps.size(), 10u);
+  for (size_t s = 0; s < 10; ++s) {
+    EXPECT_EQ(resumed.steps[s].loss, whole.steps[s].loss) << "step " << s;
+    EXPECT_EQ(resumed.steps[s].fwd_bits.mean, whole.steps[s].fwd_bits.mean) << "step " << s;
+  }
+  EXPECT_EQ(resumed.eval.dump(), whole.eval.dump());
+  auto a = load_safetensors(checkpoint_path(c.run_dir + "/checkpoints", 10) + "/state.safetensors");
+  auto b = load_safetensors(checkpoint_path(second.run_dir + "/checkpoints", 10) + "/state.safetensors");
+  for (auto& [k, t] : a) {
+    if (k != "rng") EXPECT_TRUE(at::equal(t, b.at(k))) << k;
+  }
+}
+
+TEST(SplitRun, ResumedRunEqualsUninterruptedRunWithAmaq) {
+  expect_resume_matches("amaq:budget=3,decay=6,gran=token", "amaq:budget=6,decay=6,gran=token");
+}
+
+TEST(SplitRun, ResumedRunEqualsUninterruptedRunWithAqsgd) { expect_resume_matches("aqsgd:bits=3", "aqsgd:bits=8"); }
+
+TEST(SplitRun, AmaqLearnsWhileSendingAFractionOfTheBytes) {
+  testing::TempDir tmp;
+  ClientConfig c = base_config(tmp, "amaq");
+  c.schedule.steps = 30;
+  c.fwd_codec = "amaq:budget=3,bmin=2,init=8,decay=10,gran=token";
+  c.bwd_codec = "amaq:budget=6,bmin=4,init=8,decay=10,gran=token";
+  TrainServer srv(server_for(c, c.side));
+  RunResult amaq = run_in_process(srv, c);
+  ClientConfig f = base_config(tmp, "fp32");
+  f.schedule.steps = 30;
+  TrainServer srv_f(server_for(f, f.side));
+  RunResult full = run_in_process(srv_f, f);
+  const auto& a = amaq.steps;
+  const auto& u = full.steps;
+  std::printf("  amaq: loss %.5f -> %.5f (fp32 %.5f -> %.5f), bits fwd %.2f -> %.2f, bwd %.2f -> %.2f\n", a.front().task_loss,
+              a.back().task_loss, u.front().task_loss, u.back().task_loss, a.front().fwd_bits.mean, a.back().fwd_bits.mean,
+              a.front().bwd_bits.mean, a.back().bwd_bits.mean);
+  // At least 80% of the uncompressed run's loss reduction over the same 30 steps.
+  EXPECT_LT(a.back().task_loss, a.front().task_loss - 0.8 * (u.front().task_loss - u.back().task_loss));
+  EXPECT_LE(a.back().fwd_bits.mean, 3.0);
+  EXPECT_GT(a.front().fwd_bits.mean, 6.0);
+  EXPECT_LE(a.back().bwd_bits.mean, 6.0);
+  EXPECT_LT(a.back().fwd_packet_bytes * 8, u.back().fwd_packet_bytes);  // 32-bit floats vs ~3 bits
+  // The wire carries the packets plus exactly the FORWARD/BACKWARD framing (docs/protocol.md).
+  for (const StepRecord& r : a) {
+    EXPECT_EQ(r.forward_frame_bytes, r.fwd_packet_bytes + 2 * (24 + 24 + 8 + 8) + 9 * r.cells) << r.step;
+    EXPECT_EQ(r.backward_frame_bytes, r.bwd_packet_bytes + 2 * (24 + 8 + 4 + 4 + 8 + 4 + 8)) << r.step;
+    EXPECT_GE(r.fwd_wire_bytes, r.forward_frame_bytes);
+  }
+}
+
+TEST(SplitRun, MismatchedCodecOrSplitIsRefusedByName) {
+  testing::TempDir tmp;
+  ClientConfig c = base_config(tmp, "run");
+  c.schedule.steps = 2;
+  c.schedule.warmup = 0;
+  ServerConfig sc = server_for(c, c.side);
+  sc.fwd_codec = "fixed:bits=4";
+  TrainServer srv(sc);
+  EXPECT_AMAQ_ERROR(run_in_process(srv, c), "codec");
+  c.run_dir = tmp.file("run2");
+  sc.fwd_codec = c.fwd_codec;
+  sc.split = 3;
+  TrainServer srv3(sc);
+  EXPECT_AMAQ_ERROR(run_in_process(srv3, c), "split");
+}
+
+TEST(SplitRun, ResumeAtAStepTheServerLacksIsRefused) {
+  testing::TempDir tmp;
+  ClientConfig c = base_config(tmp, "run");
+  c.schedule.steps = 4;
+  c.stop_after = 2;
+  {
+    TrainServer srv(server_for(c, c.side));
+    run_in_process(srv, c);
+  }
+  c.resume = true;
+  c.stop_after = -1;
+  ServerConfig other = server_for(c, c.side);
+  other.run_dir = tmp.file("empty-server");
+  TrainServer srv(other);
+  EXPECT_AMAQ_ERROR(run_in_process(srv, c), "no checkpoint of run", "at step 2", "cannot resume");
+  // Starting a fresh run over an existing run directory is refused too.
+  c.resume = false;
+  EXPECT_AMAQ_ERROR(ClientTrainer(c).run([](std::unique_ptr<wire::Channel>*) { return wire::Status::Ok(); }), "already holds a run",
+                    "--resume");
+}
+
+TEST(SplitRun, ScheduleWarmsUpThenDecaysByCosine) {
+  Schedule s;
+  s.steps = 11;
+  s.warmup = 2;
+  s.lr = 1.0;
+  s.min_lr_ratio = 0.1;
+  EXPECT_DOUBLE_EQ(s.lr_at(0), 0.5);
+  EXPECT_DOUBLE_EQ(s.lr_at(1), 1.0);
+  EXPECT_DOUBLE_EQ(s.lr_at(2), 1.0);
+  EXPECT_NEAR(s.lr_at(6), 0.1 + 0.9 * 0.5 * (1 + std::cos(M_PI * 4.0 / 8.0)), 1e-12);
+  EXPECT_DOUBLE_EQ(s.lr_at(10), 0.1);
+  nlohmann::json j = s.to_json();
+  j["warmup"] = 50;
+  EXPECT_AMAQ_ERROR(Schedule::from_json(j), "warmup");
+  EXPECT_DOUBLE_EQ(clip_coefficient(16.0, 2.0), 2.0 / (4.0 + 1e-6));
+  EXPECT_EQ(clip_coefficient(1.0, 2.0), 1.0);
+  EXPECT_EQ(clip_coefficient(100.0, 0.0), 1.0);
+}
+
+}  // namespace
+}  // namespace amaq::train
