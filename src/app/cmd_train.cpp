@@ -231,14 +231,18 @@ int run_train(TrainArgs& a, const CLI::App& app) {
 }  // namespace
 
 Run add_server(CLI::App& app) {
-  use_toml_config(app);
+  app.option_defaults()->always_capture_default();
   auto a = std::make_shared<ServerArgs>();
   add_server_options(app, a.get());
-  return [a, &app] { return run_server(*a, app); };
+  auto config = use_toml_config(app);
+  return [a, &app, config] {
+    config();
+    return run_server(*a, app);
+  };
 }
 
 Run add_client(CLI::App& app) {
-  use_toml_config(app);
+  app.option_defaults()->always_capture_default();
   auto a = std::make_shared<ClientArgs>();
   add_client_options(app, &a->cfg);
   app.add_option("--connect", a->connect, "server HOST:PORT")->required();
@@ -246,17 +250,23 @@ Run add_client(CLI::App& app) {
   app.add_option("--tls-cert", a->tls_cert, "client certificate for mutual TLS");
   app.add_option("--tls-key", a->tls_key, "client key for mutual TLS");
   app.add_option("--token-file", a->token_file, "file with the token the server was given");
-  return [a, &app] { return run_client(*a, app); };
+  auto config = use_toml_config(app);
+  return [a, &app, config] {
+    config();
+    return run_client(*a, app);
+  };
 }
 
 Run add_train(CLI::App& app) {
-  use_toml_config(app);
+  app.option_defaults()->always_capture_default();
   auto a = std::make_shared<TrainArgs>();
   add_client_options(app, &a->cfg);
   add_side_options(app, &a->server_side, "server-", "server");
   app.add_option("--transport", a->transport, "inproc (one process, in-memory channel) or tcp (loopback TCP with a token)")
       ->check(CLI::IsMember({"inproc", "tcp"}));
-  return [a, &app] {
+  auto config = use_toml_config(app);
+  return [a, &app, config] {
+    config();
     // Unless told otherwise, the server side trains what the client side trains.
     const auto given = [&](const char* flag) { return app.get_option(flag)->count() > 0; };
     SideOptions& srv = a->server_side;

@@ -4,18 +4,22 @@
 #include <toml++/toml.h>
 #endif
 
-#include <nlohmann/json.hpp>
-
 #include <sstream>
 
 #include "core/error.h"
+#include "core/fs.h"
 
 namespace amaq::app {
-#if AMAQ_HAVE_TOML
 namespace {
 
-std::string scalar_text(const toml::node& n, const std::string& key) {
-  if (auto s = n.value<std::string>(); s && n.is_string()) return *s;
+struct Item {
+  std::string key;
+  std::vector<std::string> values;
+};
+
+#if AMAQ_HAVE_TOML
+std::string scalar_text(const toml::node& n, const std::string& key, const std::string& path) {
+  if (n.is_string()) return *n.value<std::string>();
   if (n.is_boolean()) return *n.value<bool>() ? "true" : "false";
   if (n.is_integer()) return std::to_string(*n.value<int64_t>());
   if (n.is_floating_point()) {
@@ -24,71 +28,88 @@ std::string scalar_text(const toml::node& n, const std::string& key) {
     o << *n.value<double>();
     return o.str();
   }
-  throw Error("config key '" + key + "' has a value of an unsupported type", "use strings, numbers, booleans or arrays of them");
+  throw Error(path + ": key '" + key + "' has a value of an unsupported type", "use strings, numbers, booleans or arrays of them");
 }
 
-void flatten(const toml::table& t, const std::string& prefix, std::vector<CLI::ConfigItem>* out) {
+void flatten(const toml::table& t, const std::string& prefix, const std::string& path, std::vector<Item>* out) {
   for (const auto& [k, node] : t) {
     std::string key = prefix.empty() ? std::string(k.str()) : prefix + "-" + std::string(k.str());
     for (char& ch : key) ch = ch == '_' ? '-' : ch;
     if (const toml::table* sub = node.as_table()) {
-      flatten(*sub, key, out);
+      flatten(*sub, key, path, out);
       continue;
     }
-    CLI::ConfigItem item;
-    item.name = key;
+    Item item{key, {}};
     if (const toml::array* arr = node.as_array()) {
-      for (const auto& el : *arr) item.inputs.push_back(scalar_text(el, key));
+      for (const auto& el : *arr) item.values.push_back(scalar_text(el, key, path));
     } else {
-      item.inputs.push_back(scalar_text(node, key));
+      item.values.push_back(scalar_text(node, key, path));
     }
     out->push_back(std::move(item));
   }
 }
-
-}  // namespace
-
 #endif
 
-std::string TomlConfig::to_config(const CLI::App* app, bool, bool, std::string) const {
-  std::string out;
-  for (const auto& [k, v] : resolved_options(*app)) out += k + " = " + nlohmann::json(v).dump() + "\n";
-  return out;
-}
-
-std::vector<CLI::ConfigItem> TomlConfig::from_config(std::istream& input) const {
+std::vector<Item> read_items(const std::string& path) {
 #if !AMAQ_HAVE_TOML
-  throw CLI::ConversionError("this build has no TOML support (toml++ was not found at configure time); pass options as flags");
+  throw Error("this build has no TOML support (toml++ was not found when it was configured): cannot read " + path,
+              "pass the options as flags, or install libtomlplusplus-dev and rebuild");
 #else
-  std::ostringstream ss;
-  ss << input.rdbuf();
   toml::table t;
   try {
-    t = toml::parse(ss.str());
+    t = toml::parse(read_file(path), path);
   } catch (const toml::parse_error& e) {
     std::ostringstream msg;
-    msg << "config file is not valid TOML: " << e.description() << " (line " << e.source().begin.line << ", column "
+    msg << path << " is not valid TOML: " << e.description() << " (line " << e.source().begin.line << ", column "
         << e.source().begin.column << ")";
-    throw CLI::ConversionError(msg.str());
+    throw Error(msg.str(), "see https://toml.io; keys are flag names, e.g. steps = 100, fwd-codec = \"amaq:budget=4\"");
   }
-  std::vector<CLI::ConfigItem> items;
-  flatten(t, "", &items);
+  std::vector<Item> items;
+  flatten(t, "", path, &items);
   return items;
 #endif
 }
 
-void use_toml_config(CLI::App& app) {
-  app.config_formatter(std::make_shared<TomlConfig>());
-  app.set_config("--config", "", "TOML file of options (keys = flag names; flags on the command line win)");
-  app.allow_config_extras(CLI::config_extras_mode::error);
-  app.option_defaults()->always_capture_default();
+}  // namespace
+
+std::function<void()> use_toml_config(CLI::App& app) {
+  auto path = std::make_shared<std::string>();
+  std::vector<CLI::Option*> required;
+  for (CLI::Option* opt : app.get_options()) {
+    if (opt->get_required()) {
+      opt->required(false);
+      required.push_back(opt);
+    }
+  }
+  app.add_option("--config", *path, "TOML file of options (keys = flag names; flags on the command line win)");
+  return [path, required, &app] {
+    if (!path->empty()) {
+      for (const Item& item : read_items(*path)) {
+        CLI::Option* opt = app.get_option_no_throw("--" + item.key);
+        if (!opt || item.key == "config") {
+          throw Error(*path + ": unknown option '" + item.key + "'", "keys are the long flag names of `amaq " + app.get_name() + " --help`");
+        }
+        if (opt->count() > 0) continue;  // given on the command line
+        try {
+          for (const auto& v : item.values) opt->add_result(v);
+          opt->run_callback();
+        } catch (const CLI::Error& e) {
+          throw Error(*path + ": option '" + item.key + "': " + e.what(), "check the value's type and range");
+        }
+      }
+    }
+    for (CLI::Option* opt : required) {
+      if (opt->count() == 0) {
+        throw Error(opt->get_name() + " is required", "give it as a flag or as '" + opt->get_lnames().front() + "' in --config");
+      }
+    }
+  };
 }
 
 std::vector<std::pair<std::string, std::string>> resolved_options(const CLI::App& app) {
   std::vector<std::pair<std::string, std::string>> out;
   for (const CLI::Option* opt : app.get_options()) {
-    const std::string name = opt->get_name(false, true);
-    if (name.empty() || opt->get_lnames().empty()) continue;
+    if (opt->get_lnames().empty()) continue;
     const std::string key = opt->get_lnames().front();
     if (key == "help" || key == "config") continue;
     std::string value;
