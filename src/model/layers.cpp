@@ -121,20 +121,30 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, at::ScalarType dtype)
   o_proj = register_module("o_proj", Linear(c.num_heads * c.head_dim, c.hidden_size, c.o_bias, dtype));
 }
 
-at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias) {
+at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias,
+                                  KvEntry* cache) {
   const int64_t B = x.size(0), T = x.size(1);
   at::Tensor q = q_proj->forward(x).view({B, T, num_heads_, head_dim_}).transpose(1, 2);     // (B, H, T, D)
   at::Tensor k = k_proj->forward(x).view({B, T, num_kv_heads_, head_dim_}).transpose(1, 2);  // (B, KV, T, D)
   at::Tensor v = v_proj->forward(x).view({B, T, num_kv_heads_, head_dim_}).transpose(1, 2);
   q = functional::apply_rope(q, cos, sin);
   k = functional::apply_rope(k, cos, sin);
+  if (cache) {
+    if (cache->k.defined()) {
+      k = at::cat({cache->k, k}, 2);
+      v = at::cat({cache->v, v}, 2);
+    }
+    cache->k = k;
+    cache->v = v;
+  }
+  const int64_t S = k.size(2);  // keys: past + T
   const int64_t groups = num_heads_ / num_kv_heads_;
   if (groups > 1) {  // grouped-query attention: each KV head serves `groups` query heads
-    k = k.unsqueeze(2).expand({B, num_kv_heads_, groups, T, head_dim_}).reshape({B, num_heads_, T, head_dim_});
-    v = v.unsqueeze(2).expand({B, num_kv_heads_, groups, T, head_dim_}).reshape({B, num_heads_, T, head_dim_});
+    k = k.unsqueeze(2).expand({B, num_kv_heads_, groups, S, head_dim_}).reshape({B, num_heads_, S, head_dim_});
+    v = v.unsqueeze(2).expand({B, num_kv_heads_, groups, S, head_dim_}).reshape({B, num_heads_, S, head_dim_});
   }
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim_));
-  at::Tensor scores = at::matmul(q, k.transpose(2, 3)) * scale + bias;  // (B, H, T, T)
+  at::Tensor scores = at::matmul(q, k.transpose(2, 3)) * scale + bias;  // (B, H, T, S)
   at::Tensor probs = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
   at::Tensor out = at::matmul(probs, v);  // (B, H, T, D)
   out = out.transpose(1, 2).reshape({B, T, num_heads_ * head_dim_});
@@ -158,8 +168,9 @@ DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, at::ScalarType dtype) {
   post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, dtype));
 }
 
-at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias) {
-  at::Tensor h = x + self_attn->forward(input_layernorm->forward(x), cos, sin, bias);
+at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias,
+                                     KvEntry* cache) {
+  at::Tensor h = x + self_attn->forward(input_layernorm->forward(x), cos, sin, bias, cache);
   return h + mlp->forward(post_attention_layernorm->forward(h));
 }
 

@@ -76,11 +76,18 @@ at::Tensor attention_bias(const at::Tensor& attention_mask, int64_t B, int64_t T
                           at::Device device);
 }  // namespace functional
 
+/// One layer's cached keys and values (B, KV heads, past, D), rotary already applied.
+struct KvEntry {
+  at::Tensor k, v;
+};
+
 class AttentionImpl : public torch::nn::Module {
  public:
   AttentionImpl(const ModelConfig& c, at::ScalarType dtype);
-  /// x (B, T, C), cos/sin (T, D), bias (B, 1, T, T) -> (B, T, C)
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias);
+  /// x (B, T, C), cos/sin (T, D) for the new positions, bias (B, 1, T, past + T) -> (B, T, C).
+  /// With `cache`, the new keys and values are appended to it and attention covers all of it.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias,
+                     KvEntry* cache = nullptr);
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
 
  private:
@@ -99,7 +106,8 @@ TORCH_MODULE(MLP);
 class DecoderLayerImpl : public torch::nn::Module {
  public:
   DecoderLayerImpl(const ModelConfig& c, at::ScalarType dtype);
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias);
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias,
+                     KvEntry* cache = nullptr);
   Attention self_attn{nullptr};
   MLP mlp{nullptr};
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};

@@ -1,5 +1,7 @@
 #include "model/part.h"
 
+#include <limits>
+
 #include <set>
 
 #include "core/error.h"
@@ -62,6 +64,30 @@ at::Tensor DecoderPartImpl::forward(const at::Tensor& input, const at::Tensor& a
   if (!has_head()) return h;
   h = norm->forward(h);
   if (hidden) (*hidden)[config_.num_layers] = h;
+  return lm_head ? lm_head->forward(h) : at::linear(h, embed_tokens->weight);
+}
+
+at::Tensor DecoderPartImpl::forward_cached(const at::Tensor& input, std::vector<KvEntry>* cache) {
+  at::Tensor h = has_embedding() ? embed_tokens->forward(input) : input.to(dtype_);
+  const int64_t B = h.size(0), T = h.size(1);
+  cache->resize(layers.size());
+  const int64_t past = cache->front().k.defined() ? cache->front().k.size(2) : 0;
+  auto [cos, sin] = functional::rope_tables(inv_freq_, past + T, dtype_, h.device());
+  cos = cos.narrow(0, past, T);
+  sin = sin.narrow(0, past, T);
+  // Query i (position past + i) sees key j when j <= past + i and, with a window, past + i - j < window.
+  auto opt = at::TensorOptions().dtype(at::kLong).device(h.device());
+  const at::Tensor qi = at::arange(past, past + T, opt).unsqueeze(1), kj = at::arange(past + T, opt).unsqueeze(0);
+  for (size_t n = 0; n < layers.size(); ++n) {
+    const int64_t window = config_.layer_window[layer_begin_ + static_cast<int64_t>(n)];
+    at::Tensor allowed = kj <= qi;
+    if (window > 0) allowed = allowed.logical_and(qi - kj < window);
+    at::Tensor bias = at::zeros({1, 1, T, past + T}, h.options()).masked_fill(allowed.logical_not().view({1, 1, T, past + T}),
+                                                                             -std::numeric_limits<float>::infinity());
+    h = layers[n]->forward(h, cos, sin, bias.expand({B, 1, T, past + T}), &(*cache)[n]);
+  }
+  if (!has_head()) return h;
+  h = norm->forward(h);
   return lm_head ? lm_head->forward(h) : at::linear(h, embed_tokens->weight);
 }
 

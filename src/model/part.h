@@ -37,6 +37,11 @@ class DecoderPartImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& input, const at::Tensor& attention_mask = {},
                      std::map<int64_t, at::Tensor>* hidden = nullptr);
 
+  /// Incremental forward for generation: `input` holds the new positions only (no padding); keys
+  /// and values of earlier calls come from `cache`, which grows by T. Same result, position for
+  /// position, as forward() on the whole sequence.
+  at::Tensor forward_cached(const at::Tensor& input, std::vector<KvEntry>* cache);
+
   bool has_embedding() const { return layer_begin_ == 0; }
   bool has_head() const { return layer_end_ == config_.num_layers; }
   int64_t layer_begin() const { return layer_begin_; }

@@ -2,6 +2,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "tokenizer/bpe.h"
 
 namespace amaq {
 
@@ -22,12 +23,14 @@ std::string ByteTokenizer::decode(const std::vector<int64_t>& ids) const {
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& spec) {
   if (spec == "byte") return std::make_unique<ByteTokenizer>();
-  for (const char* f : {"tokenizer.json", "tokenizer.model"}) {
-    if (file_exists(join_path(spec, f)) || (spec.size() >= std::string(f).size() && spec.rfind(f) == spec.size() - std::string(f).size())) {
-      throw Error(std::string(f) + " tokenizers are not implemented yet (" + spec + ")",
-                  "use --tokenizer byte with a model whose vocabulary has at least 259 ids");
-    }
-  }
+  auto ends_with = [&](const char* suffix) {
+    const std::string s(suffix);
+    return spec.size() >= s.size() && spec.compare(spec.size() - s.size(), s.size(), s) == 0;
+  };
+  if (ends_with(".json") && file_exists(spec)) return load_bpe_tokenizer(spec);
+  if (ends_with(".model") && file_exists(spec)) return load_sentencepiece_tokenizer(spec);
+  if (file_exists(join_path(spec, "tokenizer.json"))) return load_bpe_tokenizer(join_path(spec, "tokenizer.json"));
+  if (file_exists(join_path(spec, "tokenizer.model"))) return load_sentencepiece_tokenizer(join_path(spec, "tokenizer.model"));
   throw Error("no tokenizer found at '" + spec + "' (looked for tokenizer.json and tokenizer.model)",
               "pass --tokenizer byte, a tokenizer file, or a model directory that has one");
 }

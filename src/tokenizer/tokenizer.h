@@ -1,5 +1,5 @@
 // Text <-> token ids. Implementations: byte-level (256 byte ids + specials, for models trained from
-// scratch); HF tokenizer.json byte-level BPE and SentencePiece come with issue 6.
+// scratch), HF tokenizer.json byte-level BPE (tokenizer/bpe.h), SentencePiece tokenizer.model.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -16,6 +16,9 @@ class Tokenizer {
   virtual std::vector<int64_t> encode(std::string_view text) const = 0;
   /// Text of `ids`; special tokens are dropped.
   virtual std::string decode(const std::vector<int64_t>& ids) const = 0;
+  /// The text as the tokenizer sees it before splitting (invalid UTF-8 repaired, normalizer
+  /// applied): decode(encode(s)) == normalize(s) when no special tokens are in s.
+  virtual std::string normalize(std::string_view text) const { return std::string(text); }
   /// Ids below this bound (the model's vocabulary must be at least as large).
   virtual int64_t vocab_size() const = 0;
   virtual int64_t bos_id() const { return -1; }  ///< -1: none
@@ -35,7 +38,12 @@ class ByteTokenizer : public Tokenizer {
   std::string name() const override { return "byte"; }
 };
 
-/// "byte", or a model directory / tokenizer file. Errors name what was looked for.
+std::unique_ptr<Tokenizer> load_sentencepiece_tokenizer(const std::string& path);
+/// Trains a SentencePiece model with the trainer's own flags ("--input=... --model_prefix=...").
+void train_sentencepiece(const std::string& args);
+
+/// "byte", a tokenizer.json / tokenizer.model file, or a model directory holding one (tokenizer.json
+/// preferred). Errors name what was looked for.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& spec);
 
 }  // namespace amaq

@@ -46,6 +46,21 @@ BitsStats stats_of(const at::Tensor& map, double nominal) {
   return {m.mean().item<double>(), m.min().item<double>(), m.max().item<double>()};
 }
 
+// The FORWARD / EVAL body for a batch and its packet.
+wire::ForwardMsg forward_msg(int64_t step, int64_t micro_batch, const Batch& b, std::string packet, bool with_sample_ids) {
+  wire::ForwardMsg fm;
+  fm.step = static_cast<uint64_t>(step);
+  fm.micro_batch = static_cast<uint32_t>(micro_batch);
+  fm.batch = static_cast<uint32_t>(b.ids.size(0));
+  fm.seq = static_cast<uint32_t>(b.ids.size(1));
+  at::Tensor labels = b.labels.contiguous(), mask = b.mask.to(at::kByte).contiguous();
+  fm.labels.assign(labels.data_ptr<int64_t>(), labels.data_ptr<int64_t>() + labels.numel());
+  fm.mask.assign(mask.data_ptr<uint8_t>(), mask.data_ptr<uint8_t>() + mask.numel());
+  if (with_sample_ids) fm.sample_ids = b.sample_ids;
+  fm.packet = std::move(packet);
+  return fm;
+}
+
 std::string fmt_mb(uint64_t bytes) { return fmt::format("{:.3f}", static_cast<double>(bytes) / 1e6); }
 
 }  // namespace
@@ -220,14 +235,7 @@ RunResult ClientTrainer::run(const Connector& connect) {
         quant::EncodeArgs args;
         if (st.gates) args.bits = st.gates->bit_map();
         quant::Encoded e = st.eval_codec().encode(h, args);
-        wire::ForwardMsg fm;
-        fm.step = static_cast<uint64_t>(st.step);
-        fm.batch = static_cast<uint32_t>(b.ids.size(0));
-        fm.seq = static_cast<uint32_t>(b.ids.size(1));
-        fm.labels.assign(b.labels.data_ptr<int64_t>(), b.labels.data_ptr<int64_t>() + b.labels.numel());
-        at::Tensor m8 = b.mask.to(at::kByte).contiguous();
-        fm.mask.assign(m8.data_ptr<uint8_t>(), m8.data_ptr<uint8_t>() + m8.numel());
-        fm.packet = std::move(e.packet);
+        const wire::ForwardMsg fm = forward_msg(st.step, 0, b, std::move(e.packet), false);
         wire::Status es = chan.send({wire::MessageType::kEval, 0, fm.encode()});
         if (es.ok()) es = detail::expect(chan, wire::MessageType::kEval, std::chrono::minutes(10), &f);
         wire::EvalResultMsg res;
@@ -327,16 +335,7 @@ RunResult ClientTrainer::run(const Connector& connect) {
         rec.rows += static_cast<uint64_t>(b.ids.size(0));
         rec.cells += static_cast<uint64_t>(b.ids.numel());
         rec.tokens += b.mask.sum().item<int64_t>();
-        wire::ForwardMsg fm;
-        fm.step = static_cast<uint64_t>(step);
-        fm.micro_batch = static_cast<uint32_t>(m);
-        fm.batch = static_cast<uint32_t>(b.ids.size(0));
-        fm.seq = static_cast<uint32_t>(b.ids.size(1));
-        fm.labels.assign(b.labels.data_ptr<int64_t>(), b.labels.data_ptr<int64_t>() + b.labels.numel());
-        at::Tensor m8 = b.mask.to(at::kByte).contiguous();
-        fm.mask.assign(m8.data_ptr<uint8_t>(), m8.data_ptr<uint8_t>() + m8.numel());
-        if (fwd_spec.codec == quant::CodecId::kAqsgd) fm.sample_ids = b.sample_ids;
-        fm.packet = std::move(e.packet);
+        const wire::ForwardMsg fm = forward_msg(step, m, b, std::move(e.packet), fwd_spec.codec == quant::CodecId::kAqsgd);
         rec.client_seconds += seconds_since(t0);
         s = ch->send({wire::MessageType::kForward, 0, fm.encode()});
         if (s.ok()) s = detail::expect(*ch, wire::MessageType::kBackward, std::chrono::minutes(10), &f);

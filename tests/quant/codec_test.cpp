@@ -205,3 +205,28 @@ TEST(CodecSpec, ParsesAndRefuses) {
 
 }  // namespace
 }  // namespace amaq::quant
+
+namespace amaq::quant {
+namespace {
+
+// Gradient-like input (small values, a few large) with a mixed 6-8 bit map per token: every element
+// within half a step of its channel's grid, as the receiver decodes it.
+TEST(Codec, MixedMapOnSmallGradientsStaysWithinHalfAStep) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(9);
+  at::Tensor x = at::randn({32, 22, 128}, gen) * 1e-4;
+  x.select(2, 7).mul_(50);
+  at::Tensor bits = at::randint(6, 9, {128}, gen, at::kByte);
+  CodecSpec s = CodecSpec::parse("amaq:budget=7,bmin=6,gran=token");
+  Codec sender(s), receiver(s);
+  Encoded e = sender.encode(x, with_bits(bits));
+  at::Tensor got = receiver.decode(e.packet);
+  ASSERT_TRUE(at::equal(got, e.decoded));
+  at::Tensor xr = x.reshape({-1, 128});
+  at::Tensor range = std::get<0>(xr.max(1, true)) - std::get<0>(xr.min(1, true));   // (rows, 1)
+  at::Tensor step = range / (at::pow(2.0, bits.to(at::kFloat)) - 1);                 // (rows, C)
+  at::Tensor err = (got.reshape({-1, 128}) - xr).abs();
+  EXPECT_LE((err / step).max().item<double>(), 0.51 + 1e-3);
+}
+
+}  // namespace
+}  // namespace amaq::quant
