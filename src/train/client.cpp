@@ -220,17 +220,13 @@ RunResult ClientTrainer::run(const Connector& connect) {
     // Steps.
     Progress progress(st.step, c.schedule.steps, c.progress_bar);
     const int64_t last = c.stop_after >= 0 ? std::min<int64_t>(c.stop_after, c.schedule.steps) : c.schedule.steps;
-    auto evaluate = [&](wire::Channel& chan) -> wire::Status {
-      if (val.examples.empty()) return wire::Status::Ok();
-      double nll = 0;
-      uint64_t tokens = 0, correct = 0, rows = 0, exact = 0;
-      const auto n = static_cast<int64_t>(val.examples.size());
-      const int64_t limit = c.eval_batches > 0 ? std::min(n, c.eval_batches * c.batch) : n;
+    // Rows [0, limit) of `d` through the server: per row NLL sum, labelled tokens, argmax hits.
+    auto eval_rows = [&](wire::Channel& chan, const Dataset& d, int64_t limit, std::vector<wire::EvalResultMsg::Row>* out) {
       at::NoGradGuard no_grad;
       for (int64_t at_row = 0; at_row < limit; at_row += c.batch) {
         std::vector<int64_t> idx;
         for (int64_t i = at_row; i < std::min(limit, at_row + c.batch); ++i) idx.push_back(i);
-        Batch b = make_batch(val, idx, pad_id);
+        Batch b = make_batch(d, idx, pad_id);
         at::Tensor h = st.side.part->forward(b.ids, b.mask);
         quant::EncodeArgs args;
         if (st.gates) args.bits = st.gates->bit_map();
@@ -242,22 +238,67 @@ RunResult ClientTrainer::run(const Connector& connect) {
         if (es.ok()) es = wire::EvalResultMsg::decode(f.payload, &res);
         if (!es.ok()) return es;
         if (res.rows.size() != idx.size()) return wire::Status::Fail(wire::ErrorCode::kBadMessage, "EVAL result with the wrong row count");
-        for (const auto& r : res.rows) {
-          nll += r.nll_sum;
-          tokens += r.tokens;
-          correct += r.correct;
-          exact += r.tokens > 0 && r.correct == r.tokens;
-          ++rows;
-        }
+        out->insert(out->end(), res.rows.begin(), res.rows.end());
+      }
+      return wire::Status::Ok();
+    };
+    auto evaluate = [&](wire::Channel& chan) -> wire::Status {
+      if (val.examples.empty()) return wire::Status::Ok();
+      const auto n = static_cast<int64_t>(val.examples.size());
+      const int64_t limit = c.eval_batches > 0 ? std::min(n, c.eval_batches * c.batch) : n;
+      std::vector<wire::EvalResultMsg::Row> rows;
+      wire::Status es = eval_rows(chan, val, limit, &rows);
+      if (!es.ok()) return es;
+      double nll = 0;
+      uint64_t tokens = 0, correct = 0, exact = 0;
+      for (const auto& r : rows) {
+        nll += r.nll_sum;
+        tokens += r.tokens;
+        correct += r.correct;
+        exact += r.tokens > 0 && r.correct == r.tokens;
       }
       const double loss = tokens ? nll / static_cast<double>(tokens) : 0.0;
       final_eval = {{"step", st.step},
                     {"loss", loss},
                     {"perplexity", std::exp(loss)},
                     {"token_accuracy", tokens ? static_cast<double>(correct) / static_cast<double>(tokens) : 0.0},
-                    {"exact_match", rows ? static_cast<double>(exact) / static_cast<double>(rows) : 0.0},
-                    {"sequences", rows},
+                    {"exact_match", rows.empty() ? 0.0 : static_cast<double>(exact) / static_cast<double>(rows.size())},
+                    {"sequences", rows.size()},
                     {"tokens", tokens}};
+      if (val.format == DataFormat::kClassification && !val.label_words.empty()) {
+        // Every label word after every text, scored by the server; the likeliest word is the answer.
+        Dataset cand;
+        std::vector<std::string> gold;
+        for (int64_t i = 0; i < limit; ++i) {
+          const Example& e = val.examples[static_cast<size_t>(i)];
+          size_t p = 0;
+          while (p < e.labels.size() && e.labels[p] == kIgnoreLabel) ++p;
+          std::vector<int64_t> answer(e.ids.begin() + static_cast<std::ptrdiff_t>(p), e.ids.end());
+          if (!answer.empty() && answer.back() == tok->eos_id()) answer.pop_back();
+          gold.push_back(tok->decode(answer));
+          for (const std::string& w : val.label_words) {
+            Example x;
+            x.ids.assign(e.ids.begin(), e.ids.begin() + static_cast<std::ptrdiff_t>(p));
+            x.labels.assign(p, kIgnoreLabel);
+            auto word = tok->encode(" " + w);
+            if (tok->eos_id() >= 0) word.push_back(tok->eos_id());
+            x.ids.insert(x.ids.end(), word.begin(), word.end());
+            x.labels.insert(x.labels.end(), word.begin(), word.end());
+            cand.examples.push_back(std::move(x));
+          }
+        }
+        std::vector<wire::EvalResultMsg::Row> scores;
+        es = eval_rows(chan, cand, static_cast<int64_t>(cand.examples.size()), &scores);
+        if (!es.ok()) return es;
+        const size_t W = val.label_words.size();
+        int64_t right = 0;
+        for (size_t i = 0; i < gold.size(); ++i) {
+          size_t best = 0;
+          for (size_t w = 1; w < W; ++w) best = scores[i * W + w].nll_sum < scores[i * W + best].nll_sum ? w : best;
+          right += " " + val.label_words[best] == gold[i];
+        }
+        final_eval["accuracy"] = gold.empty() ? 0.0 : static_cast<double>(right) / static_cast<double>(gold.size());
+      }
       metrics.write({{"eval", final_eval}});
       return wire::Status::Ok();
     };
@@ -284,7 +325,8 @@ RunResult ClientTrainer::run(const Connector& connect) {
       detail::add_aqsgd_state(*st.fwd, &tensors);
       files["state.safetensors"] = safetensors_bytes(tensors);
       files["optim.pt"] = optimizer_bytes(*st.side.opt);
-      files["state.json"] = nlohmann::json{{"step", st.step}, {"position", st.position}, {"run_id", run_id}}.dump(2);
+      files["state.json"] =
+          nlohmann::json{{"step", st.step}, {"position", st.position}, {"run_id", run_id}, {"side", st.side.options.to_json()}}.dump(2);
       write_checkpoint(ckpt_root, st.step, files);
       prune_checkpoints(ckpt_root, c.keep_checkpoints);
       if (final && !blob.empty()) {
@@ -525,16 +567,18 @@ void export_adapter(const std::string& run_dir, const std::string& out) {
   const std::string run_file = join_path(run_dir, "run.json");
   if (!file_exists(run_file)) throw Error(run_dir + " is not a run directory (no run.json)", "pass the client's --run-dir");
   const auto run = nlohmann::json::parse(read_file(run_file));
-  const SideOptions client = SideOptions::from_json(run.at("side"));
   const std::string server_dir = join_path(run_dir, "server_adapter");
   if (!file_exists(join_path(server_dir, "adapter_model.safetensors"))) {
     throw Error(run_dir + " has no server adapter", "it arrives with the final checkpoint: finish the run (or resume it) first");
   }
   const SideOptions server = SideOptions::from_json(nlohmann::json::parse(read_file(join_path(server_dir, "side.json"))));
-  if (client.full || server.full) throw Error("a side of this run trained full weights", "export writes LoRA adapters only");
   const auto steps = list_checkpoints(join_path(run_dir, "checkpoints"));
   if (steps.empty()) throw Error(run_dir + " has no checkpoint", "finish the run first");
-  const std::string ckpt = join_path(checkpoint_path(join_path(run_dir, "checkpoints"), steps.back()), "state.safetensors");
+  const std::string last = checkpoint_path(join_path(run_dir, "checkpoints"), steps.back());
+  const std::string ckpt = join_path(last, "state.safetensors");
+  // The client side as trained (a starting adapter brings its own rank and targets).
+  const SideOptions client = SideOptions::from_json(nlohmann::json::parse(read_file(join_path(last, "state.json"))).at("side"));
+  if (client.full || server.full) throw Error("a side of this run trained full weights", "export writes LoRA adapters only");
 
   NamedTensors tensors;
   std::map<std::string, const SideOptions*> modules;  // HF module name -> the side that trained it

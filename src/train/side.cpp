@@ -21,7 +21,13 @@ Side Side::build(const ModelConfig& config, const CheckpointReader& ckpt, SideRo
   if (options.full) {
     s.part->set_base_trainable(true);
   } else if (!options.init_adapter.empty()) {
-    load_peft_adapter(s.part, options.init_adapter);
+    // The adapter's own hyper-parameters are what this side trains with from here on.
+    const AdapterConfig a = load_peft_adapter(s.part, options.init_adapter);
+    s.options.lora_r = a.r;
+    s.options.lora_alpha = a.lora_alpha;
+    s.options.lora_dropout = a.lora_dropout;
+    s.options.rslora = a.use_rslora;
+    s.options.targets = a.target_modules;
   } else {
     std::lock_guard<std::mutex> lock(rng_mutex());
     at::manual_seed(seed);

@@ -2,6 +2,8 @@
 // stored in the run directory, both transports, and bad config files named.
 #include <gtest/gtest.h>
 
+#include <sstream>
+
 #include "core/fs.h"
 #include "testing.h"
 
@@ -43,6 +45,34 @@ TEST(TrainCli, TomlConfigUnderFlagsAndResolvedOptionsStored) {
   EXPECT_NE(testing::run_command(train_cmd(tmp, "broken", "--tokenizer byte --config " + tmp.file("broken.toml")), &out), 0);
   EXPECT_NE(out.find("not valid TOML"), std::string::npos) << out;
   EXPECT_NE(out.find("line 1"), std::string::npos) << out;
+}
+
+}  // namespace
+}  // namespace amaq
+
+namespace amaq {
+namespace {
+
+// The demo end to end at a tenth of its size: three runs over loopback TCP and the side-by-side
+// table, AMAQ sending a fraction of bf16's bytes.
+TEST(DemoCli, ThreeTransportsSideBySide) {
+  testing::TempDir tmp;
+  std::string out;
+  ASSERT_EQ(testing::run_command(std::string(AMAQ_BINARY) + " demo --quiet --dir " + tmp.file("demo") +
+                                     " --steps 40 --length 4 --train-examples 300 --val-examples 40 2>/dev/null",
+                                 &out),
+            0)
+      << out;
+  for (const char* row : {"\namaq ", "\nbf16 ", "\nfixed-4bit "}) EXPECT_NE(out.find(row), std::string::npos) << out;
+  const auto amaq = out.find("\namaq ");
+  const std::string line = out.substr(amaq + 1, out.find('\n', amaq + 1) - amaq - 1);
+  std::istringstream fields(line);
+  std::string name, exact, loss, mb_fwd, mb_bwd, mb_total, vs_bf16;
+  fields >> name >> exact >> loss >> mb_fwd >> mb_bwd >> mb_total >> vs_bf16;
+  EXPECT_LT(std::stod(vs_bf16), 45.0) << line;
+  for (const char* run : {"amaq", "bf16", "fixed-4bit"}) {
+    EXPECT_TRUE(file_exists(tmp.file(std::string("demo/") + run + "/summary.txt"))) << run;
+  }
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include "train/checkpoint.h"
 #include "train/data.h"
 #include "train/session.h"
+#include "train/eval.h"
 #include "train/side.h"
 #include "wire/tcp.h"
 
@@ -260,6 +261,38 @@ TEST(SplitRun, ScheduleWarmsUpThenDecaysByCosine) {
   EXPECT_DOUBLE_EQ(clip_coefficient(16.0, 2.0), 2.0 / (4.0 + 1e-6));
   EXPECT_EQ(clip_coefficient(1.0, 2.0), 1.0);
   EXPECT_EQ(clip_coefficient(100.0, 0.0), 1.0);
+}
+
+}  // namespace
+}  // namespace amaq::train
+
+namespace amaq::train {
+namespace {
+
+// Classification inside a split run: the server scores every label word; the accuracy is that of
+// the argmax over words, which the same weights give locally (evaluate_model on the unsplit model).
+TEST(SplitRun, ClassificationAccuracyThroughTheServerEqualsLocalEvaluation) {
+  testing::TempDir tmp;
+  std::string data;
+  for (int i = 0; i < 40; ++i) data += nlohmann::json{{"text", "item " + std::to_string(i * 7 % 13)}, {"label", i % 3 ? "yes" : "no"}}.dump() + "\n";
+  testing::write_bytes(tmp.file("cls.jsonl"), data);
+  ClientConfig c = base_config(tmp, "run");
+  c.data = c.val_data = tmp.file("cls.jsonl");
+  c.schedule.steps = 3;
+  c.schedule.warmup = 0;
+  c.side.init_adapter = kModel + "/adapter";
+  TrainServer srv(server_for(c, c.side));
+  RunResult r = run_in_process(srv, c);
+  ASSERT_TRUE(r.eval.contains("accuracy"));
+  // The same weights, unsplit: base + the adapter from the run's export.
+  export_adapter(c.run_dir, tmp.file("adapter"));
+  DecoderPart m = full_model(ModelConfig::load(kModel));
+  m->load_weights(CheckpointReader(kModel));
+  load_peft_adapter(m, tmp.file("adapter"));
+  ByteTokenizer tok;
+  const auto local = evaluate_model(m, Dataset::load(c.val_data, tok, c.seq_len), tok, 4, 4);
+  EXPECT_DOUBLE_EQ(r.eval["accuracy"].get<double>(), local["accuracy"].get<double>());
+  EXPECT_NEAR(r.eval["loss"].get<double>(), local["loss"].get<double>(), 1e-5);
 }
 
 }  // namespace
