@@ -5,6 +5,7 @@
 #include <spdlog/spdlog.h>
 
 #include <iostream>
+#include <tuple>
 
 #include "app/commands.h"
 #include "core/error.h"
@@ -16,23 +17,22 @@ int main(int argc, char** argv) {
   int threads = 0;
   app.add_option("--threads", threads, "torch intra-op threads (0 = one per core)");
 
+  using Adder = amaq::app::Run (*)(CLI::App&);
+  const std::vector<std::tuple<const char*, const char*, Adder>> table{
+      {"demo", "train a small model from scratch, split, with AMAQ vs bf16 vs fixed 4-bit (no downloads)", amaq::app::add_demo},
+      {"train", "split fine-tuning with both sides in this process (in-process or loopback TCP)", amaq::app::add_train},
+      {"server", "serve the server side of split fine-tuning (layers [K, L)) to clients", amaq::app::add_server},
+      {"client", "train the client side (data, embeddings, layers [0, K)) against a server", amaq::app::add_client},
+      {"export", "write a run's client + server LoRA as one PEFT adapter", amaq::app::add_export},
+      {"eval", "evaluate a model (+ adapter): perplexity, classification or generation accuracy", amaq::app::add_eval},
+      {"tokenize", "text (JSON strings, one per line) to token ids, or back with --decode", amaq::app::add_tokenize},
+      {"forward", "run a checkpoint (optionally split and with an adapter) on token ids", amaq::app::add_forward},
+  };
   std::vector<std::pair<CLI::App*, amaq::app::Run>> commands;
-  auto* forward = app.add_subcommand("forward", "run a checkpoint (optionally split and with an adapter) on token ids");
-  commands.emplace_back(forward, amaq::app::add_forward(*forward));
-  auto* server = app.add_subcommand("server", "serve the server side of split fine-tuning (layers [K, L)) to clients");
-  commands.emplace_back(server, amaq::app::add_server(*server));
-  auto* client = app.add_subcommand("client", "train the client side (data, embeddings, layers [0, K)) against a server");
-  commands.emplace_back(client, amaq::app::add_client(*client));
-  auto* train = app.add_subcommand("train", "split fine-tuning with both sides in this process (in-process or loopback TCP)");
-  commands.emplace_back(train, amaq::app::add_train(*train));
-  auto* exp = app.add_subcommand("export", "write a run's client + server LoRA as one PEFT adapter");
-  commands.emplace_back(exp, amaq::app::add_export(*exp));
-  auto* demo = app.add_subcommand("demo", "train a small model from scratch, split, with AMAQ vs bf16 vs fixed 4-bit (no downloads)");
-  commands.emplace_back(demo, amaq::app::add_demo(*demo));
-  auto* tokenize = app.add_subcommand("tokenize", "text (JSON strings, one per line) to token ids, or back with --decode");
-  commands.emplace_back(tokenize, amaq::app::add_tokenize(*tokenize));
-  auto* eval = app.add_subcommand("eval", "evaluate a model (+ adapter): perplexity, classification or generation accuracy");
-  commands.emplace_back(eval, amaq::app::add_eval(*eval));
+  for (const auto& [name, help, add] : table) {
+    CLI::App* sub = app.add_subcommand(name, help);
+    commands.emplace_back(sub, add(*sub));
+  }
 
   CLI11_PARSE(app, argc, argv);
   // Logs go to stderr; stdout carries results (the port a server listens on, exported paths).

@@ -166,7 +166,9 @@ void expect_resume_matches(const std::string& fwd, const std::string& bwd) {
   auto a = load_safetensors(checkpoint_path(c.run_dir + "/checkpoints", 10) + "/state.safetensors");
   auto b = load_safetensors(checkpoint_path(second.run_dir + "/checkpoints", 10) + "/state.safetensors");
   for (auto& [k, t] : a) {
-    if (k != "rng") EXPECT_TRUE(at::equal(t, b.at(k))) << k;
+    if (k != "rng") {
+      EXPECT_TRUE(at::equal(t, b.at(k))) << k;
+    }
   }
 }
 
