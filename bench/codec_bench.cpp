@@ -1,5 +1,8 @@
 // Encode and decode throughput of every codec on an activation of (8, 512, 2048) fp32, next to a
 // memcpy and a tensor clone of the same bytes. GB/s are of fp32 input. `make bench` writes JSON.
+// With the CUDA kernels built and a GPU present, the cuda/ rows time the same on the GPU: encode
+// from a device tensor to the packet in host memory, decode from the host packet to a device
+// tensor (each includes its one host/device copy of the packed bytes), next to a device clone.
 #include <benchmark/benchmark.h>
 
 #include <cstring>
@@ -72,6 +75,58 @@ void BM_Decode(benchmark::State& state, const std::string& text) {
   set_counters(state, packet.size());
 }
 
+// ---- CUDA --------------------------------------------------------------------------------------
+
+const at::Tensor& device_activation() {
+  static at::Tensor x = activation().to(at::kCUDA);
+  return x;
+}
+
+void BM_CudaClone(benchmark::State& state) {
+  for (auto _ : state) {
+    at::Tensor y = device_activation().clone();
+    y.sum().item<float>();  // waits for the copy
+  }
+  set_counters(state, 0);
+}
+
+void BM_CudaEncode(benchmark::State& state, const std::string& text, at::ScalarType dtype) {
+  CodecSpec spec = CodecSpec::parse(text);
+  Codec codec(spec);
+  EncodeArgs args = args_for(spec);
+  const at::Tensor x = device_activation().to(dtype);
+  size_t bytes = codec.encode(x, args).packet.size();
+  for (auto _ : state) bytes = codec.encode(x, args).packet.size();  // the packet is on the host: synchronous
+  set_counters(state, bytes);
+}
+
+void BM_CudaDecode(benchmark::State& state, const std::string& text) {
+  CodecSpec spec = CodecSpec::parse(text);
+  Codec sender(spec), receiver(spec);
+  EncodeArgs args = args_for(spec);
+  receiver.decode(sender.encode(device_activation(), args).packet, at::kCUDA);
+  std::string packet = sender.encode(device_activation(), args).packet;
+  for (auto _ : state) {
+    at::Tensor y = receiver.decode(packet, at::kCUDA);
+    y.select(2, 0).sum().item<float>();  // waits for the kernel
+  }
+  set_counters(state, packet.size());
+}
+
+void register_cuda(const std::vector<const char*>& codecs) {
+  if (!cuda_codecs_built() || !at::hasCUDA()) return;
+  benchmark::RegisterBenchmark("cuda/clone", BM_CudaClone)->Unit(benchmark::kMillisecond)->UseRealTime();
+  for (const char* c : codecs) {
+    const std::string name(c);
+    benchmark::RegisterBenchmark(("cuda/encode/" + name).c_str(), BM_CudaEncode, name, at::kFloat)->Unit(benchmark::kMillisecond)->UseRealTime();
+    if (name.rfind("aqsgd", 0) != 0) {
+      benchmark::RegisterBenchmark(("cuda/encode-bf16/" + name).c_str(), BM_CudaEncode, name, at::kBFloat16)
+          ->Unit(benchmark::kMillisecond)->UseRealTime();
+    }
+    benchmark::RegisterBenchmark(("cuda/decode/" + name).c_str(), BM_CudaDecode, name)->Unit(benchmark::kMillisecond)->UseRealTime();
+  }
+}
+
 const char* kCodecs[] = {"none:bf16", "fixed:bits=4,group=128", "fixed:bits=4,gran=token", "amaq:budget=4,group=128",
                          "aqsgd:bits=4"};
 
@@ -82,6 +137,7 @@ int register_all() {
     benchmark::RegisterBenchmark((std::string("encode/") + c).c_str(), BM_Encode, std::string(c))->Unit(benchmark::kMillisecond)->UseRealTime();
     benchmark::RegisterBenchmark((std::string("decode/") + c).c_str(), BM_Decode, std::string(c))->Unit(benchmark::kMillisecond)->UseRealTime();
   }
+  register_cuda({"fixed:bits=4,group=128", "fixed:bits=4,gran=token", "amaq:budget=4,group=128", "aqsgd:bits=4"});
   return 0;
 }
 

@@ -12,27 +12,11 @@
 namespace amaq::quant {
 
 uint16_t half_bits_rounded(float v, bool up) {
-  c10::Half h(v);
-  uint16_t bits = h.x;
-  float back = static_cast<float>(h);
-  if (up ? back >= v : back <= v) return bits;
-  // One fp16 ulp further in the wanted direction.
-  const bool neg = bits & 0x8000;
-  const uint16_t mag = bits & 0x7fff;
-  if (mag == 0) return up ? 0x0001 : 0x8001;
-  return (up != neg) ? static_cast<uint16_t>(bits + 1) : static_cast<uint16_t>(bits - 1);
+  const c10::Half h(v);  // round to nearest even, as __float2half_rn on CUDA
+  return nudge_half(h.x, static_cast<float>(h), v, up);
 }
 
 float half_bits_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
-
-float stochastic_uniform(uint64_t seed, uint64_t index) {
-  // splitmix64 of (seed, index): stateless, so every thread and every implementation agrees.
-  uint64_t z = seed * 0x9E3779B97F4A7C15ull + index + 0x632BE59BD9B4E019ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
-}
 
 namespace {
 
@@ -45,23 +29,13 @@ void check_input(const at::Tensor& x, const at::Tensor& bits, const AffineLayout
 
 float tensor_scale(float max_abs) { return max_abs > 0 ? max_abs : 1.0f; }
 
-// The one formula for a channel's step, used by every path.
-inline float step_of(float lo, float hi, int b) { return (hi - lo) / static_cast<float>((1 << b) - 1); }
-
-// Clamping u to [0, qmax] before rounding equals clamping after: the bounds are integers and
-// rounding is monotone. Stochastic: floor(u + r) of a non-negative value is its truncation.
-inline uint8_t quantize_one(float x, float lo, float step, int b, Rounding rounding, uint64_t seed, uint64_t index) {
-  if (!(step > 0)) return 0;
-  const float qmax = static_cast<float>((1 << b) - 1);
-  const float u = (x - lo) / step;
-  if (rounding == Rounding::kNearest) return static_cast<uint8_t>(round_half_even(std::min(std::max(u, 0.0f), qmax)));
-  const float v = std::min(std::max(u + stochastic_uniform(seed, index), 0.0f), qmax);
-  return static_cast<uint8_t>(static_cast<int>(v));
-}
-
-inline float dequantize_one(uint8_t code, float lo, float step) { return lo + static_cast<float>(code) * step; }
-
 }  // namespace
+
+void throw_non_finite(int64_t bad, int64_t n, int64_t first) {
+  throw Error("tensor to encode has " + std::to_string(bad) + " NaN/Inf values of " + std::to_string(n) + " (first at flat index " +
+                  std::to_string(first) + ")",
+              "training diverged: lower the learning rate, enable gradient clipping, or check the input data");
+}
 
 float checked_max_abs(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "checked_max_abs takes contiguous fp32");
@@ -94,11 +68,7 @@ float checked_max_abs(const at::Tensor& x) {
     total_bad += bad[c];
     if (first_bad < 0 && first[c] >= 0) first_bad = first[c];
   }
-  if (total_bad > 0) {
-    throw Error("tensor to encode has " + std::to_string(total_bad) + " NaN/Inf values of " + std::to_string(n) +
-                    " (first at flat index " + std::to_string(first_bad) + ")",
-                "training diverged: lower the learning rate, enable gradient clipping, or check the input data");
-  }
+  if (total_bad > 0) throw_non_finite(total_bad, n, first_bad);
   return m;
 }
 

@@ -11,10 +11,11 @@
 
 #include <cstdint>
 
+#include "quant/quant_math.h"
+
 namespace amaq::quant {
 
 enum class Granularity : uint8_t { kToken = 1, kChannel = 2, kGroup = 3 };
-enum class Rounding : uint8_t { kNearest = 0, kStochastic = 1 };
 
 struct AffineLayout {
   int64_t rows = 0, cols = 0;
@@ -55,16 +56,11 @@ at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const
 /// gradient needs.
 std::pair<at::Tensor, at::Tensor> affine_lo_step(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout);
 
-/// Round half to even without libm: exact for |v| < 2^22 (adding 1.5 * 2^23 leaves no fraction bits),
-/// so it vectorises and every path rounds alike.
-inline float round_half_even(float v) { return (v + 12582912.0f) - 12582912.0f; }
-
 /// max |x| over a contiguous fp32 tensor, multi-threaded; throws amaq::Error naming the count and
 /// first index of NaN/Inf values.
 float checked_max_abs(const at::Tensor& x);
-
-/// The uniform random number in [0, 1) used to stochastically round element `index` under `seed`.
-float stochastic_uniform(uint64_t seed, uint64_t index);
+/// The error checked_max_abs (and the CUDA path) throws for `bad` NaN/Inf values of n.
+[[noreturn]] void throw_non_finite(int64_t bad, int64_t n, int64_t first);
 
 /// The fp16 value nearest to v, moved one ulp toward -inf (up = false) or +inf (up = true) when
 /// needed so that it does not lie above (below) v; returned as its bits.

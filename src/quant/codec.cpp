@@ -6,6 +6,9 @@
 #include <cmath>
 
 #include "quant/bitpack.h"
+#if AMAQ_HAVE_CUDA
+#include "quant/cuda/codec_cuda.h"
+#endif
 
 namespace amaq::quant {
 namespace {
@@ -75,10 +78,25 @@ at::Tensor unpack(ByteReader& r, int64_t rows, const at::Tensor& bits, Impl impl
   return impl == Impl::kRef ? unpack_ref(p, n, rows, bits) : unpack_fast(p, n, rows, bits);
 }
 
-// AQ-SGD's symmetric step for a channel: max-abs over `levels` = 2^(b-1) - 1.
-inline float sym_step(uint16_t amax16, float scale, int levels) { return half_bits_to_float(amax16) * scale / static_cast<float>(levels); }
+// True for tensors on a GPU, which go through the CUDA kernels; refuses them in a build without.
+bool on_gpu(const at::Tensor& x) {
+  if (!x.is_cuda()) return false;
+#if !AMAQ_HAVE_CUDA
+  throw Error("a CUDA tensor reached a codec, but this build has no CUDA kernels",
+              "build amaq against a libtorch with CUDA (and nvcc installed), or keep the tensors on the CPU");
+#endif
+  return true;
+}
 
 }  // namespace
+
+bool cuda_codecs_built() {
+#if AMAQ_HAVE_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
 
 double mean_bits(const at::Tensor& bits) { return bits.to(at::kDouble).mean().item<double>(); }
 
@@ -88,10 +106,15 @@ Codec::Codec(CodecSpec spec, Impl impl, AqsgdOptions aqsgd) : spec_(spec), impl_
 
 Encoded Codec::encode(const at::Tensor& x_in, const EncodeArgs& args) {
   TORCH_CHECK(x_in.dim() >= 1 && x_in.dim() <= 4, "codecs take tensors of 1 to 4 dims, got ", x_in.sizes());
-  at::Tensor x = x_in.detach().to(at::kCPU).contiguous();
-  // Refuse NaN/Inf before anything goes out (the fast affine quantizer checks in its own max pass).
+  const bool gpu = on_gpu(x_in);
+  at::Tensor x = gpu ? x_in.detach().contiguous() : x_in.detach().to(at::kCPU).contiguous();
+  // Refuse NaN/Inf before anything goes out (the fast affine quantizers check in their own max pass).
   const bool affine = spec_.codec == CodecId::kFixed || spec_.codec == CodecId::kAmaq;
-  if (!affine || impl_ == Impl::kRef) checked_max_abs(x.scalar_type() == at::kFloat ? x : x.to(at::kFloat));
+  if (gpu && !affine) {
+    if (!at::isfinite(x).all().item<bool>()) checked_max_abs(x.to(at::kCPU, at::kFloat).contiguous());  // names them
+  } else if (!affine || impl_ == Impl::kRef) {
+    checked_max_abs(x.scalar_type() == at::kFloat ? x : x.to(at::kFloat));
+  }
   switch (spec_.codec) {
     case CodecId::kNone: {
       Encoded e;
@@ -102,7 +125,7 @@ Encoded Codec::encode(const at::Tensor& x_in, const EncodeArgs& args) {
       h.wire_dtype = static_cast<uint8_t>(spec_.dtype);
       write_header(w, h, x.sizes());
       at::Tensor wire = x.to(to_scalar(spec_.dtype)).contiguous();
-      write_bytes(w, wire);
+      write_bytes(w, wire.cpu());
       e.packet = std::move(w.str());
       e.decoded = wire.to(x.scalar_type());
       return e;
@@ -122,12 +145,26 @@ Encoded Codec::encode_affine(const at::Tensor& x, const at::Tensor& bits, const 
   Encoded e;
   const int64_t C = x.size(-1);
   e.layout = AffineLayout{x.numel() / C, C, spec_.granularity, spec_.group};
-  at::Tensor x2 = x.to(at::kFloat).reshape({e.layout.rows, C}).contiguous();
   e.bits = bits;
-  e.quant = impl_ == Impl::kRef ? affine_quantize_ref(x2, bits, e.layout, spec_.rounding, args.seed)
-                                : affine_quantize(x2, bits, e.layout, spec_.rounding, args.seed);
-  at::Tensor deq = impl_ == Impl::kRef ? affine_dequantize_ref(e.quant, bits, e.layout) : affine_dequantize(e.quant, bits, e.layout);
-  e.decoded = deq.view(x.sizes()).to(x.scalar_type());
+  std::string codes;
+  if (on_gpu(x)) {
+#if AMAQ_HAVE_CUDA
+    // Fused kernels: the codes exist only packed (e.quant.codes stays undefined).
+    cuda::AffineEncoded g = cuda::affine_encode(x.reshape({e.layout.rows, C}), bits, e.layout, spec_.rounding, args.seed);
+    e.quant.scale = g.scale;
+    e.quant.lo = g.lo;
+    e.quant.hi = g.hi;
+    e.decoded = g.decoded.view(x.sizes());
+    codes = std::move(g.packed);
+#endif
+  } else {
+    at::Tensor x2 = x.to(at::kFloat).reshape({e.layout.rows, C}).contiguous();
+    e.quant = impl_ == Impl::kRef ? affine_quantize_ref(x2, bits, e.layout, spec_.rounding, args.seed)
+                                  : affine_quantize(x2, bits, e.layout, spec_.rounding, args.seed);
+    at::Tensor deq = impl_ == Impl::kRef ? affine_dequantize_ref(e.quant, bits, e.layout) : affine_dequantize(e.quant, bits, e.layout);
+    e.decoded = deq.view(x.sizes()).to(x.scalar_type());
+    codes = pack(e.quant.codes, bits, impl_);
+  }
 
   ByteWriter w;
   PacketHeader h;
@@ -153,7 +190,7 @@ Encoded Codec::encode_affine(const at::Tensor& x, const at::Tensor& bits, const 
     w.append(static_cast<const char*>(e.quant.lo.data_ptr()) + 2 * g, 2);
     w.append(static_cast<const char*>(e.quant.hi.data_ptr()) + 2 * g, 2);
   }
-  w.str() += pack(e.quant.codes, bits, impl_);
+  w.str() += codes;
   e.packet = std::move(w.str());
   return e;
 }
@@ -172,17 +209,24 @@ Encoded Codec::encode_aqsgd(const at::Tensor& x, const EncodeArgs& args) {
   }
   const int64_t nd = static_cast<int64_t>(delta_rows.size());
   // Deltas against the memory, their per-channel max-abs relative to one tensor scale.
-  at::Tensor deltas = at::empty({nd, T, C}, at::kFloat);
-  std::vector<at::Tensor> memory(nd);  // each delta sample's memory, fetched once
-  for (int64_t i = 0; i < nd; ++i) {
-    memory[i] = buffer_->get(args.sample_ids[delta_rows[i]]);
-    at::Tensor slot = deltas[i];
-    at::sub_out(slot, xf[delta_rows[i]], memory[i]);
+  const bool gpu = on_gpu(x);
+  at::Tensor deltas = at::empty({nd, T, C}, xf.options());
+  std::vector<at::Tensor> memory(nd);  // each delta sample's memory (CPU), fetched once
+  for (int64_t i = 0; i < nd; ++i) memory[i] = buffer_->get(args.sample_ids[delta_rows[i]]);
+  at::Tensor mem_gpu;  // gpu: the delta samples' memories (nd * T, C), updated there and copied back
+  if (gpu && nd) {
+    mem_gpu = at::stack(memory).to(x.device()).view({nd * T, C});
+    at::sub_out(deltas, xf.index_select(0, at::tensor(delta_rows, at::kLong).to(x.device())), mem_gpu.view({nd, T, C}));
+  } else {
+    for (int64_t i = 0; i < nd; ++i) {
+      at::Tensor slot = deltas[i];
+      at::sub_out(slot, xf[delta_rows[i]], memory[i]);
+    }
   }
   at::Tensor amax = at::empty({0, C});  // (nd, C) max |d| over tokens, without a full-size |d| temporary
   if (nd) {
     auto [mn, mx] = at::aminmax(deltas, 1);
-    amax = at::maximum(mx, mn.neg()).contiguous();
+    amax = at::maximum(mx, mn.neg()).to(at::kCPU).contiguous();
   }
   const float max_abs = nd ? amax.max().item<float>() : 0.0f;
   const float scale = max_abs > 0 ? max_abs : 1.0f;
@@ -192,31 +236,22 @@ Encoded Codec::encode_aqsgd(const at::Tensor& x, const EncodeArgs& args) {
   std::vector<float> steps(nd * C);  // per (sample, channel), from the stored fp16 as the receiver computes it
   for (int64_t i = 0; i < nd * C; ++i) {
     a16[i] = half_bits_rounded(ap[i] / scale, /*up=*/true);
-    steps[i] = sym_step(a16[i], scale, levels);
+    steps[i] = sym_step(half_bits_to_float(a16[i]), scale, levels);
   }
   // Codes: round(d / step) + levels, symmetric; the same expression on both paths.
   // The dequantized delta goes straight into the sample's memory: m += (code - levels) * step.
-  at::Tensor codes = at::empty({nd * T, C}, at::kByte);
-  const float* dp = deltas.data_ptr<float>();
-  uint8_t* cp = codes.data_ptr<uint8_t>();
-  std::vector<float*> mem(nd);
-  for (int64_t i = 0; i < nd; ++i) mem[i] = memory[i].data_ptr<float>();
-  auto quantize_row = [&](int64_t row) {  // row in [0, nd * T)
-    const int64_t i = row / T;
-    float* mp = mem[i] + (row - i * T) * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const float step = steps[i * C + c];
-      const float d = dp[row * C + c];
-      const float L = static_cast<float>(levels);
-      const float q = step > 0 ? round_half_even(std::min(std::max(d / step, -L), L)) : 0.0f;
-      cp[row * C + c] = static_cast<uint8_t>(q + static_cast<float>(levels));
-      mp[c] += q * step;
+  std::string packed_codes;
+  if (gpu) {
+#if AMAQ_HAVE_CUDA
+    if (nd) {
+      at::Tensor step_t = at::from_blob(steps.data(), {nd, C}, at::kFloat);
+      packed_codes = cuda::sym_encode(deltas.view({nd * T, C}), step_t, T, spec_.bits, mem_gpu);
+      at::Tensor updated = mem_gpu.view({nd, T, C}).cpu();
+      for (int64_t i = 0; i < nd; ++i) memory[i].copy_(updated[i]);
     }
-  };
-  if (impl_ == Impl::kRef) {
-    for (int64_t row = 0; row < nd * T; ++row) quantize_row(row);
+#endif
   } else {
-    at::parallel_for(0, nd * T, 16, [&](int64_t r0, int64_t r1) { for (int64_t r = r0; r < r1; ++r) quantize_row(r); });
+    packed_codes = quantize_sym_cpu(deltas, steps, memory, levels);
   }
 
   Encoded e;
@@ -234,7 +269,7 @@ Encoded Codec::encode_aqsgd(const at::Tensor& x, const EncodeArgs& args) {
   write_bytes(w, amax16);
   for (int64_t b = 0; b < B; ++b) {
     if (!kinds[b]) continue;
-    at::Tensor full = x[b].contiguous();  // the first pass goes in the input's own precision
+    at::Tensor full = x[b].to(at::kCPU).contiguous();  // the first pass goes in the input's own precision
     write_bytes(w, full);
     at::Tensor m = full.to(at::kFloat).clone();
     buffer_->put(args.sample_ids[b], m);
@@ -244,13 +279,40 @@ Encoded Codec::encode_aqsgd(const at::Tensor& x, const EncodeArgs& args) {
     buffer_->put(args.sample_ids[delta_rows[i]], memory[i]);  // re-inserts it if it was spilled meanwhile
     e.decoded[delta_rows[i]].copy_(memory[i]);
   }
-  w.str() += pack(codes, e.bits, impl_);
+  w.str() += packed_codes;
   e.packet = std::move(w.str());
-  e.decoded = e.decoded.to(x.scalar_type());
+  e.decoded = e.decoded.to(x.device(), x.scalar_type());
   return e;
 }
 
-at::Tensor Codec::decode(std::string_view packet) {
+std::string Codec::quantize_sym_cpu(const at::Tensor& deltas, const std::vector<float>& steps, std::vector<at::Tensor>& memory,
+                                    int levels) {
+  const int64_t nd = deltas.size(0), T = deltas.size(1), C = deltas.size(2);
+  at::Tensor codes = at::empty({nd * T, C}, at::kByte);
+  const float* dp = deltas.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  std::vector<float*> mem(nd);
+  for (int64_t i = 0; i < nd; ++i) mem[i] = memory[i].data_ptr<float>();
+  auto quantize_row = [&](int64_t row) {  // row in [0, nd * T)
+    const int64_t i = row / T;
+    float* mp = mem[i] + (row - i * T) * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const float step = steps[i * C + c];
+      const float d = dp[row * C + c];
+      const float q = sym_level(d, step, levels);
+      cp[row * C + c] = static_cast<uint8_t>(q + static_cast<float>(levels));
+      mp[c] += q * step;
+    }
+  };
+  if (impl_ == Impl::kRef) {
+    for (int64_t row = 0; row < nd * T; ++row) quantize_row(row);
+  } else {
+    at::parallel_for(0, nd * T, 16, [&](int64_t r0, int64_t r1) { for (int64_t r = r0; r < r1; ++r) quantize_row(r); });
+  }
+  return pack(codes, at::full({C}, spec_.bits, at::kByte), impl_);
+}
+
+at::Tensor Codec::decode(std::string_view packet, at::Device device) {
   ByteReader r(packet);
   auto h = r.get<PacketHeader>("header");
   if (h.magic != kPacketMagic) throw PacketError("bad magic (not an amaq packet)");
@@ -277,16 +339,17 @@ at::Tensor Codec::decode(std::string_view packet) {
     const uint8_t* p = r.take(static_cast<uint64_t>(numel) * at::elementSize(t), "raw values");
     out = at::empty(shape, t);
     if (numel > 0) std::memcpy(out.data_ptr(), p, static_cast<size_t>(numel) * at::elementSize(t));
-    out = out.to(to_scalar(static_cast<WireDtype>(h.dtype)));
+    out = out.to(device, to_scalar(static_cast<WireDtype>(h.dtype)));
   } else {
     if (shape.back() == 0) throw PacketError("zero channels");
-    out = spec_.codec == CodecId::kAqsgd ? decode_aqsgd(r, h, shape) : decode_affine(r, h, shape);
+    if (device.is_cuda()) on_gpu(at::empty({0}, at::TensorOptions().device(device)));  // refused without CUDA kernels
+    out = spec_.codec == CodecId::kAqsgd ? decode_aqsgd(r, h, shape, device) : decode_affine(r, h, shape, device);
   }
   r.expect_end();
   return out;
 }
 
-at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape) {
+at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device) {
   const int64_t C = shape.back();
   int64_t numel = 1;
   for (auto d : shape) numel *= d;
@@ -315,12 +378,19 @@ at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std:
   q.lo = pairs.select(1, 0).contiguous();
   q.hi = pairs.select(1, 1).contiguous();
   if ((q.lo.to(at::kFloat) > q.hi.to(at::kFloat)).any().item<bool>()) throw PacketError("a range has lo > hi");
+  const at::ScalarType out_type = to_scalar(static_cast<WireDtype>(h.dtype));
+  if (device.is_cuda()) {
+#if AMAQ_HAVE_CUDA
+    const int64_t n = packed_bytes(layout.rows, bits);
+    return cuda::affine_decode(r.take(static_cast<uint64_t>(n), "packed codes"), n, q, bits, layout, out_type, device).view(shape);
+#endif
+  }
   q.codes = unpack(r, layout.rows, bits, impl_);
   at::Tensor deq = impl_ == Impl::kRef ? affine_dequantize_ref(q, bits, layout) : affine_dequantize(q, bits, layout);
-  return deq.view(shape).to(to_scalar(static_cast<WireDtype>(h.dtype)));
+  return deq.view(shape).to(out_type);
 }
 
-at::Tensor Codec::decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape) {
+at::Tensor Codec::decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device) {
   if (shape.size() != 3) throw PacketError("aqsgd packets carry (B, T, C)");
   if (h.bits < 2 || h.bits > 8) throw PacketError("aqsgd bit-width " + std::to_string(h.bits) + " not in 2..8");
   const int64_t B = shape[0], T = shape[1], C = shape[2];
@@ -350,24 +420,45 @@ at::Tensor Codec::decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::
     buffer_->put(ids[b], m);
     out[b].copy_(m);
   }
-  at::Tensor codes = unpack(r, nd * T, at::full({C}, static_cast<int>(h.bits), at::kByte), impl_);
+  std::vector<float> steps(nd * C);  // per (delta sample, channel)
+  for (int64_t i = 0; i < nd * C; ++i) steps[i] = sym_step(half_bits_to_float(a16[i]), h.scale, levels);
+  const at::ScalarType out_type = to_scalar(static_cast<WireDtype>(h.dtype));
+  const at::Tensor bits = at::full({C}, static_cast<int>(h.bits), at::kByte);
+  if (device.is_cuda()) {
+#if AMAQ_HAVE_CUDA
+    const int64_t n = packed_bytes(nd * T, bits);
+    const uint8_t* p = r.take(static_cast<uint64_t>(n), "packed codes");
+    if (nd) {
+      std::vector<at::Tensor> memory(nd);
+      for (int64_t i = 0; i < nd; ++i) memory[i] = buffer_->get(ids[delta_rows[i]]);
+      at::Tensor m = at::stack(memory).to(device).view({nd * T, C});
+      cuda::sym_decode(p, n, at::from_blob(steps.data(), {nd, C}, at::kFloat), T, h.bits, m);
+      at::Tensor updated = m.view({nd, T, C}).cpu();
+      for (int64_t i = 0; i < nd; ++i) {
+        buffer_->put(ids[delta_rows[i]], updated[i].clone());
+        out[delta_rows[i]].copy_(updated[i]);
+      }
+    }
+    return out.to(device, out_type);
+#endif
+  }
+  at::Tensor codes = unpack(r, nd * T, bits, impl_);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
-  std::vector<float> steps(C);
   for (int64_t i = 0; i < nd; ++i) {
     at::Tensor m = buffer_->get(ids[delta_rows[i]]);
     float* mp = m.data_ptr<float>();
-    for (int64_t c = 0; c < C; ++c) steps[c] = sym_step(a16[i * C + c], h.scale, levels);
+    const float* st = steps.data() + i * C;
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t c = 0; c < C; ++c) {
         const int code = cp[(i * T + t) * C + c];
         if (code > 2 * levels) throw PacketError("aqsgd code " + std::to_string(code) + " out of range");
-        mp[t * C + c] += static_cast<float>(code - levels) * steps[c];
+        mp[t * C + c] += static_cast<float>(code - levels) * st[c];
       }
     }
     buffer_->put(ids[delta_rows[i]], m);
     out[delta_rows[i]].copy_(m);
   }
-  return out.to(to_scalar(static_cast<WireDtype>(h.dtype)));
+  return out.to(out_type);
 }
 
 }  // namespace amaq::quant

@@ -17,9 +17,12 @@
 
 namespace amaq::quant {
 
-/// Which kernels a codec uses: the plain reference or the fast multi-threaded CPU path. Both write
-/// the same bytes (tested).
+/// Which kernels a codec uses on the CPU: the plain reference or the fast multi-threaded path. Both
+/// write the same bytes (tested). Tensors on a GPU (and decodes to a GPU) take the CUDA kernels.
 enum class Impl { kFast, kRef };
+
+/// Whether this build has the CUDA kernels (a libtorch with CUDA and nvcc were found).
+bool cuda_codecs_built();
 
 struct EncodeArgs {
   at::Tensor bits;                  ///< amaq: (C,) uint8 bit map to use
@@ -30,7 +33,7 @@ struct EncodeArgs {
 struct Encoded {
   std::string packet;
   at::Tensor decoded;  ///< exactly what decode(packet) returns on the other side, in the input dtype
-  AffineQuant quant;   ///< fixed, amaq: codes and ranges (for the gates' gradient)
+  AffineQuant quant;   ///< fixed, amaq: codes and ranges (for the gates' gradient); CUDA: ranges only
   AffineLayout layout;
   at::Tensor bits;     ///< (C,) uint8 bit-width per channel used (quantizing codecs)
   double bits_per_element() const { return 8.0 * static_cast<double>(packet.size()) / static_cast<double>(decoded.numel()); }
@@ -46,8 +49,9 @@ class Codec {
   explicit Codec(CodecSpec spec, Impl impl = Impl::kFast, AqsgdOptions aqsgd = {});
   /// x (..., C) fp32/bf16/fp16, finite. Refuses NaN/Inf with an error naming the count.
   Encoded encode(const at::Tensor& x, const EncodeArgs& args = {});
-  /// Validates every field before use; throws PacketError naming the problem.
-  at::Tensor decode(std::string_view packet);
+  /// Validates every field before use; throws PacketError naming the problem. The result lands on
+  /// `device`; a CUDA device decodes with the CUDA kernels.
+  at::Tensor decode(std::string_view packet, at::Device device = at::kCPU);
 
   const CodecSpec& spec() const { return spec_; }
   /// amaq receiver: the bit map of the last packet decoded (undefined before the first).
@@ -58,8 +62,10 @@ class Codec {
  private:
   Encoded encode_affine(const at::Tensor& x, const at::Tensor& bits, const EncodeArgs& args);
   Encoded encode_aqsgd(const at::Tensor& x, const EncodeArgs& args);
-  at::Tensor decode_affine(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape);
-  at::Tensor decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape);
+  // Symmetric codes of the deltas (nd, T, C) with per (sample, channel) steps, added into the memories; packed.
+  std::string quantize_sym_cpu(const at::Tensor& deltas, const std::vector<float>& steps, std::vector<at::Tensor>& memory, int levels);
+  at::Tensor decode_affine(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device);
+  at::Tensor decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device);
 
   CodecSpec spec_;
   Impl impl_;

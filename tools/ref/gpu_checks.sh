@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# What a session with the GPU machine checks, in one call (see tools/ref/README.md):
+#   1. amaq builds against PyTorch 2.x's libtorch with CUDA (and with it the CUDA codec glue);
+#   2. the unit tests pass there, the CUDA kernel tests among them (also under compute-sanitizer);
+#   3. `amaq_bench` times the codecs on CPU and CUDA (JSON);
+#   4. an adapter trained and exported by amaq loads in Python PEFT and gives amaq's logits.
+# Usage: tools/ref/gpu_checks.sh OUT_DIR [steps...]   (steps: build tests sanitize bench peft; default all)
+# Packages the image lacks may be carried in .carry/ (Google Benchmark, OpenSSL headers).
+set -u
+OUT=${1:?usage: gpu_checks.sh OUT_DIR [steps]}
+shift
+STEPS=${*:-build tests sanitize bench peft}
+B=build-gpu
+mkdir -p "$OUT"
+log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+export LD_LIBRARY_PATH=$PWD/.carry/bench/lib:${LD_LIBRARY_PATH:-}
+
+if want build; then
+  extra=()
+  [ -d .carry/bench ] && extra+=(-Dbenchmark_DIR=$PWD/.carry/bench)
+  [ -f /usr/include/openssl/ssl.h ] || extra+=(-DOPENSSL_ROOT_DIR=$PWD/.carry/ssl -DOPENSSL_INCLUDE_DIR=$PWD/.carry/ssl/include
+                                              -DOPENSSL_SSL_LIBRARY=$PWD/.carry/ssl/lib/libssl.so -DOPENSSL_CRYPTO_LIBRARY=$PWD/.carry/ssl/lib/libcrypto.so)
+  [ -d .carry/ssl ] && export LD_LIBRARY_PATH=$PWD/.carry/ssl/lib:$LD_LIBRARY_PATH
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/summary.txt"
+  start=$(date +%s)
+  cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DCMAKE_PREFIX_PATH="$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')" "${extra[@]}" >"$OUT/configure.log" 2>&1 \
+    || { log "configure FAILED"; tail -40 "$OUT/configure.log"; exit 1; }
+  grep -E "CUDA codecs|not found|WARNING" "$OUT/configure.log" | tee -a "$OUT/summary.txt"
+  cmake --build $B -j16 --target amaq amaq_tests amaq_bench >"$OUT/build.log" 2>&1 \
+    || { log "build FAILED"; grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
+  log "build ok in $(( $(date +%s) - start )) s"
+fi
+
+if want tests; then
+  # tokenizer.json needs PCRE2 + ICU, which the image lacks (the build says so); Integration runs separately.
+  $B/tests/amaq_tests --gtest_brief=1 --gtest_filter='-Integration.*:Tokenizer*:TokenizeCli*' >"$OUT/tests.log" 2>&1
+  log "unit tests rc=$?: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) \]' "$OUT/tests.log" | tr '\n' ' ')"
+  grep -E "FAILED|affine:" "$OUT/tests.log" | head -20 | tee -a "$OUT/summary.txt"
+  $B/tests/amaq_tests --gtest_filter='Integration.*' >"$OUT/integration.log" 2>&1
+  log "integration rc=$?"
+fi
+
+if want sanitize; then
+  compute-sanitizer --tool memcheck --error-exitcode 9 $B/tests/amaq_tests --gtest_filter='CudaCodec*' >"$OUT/memcheck.log" 2>&1
+  log "compute-sanitizer memcheck rc=$?: $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log")"
+fi
+
+if want bench; then
+  $B/amaq_bench --benchmark_out="$OUT/bench-gpu.json" --benchmark_out_format=json --benchmark_min_time=0.3 >"$OUT/bench.log" 2>&1
+  log "bench rc=$?"
+  grep -E "^(cuda/|encode|decode|clone|memcpy)" "$OUT/bench.log" | tee -a "$OUT/summary.txt"
+fi
+
+if want peft; then
+  W=$(mktemp -d)
+  python3 - "$W/data.txt" <<'PY'
+import random, sys
+random.seed(0)
+words = "the cat sat on a mat while dogs ran far away from home".split()
+with open(sys.argv[1], "w") as f:
+    for _ in range(400):
+        f.write(" ".join(random.choice(words) for _ in range(12)) + "\n")
+PY
+  M=tests/data/hf/llama-gqa
+  $B/amaq train --model $M --split 2 --run-dir "$W/run" --data "$W/data.txt" --tokenizer byte --batch 4 --seq-len 32 --steps 30 \
+    --lr 5e-3 --lora-r 4 --lora-alpha 8 --server-lora-r 8 --server-lora-alpha 32 --server-lora-targets q_proj,v_proj,down_proj \
+    --fwd-codec amaq:budget=4 --bwd-codec fixed:bits=8 --quiet >"$OUT/peft-train.log" 2>&1 || log "peft: train FAILED"
+  $B/amaq export --run-dir "$W/run" --out "$W/adapter" >>"$OUT/peft-train.log" 2>&1 || log "peft: export FAILED"
+  cp "$W/adapter/adapter_config.json" "$OUT/exported_adapter_config.json" 2>/dev/null
+  python3 tools/ref/check_peft_export.py --model $M --adapter "$W/adapter" --amaq "$B/amaq" --work "$W" >"$OUT/peft.log" 2>&1
+  log "peft check rc=$?: $(tail -1 "$OUT/peft.log")"
+fi
