@@ -17,7 +17,7 @@ const char* kPeftPrefix = "base_model.model.";
 void refuse_if(bool cond, const std::string& path, const std::string& field, const std::string& why) {
   if (cond) {
     throw Error(path + ": " + field + " " + why + ", which amaq does not implement",
-                "train or export the adapter as plain LoRA (no DoRA, no per-layer ranks, no modules_to_save)");
+                "train or export the adapter as plain LoRA (no DoRA, no modules_to_save, no layers_to_transform)");
   }
 }
 
@@ -43,8 +43,6 @@ AdapterConfig AdapterConfig::load(const std::string& dir) {
   }
   refuse_if(truthy("use_dora"), path, "use_dora", "is true");
   refuse_if(truthy("fan_in_fan_out"), path, "fan_in_fan_out", "is true");
-  refuse_if(nonempty("rank_pattern"), path, "rank_pattern", "is set");
-  refuse_if(nonempty("alpha_pattern"), path, "alpha_pattern", "is set");
   refuse_if(nonempty("modules_to_save"), path, "modules_to_save", "is set");
   refuse_if(nonempty("layers_to_transform"), path, "layers_to_transform", "is set");
   refuse_if(truthy("lora_bias"), path, "lora_bias", "is true");
@@ -57,6 +55,24 @@ AdapterConfig AdapterConfig::load(const std::string& dir) {
   if (const auto* a = get("lora_alpha")) c.lora_alpha = a->get<double>();
   if (const auto* d = get("lora_dropout")) c.lora_dropout = d->get<double>();
   c.use_rslora = truthy("use_rslora");
+  // Per-module ranks and alphas, keyed by module names (PEFT also allows regular expressions).
+  const auto read_pattern = [&](const char* field, auto& out) {
+    const auto* p = get(field);
+    if (!p) return;
+    if (!p->is_object()) throw Error(path + ": " + field + " must be an object", "re-export the adapter with PEFT");
+    for (const auto& [key, value] : p->items()) {
+      if (key.find_first_of("*+?()[]{}|^$\\") != std::string::npos) {
+        throw Error(path + ": " + field + " key '" + key + "' is a regular expression, which amaq does not implement",
+                    "list module names (e.g. model.layers.3.self_attn.q_proj) as the keys");
+      }
+      if (!value.is_number() || value.template get<double>() <= 0) {
+        throw Error(path + ": " + field + "['" + key + "'] must be a positive number", "re-export the adapter with PEFT");
+      }
+      out[key] = value.template get<typename std::decay_t<decltype(out)>::mapped_type>();
+    }
+  };
+  read_pattern("rank_pattern", c.rank_pattern);
+  read_pattern("alpha_pattern", c.alpha_pattern);
   if (const auto* b = get("base_model_name_or_path"); b && b->is_string()) c.base_model_name_or_path = b->get<std::string>();
   const auto* t = get("target_modules");
   if (t && t->is_array()) {
@@ -68,6 +84,17 @@ AdapterConfig AdapterConfig::load(const std::string& dir) {
                 "regular-expression targets are not supported; list the module names");
   }
   return c;
+}
+
+LoRAOptions AdapterConfig::lora_options_for(const std::string& module_name) const {
+  LoRAOptions o = lora_options();
+  for (const auto& [key, rank] : rank_pattern) {
+    if (lora_target_matches(module_name, {key})) o.rank(rank);
+  }
+  for (const auto& [key, alpha] : alpha_pattern) {
+    if (lora_target_matches(module_name, {key})) o.alpha(alpha);
+  }
+  return o;
 }
 
 nlohmann::json AdapterConfig::to_json() const {
@@ -89,8 +116,8 @@ nlohmann::json AdapterConfig::to_json() const {
   j["modules_to_save"] = nullptr;
   j["layers_to_transform"] = nullptr;
   j["layers_pattern"] = nullptr;
-  j["rank_pattern"] = nlohmann::json::object();
-  j["alpha_pattern"] = nlohmann::json::object();
+  j["rank_pattern"] = rank_pattern.empty() ? nlohmann::json::object() : nlohmann::json(rank_pattern);
+  j["alpha_pattern"] = alpha_pattern.empty() ? nlohmann::json::object() : nlohmann::json(alpha_pattern);
   return j;
 }
 
@@ -102,7 +129,7 @@ AdapterConfig load_peft_adapter(DecoderPart& part, const std::string& dir) {
   int64_t adapted = 0;
   for (auto& [name, lin] : part->linears()) {
     if (!lora_target_matches(name, cfg.target_modules)) continue;
-    if (!lin->has_lora()) lin->add_lora(cfg.lora_options());
+    if (!lin->has_lora()) lin->add_lora(cfg.lora_options_for(name));
     for (const char* which : {"lora_A", "lora_B"}) {
       std::string key = peft_key(name, which);
       if (!st.contains(key)) {

@@ -3,6 +3,7 @@
 #pragma once
 #include <nlohmann/json.hpp>
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -18,8 +19,14 @@ struct AdapterConfig {
   bool use_rslora = false;
   std::vector<std::string> target_modules;
   std::string base_model_name_or_path;
+  /// PEFT's per-module rank and alpha where they differ from r / lora_alpha. Keys are module names,
+  /// matched like target_modules (the whole name or a dotted suffix); regular expressions are refused.
+  std::map<std::string, int64_t> rank_pattern;
+  std::map<std::string, double> alpha_pattern;
 
   LoRAOptions lora_options() const { return LoRAOptions(r).alpha(lora_alpha).dropout(lora_dropout).rslora(use_rslora); }
+  /// The options of one module, with rank_pattern / alpha_pattern applied.
+  LoRAOptions lora_options_for(const std::string& module_name) const;
   /// Reads DIR/adapter_config.json and refuses PEFT features amaq does not implement.
   static AdapterConfig load(const std::string& dir);
   /// PEFT's LoraConfig fields, loadable by `PeftModel.from_pretrained`.

@@ -602,15 +602,14 @@ void export_adapter(const std::string& run_dir, const std::string& out) {
   cfg.base_model_name_or_path = run.value("model", "");
   // Exact module names, so PEFT adapts what was trained and nothing else; per-module rank and
   // alpha (PEFT's rank_pattern / alpha_pattern) where the server's side differs.
-  for (const auto& [module, side] : modules) cfg.target_modules.push_back(module);
-  nlohmann::json j = cfg.to_json();
   for (const auto& [module, side] : modules) {
-    if (side->lora_r != cfg.r) j["rank_pattern"][module] = side->lora_r;
-    if (side->lora_alpha != cfg.lora_alpha) j["alpha_pattern"][module] = side->lora_alpha;
+    cfg.target_modules.push_back(module);
+    if (side->lora_r != cfg.r) cfg.rank_pattern[module] = side->lora_r;
+    if (side->lora_alpha != cfg.lora_alpha) cfg.alpha_pattern[module] = side->lora_alpha;
   }
   make_dirs(out);
   save_safetensors(join_path(out, "adapter_model.safetensors"), tensors, {{"format", "pt"}});
-  write_file_atomic(join_path(out, "adapter_config.json"), j.dump(2) + "\n");
+  write_file_atomic(join_path(out, "adapter_config.json"), cfg.to_json().dump(2) + "\n");
 }
 
 }  // namespace amaq::train

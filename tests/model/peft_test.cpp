@@ -87,6 +87,50 @@ TEST_P(Peft, ClientAndServerExportIsOneAdapterForTheWholeModel) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Peft, ::testing::Values("llama-gqa", "qwen2-tied"));
 
+// Per-module ranks and alphas (what `amaq export` writes when the two sides differ) survive a round
+// trip: the reloaded model has the same LoRA shapes, scales and logits.
+TEST(PeftPatterns, PerModuleRanksAndAlphasRoundTrip) {
+  const ModelConfig config = ModelConfig::load(data_path("hf/llama-gqa"));
+  AdapterConfig ac;
+  ac.r = 4;
+  ac.lora_alpha = 8;
+  ac.target_modules = {"q_proj", "v_proj", "down_proj"};
+  ac.rank_pattern = {{"model.layers.3.self_attn.q_proj", 8}, {"down_proj", 2}};
+  ac.alpha_pattern = {{"v_proj", 32}};
+  const CheckpointReader weights(data_path("hf/llama-gqa"));
+  DecoderPart m = full_model(config);
+  m->load_weights(weights);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  at::NoGradGuard no_grad;
+  for (auto& [name, lin] : m->linears()) {
+    if (!lora_target_matches(name, ac.target_modules)) continue;
+    lin->add_lora(ac.lora_options_for(name));
+    lin->lora_a.copy_(at::randn(lin->lora_a.sizes(), gen) * 0.1);
+    lin->lora_b.copy_(at::randn(lin->lora_b.sizes(), gen) * 0.1);
+  }
+  TempDir tmp;
+  save_peft_adapter({m}, ac, tmp.path());
+  DecoderPart again = full_model(config);
+  again->load_weights(weights);
+  AdapterConfig back = load_peft_adapter(again, tmp.path());
+  EXPECT_EQ(back.to_json(), ac.to_json());
+  int64_t checked = 0;
+  for (auto& [name, lin] : again->linears()) {
+    if (!lin->has_lora()) continue;
+    const int64_t want_r = name == "model.layers.3.self_attn.q_proj" ? 8 : name.find("down_proj") != std::string::npos ? 2 : 4;
+    const double want_alpha = name.find("v_proj") != std::string::npos ? 32 : 8;
+    EXPECT_EQ(lin->lora_a.size(0), want_r) << name;
+    EXPECT_EQ(lin->lora_options().alpha(), want_alpha) << name;
+    ++checked;
+  }
+  EXPECT_EQ(checked, 12);  // 3 targets x 4 layers
+  const at::Tensor ids = at::randint(3, 1000, {2, 11}, gen);
+  EXPECT_TRUE(at::equal(again->forward(ids), m->forward(ids)));
+  DecoderPart plain = full_model(config);
+  plain->load_weights(weights);
+  EXPECT_FALSE(at::allclose(plain->forward(ids), m->forward(ids), 1e-3, 1e-3));  // the adapter does something
+}
+
 TEST(PeftRefuses, FeaturesAmaqDoesNotImplement) {
   std::string src = data_path("hf/llama-gqa/adapter");
   auto ref = nlohmann::json::parse(read_file(src + "/adapter_config.json"));
@@ -100,7 +144,9 @@ TEST(PeftRefuses, FeaturesAmaqDoesNotImplement) {
     load_peft_adapter(m, tmp.path());
   };
   EXPECT_AMAQ_ERROR(try_with("use_dora", true), "use_dora");
-  EXPECT_AMAQ_ERROR(try_with("rank_pattern", {{"q_proj", 8}}), "rank_pattern");
+  EXPECT_AMAQ_ERROR(try_with("rank_pattern", {{"layers\\.3\\..*q_proj", 8}}), "rank_pattern", "regular expression");
+  EXPECT_AMAQ_ERROR(try_with("alpha_pattern", {{"q_proj", -1}}), "alpha_pattern", "positive");
+  EXPECT_AMAQ_ERROR(try_with("rank_pattern", {{"q_proj", 8}}), "q_proj.lora_A", "shape");  // tensors are r = 4
   EXPECT_AMAQ_ERROR(try_with("peft_type", "IA3"), "peft_type", "IA3");
   EXPECT_AMAQ_ERROR(try_with("r", 8), "lora_A", "shape");  // tensors are r = 4
   EXPECT_AMAQ_ERROR(try_with("target_modules", {"lm_head", "q_proj", "w_gate"}), "lm_head.lora_A");

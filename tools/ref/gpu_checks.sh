@@ -9,27 +9,33 @@
 set -u
 OUT=${1:?usage: gpu_checks.sh OUT_DIR [steps]}
 shift
+# Logs go to OUT/logs and end up in OUT/logs.tgz (the device tool returns few files); summary.txt stays.
+SUMMARY=$OUT/summary.txt
+OUT=$OUT/logs
 STEPS=${*:-build tests sanitize bench peft}
 B=build-gpu
 mkdir -p "$OUT"
-log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+log() { echo "== $*" | tee -a "$SUMMARY"; }
+trap 'tar czf "$OUT.tgz" -C "$OUT" . && rm -rf "$OUT"' EXIT
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 export LD_LIBRARY_PATH=$PWD/.carry/bench/lib:${LD_LIBRARY_PATH:-}
 
 if want build; then
   extra=()
   [ -d .carry/bench ] && extra+=(-Dbenchmark_DIR=$PWD/.carry/bench)
-  [ -f /usr/include/openssl/ssl.h ] || extra+=(-DOPENSSL_ROOT_DIR=$PWD/.carry/ssl -DOPENSSL_INCLUDE_DIR=$PWD/.carry/ssl/include
-                                              -DOPENSSL_SSL_LIBRARY=$PWD/.carry/ssl/lib/libssl.so -DOPENSSL_CRYPTO_LIBRARY=$PWD/.carry/ssl/lib/libcrypto.so)
-  [ -d .carry/ssl ] && export LD_LIBRARY_PATH=$PWD/.carry/ssl/lib:$LD_LIBRARY_PATH
-  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/summary.txt"
+  if [ ! -f /usr/include/openssl/ssl.h ]; then
+    echo "no OpenSSL headers: using the carried ones" | tee -a "$SUMMARY"
+    extra+=(-DOPENSSL_ROOT_DIR=$PWD/.carry/ssl -DOPENSSL_INCLUDE_DIR=$PWD/.carry/ssl/include
+            -DOPENSSL_SSL_LIBRARY=$PWD/.carry/ssl/lib/libssl.so -DOPENSSL_CRYPTO_LIBRARY=$PWD/.carry/ssl/lib/libcrypto.so)
+  fi
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$SUMMARY"
   start=$(date +%s)
   cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DCMAKE_PREFIX_PATH="$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')" "${extra[@]}" >"$OUT/configure.log" 2>&1 \
     || { log "configure FAILED"; tail -40 "$OUT/configure.log"; exit 1; }
-  grep -E "CUDA codecs|not found|WARNING" "$OUT/configure.log" | tee -a "$OUT/summary.txt"
-  cmake --build $B -j16 --target amaq amaq_tests amaq_bench >"$OUT/build.log" 2>&1 \
-    || { log "build FAILED"; grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
+  grep -E "CUDA codecs|fmt|not found|WARNING" "$OUT/configure.log" | tee -a "$SUMMARY"
+  cmake --build $B -j16 --target amaq amaq_tests amaq_bench -- -k 0 >"$OUT/build.log" 2>&1 \
+    || { log "build FAILED"; grep -E "error:|FAILED" "$OUT/build.log" | head -60; exit 1; }
   log "build ok in $(( $(date +%s) - start )) s"
 fi
 
@@ -37,7 +43,7 @@ if want tests; then
   # tokenizer.json needs PCRE2 + ICU, which the image lacks (the build says so); Integration runs separately.
   $B/tests/amaq_tests --gtest_brief=1 --gtest_filter='-Integration.*:Tokenizer*:TokenizeCli*' >"$OUT/tests.log" 2>&1
   log "unit tests rc=$?: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) \]' "$OUT/tests.log" | tr '\n' ' ')"
-  grep -E "FAILED|affine:" "$OUT/tests.log" | head -20 | tee -a "$OUT/summary.txt"
+  grep -E "FAILED|affine:" "$OUT/tests.log" | head -20 | tee -a "$SUMMARY"
   $B/tests/amaq_tests --gtest_filter='Integration.*' >"$OUT/integration.log" 2>&1
   log "integration rc=$?"
 fi
@@ -48,9 +54,9 @@ if want sanitize; then
 fi
 
 if want bench; then
-  $B/amaq_bench --benchmark_out="$OUT/bench-gpu.json" --benchmark_out_format=json --benchmark_min_time=0.3 >"$OUT/bench.log" 2>&1
+  $B/amaq_bench --benchmark_out="$(dirname "$SUMMARY")/bench-gpu.json" --benchmark_out_format=json --benchmark_min_time=0.3 >"$OUT/bench.log" 2>&1
   log "bench rc=$?"
-  grep -E "^(cuda/|encode|decode|clone|memcpy)" "$OUT/bench.log" | tee -a "$OUT/summary.txt"
+  grep -E "^(cuda/|encode|decode|clone|memcpy)" "$OUT/bench.log" | tee -a "$SUMMARY"
 fi
 
 if want peft; then
