@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <filesystem>
 
 #include "app/commands.h"
 #include "core/fs.h"
@@ -63,8 +62,7 @@ int run_demo(const DemoArgs& a) {
     }
     const auto t0 = std::chrono::steady_clock::now();
     const std::string run = join_path(a.dir, v.name);
-    std::error_code ec;
-    std::filesystem::remove_all(run, ec);
+    remove_tree(run);
     fmt::print(stderr, "\n== {}: forward {}, backward {}\n", v.name, v.fwd, v.bwd);
     train::ServerConfig sc;
     sc.model = model;

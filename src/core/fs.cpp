@@ -1,12 +1,14 @@
 #include "core/fs.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -70,9 +72,54 @@ void sync_dir(const std::string& dir) {
 }
 
 void make_dirs(const std::string& path) {
-  std::error_code ec;
-  std::filesystem::create_directories(path, ec);
-  if (ec) throw Error("cannot create directory " + path + ": " + ec.message(), "check the path and permissions");
+  for (size_t pos = 1; pos <= path.size(); ++pos) {
+    if (pos != path.size() && path[pos] != '/') continue;
+    const std::string prefix = path.substr(0, pos);
+    if (::mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST) {
+      throw Error("cannot create directory " + prefix + ": " + std::strerror(errno), "check the path and permissions");
+    }
+  }
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    throw Error("cannot create directory " + path + ": a file of that name is in the way", "check the path");
+  }
+}
+
+namespace {
+int remove_entry(const char* path, const struct stat*, int, struct FTW*) { return ::remove(path) == 0 || errno == ENOENT ? 0 : -1; }
+}  // namespace
+
+void remove_tree(const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) return;
+  if (::nftw(path.c_str(), remove_entry, 16, FTW_DEPTH | FTW_PHYS) != 0) {
+    throw Error("cannot remove " + path + ": " + std::strerror(errno), "check the permissions of that directory");
+  }
+}
+
+std::vector<std::string> list_subdirs(const std::string& dir) {
+  std::vector<std::string> names;
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return names;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    struct stat st {};
+    if (name == "." || name == ".." || ::stat(join_path(dir, name).c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) continue;
+    names.push_back(name);
+  }
+  ::closedir(d);
+  return names;
+}
+
+void rename_path(const std::string& from, const std::string& to) {
+  if (::rename(from.c_str(), to.c_str()) != 0) {
+    throw Error("cannot move " + from + " to " + to + ": " + std::strerror(errno), "check free space and permissions");
+  }
+}
+
+std::string temp_dir() {
+  const char* t = std::getenv("TMPDIR");
+  return t && *t ? t : "/tmp";
 }
 
 bool file_exists(const std::string& path) {

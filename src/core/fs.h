@@ -1,7 +1,10 @@
-// Small file helpers: whole-file reads and atomic writes (temp file, fsync, rename).
+// Small file helpers: whole-file reads and atomic writes (temp file, fsync, rename), directories.
+// Plain POSIX underneath, not std::filesystem: PyTorch 2.x's libtorch.so exports copies of
+// std::filesystem functions that the dynamic linker may bind our calls to, and they crash.
 #pragma once
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace amaq {
 
@@ -14,5 +17,13 @@ std::string join_path(const std::string& dir, const std::string& name);
 void make_dirs(const std::string& path);
 /// fsync a directory so renames inside it are durable (best effort).
 void sync_dir(const std::string& dir);
+/// rm -rf: removes `path` and everything under it (nothing if it does not exist); errors name the path.
+void remove_tree(const std::string& path);
+/// The names in a directory whose entries are directories (empty if it cannot be read).
+std::vector<std::string> list_subdirs(const std::string& dir);
+/// rename(2); errors name both paths.
+void rename_path(const std::string& from, const std::string& to);
+/// $TMPDIR, or /tmp.
+std::string temp_dir();
 
 }  // namespace amaq

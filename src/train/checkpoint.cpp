@@ -6,14 +6,12 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <filesystem>
 #include <sstream>
 
 #include "core/error.h"
 #include "core/fs.h"
 
 namespace amaq::train {
-namespace fs = std::filesystem;
 
 std::string checkpoint_path(const std::string& root, int64_t step) { return join_path(root, fmt::format("step-{:08d}", step)); }
 
@@ -21,22 +19,18 @@ void write_checkpoint(const std::string& root, int64_t step, const CheckpointFil
   make_dirs(root);
   const std::string final_dir = checkpoint_path(root, step);
   const std::string tmp = final_dir + ".tmp." + std::to_string(::getpid());
-  std::error_code ec;
-  fs::remove_all(tmp, ec);
+  remove_tree(tmp);
   make_dirs(tmp);
   for (const auto& [name, bytes] : files) write_file_atomic(join_path(tmp, name), bytes);
-  fs::remove_all(final_dir, ec);
-  fs::rename(tmp, final_dir, ec);
-  if (ec) throw Error("cannot move checkpoint " + tmp + " into place: " + ec.message(), "check free space and permissions");
+  remove_tree(final_dir);
+  rename_path(tmp, final_dir);
   sync_dir(root);
 }
 
 std::vector<int64_t> list_checkpoints(const std::string& root) {
   std::vector<int64_t> steps;
-  std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(root, ec)) {
-    const std::string name = entry.path().filename().string();
-    if (name.size() != 13 || name.rfind("step-", 0) != 0 || !entry.is_directory()) continue;
+  for (const std::string& name : list_subdirs(root)) {
+    if (name.size() != 13 || name.rfind("step-", 0) != 0) continue;
     if (name.find_first_not_of("0123456789", 5) != std::string::npos) continue;
     steps.push_back(std::stoll(name.substr(5)));
   }
@@ -46,8 +40,7 @@ std::vector<int64_t> list_checkpoints(const std::string& root) {
 
 void prune_checkpoints(const std::string& root, int keep) {
   auto steps = list_checkpoints(root);
-  std::error_code ec;
-  for (size_t i = 0; i + static_cast<size_t>(keep) < steps.size(); ++i) fs::remove_all(checkpoint_path(root, steps[i]), ec);
+  for (size_t i = 0; i + static_cast<size_t>(keep) < steps.size(); ++i) remove_tree(checkpoint_path(root, steps[i]));
 }
 
 std::string optimizer_bytes(torch::optim::Optimizer& opt) {

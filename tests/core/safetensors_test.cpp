@@ -134,5 +134,25 @@ TEST(Fs, AtomicWriteReplacesWholeFile) {
   EXPECT_EQ(read_file(tmp.file("x")), "new");
 }
 
+TEST(Fs, DirectoriesAreMadeListedMovedAndRemovedWhole) {
+  TempDir tmp;
+  make_dirs(tmp.file("a/b/c"));
+  make_dirs(tmp.file("a/b/c"));  // exists: fine
+  make_dirs(tmp.file("a/d"));
+  write_file_atomic(tmp.file("a/b/c/f"), "x");
+  write_file_atomic(tmp.file("a/file"), "y");
+  auto names = list_subdirs(tmp.file("a"));
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"b", "d"}));  // not the file
+  EXPECT_TRUE(list_subdirs(tmp.file("missing")).empty());
+  rename_path(tmp.file("a/b"), tmp.file("a/e"));
+  EXPECT_EQ(read_file(tmp.file("a/e/c/f")), "x");
+  EXPECT_AMAQ_ERROR(rename_path(tmp.file("a/nothing"), tmp.file("a/z")), "a/nothing");
+  EXPECT_AMAQ_ERROR(make_dirs(tmp.file("a/file/sub")), "a/file");
+  remove_tree(tmp.file("a"));
+  EXPECT_FALSE(file_exists(tmp.file("a")));
+  remove_tree(tmp.file("a"));  // already gone: fine
+}
+
 }  // namespace
 }  // namespace amaq
