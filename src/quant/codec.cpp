@@ -130,8 +130,16 @@ Encoded Codec::encode(const at::Tensor& x_in, const EncodeArgs& args) {
       e.decoded = wire.to(x.scalar_type());
       return e;
     }
-    case CodecId::kFixed:
-      return encode_affine(x, at::full({x.size(-1)}, spec_.bits, at::kByte), args);
+    case CodecId::kFixed: {
+      if (spec_.map.empty()) return encode_affine(x, at::full({x.size(-1)}, spec_.bits, at::kByte), args);
+      const int64_t C = x.size(-1);
+      if (static_cast<int64_t>(spec_.map.size()) != C) {
+        throw Error("the fixed codec's map " + spec_.map_path + " has " + std::to_string(spec_.map.size()) + " widths, the tensor has " +
+                        std::to_string(C) + " channels",
+                    "write one width per channel of the split's hidden size");
+      }
+      return encode_affine(x, at::from_blob(const_cast<uint8_t*>(spec_.map.data()), {C}, at::kByte).clone(), args);
+    }
     case CodecId::kAmaq:
       TORCH_CHECK(args.bits.defined() && args.bits.numel() == x.size(-1), "amaq needs a (C,) bit map, C = ", x.size(-1));
       return encode_affine(x, args.bits.to(at::kByte).contiguous(), args);
@@ -173,8 +181,10 @@ Encoded Codec::encode_affine(const at::Tensor& x, const at::Tensor& bits, const 
   h.granularity = static_cast<uint8_t>(spec_.granularity);
   h.group = static_cast<uint32_t>(spec_.group);
   h.scale = e.quant.scale;
-  const bool send_map = spec_.codec == CodecId::kAmaq && !(sent_map_.defined() && at::equal(sent_map_, bits));
-  if (spec_.codec == CodecId::kAmaq) {
+  // A per-channel map (amaq, or fixed with map=) travels only when it changed.
+  const bool uses_map = spec_.codec == CodecId::kAmaq || !spec_.map.empty();
+  const bool send_map = uses_map && !(sent_map_.defined() && at::equal(sent_map_, bits));
+  if (uses_map) {
     if (send_map) {
       sent_map_ = bits.clone();
       ++sent_map_id_;
@@ -357,7 +367,7 @@ at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std:
   AffineLayout layout{numel / C, C, static_cast<Granularity>(h.granularity), static_cast<int64_t>(h.group)};
   if (layout.granularity == Granularity::kGroup && layout.group == 0) throw PacketError("group size 0");
   at::Tensor bits;
-  if (spec_.codec == CodecId::kFixed) {
+  if (spec_.codec == CodecId::kFixed && spec_.map.empty()) {
     if (h.bits < 1 || h.bits > 8) throw PacketError("bit-width " + std::to_string(h.bits) + " not in 1..8");
     bits = at::full({C}, static_cast<int>(h.bits), at::kByte);
   } else if (h.flags & kFlagBitMap) {

@@ -3,15 +3,17 @@
 #include <fmt/format.h>
 
 #include <map>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "core/error.h"
+#include "core/fs.h"
 
 namespace amaq::quant {
 namespace {
 
 const char* kSpecHint =
-    "codecs are none:fp32|bf16|fp16, fixed:bits=B[,gran=token|channel|group][,group=G][,round=nearest|stochastic], "
+    "codecs are none:fp32|bf16|fp16, fixed:bits=B|map=FILE[,shuffle=SEED][,gran=token|channel|group][,group=G][,round=nearest|stochastic], "
     "amaq:budget=B[,bmin=,bmax=,init=,alpha=,beta=,mode=guaranteed|penalty|stop,decay=N,gran=,group=], aqsgd:bits=B";
 
 [[noreturn]] void bad(const std::string& text, const std::string& why) {
@@ -33,6 +35,27 @@ int integer_in(const std::string& text, const std::string& key, const std::strin
   double d = number(text, key, v);
   if (d != static_cast<int>(d) || d < lo || d > hi) bad(text, fmt::format("{}={} must be an integer in [{}, {}]", key, v, lo, hi));
   return static_cast<int>(d);
+}
+
+// FILE holds a JSON array of widths in 1..8 (as `amaq train` writes RUN/fwd_bit_map.json).
+std::vector<uint8_t> read_map(const std::string& text, const std::string& path) {
+  if (!file_exists(path)) bad(text, "map file " + path + " does not exist");
+  const auto j = nlohmann::json::parse(read_file(path), nullptr, false);
+  if (!j.is_array() || j.empty()) bad(text, "map file " + path + " is not a JSON array of bit-widths");
+  std::vector<uint8_t> map;
+  for (const auto& v : j) {
+    if (!v.is_number_integer() || v.get<int>() < 1 || v.get<int>() > 8) bad(text, "map file " + path + " has " + v.dump() + ", not a width in 1..8");
+    map.push_back(static_cast<uint8_t>(v.get<int>()));
+  }
+  return map;
+}
+
+// Fisher-Yates with the stateless stochastic-rounding hash: the same permutation everywhere.
+void shuffle_map(std::vector<uint8_t>& map, uint64_t seed) {
+  for (size_t i = map.size(); i > 1; --i) {
+    const size_t j = std::min(i - 1, static_cast<size_t>(stochastic_uniform(seed, i) * static_cast<float>(i)));
+    std::swap(map[i - 1], map[j]);
+  }
 }
 
 }  // namespace
@@ -84,6 +107,10 @@ CodecSpec CodecSpec::parse(const std::string& text) {
     const bool amaq = s.codec == CodecId::kAmaq, affine = s.codec != CodecId::kAqsgd;
     if (k == "bits" && !amaq) {
       s.bits = integer_in(text, k, v, s.codec == CodecId::kAqsgd ? 2 : 1, 8);
+    } else if (k == "map" && s.codec == CodecId::kFixed) {
+      s.map_path = v;
+    } else if (k == "shuffle" && s.codec == CodecId::kFixed) {
+      s.shuffle = integer_in(text, k, v, 0, 1 << 30);
     } else if (k == "gran" && affine) {
       if (v == "token") s.granularity = Granularity::kToken;
       else if (v == "channel") s.granularity = Granularity::kChannel;
@@ -119,6 +146,11 @@ CodecSpec CodecSpec::parse(const std::string& text) {
       bad(text, "'" + k + "' is not an option of " + name);
     }
   }
+  if (s.shuffle >= 0 && s.map_path.empty()) bad(text, "shuffle needs map=FILE");
+  if (!s.map_path.empty()) {
+    s.map = read_map(text, s.map_path);
+    if (s.shuffle >= 0) shuffle_map(s.map, static_cast<uint64_t>(s.shuffle));
+  }
   if (s.codec == CodecId::kAmaq) {
     if (s.bits_min > s.bits_max) bad(text, "bmin must not exceed bmax");
     if (s.budget < s.bits_min || s.budget > s.bits_max) bad(text, fmt::format("budget {} outside [bmin, bmax] = [{}, {}]", s.budget, s.bits_min, s.bits_max));
@@ -133,7 +165,11 @@ std::string CodecSpec::to_string() const {
   std::string g = granularity == Granularity::kGroup ? fmt::format("gran=group,group={}", group) : fmt::format("gran={}", gran);
   switch (codec) {
     case CodecId::kNone: return std::string("none:") + (dtype == WireDtype::kF32 ? "fp32" : dtype == WireDtype::kBF16 ? "bf16" : "fp16");
-    case CodecId::kFixed: return fmt::format("fixed:bits={},{},round={}", bits, g, rounding == Rounding::kNearest ? "nearest" : "stochastic");
+    case CodecId::kFixed: {
+      const std::string widths = map.empty() ? fmt::format("bits={}", bits)
+                                             : "map=" + map_path + (shuffle >= 0 ? fmt::format(",shuffle={}", shuffle) : "");
+      return fmt::format("fixed:{},{},round={}", widths, g, rounding == Rounding::kNearest ? "nearest" : "stochastic");
+    }
     case CodecId::kAmaq:
       return fmt::format("amaq:budget={},bmin={},bmax={},init={},alpha={},beta={},mode={},decay={},{}", budget, bits_min, bits_max,
                          bits_init, alpha, beta, mode == BudgetMode::kPenalty ? "penalty" : mode == BudgetMode::kStop ? "stop" : "guaranteed",
@@ -147,6 +183,12 @@ double CodecSpec::nominal_bits() const {
   switch (codec) {
     case CodecId::kNone: return dtype == WireDtype::kF32 ? 32 : 16;
     case CodecId::kFixed:
+      if (!map.empty()) {
+        double sum = 0;
+        for (uint8_t b : map) sum += b;
+        return sum / static_cast<double>(map.size());
+      }
+      return bits;
     case CodecId::kAqsgd: return bits;
     case CodecId::kAmaq: return budget;
   }

@@ -1,11 +1,14 @@
 // Codec configuration, written as `name:key=value,...` on the command line:
 //   none:fp32 | none:bf16 | none:fp16
 //   fixed:bits=4,gran=group,group=128,round=nearest|stochastic
+//   fixed:map=FILE[,shuffle=SEED],...   one width per channel from FILE (a JSON array), optionally
+//                                       permuted by SEED: the same histogram on random channels
 //   amaq:budget=4,bmin=2,bmax=8,init=8,gran=group,group=128,alpha=1,beta=1,mode=guaranteed|penalty|stop,decay=200
 //   aqsgd:bits=4
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "quant/affine.h"
 
@@ -24,6 +27,10 @@ struct CodecSpec {
   CodecId codec = CodecId::kNone;
   WireDtype dtype = WireDtype::kF32;  ///< none: the wire dtype
   int bits = 4;                       ///< fixed, aqsgd
+  // fixed with a per-channel map: the widths (1..8) read from map_path when the spec is parsed.
+  std::string map_path;
+  int64_t shuffle = -1;  ///< >= 0: the map's widths permuted over the channels with this seed
+  std::vector<uint8_t> map;
   Granularity granularity = Granularity::kGroup;
   int64_t group = 128;
   Rounding rounding = Rounding::kNearest;

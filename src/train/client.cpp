@@ -461,6 +461,11 @@ RunResult ClientTrainer::run(const Connector& connect) {
       out.run_dir = c.run_dir;
       out.summary = summarize(out.steps, final_eval);
       write_file_atomic(join_path(c.run_dir, "summary.txt"), out.summary);
+      if (st.gates) {  // the learned map, reusable as `fixed:map=FILE[,shuffle=SEED]` (the random-map ablation)
+        const at::Tensor map = st.gates->bit_map().to(at::kLong).contiguous();
+        const std::vector<int64_t> widths(map.data_ptr<int64_t>(), map.data_ptr<int64_t>() + map.numel());
+        write_file_atomic(join_path(c.run_dir, "fwd_bit_map.json"), nlohmann::json(widths).dump() + "\n");
+      }
       if (!c.quiet) std::fprintf(stderr, "%s", out.summary.c_str());
       return out;
     }

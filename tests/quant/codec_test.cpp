@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <c10/util/Half.h>
+#include <nlohmann/json.hpp>
 
 #include "quant/bitpack.h"
 #include "quant/codec.h"
@@ -201,6 +202,41 @@ TEST(CodecSpec, ParsesAndRefuses) {
   EXPECT_AMAQ_ERROR(CodecSpec::parse("amaq:budget=1,bmin=2"), "budget 1");
   EXPECT_AMAQ_ERROR(CodecSpec::parse("amaq:bits=4"), "'bits' is not an option of amaq");
   EXPECT_AMAQ_ERROR(CodecSpec::parse("aqsgd:bits=1"), "bits=1");
+}
+
+// fixed:map=FILE (the random-map ablation): widths per channel from a file, optionally shuffled with
+// the histogram kept; its packets decode exactly as amaq's with the same map, and the map travels once.
+TEST(CodecSpec, FixedMapFromAFileShuffledWithItsHistogram) {
+  testing::TempDir tmp;
+  std::vector<int> widths;
+  for (int c = 0; c < 64; ++c) widths.push_back(c < 8 ? 8 : c < 24 ? 4 : 2);
+  testing::write_bytes(tmp.file("map.json"), nlohmann::json(widths).dump());
+  const CodecSpec plain = CodecSpec::parse("fixed:map=" + tmp.file("map.json") + ",gran=token");
+  EXPECT_EQ(std::vector<int>(plain.map.begin(), plain.map.end()), widths);
+  EXPECT_DOUBLE_EQ(plain.nominal_bits(), (8 * 8 + 16 * 4 + 40 * 2) / 64.0);
+  const CodecSpec shuffled = CodecSpec::parse("fixed:map=" + tmp.file("map.json") + ",shuffle=3,gran=token");
+  EXPECT_EQ(shuffled.to_string(), "fixed:map=" + tmp.file("map.json") + ",shuffle=3,gran=token,round=nearest");
+  EXPECT_EQ(CodecSpec::parse(shuffled.to_string()).map, shuffled.map);  // deterministic
+  EXPECT_NE(shuffled.map, plain.map);
+  auto sorted = [](std::vector<uint8_t> v) { std::sort(v.begin(), v.end()); return v; };
+  EXPECT_EQ(sorted(shuffled.map), sorted(plain.map));
+
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(4);
+  const at::Tensor x = at::randn({2, 5, 64}, gen);
+  Codec tx(shuffled), rx(shuffled), amaq_rx(CodecSpec::parse("amaq:budget=4,gran=token"));
+  Codec amaq_tx(CodecSpec::parse("amaq:budget=4,gran=token"));
+  EncodeArgs a;
+  a.bits = at::from_blob(const_cast<uint8_t*>(shuffled.map.data()), {64}, at::kByte).clone();
+  const Encoded first = tx.encode(x), second = tx.encode(x);
+  EXPECT_EQ(first.packet.size(), second.packet.size() + 32);  // the 4-bit map, once
+  EXPECT_TRUE(at::equal(rx.decode(first.packet), amaq_rx.decode(amaq_tx.encode(x, a).packet)));
+  EXPECT_TRUE(at::equal(rx.decode(second.packet), first.decoded));
+
+  EXPECT_AMAQ_ERROR(Codec(shuffled).encode(at::randn({2, 32})), "64 widths", "32 channels");
+  EXPECT_AMAQ_ERROR(CodecSpec::parse("fixed:shuffle=1"), "shuffle needs map");
+  EXPECT_AMAQ_ERROR(CodecSpec::parse("fixed:map=" + tmp.file("none.json")), "does not exist");
+  testing::write_bytes(tmp.file("bad.json"), "[4, 9]");
+  EXPECT_AMAQ_ERROR(CodecSpec::parse("fixed:map=" + tmp.file("bad.json")), "9", "1..8");
 }
 
 }  // namespace

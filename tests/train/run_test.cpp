@@ -5,9 +5,12 @@
 #include <gtest/gtest.h>
 #include <torch/nn/utils/clip_grad.h>
 
+#include <nlohmann/json.hpp>
+#include <numeric>
 #include <thread>
 
 #include "core/fs.h"
+#include "model/config.h"
 #include "model/peft.h"
 #include "testing.h"
 #include "train/checkpoint.h"
@@ -207,6 +210,18 @@ TEST(SplitRun, AmaqLearnsWhileSendingAFractionOfTheBytes) {
     EXPECT_EQ(r.backward_frame_bytes, r.bwd_packet_bytes + 2 * (24 + 8 + 4 + 4 + 8 + 4 + 8)) << r.step;
     EXPECT_GE(r.fwd_wire_bytes, r.forward_frame_bytes);
   }
+  // The learned map is written for the random-map ablation: the same widths shuffled over the
+  // channels, sent by the fixed codec, cost exactly the map's mean bits at every step.
+  const std::string map_file = join_path(amaq.run_dir, "fwd_bit_map.json");
+  const auto widths = nlohmann::json::parse(read_file(map_file)).get<std::vector<int>>();
+  ASSERT_EQ(static_cast<int64_t>(widths.size()), ModelConfig::load(c.model).hidden_size);
+  const double map_mean = std::accumulate(widths.begin(), widths.end(), 0.0) / static_cast<double>(widths.size());
+  EXPECT_LE(map_mean, 3.0);
+  ClientConfig r = base_config(tmp, "random-map");
+  r.schedule.steps = 5;
+  r.fwd_codec = "fixed:map=" + map_file + ",shuffle=7,gran=token";
+  TrainServer srv_r(server_for(r, r.side));
+  for (const StepRecord& rec : run_in_process(srv_r, r).steps) EXPECT_DOUBLE_EQ(rec.fwd_bits.mean, map_mean) << rec.step;
 }
 
 TEST(SplitRun, MismatchedCodecOrSplitIsRefusedByName) {
