@@ -17,5 +17,6 @@ Run add_export(CLI::App& app);
 Run add_demo(CLI::App& app);
 Run add_tokenize(CLI::App& app);
 Run add_eval(CLI::App& app);
+Run add_init_model(CLI::App& app);
 
 }  // namespace amaq::app
