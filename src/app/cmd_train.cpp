@@ -283,12 +283,23 @@ Run add_train(CLI::App& app) {
 }
 
 Run add_export(CLI::App& app) {
-  auto run_dir = std::make_shared<std::string>(), out = std::make_shared<std::string>();
-  app.add_option("--run-dir", *run_dir, "the client's run directory")->required();
-  app.add_option("--out", *out, "adapter directory to write (adapter_config.json + adapter_model.safetensors)")->required();
-  return [run_dir, out] {
-    train::export_adapter(*run_dir, *out);
-    fmt::print("exported {} -> {}\n", *run_dir, *out);
+  struct Args {
+    std::string run_dir, out, server_run_dir;
+    bool merged = false;
+  };
+  auto a = std::make_shared<Args>();
+  app.add_option("--run-dir", a->run_dir, "the client's run directory")->required();
+  app.add_option("--out", a->out, "directory to write: a PEFT adapter, or with --merged an HF model")->required();
+  app.add_flag("--merged", a->merged, "write the whole model with the run's training merged in (LoRA or full weights)");
+  app.add_option("--server-run-dir", a->server_run_dir, "--merged with a full-weights server: the server's --run-dir (default RUN/server)");
+  return [a] {
+    if (a->merged) {
+      train::export_merged(a->run_dir, a->out, a->server_run_dir);
+      fmt::print("exported {} -> {} (merged model)\n", a->run_dir, a->out);
+    } else {
+      train::export_adapter(a->run_dir, a->out);
+      fmt::print("exported {} -> {}\n", a->run_dir, a->out);
+    }
     return 0;
   };
 }

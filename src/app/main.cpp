@@ -23,7 +23,7 @@ int main(int argc, char** argv) {
       {"train", "split fine-tuning with both sides in this process (in-process or loopback TCP)", amaq::app::add_train},
       {"server", "serve the server side of split fine-tuning (layers [K, L)) to clients", amaq::app::add_server},
       {"client", "train the client side (data, embeddings, layers [0, K)) against a server", amaq::app::add_client},
-      {"export", "write a run's client + server LoRA as one PEFT adapter", amaq::app::add_export},
+      {"export", "write a run's client + server LoRA as one PEFT adapter, or the merged model", amaq::app::add_export},
       {"eval", "evaluate a model (+ adapter): perplexity, classification or generation accuracy", amaq::app::add_eval},
       {"tokenize", "text (JSON strings, one per line) to token ids, or back with --decode", amaq::app::add_tokenize},
       {"forward", "run a checkpoint (optionally split and with an adapter) on token ids", amaq::app::add_forward},

@@ -329,10 +329,10 @@ RunResult ClientTrainer::run(const Connector& connect) {
           nlohmann::json{{"step", st.step}, {"position", st.position}, {"run_id", run_id}, {"side", st.side.options.to_json()}}.dump(2);
       write_checkpoint(ckpt_root, st.step, files);
       prune_checkpoints(ckpt_root, c.keep_checkpoints);
-      if (final && !blob.empty()) {
+      if (final) {  // the server's side options, and its LoRA when it trained one (full weights stay on the server)
         const std::string dir = join_path(c.run_dir, "server_adapter");
         make_dirs(dir);
-        write_file_atomic(join_path(dir, "adapter_model.safetensors"), blob);
+        if (!blob.empty()) write_file_atomic(join_path(dir, "adapter_model.safetensors"), blob);
         write_file_atomic(join_path(dir, "side.json"), reply.at("side").dump(2) + "\n");
       }
       return wire::Status::Ok();
@@ -566,55 +566,6 @@ std::string summarize(const std::vector<StepRecord>& steps, const nlohmann::json
                        eval["sequences"].get<uint64_t>());
   }
   return out;
-}
-
-void export_adapter(const std::string& run_dir, const std::string& out) {
-  const std::string run_file = join_path(run_dir, "run.json");
-  if (!file_exists(run_file)) throw Error(run_dir + " is not a run directory (no run.json)", "pass the client's --run-dir");
-  const auto run = nlohmann::json::parse(read_file(run_file));
-  const std::string server_dir = join_path(run_dir, "server_adapter");
-  if (!file_exists(join_path(server_dir, "adapter_model.safetensors"))) {
-    throw Error(run_dir + " has no server adapter", "it arrives with the final checkpoint: finish the run (or resume it) first");
-  }
-  const SideOptions server = SideOptions::from_json(nlohmann::json::parse(read_file(join_path(server_dir, "side.json"))));
-  const auto steps = list_checkpoints(join_path(run_dir, "checkpoints"));
-  if (steps.empty()) throw Error(run_dir + " has no checkpoint", "finish the run first");
-  const std::string last = checkpoint_path(join_path(run_dir, "checkpoints"), steps.back());
-  const std::string ckpt = join_path(last, "state.safetensors");
-  // The client side as trained (a starting adapter brings its own rank and targets).
-  const SideOptions client = SideOptions::from_json(nlohmann::json::parse(read_file(join_path(last, "state.json"))).at("side"));
-  if (client.full || server.full) throw Error("a side of this run trained full weights", "export writes LoRA adapters only");
-
-  NamedTensors tensors;
-  std::map<std::string, const SideOptions*> modules;  // HF module name -> the side that trained it
-  auto take = [&](const std::map<std::string, at::Tensor>& from, const SideOptions& side) {
-    const std::string prefix = "base_model.model.";
-    for (const auto& [key, t] : from) {
-      const auto a = key.find(".lora_A.weight"), b = key.find(".lora_B.weight");
-      if (key.rfind(prefix, 0) != 0 || (a == std::string::npos && b == std::string::npos)) continue;
-      tensors.emplace_back(key, t);
-      if (a != std::string::npos) modules[key.substr(prefix.size(), a - prefix.size())] = &side;
-    }
-  };
-  take(load_safetensors(ckpt), client);
-  take(load_safetensors(join_path(server_dir, "adapter_model.safetensors")), server);
-  if (client.rslora != server.rslora) throw Error("the two sides disagree on rsLoRA", "PEFT has one use_rslora per adapter");
-  AdapterConfig cfg;
-  cfg.r = client.lora_r;
-  cfg.lora_alpha = client.lora_alpha;
-  cfg.lora_dropout = client.lora_dropout;
-  cfg.use_rslora = client.rslora;
-  cfg.base_model_name_or_path = run.value("model", "");
-  // Exact module names, so PEFT adapts what was trained and nothing else; per-module rank and
-  // alpha (PEFT's rank_pattern / alpha_pattern) where the server's side differs.
-  for (const auto& [module, side] : modules) {
-    cfg.target_modules.push_back(module);
-    if (side->lora_r != cfg.r) cfg.rank_pattern[module] = side->lora_r;
-    if (side->lora_alpha != cfg.lora_alpha) cfg.alpha_pattern[module] = side->lora_alpha;
-  }
-  make_dirs(out);
-  save_safetensors(join_path(out, "adapter_model.safetensors"), tensors, {{"format", "pt"}});
-  write_file_atomic(join_path(out, "adapter_config.json"), cfg.to_json().dump(2) + "\n");
 }
 
 }  // namespace amaq::train

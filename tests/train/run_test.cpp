@@ -10,7 +10,9 @@
 #include <thread>
 
 #include "core/fs.h"
+#include "core/safetensors.h"
 #include "model/config.h"
+#include "model/part.h"
 #include "model/peft.h"
 #include "testing.h"
 #include "train/checkpoint.h"
@@ -222,6 +224,53 @@ TEST(SplitRun, AmaqLearnsWhileSendingAFractionOfTheBytes) {
   r.fwd_codec = "fixed:map=" + map_file + ",shuffle=7,gran=token";
   TrainServer srv_r(server_for(r, r.side));
   for (const StepRecord& rec : run_in_process(srv_r, r).steps) EXPECT_DOUBLE_EQ(rec.fwd_bits.mean, map_mean) << rec.step;
+}
+
+// `amaq export --merged`: LoRA merged into the weights gives the base + adapter model's logits; full
+// weights are copied from each side's checkpoint (the server's from its own run directory).
+TEST(SplitRun, MergedExportEqualsBasePlusAdapterAndCarriesFullWeights) {
+  testing::TempDir tmp;
+  ClientConfig c = base_config(tmp, "lora");
+  c.schedule.steps = 4;
+  TrainServer srv(server_for(c, c.side));
+  run_in_process(srv, c);
+  export_adapter(c.run_dir, tmp.file("adapter"));
+  export_merged(c.run_dir, tmp.file("merged"));
+  DecoderPart merged = full_model(ModelConfig::load(tmp.file("merged")));
+  merged->load_weights(CheckpointReader(tmp.file("merged")));
+  DecoderPart with_adapter = full_model(ModelConfig::load(kModel));
+  with_adapter->load_weights(CheckpointReader(kModel));
+  load_peft_adapter(with_adapter, tmp.file("adapter"));
+  DecoderPart base = full_model(ModelConfig::load(kModel));
+  base->load_weights(CheckpointReader(kModel));
+  const at::Tensor ids = at::randint(3, 250, {2, 16});
+  const at::Tensor want = with_adapter->forward(ids);
+  EXPECT_TRUE(testing::all_close(merged->forward(ids), want, 1e-5, 1e-4));
+  EXPECT_FALSE(at::allclose(base->forward(ids), want, 1e-4, 1e-4));  // the run trained something
+
+  ClientConfig f = base_config(tmp, "full");
+  f.schedule.steps = 3;
+  f.side.full = true;
+  SideOptions server_side = f.side;
+  TrainServer srv_f(server_for(f, server_side));
+  run_in_process(srv_f, f);
+  EXPECT_AMAQ_ERROR(export_adapter(f.run_dir, tmp.file("nope")), "full weights");
+  EXPECT_AMAQ_ERROR(export_merged(f.run_dir, tmp.file("nope")), "server-run-dir");
+  export_merged(f.run_dir, tmp.file("merged-full"), f.run_dir + "-server");
+  const auto out = load_safetensors(tmp.file("merged-full/model.safetensors"));
+  const auto client_ckpt = load_safetensors(checkpoint_path(f.run_dir + "/checkpoints", 3) + "/state.safetensors");
+  const std::string run_id = nlohmann::json::parse(read_file(f.run_dir + "/run.json")).at("run_id").get<std::string>();
+  const auto server_ckpt = load_safetensors(checkpoint_path(f.run_dir + "-server/" + run_id, 3) + "/state.safetensors");
+  const CheckpointReader base_ckpt(kModel);
+  for (const char* name : {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"}) {
+    EXPECT_TRUE(at::equal(out.at(name), client_ckpt.at(name))) << name;
+    EXPECT_FALSE(at::equal(out.at(name), base_ckpt.load(name, at::kFloat))) << name;
+  }
+  for (const char* name : {"model.layers.3.mlp.down_proj.weight", "lm_head.weight"}) {
+    EXPECT_TRUE(at::equal(out.at(name), server_ckpt.at(name))) << name;
+    EXPECT_FALSE(at::equal(out.at(name), base_ckpt.load(name, at::kFloat))) << name;
+  }
+  EXPECT_TRUE(file_exists(tmp.file("merged-full/config.json")));
 }
 
 TEST(SplitRun, MismatchedCodecOrSplitIsRefusedByName) {
