@@ -1,5 +1,6 @@
 #include "train/demo.h"
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include <random>
@@ -47,25 +48,19 @@ void write_preset_model(const std::string& dir, const PresetOptions& p, uint64_t
   write_file_atomic(join_path(dir, "config.json"), cfg.dump(2) + "\n");
 }
 
-void write_addition_task(const std::string& dir, int digits, int64_t n_train, int64_t n_val, uint64_t seed) {
-  if (digits < 1 || digits > 9) throw Error("addition with " + std::to_string(digits) + " digits", "use 1..9 digits");
-  int64_t limit = 1;
-  for (int i = 0; i < digits; ++i) limit *= 10;
-  if (n_train + n_val > limit * limit / 2) throw Error("not enough distinct problems for the requested sizes", "use more digits");
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int64_t> operand(0, limit - 1);
-  std::set<std::pair<int64_t, int64_t>> seen;
-  auto pad = [](int64_t v, int width) {
-    std::string t = std::to_string(v);
-    return std::string(static_cast<size_t>(std::max<int>(0, width - static_cast<int>(t.size()))), '0') + t;
-  };
+namespace {
+
+// Writes DIR/val.jsonl, then DIR/train.jsonl: n_val and n_train problems drawn by `draw` (a prompt and
+// its completion), every prompt distinct across both files.
+template <typename Draw>
+void write_task_files(const std::string& dir, int64_t n_train, int64_t n_val, Draw draw) {
+  std::set<std::string> seen;
   auto write = [&](const std::string& name, int64_t n) {
     std::string out;
     while (n > 0) {
-      const int64_t a = operand(rng), b = operand(rng);
-      if (!seen.insert({a, b}).second) continue;
-      const std::string sum = pad(a + b, digits + 1);
-      out += nlohmann::json{{"prompt", pad(a, digits) + "+" + pad(b, digits) + "="}, {"completion", std::string(sum.rbegin(), sum.rend())}}.dump() + "\n";
+      auto [prompt, completion] = draw();
+      if (!seen.insert(prompt).second) continue;
+      out += nlohmann::json{{"prompt", prompt}, {"completion", completion}}.dump() + "\n";
       --n;
     }
     write_file_atomic(join_path(dir, name), out);
@@ -75,25 +70,66 @@ void write_addition_task(const std::string& dir, int digits, int64_t n_train, in
   write("train.jsonl", n_train);
 }
 
+}  // namespace
+
+void write_addition_task(const std::string& dir, int digits, int64_t n_train, int64_t n_val, uint64_t seed) {
+  if (digits < 1 || digits > 9) throw Error("addition with " + std::to_string(digits) + " digits", "use 1..9 digits");
+  int64_t limit = 1;
+  for (int i = 0; i < digits; ++i) limit *= 10;
+  if (n_train + n_val > limit * limit / 2) throw Error("not enough distinct problems for the requested sizes", "use more digits");
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int64_t> operand(0, limit - 1);
+  auto pad = [](int64_t v, int width) {
+    std::string t = std::to_string(v);
+    return std::string(static_cast<size_t>(std::max<int>(0, width - static_cast<int>(t.size()))), '0') + t;
+  };
+  write_task_files(dir, n_train, n_val, [&] {
+    const int64_t a = operand(rng), b = operand(rng);
+    const std::string sum = pad(a + b, digits + 1);
+    return std::pair{pad(a, digits) + "+" + pad(b, digits) + "=", std::string(sum.rbegin(), sum.rend())};
+  });
+}
+
 void write_reversal_task(const std::string& dir, int length, int64_t n_train, int64_t n_val, uint64_t seed) {
   if (length < 2 || length > 32) throw Error("reversal of length " + std::to_string(length), "use 2..32 letters");
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<int> letter(0, 9);
-  std::set<std::string> seen;
-  auto write = [&](const std::string& name, int64_t n) {
-    std::string out;
-    while (n > 0) {
-      std::string s;
-      for (int i = 0; i < length; ++i) s.push_back(static_cast<char>('a' + letter(rng)));
-      if (!seen.insert(s).second) continue;
-      out += nlohmann::json{{"prompt", s + "="}, {"completion", std::string(s.rbegin(), s.rend())}}.dump() + "\n";
-      --n;
+  write_task_files(dir, n_train, n_val, [&] {
+    std::string s;
+    for (int i = 0; i < length; ++i) s.push_back(static_cast<char>('a' + letter(rng)));
+    return std::pair{s + "=", std::string(s.rbegin(), s.rend())};
+  });
+}
+
+void write_word_problem_task(const std::string& dir, int64_t n_train, int64_t n_val, uint64_t seed) {
+  static const char* kNames[] = {"Ann", "Ben", "Cleo", "Dev", "Eva", "Finn", "Gia", "Hugo", "Ida", "Jon"};
+  static const char* kThings[] = {"apples", "books", "coins", "marbles", "pens", "stamps", "cards", "shells"};
+  std::mt19937_64 rng(seed);
+  auto pick = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  write_task_files(dir, n_train, n_val, [&] {
+    const std::string name = kNames[pick(0, 9)], thing = kThings[pick(0, 7)];
+    const int kind = static_cast<int>(pick(0, 3));
+    std::string q;
+    int64_t answer = 0;
+    if (kind == 0) {
+      const int64_t a = pick(2, 99), b = pick(2, 99);
+      q = fmt::format("{} has {} {} and buys {} more. How many {} does {} have now?", name, a, thing, b, thing, name);
+      answer = a + b;
+    } else if (kind == 1) {
+      const int64_t a = pick(10, 99), b = pick(1, a - 1);
+      q = fmt::format("{} had {} {} and gave {} away. How many {} are left?", name, a, thing, b, thing);
+      answer = a - b;
+    } else if (kind == 2) {
+      const int64_t a = pick(2, 12), b = pick(2, 12);
+      q = fmt::format("{} buys {} boxes of {} with {} in each box. How many {} is that?", name, a, thing, b, thing);
+      answer = a * b;
+    } else {
+      const int64_t a = pick(2, 60), b = pick(2, 60), c = pick(1, a + b - 1);
+      q = fmt::format("{} has {} {}, buys {} more and then gives away {}. How many {} does {} have?", name, a, thing, b, c, thing, name);
+      answer = a + b - c;
     }
-    write_file_atomic(join_path(dir, name), out);
-  };
-  make_dirs(dir);
-  write("val.jsonl", n_val);
-  write("train.jsonl", n_train);
+    return std::pair{"Q: " + q + "\nA: ", std::to_string(answer)};
+  });
 }
 
 }  // namespace amaq::train

@@ -25,4 +25,10 @@ void write_addition_task(const std::string& dir, int digits, int64_t n_train, in
 /// DIR/train.jsonl and DIR/val.jsonl (disjoint strings).
 void write_reversal_task(const std::string& dir, int length, int64_t n_train, int64_t n_val, uint64_t seed);
 
+/// Arithmetic word problems from four templates (add, take away, boxes of equal size, add then take
+/// away), with names, objects and numbers drawn by `seed`: {"prompt": "Q: Ann has 12 apples and buys 7
+/// more. How many apples does Ann have now?\nA: ", "completion": "19"}. Scored by exact match or last
+/// number. Writes DIR/train.jsonl and DIR/val.jsonl (disjoint questions).
+void write_word_problem_task(const std::string& dir, int64_t n_train, int64_t n_val, uint64_t seed);
+
 }  // namespace amaq::train
