@@ -50,20 +50,30 @@ void flatten(const toml::table& t, const std::string& prefix, const std::string&
 }
 #endif
 
-std::vector<Item> read_items(const std::string& path) {
-#if !AMAQ_HAVE_TOML
-  throw Error("this build has no TOML support (toml++ was not found when it was configured): cannot read " + path,
-              "pass the options as flags, or install libtomlplusplus-dev and rebuild");
-#else
-  toml::table t;
+#if AMAQ_HAVE_TOML
+toml::table parse_toml(const std::string& path, const char* hint) {
   try {
-    t = toml::parse(read_file(path), path);
+    return toml::parse(read_file(path), path);
   } catch (const toml::parse_error& e) {
     std::ostringstream msg;
     msg << path << " is not valid TOML: " << e.description() << " (line " << e.source().begin.line << ", column "
         << e.source().begin.column << ")";
-    throw Error(msg.str(), "see https://toml.io; keys are flag names, e.g. steps = 100, fwd-codec = \"amaq:budget=4\"");
+    throw Error(msg.str(), hint);
   }
+}
+#endif
+
+#if !AMAQ_HAVE_TOML
+[[noreturn]] void no_toml(const std::string& path, const char* hint) {
+  throw Error("this build has no TOML support (toml++ was not found when it was configured): cannot read " + path, hint);
+}
+#endif
+
+std::vector<Item> read_items(const std::string& path) {
+#if !AMAQ_HAVE_TOML
+  no_toml(path, "pass the options as flags, or install libtomlplusplus-dev and rebuild");
+#else
+  const toml::table t = parse_toml(path, "see https://toml.io; keys are flag names, e.g. steps = 100, fwd-codec = \"amaq:budget=4\"");
   std::vector<Item> items;
   flatten(t, "", path, &items);
   return items;
@@ -104,6 +114,17 @@ std::function<void()> use_toml_config(CLI::App& app) {
       }
     }
   };
+}
+
+nlohmann::json read_toml_json(const std::string& path) {
+#if !AMAQ_HAVE_TOML
+  no_toml(path, "install libtomlplusplus-dev and rebuild");
+#else
+  const toml::table t = parse_toml(path, "see https://toml.io and plans/small.toml");
+  std::ostringstream json;
+  json << toml::json_formatter{t};
+  return nlohmann::json::parse(json.str());
+#endif
 }
 
 std::vector<std::pair<std::string, std::string>> resolved_options(const CLI::App& app) {

@@ -4,6 +4,7 @@
 // '-'. An unknown key or malformed file is an error naming it.
 #pragma once
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 #include <functional>
 #include <memory>
@@ -17,6 +18,10 @@ namespace amaq::app {
 /// from the file instead; the returned function applies the file and checks them, and is to be
 /// called first when the command runs.
 std::function<void()> use_toml_config(CLI::App& app);
+
+/// A whole TOML file as JSON (tables become objects, arrays of tables arrays of objects). Malformed
+/// TOML is an error naming the file, line and column.
+nlohmann::json read_toml_json(const std::string& path);
 
 /// (flag, value) for every option of `app` (given, from the config file, or default).
 std::vector<std::pair<std::string, std::string>> resolved_options(const CLI::App& app);

@@ -29,6 +29,7 @@ int main(int argc, char** argv) {
       {"forward", "run a checkpoint (optionally split and with an adapter) on token ids", amaq::app::add_forward},
       {"init-model", "write a fresh Llama-style checkpoint for the byte tokenizer, to pretrain from scratch", amaq::app::add_init_model},
       {"make-task", "write a generated task (arithmetic word problems, addition, reversal) as JSONL", amaq::app::add_make_task},
+      {"study", "run the AMAQ-against-fixed-precision study of a plan and write its report", amaq::app::add_study},
   };
   std::vector<std::pair<CLI::App*, amaq::app::Run>> commands;
   for (const auto& [name, help, add] : table) {

@@ -1,0 +1,112 @@
+#include "train/svg.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace amaq::svg {
+namespace {
+
+std::string escape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '<') out += "&lt;";
+    else if (c == '>') out += "&gt;";
+    else if (c == '&') out += "&amp;";
+    else if (c == '"') out += "&quot;";
+    else out += c;
+  }
+  return out;
+}
+
+std::string tick_text(double v, double step) {
+  const int decimals = step >= 1 ? 0 : static_cast<int>(std::ceil(-std::log10(step) - 1e-9));
+  return fmt::format("{:.{}f}", std::abs(v) < step * 1e-9 ? 0.0 : v, decimals);
+}
+
+}  // namespace
+
+Axis nice_axis(double min, double max, int target) {
+  if (!std::isfinite(min) || !std::isfinite(max)) min = 0, max = 1;
+  if (max < min) std::swap(min, max);
+  if (max - min < 1e-12 * std::max(1.0, std::abs(max))) {
+    const double pad = std::max(0.5, std::abs(max) * 0.1);
+    min -= pad, max += pad;
+  }
+  const double raw = (max - min) / std::max(1, target);
+  const double mag = std::pow(10.0, std::floor(std::log10(raw)));
+  double step = mag;
+  for (double m : {1.0, 2.0, 5.0, 10.0}) {
+    step = m * mag;
+    if (step >= raw) break;
+  }
+  Axis a;
+  a.lo = std::floor(min / step + 1e-9) * step;
+  a.hi = std::ceil(max / step - 1e-9) * step;
+  for (double v = a.lo; v <= a.hi + step * 1e-6; v += step) a.ticks.push_back(v);
+  return a;
+}
+
+std::string palette(size_t i) {
+  static const char* kColors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
+                                  "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
+  return kColors[i % 10];
+}
+
+std::string plot(const PlotOptions& opt, const std::vector<Series>& series) {
+  double x0 = std::numeric_limits<double>::infinity(), x1 = -x0, y0 = x0, y1 = -x0;
+  for (const Series& s : series) {
+    for (auto [x, y] : s.points) {
+      if (!std::isfinite(x) || !std::isfinite(y)) continue;
+      x0 = std::min(x0, x), x1 = std::max(x1, x), y0 = std::min(y0, y), y1 = std::max(y1, y);
+    }
+  }
+  const Axis ax = nice_axis(x0, x1), ay = nice_axis(y0, y1);
+  const double left = 64, top = 34, right = opt.width - 210.0, bottom = opt.height - 48.0;
+  auto px = [&](double x) { return left + (x - ax.lo) / (ax.hi - ax.lo) * (right - left); };
+  auto py = [&](double y) { return bottom - (y - ay.lo) / (ay.hi - ay.lo) * (bottom - top); };
+  std::string o = fmt::format(
+      "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" viewBox=\"0 0 {} {}\" "
+      "font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+      opt.width, opt.height, opt.width, opt.height);
+  o += fmt::format("<text x=\"{}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">{}</text>\n", left, escape(opt.title));
+  const double xstep = ax.ticks.size() > 1 ? ax.ticks[1] - ax.ticks[0] : 1, ystep = ay.ticks.size() > 1 ? ay.ticks[1] - ay.ticks[0] : 1;
+  for (double t : ax.ticks) {
+    o += fmt::format("<line x1=\"{0:.1f}\" y1=\"{1}\" x2=\"{0:.1f}\" y2=\"{2}\" stroke=\"#e5e5e5\"/>\n", px(t), top, bottom);
+    o += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", px(t), bottom + 16, tick_text(t, xstep));
+  }
+  for (double t : ay.ticks) {
+    o += fmt::format("<line x1=\"{1}\" y1=\"{0:.1f}\" x2=\"{2}\" y2=\"{0:.1f}\" stroke=\"#e5e5e5\"/>\n", py(t), left, right);
+    o += fmt::format("<text x=\"{}\" y=\"{:.1f}\" text-anchor=\"end\">{}</text>\n", left - 6, py(t) + 4, tick_text(t, ystep));
+  }
+  o += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#333\"/>\n", left, top, right - left, bottom - top);
+  o += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", (left + right) / 2, opt.height - 10, escape(opt.x_label));
+  o += fmt::format("<text transform=\"translate(16 {:.1f}) rotate(-90)\" text-anchor=\"middle\">{}</text>\n", (top + bottom) / 2,
+                   escape(opt.y_label));
+  for (size_t i = 0; i < series.size(); ++i) {
+    const Series& s = series[i];
+    std::string pts;
+    for (auto [x, y] : s.points) {
+      if (std::isfinite(x) && std::isfinite(y)) pts += fmt::format("{:.1f},{:.1f} ", px(x), py(y));
+    }
+    if (s.line && !pts.empty()) {
+      pts.pop_back();
+      o += fmt::format("<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\"{} points=\"{}\"/>\n", s.color,
+                       s.dashed ? " stroke-dasharray=\"5,3\"" : "", pts);
+    }
+    if (s.markers) {
+      for (auto [x, y] : s.points) {
+        if (std::isfinite(x) && std::isfinite(y)) o += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3\" fill=\"{}\"/>\n", px(x), py(y), s.color);
+      }
+    }
+    const double ly = top + 8 + 16.0 * static_cast<double>(i);
+    o += fmt::format("<line x1=\"{}\" y1=\"{:.1f}\" x2=\"{}\" y2=\"{:.1f}\" stroke=\"{}\" stroke-width=\"2\"{}/>\n", right + 12, ly, right + 32,
+                     ly, s.color, s.dashed ? " stroke-dasharray=\"5,3\"" : "");
+    o += fmt::format("<text x=\"{}\" y=\"{:.1f}\">{}</text>\n", right + 38, ly + 4, escape(s.label));
+  }
+  return o + "</svg>\n";
+}
+
+}  // namespace amaq::svg

@@ -1,0 +1,37 @@
+// Plain SVG line and scatter plots for the study's report (docs/results.md embeds them): no
+// plotting library on the machine, and these need nothing but axes, series and a legend.
+#pragma once
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace amaq::svg {
+
+/// An axis range widened to "nice" tick values (1, 2 or 5 times a power of ten).
+struct Axis {
+  double lo = 0, hi = 1;
+  std::vector<double> ticks;
+};
+/// Ticks covering [min, max] with about `target` intervals; a flat range is widened around it.
+Axis nice_axis(double min, double max, int target = 5);
+
+struct Series {
+  std::string label, color;
+  std::vector<std::pair<double, double>> points;  ///< (x, y); non-finite points are skipped
+  bool line = true;      ///< joined by a polyline
+  bool markers = false;  ///< a circle at each point
+  bool dashed = false;
+};
+
+struct PlotOptions {
+  std::string title, x_label, y_label;
+  int width = 760, height = 420;
+};
+
+/// A complete SVG document: axes with ticks and grid, the series, a legend on the right.
+std::string plot(const PlotOptions& opt, const std::vector<Series>& series);
+
+/// A colour per index from a fixed palette, distinct for the first ten.
+std::string palette(size_t i);
+
+}  // namespace amaq::svg
