@@ -766,7 +766,18 @@ int run_study(const StudyPlan& plan, const StudyOptions& opt) {
     render_report(in, opt.report_dir);
     write_file_atomic(join_path(opt.report_dir, "results.md"), md);
   }
-  fmt::print("{}", md);
+  // The summary table at the end: each codec's measured bits and quality, per task.
+  std::vector<std::vector<std::string>> table{{"task", "codec", "eff. bits", "bits, last 10%", "quality", "val loss", "runs"}};
+  for (const StudyTask& t : plan.tasks) {
+    for (const StudyCodec& c : codecs) {
+      const Cell& cell = in.cells[t.name][c.name];
+      table.push_back({t.name, c.name, pm(cell.fwd_bits, 2), pm(cell.fwd_bits_last10, 2),
+                       cell.metric.n ? t.metric + " " + pm(cell.metric, 1, metric_scale(t.metric)) : "-", pm(cell.eval_loss, 3),
+                       std::to_string(cell.metric.n)});
+    }
+  }
+  fmt::print("{}report: {}{}\n", format_table(table), join_path(report_dir, "results.md"),
+             opt.report_dir.empty() ? "" : " and " + join_path(opt.report_dir, "results.md"));
   return failed;
 }
 

@@ -1,0 +1,181 @@
+// The study (`amaq study`): its statistics and pairing rule against hand-computable cases, the SVG
+// plots' coordinates against the axis mapping, plan errors, and a tiny plan run end to end as real
+// `amaq` processes (pretraining included), resumed, and reported.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <numeric>
+#include <sstream>
+
+#include "core/fs.h"
+#include "testing.h"
+#include "train/study.h"
+#include "train/svg.h"
+
+namespace amaq::train {
+namespace {
+
+TEST(Svg, NiceAxisCoversTheRangeWithOneTwoOrFiveSteps) {
+  for (auto [lo, hi] : std::vector<std::pair<double, double>>{{0, 1}, {2.7, 16.04}, {-3.2, 0.4}, {0.93, 0.97}, {5, 5}, {0, 1234}}) {
+    const svg::Axis a = svg::nice_axis(lo, hi);
+    ASSERT_GE(a.ticks.size(), 2u) << lo << ".." << hi;
+    EXPECT_LE(a.lo, lo);
+    EXPECT_GE(a.hi, hi);
+    EXPECT_DOUBLE_EQ(a.ticks.front(), a.lo);
+    EXPECT_NEAR(a.ticks.back(), a.hi, 1e-9 * std::max(1.0, std::abs(a.hi)));
+    const double step = a.ticks[1] - a.ticks[0];
+    const double mantissa = step / std::pow(10.0, std::floor(std::log10(step) + 1e-9));
+    EXPECT_TRUE(std::abs(mantissa - 1) < 1e-6 || std::abs(mantissa - 2) < 1e-6 || std::abs(mantissa - 5) < 1e-6) << "step " << step;
+    EXPECT_LE(a.ticks.size(), 12u);
+  }
+}
+
+TEST(Svg, PointsLandWhereTheAxesPutThem) {
+  // x in [0, 10] and y in [0, 5] are already nice, so they span the plot area exactly:
+  // left 64, right width - 210, top 34, bottom height - 48.
+  svg::Series s{"a <b> & c", "#123456", {{0, 0}, {10, 5}, {5, std::nan("")}}, true, true, false};
+  const std::string doc = svg::plot({"t", "x", "y", 760, 420}, {s});
+  EXPECT_NE(doc.find("points=\"64.0,372.0 550.0,34.0\""), std::string::npos) << doc;
+  EXPECT_NE(doc.find("<circle cx=\"550.0\" cy=\"34.0\""), std::string::npos);
+  EXPECT_NE(doc.find("a &lt;b&gt; &amp; c"), std::string::npos);
+  EXPECT_EQ(doc.find("nan"), std::string::npos);
+  EXPECT_EQ(doc.rfind("<svg", 0), 0u);
+  EXPECT_NE(doc.find("</svg>"), std::string::npos);
+}
+
+TEST(Study, MeanStdSpikesAndPairing) {
+  const MeanStd m = mean_std({1, 2, 3, 4});
+  EXPECT_DOUBLE_EQ(m.mean, 2.5);
+  EXPECT_NEAR(m.std, std::sqrt(5.0 / 3.0), 1e-12);
+  EXPECT_EQ(mean_std({7}).std, 0);
+  std::vector<double> loss(30, 1.0);
+  EXPECT_EQ(count_spikes(loss), 0);
+  loss[15] = 2.5;
+  EXPECT_EQ(count_spikes(loss), 1);
+  loss[5] = 9;  // inside the first window: no median before it
+  EXPECT_EQ(count_spikes(loss), 1);
+  std::vector<double> falling(40);
+  std::iota(falling.rbegin(), falling.rend(), 1.0);
+  EXPECT_EQ(count_spikes(falling), 0);
+
+  const std::vector<std::pair<std::string, double>> fixed{{"f4", 4.17}, {"f3", 3.17}, {"f2", 2.17}, {"g4", 4.5}};
+  EXPECT_EQ(pair_at_or_above(3.5, fixed), "f4");
+  EXPECT_EQ(pair_at_or_above(3.17, fixed), "f3");
+  EXPECT_EQ(pair_at_or_above(1.0, fixed), "f2");
+  EXPECT_EQ(pair_at_or_above(4.6, fixed), "");
+}
+
+nlohmann::json tiny_plan() {
+  return nlohmann::json::parse(R"({
+    "name": "tiny", "split": 1, "seeds": [1, 2],
+    "base": {"hidden": 32, "layers": 2, "heads": 2, "kv_heads": 1, "intermediate": 64, "max_positions": 128},
+    "pretrain": {"data": "corpus.txt", "steps": 6, "batch": 4, "seq_len": 32, "lr": 0.003},
+    "finetune": {"steps": 8, "batch": 4, "lr": 0.002, "lora_r": 4, "eval_batches": 2, "bwd_codec": "fixed:bits=8,gran=token"},
+    "tasks": [{"name": "wp", "make_task": {"kind": "word-problems", "train": 40, "val": 8, "seed": 3}, "seq_len": 112, "metric": "exact_match"}],
+    "codecs": [
+      {"name": "bf16", "family": "none", "fwd": "none:bf16", "bwd": "none:bf16"},
+      {"name": "fixed-4-token", "family": "fixed-token", "fwd": "fixed:bits=4,gran=token"},
+      {"name": "amaq-3", "family": "amaq", "fwd": "amaq:budget=3,gran=token,decay=3", "ablation": true}]
+  })");
+}
+
+TEST(Study, PlanErrorsNameTheField) {
+  auto bad = [](const std::function<void(nlohmann::json&)>& edit) {
+    nlohmann::json j = tiny_plan();
+    edit(j);
+    return j;
+  };
+  EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j.erase("seeds"); }), "p.toml"), "p.toml", "seeds");
+  EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j["sedes"] = 1; }), "p.toml"), "unknown key 'sedes'");
+  EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j["codecs"][1]["ablation"] = true; }), "p.toml"), "fixed-4-token", "ablation");
+  EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j["codecs"][2]["name"] = "bf16"; }), "p.toml"), "'bf16' appears twice");
+  EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j["finetune"]["run_dir"] = "x"; }), "p.toml"), "run_dir", "set by the study");
+  EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j["split"] = 2; }), "p.toml"), "split 2");
+  EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j["tasks"][0].erase("metric"); }), "p.toml"), "metric");
+}
+
+TEST(Study, TinyPlanRunsEndToEndResumesAndReports) {
+  testing::TempDir tmp;
+  // The pretraining corpus: a few sentences of plain text.
+  std::string text;
+  for (int i = 0; i < 60; ++i) text += "The jury said the election was conducted well, and the city thanked it. ";
+  testing::write_bytes(tmp.file("corpus.txt"), text);
+  nlohmann::json pj = tiny_plan();
+  pj["pretrain"]["data"] = tmp.file("corpus.txt");
+  const StudyPlan plan = StudyPlan::from_json(pj, "tiny");
+  StudyOptions opt;
+  opt.out = tmp.file("study");
+  opt.exe = AMAQ_BINARY;
+  opt.jobs = 2;
+  opt.plan_path = "tiny.toml";
+  opt.report_dir = tmp.file("docs");
+  opt.commit = "test";
+  ASSERT_EQ(run_study(plan, opt), 0) << read_file(join_path(opt.out, "study.jsonl"));
+
+  for (const char* f : {"base/model/model.safetensors", "base/pretrain/summary.txt", "tasks/wp/train.jsonl", "commands.sh"}) {
+    EXPECT_TRUE(file_exists(join_path(opt.out, f))) << f;
+  }
+  // Measured bits against the codecs' own arithmetic: C = 32 channels, per-token fp16 lo/hi ranges.
+  const RunStats bf16 = read_run_stats(join_path(opt.out, "runs/wp/bf16/seed-1"), "exact_match");
+  const RunStats f4 = read_run_stats(join_path(opt.out, "runs/wp/fixed-4-token/seed-1"), "exact_match");
+  ASSERT_TRUE(bf16.complete && f4.complete);
+  EXPECT_EQ(bf16.steps, 8);
+  EXPECT_GE(bf16.fwd_bits, 16.0);
+  EXPECT_LT(bf16.fwd_bits, 16.5);
+  EXPECT_GE(f4.fwd_bits, 4.0 + 32.0 / 32);
+  EXPECT_LT(f4.fwd_bits, 4.0 + 32.0 / 32 + 0.5);
+  EXPECT_NEAR(f4.bwd_bits, f4.fwd_bits + 4, 0.2);  // gradients at 8 bits, same layout
+  EXPECT_FALSE(std::isnan(bf16.metric));
+  // The ablation replays the learned map's histogram: the same mean width, every step.
+  for (uint64_t seed : {1, 2}) {
+    const RunStats a = read_run_stats(join_path(opt.out, fmt::format("runs/wp/amaq-3/seed-{}", seed)), "exact_match");
+    const RunStats r = read_run_stats(join_path(opt.out, fmt::format("runs/wp/amaq-3-random/seed-{}", seed)), "exact_match");
+    ASSERT_TRUE(a.complete && r.complete);
+    const auto map = nlohmann::json::parse(read_file(join_path(opt.out, fmt::format("runs/wp/amaq-3/seed-{}/fwd_bit_map.json", seed))));
+    double mean = 0;
+    for (const auto& b : map) mean += b.get<double>() / static_cast<double>(map.size());
+    EXPECT_NEAR(a.map_bits.back(), mean, 1e-9);
+    for (double b : r.map_bits) EXPECT_NEAR(b, mean, 1e-9);
+    EXPECT_LE(mean, 3.0 + 1e-9);
+  }
+  const std::string md = read_file(join_path(opt.out, "report/results.md"));
+  for (const char* s : {"| bf16 |", "| fixed-4-token |", "| amaq-3 |", "| amaq-3-random |", "wp-pareto.svg", "Outlier channels", "commit `test`"}) {
+    EXPECT_NE(md.find(s), std::string::npos) << s;
+  }
+  for (const char* f : {"results.md", "wp-pareto.svg", "wp-loss.svg", "wp-bits.svg"}) EXPECT_TRUE(file_exists(join_path(opt.report_dir, f))) << f;
+  EXPECT_EQ(read_file(join_path(opt.report_dir, "results.md")), md);
+
+  // A rerun starts nothing; a run that lost its summary is run again, and only it.
+  auto lines = [&] {
+    std::istringstream in(read_file(join_path(opt.out, "study.jsonl")));
+    int n = 0;
+    for (std::string l; std::getline(in, l);) ++n;
+    return n;
+  };
+  const int before = lines();
+  ASSERT_EQ(run_study(plan, opt), 0);
+  EXPECT_EQ(lines(), before);
+  remove_tree(join_path(opt.out, "runs/wp/bf16/seed-2"));
+  ASSERT_EQ(run_study(plan, opt), 0);
+  EXPECT_EQ(lines(), before + 1);
+  EXPECT_TRUE(read_run_stats(join_path(opt.out, "runs/wp/bf16/seed-2"), "exact_match").complete);
+}
+
+TEST(StudyCli, MalformedPlanIsNamed) {
+#if !AMAQ_HAVE_TOML
+  GTEST_SKIP() << "this build has no toml++: `amaq study` cannot read plans";
+#else
+  testing::TempDir tmp;
+  testing::write_bytes(tmp.file("p.toml"), "name = \"x\"\nseeds = [1]\nbogus = 3\n");
+  std::string out;
+  EXPECT_NE(testing::run_command(std::string(AMAQ_BINARY) + " study --plan " + tmp.file("p.toml") + " --out " + tmp.file("o"), &out), 0);
+  EXPECT_NE(out.find("unknown key 'bogus'"), std::string::npos) << out;
+  testing::write_bytes(tmp.file("q.toml"), "name = \"x\nseeds = [1]\n");
+  EXPECT_NE(testing::run_command(std::string(AMAQ_BINARY) + " study --plan " + tmp.file("q.toml") + " --out " + tmp.file("o"), &out), 0);
+  EXPECT_NE(out.find("not valid TOML"), std::string::npos) << out;
+#endif
+}
+
+}  // namespace
+}  // namespace amaq::train
