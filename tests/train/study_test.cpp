@@ -76,7 +76,7 @@ nlohmann::json tiny_plan() {
     "codecs": [
       {"name": "bf16", "family": "none", "fwd": "none:bf16", "bwd": "none:bf16"},
       {"name": "fixed-4-token", "family": "fixed-token", "fwd": "fixed:bits=4,gran=token"},
-      {"name": "amaq-3", "family": "amaq", "fwd": "amaq:budget=3,gran=token,decay=3", "ablation": true}]
+      {"name": "amaq-3", "family": "amaq", "fwd": "amaq:budget=3,gran=group,group=16,decay=3", "ablation": true}]
   })");
 }
 
@@ -137,13 +137,14 @@ TEST(Study, TinyPlanRunsEndToEndResumesAndReports) {
     for (const auto& b : map) mean += b.get<double>() / static_cast<double>(map.size());
     EXPECT_NEAR(a.map_bits.back(), mean, 1e-9);
     for (double b : r.map_bits) EXPECT_NEAR(b, mean, 1e-9);
+    EXPECT_NEAR(r.fwd_bits_last10, a.fwd_bits_last10, 0.05);  // the same ranges (group=16) as the AMAQ codec: only the allocation differs
     EXPECT_LE(mean, 3.0 + 1e-9);
   }
   const std::string md = read_file(join_path(opt.out, "report/results.md"));
   for (const char* s : {"| bf16 |", "| fixed-4-token |", "| amaq-3 |", "| amaq-3-random |", "wp-pareto.svg", "Outlier channels", "commit `test`"}) {
     EXPECT_NE(md.find(s), std::string::npos) << s;
   }
-  for (const char* f : {"results.md", "wp-pareto.svg", "wp-loss.svg", "wp-bits.svg"}) EXPECT_TRUE(file_exists(join_path(opt.report_dir, f))) << f;
+  for (const char* f : {"results.md", "wp-pareto.svg", "wp-bytes.svg", "wp-loss.svg", "wp-bits.svg"}) EXPECT_TRUE(file_exists(join_path(opt.report_dir, f))) << f;
   EXPECT_EQ(read_file(join_path(opt.report_dir, "results.md")), md);
 
   // A rerun starts nothing; a run that lost its summary is run again, and only it.
