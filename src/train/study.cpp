@@ -587,7 +587,9 @@ std::string render_report(const ReportInput& in, const std::string& dir) {
                    in.pretrain_seconds > 0 ? duration_text(in.pretrain_seconds) : std::string("-"), in.opt->out,
                    in.failed ? fmt::format(" ({} jobs failed or were skipped: see the logs)", in.failed) : "");
   o += "Reproduce: `bash scripts/fetch-study-data.sh && build/amaq study --plan " + in.opt->plan_path + " --out " + in.opt->out +
-       fmt::format(" --jobs {}`. Every command the study ran is in `{}/commands.sh`.\n\n", in.opt->jobs, in.opt->out);
+       fmt::format(" --jobs {}{}`. Every command the study runs, in order, is in `{}/commands.sh`{}.\n\n", in.opt->jobs,
+                   in.opt->report_dir.empty() ? "" : " --report " + in.opt->report_dir, in.opt->out,
+                   in.opt->report_dir.empty() ? "" : fmt::format(" (a copy: `{}`)", join_path(in.opt->report_dir, "results-commands.sh")));
   o += "## Setup\n\n";
   o += in.base.value("text", std::string());
   o += fmt::format("- Fine-tuning: split after layer {}; seeds {}; every run uses these `amaq train` flags: `{}`.\n", p.split,
@@ -734,6 +736,10 @@ int run_study(const StudyPlan& plan, const StudyOptions& opt) {
       sh += "\n";
     }
     write_file_atomic(join_path(opt.out, "commands.sh"), sh);
+    if (!opt.report_dir.empty()) {
+      make_dirs(opt.report_dir);
+      write_file_atomic(join_path(opt.report_dir, "results-commands.sh"), sh);
+    }
   }
   JsonlLog log(join_path(opt.out, "study.jsonl"));
   int failed = 0;

@@ -144,7 +144,7 @@ TEST(Study, TinyPlanRunsEndToEndResumesAndReports) {
   for (const char* s : {"| bf16 |", "| fixed-4-token |", "| amaq-3 |", "| amaq-3-random |", "wp-pareto.svg", "Outlier channels", "commit `test`"}) {
     EXPECT_NE(md.find(s), std::string::npos) << s;
   }
-  for (const char* f : {"results.md", "wp-pareto.svg", "wp-bytes.svg", "wp-loss.svg", "wp-bits.svg"}) EXPECT_TRUE(file_exists(join_path(opt.report_dir, f))) << f;
+  for (const char* f : {"results.md", "results-commands.sh", "wp-pareto.svg", "wp-bytes.svg", "wp-loss.svg", "wp-bits.svg"}) EXPECT_TRUE(file_exists(join_path(opt.report_dir, f))) << f;
   EXPECT_EQ(read_file(join_path(opt.report_dir, "results.md")), md);
 
   // A rerun starts nothing; a run that lost its summary is run again, and only it.
