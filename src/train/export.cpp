@@ -87,9 +87,6 @@ void export_adapter(const std::string& run_dir, const std::string& out) {
     throw Error("a side of this run trained full weights", "export a merged checkpoint instead (amaq export --merged)");
   }
   if (!f.server_lora) throw Error(run_dir + " has no server adapter", "finish the run (or resume it) first");
-  const SideOptions& client = f.client;
-  const SideOptions& server = f.server;
-  const auto& run = f.run;
 
   NamedTensors tensors;
   std::map<std::string, const SideOptions*> modules;  // HF module name -> the side that trained it
@@ -102,15 +99,15 @@ void export_adapter(const std::string& run_dir, const std::string& out) {
       if (a != std::string::npos) modules[key.substr(prefix.size(), a - prefix.size())] = &side;
     }
   };
-  take(f.client_state, client);
-  take(f.server_state, server);
-  if (client.rslora != server.rslora) throw Error("the two sides disagree on rsLoRA", "PEFT has one use_rslora per adapter");
+  take(f.client_state, f.client);
+  take(f.server_state, f.server);
+  if (f.client.rslora != f.server.rslora) throw Error("the two sides disagree on rsLoRA", "PEFT has one use_rslora per adapter");
   AdapterConfig cfg;
-  cfg.r = client.lora_r;
-  cfg.lora_alpha = client.lora_alpha;
-  cfg.lora_dropout = client.lora_dropout;
-  cfg.use_rslora = client.rslora;
-  cfg.base_model_name_or_path = run.value("model", "");
+  cfg.r = f.client.lora_r;
+  cfg.lora_alpha = f.client.lora_alpha;
+  cfg.lora_dropout = f.client.lora_dropout;
+  cfg.use_rslora = f.client.rslora;
+  cfg.base_model_name_or_path = f.run.value("model", "");
   // Exact module names, so PEFT adapts what was trained and nothing else; per-module rank and
   // alpha (PEFT's rank_pattern / alpha_pattern) where the server's side differs.
   for (const auto& [module, side] : modules) {
@@ -122,7 +119,6 @@ void export_adapter(const std::string& run_dir, const std::string& out) {
   save_safetensors(join_path(out, "adapter_model.safetensors"), tensors, {{"format", "pt"}});
   write_file_atomic(join_path(out, "adapter_config.json"), cfg.to_json().dump(2) + "\n");
 }
-
 
 void export_merged(const std::string& run_dir, const std::string& out, const std::string& server_run_dir) {
   const RunFiles f = read_run(run_dir, server_run_dir, /*need_server_weights=*/true);

@@ -53,7 +53,7 @@ TEST(Study, MeanStdSpikesAndPairing) {
   EXPECT_EQ(count_spikes(loss), 0);
   loss[15] = 2.5;
   EXPECT_EQ(count_spikes(loss), 1);
-  loss[5] = 9;  // inside the first window: no median before it
+  loss[5] = 9;  // inside the first window: never judged itself, and one high value leaves the later medians alone
   EXPECT_EQ(count_spikes(loss), 1);
   std::vector<double> falling(40);
   std::iota(falling.rbegin(), falling.rend(), 1.0);
