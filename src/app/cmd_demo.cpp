@@ -11,7 +11,7 @@
 #include "app/commands.h"
 #include "core/fs.h"
 #include "core/hash.h"
-#include "train/demo.h"
+#include "recipes/demo.h"
 #include "train/session.h"
 #include "wire/tcp.h"
 
@@ -41,9 +41,9 @@ struct Variant {
 int run_demo(const DemoArgs& a) {
   const auto t_start = std::chrono::steady_clock::now();
   const std::string model = join_path(a.dir, "model"), data = join_path(a.dir, "data");
-  train::write_preset_model(model, train::PresetOptions{}, a.seed);
-  if (a.task == "add") train::write_addition_task(data, static_cast<int>(a.digits), a.train_examples, a.val_examples, a.seed);
-  else train::write_reversal_task(data, static_cast<int>(a.length), a.train_examples, a.val_examples, a.seed);
+  recipes::write_preset_model(model, recipes::PresetOptions{}, a.seed);
+  if (a.task == "add") recipes::write_addition_task(data, static_cast<int>(a.digits), a.train_examples, a.val_examples, a.seed);
+  else recipes::write_reversal_task(data, static_cast<int>(a.length), a.train_examples, a.val_examples, a.seed);
   fmt::print(stderr, "demo: a 4-layer Llama (hidden 128, byte tokenizer) learns {} from scratch, split after layer 2;\n"
                      "      {} steps x {} problems per run, server and client over loopback TCP with a token. Model and data in {}\n",
              a.task == "add" ? fmt::format("{}-digit addition", a.digits) : fmt::format("to reverse {}-letter strings", a.length),
@@ -69,8 +69,8 @@ int run_demo(const DemoArgs& a) {
     sc.split = 2;
     sc.run_dir = join_path(run, "server");
     sc.side.full = true;
-    sc.fwd_codec = v.fwd;
-    sc.bwd_codec = v.bwd;
+    sc.fwd_codec = quant::CodecSpec::parse(v.fwd);
+    sc.bwd_codec = quant::CodecSpec::parse(v.bwd);
     sc.token = random_hex(32);
     train::TrainServer srv(sc);
     wire::Server server(wire::ServerOptions(0).max_payload(srv.max_payload()),
@@ -91,8 +91,8 @@ int run_demo(const DemoArgs& a) {
     c.schedule.weight_decay = 0.01;
     c.schedule.clip = 1.0;
     c.schedule.seed = a.seed;
-    c.fwd_codec = v.fwd;
-    c.bwd_codec = v.bwd;
+    c.fwd_codec = quant::CodecSpec::parse(v.fwd);
+    c.bwd_codec = quant::CodecSpec::parse(v.bwd);
     c.token = sc.token;
     c.quiet = a.quiet;
     results.push_back(train::ClientTrainer(c).run([&](std::unique_ptr<wire::Channel>* out) {

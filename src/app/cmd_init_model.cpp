@@ -7,14 +7,14 @@
 #include "core/fs.h"
 #include "core/safetensors.h"
 #include "model/config.h"
-#include "train/demo.h"
+#include "recipes/demo.h"
 
 namespace amaq::app {
 
 Run add_init_model(CLI::App& app) {
   struct Args {
     std::string out;
-    train::PresetOptions p;
+    recipes::PresetOptions p;
     uint64_t seed = 0;
   };
   auto a = std::make_shared<Args>();
@@ -31,7 +31,7 @@ Run add_init_model(CLI::App& app) {
     if (p.hidden % p.heads != 0) throw Error(fmt::format("--hidden {} is not a multiple of --heads {}", p.hidden, p.heads), "pick sizes with hidden = heads x head_dim");
     if (p.heads % p.kv_heads != 0) throw Error(fmt::format("--heads {} is not a multiple of --kv-heads {}", p.heads, p.kv_heads), "GQA shares each key/value head among heads / kv-heads heads");
     if (file_exists(join_path(a->out, "model.safetensors"))) throw Error(a->out + " already holds a model", "choose an empty directory");
-    train::write_preset_model(a->out, p, a->seed);
+    recipes::write_preset_model(a->out, p, a->seed);
     const ModelConfig c = ModelConfig::load(a->out);
     int64_t params = 0;
     for (const auto& [name, t] : load_safetensors(join_path(a->out, "model.safetensors"))) params += t.numel();

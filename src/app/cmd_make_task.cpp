@@ -2,7 +2,7 @@
 #include <fmt/format.h>
 
 #include "app/commands.h"
-#include "train/demo.h"
+#include "recipes/demo.h"
 
 namespace amaq::app {
 
@@ -22,9 +22,9 @@ Run add_make_task(CLI::App& app) {
   app.add_option("--digits", a->digits, "addition: digits per operand")->capture_default_str();
   app.add_option("--length", a->length, "reversal: letters per string")->capture_default_str();
   return [a] {
-    if (a->kind == "word-problems") train::write_word_problem_task(a->out, a->train, a->val, a->seed);
-    else if (a->kind == "addition") train::write_addition_task(a->out, a->digits, a->train, a->val, a->seed);
-    else train::write_reversal_task(a->out, a->length, a->train, a->val, a->seed);
+    if (a->kind == "word-problems") recipes::write_word_problem_task(a->out, a->train, a->val, a->seed);
+    else if (a->kind == "addition") recipes::write_addition_task(a->out, a->digits, a->train, a->val, a->seed);
+    else recipes::write_reversal_task(a->out, a->length, a->train, a->val, a->seed);
     fmt::print("make-task: {} -> {}/train.jsonl ({}), {}/val.jsonl ({}), seed {}\n", a->kind, a->out, a->train, a->out, a->val, a->seed);
     return 0;
   };

@@ -9,7 +9,7 @@
 #include "app/commands.h"
 #include "app/config_toml.h"
 #include "core/error.h"
-#include "train/study.h"
+#include "recipes/study.h"
 
 namespace amaq::app {
 namespace {
@@ -36,7 +36,7 @@ std::string self_exe() {
 
 Run add_study(CLI::App& app) {
   struct Args {
-    train::StudyOptions opt;
+    recipes::StudyOptions opt;
     std::string plan;
   };
   auto a = std::make_shared<Args>();
@@ -46,12 +46,12 @@ Run add_study(CLI::App& app) {
   app.add_option("--report", a->opt.report_dir, "also write results.md and its plots into this directory (e.g. docs)");
   app.add_flag("--report-only", a->opt.report_only, "start nothing: write the report from the runs there are");
   return [a] {
-    const train::StudyPlan plan = train::StudyPlan::from_json(read_toml_json(a->plan), a->plan);
+    const recipes::StudyPlan plan = recipes::StudyPlan::from_json(read_toml_json(a->plan), a->plan);
     a->opt.plan_path = a->plan;
     a->opt.exe = self_exe();
     a->opt.commit = first_line_of("git rev-parse --short HEAD 2>/dev/null");
     if (!a->opt.commit.empty() && !first_line_of("git status --porcelain --untracked-files=no 2>/dev/null").empty()) a->opt.commit += " (with uncommitted changes)";
-    const int failed = train::run_study(plan, a->opt);
+    const int failed = recipes::run_study(plan, a->opt);
     if (failed) fmt::print(stderr, "study: {} jobs failed or were skipped; rerun the same command to retry them\n", failed);
     return failed ? 1 : 0;
   };

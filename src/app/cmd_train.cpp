@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/hash.h"
+#include "train/export.h"
 #include "train/session.h"
 #include "wire/tcp.h"
 
@@ -56,17 +57,27 @@ void add_side_options(CLI::App& app, SideOptions* side, const std::string& prefi
   app.add_option("--" + prefix + "adapter", side->init_adapter, "start the " + who + "'s LoRA from this PEFT adapter");
 }
 
-void add_codec_options(CLI::App& app, std::string* fwd, std::string* bwd) {
-  app.add_option("--fwd-codec", *fwd, "activation codec: none:fp32|none:bf16, fixed:bits=4,gran=group, amaq:budget=4, aqsgd:bits=4");
-  app.add_option("--bwd-codec", *bwd, "gradient codec (aqsgd here means direct quantization)");
+// The codec flags as written; parsed (map files read, errors named) before anything starts.
+struct CodecArgs {
+  std::string fwd = "none:fp32", bwd = "none:fp32";
+  void parse_into(quant::CodecSpec* fwd_spec, quant::CodecSpec* bwd_spec) const {
+    *fwd_spec = quant::CodecSpec::parse(fwd);
+    *bwd_spec = quant::CodecSpec::parse(bwd);
+  }
+};
+
+void add_codec_options(CLI::App& app, CodecArgs* a) {
+  app.add_option("--fwd-codec", a->fwd, "activation codec: none:fp32|none:bf16, fixed:bits=4,gran=group, amaq:budget=4, aqsgd:bits=4");
+  app.add_option("--bwd-codec", a->bwd, "gradient codec (aqsgd here means direct quantization)");
 }
 
 struct ClientArgs {
   ClientConfig cfg;
+  CodecArgs codecs;
   std::string connect, tls_ca, tls_cert, tls_key, token_file;
 };
 
-void add_client_options(CLI::App& app, ClientConfig* c) {
+void add_client_options(CLI::App& app, ClientConfig* c, CodecArgs* codecs) {
   app.add_option("--model", c->model, "HF model directory (config.json + safetensors)")->required();
   app.add_option("--split", c->split, "the client keeps layers [0, K)")->required();
   app.add_option("--run-dir", c->run_dir, "where metrics, checkpoints and the summary go")->required();
@@ -85,7 +96,7 @@ void add_client_options(CLI::App& app, ClientConfig* c) {
   app.add_option("--clip", c->schedule.clip, "global gradient-norm clip over both sides (0 = off)");
   app.add_option("--gate-lr", c->schedule.gate_lr, "learning rate of the AMAQ bit gates");
   app.add_option("--seed", c->schedule.seed, "seed of data order and LoRA init");
-  add_codec_options(app, &c->fwd_codec, &c->bwd_codec);
+  add_codec_options(app, codecs);
   add_side_options(app, &c->side, "", "client");
   app.add_option("--checkpoint-every", c->checkpoint_every, "checkpoint every N steps (and always at the end)");
   app.add_option("--keep-checkpoints", c->keep_checkpoints, "checkpoints kept per side")->check(CLI::Range(1, 1000));
@@ -101,6 +112,7 @@ void add_client_options(CLI::App& app, ClientConfig* c) {
 int run_client(ClientArgs& a, const CLI::App& app) {
   ClientConfig& c = a.cfg;
   c.resolved = resolved_options(app);
+  a.codecs.parse_into(&c.fwd_codec, &c.bwd_codec);
   c.token = read_token(a.token_file);
   auto [host, port] = host_port(a.connect, "--connect");
   wire::ClientOptions opt(host, port);
@@ -113,6 +125,7 @@ int run_client(ClientArgs& a, const CLI::App& app) {
 
 struct ServerArgs {
   ServerConfig cfg;
+  CodecArgs codecs;
   std::string listen = "127.0.0.1:7000", tls_cert, tls_key, tls_ca, token_file;
   bool insecure = false;
   int max_sessions = 16;
@@ -130,7 +143,7 @@ void add_server_options(CLI::App& app, ServerArgs* a) {
   app.add_option("--tls-ca", a->tls_ca, "require client certificates signed by this CA (mutual TLS)");
   app.add_flag("--insecure", a->insecure, "allow plain TCP on a non-loopback address");
   app.add_option("--token-file", a->token_file, "file with the shared token clients must prove they hold");
-  add_codec_options(app, &a->cfg.fwd_codec, &a->cfg.bwd_codec);
+  add_codec_options(app, &a->codecs);
   add_side_options(app, &a->cfg.side, "", "server");
   app.add_option("--keep-checkpoints", a->cfg.keep_checkpoints, "checkpoints kept per run")->check(CLI::Range(1, 1000));
   app.add_option("--max-sessions", a->max_sessions, "sessions served at once");
@@ -139,6 +152,7 @@ void add_server_options(CLI::App& app, ServerArgs* a) {
 }
 
 int run_server(ServerArgs& a, const CLI::App& app) {
+  a.codecs.parse_into(&a.cfg.fwd_codec, &a.cfg.bwd_codec);
   a.cfg.token = read_token(a.token_file);
   a.cfg.idle_timeout = std::chrono::milliseconds(static_cast<int64_t>(a.idle_timeout * 1000));
   auto [host, port] = host_port(a.listen, "--listen");
@@ -167,7 +181,7 @@ int run_server(ServerArgs& a, const CLI::App& app) {
   });
   std::fprintf(stdout, "listening on %s:%u\n", host.c_str(), server.port());
   std::fflush(stdout);
-  spdlog::info("amaq server: layers [{}, L) of {}, {} / {}, {}", a.cfg.split, a.cfg.model, a.cfg.fwd_codec, a.cfg.bwd_codec,
+  spdlog::info("amaq server: layers [{}, L) of {}, {} / {}, {}", a.cfg.split, a.cfg.model, a.codecs.fwd, a.codecs.bwd,
                a.tls_cert.empty() ? "plain TCP" : "TLS 1.3");
   timespec tick{0, 200 * 1000 * 1000};
   while (a.max_runs <= 0 || finished < a.max_runs) {
@@ -184,6 +198,7 @@ int run_server(ServerArgs& a, const CLI::App& app) {
 
 struct TrainArgs {
   ClientConfig cfg;
+  CodecArgs codecs;
   SideOptions server_side;
   bool server_side_given = false;
   std::string transport = "inproc";
@@ -192,6 +207,7 @@ struct TrainArgs {
 int run_train(TrainArgs& a, const CLI::App& app) {
   ClientConfig& c = a.cfg;
   c.resolved = resolved_options(app);
+  a.codecs.parse_into(&c.fwd_codec, &c.bwd_codec);
   ServerConfig s;
   s.model = c.model;
   s.split = c.split;
@@ -244,7 +260,7 @@ Run add_server(CLI::App& app) {
 Run add_client(CLI::App& app) {
   app.option_defaults()->always_capture_default();
   auto a = std::make_shared<ClientArgs>();
-  add_client_options(app, &a->cfg);
+  add_client_options(app, &a->cfg, &a->codecs);
   app.add_option("--connect", a->connect, "server HOST:PORT")->required();
   app.add_option("--tls-ca", a->tls_ca, "CA that signed the server's certificate (turns TLS on)");
   app.add_option("--tls-cert", a->tls_cert, "client certificate for mutual TLS");
@@ -260,7 +276,7 @@ Run add_client(CLI::App& app) {
 Run add_train(CLI::App& app) {
   app.option_defaults()->always_capture_default();
   auto a = std::make_shared<TrainArgs>();
-  add_client_options(app, &a->cfg);
+  add_client_options(app, &a->cfg, &a->codecs);
   add_side_options(app, &a->server_side, "server-", "server");
   app.add_option("--transport", a->transport, "inproc (one process, in-memory channel) or tcp (loopback TCP with a token)")
       ->check(CLI::IsMember({"inproc", "tcp"}));

@@ -115,6 +115,12 @@ Encoded Codec::encode(const at::Tensor& x_in, const EncodeArgs& args) {
   } else if (!affine || impl_ == Impl::kRef) {
     checked_max_abs(x.scalar_type() == at::kFloat ? x : x.to(at::kFloat));
   }
+  Encoded e = encode_dispatch(x, args);
+  e.elements = x.numel();
+  return e;
+}
+
+Encoded Codec::encode_dispatch(const at::Tensor& x, const EncodeArgs& args) {
   switch (spec_.codec) {
     case CodecId::kNone: {
       Encoded e;
@@ -127,7 +133,7 @@ Encoded Codec::encode(const at::Tensor& x_in, const EncodeArgs& args) {
       at::Tensor wire = x.to(to_scalar(spec_.dtype)).contiguous();
       write_bytes(w, wire.cpu());
       e.packet = std::move(w.str());
-      e.decoded = wire.to(x.scalar_type());
+      if (args.want_decoded) e.decoded = wire.to(x.scalar_type());
       return e;
     }
     case CodecId::kFixed: {
@@ -169,8 +175,10 @@ Encoded Codec::encode_affine(const at::Tensor& x, const at::Tensor& bits, const 
     at::Tensor x2 = x.to(at::kFloat).reshape({e.layout.rows, C}).contiguous();
     e.quant = impl_ == Impl::kRef ? affine_quantize_ref(x2, bits, e.layout, spec_.rounding, args.seed)
                                   : affine_quantize(x2, bits, e.layout, spec_.rounding, args.seed);
-    at::Tensor deq = impl_ == Impl::kRef ? affine_dequantize_ref(e.quant, bits, e.layout) : affine_dequantize(e.quant, bits, e.layout);
-    e.decoded = deq.view(x.sizes()).to(x.scalar_type());
+    if (args.want_decoded) {
+      at::Tensor deq = impl_ == Impl::kRef ? affine_dequantize_ref(e.quant, bits, e.layout) : affine_dequantize(e.quant, bits, e.layout);
+      e.decoded = deq.view(x.sizes()).to(x.scalar_type());
+    }
     codes = pack(e.quant.codes, bits, impl_);
   }
 
@@ -266,7 +274,7 @@ Encoded Codec::encode_aqsgd(const at::Tensor& x, const EncodeArgs& args) {
 
   Encoded e;
   e.bits = at::full({C}, spec_.bits, at::kByte);
-  e.decoded = at::empty({B, T, C}, at::kFloat);
+  if (args.want_decoded) e.decoded = at::empty({B, T, C}, at::kFloat);
   ByteWriter w;
   PacketHeader h;
   h.codec = static_cast<uint8_t>(CodecId::kAqsgd);
@@ -283,15 +291,15 @@ Encoded Codec::encode_aqsgd(const at::Tensor& x, const EncodeArgs& args) {
     write_bytes(w, full);
     at::Tensor m = full.to(at::kFloat).clone();
     buffer_->put(args.sample_ids[b], m);
-    e.decoded[b].copy_(m);
+    if (args.want_decoded) e.decoded[b].copy_(m);
   }
   for (int64_t i = 0; i < nd; ++i) {
     buffer_->put(args.sample_ids[delta_rows[i]], memory[i]);  // re-inserts it if it was spilled meanwhile
-    e.decoded[delta_rows[i]].copy_(memory[i]);
+    if (args.want_decoded) e.decoded[delta_rows[i]].copy_(memory[i]);
   }
   w.str() += packed_codes;
   e.packet = std::move(w.str());
-  e.decoded = e.decoded.to(x.device(), x.scalar_type());
+  if (args.want_decoded) e.decoded = e.decoded.to(x.device(), x.scalar_type());
   return e;
 }
 
@@ -343,20 +351,32 @@ at::Tensor Codec::decode(std::string_view packet, at::Device device) {
     numel *= d;
     shape.push_back(d);
   }
-  at::Tensor out;
-  if (spec_.codec == CodecId::kNone) {
-    at::ScalarType t = to_scalar(static_cast<WireDtype>(h.wire_dtype));
-    const uint8_t* p = r.take(static_cast<uint64_t>(numel) * at::elementSize(t), "raw values");
-    out = at::empty(shape, t);
-    if (numel > 0) std::memcpy(out.data_ptr(), p, static_cast<size_t>(numel) * at::elementSize(t));
-    out = out.to(device, to_scalar(static_cast<WireDtype>(h.dtype)));
-  } else {
-    if (shape.back() == 0) throw PacketError("zero channels");
-    if (device.is_cuda()) on_gpu(at::empty({0}, at::TensorOptions().device(device)));  // refused without CUDA kernels
-    out = spec_.codec == CodecId::kAqsgd ? decode_aqsgd(r, h, shape, device) : decode_affine(r, h, shape, device);
-  }
+  at::Tensor out = decode_dispatch(r, h, shape, numel, device);
   r.expect_end();
   return out;
+}
+
+at::Tensor Codec::decode_dispatch(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, int64_t numel,
+                                  at::Device device) {
+  if (spec_.codec != CodecId::kNone) {
+    if (shape.back() == 0) throw PacketError("zero channels");
+    if (device.is_cuda()) on_gpu(at::empty({0}, at::TensorOptions().device(device)));  // refused without CUDA kernels
+  }
+  switch (spec_.codec) {  // no default: a new codec without a decoder does not compile cleanly (-Wswitch)
+    case CodecId::kNone: {
+      at::ScalarType t = to_scalar(static_cast<WireDtype>(h.wire_dtype));
+      const uint8_t* p = r.take(static_cast<uint64_t>(numel) * at::elementSize(t), "raw values");
+      at::Tensor out = at::empty(shape, t);
+      if (numel > 0) std::memcpy(out.data_ptr(), p, static_cast<size_t>(numel) * at::elementSize(t));
+      return out.to(device, to_scalar(static_cast<WireDtype>(h.dtype)));
+    }
+    case CodecId::kFixed:
+    case CodecId::kAmaq:
+      return decode_affine(r, h, shape, device);
+    case CodecId::kAqsgd:
+      return decode_aqsgd(r, h, shape, device);
+  }
+  throw PacketError("codec id " + std::to_string(h.codec) + " has no decoder");
 }
 
 at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device) {

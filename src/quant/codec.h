@@ -28,15 +28,18 @@ struct EncodeArgs {
   at::Tensor bits;                  ///< amaq: (C,) uint8 bit map to use
   std::vector<int64_t> sample_ids;  ///< aqsgd: one id per batch row
   uint64_t seed = 0;                ///< stochastic rounding
+  bool want_decoded = true;         ///< false: Encoded::decoded is left undefined where that saves a copy
 };
 
 struct Encoded {
   std::string packet;
   at::Tensor decoded;  ///< exactly what decode(packet) returns on the other side, in the input dtype
+                       ///< (undefined when EncodeArgs::want_decoded is false, except where it is free)
   AffineQuant quant;   ///< fixed, amaq: codes and ranges (for the gates' gradient); CUDA: ranges only
   AffineLayout layout;
   at::Tensor bits;     ///< (C,) uint8 bit-width per channel used (quantizing codecs)
-  double bits_per_element() const { return 8.0 * static_cast<double>(packet.size()) / static_cast<double>(decoded.numel()); }
+  int64_t elements = 0;
+  double bits_per_element() const { return 8.0 * static_cast<double>(packet.size()) / static_cast<double>(elements); }
 };
 
 struct AqsgdOptions {
@@ -60,6 +63,8 @@ class Codec {
   AqsgdBuffer* aqsgd_buffer() { return buffer_.get(); }
 
  private:
+  Encoded encode_dispatch(const at::Tensor& x, const EncodeArgs& args);
+  at::Tensor decode_dispatch(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, int64_t numel, at::Device device);
   Encoded encode_affine(const at::Tensor& x, const at::Tensor& bits, const EncodeArgs& args);
   Encoded encode_aqsgd(const at::Tensor& x, const EncodeArgs& args);
   // Symmetric codes of the deltas (nd, T, C) with per (sample, channel) steps, added into the memories; packed.

@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/hash.h"
 
 namespace amaq::quant {
 namespace {
@@ -166,8 +167,11 @@ std::string CodecSpec::to_string() const {
   switch (codec) {
     case CodecId::kNone: return std::string("none:") + (dtype == WireDtype::kF32 ? "fp32" : dtype == WireDtype::kBF16 ? "bf16" : "fp16");
     case CodecId::kFixed: {
-      const std::string widths = map.empty() ? fmt::format("bits={}", bits)
-                                             : "map=" + map_path + (shuffle >= 0 ? fmt::format(",shuffle={}", shuffle) : "");
+      // A map is named by its content (the widths after any shuffle), not by its path: two sides
+      // with the same widths in files of different names agree, edited files with the same name do not.
+      const std::string widths =
+          map.empty() ? fmt::format("bits={}", bits)
+                      : "map=sha256:" + sha256_hex(std::string_view(reinterpret_cast<const char*>(map.data()), map.size())).substr(0, 16);
       return fmt::format("fixed:{},{},round={}", widths, g, rounding == Rounding::kNearest ? "nearest" : "stochastic");
     }
     case CodecId::kAmaq:

@@ -46,6 +46,8 @@ struct CodecSpec {
 
   /// Parses `name:key=value,...`; errors name the bad key and list the valid ones.
   static CodecSpec parse(const std::string& text);
+  /// The canonical form both sides compare in the handshake: every setting spelled out, a map
+  /// named by the hash of its widths (`map=sha256:<16 hex>`), not by its file.
   std::string to_string() const;
   /// Mean bits per element the codec aims at (nominal; packets report the measured figure).
   double nominal_bits() const;

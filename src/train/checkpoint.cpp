@@ -1,8 +1,6 @@
 #include "train/checkpoint.h"
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <fmt/format.h>
-#include <torch/serialize.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -10,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/safetensors.h"
 
 namespace amaq::train {
 
@@ -43,32 +42,40 @@ void prune_checkpoints(const std::string& root, int keep) {
   for (size_t i = 0; i + static_cast<size_t>(keep) < steps.size(); ++i) remove_tree(checkpoint_path(root, steps[i]));
 }
 
-std::string optimizer_bytes(torch::optim::Optimizer& opt) {
-  std::ostringstream out;
-  torch::save(opt, out);
-  return out.str();
-}
-
-void load_optimizer(torch::optim::Optimizer& opt, const std::string& bytes, const std::string& what) {
-  std::istringstream in(bytes);
-  try {
-    torch::load(opt, in);
-  } catch (const c10::Error& e) {
-    throw Error("cannot restore the optimizer from " + what + ": " + e.what_without_backtrace(),
-                "the checkpoint belongs to a run with other trainable parameters");
+void save_side_checkpoint(const std::string& root, int64_t step, Side& side, quant::Link& link, nlohmann::json fields, int keep) {
+  quant::LinkState ls = link.state();
+  NamedTensors tensors = side.state();
+  tensors.insert(tensors.end(), ls.tensors.begin(), ls.tensors.end());
+  {
+    std::lock_guard<std::mutex> lock(rng_mutex());
+    tensors.emplace_back("rng", cpu_rng_state());
   }
+  fields.update(ls.fields);
+  CheckpointFiles files = std::move(ls.files);
+  files["state.safetensors"] = safetensors_bytes(tensors);
+  files["optim.pt"] = optimizer_bytes(*side.opt);
+  files["state.json"] = fields.dump(2);
+  write_checkpoint(root, step, files);
+  prune_checkpoints(root, keep);
 }
 
-at::Tensor cpu_rng_state() {
-  at::Generator gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get_state();
-}
-
-void set_cpu_rng_state(const at::Tensor& state) {
-  at::Generator gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  gen.set_state(state);
+nlohmann::json load_side_checkpoint(const std::string& dir, Side& side, quant::Link& link) {
+  auto tensors = load_safetensors(join_path(dir, "state.safetensors"));
+  side.load_state(tensors, dir);
+  load_optimizer(*side.opt, read_file(join_path(dir, "optim.pt")), dir);
+  std::map<std::string, std::string> files;
+  for (const auto& [name, bytes] : link.state().files) {
+    if (file_exists(join_path(dir, name))) files[name] = read_file(join_path(dir, name));
+  }
+  nlohmann::json fields = nlohmann::json::parse(read_file(join_path(dir, "state.json")));
+  link.load_state(tensors, files, fields, dir);
+  auto rng = tensors.find("rng");
+  if (rng == tensors.end()) throw Error(dir + " holds no generator state", "the checkpoint is incomplete: resume from an earlier one");
+  {
+    std::lock_guard<std::mutex> lock(rng_mutex());
+    set_cpu_rng_state(rng->second);
+  }
+  return fields;
 }
 
 }  // namespace amaq::train

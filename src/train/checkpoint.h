@@ -1,13 +1,21 @@
 // Checkpoints: a directory `ROOT/step-NNNNNNNN/` of files that appears all at once. Every file is
 // written and fsynced inside `step-NNNNNNNN.tmp.PID/`, which is then renamed into place, so a crash
 // at any moment leaves either the whole checkpoint or none of it.
+//
+// Both sides checkpoint through save_side_checkpoint / load_side_checkpoint: the side's trained
+// tensors (state.safetensors) and optimizer (optim.pt), what its link keeps (AMAQ gates and their
+// optimizer, AQ-SGD memories, the backward budget), the CPU generator, and state.json.
 #pragma once
 #include <ATen/ATen.h>
-#include <torch/optim/optimizer.h>
+#include <nlohmann/json.hpp>
 
 #include <map>
 #include <string>
 #include <vector>
+
+#include "core/torch_io.h"
+#include "quant/link.h"
+#include "train/side.h"
 
 namespace amaq::train {
 
@@ -21,13 +29,10 @@ std::vector<int64_t> list_checkpoints(const std::string& root);
 /// Removes all but the newest `keep` checkpoints.
 void prune_checkpoints(const std::string& root, int keep);
 
-/// An optimizer's state (torch's archive format) as bytes, and back into an optimizer built over
-/// the same parameters in the same order.
-std::string optimizer_bytes(torch::optim::Optimizer& opt);
-void load_optimizer(torch::optim::Optimizer& opt, const std::string& bytes, const std::string& what);
-
-/// The CPU generator's state (uint8 tensor), and restoring it.
-at::Tensor cpu_rng_state();
-void set_cpu_rng_state(const at::Tensor& state);
+/// Writes one side's checkpoint of `step` under `root` (`fields` and the link's go into
+/// state.json), then keeps only the newest `keep`.
+void save_side_checkpoint(const std::string& root, int64_t step, Side& side, quant::Link& link, nlohmann::json fields, int keep);
+/// Restores a side, its link and the CPU generator from checkpoint directory `dir`; returns state.json.
+nlohmann::json load_side_checkpoint(const std::string& dir, Side& side, quant::Link& link);
 
 }  // namespace amaq::train

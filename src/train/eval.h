@@ -5,6 +5,7 @@
 #pragma once
 #include <nlohmann/json.hpp>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,34 @@
 #include "train/data.h"
 
 namespace amaq::train {
+
+/// One batch row's score: the summed next-token NLL over its labelled positions, their count, and
+/// how many of them the argmax predicted.
+struct RowScore {
+  double nll_sum = 0;
+  uint32_t tokens = 0, correct = 0;
+};
+/// logits (B, T, V), labels (B, T) (kIgnoreLabel where no loss is taken) -> B scores.
+std::vector<RowScore> score_rows(const at::Tensor& logits, const at::Tensor& labels);
+/// Scores rows [0, limit) of a dataset, batch by batch, wherever the model runs (locally, or
+/// through the server in a split run).
+using RowScorer = std::function<void(const Dataset& data, int64_t limit, std::vector<RowScore>* out)>;
+
+/// Token-level metrics over scored rows: loss, perplexity, token accuracy, exact match (every
+/// labelled token of a row predicted), sequences and tokens.
+nlohmann::json score_summary(const std::vector<RowScore>& rows);
+
+/// Classification through verbalizer words, the one scorer of local and split evaluation: every
+/// label word (and EOS) after every text; the word with the lowest NLL is the answer.
+struct LabelWordChoice {
+  Dataset candidates;             ///< row i * words + w: text i followed by label word w
+  std::vector<std::string> gold;  ///< each text's gold answer as decoded (" word")
+  std::vector<std::string> words;
+  /// The fraction of texts whose lowest-NLL word is the gold one; `scores` has one row per candidate.
+  double accuracy(const std::vector<RowScore>& scores) const;
+};
+/// The candidates for rows [0, limit) of a classification dataset.
+LabelWordChoice label_word_candidates(const Dataset& data, int64_t limit, const Tokenizer& tok);
 
 /// Greedy decoding with the KV cache: at most `max_new` tokens, stopping after `eos` (>= 0).
 std::vector<int64_t> greedy_generate(DecoderPart& model, const std::vector<int64_t>& prompt, int64_t max_new, int64_t eos);

@@ -8,7 +8,8 @@
 #include "model/part.h"
 #include "model/peft.h"
 #include "train/checkpoint.h"
-#include "train/session.h"
+#include "train/export.h"
+#include "train/options.h"
 #include "train/side.h"
 
 namespace amaq::train {

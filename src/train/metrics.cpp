@@ -4,10 +4,17 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <fstream>
+#include <map>
 
 #include "core/error.h"
 
 namespace amaq::train {
+namespace {
+
+std::string fmt_mb(uint64_t bytes) { return fmt::format("{:.3f}", static_cast<double>(bytes) / 1e6); }
+
+}  // namespace
 
 nlohmann::json StepRecord::to_json() const {
   auto bits = [](const BitsStats& b) { return nlohmann::json{{"mean", b.mean}, {"min", b.min}, {"max", b.max}}; };
@@ -97,6 +104,92 @@ std::string format_table(const std::vector<std::vector<std::string>>& rows) {
       for (size_t w : width) total += w + 2;
       out += std::string(total > 2 ? total - 2 : 0, '-') + "\n";
     }
+  }
+  return out;
+}
+
+std::vector<StepRecord> read_metrics(const std::string& path) {
+  std::map<int64_t, StepRecord> by_step;
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.contains("step") || !j.contains("fwd_bits")) continue;
+    StepRecord r;
+    r.step = j["step"];
+    r.loss = j["loss"];
+    r.task_loss = j["task_loss"];
+    r.reg_loss = j["reg_loss"];
+    r.lr = j["lr"];
+    r.grad_norm = j["grad_norm"];
+    for (auto [key, dst] : {std::pair{"fwd_bits", &r.fwd_bits}, std::pair{"bwd_bits", &r.bwd_bits}}) {
+      dst->mean = j[key]["mean"];
+      dst->min = j[key]["min"];
+      dst->max = j[key]["max"];
+    }
+    r.fwd_wire_bytes = j["fwd_wire_bytes"];
+    r.bwd_wire_bytes = j["bwd_wire_bytes"];
+    r.fwd_packet_bytes = j["fwd_packet_bytes"];
+    r.bwd_packet_bytes = j["bwd_packet_bytes"];
+    r.forward_frame_bytes = j["forward_frame_bytes"];
+    r.backward_frame_bytes = j["backward_frame_bytes"];
+    r.elements = j["elements"];
+    r.rows = j["rows"];
+    r.cells = j["cells"];
+    r.client_seconds = j["client_seconds"];
+    r.server_seconds = j["server_seconds"];
+    r.network_seconds = j["network_seconds"];
+    r.tokens = j["tokens"];
+    r.tokens_per_second = j["tokens_per_second"];
+    by_step[r.step] = r;
+  }
+  std::vector<StepRecord> out;
+  for (auto& [s, r] : by_step) out.push_back(r);
+  return out;
+}
+
+std::string summarize(const std::vector<StepRecord>& steps, const nlohmann::json& eval) {
+  if (steps.empty()) return "no steps recorded\n";
+  uint64_t fwd = 0, bwd = 0, fwd_packet = 0, bwd_packet = 0, elements = 0;
+  double fwd_bits = 0, bwd_bits = 0, fwd_tail = 0, bwd_tail = 0, client_s = 0, server_s = 0, net_s = 0;
+  const size_t tail_from = steps.size() - std::max<size_t>(1, steps.size() / 10);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const StepRecord& r = steps[i];
+    fwd += r.fwd_wire_bytes;
+    bwd += r.bwd_wire_bytes;
+    fwd_packet += r.fwd_packet_bytes;
+    bwd_packet += r.bwd_packet_bytes;
+    elements += r.elements;
+    fwd_bits += r.fwd_bits.mean;
+    bwd_bits += r.bwd_bits.mean;
+    if (i >= tail_from) {
+      fwd_tail += r.fwd_bits.mean / static_cast<double>(steps.size() - tail_from);
+      bwd_tail += r.bwd_bits.mean / static_cast<double>(steps.size() - tail_from);
+    }
+    client_s += r.client_seconds;
+    server_s += r.server_seconds;
+    net_s += r.network_seconds;
+  }
+  const auto n = static_cast<double>(steps.size());
+  const uint64_t bf16 = elements * 2;  // what a bf16 transport would have sent each way (packets only)
+  std::vector<std::vector<std::string>> rows{{"", "forward", "backward"}};
+  rows.push_back({"wire MB (frames)", fmt_mb(fwd), fmt_mb(bwd)});
+  rows.push_back({"codec MB (packets)", fmt_mb(fwd_packet), fmt_mb(bwd_packet)});
+  rows.push_back({"bf16 would send MB", fmt_mb(bf16), fmt_mb(bf16)});
+  rows.push_back({"packets / bf16", fmt::format("{:.1f}%", 100.0 * static_cast<double>(fwd_packet) / static_cast<double>(std::max<uint64_t>(1, bf16))),
+                  fmt::format("{:.1f}%", 100.0 * static_cast<double>(bwd_packet) / static_cast<double>(std::max<uint64_t>(1, bf16)))});
+  rows.push_back({"effective bits/elem", fmt::format("{:.3f}", 8.0 * static_cast<double>(fwd_packet) / static_cast<double>(std::max<uint64_t>(1, elements))),
+                  fmt::format("{:.3f}", 8.0 * static_cast<double>(bwd_packet) / static_cast<double>(std::max<uint64_t>(1, elements)))});
+  rows.push_back({"mean bits (run)", fmt::format("{:.3f}", fwd_bits / n), fmt::format("{:.3f}", bwd_bits / n)});
+  rows.push_back({"mean bits (last 10%)", fmt::format("{:.3f}", fwd_tail), fmt::format("{:.3f}", bwd_tail)});
+  std::string out = fmt::format("\nsummary: {} steps, loss {:.4f} -> {:.4f}; compute client {:.1f} s, server {:.1f} s, network {:.1f} s\n",
+                                steps.size(), steps.front().loss, steps.back().loss, client_s, server_s, net_s);
+  out += format_table(rows);
+  if (!eval.is_null() && !eval.empty()) {
+    out += fmt::format("eval at step {}: loss {:.4f}, perplexity {:.3f}, token accuracy {:.2f}%, exact match {:.2f}% ({} sequences)\n",
+                       eval["step"].get<int64_t>(), eval["loss"].get<double>(), eval["perplexity"].get<double>(),
+                       100 * eval["token_accuracy"].get<double>(), 100 * eval["exact_match"].get<double>(),
+                       eval["sequences"].get<uint64_t>());
   }
   return out;
 }

@@ -9,11 +9,11 @@
 #include <string>
 #include <vector>
 
+#include "quant/link.h"
+
 namespace amaq::train {
 
-struct BitsStats {
-  double mean = 0, min = 0, max = 0;
-};
+using BitsStats = quant::BitsStats;
 
 /// One optimizer step, as the client saw it.
 struct StepRecord {
@@ -63,5 +63,11 @@ class Progress {
 
 /// A plain-text table with aligned columns (first row = header).
 std::string format_table(const std::vector<std::vector<std::string>>& rows);
+
+/// Reads RUN/metrics.jsonl; a step logged twice (re-run after a resume) keeps its last line.
+std::vector<StepRecord> read_metrics(const std::string& path);
+/// The summary rows of a run's metrics (bytes each way against bf16, mean bits overall and over the
+/// last 10%, final loss, eval).
+std::string summarize(const std::vector<StepRecord>& steps, const nlohmann::json& eval);
 
 }  // namespace amaq::train

@@ -42,7 +42,7 @@ struct ServerConfig {
   int64_t split = 0;
   std::string run_dir;  ///< one subdirectory per client run id (checkpoints, metrics)
   SideOptions side;
-  std::string fwd_codec = "none:fp32", bwd_codec = "none:fp32";
+  quant::CodecSpec fwd_codec, bwd_codec;  ///< parsed by the app (none:fp32 by default)
   std::string token;    ///< empty: no authentication
   int keep_checkpoints = 3;
   std::chrono::milliseconds idle_timeout{std::chrono::minutes(10)};
@@ -51,6 +51,7 @@ struct ServerConfig {
 
 class TrainServer {
  public:
+  class Session;
   explicit TrainServer(ServerConfig cfg);
   ~TrainServer();
   /// Serves one client session from HELLO to BYE. Never throws: a failure is logged in one line,
@@ -61,13 +62,10 @@ class TrainServer {
   uint64_t steps_served() const { return steps_served_; }
 
  private:
-  struct Run;
-  wire::Status serve_session(wire::Channel& ch, uint64_t session_id);
   ServerConfig cfg_;
   ModelConfig model_;
   std::unique_ptr<CheckpointReader> ckpt_;
   std::string fingerprint_;
-  quant::CodecSpec fwd_spec_, bwd_spec_;
   std::mutex runs_mu_;
   std::map<std::string, std::shared_ptr<std::timed_mutex>> runs_;  // one session per run at a time
   std::atomic<uint64_t> steps_served_{0};
@@ -84,7 +82,7 @@ struct ClientConfig {
   int64_t seq_len = 128;
   SideOptions side;
   Schedule schedule;
-  std::string fwd_codec = "none:fp32", bwd_codec = "none:fp32";
+  quant::CodecSpec fwd_codec, bwd_codec;  ///< parsed by the app (none:fp32 by default)
   std::string token;
   int64_t checkpoint_every = 0;  ///< 0: only at the end
   int keep_checkpoints = 3;
@@ -119,23 +117,8 @@ class ClientTrainer {
   RunResult run(const Connector& connect);
 
  private:
-  struct State;
+  class Run;
   ClientConfig cfg_;
 };
-
-/// The summary rows of a run's metrics (bytes each way against bf16, mean bits overall and over the
-/// last 10%, final loss, eval).
-std::string summarize(const std::vector<StepRecord>& steps, const nlohmann::json& eval);
-/// Reads RUN/metrics.jsonl; a step logged twice (re-run after a resume) keeps its last line.
-std::vector<StepRecord> read_metrics(const std::string& path);
-
-/// `export`: the client's LoRA from RUN's last checkpoint and the server's from RUN/server_adapter,
-/// merged into one PEFT adapter in `out`.
-void export_adapter(const std::string& run_dir, const std::string& out);
-/// `export --merged`: the base checkpoint with both sides' training written in (full weights as
-/// trained, LoRA merged as W + scale * B A), as an HF model directory in `out` (model.safetensors,
-/// config and tokenizer files). A server that trained full weights keeps them: its run directory
-/// (`server_run_dir`, default RUN/server as `amaq train` uses) must be readable here.
-void export_merged(const std::string& run_dir, const std::string& out, const std::string& server_run_dir = "");
 
 }  // namespace amaq::train

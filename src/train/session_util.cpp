@@ -1,34 +1,7 @@
 #include "train/session_util.h"
 
-#include "train/data.h"
 
 namespace amaq::train::detail {
-
-quant::CodecSpec direct_spec(const quant::CodecSpec& spec) {
-  quant::CodecSpec d;
-  d.codec = quant::CodecId::kFixed;
-  d.bits = spec.bits;
-  d.granularity = quant::Granularity::kToken;
-  return d;
-}
-
-quant::CodecSpec backward_spec(const quant::CodecSpec& spec) {
-  return spec.codec == quant::CodecId::kAqsgd ? direct_spec(spec) : spec;
-}
-
-void add_aqsgd_state(quant::Codec& codec, NamedTensors* out) {
-  quant::AqsgdBuffer* buf = codec.aqsgd_buffer();
-  if (!buf) return;
-  for (int64_t id : buf->ids()) out->emplace_back("aqsgd/" + std::to_string(id), buf->get(id).clone());
-}
-
-void restore_aqsgd_state(quant::Codec& codec, const std::map<std::string, at::Tensor>& tensors) {
-  quant::AqsgdBuffer* buf = codec.aqsgd_buffer();
-  if (!buf) return;
-  for (const auto& [name, t] : tensors) {
-    if (name.rfind("aqsgd/", 0) == 0) buf->put(std::stoll(name.substr(6)), t.to(at::kFloat).contiguous());
-  }
-}
 
 wire::Status send_control(wire::Channel& ch, wire::ControlKind kind, const nlohmann::json& j, std::string blob) {
   wire::ControlMsg m{kind, j.dump(), std::move(blob)};
@@ -63,25 +36,19 @@ wire::Status parse_control(const wire::Frame& f, wire::ControlKind kind, nlohman
   return wire::Status::Ok();
 }
 
-bool valid_run_id(const std::string& id) {
-  return id.size() >= 8 && id.size() <= 64 && id.find_first_not_of("0123456789abcdef") == std::string::npos;
+at::ScalarType label_scalar(wire::LabelType t) {
+  switch (t) {
+    case wire::LabelType::kI8: return at::kChar;
+    case wire::LabelType::kI16: return at::kShort;
+    case wire::LabelType::kI32: return at::kInt;
+    case wire::LabelType::kNone:
+    case wire::LabelType::kI64: return at::kLong;
+  }
+  return at::kLong;
 }
 
-wire::EvalResultMsg score_rows(const at::Tensor& logits, const at::Tensor& labels, uint64_t step) {
-  at::Tensor lp = at::log_softmax(logits.slice(1, 0, -1).to(at::kFloat), -1);  // (B, T-1, V)
-  at::Tensor target = labels.slice(1, 1);
-  at::Tensor valid = target != kIgnoreLabel;
-  at::Tensor safe = at::where(valid, target, at::zeros_like(target));
-  at::Tensor nll = -lp.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * valid;
-  at::Tensor hit = (lp.argmax(-1) == target) & valid;
-  at::Tensor nll_sum = nll.to(at::kDouble).sum(1), tokens = valid.sum(1), correct = hit.sum(1);
-  wire::EvalResultMsg out;
-  out.step = step;
-  for (int64_t r = 0; r < logits.size(0); ++r) {
-    out.rows.push_back({nll_sum[r].item<double>(), static_cast<uint32_t>(tokens[r].item<int64_t>()),
-                        static_cast<uint32_t>(correct[r].item<int64_t>())});
-  }
-  return out;
+bool valid_run_id(const std::string& id) {
+  return id.size() >= 8 && id.size() <= 64 && id.find_first_not_of("0123456789abcdef") == std::string::npos;
 }
 
 }  // namespace amaq::train::detail

@@ -3,14 +3,10 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/torch_io.h"
 #include "model/peft.h"
 
 namespace amaq::train {
-
-std::mutex& rng_mutex() {
-  static std::mutex mu;
-  return mu;
-}
 
 Side Side::build(const ModelConfig& config, const CheckpointReader& ckpt, SideRole role, int64_t split,
                  const SideOptions& options, uint64_t seed, double weight_decay) {

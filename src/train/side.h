@@ -18,9 +18,6 @@ namespace amaq::train {
 
 enum class SideRole { kClient, kServer };
 
-/// Torch's CPU generator is process-wide: code that seeds it and draws (LoRA init) holds this.
-std::mutex& rng_mutex();
-
 struct Side {
   DecoderPart part{nullptr};
   SideOptions options;

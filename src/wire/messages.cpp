@@ -28,6 +28,18 @@ class Reader {
     if (need(sizeof v, field)) std::memcpy(&v, data_.data() + pos_, sizeof v), pos_ += sizeof v;
     return v;
   }
+  // `count` items of `width` bytes as a view into the data.
+  std::string_view view(uint64_t count, size_t width, const char* field) {
+    if (!status_.ok()) return {};
+    if (count > (data_.size() - pos_) / width) {
+      fail(std::string(field) + ": " + std::to_string(count) + " entries announced, " + std::to_string(data_.size() - pos_) +
+           " bytes left");
+      return {};
+    }
+    std::string_view v(data_.data() + pos_, count * width);
+    pos_ += count * width;
+    return v;
+  }
   template <typename T>
   void array(std::vector<T>* out, uint64_t count, const char* field) {
     if (count > (data_.size() - pos_) / sizeof(T)) {
@@ -39,15 +51,17 @@ class Reader {
     if (count) std::memcpy(out->data(), data_.data() + pos_, count * sizeof(T));
     pos_ += count * sizeof(T);
   }
-  void blob(std::string* out, const char* field) {
+  // u64 length, then exactly that many bytes to the end of the data.
+  std::string_view blob(const char* field) {
     uint64_t n = get<uint64_t>(field);
-    if (!status_.ok()) return;
+    if (!status_.ok()) return {};
     if (n != data_.size() - pos_) {
       fail(std::string(field) + ": length " + std::to_string(n) + " but " + std::to_string(data_.size() - pos_) + " bytes follow");
-      return;
+      return {};
     }
-    out->assign(data_, pos_, n);
+    std::string_view v(data_.data() + pos_, n);
     pos_ += n;
+    return v;
   }
   void fail(const std::string& why) {
     if (status_.ok()) status_ = Status::Fail(ErrorCode::kBadMessage, std::string(message_) + " " + why);
@@ -71,16 +85,34 @@ class Reader {
 
 }  // namespace
 
+size_t label_bytes(LabelType t) {
+  switch (t) {
+    case LabelType::kNone: return 0;
+    case LabelType::kI8: return 1;
+    case LabelType::kI16: return 2;
+    case LabelType::kI32: return 4;
+    case LabelType::kI64: return 8;
+  }
+  return 0;
+}
+
+LabelType narrowest_label_type(int64_t vocab_size) {
+  if (vocab_size <= 128) return LabelType::kI8;
+  if (vocab_size <= 32768) return LabelType::kI16;
+  if (vocab_size <= (int64_t{1} << 31)) return LabelType::kI32;
+  return LabelType::kI64;
+}
+
 std::string ForwardMsg::encode() const {
   Writer w;
   w.put(step);
   w.put(micro_batch);
   w.put(batch);
   w.put(seq);
-  w.put<uint8_t>(!labels.empty());
+  w.put<uint8_t>(static_cast<uint8_t>(labels.empty() ? LabelType::kNone : label_type));
   w.put<uint8_t>(!mask.empty());
   w.put<uint16_t>(0);
-  w.bytes(labels.data(), labels.size() * sizeof(int64_t));
+  w.bytes(labels.data(), labels.size());
   w.bytes(mask.data(), mask.size());
   w.put<uint64_t>(sample_ids.size());
   w.bytes(sample_ids.data(), sample_ids.size() * sizeof(int64_t));
@@ -96,16 +128,18 @@ Status ForwardMsg::decode(const std::string& payload, ForwardMsg* m) {
   m->micro_batch = r.get<uint32_t>("micro_batch");
   m->batch = r.get<uint32_t>("batch");
   m->seq = r.get<uint32_t>("seq");
-  const uint8_t has_labels = r.get<uint8_t>("has_labels"), has_mask = r.get<uint8_t>("has_mask");
+  const uint8_t label_type = r.get<uint8_t>("label_type"), has_mask = r.get<uint8_t>("has_mask");
   r.get<uint16_t>("reserved");
   if (!r.status().ok()) return r.status();
-  if (has_labels > 1 || has_mask > 1) r.fail("flags must be 0 or 1");
+  if (label_type > kMaxLabelType) r.fail("label_type " + std::to_string(label_type) + " unknown");
+  if (has_mask > 1) r.fail("has_mask must be 0 or 1");
+  m->label_type = static_cast<LabelType>(label_type);
   const uint64_t cells = uint64_t{m->batch} * m->seq;
-  if (has_labels) r.array(&m->labels, cells, "labels");
+  if (m->label_type != LabelType::kNone) m->labels = r.view(cells, label_bytes(m->label_type), "labels");
   if (has_mask) {
-    r.array(&m->mask, cells, "mask");
-    for (uint8_t v : m->mask) {
-      if (v > 1) {
+    m->mask = r.view(cells, 1, "mask");
+    for (char v : m->mask) {
+      if (static_cast<uint8_t>(v) > 1) {
         r.fail("mask values must be 0 or 1");
         break;
       }
@@ -114,7 +148,7 @@ Status ForwardMsg::decode(const std::string& payload, ForwardMsg* m) {
   const uint64_t ids = r.get<uint64_t>("sample_count");
   if (r.status().ok() && ids != 0 && ids != m->batch) r.fail("has " + std::to_string(ids) + " sample ids for a batch of " + std::to_string(m->batch));
   if (r.status().ok()) r.array(&m->sample_ids, ids, "sample_ids");
-  r.blob(&m->packet, "packet");
+  m->packet = r.blob("packet");
   return r.status();
 }
 
@@ -138,7 +172,7 @@ Status BackwardMsg::decode(const std::string& payload, BackwardMsg* m) {
   m->loss = r.get<float>("loss");
   m->grad_sq_norm = r.get<double>("grad_sq_norm");
   m->server_seconds = r.get<float>("server_seconds");
-  r.blob(&m->packet, "packet");
+  m->packet = r.blob("packet");
   return r.status();
 }
 
@@ -200,7 +234,7 @@ Status EvalResultMsg::decode(const std::string& payload, EvalResultMsg* m) {
   return r.status();
 }
 
-uint64_t max_payload_for(uint64_t batch, uint64_t seq, uint64_t hidden) {
+uint64_t max_payload_for(uint64_t batch, uint64_t seq, uint64_t hidden) {  // labels at most i64
   return batch * seq * (hidden * 4 + 8 + 1) + batch * 8 + (uint64_t{1} << 20);
 }
 

@@ -1,10 +1,13 @@
 // Bodies of the training messages. Binary, little-endian, every count and length checked against
 // the bytes actually present before use (docs/protocol.md). The compressed tensors are opaque
-// byte strings here: wire/ knows nothing of codecs or models.
+// byte strings here: wire/ knows nothing of codecs or models. Decoding yields views into the
+// frame's payload (nothing is copied in or out): the payload must outlive the message.
 //
-//   FORWARD   u64 step | u32 micro_batch | u32 batch | u32 seq | u8 has_labels | u8 has_mask | u16 0
-//             | [labels: batch*seq x i64] | [mask: batch*seq x u8] | u64 sample_count | sample ids x i64
-//             | u64 packet_len | packet
+//   FORWARD   u64 step | u32 micro_batch | u32 batch | u32 seq | u8 label_type | u8 has_mask | u16 0
+//             | [labels: batch*seq integers of label_type] | [mask: batch*seq x u8]
+//             | u64 sample_count | sample ids x i64 | u64 packet_len | packet
+//             label_type 0: none; 1..4: i8, i16, i32, i64 (the narrowest that holds -100 and the
+//             vocabulary's largest id: a 32K vocabulary sends 2 bytes per label)
 //   BACKWARD  u64 step | u32 micro_batch | f32 loss | f64 grad_sq_norm | f32 server_seconds | u64 packet_len | packet
 //   CONTROL   u16 kind | u16 0 | u32 json_len | JSON | blob (the rest; kind-specific, usually empty)
 //   EVAL      client -> server: same layout as FORWARD (labels required)
@@ -12,22 +15,33 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "wire/frame.h"
 
 namespace amaq::wire {
 
+/// The integer type of FORWARD labels: raw little-endian tensor bytes of this width.
+enum class LabelType : uint8_t { kNone = 0, kI8 = 1, kI16 = 2, kI32 = 3, kI64 = 4 };
+constexpr uint8_t kMaxLabelType = 4;
+/// Bytes per label of `t` (0 for kNone).
+size_t label_bytes(LabelType t);
+/// The narrowest type that holds the ignore label (-100) and every id below `vocab_size`.
+LabelType narrowest_label_type(int64_t vocab_size);
+
 struct ForwardMsg {
   uint64_t step = 0;
   uint32_t micro_batch = 0;
   uint32_t batch = 0, seq = 0;
-  std::vector<int64_t> labels;       ///< batch * seq, or empty
-  std::vector<uint8_t> mask;         ///< batch * seq attention mask (0/1), or empty
-  std::vector<int64_t> sample_ids;   ///< one per batch row (AQ-SGD), or empty
-  std::string packet;                ///< compressed activations
+  LabelType label_type = LabelType::kNone;
+  std::string_view labels;          ///< batch * seq integers of label_type, or empty
+  std::string_view mask;            ///< batch * seq attention mask bytes (0/1), or empty
+  std::vector<int64_t> sample_ids;  ///< one per batch row (AQ-SGD), or empty
+  std::string_view packet;          ///< compressed activations
 
   std::string encode() const;
+  /// The views point into `payload`.
   static Status decode(const std::string& payload, ForwardMsg* out);
 };
 
@@ -37,9 +51,10 @@ struct BackwardMsg {
   float loss = 0;      ///< the server's task loss for this micro-batch (for the client's log)
   double grad_sq_norm = 0;  ///< squared L2 norm of the server's accumulated gradients (global clipping)
   float server_seconds = 0;  ///< the server's compute time for this micro-batch
-  std::string packet;  ///< compressed gradients
+  std::string_view packet;  ///< compressed gradients
 
   std::string encode() const;
+  /// The packet points into `payload`.
   static Status decode(const std::string& payload, BackwardMsg* out);
 };
 

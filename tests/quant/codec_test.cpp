@@ -215,8 +215,19 @@ TEST(CodecSpec, FixedMapFromAFileShuffledWithItsHistogram) {
   EXPECT_EQ(std::vector<int>(plain.map.begin(), plain.map.end()), widths);
   EXPECT_DOUBLE_EQ(plain.nominal_bits(), (8 * 8 + 16 * 4 + 40 * 2) / 64.0);
   const CodecSpec shuffled = CodecSpec::parse("fixed:map=" + tmp.file("map.json") + ",shuffle=3,gran=token");
-  EXPECT_EQ(shuffled.to_string(), "fixed:map=" + tmp.file("map.json") + ",shuffle=3,gran=token,round=nearest");
-  EXPECT_EQ(CodecSpec::parse(shuffled.to_string()).map, shuffled.map);  // deterministic
+  // The handshake's form names the widths by their hash, not the file: a copy elsewhere agrees, an
+  // edited file under the same name does not, and the shuffle is in the widths.
+  EXPECT_EQ(shuffled.to_string().rfind("fixed:map=sha256:", 0), 0u) << shuffled.to_string();
+  EXPECT_EQ(shuffled.to_string().find(tmp.file("map.json")), std::string::npos);
+  testing::write_bytes(tmp.file("copy.json"), nlohmann::json(widths).dump());
+  EXPECT_EQ(CodecSpec::parse("fixed:map=" + tmp.file("copy.json") + ",shuffle=3,gran=token").to_string(), shuffled.to_string());
+  EXPECT_NE(plain.to_string(), CodecSpec::parse("fixed:map=" + tmp.file("map.json") + ",gran=group").to_string());
+  EXPECT_NE(plain.to_string(), shuffled.to_string());
+  std::vector<int> edited = widths;
+  edited[0] = 7;
+  testing::write_bytes(tmp.file("copy.json"), nlohmann::json(edited).dump());
+  EXPECT_NE(CodecSpec::parse("fixed:map=" + tmp.file("copy.json") + ",gran=token").to_string(), plain.to_string());
+  EXPECT_EQ(CodecSpec::parse("fixed:map=" + tmp.file("map.json") + ",shuffle=3,gran=token").map, shuffled.map);  // deterministic
   EXPECT_NE(shuffled.map, plain.map);
   auto sorted = [](std::vector<uint8_t> v) { std::sort(v.begin(), v.end()); return v; };
   EXPECT_EQ(sorted(shuffled.map), sorted(plain.map));

@@ -17,6 +17,7 @@
 #include "testing.h"
 #include "train/checkpoint.h"
 #include "train/data.h"
+#include "train/export.h"
 #include "train/session.h"
 #include "train/eval.h"
 #include "train/side.h"
@@ -139,8 +140,8 @@ void expect_resume_matches(const std::string& fwd, const std::string& bwd) {
   testing::TempDir tmp;
   ClientConfig c = base_config(tmp, "whole");
   c.schedule.steps = 10;
-  c.fwd_codec = fwd;
-  c.bwd_codec = bwd;
+  c.fwd_codec = quant::CodecSpec::parse(fwd);
+  c.bwd_codec = quant::CodecSpec::parse(bwd);
   c.checkpoint_every = 3;
   c.val_fraction = 0.2;
   c.eval_every = 4;
@@ -187,8 +188,8 @@ TEST(SplitRun, AmaqLearnsWhileSendingAFractionOfTheBytes) {
   testing::TempDir tmp;
   ClientConfig c = base_config(tmp, "amaq");
   c.schedule.steps = 30;
-  c.fwd_codec = "amaq:budget=3,bmin=2,init=8,decay=10,gran=token";
-  c.bwd_codec = "amaq:budget=6,bmin=4,init=8,decay=10,gran=token";
+  c.fwd_codec = quant::CodecSpec::parse("amaq:budget=3,bmin=2,init=8,decay=10,gran=token");
+  c.bwd_codec = quant::CodecSpec::parse("amaq:budget=6,bmin=4,init=8,decay=10,gran=token");
   TrainServer srv(server_for(c, c.side));
   RunResult amaq = run_in_process(srv, c);
   ClientConfig f = base_config(tmp, "fp32");
@@ -221,7 +222,7 @@ TEST(SplitRun, AmaqLearnsWhileSendingAFractionOfTheBytes) {
   EXPECT_LE(map_mean, 3.0);
   ClientConfig r = base_config(tmp, "random-map");
   r.schedule.steps = 5;
-  r.fwd_codec = "fixed:map=" + map_file + ",shuffle=7,gran=token";
+  r.fwd_codec = quant::CodecSpec::parse("fixed:map=" + map_file + ",shuffle=7,gran=token");
   TrainServer srv_r(server_for(r, r.side));
   for (const StepRecord& rec : run_in_process(srv_r, r).steps) EXPECT_DOUBLE_EQ(rec.fwd_bits.mean, map_mean) << rec.step;
 }
@@ -279,7 +280,7 @@ TEST(SplitRun, MismatchedCodecOrSplitIsRefusedByName) {
   c.schedule.steps = 2;
   c.schedule.warmup = 0;
   ServerConfig sc = server_for(c, c.side);
-  sc.fwd_codec = "fixed:bits=4";
+  sc.fwd_codec = quant::CodecSpec::parse("fixed:bits=4");
   TrainServer srv(sc);
   EXPECT_AMAQ_ERROR(run_in_process(srv, c), "codec");
   c.run_dir = tmp.file("run2");

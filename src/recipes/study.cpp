@@ -1,4 +1,4 @@
-#include "train/study.h"
+#include "recipes/study.h"
 
 #include <fcntl.h>
 #include <spawn.h>
@@ -26,11 +26,13 @@
 #include "train/data.h"
 #include "train/metrics.h"
 #include "train/session.h"
-#include "train/svg.h"
+#include "recipes/svg.h"
 
 extern char** environ;
 
-namespace amaq::train {
+namespace amaq::recipes {
+
+using namespace train;  // the recipes are built on the trainer
 namespace {
 
 // ---- plan ----
@@ -851,4 +853,4 @@ int run_study(const StudyPlan& plan, const StudyOptions& opt) {
   return failed;
 }
 
-}  // namespace amaq::train
+}  // namespace amaq::recipes

@@ -1,4 +1,4 @@
-#include "train/demo.h"
+#include "recipes/demo.h"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -13,7 +13,9 @@
 #include "model/part.h"
 #include "tokenizer/tokenizer.h"
 
-namespace amaq::train {
+namespace amaq::recipes {
+
+
 
 void write_preset_model(const std::string& dir, const PresetOptions& p, uint64_t seed) {
   nlohmann::json cfg{{"architectures", {"LlamaForCausalLM"}},
@@ -132,4 +134,4 @@ void write_word_problem_task(const std::string& dir, int64_t n_train, int64_t n_
   });
 }
 
-}  // namespace amaq::train
+}  // namespace amaq::recipes

@@ -9,9 +9,9 @@
 
 #include "core/fs.h"
 #include "testing.h"
-#include "train/demo.h"
+#include "recipes/demo.h"
 
-namespace amaq::train {
+namespace amaq::recipes {
 namespace {
 
 std::vector<nlohmann::json> read_jsonl(const std::string& path) {
@@ -80,4 +80,4 @@ TEST(Tasks, MakeTaskCommandWritesTheFiles) {
 }
 
 }  // namespace
-}  // namespace amaq::train
+}  // namespace amaq::recipes

@@ -10,10 +10,10 @@
 
 #include "core/fs.h"
 #include "testing.h"
-#include "train/study.h"
-#include "train/svg.h"
+#include "recipes/study.h"
+#include "recipes/svg.h"
 
-namespace amaq::train {
+namespace amaq::recipes {
 namespace {
 
 TEST(Svg, NiceAxisCoversTheRangeWithOneTwoOrFiveSteps) {
@@ -179,4 +179,4 @@ TEST(StudyCli, MalformedPlanIsNamed) {
 }
 
 }  // namespace
-}  // namespace amaq::train
+}  // namespace amaq::recipes

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <string>
 
-namespace amaq::train {
+namespace amaq::recipes {
 
 struct PresetOptions {
   int64_t hidden = 128, layers = 4, heads = 4, kv_heads = 2, intermediate = 352, max_positions = 256;
@@ -31,4 +31,4 @@ void write_reversal_task(const std::string& dir, int length, int64_t n_train, in
 /// number. Writes DIR/train.jsonl and DIR/val.jsonl (disjoint questions).
 void write_word_problem_task(const std::string& dir, int64_t n_train, int64_t n_val, uint64_t seed);
 
-}  // namespace amaq::train
+}  // namespace amaq::recipes

@@ -12,9 +12,9 @@
 #include <string>
 #include <vector>
 
-#include "train/demo.h"
+#include "recipes/demo.h"
 
-namespace amaq::train {
+namespace amaq::recipes {
 
 struct StudyCodec {
   std::string name;    ///< row label, e.g. "amaq-3"
@@ -92,4 +92,4 @@ MeanStd mean_std(const std::vector<double>& v);
 /// bits at or above `bits`; empty when none reaches it.
 std::string pair_at_or_above(double bits, const std::vector<std::pair<std::string, double>>& candidates);
 
-}  // namespace amaq::train
+}  // namespace amaq::recipes
