@@ -1,6 +1,7 @@
 // Helpers shared by the tests: fixture paths, temp dirs, tolerance checks that name the worst element.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
 #include <string>

@@ -12,7 +12,7 @@ namespace {
 
 using testing::data_path;
 
-TEST(ForwardCli, SplitRunWithAdapterWritesHfLogitsAndHiddenStates) {
+TEST(IntegrationForwardCli, SplitRunWithAdapterWritesHfLogitsAndHiddenStates) {
   testing::TempDir tmp;
   std::string model = data_path("hf/qwen2-tied"), out;
   std::string cmd = std::string(AMAQ_BINARY) + " forward --model " + model + " --split 3 --ids " + model +
@@ -29,7 +29,7 @@ TEST(ForwardCli, SplitRunWithAdapterWritesHfLogitsAndHiddenStates) {
   EXPECT_TRUE(testing::all_close(load_safetensors(tmp.file("o.safetensors")).at("logits"), ref.at("logits_lora"), 1e-4, 1e-4));
 }
 
-TEST(ForwardCli, BadInputExitsWithOneClearError) {
+TEST(IntegrationForwardCli, BadInputExitsWithOneClearError) {
   testing::TempDir tmp;
   std::string model = data_path("hf/llama-gqa"), out;
   auto cfg = nlohmann::json::parse(read_file(model + "/config.json"));

@@ -15,7 +15,7 @@ std::string train_cmd(const testing::TempDir& tmp, const std::string& run, const
          tmp.file("data.txt") + " --run-dir " + tmp.file(run) + " --quiet " + extra;
 }
 
-TEST(TrainCli, TomlConfigUnderFlagsAndResolvedOptionsStored) {
+TEST(IntegrationTrainCli, TomlConfigUnderFlagsAndResolvedOptionsStored) {
 #if !AMAQ_HAVE_TOML
   GTEST_SKIP() << "this build has no TOML support (toml++ was not found)";
 #endif
@@ -58,7 +58,7 @@ namespace {
 
 // The demo end to end at a tenth of its size: three runs over loopback TCP and the side-by-side
 // table, AMAQ sending a fraction of bf16's bytes.
-TEST(DemoCli, ThreeTransportsSideBySide) {
+TEST(IntegrationDemoCli, ThreeTransportsSideBySide) {
   testing::TempDir tmp;
   std::string out;
   ASSERT_EQ(testing::run_command(std::string(AMAQ_BINARY) + " demo --quiet --dir " + tmp.file("demo") +

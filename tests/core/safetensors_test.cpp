@@ -24,10 +24,11 @@ std::string raw_file(const std::string& header, size_t data_bytes) {
 
 TEST(Safetensors, RoundTripEveryDtype) {
   TempDir tmp;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(71);
   NamedTensors in{
-      {"f32", at::randn({3, 5})},
-      {"bf16", at::randn({7}).to(at::kBFloat16)},
-      {"f16", at::randn({2, 2, 2}).to(at::kHalf)},
+      {"f32", at::randn({3, 5}, gen)},
+      {"bf16", at::randn({7}, gen).to(at::kBFloat16)},
+      {"f16", at::randn({2, 2, 2}, gen).to(at::kHalf)},
       {"i64", at::arange(10, at::kLong).view({2, 5})},
       {"scalar", at::tensor(3.5)},
       {"empty", at::empty({0, 4})},
@@ -53,7 +54,8 @@ TEST(Safetensors, ReadsTheHfFixtureAndItsDtypes) {
 
 TEST(Safetensors, ShardedCheckpointLoadsEachTensorFromItsShard) {
   TempDir tmp;
-  at::Tensor a = at::randn({4, 4}), b = at::randn({8}).to(at::kBFloat16);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(72);
+  at::Tensor a = at::randn({4, 4}, gen), b = at::randn({8}, gen).to(at::kBFloat16);
   save_safetensors(tmp.file("model-00001-of-00002.safetensors"), {{"a", a}});
   save_safetensors(tmp.file("model-00002-of-00002.safetensors"), {{"b", b}});
   nlohmann::json index = {{"metadata", {{"total_size", 96}}},
@@ -68,7 +70,8 @@ TEST(Safetensors, ShardedCheckpointLoadsEachTensorFromItsShard) {
 
 TEST(Safetensors, TruncatedFileNamesTheTensorPastTheEnd) {
   TempDir tmp;
-  std::string bytes = safetensors_bytes({{"first", at::randn({16})}, {"last", at::randn({16})}});
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(73);
+  std::string bytes = safetensors_bytes({{"first", at::randn({16}, gen)}, {"last", at::randn({16}, gen)}});
   write_bytes(tmp.file("t.safetensors"), bytes.substr(0, bytes.size() - 10));
   EXPECT_AMAQ_ERROR(SafetensorsFile(tmp.file("t.safetensors")), "tensor 'last'", "past the end", "t.safetensors");
 }

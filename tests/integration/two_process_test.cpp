@@ -14,8 +14,10 @@
 #include <thread>
 
 #include "core/fs.h"
+#include "model/config.h"
 #include "model/peft.h"
 #include "testing.h"
+#include "wire/messages.h"
 
 extern char** environ;
 
@@ -124,10 +126,12 @@ TEST(Integration, TwoProcessesOverTlsWithTokenTrainResumeAndRefuse) {
   for (int i = 0; i < 5; ++i) first += steps[i]["task_loss"].get<double>() / 5, last += steps[25 + i]["task_loss"].get<double>() / 5;
   EXPECT_LT(last, first - 0.1);
   EXPECT_LE(steps.back()["fwd_bits"]["mean"].get<double>(), 3.0);
+  // Labels travel in the narrowest integer type for the model's vocabulary.
+  const uint64_t label_bytes = wire::label_bytes(wire::narrowest_label_type(ModelConfig::load(model).vocab_size));
   for (const auto& s : steps) {
     // FORWARD frames = codec packets + framing (24 frame + 24 fields + 8 ids count + 8 packet length) + labels and mask.
     EXPECT_EQ(s["forward_frame_bytes"].get<uint64_t>(),
-              s["fwd_packet_bytes"].get<uint64_t>() + 64 + 9 * s["cells"].get<uint64_t>());
+              s["fwd_packet_bytes"].get<uint64_t>() + 64 + (label_bytes + 1) * s["cells"].get<uint64_t>());
     EXPECT_EQ(s["backward_frame_bytes"].get<uint64_t>(), s["bwd_packet_bytes"].get<uint64_t>() + 60);
   }
   auto client_session = lines_with(run + "/metrics.jsonl", "session");

@@ -47,7 +47,8 @@ TEST(Memory, ClientPartLoadsOnlyItsShareOfTheCheckpoint) {
   {
     DecoderPart full = full_model(config);
     NamedTensors weights;
-    for (auto& [name, p] : full->base_weights()) weights.emplace_back(name, at::randn(p.sizes()));
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(51);
+    for (auto& [name, p] : full->base_weights()) weights.emplace_back(name, at::randn(p.sizes(), gen));
     save_safetensors(tmp.file("model.safetensors"), weights);
     write_file_atomic(tmp.file("config.json"), config.to_json().dump());
   }

@@ -20,7 +20,8 @@ TEST(Amaq, GatesGetTheirGradientAndActivationsPassStraightThrough) {
   CodecSpec spec = CodecSpec::parse("amaq:budget=4,gran=token");
   AmaqGates gates(64, spec);
   Codec codec(spec);
-  at::Tensor x = at::randn({2, 16, 64}).requires_grad_(true);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(21);
+  at::Tensor x = at::randn({2, 16, 64}, gen).requires_grad_(true);
   Encoded e = codec.encode(x, with_bits(gates->bit_map()));
   at::Tensor y = fake_quant(x, e, gates->bits_continuous());
   EXPECT_TRUE(at::equal(y.detach(), e.decoded));
@@ -52,10 +53,11 @@ double train_gates(const std::string& spec_text, int steps, std::vector<double>*
 TEST(Amaq, RegularizerAloneWalksTheMeanDownToTheBudget) {
   // The paper's penalty alone keeps pulling: everything ends at b_min.
   EXPECT_EQ(train_gates("amaq:budget=3,bmin=2,mode=penalty,decay=0", 400), 2.0);
-  // Stopping at the budget: the mean settles within one bit below it.
+  // Stopping at the budget: the mean settles at or below it, and (unlike the penalty alone) the
+  // gates stop before b_min.
   double stop = train_gates("amaq:budget=3,bmin=2,mode=stop,decay=0", 400);
   EXPECT_LE(stop, 3.0);
-  EXPECT_GE(stop, 2.0);
+  EXPECT_GT(stop, 2.0);
   // Guaranteed: at every step the map's mean is within the schedule's budget, which walks from 8 to 3.5.
   std::vector<double> budget, mean;
   double end = train_gates("amaq:budget=3.5,bmin=2,init=8,mode=guaranteed,decay=100", 150, &budget, &mean);

@@ -95,7 +95,7 @@ TEST(Study, PlanErrorsNameTheField) {
   EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j["tasks"][0].erase("metric"); }), "p.toml"), "metric");
 }
 
-TEST(Study, TinyPlanRunsEndToEndResumesAndReports) {
+TEST(IntegrationStudy, TinyPlanRunsEndToEndResumesAndReports) {
   testing::TempDir tmp;
   // The pretraining corpus: a few sentences of plain text.
   std::string text;
@@ -126,7 +126,18 @@ TEST(Study, TinyPlanRunsEndToEndResumesAndReports) {
   EXPECT_GE(f4.fwd_bits, 4.0 + 32.0 / 32);
   EXPECT_LT(f4.fwd_bits, 4.0 + 32.0 / 32 + 0.5);
   EXPECT_NEAR(f4.bwd_bits, f4.fwd_bits + 4, 0.2);  // gradients at 8 bits, same layout
-  EXPECT_FALSE(std::isnan(bf16.metric));
+  // The task's metric is the run's last evaluation: an exact-match fraction over its validation rows.
+  nlohmann::json bf16_eval;
+  std::istringstream log(read_file(join_path(opt.out, "runs/wp/bf16/seed-1/metrics.jsonl")));
+  for (std::string line; std::getline(log, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.contains("eval")) bf16_eval = j["eval"];
+  }
+  ASSERT_TRUE(bf16_eval.contains("exact_match") && bf16_eval.contains("sequences"));
+  const double rows = bf16_eval["sequences"].get<double>();
+  ASSERT_GT(rows, 0);
+  EXPECT_EQ(bf16.metric, bf16_eval["exact_match"].get<double>());
+  EXPECT_NEAR(bf16.metric * rows, std::round(bf16.metric * rows), 1e-9);
   // The ablation replays the learned map's histogram: the same mean width, every step.
   for (uint64_t seed : {1, 2}) {
     const RunStats a = read_run_stats(join_path(opt.out, fmt::format("runs/wp/amaq-3/seed-{}", seed)), "exact_match");
@@ -163,7 +174,7 @@ TEST(Study, TinyPlanRunsEndToEndResumesAndReports) {
   EXPECT_TRUE(read_run_stats(join_path(opt.out, "runs/wp/bf16/seed-2"), "exact_match").complete);
 }
 
-TEST(StudyCli, MalformedPlanIsNamed) {
+TEST(IntegrationStudyCli, MalformedPlanIsNamed) {
 #if !AMAQ_HAVE_TOML
   GTEST_SKIP() << "this build has no toml++: `amaq study` cannot read plans";
 #else
