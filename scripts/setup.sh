@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake make pkg-config ccache git
-  libtorch-dev libopenblas0-openmp
+  libtorch-dev libopenblas0-openmp libdnnl-dev
   libboost-dev libssl-dev openssl
   nlohmann-json3-dev libtomlplusplus-dev libcli11-dev
   libfmt-dev libspdlog-dev libpcre2-dev libicu-dev

@@ -12,6 +12,7 @@
 #include "core/runtime.h"
 
 int main(int argc, char** argv) {
+  amaq::exec_with_openmp_settings(argv);
   CLI::App app{"amaq: split fine-tuning of LLMs with compressed activations"};
   app.require_subcommand(1);
   int threads = 0;
@@ -42,6 +43,7 @@ int main(int argc, char** argv) {
   spdlog::set_default_logger(spdlog::stderr_color_mt("amaq"));
   spdlog::set_pattern("[%Y-%m-%d %H:%M:%S.%e] [%^%l%$] %v");
   amaq::configure_threads(threads);
+  amaq::configure_memory();
   try {
     for (auto& [sub, run] : commands) {
       if (sub->parsed()) return run();

@@ -6,4 +6,15 @@ namespace amaq {
 /// Sets torch's intra-op thread count; `threads <= 0` means one per core. Returns the count used.
 int configure_threads(int threads);
 
+/// OpenMP reads its settings once, when libgomp loads, before main. Idle worker threads spin for
+/// GOMP_SPINCOUNT iterations (libgomp's default: 300000) before they sleep: with the client and the
+/// server as two processes on one machine, the idle side's team spins against the side that
+/// computes (measured on 2 cores: two processes 8% slower than one). When GOMP_SPINCOUNT is unset,
+/// this sets it to 10000 and executes the program again, once; a value the user set is kept.
+void exec_with_openmp_settings(char** argv);
+
+/// Tensors of the same sizes are allocated and freed every step: keeps freed memory in the process
+/// (glibc would unmap or trim it, and every reuse would fault its pages in and zero them again).
+void configure_memory();
+
 }  // namespace amaq

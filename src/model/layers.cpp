@@ -1,5 +1,7 @@
 #include "model/layers.h"
 
+#include "model/gemm.h"
+
 #include <torch/nn/init.h>
 
 #include <cmath>
@@ -33,10 +35,17 @@ void LinearImpl::add_lora(const LoRAOptions& opt) {
 }
 
 at::Tensor LinearImpl::forward(const at::Tensor& x) {
-  at::Tensor y = at::linear(x, weight, bias);
-  if (!has_lora()) return y;
-  at::Tensor xd = lora_opt_.dropout() > 0 ? at::dropout(x, lora_opt_.dropout(), is_training()) : x;
-  return y + at::linear(at::linear(xd, lora_a), lora_b) * lora_opt_.scale();
+  if (!has_lora()) return weight.requires_grad() ? at::linear(x, weight, bias) : functional::frozen_linear(x, weight, bias);
+  // y = x W^T + b, then y += scale * (xd A^T) B^T as one GEMM accumulating into y (no full-size
+  // temporaries). On 2-D views: y is a fresh base tensor, and x W^T is not saved for backward, so
+  // updating it in place is safe.
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = weight.size(0);
+  const at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  at::Tensor y = weight.requires_grad() ? at::linear(x2, weight, bias) : functional::frozen_linear(x2, weight, bias);  // (N, out)
+  const at::Tensor xd = lora_opt_.dropout() > 0 ? at::dropout(x2, lora_opt_.dropout(), is_training()) : x2;
+  y.addmm_(at::linear(xd, lora_a), lora_b.t(), /*beta=*/1, /*alpha=*/lora_opt_.scale());
+  return y.view(out_shape);
 }
 
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, at::ScalarType dtype) : eps(eps_) {

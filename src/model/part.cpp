@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "core/hash.h"
+#include "model/gemm.h"
 
 namespace amaq {
 
@@ -64,7 +65,7 @@ at::Tensor DecoderPartImpl::forward(const at::Tensor& input, const at::Tensor& a
   if (!has_head()) return h;
   h = norm->forward(h);
   if (hidden) (*hidden)[config_.num_layers] = h;
-  return lm_head ? lm_head->forward(h) : at::linear(h, embed_tokens->weight);
+  return lm_head ? lm_head->forward(h) : functional::frozen_linear(h, embed_tokens->weight, {});
 }
 
 at::Tensor DecoderPartImpl::forward_cached(const at::Tensor& input, std::vector<KvEntry>* cache) {
@@ -88,7 +89,7 @@ at::Tensor DecoderPartImpl::forward_cached(const at::Tensor& input, std::vector<
   }
   if (!has_head()) return h;
   h = norm->forward(h);
-  return lm_head ? lm_head->forward(h) : at::linear(h, embed_tokens->weight);
+  return lm_head ? lm_head->forward(h) : functional::frozen_linear(h, embed_tokens->weight, {});
 }
 
 std::vector<std::pair<std::string, at::Tensor>> DecoderPartImpl::base_weights() {

@@ -8,6 +8,7 @@
 #include <optional>
 #include <thread>
 
+#include "core/compute.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/hash.h"
@@ -207,17 +208,21 @@ void ClientTrainer::Run::open_run_dir() {
 }
 
 void ClientTrainer::Run::restore(bool resume) {
-  side_ = Side::build(model_, weights_, SideRole::kClient, c_.split, c_.side, c_.schedule.seed, c_.schedule.weight_decay);
-  link_ = std::make_unique<quant::Link>(quant::LinkSide::kClient, c_.fwd_codec, c_.bwd_codec, model_.hidden_size, c_.schedule.gate_lr);
   step_ = position_ = 0;
   resume_step_ = -1;
-  if (!resume) return;
   const auto have = list_checkpoints(ckpt_root_);
-  if (have.empty()) throw Error(c_.run_dir + " has no checkpoint to resume from", "the run stopped before its first checkpoint: start it again");
-  resume_step_ = have.back();
-  const nlohmann::json state = load_side_checkpoint(checkpoint_path(ckpt_root_, resume_step_), side_, *link_);
-  step_ = state.at("step").get<int64_t>();
-  position_ = state.at("position").get<int64_t>();
+  if (resume && have.empty()) {
+    throw Error(c_.run_dir + " has no checkpoint to resume from", "the run stopped before its first checkpoint: start it again");
+  }
+  compute::run([&] {
+    side_ = Side::build(model_, weights_, SideRole::kClient, c_.split, c_.side, c_.schedule.seed, c_.schedule.weight_decay);
+    link_ = std::make_unique<quant::Link>(quant::LinkSide::kClient, c_.fwd_codec, c_.bwd_codec, model_.hidden_size, c_.schedule.gate_lr);
+    if (!resume) return;
+    resume_step_ = have.back();
+    const nlohmann::json state = load_side_checkpoint(checkpoint_path(ckpt_root_, resume_step_), side_, *link_);
+    step_ = state.at("step").get<int64_t>();
+    position_ = state.at("position").get<int64_t>();
+  });
 }
 
 wire::Status ClientTrainer::Run::connect(const Connector& connect, std::unique_ptr<wire::Channel>* ch) {
@@ -278,20 +283,24 @@ wire::Status ClientTrainer::Run::train_step(wire::Channel& ch, StepRecord* rec) 
     wire::Status s = detail::send_control(ch, wire::ControlKind::kBitSync, {{"step", step}, {"budget", *budget}});
     if (!s.ok()) return s;
   }
-  side_.zero_grad();
-  link_->begin_step();
+  compute::run([&] {
+    side_.zero_grad();
+    link_->begin_step();
+  });
   double server_sq = 0;
   for (int64_t m = 0; m < c_.schedule.micro_batches; ++m) {
     wire::Status s = micro_batch(ch, m, rec, &server_sq);
     if (!s.ok()) return s;
   }
   const auto t0 = Clock::now();
-  const double total_sq = side_.grad_sq_norm() + server_sq;
+  const double total_sq = compute::run([&] { return side_.grad_sq_norm(); }) + server_sq;
   const double coef = clip_coefficient(total_sq, c_.schedule.clip);
   wire::Status s = detail::send_control(ch, wire::ControlKind::kStep, {{"step", step}, {"lr", rec->lr}, {"coef", coef}});
   if (!s.ok()) return s;
-  side_.step(rec->lr, coef);
-  link_->end_step(step);
+  compute::run([&] {
+    side_.step(rec->lr, coef);
+    link_->end_step(step);
+  });
   position_ += c_.schedule.micro_batches * c_.batch;
   step_ = step + 1;
   rec->client_seconds += seconds_since(t0);
@@ -308,16 +317,21 @@ wire::Status ClientTrainer::Run::micro_batch(wire::Channel& ch, int64_t m, StepR
   for (int64_t i = 0; i < c_.batch; ++i) idx.push_back(sampler_->at(position_ + m * c_.batch + i));
   const Batch b = make_batch(train_, idx, pad_id_, link_->needs_fixed_length() ? c_.seq_len : 0);
   auto t0 = Clock::now();
-  const at::Tensor h = side_.part->forward(b.ids, b.mask);  // (B, T, C)
-  quant::SentActivations sent = link_->send_activations(h, step, m, b.sample_ids);
+  at::Tensor h;  // (B, T, C)
+  quant::SentActivations sent;
+  std::optional<BatchBytes> bytes;
+  compute::run([&] {
+    h = side_.part->forward(b.ids, b.mask);
+    sent = link_->send_activations(h, step, m, b.sample_ids);
+    rec->tokens += b.mask.sum().item<int64_t>();
+    bytes.emplace(b, label_type_);
+  });
   rec->fwd_bits = sent.bits;
   rec->fwd_packet_bytes += sent.packet.size();
   rec->elements += static_cast<uint64_t>(h.numel());
   rec->rows += static_cast<uint64_t>(b.ids.size(0));
   rec->cells += static_cast<uint64_t>(b.ids.numel());
-  rec->tokens += b.mask.sum().item<int64_t>();
-  const BatchBytes bytes(b, label_type_);
-  wire::ForwardMsg fm = bytes.message(step, m, label_type_, sent.packet);
+  wire::ForwardMsg fm = bytes->message(step, m, label_type_, sent.packet);
   if (link_->needs_sample_ids()) fm.sample_ids = b.sample_ids;
   std::string payload = fm.encode();
   rec->client_seconds += seconds_since(t0);
@@ -334,18 +348,26 @@ wire::Status ClientTrainer::Run::micro_batch(wire::Channel& ch, int64_t m, StepR
 
   t0 = Clock::now();
   rec->bwd_packet_bytes += bm.packet.size();
-  at::Tensor dh;  // (B, T, C)
-  try {
-    dh = link_->receive_gradients(bm.packet, &rec->bwd_bits);
-  } catch (const Error& err) {
-    return wire::Status::Fail(wire::ErrorCode::kBadMessage, err.what());
-  }
-  if (dh.sizes() != h.sizes()) return wire::Status::Fail(wire::ErrorCode::kBadMessage, "gradient shape differs from the activation's");
-  // d(sum(value * dh))/dvalue = dh: the server's gradient enters the client's graph unchanged.
-  at::Tensor surrogate = (sent.value * dh.to(sent.value.scalar_type())).sum();
-  at::Tensor reg = link_->regularizer(step, M, &rec->reg_loss);
-  if (reg.defined()) surrogate = surrogate + reg;
-  surrogate.backward();
+  wire::Status s_bwd;
+  compute::run([&] {
+    at::Tensor dh;  // (B, T, C)
+    try {
+      dh = link_->receive_gradients(bm.packet, &rec->bwd_bits);
+    } catch (const Error& err) {
+      s_bwd = wire::Status::Fail(wire::ErrorCode::kBadMessage, err.what());
+      return;
+    }
+    if (dh.sizes() != h.sizes()) {
+      s_bwd = wire::Status::Fail(wire::ErrorCode::kBadMessage, "gradient shape differs from the activation's");
+      return;
+    }
+    // d(sum(value * dh))/dvalue = dh: the server's gradient enters the client's graph unchanged.
+    at::Tensor surrogate = (sent.value * dh.to(sent.value.scalar_type())).sum();
+    at::Tensor reg = link_->regularizer(step, M, &rec->reg_loss);
+    if (reg.defined()) surrogate = surrogate + reg;
+    surrogate.backward();
+  });
+  if (!s_bwd.ok()) return s_bwd;
   rec->client_seconds += seconds_since(t0);
   rec->task_loss += bm.loss / static_cast<double>(M);
   rec->server_seconds += bm.server_seconds;
@@ -369,13 +391,17 @@ void ClientTrainer::Run::log_step(StepRecord* rec, const wire::Channel& ch, cons
 
 // Rows [0, limit) of `d` through the server: per row NLL sum, labelled tokens, argmax hits.
 wire::Status ClientTrainer::Run::score_remote(wire::Channel& ch, const Dataset& d, int64_t limit, std::vector<RowScore>* out) {
-  at::NoGradGuard no_grad;
   for (int64_t at_row = 0; at_row < limit; at_row += c_.batch) {
     const std::vector<int64_t> idx = range(at_row, std::min(limit, at_row + c_.batch));
     const Batch b = make_batch(d, idx, pad_id_);
-    const std::string packet = link_->encode_eval(side_.part->forward(b.ids, b.mask));
-    const BatchBytes bytes(b, label_type_);
-    wire::Status s = ch.send({wire::MessageType::kEval, 0, bytes.message(step_, 0, label_type_, packet).encode()});
+    std::string packet;
+    std::optional<BatchBytes> bytes;
+    compute::run([&] {
+      at::NoGradGuard no_grad;
+      packet = link_->encode_eval(side_.part->forward(b.ids, b.mask));
+      bytes.emplace(b, label_type_);
+    });
+    wire::Status s = ch.send({wire::MessageType::kEval, 0, bytes->message(step_, 0, label_type_, packet).encode()});
     wire::Frame f;
     if (s.ok()) s = detail::expect(ch, wire::MessageType::kEval, std::chrono::minutes(10), &f);
     wire::EvalResultMsg res;
@@ -420,9 +446,11 @@ wire::Status ClientTrainer::Run::checkpoint(wire::Channel& ch, bool final) {
   if (!reply.value("ok", false) || reply.value("step", int64_t{-1}) != step_) {
     return wire::Status::Fail(wire::ErrorCode::kBadMessage, "server did not confirm the checkpoint at step " + std::to_string(step_));
   }
-  save_side_checkpoint(ckpt_root_, step_, side_, *link_,
-                       {{"step", step_}, {"position", position_}, {"run_id", run_id_}, {"side", side_.options.to_json()}},
-                       c_.keep_checkpoints);
+  compute::run([&] {
+    save_side_checkpoint(ckpt_root_, step_, side_, *link_,
+                         {{"step", step_}, {"position", position_}, {"run_id", run_id_}, {"side", side_.options.to_json()}},
+                         c_.keep_checkpoints);
+  });
   if (final) {
     const std::string dir = join_path(c_.run_dir, "server_adapter");
     make_dirs(dir);

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 
+#include "core/compute.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "model/part.h"
@@ -189,23 +190,24 @@ wire::Status TrainServer::Session::open_run() {
 
   root_ = join_path(cfg_.run_dir, run_id_);
   try {
-    side_ = Side::build(srv_.model_, *srv_.ckpt_, SideRole::kServer, cfg_.split, cfg_.side, schedule_.seed + 1, schedule_.weight_decay);
-    link_ = std::make_unique<quant::Link>(quant::LinkSide::kServer, cfg_.fwd_codec, cfg_.bwd_codec, srv_.model_.hidden_size,
-                                          schedule_.gate_lr);
-    if (resume_step_ >= 0) {
-      const std::string dir = checkpoint_path(root_, resume_step_);
-      if (!file_exists(dir)) {
-        std::string have;
-        for (int64_t st : list_checkpoints(root_)) have += (have.empty() ? "" : ", ") + std::to_string(st);
-        throw ResumeError("no checkpoint of run " + run_id_ + " at step " + std::to_string(resume_step_) + " on the server (it has: " +
-                              (have.empty() ? "none" : have) + ")",
-                          "resume from a checkpoint both sides hold, or start a new run");
-      }
-      load_side_checkpoint(dir, side_, *link_);
-      step_ = resume_step_;
-    } else if (!list_checkpoints(root_).empty()) {
+    const std::string dir = checkpoint_path(root_, resume_step_);
+    if (resume_step_ >= 0 && !file_exists(dir)) {
+      std::string have;
+      for (int64_t st : list_checkpoints(root_)) have += (have.empty() ? "" : ", ") + std::to_string(st);
+      throw ResumeError("no checkpoint of run " + run_id_ + " at step " + std::to_string(resume_step_) + " on the server (it has: " +
+                            (have.empty() ? "none" : have) + ")",
+                        "resume from a checkpoint both sides hold, or start a new run");
+    }
+    if (resume_step_ < 0 && !list_checkpoints(root_).empty()) {
       throw ResumeError("run " + run_id_ + " already has checkpoints on the server", "resume it (--resume) instead of starting it again");
     }
+    compute::run([&] {
+      side_ = Side::build(srv_.model_, *srv_.ckpt_, SideRole::kServer, cfg_.split, cfg_.side, schedule_.seed + 1, schedule_.weight_decay);
+      link_ = std::make_unique<quant::Link>(quant::LinkSide::kServer, cfg_.fwd_codec, cfg_.bwd_codec, srv_.model_.hidden_size,
+                                            schedule_.gate_lr);
+      if (resume_step_ >= 0) load_side_checkpoint(dir, side_, *link_);
+    });
+    if (resume_step_ >= 0) step_ = resume_step_;
     make_dirs(root_);
     log_ = std::make_unique<JsonlLog>(join_path(root_, "metrics.jsonl"));
   } catch (const ResumeError& e) {
@@ -219,25 +221,26 @@ wire::Status TrainServer::Session::open_run() {
   return wire::Status::Ok();
 }
 
-// FORWARD / EVAL body: every field checked against the run before use.
+// FORWARD / EVAL body: every field checked against the run before use (on the compute thread:
+// decoding is compute; the caller tells the client when it fails).
 wire::Status TrainServer::Session::decode_inputs(const wire::Frame& f, bool train, Inputs* in) {
   wire::Status s = wire::ForwardMsg::decode(f.payload, &in->msg);
-  if (!s.ok()) return fail(s);
+  if (!s.ok()) return s;
   const wire::ForwardMsg& fm = in->msg;
   const int64_t B = fm.batch, T = fm.seq, C = srv_.model_.hidden_size;
-  if (fm.label_type == wire::LabelType::kNone) return fail(bad("FORWARD/EVAL without labels"));
+  if (fm.label_type == wire::LabelType::kNone) return bad("FORWARD/EVAL without labels");
   try {
     in->h = train ? link_->receive_activations(fm.packet) : link_->receive_eval(fm.packet);
   } catch (const Error& e) {
-    return fail(bad(e.what()));
+    return bad(e.what());
   }
   if (in->h.dim() != 3 || in->h.size(0) != B || in->h.size(1) != T || in->h.size(2) != C) {
-    return fail(bad("activation shape does not match (batch, seq, hidden)"));
+    return bad("activation shape does not match (batch, seq, hidden)");
   }
   in->labels = at::from_blob(const_cast<char*>(fm.labels.data()), {B, T}, detail::label_scalar(fm.label_type)).to(at::kLong, false, true);
   const at::Tensor valid = (in->labels == kIgnoreLabel) | ((in->labels >= 0) & (in->labels < srv_.model_.vocab_size));
   if (!valid.all().item<bool>()) {
-    return fail(bad("labels outside [0, " + std::to_string(srv_.model_.vocab_size) + ") other than the ignore label -100"));
+    return bad("labels outside [0, " + std::to_string(srv_.model_.vocab_size) + ") other than the ignore label -100");
   }
   if (!fm.mask.empty()) in->mask = at::from_blob(const_cast<char*>(fm.mask.data()), {B, T}, at::kByte).to(at::kLong);
   return wire::Status::Ok();
@@ -246,25 +249,32 @@ wire::Status TrainServer::Session::decode_inputs(const wire::Frame& f, bool trai
 // FORWARD: the server's layers and the loss, backward to the activations, their gradient back.
 wire::Status TrainServer::Session::on_forward(const wire::Frame& f) {
   Inputs in;
-  wire::Status s = decode_inputs(f, true, &in);
-  if (!s.ok()) return s;
-  const wire::ForwardMsg& fm = in.msg;
-  const auto t0 = Clock::now();
   wire::HeartbeatScope alive(ch_, std::chrono::seconds(2));
-  at::Tensor h = in.h.to(side_.part->dtype()).requires_grad_(true);
-  at::Tensor loss = causal_lm_loss(side_.part->forward(h, in.mask), in.labels);
-  const double loss_v = loss.item<double>();
-  if (!std::isfinite(loss_v)) {
-    return fail(bad("the loss at step " + std::to_string(fm.step) + " is not finite: training diverged (lower --lr or enable --clip)"));
-  }
-  (loss / static_cast<double>(schedule_.micro_batches)).backward();
-  const std::string packet = link_->send_gradients(h.grad(), static_cast<int64_t>(fm.step), fm.micro_batch);
+  const auto t0 = Clock::now();
   wire::BackwardMsg bm;
+  std::string packet;
+  double loss_v = 0;
+  wire::Status s = compute::run([&] {
+    wire::Status ds = decode_inputs(f, true, &in);
+    if (!ds.ok()) return ds;
+    const wire::ForwardMsg& fm = in.msg;
+    at::Tensor h = in.h.to(side_.part->dtype()).requires_grad_(true);
+    at::Tensor loss = causal_lm_loss(side_.part->forward(h, in.mask), in.labels);
+    loss_v = loss.item<double>();
+    if (!std::isfinite(loss_v)) {
+      return bad("the loss at step " + std::to_string(fm.step) + " is not finite: training diverged (lower --lr or enable --clip)");
+    }
+    (loss / static_cast<double>(schedule_.micro_batches)).backward();
+    packet = link_->send_gradients(h.grad(), static_cast<int64_t>(fm.step), fm.micro_batch);
+    const bool last = fm.micro_batch + 1 == static_cast<uint64_t>(schedule_.micro_batches);
+    bm.grad_sq_norm = last ? side_.grad_sq_norm() : 0.0;
+    return wire::Status::Ok();
+  });
+  if (!s.ok()) return fail(s);
+  const wire::ForwardMsg& fm = in.msg;
   bm.step = fm.step;
   bm.micro_batch = fm.micro_batch;
   bm.loss = static_cast<float>(loss_v);
-  const bool last = fm.micro_batch + 1 == static_cast<uint64_t>(schedule_.micro_batches);
-  bm.grad_sq_norm = last ? side_.grad_sq_norm() : 0.0;
   bm.server_seconds = static_cast<float>(seconds_since(t0));
   bm.packet = packet;
   loss_sum_ += loss_v;
@@ -277,17 +287,19 @@ wire::Status TrainServer::Session::on_forward(const wire::Frame& f) {
 // EVAL: per row NLL, labelled tokens and argmax hits, without gradients.
 wire::Status TrainServer::Session::on_eval(const wire::Frame& f) {
   Inputs in;
-  wire::Status s = decode_inputs(f, false, &in);
-  if (!s.ok()) return s;
   wire::HeartbeatScope alive(ch_, std::chrono::seconds(2));
   wire::EvalResultMsg res;
-  res.step = in.msg.step;
-  {
+  wire::Status s = compute::run([&] {
+    wire::Status ds = decode_inputs(f, false, &in);
+    if (!ds.ok()) return ds;
     at::NoGradGuard no_grad;
     for (const RowScore& r : score_rows(side_.part->forward(in.h.to(side_.part->dtype()), in.mask), in.labels)) {
       res.rows.push_back({r.nll_sum, r.tokens, r.correct});
     }
-  }
+    return wire::Status::Ok();
+  });
+  if (!s.ok()) return fail(s);
+  res.step = in.msg.step;
   s = ch_.send({wire::MessageType::kEval, 0, res.encode()});
   return s.ok() ? s : dropped(s);
 }
@@ -320,8 +332,10 @@ wire::Status TrainServer::Session::on_step(const nlohmann::json& j) {
   const double lr = j.at("lr").get<double>(), coef = j.at("coef").get<double>();
   if (step != step_) return fail(bad("STEP " + std::to_string(step) + " but the server is at step " + std::to_string(step_)));
   if (!(coef > 0 && coef <= 1) || !(lr >= 0)) return fail(bad("STEP with lr or clip coefficient out of range"));
-  side_.step(lr, coef);
-  side_.zero_grad();
+  compute::run([&] {
+    side_.step(lr, coef);
+    side_.zero_grad();
+  });
   log_->write({{"step", step}, {"loss", micro_ ? loss_sum_ / micro_ : 0.0}, {"lr", lr}, {"coef", coef},
                {"server_seconds", seconds_}, {"bwd_budget", link_->backward_budget()}});
   loss_sum_ = seconds_ = 0;
@@ -336,10 +350,12 @@ wire::Status TrainServer::Session::on_checkpoint(const nlohmann::json& j) {
   const int64_t step = j.at("step").get<int64_t>();
   const bool final = j.value("final", false);
   if (step != step_) return fail(bad("CHECKPOINT at step " + std::to_string(step) + " but the server is at step " + std::to_string(step_)));
-  save_side_checkpoint(root_, step, side_, *link_, {{"step", step}, {"run_id", run_id_}}, cfg_.keep_checkpoints);
-  const nlohmann::json reply{{"step", step}, {"ok", true}, {"side", side_.options.to_json()}};
   std::string blob;
-  if (final && !side_.options.full) blob = safetensors_bytes(side_.state(), {{"format", "pt"}});
+  compute::run([&] {
+    save_side_checkpoint(root_, step, side_, *link_, {{"step", step}, {"run_id", run_id_}}, cfg_.keep_checkpoints);
+    if (final && !side_.options.full) blob = safetensors_bytes(side_.state(), {{"format", "pt"}});
+  });
+  const nlohmann::json reply{{"step", step}, {"ok", true}, {"side", side_.options.to_json()}};
   wire::Status s = detail::send_control(ch_, wire::ControlKind::kCheckpoint, reply, std::move(blob));
   return s.ok() ? s : dropped(s);
 }
