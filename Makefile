@@ -6,7 +6,7 @@ BUILD_TYPE ?= RelWithDebInfo
 export CCACHE_SLOPPINESS := pch_defines,time_macros,include_file_mtime,include_file_ctime
 export CCACHE_MAXSIZE ?= 5G
 
-.PHONY: all setup configure build test run bench fuzz study clean
+.PHONY: all setup configure build test run bench cpu-bench fuzz study clean
 
 all: build
 
@@ -33,6 +33,13 @@ run: build
 bench: build
 	$(BUILD)/amaq_bench --benchmark_out=$(BUILD)/bench.json --benchmark_out_format=json --benchmark_min_time=0.5
 	@echo "bench: JSON written to $(BUILD)/bench.json"
+
+# amaq train's CPU step time against a plain PyTorch LoRA loop (Debian's python3-torch), and two
+# processes against one: JSON in $(BUILD)/cpu_step_bench.json. ROUNDS interleaved rounds.
+ROUNDS ?= 6
+cpu-bench: build
+	@bash scripts/setup.sh --bench
+	tools/cpu_step_bench.sh $(BUILD) $(ROUNDS)
 
 # Issue 7's study, reduced to fit a 2-core machine in under an hour: real data from npm (pinned,
 # sha256-checked), a base model pretrained by amaq, the codec grid, the report in docs/results.md.

