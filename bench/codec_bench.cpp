@@ -118,12 +118,17 @@ void register_cuda(const std::vector<const char*>& codecs) {
   benchmark::RegisterBenchmark("cuda/clone", BM_CudaClone)->Unit(benchmark::kMillisecond)->UseRealTime();
   for (const char* c : codecs) {
     const std::string name(c);
-    benchmark::RegisterBenchmark(("cuda/encode/" + name).c_str(), BM_CudaEncode, name, at::kFloat)->Unit(benchmark::kMillisecond)->UseRealTime();
+    benchmark::RegisterBenchmark(("cuda/encode/" + name).c_str(), BM_CudaEncode, name, at::kFloat)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
     if (name.rfind("aqsgd", 0) != 0) {
       benchmark::RegisterBenchmark(("cuda/encode-bf16/" + name).c_str(), BM_CudaEncode, name, at::kBFloat16)
-          ->Unit(benchmark::kMillisecond)->UseRealTime();
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
     }
-    benchmark::RegisterBenchmark(("cuda/decode/" + name).c_str(), BM_CudaDecode, name)->Unit(benchmark::kMillisecond)->UseRealTime();
+    benchmark::RegisterBenchmark(("cuda/decode/" + name).c_str(), BM_CudaDecode, name)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
   }
 }
 
@@ -134,8 +139,12 @@ int register_all() {
   benchmark::RegisterBenchmark("memcpy", BM_Memcpy)->Unit(benchmark::kMillisecond)->UseRealTime();
   benchmark::RegisterBenchmark("clone", BM_Clone)->Unit(benchmark::kMillisecond)->UseRealTime();
   for (const char* c : kCodecs) {
-    benchmark::RegisterBenchmark((std::string("encode/") + c).c_str(), BM_Encode, std::string(c))->Unit(benchmark::kMillisecond)->UseRealTime();
-    benchmark::RegisterBenchmark((std::string("decode/") + c).c_str(), BM_Decode, std::string(c))->Unit(benchmark::kMillisecond)->UseRealTime();
+    benchmark::RegisterBenchmark((std::string("encode/") + c).c_str(), BM_Encode, std::string(c))
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+    benchmark::RegisterBenchmark((std::string("decode/") + c).c_str(), BM_Decode, std::string(c))
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
   }
   register_cuda({"fixed:bits=4,group=128", "fixed:bits=4,gran=token", "amaq:budget=4,group=128", "aqsgd:bits=4"});
   return 0;

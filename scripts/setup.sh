@@ -11,7 +11,7 @@ packages=(
   libfmt-dev libspdlog-dev libpcre2-dev libicu-dev
   libsentencepiece-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  clang libclang-rt-14-dev
+  clang libclang-rt-14-dev clang-format
   python3  # the study data script (tools/study/prepare_data.py, standard library only)
 )
 # `setup.sh --bench`: also Debian's python3-torch, for the plain PyTorch loop that

@@ -36,9 +36,9 @@ TempDir::~TempDir() {
   double w = excess[worst].item<double>();
   if (w <= 0) return ::testing::AssertionSuccess();
   int64_t bad = (excess > 0).sum().item<int64_t>();
-  return ::testing::AssertionFailure() << bad << " of " << a.numel() << " elements outside atol " << atol << " rtol " << rtol
-                                       << "; worst at flat index " << worst << ": got " << a[worst].item<double>()
-                                       << ", expected " << e[worst].item<double>();
+  return ::testing::AssertionFailure() << bad << " of " << a.numel() << " elements outside atol " << atol << " rtol "
+                                       << rtol << "; worst at flat index " << worst << ": got "
+                                       << a[worst].item<double>() << ", expected " << e[worst].item<double>();
 }
 
 void write_bytes(const std::string& path, const std::string& bytes) {

@@ -10,7 +10,9 @@
 
 namespace amaq::testing {
 
-inline std::string data_path(const std::string& rel) { return std::string(AMAQ_TEST_DATA) + "/" + rel; }
+inline std::string data_path(const std::string& rel) {
+  return std::string(AMAQ_TEST_DATA) + "/" + rel;
+}
 
 /// A fresh directory under /tmp, removed with everything in it when the object dies.
 class TempDir {
@@ -36,16 +38,16 @@ int run_command(const std::string& cmd, std::string* output);
 }  // namespace amaq::testing
 
 /// Expects `stmt` to throw amaq::Error whose message contains every one of the given substrings.
-#define EXPECT_AMAQ_ERROR(stmt, ...)                                                         \
-  do {                                                                                       \
-    try {                                                                                    \
-      stmt;                                                                                  \
-      ADD_FAILURE() << "expected amaq::Error from: " #stmt;                                  \
-    } catch (const amaq::Error& e_) {                                                        \
-      for (const char* s_ : {__VA_ARGS__}) {                                                 \
-        EXPECT_NE(std::string(e_.what()).find(s_), std::string::npos)                        \
-            << "message lacks '" << s_ << "': " << e_.what();                                \
-      }                                                                                      \
-      EXPECT_FALSE(e_.hint().empty()) << "error has no hint: " << e_.what();                 \
-    }                                                                                        \
+#define EXPECT_AMAQ_ERROR(stmt, ...)                                         \
+  do {                                                                       \
+    try {                                                                    \
+      stmt;                                                                  \
+      ADD_FAILURE() << "expected amaq::Error from: " #stmt;                  \
+    } catch (const amaq::Error& e_) {                                        \
+      for (const char* s_ : {__VA_ARGS__}) {                                 \
+        EXPECT_NE(std::string(e_.what()).find(s_), std::string::npos)        \
+            << "message lacks '" << s_ << "': " << e_.what();                \
+      }                                                                      \
+      EXPECT_FALSE(e_.hint().empty()) << "error has no hint: " << e_.what(); \
+    }                                                                        \
   } while (0)

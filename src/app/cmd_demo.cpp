@@ -42,16 +42,22 @@ int run_demo(const DemoArgs& a) {
   const auto t_start = std::chrono::steady_clock::now();
   const std::string model = join_path(a.dir, "model"), data = join_path(a.dir, "data");
   recipes::write_preset_model(model, recipes::PresetOptions{}, a.seed);
-  if (a.task == "add") recipes::write_addition_task(data, static_cast<int>(a.digits), a.train_examples, a.val_examples, a.seed);
-  else recipes::write_reversal_task(data, static_cast<int>(a.length), a.train_examples, a.val_examples, a.seed);
-  fmt::print(stderr, "demo: a 4-layer Llama (hidden 128, byte tokenizer) learns {} from scratch, split after layer 2;\n"
-                     "      {} steps x {} problems per run, server and client over loopback TCP with a token. Model and data in {}\n",
-             a.task == "add" ? fmt::format("{}-digit addition", a.digits) : fmt::format("to reverse {}-letter strings", a.length),
-             a.steps, a.batch, a.dir);
-  const std::vector<Variant> variants{{"amaq", a.amaq_fwd, a.amaq_bwd}, {"bf16", "none:bf16", "none:bf16"},
+  if (a.task == "add")
+    recipes::write_addition_task(data, static_cast<int>(a.digits), a.train_examples, a.val_examples, a.seed);
+  else
+    recipes::write_reversal_task(data, static_cast<int>(a.length), a.train_examples, a.val_examples, a.seed);
+  fmt::print(
+      stderr,
+      "demo: a 4-layer Llama (hidden 128, byte tokenizer) learns {} from scratch, split after layer 2;\n"
+      "      {} steps x {} problems per run, server and client over loopback TCP with a token. Model and data in {}\n",
+      a.task == "add" ? fmt::format("{}-digit addition", a.digits)
+                      : fmt::format("to reverse {}-letter strings", a.length),
+      a.steps, a.batch, a.dir);
+  const std::vector<Variant> variants{{"amaq", a.amaq_fwd, a.amaq_bwd},
+                                      {"bf16", "none:bf16", "none:bf16"},
                                       {"fixed-4bit", "fixed:bits=4,gran=token", "fixed:bits=4,gran=token"}};
-  std::vector<std::vector<std::string>> table{
-      {"transport", "exact match", "val loss", "MB fwd", "MB bwd", "MB total", "vs bf16", "bits fwd", "bits bwd", "seconds"}};
+  std::vector<std::vector<std::string>> table{{"transport", "exact match", "val loss", "MB fwd", "MB bwd", "MB total",
+                                               "vs bf16", "bits fwd", "bits bwd", "seconds"}};
   std::vector<train::RunResult> results;
   std::vector<double> seconds;
   for (const Variant& v : variants) {
@@ -105,23 +111,29 @@ int run_demo(const DemoArgs& a) {
     for (const auto& s : r.steps) b += fwd ? s.fwd_wire_bytes : s.bwd_wire_bytes;
     return b;
   };
-  const double bf16_total = std::max(1.0, static_cast<double>(total_bytes(results[1], true) + total_bytes(results[1], false)));
+  const double bf16_total =
+      std::max(1.0, static_cast<double>(total_bytes(results[1], true) + total_bytes(results[1], false)));
   for (size_t i = 0; i < variants.size(); ++i) {
     const auto& r = results[i];
     if (r.steps.empty()) continue;  // left out with --only
     double fb = 0, bb = 0;
-    for (const auto& s : r.steps) fb += s.fwd_bits.mean / static_cast<double>(r.steps.size()), bb += s.bwd_bits.mean / static_cast<double>(r.steps.size());
+    for (const auto& s : r.steps)
+      fb += s.fwd_bits.mean / static_cast<double>(r.steps.size()),
+          bb += s.bwd_bits.mean / static_cast<double>(r.steps.size());
     const uint64_t f = total_bytes(r, true), b = total_bytes(r, false);
     table.push_back({variants[i].name, fmt::format("{:.1f}%", 100 * r.eval.value("exact_match", 0.0)),
-                     fmt::format("{:.4f}", r.eval.value("loss", 0.0)), fmt::format("{:.2f}", f / 1e6), fmt::format("{:.2f}", b / 1e6),
-                     fmt::format("{:.2f}", (f + b) / 1e6), fmt::format("{:.1f}%", 100.0 * static_cast<double>(f + b) / bf16_total),
-                     fmt::format("{:.2f}", fb), fmt::format("{:.2f}", bb), fmt::format("{:.0f}", seconds[i])});
+                     fmt::format("{:.4f}", r.eval.value("loss", 0.0)), fmt::format("{:.2f}", f / 1e6),
+                     fmt::format("{:.2f}", b / 1e6), fmt::format("{:.2f}", (f + b) / 1e6),
+                     fmt::format("{:.1f}%", 100.0 * static_cast<double>(f + b) / bf16_total), fmt::format("{:.2f}", fb),
+                     fmt::format("{:.2f}", bb), fmt::format("{:.0f}", seconds[i])});
   }
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   fmt::print("\n{} validation problems, exact match of the whole answer (greedy = argmax at every answer position)\n",
              a.val_examples);
   fmt::print("{}", train::format_table(table));
-  fmt::print("runs in {}/{{amaq,bf16,fixed-4bit}} (metrics.jsonl, summary.txt, checkpoints, server/), {:.0f} s in all\n", a.dir, total);
+  fmt::print(
+      "runs in {}/{{amaq,bf16,fixed-4bit}} (metrics.jsonl, summary.txt, checkpoints, server/), {:.0f} s in all\n",
+      a.dir, total);
   return 0;
 }
 
@@ -132,7 +144,8 @@ Run add_demo(CLI::App& app) {
   app.add_option("--dir", a->dir, "where the model, data and the three runs go");
   app.add_option("--steps", a->steps, "optimizer steps per run");
   app.add_option("--batch", a->batch, "problems per step");
-  app.add_option("--task", a->task, "reverse (a string of letters) or add (reversed-sum addition)")->check(CLI::IsMember({"reverse", "add"}));
+  app.add_option("--task", a->task, "reverse (a string of letters) or add (reversed-sum addition)")
+      ->check(CLI::IsMember({"reverse", "add"}));
   app.add_option("--length", a->length, "reverse: letters per string");
   app.add_option("--digits", a->digits, "add: digits per operand");
   app.add_option("--train-examples", a->train_examples, "training problems");

@@ -27,8 +27,9 @@ Run add_eval(CLI::App& app) {
     const ModelConfig config = ModelConfig::load(a->model);
     auto tok = load_tokenizer(a->tokenizer == "auto" ? a->model : a->tokenizer);
     if (tok->vocab_size() > config.vocab_size) {
-      throw Error("tokenizer has " + std::to_string(tok->vocab_size()) + " ids, the model " + std::to_string(config.vocab_size),
-                  "use the model's own tokenizer");
+      throw Error(
+          "tokenizer has " + std::to_string(tok->vocab_size()) + " ids, the model " + std::to_string(config.vocab_size),
+          "use the model's own tokenizer");
     }
     DecoderPart model = full_model(config);
     model->load_weights(CheckpointReader(a->model));
@@ -36,7 +37,8 @@ Run add_eval(CLI::App& app) {
     const train::Dataset data = train::Dataset::load(a->data, *tok, a->seq_len);
     const nlohmann::json m = train::evaluate_model(model, data, *tok, a->batch, a->max_new);
     std::vector<std::vector<std::string>> rows{{"metric", "value"}};
-    for (const auto& [k, v] : m.items()) rows.push_back({k, v.is_number_float() ? fmt::format("{:.6g}", v.get<double>()) : v.dump()});
+    for (const auto& [k, v] : m.items())
+      rows.push_back({k, v.is_number_float() ? fmt::format("{:.6g}", v.get<double>()) : v.dump()});
     fmt::print(stderr, "{}", train::format_table(rows));
     fmt::print("{}\n", m.dump());
     return 0;

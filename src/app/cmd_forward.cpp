@@ -27,7 +27,8 @@ int run_forward(const ForwardArgs& a) {
   CheckpointReader ckpt(a.model);
   SafetensorsFile io(a.ids);
   if (!io.contains("input_ids")) {
-    throw Error(a.ids + " has no tensor 'input_ids'", "write the token ids as an int64 tensor named input_ids, shape (B, T)");
+    throw Error(a.ids + " has no tensor 'input_ids'",
+                "write the token ids as an int64 tensor named input_ids, shape (B, T)");
   }
   at::Tensor ids = io.load("input_ids");
   if (ids.dim() != 2 || ids.scalar_type() != at::kLong) {

@@ -28,7 +28,8 @@ std::string first_line_of(const char* command) {
 std::string self_exe() {
   std::array<char, 4096> buf{};
   const ssize_t n = readlink("/proc/self/exe", buf.data(), buf.size() - 1);
-  if (n <= 0) throw Error("cannot find the amaq executable (/proc/self/exe)", "run amaq from a Linux system with /proc mounted");
+  if (n <= 0)
+    throw Error("cannot find the amaq executable (/proc/self/exe)", "run amaq from a Linux system with /proc mounted");
   return std::string(buf.data(), static_cast<size_t>(n));
 }
 
@@ -40,9 +41,13 @@ Run add_study(CLI::App& app) {
     std::string plan;
   };
   auto a = std::make_shared<Args>();
-  app.add_option("--plan", a->plan, "the study's plan (TOML): base model, tasks, codecs, seeds; see plans/small.toml")->required();
-  app.add_option("--out", a->opt.out, "the study's directory (runs are kept: a rerun runs only what is missing)")->required();
-  app.add_option("--jobs", a->opt.jobs, "runs at once, each with cores / jobs torch threads")->capture_default_str()->check(CLI::Range(1, 256));
+  app.add_option("--plan", a->plan, "the study's plan (TOML): base model, tasks, codecs, seeds; see plans/small.toml")
+      ->required();
+  app.add_option("--out", a->opt.out, "the study's directory (runs are kept: a rerun runs only what is missing)")
+      ->required();
+  app.add_option("--jobs", a->opt.jobs, "runs at once, each with cores / jobs torch threads")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 256));
   app.add_option("--report", a->opt.report_dir, "also write results.md and its plots into this directory (e.g. docs)");
   app.add_flag("--report-only", a->opt.report_only, "start nothing: write the report from the runs there are");
   return [a] {
@@ -50,9 +55,11 @@ Run add_study(CLI::App& app) {
     a->opt.plan_path = a->plan;
     a->opt.exe = self_exe();
     a->opt.commit = first_line_of("git rev-parse --short HEAD 2>/dev/null");
-    if (!a->opt.commit.empty() && !first_line_of("git status --porcelain --untracked-files=no 2>/dev/null").empty()) a->opt.commit += " (with uncommitted changes)";
+    if (!a->opt.commit.empty() && !first_line_of("git status --porcelain --untracked-files=no 2>/dev/null").empty())
+      a->opt.commit += " (with uncommitted changes)";
     const int failed = recipes::run_study(plan, a->opt);
-    if (failed) fmt::print(stderr, "study: {} jobs failed or were skipped; rerun the same command to retry them\n", failed);
+    if (failed)
+      fmt::print(stderr, "study: {} jobs failed or were skipped; rerun the same command to retry them\n", failed);
     return failed ? 1 : 0;
   };
 }

@@ -1,8 +1,7 @@
 // amaq tokenize: JSON strings in, one per line on stdin; one JSON array of ids out per line
 // (--decode: the reverse). No special tokens are added unless --add-special.
-#include <nlohmann/json.hpp>
-
 #include <iostream>
+#include <nlohmann/json.hpp>
 
 #include "app/commands.h"
 #include "core/error.h"
@@ -16,7 +15,8 @@ Run add_tokenize(CLI::App& app) {
     bool decode = false, add_special = false;
   };
   auto a = std::make_shared<Args>();
-  app.add_option("--tokenizer", a->tokenizer, "tokenizer.json, tokenizer.model, a model directory, or 'byte'")->required();
+  app.add_option("--tokenizer", a->tokenizer, "tokenizer.json, tokenizer.model, a model directory, or 'byte'")
+      ->required();
   app.add_flag("--decode", a->decode, "read arrays of ids, write JSON strings");
   app.add_flag("--add-special", a->add_special, "prepend the tokenizer's BOS id when encoding");
   return [a] {
@@ -32,12 +32,15 @@ Run add_tokenize(CLI::App& app) {
         if (!j.is_array()) throw Error(where + ": not a JSON array of ids", "one array per line, e.g. [9906,1917]");
         std::vector<int64_t> ids;
         for (const auto& v : j) {
-          if (!v.is_number_integer()) throw Error(where + ": ids must be integers", "one array per line, e.g. [9906,1917]");
+          if (!v.is_number_integer())
+            throw Error(where + ": ids must be integers", "one array per line, e.g. [9906,1917]");
           ids.push_back(v.get<int64_t>());
         }
-        std::cout << nlohmann::json(tok->decode(ids)).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+        std::cout << nlohmann::json(tok->decode(ids)).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
+                  << "\n";
       } else {
-        if (!j.is_string()) throw Error(where + ": not a JSON string", "one JSON string per line, e.g. \"Hello world\"");
+        if (!j.is_string())
+          throw Error(where + ": not a JSON string", "one JSON string per line, e.g. \"Hello world\"");
         std::vector<int64_t> ids;
         if (a->add_special && tok->bos_id() >= 0) ids.push_back(tok->bos_id());
         const auto body = tok->encode(j.get<std::string>());

@@ -33,7 +33,8 @@ std::pair<std::string, uint16_t> host_port(const std::string& text, const char* 
     }
   }
   if (colon == std::string::npos || colon == 0 || port < 0 || port > 65535) {
-    throw Error(std::string(flag) + " '" + text + "' is not HOST:PORT", "e.g. 127.0.0.1:7000 or server.example.org:7000");
+    throw Error(std::string(flag) + " '" + text + "' is not HOST:PORT",
+                "e.g. 127.0.0.1:7000 or server.example.org:7000");
   }
   return {text.substr(0, colon), static_cast<uint16_t>(port)};
 }
@@ -42,7 +43,8 @@ std::string read_token(const std::string& path) {
   if (path.empty()) return {};
   std::string t = read_file(path);
   while (!t.empty() && (t.back() == '\n' || t.back() == '\r' || t.back() == ' ')) t.pop_back();
-  if (t.size() < 16) throw Error("token in " + path + " is shorter than 16 characters", "generate one: openssl rand -hex 32 > " + path);
+  if (t.size() < 16)
+    throw Error("token in " + path + " is shorter than 16 characters", "generate one: openssl rand -hex 32 > " + path);
   return t;
 }
 
@@ -50,9 +52,11 @@ void add_side_options(CLI::App& app, SideOptions* side, const std::string& prefi
   app.add_flag("--" + prefix + "full", side->full, "train all of the " + who + "'s weights instead of LoRA");
   app.add_option("--" + prefix + "lora-r", side->lora_r, "LoRA rank on the " + who)->check(CLI::Range(1, 4096));
   app.add_option("--" + prefix + "lora-alpha", side->lora_alpha, "LoRA alpha on the " + who);
-  app.add_option("--" + prefix + "lora-dropout", side->lora_dropout, "LoRA dropout on the " + who)->check(CLI::Range(0.0, 0.99));
+  app.add_option("--" + prefix + "lora-dropout", side->lora_dropout, "LoRA dropout on the " + who)
+      ->check(CLI::Range(0.0, 0.99));
   app.add_flag("--" + prefix + "rslora", side->rslora, "scale LoRA by alpha/sqrt(r) on the " + who);
-  app.add_option("--" + prefix + "lora-targets", side->targets, "modules to adapt on the " + who + " (all-linear, q_proj,v_proj, ...)")
+  app.add_option("--" + prefix + "lora-targets", side->targets,
+                 "modules to adapt on the " + who + " (all-linear, q_proj,v_proj, ...)")
       ->delimiter(',');
   app.add_option("--" + prefix + "adapter", side->init_adapter, "start the " + who + "'s LoRA from this PEFT adapter");
 }
@@ -67,7 +71,8 @@ struct CodecArgs {
 };
 
 void add_codec_options(CLI::App& app, CodecArgs* a) {
-  app.add_option("--fwd-codec", a->fwd, "activation codec: none:fp32|none:bf16, fixed:bits=4,gran=group, amaq:budget=4, aqsgd:bits=4");
+  app.add_option("--fwd-codec", a->fwd,
+                 "activation codec: none:fp32|none:bf16, fixed:bits=4,gran=group, amaq:budget=4, aqsgd:bits=4");
   app.add_option("--bwd-codec", a->bwd, "gradient codec (aqsgd here means direct quantization)");
 }
 
@@ -81,9 +86,11 @@ void add_client_options(CLI::App& app, ClientConfig* c, CodecArgs* codecs) {
   app.add_option("--model", c->model, "HF model directory (config.json + safetensors)")->required();
   app.add_option("--split", c->split, "the client keeps layers [0, K)")->required();
   app.add_option("--run-dir", c->run_dir, "where metrics, checkpoints and the summary go")->required();
-  app.add_option("--data", c->data, "training data (.txt, or .jsonl with text | prompt+completion | text+label)")->required();
+  app.add_option("--data", c->data, "training data (.txt, or .jsonl with text | prompt+completion | text+label)")
+      ->required();
   app.add_option("--val-data", c->val_data, "validation data (same formats)");
-  app.add_option("--val-fraction", c->val_fraction, "hold out this fraction of --data for validation")->check(CLI::Range(0.0, 0.9));
+  app.add_option("--val-fraction", c->val_fraction, "hold out this fraction of --data for validation")
+      ->check(CLI::Range(0.0, 0.9));
   app.add_option("--tokenizer", c->tokenizer, "auto (the model's), byte, or a tokenizer file");
   app.add_option("--batch", c->batch, "sequences per micro-batch")->check(CLI::Range(1, 4096));
   app.add_option("--seq-len", c->seq_len, "tokens per sequence")->check(CLI::Range(2, 1 << 20));
@@ -104,7 +111,8 @@ void add_client_options(CLI::App& app, ClientConfig* c, CodecArgs* codecs) {
   app.add_option("--eval-batches", c->eval_batches, "batches per evaluation (0 = all)");
   app.add_flag("--resume", c->resume, "continue the run in --run-dir from its last checkpoint");
   app.add_option("--retries", c->retries, "reconnects after a dropped connection (resuming from the last checkpoint)");
-  app.add_option("--stop-after", c->stop_after, "leave after N steps as if interrupted (checkpointed; resume with --resume)");
+  app.add_option("--stop-after", c->stop_after,
+                 "leave after N steps as if interrupted (checkpointed; resume with --resume)");
   app.add_flag("--quiet", c->quiet, "no progress output");
   app.add_flag("--progress", c->progress_bar, "draw the progress bar even when stderr is not a terminal");
 }
@@ -116,8 +124,10 @@ int run_client(ClientArgs& a, const CLI::App& app) {
   c.token = read_token(a.token_file);
   auto [host, port] = host_port(a.connect, "--connect");
   wire::ClientOptions opt(host, port);
-  if (!a.tls_ca.empty()) opt.tls({a.tls_cert, a.tls_key, a.tls_ca});
-  else if (!wire::is_loopback(host)) spdlog::warn("connecting to {} without TLS: activations cross the network in the clear", host);
+  if (!a.tls_ca.empty())
+    opt.tls({a.tls_cert, a.tls_key, a.tls_ca});
+  else if (!wire::is_loopback(host))
+    spdlog::warn("connecting to {} without TLS: activations cross the network in the clear", host);
   train::ClientTrainer trainer(c);
   trainer.run([&](std::unique_ptr<wire::Channel>* out) { return wire::connect(opt, out); });
   return 0;
@@ -147,7 +157,8 @@ void add_server_options(CLI::App& app, ServerArgs* a) {
   add_side_options(app, &a->cfg.side, "", "server");
   app.add_option("--keep-checkpoints", a->cfg.keep_checkpoints, "checkpoints kept per run")->check(CLI::Range(1, 1000));
   app.add_option("--max-sessions", a->max_sessions, "sessions served at once");
-  app.add_option("--max-runs", a->max_runs, "exit after this many runs ended with BYE (0 = serve until SIGINT/SIGTERM)");
+  app.add_option("--max-runs", a->max_runs,
+                 "exit after this many runs ended with BYE (0 = serve until SIGINT/SIGTERM)");
   app.add_option("--idle-timeout", a->idle_timeout, "seconds of silence before a session is dropped");
 }
 
@@ -156,7 +167,8 @@ int run_server(ServerArgs& a, const CLI::App& app) {
   a.cfg.token = read_token(a.token_file);
   a.cfg.idle_timeout = std::chrono::milliseconds(static_cast<int64_t>(a.idle_timeout * 1000));
   auto [host, port] = host_port(a.listen, "--listen");
-  if (a.tls_cert.empty() != a.tls_key.empty()) throw Error("--tls-cert and --tls-key go together", "give both, or neither with --insecure");
+  if (a.tls_cert.empty() != a.tls_key.empty())
+    throw Error("--tls-cert and --tls-key go together", "give both, or neither with --insecure");
   if (a.cfg.token.empty()) spdlog::warn("no --token-file: any client that reaches this port can train");
   auto rows = resolved_options(app);
   std::vector<std::vector<std::string>> table{{"option", "value"}};
@@ -192,7 +204,8 @@ int run_server(ServerArgs& a, const CLI::App& app) {
     }
   }
   server.stop();
-  spdlog::info("served {} sessions ({} failed), {} steps", server.sessions_started(), server.sessions_failed(), srv.steps_served());
+  spdlog::info("served {} sessions ({} failed), {} steps", server.sessions_started(), server.sessions_failed(),
+               srv.steps_served());
   return 0;
 }
 
@@ -232,7 +245,8 @@ int run_train(TrainArgs& a, const CLI::App& app) {
   try {
     trainer.run([&](std::unique_ptr<wire::Channel>* out) {
       auto [client_end, server_end] = wire::make_in_process_pair(srv.max_payload());
-      sessions.emplace_back([&srv, ch = std::shared_ptr<wire::Channel>(std::move(server_end)), id = next_id++] { srv.serve(*ch, id); });
+      sessions.emplace_back(
+          [&srv, ch = std::shared_ptr<wire::Channel>(std::move(server_end)), id = next_id++] { srv.serve(*ch, id); });
       *out = std::move(client_end);
       return wire::Status::Ok();
     });
@@ -278,7 +292,8 @@ Run add_train(CLI::App& app) {
   auto a = std::make_shared<TrainArgs>();
   add_client_options(app, &a->cfg, &a->codecs);
   add_side_options(app, &a->server_side, "server-", "server");
-  app.add_option("--transport", a->transport, "inproc (one process, in-memory channel) or tcp (loopback TCP with a token)")
+  app.add_option("--transport", a->transport,
+                 "inproc (one process, in-memory channel) or tcp (loopback TCP with a token)")
       ->check(CLI::IsMember({"inproc", "tcp"}));
   auto config = use_toml_config(app);
   return [a, &app, config] {
@@ -307,7 +322,8 @@ Run add_export(CLI::App& app) {
   app.add_option("--run-dir", a->run_dir, "the client's run directory")->required();
   app.add_option("--out", a->out, "directory to write: a PEFT adapter, or with --merged an HF model")->required();
   app.add_flag("--merged", a->merged, "write the whole model with the run's training merged in (LoRA or full weights)");
-  app.add_option("--server-run-dir", a->server_run_dir, "--merged with a full-weights server: the server's --run-dir (default RUN/server)");
+  app.add_option("--server-run-dir", a->server_run_dir,
+                 "--merged with a full-weights server: the server's --run-dir (default RUN/server)");
   return [a] {
     if (a->merged) {
       train::export_merged(a->run_dir, a->out, a->server_run_dir);

@@ -2,7 +2,6 @@
 // function that runs it.
 #pragma once
 #include <CLI/CLI.hpp>
-
 #include <functional>
 
 namespace amaq::app {

@@ -28,7 +28,8 @@ std::string scalar_text(const toml::node& n, const std::string& key, const std::
     o << *n.value<double>();
     return o.str();
   }
-  throw Error(path + ": key '" + key + "' has a value of an unsupported type", "use strings, numbers, booleans or arrays of them");
+  throw Error(path + ": key '" + key + "' has a value of an unsupported type",
+              "use strings, numbers, booleans or arrays of them");
 }
 
 void flatten(const toml::table& t, const std::string& prefix, const std::string& path, std::vector<Item>* out) {
@@ -65,7 +66,8 @@ toml::table parse_toml(const std::string& path, const char* hint) {
 
 #if !AMAQ_HAVE_TOML
 [[noreturn]] void no_toml(const std::string& path, const char* hint) {
-  throw Error("this build has no TOML support (toml++ was not found when it was configured): cannot read " + path, hint);
+  throw Error("this build has no TOML support (toml++ was not found when it was configured): cannot read " + path,
+              hint);
 }
 #endif
 
@@ -73,7 +75,8 @@ std::vector<Item> read_items(const std::string& path) {
 #if !AMAQ_HAVE_TOML
   no_toml(path, "pass the options as flags, or install libtomlplusplus-dev and rebuild");
 #else
-  const toml::table t = parse_toml(path, "see https://toml.io; keys are flag names, e.g. steps = 100, fwd-codec = \"amaq:budget=4\"");
+  const toml::table t =
+      parse_toml(path, "see https://toml.io; keys are flag names, e.g. steps = 100, fwd-codec = \"amaq:budget=4\"");
   std::vector<Item> items;
   flatten(t, "", path, &items);
   return items;
@@ -97,7 +100,8 @@ std::function<void()> use_toml_config(CLI::App& app) {
       for (const Item& item : read_items(*path)) {
         CLI::Option* opt = app.get_option_no_throw("--" + item.key);
         if (!opt || item.key == "config") {
-          throw Error(*path + ": unknown option '" + item.key + "'", "keys are the long flag names of `amaq " + app.get_name() + " --help`");
+          throw Error(*path + ": unknown option '" + item.key + "'",
+                      "keys are the long flag names of `amaq " + app.get_name() + " --help`");
         }
         if (opt->count() > 0) continue;  // given on the command line
         try {
@@ -110,7 +114,8 @@ std::function<void()> use_toml_config(CLI::App& app) {
     }
     for (CLI::Option* opt : required) {
       if (opt->count() == 0) {
-        throw Error(opt->get_name() + " is required", "give it as a flag or as '" + opt->get_lnames().front() + "' in --config");
+        throw Error(opt->get_name() + " is required",
+                    "give it as a flag or as '" + opt->get_lnames().front() + "' in --config");
       }
     }
   };

@@ -4,10 +4,9 @@
 // '-'. An unknown key or malformed file is an error naming it.
 #pragma once
 #include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
-
 #include <functional>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
 #include <vector>

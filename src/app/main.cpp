@@ -1,9 +1,8 @@
 // amaq: collaborative split fine-tuning with adaptive mixed-bit activation quantization.
-#include <CLI/CLI.hpp>
-
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <CLI/CLI.hpp>
 #include <iostream>
 #include <tuple>
 
@@ -20,7 +19,8 @@ int main(int argc, char** argv) {
 
   using Adder = amaq::app::Run (*)(CLI::App&);
   const std::vector<std::tuple<const char*, const char*, Adder>> table{
-      {"demo", "train a small model from scratch, split, with AMAQ vs bf16 vs fixed 4-bit (no downloads)", amaq::app::add_demo},
+      {"demo", "train a small model from scratch, split, with AMAQ vs bf16 vs fixed 4-bit (no downloads)",
+       amaq::app::add_demo},
       {"train", "split fine-tuning with both sides in this process (in-process or loopback TCP)", amaq::app::add_train},
       {"server", "serve the server side of split fine-tuning (layers [K, L)) to clients", amaq::app::add_server},
       {"client", "train the client side (data, embeddings, layers [0, K)) against a server", amaq::app::add_client},
@@ -28,8 +28,10 @@ int main(int argc, char** argv) {
       {"eval", "evaluate a model (+ adapter): perplexity, classification or generation accuracy", amaq::app::add_eval},
       {"tokenize", "text (JSON strings, one per line) to token ids, or back with --decode", amaq::app::add_tokenize},
       {"forward", "run a checkpoint (optionally split and with an adapter) on token ids", amaq::app::add_forward},
-      {"init-model", "write a fresh Llama-style checkpoint for the byte tokenizer, to pretrain from scratch", amaq::app::add_init_model},
-      {"make-task", "write a generated task (arithmetic word problems, addition, reversal) as JSONL", amaq::app::add_make_task},
+      {"init-model", "write a fresh Llama-style checkpoint for the byte tokenizer, to pretrain from scratch",
+       amaq::app::add_init_model},
+      {"make-task", "write a generated task (arithmetic word problems, addition, reversal) as JSONL",
+       amaq::app::add_make_task},
       {"study", "run the AMAQ-against-fixed-precision study of a plan and write its report", amaq::app::add_study},
   };
   std::vector<std::pair<CLI::App*, amaq::app::Run>> commands;

@@ -83,8 +83,12 @@ void run_job(const std::function<void()>& job) {
   worker().submit(job);
 }
 
-void set_threads(int threads) { g_threads = threads; }
+void set_threads(int threads) {
+  g_threads = threads;
+}
 
-bool on_compute_thread() { return std::this_thread::get_id() == worker().id(); }
+bool on_compute_thread() {
+  return std::this_thread::get_id() == worker().id();
+}
 
 }  // namespace amaq::compute

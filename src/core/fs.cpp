@@ -42,7 +42,8 @@ void write_file_atomic(const std::string& path, std::string_view bytes) {
   std::string tmp = path + ".tmp." + std::to_string(::getpid());
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) {
-    throw Error("cannot create " + tmp + ": " + std::strerror(errno), "check that the directory exists and is writable");
+    throw Error("cannot create " + tmp + ": " + std::strerror(errno),
+                "check that the directory exists and is writable");
   }
   try {
     write_all(fd, bytes, tmp);
@@ -56,7 +57,8 @@ void write_file_atomic(const std::string& path, std::string_view bytes) {
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
     int err = errno;
     ::unlink(tmp.c_str());
-    throw Error("cannot rename " + tmp + " to " + path + ": " + std::strerror(err), "check permissions of the directory");
+    throw Error("cannot rename " + tmp + " to " + path + ": " + std::strerror(err),
+                "check permissions of the directory");
   }
   // Make the rename itself durable.
   std::string dir = path.find('/') == std::string::npos ? "." : path.substr(0, path.rfind('/'));
@@ -86,7 +88,9 @@ void make_dirs(const std::string& path) {
 }
 
 namespace {
-int remove_entry(const char* path, const struct stat*, int, struct FTW*) { return ::remove(path) == 0 || errno == ENOENT ? 0 : -1; }
+int remove_entry(const char* path, const struct stat*, int, struct FTW*) {
+  return ::remove(path) == 0 || errno == ENOENT ? 0 : -1;
+}
 }  // namespace
 
 void remove_tree(const std::string& path) {

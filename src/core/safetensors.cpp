@@ -23,9 +23,8 @@ struct DtypeEntry {
   at::ScalarType type;
 };
 constexpr DtypeEntry kDtypes[] = {
-    {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf},   {"BF16", at::kBFloat16},
-    {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort},  {"I8", at::kChar},
-    {"U8", at::kByte},    {"BOOL", at::kBool},
+    {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16}, {"I64", at::kLong},
+    {"I32", at::kInt},    {"I16", at::kShort}, {"I8", at::kChar},  {"U8", at::kByte},       {"BOOL", at::kBool},
 };
 
 std::string shape_str(const std::vector<int64_t>& s) {
@@ -68,18 +67,21 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   ::fstat(fd_, &st);
   file_size_ = static_cast<uint64_t>(st.st_size);
   try {
-    if (file_size_ < 8) bad_file(path, "file is " + std::to_string(file_size_) + " bytes, shorter than its 8-byte header length");
+    if (file_size_ < 8)
+      bad_file(path, "file is " + std::to_string(file_size_) + " bytes, shorter than its 8-byte header length");
     uint8_t len_bytes[8];
     if (::pread(fd_, len_bytes, 8, 0) != 8) bad_file(path, "cannot read the header length");
     uint64_t header_len = 0;
     for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | len_bytes[i];
-    if (header_len > kMaxHeaderBytes) bad_file(path, "header length " + std::to_string(header_len) + " exceeds 100 MiB");
+    if (header_len > kMaxHeaderBytes)
+      bad_file(path, "header length " + std::to_string(header_len) + " exceeds 100 MiB");
     if (8 + header_len > file_size_) {
       bad_file(path, "header length " + std::to_string(header_len) + " runs past the end of the " +
                          std::to_string(file_size_) + "-byte file");
     }
     std::string header(header_len, '\0');
-    if (::pread(fd_, header.data(), header_len, 8) != static_cast<ssize_t>(header_len)) bad_file(path, "short read of header");
+    if (::pread(fd_, header.data(), header_len, 8) != static_cast<ssize_t>(header_len))
+      bad_file(path, "short read of header");
     data_start_ = 8 + header_len;
     const uint64_t data_size = file_size_ - data_start_;
 
@@ -117,7 +119,8 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       for (const auto& d : shape) {
         if (!d.is_number_unsigned()) bad_file(path, where + "shape has a negative or non-integer dimension");
         uint64_t dim = d.get<uint64_t>();
-        if (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / 16 / dim) bad_file(path, where + "shape product overflows");
+        if (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / 16 / dim)
+          bad_file(path, where + "shape product overflows");
         numel *= dim;
         info.shape.push_back(static_cast<int64_t>(dim));
       }
@@ -135,7 +138,8 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       uint64_t expect = numel * at::elementSize(info.dtype);
       if (info.end - info.begin != expect) {
         bad_file(path, where + "shape " + shape_str(info.shape) + " of " + info.dtype_name + " needs " +
-                           std::to_string(expect) + " bytes, data_offsets span " + std::to_string(info.end - info.begin));
+                           std::to_string(expect) + " bytes, data_offsets span " +
+                           std::to_string(info.end - info.begin));
       }
       tensors_.emplace(name, std::move(info));
     }
@@ -183,7 +187,8 @@ at::Tensor SafetensorsFile::load(const std::string& name) const {
   size_t map_len = static_cast<size_t>(off - aligned + bytes);
   void* base = ::mmap(nullptr, map_len, PROT_READ, MAP_PRIVATE, fd_, static_cast<off_t>(aligned));
   if (base == MAP_FAILED) {
-    throw Error("cannot map tensor '" + name + "' of " + path_ + ": " + std::strerror(errno), "check the file is readable");
+    throw Error("cannot map tensor '" + name + "' of " + path_ + ": " + std::strerror(errno),
+                "check the file is readable");
   }
   std::memcpy(out.data_ptr(), static_cast<const char*>(base) + (off - aligned), bytes);
   ::munmap(base, map_len);
@@ -217,7 +222,8 @@ std::string safetensors_bytes(const NamedTensors& tensors, const std::map<std::s
   return out;
 }
 
-void save_safetensors(const std::string& path, const NamedTensors& tensors, const std::map<std::string, std::string>& metadata) {
+void save_safetensors(const std::string& path, const NamedTensors& tensors,
+                      const std::map<std::string, std::string>& metadata) {
   write_file_atomic(path, safetensors_bytes(tensors, metadata));
 }
 
@@ -236,8 +242,9 @@ CheckpointReader::CheckpointReader(const std::string& dir) : dir_(dir) {
       throw Error(index + " has no weight_map object", "the sharded checkpoint index is malformed; download it again");
     }
     for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
-      if (!it.value().is_string()) throw Error(index + ": weight_map['" + it.key() + "'] is not a file name",
-                                          "the sharded checkpoint index is malformed; download it again");
+      if (!it.value().is_string())
+        throw Error(index + ": weight_map['" + it.key() + "'] is not a file name",
+                    "the sharded checkpoint index is malformed; download it again");
       std::string file = it.value().get<std::string>();
       if (file.find('/') != std::string::npos || file.find("..") != std::string::npos) {
         throw Error(index + ": shard name '" + file + "' is not a plain file name", "shards must lie beside the index");
@@ -283,11 +290,13 @@ const TensorInfo& CheckpointReader::info(const std::string& name) const {
   return f.info(name);
 }
 
-at::Tensor CheckpointReader::load(const std::string& name, at::ScalarType dtype, const std::vector<int64_t>& shape) const {
+at::Tensor CheckpointReader::load(const std::string& name, at::ScalarType dtype,
+                                  const std::vector<int64_t>& shape) const {
   const TensorInfo& ti = info(name);
   if (!at::isFloatingType(ti.dtype)) {
-    throw Error("tensor '" + name + "' in " + dir_ + " has dtype " + ti.dtype_name + ", expected a floating-point weight",
-                "model weights must be F32, F16 or BF16; this file is not a model checkpoint or is corrupted");
+    throw Error(
+        "tensor '" + name + "' in " + dir_ + " has dtype " + ti.dtype_name + ", expected a floating-point weight",
+        "model weights must be F32, F16 or BF16; this file is not a model checkpoint or is corrupted");
   }
   if (!shape.empty() && ti.shape != shape) {
     throw Error("tensor '" + name + "' in " + dir_ + " has shape " + shape_str(ti.shape) + ", config.json implies " +

@@ -5,10 +5,10 @@
 // Offsets are relative to the first byte after the header.
 #pragma once
 #include <ATen/ATen.h>
-#include <nlohmann/json.hpp>
 
 #include <cstdint>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
 #include <vector>
@@ -17,7 +17,7 @@ namespace amaq {
 
 struct TensorInfo {
   std::string name;
-  std::string dtype_name;       // as written in the header, e.g. "BF16"
+  std::string dtype_name;  // as written in the header, e.g. "BF16"
   at::ScalarType dtype;
   std::vector<int64_t> shape;
   uint64_t begin = 0, end = 0;  // byte range inside the data section

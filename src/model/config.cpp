@@ -12,13 +12,15 @@ struct Reader {
   const nlohmann::json& j;
   const std::string& where;
 
-  [[noreturn]] void fail(const std::string& field, const std::string& what, const std::string& hint = kHintConfig) const {
+  [[noreturn]] void fail(const std::string& field, const std::string& what,
+                         const std::string& hint = kHintConfig) const {
     throw Error(where + ": field '" + field + "' " + what, hint);
   }
   bool has(const char* k) const { return j.contains(k) && !j[k].is_null(); }
   int64_t positive_int(const char* k) const {
     if (!has(k)) fail(k, "is missing");
-    if (!j[k].is_number_integer() || j[k].get<int64_t>() <= 0) fail(k, "must be a positive integer, got " + j[k].dump());
+    if (!j[k].is_number_integer() || j[k].get<int64_t>() <= 0)
+      fail(k, "must be a positive integer, got " + j[k].dump());
     return j[k].get<int64_t>();
   }
   int64_t positive_int_or(const char* k, int64_t def) const { return has(k) ? positive_int(k) : def; }
@@ -43,7 +45,8 @@ RopeConfig parse_rope(const nlohmann::json& j, const std::string& where) {
   RopeConfig rope;
   Reader top{j, where};
   // transformers >= 5 writes rope_parameters; older files write rope_theta and rope_scaling.
-  const char* field = j.contains("rope_parameters") && !j["rope_parameters"].is_null() ? "rope_parameters" : "rope_scaling";
+  const char* field =
+      j.contains("rope_parameters") && !j["rope_parameters"].is_null() ? "rope_parameters" : "rope_scaling";
   rope.theta = top.number_or("rope_theta", 10000.0);
   if (!top.has(field)) return rope;
   const auto& r = j[field];
@@ -61,13 +64,15 @@ RopeConfig parse_rope(const nlohmann::json& j, const std::string& where) {
     rope.factor = rr.number_or("factor", 8.0);
     rope.low_freq_factor = rr.number_or("low_freq_factor", 1.0);
     rope.high_freq_factor = rr.number_or("high_freq_factor", 4.0);
-    if (!rr.has("original_max_position_embeddings")) top.fail(std::string(field) + ".original_max_position_embeddings", "is missing");
+    if (!rr.has("original_max_position_embeddings"))
+      top.fail(std::string(field) + ".original_max_position_embeddings", "is missing");
     rope.original_max_position_embeddings = rr.positive_int("original_max_position_embeddings");
     if (rope.high_freq_factor <= rope.low_freq_factor) top.fail(field, "needs high_freq_factor > low_freq_factor");
     return rope;
   }
-  top.fail(std::string(field) + ".rope_type", "is '" + type + "', which amaq does not implement",
-           "supported rope types are default, linear and llama3; a model with another scaling would compute wrong outputs");
+  top.fail(
+      std::string(field) + ".rope_type", "is '" + type + "', which amaq does not implement",
+      "supported rope types are default, linear and llama3; a model with another scaling would compute wrong outputs");
 }
 
 }  // namespace
@@ -97,7 +102,8 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& w
   } else if (c.architecture == "MistralForCausalLM") {
     c.arch = Arch::kMistral;
   } else {
-    r.fail("architectures", "is '" + (c.architecture.empty() ? c.model_type : c.architecture) + "', which amaq does not support",
+    r.fail("architectures",
+           "is '" + (c.architecture.empty() ? c.model_type : c.architecture) + "', which amaq does not support",
            "amaq runs LlamaForCausalLM, Qwen2ForCausalLM and MistralForCausalLM checkpoints");
   }
 
@@ -117,10 +123,12 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& w
   if (c.head_dim % 2 != 0) r.fail("head_dim", "must be even for rotary embeddings");
 
   std::string act = r.string_or("hidden_act", "silu");
-  if (act != "silu") r.fail("hidden_act", "is '" + act + "'; amaq implements the SwiGLU MLP with silu only",
-                            "this checkpoint is not a Llama/Qwen2/Mistral-style model");
-  if (r.number_or("partial_rotary_factor", 1.0) != 1.0) r.fail("partial_rotary_factor", "other than 1.0 is not supported",
-                                                                "amaq rotates the whole head dimension, as Llama, Qwen2 and Mistral do");
+  if (act != "silu")
+    r.fail("hidden_act", "is '" + act + "'; amaq implements the SwiGLU MLP with silu only",
+           "this checkpoint is not a Llama/Qwen2/Mistral-style model");
+  if (r.number_or("partial_rotary_factor", 1.0) != 1.0)
+    r.fail("partial_rotary_factor", "other than 1.0 is not supported",
+           "amaq rotates the whole head dimension, as Llama, Qwen2 and Mistral do");
   if (r.has("quantization_config")) {
     r.fail("quantization_config", "is set: quantized checkpoints are not supported",
            "use an unquantized (fp32/bf16/fp16) checkpoint; amaq quantizes only what crosses the network");
@@ -171,7 +179,8 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& w
 ModelConfig ModelConfig::load(const std::string& dir) {
   std::string path = join_path(dir, "config.json");
   if (!file_exists(path)) {
-    throw Error("no config.json in " + dir, "point --model at a HuggingFace model directory (config.json + *.safetensors)");
+    throw Error("no config.json in " + dir,
+                "point --model at a HuggingFace model directory (config.json + *.safetensors)");
   }
   auto j = nlohmann::json::parse(read_file(path), nullptr, false);
   if (j.is_discarded()) throw Error(path + " is not valid JSON", kHintConfig);
@@ -181,7 +190,10 @@ ModelConfig ModelConfig::load(const std::string& dir) {
 nlohmann::json ModelConfig::to_json() const {
   nlohmann::json j;
   j["architectures"] = {architecture};
-  j["model_type"] = model_type.empty() ? (arch == Arch::kLlama ? "llama" : arch == Arch::kQwen2 ? "qwen2" : "mistral") : model_type;
+  j["model_type"] = model_type.empty() ? (arch == Arch::kLlama   ? "llama"
+                                          : arch == Arch::kQwen2 ? "qwen2"
+                                                                 : "mistral")
+                                       : model_type;
   j["vocab_size"] = vocab_size;
   j["hidden_size"] = hidden_size;
   j["intermediate_size"] = intermediate_size;
@@ -213,7 +225,8 @@ nlohmann::json ModelConfig::to_json() const {
 
 int64_t ModelConfig::num_parameters() const {
   int64_t q = num_heads * head_dim, kv = num_kv_heads * head_dim;
-  int64_t attn = hidden_size * q + 2 * hidden_size * kv + q * hidden_size + (qkv_bias ? q + 2 * kv : 0) + (o_bias ? hidden_size : 0);
+  int64_t attn = hidden_size * q + 2 * hidden_size * kv + q * hidden_size + (qkv_bias ? q + 2 * kv : 0) +
+                 (o_bias ? hidden_size : 0);
   int64_t mlp = 3 * hidden_size * intermediate_size + (mlp_bias ? 2 * intermediate_size + hidden_size : 0);
   int64_t layer = attn + mlp + 2 * hidden_size;
   int64_t embed = vocab_size * hidden_size;

@@ -1,8 +1,7 @@
 // HuggingFace `config.json` for the decoder families amaq runs: Llama, Qwen2, Mistral.
 #pragma once
-#include <nlohmann/json.hpp>
-
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -14,10 +13,10 @@ enum class Arch { kLlama, kQwen2, kMistral };
 struct RopeConfig {
   std::string type = "default";  ///< default | linear | llama3
   double theta = 10000.0;
-  double factor = 1.0;                            ///< linear, llama3
-  double low_freq_factor = 1.0;                   ///< llama3
-  double high_freq_factor = 4.0;                  ///< llama3
-  int64_t original_max_position_embeddings = 0;   ///< llama3
+  double factor = 1.0;                           ///< linear, llama3
+  double low_freq_factor = 1.0;                  ///< llama3
+  double high_freq_factor = 4.0;                 ///< llama3
+  int64_t original_max_position_embeddings = 0;  ///< llama3
 };
 
 struct ModelConfig {

@@ -3,10 +3,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #if AMAQ_HAVE_DNNL
-#include <oneapi/dnnl/dnnl.hpp>
-
 #include <map>
 #include <mutex>
+#include <oneapi/dnnl/dnnl.hpp>
 #include <tuple>
 #include <unordered_map>
 #endif
@@ -32,10 +31,12 @@ class Matmuls {
       if (it == cache_.end()) {
         Entry n;
         n.src = memory::desc({M, K}, memory::data_type::f32, memory::format_tag::ab);
-        n.weights = memory::desc({K, N}, memory::data_type::f32, weights_transposed ? memory::format_tag::ba : memory::format_tag::ab);
+        n.weights = memory::desc({K, N}, memory::data_type::f32,
+                                 weights_transposed ? memory::format_tag::ba : memory::format_tag::ab);
         n.bias = memory::desc({1, N}, memory::data_type::f32, memory::format_tag::ab);
         n.dst = memory::desc({M, N}, memory::data_type::f32, memory::format_tag::ab);
-        const dnnl::matmul::desc d = bias ? dnnl::matmul::desc(n.src, n.weights, n.bias, n.dst) : dnnl::matmul::desc(n.src, n.weights, n.dst);
+        const dnnl::matmul::desc d =
+            bias ? dnnl::matmul::desc(n.src, n.weights, n.bias, n.dst) : dnnl::matmul::desc(n.src, n.weights, n.dst);
         n.prim = dnnl::matmul(dnnl::matmul::primitive_desc(d, engine_));
         it = cache_.emplace(key, std::move(n)).first;
       }
@@ -68,7 +69,8 @@ Matmuls& matmuls() {
 
 struct FrozenLinearFn : public torch::autograd::Function<FrozenLinearFn> {
   // x2 (M, K) contiguous fp32; weight (N, K); bias (N) or empty.
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& bias) {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x2, const at::Tensor& weight,
+                            const at::Tensor& bias) {
     ctx->saved_data["weight"] = weight;  // frozen: not a saved variable of the graph
     const int64_t M = x2.size(0), K = x2.size(1), N = weight.size(0);
     at::Tensor y = at::empty({M, N}, x2.options());
@@ -78,12 +80,14 @@ struct FrozenLinearFn : public torch::autograd::Function<FrozenLinearFn> {
     }
     return y;
   }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
     const at::Tensor weight = ctx->saved_data["weight"].toTensor();
     const at::Tensor dy = grads[0].contiguous();  // (M, N)
     const int64_t M = dy.size(0), N = dy.size(1), K = weight.size(1);
     at::Tensor dx = at::empty({M, K}, dy.options());
-    if (M > 0) matmuls().run(dy.data_ptr<float>(), weight.data_ptr<float>(), nullptr, dx.data_ptr<float>(), M, N, K, false);
+    if (M > 0)
+      matmuls().run(dy.data_ptr<float>(), weight.data_ptr<float>(), nullptr, dx.data_ptr<float>(), M, N, K, false);
     return {dx, at::Tensor(), at::Tensor()};
   }
 };
@@ -104,7 +108,8 @@ bool frozen_linear_uses_onednn(const at::Tensor& x, const at::Tensor& weight) {
 
 at::Tensor frozen_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
 #if AMAQ_HAVE_DNNL
-  if (frozen_linear_uses_onednn(x, weight) && (!bias.defined() || (!bias.requires_grad() && bias.scalar_type() == at::kFloat))) {
+  if (frozen_linear_uses_onednn(x, weight) &&
+      (!bias.defined() || (!bias.requires_grad() && bias.scalar_type() == at::kFloat))) {
     std::vector<int64_t> out_shape = x.sizes().vec();
     out_shape.back() = weight.size(0);
     const at::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();

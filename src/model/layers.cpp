@@ -1,11 +1,11 @@
 #include "model/layers.h"
 
-#include "model/gemm.h"
-
 #include <torch/nn/init.h>
 
 #include <cmath>
 #include <limits>
+
+#include "model/gemm.h"
 
 namespace amaq {
 
@@ -35,14 +35,16 @@ void LinearImpl::add_lora(const LoRAOptions& opt) {
 }
 
 at::Tensor LinearImpl::forward(const at::Tensor& x) {
-  if (!has_lora()) return weight.requires_grad() ? at::linear(x, weight, bias) : functional::frozen_linear(x, weight, bias);
+  if (!has_lora())
+    return weight.requires_grad() ? at::linear(x, weight, bias) : functional::frozen_linear(x, weight, bias);
   // y = x W^T + b, then y += scale * (xd A^T) B^T as one GEMM accumulating into y (no full-size
   // temporaries). On 2-D views: y is a fresh base tensor, and x W^T is not saved for backward, so
   // updating it in place is safe.
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = weight.size(0);
   const at::Tensor x2 = x.reshape({-1, x.size(-1)});
-  at::Tensor y = weight.requires_grad() ? at::linear(x2, weight, bias) : functional::frozen_linear(x2, weight, bias);  // (N, out)
+  at::Tensor y =
+      weight.requires_grad() ? at::linear(x2, weight, bias) : functional::frozen_linear(x2, weight, bias);  // (N, out)
   const at::Tensor xd = lora_opt_.dropout() > 0 ? at::dropout(x2, lora_opt_.dropout(), is_training()) : x2;
   y.addmm_(at::linear(xd, lora_a), lora_b.t(), /*beta=*/1, /*alpha=*/lora_opt_.scale());
   return y.view(out_shape);
@@ -65,10 +67,14 @@ namespace {
 /// torch.finfo(dtype).min, which HF uses for masked attention scores.
 double lowest_value(at::ScalarType t) {
   switch (t) {
-    case at::kHalf: return -65504.0;
-    case at::kBFloat16: return -3.3895313892515355e38;
-    case at::kDouble: return std::numeric_limits<double>::lowest();
-    default: return std::numeric_limits<float>::lowest();
+    case at::kHalf:
+      return -65504.0;
+    case at::kBFloat16:
+      return -3.3895313892515355e38;
+    case at::kDouble:
+      return std::numeric_limits<double>::lowest();
+    default:
+      return std::numeric_limits<float>::lowest();
   }
 }
 }  // namespace
@@ -90,7 +96,8 @@ at::Tensor rope_inv_freq(const RopeConfig& rope, int64_t head_dim) {
   return at::where(medium, smoothed, scaled);
 }
 
-std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& inv_freq, int64_t T, at::ScalarType dtype, at::Device device) {
+std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& inv_freq, int64_t T, at::ScalarType dtype,
+                                              at::Device device) {
   at::Tensor pos = at::arange(T, at::TensorOptions().dtype(at::kFloat).device(device));
   at::Tensor freqs = at::outer(pos, inv_freq.to(device));  // (T, D/2)
   at::Tensor emb = at::cat({freqs, freqs}, -1);            // (T, D)
@@ -130,8 +137,8 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, at::ScalarType dtype)
   o_proj = register_module("o_proj", Linear(c.num_heads * c.head_dim, c.hidden_size, c.o_bias, dtype));
 }
 
-at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias,
-                                  KvEntry* cache) {
+at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                                  const at::Tensor& bias, KvEntry* cache) {
   const int64_t B = x.size(0), T = x.size(1);
   at::Tensor q = q_proj->forward(x).view({B, T, num_heads_, head_dim_}).transpose(1, 2);     // (B, H, T, D)
   at::Tensor k = k_proj->forward(x).view({B, T, num_kv_heads_, head_dim_}).transpose(1, 2);  // (B, KV, T, D)
@@ -177,8 +184,8 @@ DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, at::ScalarType dtype) {
   post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, dtype));
 }
 
-at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias,
-                                     KvEntry* cache) {
+at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                                     const at::Tensor& bias, KvEntry* cache) {
   at::Tensor h = x + self_attn->forward(input_layernorm->forward(x), cos, sin, bias, cache);
   return h + mlp->forward(post_attention_layernorm->forward(h));
 }

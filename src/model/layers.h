@@ -16,13 +16,25 @@ namespace amaq {
 struct LoRAOptions {
   explicit LoRAOptions(int64_t rank) : rank_(rank) {}
   /// rank r (`r`); required.
-  LoRAOptions& rank(int64_t v) { rank_ = v; return *this; }
+  LoRAOptions& rank(int64_t v) {
+    rank_ = v;
+    return *this;
+  }
   /// scale numerator (`lora_alpha`); default 16.
-  LoRAOptions& alpha(double v) { alpha_ = v; return *this; }
+  LoRAOptions& alpha(double v) {
+    alpha_ = v;
+    return *this;
+  }
   /// dropout on the adapter's input (`lora_dropout`); default 0.
-  LoRAOptions& dropout(double v) { dropout_ = v; return *this; }
+  LoRAOptions& dropout(double v) {
+    dropout_ = v;
+    return *this;
+  }
   /// scale alpha / sqrt(r) instead of alpha / r (`use_rslora`); default false.
-  LoRAOptions& rslora(bool v) { rslora_ = v; return *this; }
+  LoRAOptions& rslora(bool v) {
+    rslora_ = v;
+    return *this;
+  }
   int64_t rank() const { return rank_; }
   double alpha() const { return alpha_; }
   double dropout() const { return dropout_; }
@@ -67,7 +79,8 @@ namespace functional {
 /// Inverse frequencies (head_dim / 2,) for the configured rope type, in fp32 as HF computes them.
 at::Tensor rope_inv_freq(const RopeConfig& rope, int64_t head_dim);
 /// cos and sin tables (T, head_dim) for positions 0..T-1.
-std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& inv_freq, int64_t T, at::ScalarType dtype, at::Device device);
+std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& inv_freq, int64_t T, at::ScalarType dtype,
+                                              at::Device device);
 /// x * cos + rotate_half(x) * sin, x (B, H, T, D).
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 /// Additive attention bias (B, 1, T, T): 0 where query i may see key j (j <= i, inside the window,

@@ -1,7 +1,6 @@
 #include "model/part.h"
 
 #include <limits>
-
 #include <set>
 
 #include "core/error.h"
@@ -14,13 +13,17 @@ EmbeddingImpl::EmbeddingImpl(int64_t vocab, int64_t dim, at::ScalarType dtype) {
   weight = register_parameter("weight", at::zeros({vocab, dim}, at::TensorOptions().dtype(dtype)), false);
 }
 
-at::Tensor EmbeddingImpl::forward(const at::Tensor& ids) { return at::embedding(weight, ids); }
+at::Tensor EmbeddingImpl::forward(const at::Tensor& ids) {
+  return at::embedding(weight, ids);
+}
 
-DecoderPartImpl::DecoderPartImpl(const ModelConfig& config, int64_t layer_begin, int64_t layer_end, at::ScalarType dtype)
+DecoderPartImpl::DecoderPartImpl(const ModelConfig& config, int64_t layer_begin, int64_t layer_end,
+                                 at::ScalarType dtype)
     : config_(config), layer_begin_(layer_begin), layer_end_(layer_end), dtype_(dtype) {
-  TORCH_CHECK(0 <= layer_begin && layer_begin <= layer_end && layer_end <= config.num_layers,
-              "layer range [", layer_begin, ", ", layer_end, ") is outside [0, ", config.num_layers, "]");
-  if (has_embedding()) embed_tokens = register_module("embed_tokens", Embedding(config.vocab_size, config.hidden_size, dtype));
+  TORCH_CHECK(0 <= layer_begin && layer_begin <= layer_end && layer_end <= config.num_layers, "layer range [",
+              layer_begin, ", ", layer_end, ") is outside [0, ", config.num_layers, "]");
+  if (has_embedding())
+    embed_tokens = register_module("embed_tokens", Embedding(config.vocab_size, config.hidden_size, dtype));
   // Children are named by their global layer index so parameter names match the checkpoint's.
   auto stack = std::make_shared<torch::nn::Module>("layers");
   for (int64_t i = layer_begin; i < layer_end; ++i) {
@@ -57,7 +60,8 @@ at::Tensor DecoderPartImpl::forward(const at::Tensor& input, const at::Tensor& a
     const int64_t window = config_.layer_window[i];
     auto it = bias_by_window.find(window);
     if (it == bias_by_window.end()) {
-      it = bias_by_window.emplace(window, functional::attention_bias(attention_mask, B, T, window, dtype_, h.device())).first;
+      it = bias_by_window.emplace(window, functional::attention_bias(attention_mask, B, T, window, dtype_, h.device()))
+               .first;
     }
     h = layers[n]->forward(h, cos, sin, it->second);
     if (hidden && i + 1 < config_.num_layers) (*hidden)[i + 1] = h;
@@ -83,8 +87,9 @@ at::Tensor DecoderPartImpl::forward_cached(const at::Tensor& input, std::vector<
     const int64_t window = config_.layer_window[layer_begin_ + static_cast<int64_t>(n)];
     at::Tensor allowed = kj <= qi;
     if (window > 0) allowed = allowed.logical_and(qi - kj < window);
-    at::Tensor bias = at::zeros({1, 1, T, past + T}, h.options()).masked_fill(allowed.logical_not().view({1, 1, T, past + T}),
-                                                                             -std::numeric_limits<float>::infinity());
+    at::Tensor bias =
+        at::zeros({1, 1, T, past + T}, h.options())
+            .masked_fill(allowed.logical_not().view({1, 1, T, past + T}), -std::numeric_limits<float>::infinity());
     h = layers[n]->forward(h, cos, sin, bias.expand({B, 1, T, past + T}), &(*cache)[n]);
   }
   if (!has_head()) return h;
@@ -171,8 +176,9 @@ std::string model_fingerprint(const ModelConfig& config, const CheckpointReader&
 }
 
 at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels) {
-  TORCH_CHECK(logits.dim() == 3 && labels.dim() == 2 && logits.size(0) == labels.size(0) && logits.size(1) == labels.size(1),
-              "expected logits (B, T, V) and labels (B, T), got ", logits.sizes(), " and ", labels.sizes());
+  TORCH_CHECK(
+      logits.dim() == 3 && labels.dim() == 2 && logits.size(0) == labels.size(0) && logits.size(1) == labels.size(1),
+      "expected logits (B, T, V) and labels (B, T), got ", logits.sizes(), " and ", labels.sizes());
   const int64_t T = logits.size(1), V = logits.size(2);
   at::Tensor l = logits.narrow(1, 0, T - 1).reshape({-1, V}).to(at::kFloat);
   at::Tensor y = labels.narrow(1, 1, T - 1).reshape({-1}).to(at::kLong);

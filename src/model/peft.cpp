@@ -29,12 +29,20 @@ std::string peft_key(const std::string& module_name, const std::string& which) {
 
 AdapterConfig AdapterConfig::load(const std::string& dir) {
   std::string path = join_path(dir, "adapter_config.json");
-  if (!file_exists(path)) throw Error("no adapter_config.json in " + dir, "point --adapter at a PEFT adapter directory");
+  if (!file_exists(path))
+    throw Error("no adapter_config.json in " + dir, "point --adapter at a PEFT adapter directory");
   auto j = nlohmann::json::parse(read_file(path), nullptr, false);
-  if (j.is_discarded() || !j.is_object()) throw Error(path + " is not a JSON object", "re-export the adapter with PEFT");
+  if (j.is_discarded() || !j.is_object())
+    throw Error(path + " is not a JSON object", "re-export the adapter with PEFT");
   auto get = [&](const char* k) -> const nlohmann::json* { return j.contains(k) && !j[k].is_null() ? &j[k] : nullptr; };
-  auto truthy = [&](const char* k) { const auto* v = get(k); return v && v->is_boolean() && v->get<bool>(); };
-  auto nonempty = [&](const char* k) { const auto* v = get(k); return v && !v->empty(); };
+  auto truthy = [&](const char* k) {
+    const auto* v = get(k);
+    return v && v->is_boolean() && v->get<bool>();
+  };
+  auto nonempty = [&](const char* k) {
+    const auto* v = get(k);
+    return v && !v->empty();
+  };
 
   const auto* type = get("peft_type");
   if (!type || !type->is_string() || type->get<std::string>() != "LORA") {
@@ -46,11 +54,13 @@ AdapterConfig AdapterConfig::load(const std::string& dir) {
   refuse_if(nonempty("modules_to_save"), path, "modules_to_save", "is set");
   refuse_if(nonempty("layers_to_transform"), path, "layers_to_transform", "is set");
   refuse_if(truthy("lora_bias"), path, "lora_bias", "is true");
-  if (const auto* b = get("bias")) refuse_if(b->is_string() && b->get<std::string>() != "none", path, "bias", "is " + b->dump());
+  if (const auto* b = get("bias"))
+    refuse_if(b->is_string() && b->get<std::string>() != "none", path, "bias", "is " + b->dump());
 
   AdapterConfig c;
   const auto* r = get("r");
-  if (!r || !r->is_number_integer() || r->get<int64_t>() <= 0) throw Error(path + ": r must be a positive integer", "re-export the adapter with PEFT");
+  if (!r || !r->is_number_integer() || r->get<int64_t>() <= 0)
+    throw Error(path + ": r must be a positive integer", "re-export the adapter with PEFT");
   c.r = r->get<int64_t>();
   if (const auto* a = get("lora_alpha")) c.lora_alpha = a->get<double>();
   if (const auto* d = get("lora_dropout")) c.lora_dropout = d->get<double>();
@@ -66,22 +76,25 @@ AdapterConfig AdapterConfig::load(const std::string& dir) {
                     "list module names (e.g. model.layers.3.self_attn.q_proj) as the keys");
       }
       if (!value.is_number() || value.template get<double>() <= 0) {
-        throw Error(path + ": " + field + "['" + key + "'] must be a positive number", "re-export the adapter with PEFT");
+        throw Error(path + ": " + field + "['" + key + "'] must be a positive number",
+                    "re-export the adapter with PEFT");
       }
       out[key] = value.template get<typename std::decay_t<decltype(out)>::mapped_type>();
     }
   };
   read_pattern("rank_pattern", c.rank_pattern);
   read_pattern("alpha_pattern", c.alpha_pattern);
-  if (const auto* b = get("base_model_name_or_path"); b && b->is_string()) c.base_model_name_or_path = b->get<std::string>();
+  if (const auto* b = get("base_model_name_or_path"); b && b->is_string())
+    c.base_model_name_or_path = b->get<std::string>();
   const auto* t = get("target_modules");
   if (t && t->is_array()) {
     for (const auto& e : *t) c.target_modules.push_back(e.get<std::string>());
   } else if (t && t->is_string() && t->get<std::string>() == "all-linear") {
     c.target_modules.push_back("all-linear");
   } else {
-    throw Error(path + ": target_modules must be a list of module names or \"all-linear\", got " + (t ? t->dump() : "nothing"),
-                "regular-expression targets are not supported; list the module names");
+    throw Error(
+        path + ": target_modules must be a list of module names or \"all-linear\", got " + (t ? t->dump() : "nothing"),
+        "regular-expression targets are not supported; list the module names");
   }
   return c;
 }
@@ -101,7 +114,8 @@ nlohmann::json AdapterConfig::to_json() const {
   nlohmann::json j;
   j["peft_type"] = "LORA";
   j["task_type"] = "CAUSAL_LM";
-  j["base_model_name_or_path"] = base_model_name_or_path.empty() ? nlohmann::json(nullptr) : nlohmann::json(base_model_name_or_path);
+  j["base_model_name_or_path"] =
+      base_model_name_or_path.empty() ? nlohmann::json(nullptr) : nlohmann::json(base_model_name_or_path);
   j["revision"] = nullptr;
   j["r"] = r;
   j["lora_alpha"] = lora_alpha;
@@ -156,7 +170,8 @@ AdapterConfig load_peft_adapter(DecoderPart& part, const std::string& dir) {
 
 void save_peft_adapter(const std::vector<DecoderPart>& parts, const AdapterConfig& config, const std::string& dir) {
   if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
-    throw Error("cannot create adapter directory " + dir + ": " + std::strerror(errno), "check the path and permissions");
+    throw Error("cannot create adapter directory " + dir + ": " + std::strerror(errno),
+                "check the path and permissions");
   }
   NamedTensors tensors;
   for (DecoderPart part : parts) {  // a holder copy shares the module

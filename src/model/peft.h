@@ -1,9 +1,8 @@
 // PEFT LoRA adapters on disk: `adapter_config.json` + `adapter_model.safetensors`, keys such as
 // `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`.
 #pragma once
-#include <nlohmann/json.hpp>
-
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 

@@ -4,10 +4,10 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
-
-#include "core/error.h"
 #include <limits>
 #include <vector>
+
+#include "core/error.h"
 
 namespace amaq::quant {
 
@@ -16,24 +16,29 @@ uint16_t half_bits_rounded(float v, bool up) {
   return nudge_half(h.x, static_cast<float>(h), v, up);
 }
 
-float half_bits_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+float half_bits_to_float(uint16_t h) {
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
 
 namespace {
 
 void check_input(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "expected contiguous fp32 (rows, cols)");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "expected contiguous fp32 (rows, cols)");
   TORCH_CHECK(x.size(0) == layout.rows && x.size(1) == layout.cols, "layout does not match x");
   TORCH_CHECK(bits.numel() == layout.cols && bits.scalar_type() == at::kByte, "bits must be (cols,) uint8");
   TORCH_CHECK(layout.granularity != Granularity::kGroup || layout.group > 0, "group size must be positive");
 }
 
-float tensor_scale(float max_abs) { return max_abs > 0 ? max_abs : 1.0f; }
+float tensor_scale(float max_abs) {
+  return max_abs > 0 ? max_abs : 1.0f;
+}
 
 }  // namespace
 
 void throw_non_finite(int64_t bad, int64_t n, int64_t first) {
-  throw Error("tensor to encode has " + std::to_string(bad) + " NaN/Inf values of " + std::to_string(n) + " (first at flat index " +
-                  std::to_string(first) + ")",
+  throw Error("tensor to encode has " + std::to_string(bad) + " NaN/Inf values of " + std::to_string(n) +
+                  " (first at flat index " + std::to_string(first) + ")",
               "training diverged: lower the learning rate, enable gradient clipping, or check the input data");
 }
 
@@ -57,7 +62,8 @@ float checked_max_abs(const at::Tensor& x) {
       part[c] = m;
       bad[c] = nb;
       if (nb) {
-        for (int64_t i = i0; i < i1 && first[c] < 0; ++i) if (!std::isfinite(p[i])) first[c] = i;
+        for (int64_t i = i0; i < i1 && first[c] < 0; ++i)
+          if (!std::isfinite(p[i])) first[c] = i;
       }
     }
   });
@@ -72,8 +78,8 @@ float checked_max_abs(const at::Tensor& x) {
   return m;
 }
 
-AffineQuant affine_quantize_ref(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
-                                uint64_t seed) {
+AffineQuant affine_quantize_ref(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout,
+                                Rounding rounding, uint64_t seed) {
   check_input(x, bits, layout);
   const int64_t rows = layout.rows, cols = layout.cols, G = layout.num_groups();
   const float* xp = x.data_ptr<float>();
@@ -148,11 +154,16 @@ void decoded_ranges(const AffineQuant& q, std::vector<float>& lo, std::vector<fl
 template <typename F>
 inline void for_row_groups(const AffineLayout& L, int64_t r, const F& f) {
   switch (L.granularity) {
-    case Granularity::kToken: f(r, 0, L.cols, r); break;
-    case Granularity::kGroup:
-      for (int64_t c0 = 0, gi = 0; c0 < L.cols; c0 += L.group, ++gi) f(r, c0, std::min(L.cols, c0 + L.group), r * L.groups_per_row() + gi);
+    case Granularity::kToken:
+      f(r, 0, L.cols, r);
       break;
-    case Granularity::kChannel: f(r, 0, L.cols, -1); break;  // group = column
+    case Granularity::kGroup:
+      for (int64_t c0 = 0, gi = 0; c0 < L.cols; c0 += L.group, ++gi)
+        f(r, c0, std::min(L.cols, c0 + L.group), r * L.groups_per_row() + gi);
+      break;
+    case Granularity::kChannel:
+      f(r, 0, L.cols, -1);
+      break;  // group = column
   }
 }
 
@@ -240,7 +251,8 @@ at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const
   return out;
 }
 
-std::pair<at::Tensor, at::Tensor> affine_lo_step(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout) {
+std::pair<at::Tensor, at::Tensor> affine_lo_step(const AffineQuant& q, const at::Tensor& bits,
+                                                 const AffineLayout& layout) {
   const int64_t rows = layout.rows, cols = layout.cols;
   at::Tensor lo_t = at::empty({rows, cols}, at::kFloat), step_t = at::empty({rows, cols}, at::kFloat);
   float* lp = lo_t.data_ptr<float>();

@@ -26,9 +26,12 @@ struct AffineLayout {
   int64_t num_groups() const { return granularity == Granularity::kChannel ? cols : rows * groups_per_row(); }
   int64_t group_of(int64_t r, int64_t c) const {
     switch (granularity) {
-      case Granularity::kToken: return r;
-      case Granularity::kChannel: return c;
-      case Granularity::kGroup: return r * groups_per_row() + c / group;
+      case Granularity::kToken:
+        return r;
+      case Granularity::kChannel:
+        return c;
+      case Granularity::kGroup:
+        return r * groups_per_row() + c / group;
     }
     return 0;
   }
@@ -43,8 +46,8 @@ struct AffineQuant {
 };
 
 /// Reference: scalar loops in the most direct form. x (rows, cols) fp32.
-AffineQuant affine_quantize_ref(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
-                                uint64_t seed);
+AffineQuant affine_quantize_ref(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout,
+                                Rounding rounding, uint64_t seed);
 at::Tensor affine_dequantize_ref(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout);
 
 /// Fast CPU path: the same arithmetic, multi-threaded over rows (or columns for per-channel ranges).
@@ -54,7 +57,8 @@ at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const
 
 /// Per-element range start and step (rows, cols) fp32, from the stored ranges: what the gates'
 /// gradient needs.
-std::pair<at::Tensor, at::Tensor> affine_lo_step(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout);
+std::pair<at::Tensor, at::Tensor> affine_lo_step(const AffineQuant& q, const at::Tensor& bits,
+                                                 const AffineLayout& layout);
 
 /// max |x| over a contiguous fp32 tensor, multi-threaded; throws amaq::Error naming the count and
 /// first index of NaN/Inf values.

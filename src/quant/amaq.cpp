@@ -24,7 +24,9 @@ at::Tensor AmaqGatesImpl::bit_map() const {
   return bits_continuous().round().clamp(spec_.bits_min, spec_.bits_max).to(at::kByte).to(at::kCPU).contiguous();
 }
 
-at::Tensor AmaqGatesImpl::regularization() const { return at::sigmoid(gates * spec_.alpha).pow(2).mean(); }
+at::Tensor AmaqGatesImpl::regularization() const {
+  return at::sigmoid(gates * spec_.alpha).pow(2).mean();
+}
 
 double budget_at(const CodecSpec& spec, int64_t step) {
   if (spec.decay_steps <= 0 || step >= spec.decay_steps) return spec.budget;
@@ -32,7 +34,9 @@ double budget_at(const CodecSpec& spec, int64_t step) {
   return spec.bits_init + (spec.budget - spec.bits_init) * t;
 }
 
-double AmaqGatesImpl::budget_at(int64_t step) const { return quant::budget_at(spec_, step); }
+double AmaqGatesImpl::budget_at(int64_t step) const {
+  return quant::budget_at(spec_, step);
+}
 
 double AmaqGatesImpl::beta_at(int64_t step) const {
   if (spec_.mode == BudgetMode::kPenalty) return spec_.beta;
@@ -42,7 +46,8 @@ double AmaqGatesImpl::beta_at(int64_t step) const {
 double AmaqGatesImpl::project(double budget) {
   at::NoGradGuard no_grad;
   auto mean_after = [&](double tau) {
-    at::Tensor b = (spec_.bits_min + (spec_.bits_max - spec_.bits_min) * at::sigmoid((gates - tau) * spec_.alpha)).round();
+    at::Tensor b =
+        (spec_.bits_min + (spec_.bits_max - spec_.bits_min) * at::sigmoid((gates - tau) * spec_.alpha)).round();
     return b.clamp(spec_.bits_min, spec_.bits_max).to(at::kDouble).mean().item<double>();
   };
   if (mean_after(0) <= budget) return mean_after(0);
@@ -67,7 +72,8 @@ struct FakeQuantFn : public torch::autograd::Function<FakeQuantFn> {
     ctx->saved_data["has_bits"] = bits.numel() > 0;
     return decoded.clone();
   }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
     const at::Tensor& dy = grads[0];
     at::Tensor dbits;
     if (ctx->saved_data["has_bits"].toBool()) {

@@ -86,7 +86,8 @@ void AqsgdBuffer::evict_until_fits() {
     }
     const size_t bytes = static_cast<size_t>(e.value.numel()) * sizeof(float);
     if (::pwrite(fd_, e.value.data_ptr(), bytes, static_cast<off_t>(spill_end_)) != static_cast<ssize_t>(bytes)) {
-      throw Error("cannot write AQ-SGD spill file " + spill_path_ + ": " + std::strerror(errno), "check free disk space");
+      throw Error("cannot write AQ-SGD spill file " + spill_path_ + ": " + std::strerror(errno),
+                  "check free disk space");
     }
     spilled_[victim] = Spilled{spill_end_, e.value.size(0), e.value.size(1)};
     spill_end_ += bytes;

@@ -12,7 +12,8 @@ void check_args(const at::Tensor& bits, int64_t cols) {
   TORCH_CHECK(bits.dim() == 1 && bits.scalar_type() == at::kByte && bits.is_contiguous(), "bits must be (cols,) uint8");
   TORCH_CHECK(bits.size(0) == cols, "bits has ", bits.size(0), " channels, codes have ", cols);
   const uint8_t* b = bits.data_ptr<uint8_t>();
-  for (int64_t c = 0; c < cols; ++c) TORCH_CHECK(b[c] >= 1 && b[c] <= 8, "bit-width ", int(b[c]), " of channel ", c, " not in 1..8");
+  for (int64_t c = 0; c < cols; ++c)
+    TORCH_CHECK(b[c] >= 1 && b[c] <= 8, "bit-width ", int(b[c]), " of channel ", c, " not in 1..8");
 }
 
 int64_t row_bits(const at::Tensor& bits) {
@@ -33,7 +34,9 @@ void for_row_blocks(int64_t rows, const F& f) {
 
 }  // namespace
 
-int64_t packed_bytes(int64_t rows, const at::Tensor& bits) { return (rows * row_bits(bits) + 7) / 8; }
+int64_t packed_bytes(int64_t rows, const at::Tensor& bits) {
+  return (rows * row_bits(bits) + 7) / 8;
+}
 
 std::string pack_ref(const at::Tensor& codes, const at::Tensor& bits) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte, "codes must be (rows, cols) uint8");
@@ -67,7 +70,8 @@ at::Tensor unpack_ref(const uint8_t* data, int64_t size, int64_t rows, const at:
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = 0; k < cols; ++k) {
       uint8_t value = 0;
-      for (int i = 0; i < b[k]; ++i, ++pos) value = static_cast<uint8_t>(value | (((data[pos / 8] >> (pos % 8)) & 1) << i));
+      for (int i = 0; i < b[k]; ++i, ++pos)
+        value = static_cast<uint8_t>(value | (((data[pos / 8] >> (pos % 8)) & 1) << i));
       v[r * cols + k] = value;
     }
   }
@@ -75,7 +79,8 @@ at::Tensor unpack_ref(const uint8_t* data, int64_t size, int64_t rows, const at:
 }
 
 void pack_fast(const at::Tensor& codes, const at::Tensor& bits, uint8_t* out) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(), "codes must be contiguous uint8");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(),
+              "codes must be contiguous uint8");
   check_args(bits, codes.size(1));
   const int64_t rows = codes.size(0), cols = codes.size(1), rb = row_bits(bits);
   const uint8_t* v = codes.data_ptr<uint8_t>();

@@ -15,9 +15,12 @@ namespace {
 
 at::ScalarType to_scalar(WireDtype d) {
   switch (d) {
-    case WireDtype::kF32: return at::kFloat;
-    case WireDtype::kBF16: return at::kBFloat16;
-    case WireDtype::kF16: return at::kHalf;
+    case WireDtype::kF32:
+      return at::kFloat;
+    case WireDtype::kBF16:
+      return at::kBFloat16;
+    case WireDtype::kF16:
+      return at::kHalf;
   }
   return at::kFloat;
 }
@@ -52,7 +55,8 @@ at::Tensor read_bit_map(ByteReader& r, int64_t C) {
   uint8_t* b = bits.data_ptr<uint8_t>();
   for (int64_t c = 0; c < C; ++c) {
     b[c] = (c % 2 == 0) ? (p[c / 2] & 0xf) : (p[c / 2] >> 4);
-    if (b[c] < 1 || b[c] > 8) throw PacketError("channel " + std::to_string(c) + " has bit-width " + std::to_string(b[c]) + ", not in 1..8");
+    if (b[c] < 1 || b[c] > 8)
+      throw PacketError("channel " + std::to_string(c) + " has bit-width " + std::to_string(b[c]) + ", not in 1..8");
   }
   return bits;
 }
@@ -98,7 +102,9 @@ bool cuda_codecs_built() {
 #endif
 }
 
-double mean_bits(const at::Tensor& bits) { return bits.to(at::kDouble).mean().item<double>(); }
+double mean_bits(const at::Tensor& bits) {
+  return bits.to(at::kDouble).mean().item<double>();
+}
 
 Codec::Codec(CodecSpec spec, Impl impl, AqsgdOptions aqsgd) : spec_(spec), impl_(impl) {
   if (spec_.codec == CodecId::kAqsgd) buffer_ = std::make_unique<AqsgdBuffer>(aqsgd.max_memory_bytes, aqsgd.spill_path);
@@ -140,14 +146,15 @@ Encoded Codec::encode_dispatch(const at::Tensor& x, const EncodeArgs& args) {
       if (spec_.map.empty()) return encode_affine(x, at::full({x.size(-1)}, spec_.bits, at::kByte), args);
       const int64_t C = x.size(-1);
       if (static_cast<int64_t>(spec_.map.size()) != C) {
-        throw Error("the fixed codec's map " + spec_.map_path + " has " + std::to_string(spec_.map.size()) + " widths, the tensor has " +
-                        std::to_string(C) + " channels",
+        throw Error("the fixed codec's map " + spec_.map_path + " has " + std::to_string(spec_.map.size()) +
+                        " widths, the tensor has " + std::to_string(C) + " channels",
                     "write one width per channel of the split's hidden size");
       }
       return encode_affine(x, at::from_blob(const_cast<uint8_t*>(spec_.map.data()), {C}, at::kByte).clone(), args);
     }
     case CodecId::kAmaq:
-      TORCH_CHECK(args.bits.defined() && args.bits.numel() == x.size(-1), "amaq needs a (C,) bit map, C = ", x.size(-1));
+      TORCH_CHECK(args.bits.defined() && args.bits.numel() == x.size(-1),
+                  "amaq needs a (C,) bit map, C = ", x.size(-1));
       return encode_affine(x, args.bits.to(at::kByte).contiguous(), args);
     case CodecId::kAqsgd:
       return encode_aqsgd(x, args);
@@ -164,7 +171,8 @@ Encoded Codec::encode_affine(const at::Tensor& x, const at::Tensor& bits, const 
   if (on_gpu(x)) {
 #if AMAQ_HAVE_CUDA
     // Fused kernels: the codes exist only packed (e.quant.codes stays undefined).
-    cuda::AffineEncoded g = cuda::affine_encode(x.reshape({e.layout.rows, C}), bits, e.layout, spec_.rounding, args.seed);
+    cuda::AffineEncoded g =
+        cuda::affine_encode(x.reshape({e.layout.rows, C}), bits, e.layout, spec_.rounding, args.seed);
     e.quant.scale = g.scale;
     e.quant.lo = g.lo;
     e.quant.hi = g.hi;
@@ -176,7 +184,8 @@ Encoded Codec::encode_affine(const at::Tensor& x, const at::Tensor& bits, const 
     e.quant = impl_ == Impl::kRef ? affine_quantize_ref(x2, bits, e.layout, spec_.rounding, args.seed)
                                   : affine_quantize(x2, bits, e.layout, spec_.rounding, args.seed);
     if (args.want_decoded) {
-      at::Tensor deq = impl_ == Impl::kRef ? affine_dequantize_ref(e.quant, bits, e.layout) : affine_dequantize(e.quant, bits, e.layout);
+      at::Tensor deq = impl_ == Impl::kRef ? affine_dequantize_ref(e.quant, bits, e.layout)
+                                           : affine_dequantize(e.quant, bits, e.layout);
       e.decoded = deq.view(x.sizes()).to(x.scalar_type());
     }
     codes = pack(e.quant.codes, bits, impl_);
@@ -303,8 +312,8 @@ Encoded Codec::encode_aqsgd(const at::Tensor& x, const EncodeArgs& args) {
   return e;
 }
 
-std::string Codec::quantize_sym_cpu(const at::Tensor& deltas, const std::vector<float>& steps, std::vector<at::Tensor>& memory,
-                                    int levels) {
+std::string Codec::quantize_sym_cpu(const at::Tensor& deltas, const std::vector<float>& steps,
+                                    std::vector<at::Tensor>& memory, int levels) {
   const int64_t nd = deltas.size(0), T = deltas.size(1), C = deltas.size(2);
   at::Tensor codes = at::empty({nd * T, C}, at::kByte);
   const float* dp = deltas.data_ptr<float>();
@@ -325,7 +334,9 @@ std::string Codec::quantize_sym_cpu(const at::Tensor& deltas, const std::vector<
   if (impl_ == Impl::kRef) {
     for (int64_t row = 0; row < nd * T; ++row) quantize_row(row);
   } else {
-    at::parallel_for(0, nd * T, 16, [&](int64_t r0, int64_t r1) { for (int64_t r = r0; r < r1; ++r) quantize_row(r); });
+    at::parallel_for(0, nd * T, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) quantize_row(r);
+    });
   }
   return pack(codes, at::full({C}, spec_.bits, at::kByte), impl_);
 }
@@ -334,9 +345,12 @@ at::Tensor Codec::decode(std::string_view packet, at::Device device) {
   ByteReader r(packet);
   auto h = r.get<PacketHeader>("header");
   if (h.magic != kPacketMagic) throw PacketError("bad magic (not an amaq packet)");
-  if (h.version != kPacketVersion) throw PacketError("version " + std::to_string(h.version) + ", this build reads version " + std::to_string(kPacketVersion));
+  if (h.version != kPacketVersion)
+    throw PacketError("version " + std::to_string(h.version) + ", this build reads version " +
+                      std::to_string(kPacketVersion));
   if (h.codec != static_cast<uint8_t>(spec_.codec)) {
-    throw PacketError(std::string("codec id ") + std::to_string(h.codec) + ", this side is configured for " + codec_name(spec_.codec));
+    throw PacketError(std::string("codec id ") + std::to_string(h.codec) + ", this side is configured for " +
+                      codec_name(spec_.codec));
   }
   if (h.dtype > static_cast<uint8_t>(WireDtype::kF16) || h.wire_dtype > static_cast<uint8_t>(WireDtype::kF16)) {
     throw PacketError("unknown dtype " + std::to_string(std::max(h.dtype, h.wire_dtype)));
@@ -356,8 +370,8 @@ at::Tensor Codec::decode(std::string_view packet, at::Device device) {
   return out;
 }
 
-at::Tensor Codec::decode_dispatch(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, int64_t numel,
-                                  at::Device device) {
+at::Tensor Codec::decode_dispatch(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape,
+                                  int64_t numel, at::Device device) {
   if (spec_.codec != CodecId::kNone) {
     if (shape.back() == 0) throw PacketError("zero channels");
     if (device.is_cuda()) on_gpu(at::empty({0}, at::TensorOptions().device(device)));  // refused without CUDA kernels
@@ -379,11 +393,13 @@ at::Tensor Codec::decode_dispatch(ByteReader& r, const PacketHeader& h, const st
   throw PacketError("codec id " + std::to_string(h.codec) + " has no decoder");
 }
 
-at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device) {
+at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape,
+                                at::Device device) {
   const int64_t C = shape.back();
   int64_t numel = 1;
   for (auto d : shape) numel *= d;
-  if (h.granularity < 1 || h.granularity > 3) throw PacketError("granularity " + std::to_string(h.granularity) + " unknown");
+  if (h.granularity < 1 || h.granularity > 3)
+    throw PacketError("granularity " + std::to_string(h.granularity) + " unknown");
   AffineLayout layout{numel / C, C, static_cast<Granularity>(h.granularity), static_cast<int64_t>(h.group)};
   if (layout.granularity == Granularity::kGroup && layout.group == 0) throw PacketError("group size 0");
   at::Tensor bits;
@@ -412,7 +428,8 @@ at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std:
   if (device.is_cuda()) {
 #if AMAQ_HAVE_CUDA
     const int64_t n = packed_bytes(layout.rows, bits);
-    return cuda::affine_decode(r.take(static_cast<uint64_t>(n), "packed codes"), n, q, bits, layout, out_type, device).view(shape);
+    return cuda::affine_decode(r.take(static_cast<uint64_t>(n), "packed codes"), n, q, bits, layout, out_type, device)
+        .view(shape);
 #endif
   }
   q.codes = unpack(r, layout.rows, bits, impl_);
@@ -420,7 +437,8 @@ at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std:
   return deq.view(shape).to(out_type);
 }
 
-at::Tensor Codec::decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device) {
+at::Tensor Codec::decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape,
+                               at::Device device) {
   if (shape.size() != 3) throw PacketError("aqsgd packets carry (B, T, C)");
   if (h.bits < 2 || h.bits > 8) throw PacketError("aqsgd bit-width " + std::to_string(h.bits) + " not in 2..8");
   const int64_t B = shape[0], T = shape[1], C = shape[2];
@@ -432,7 +450,8 @@ at::Tensor Codec::decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::
   for (int64_t b = 0; b < B; ++b) {
     if (kinds[b] > 1) throw PacketError("sample kind " + std::to_string(kinds[b]));
     if (!kinds[b]) {
-      if (!buffer_->contains(ids[b])) throw PacketError("delta for sample " + std::to_string(ids[b]) + " that this side never saw in full");
+      if (!buffer_->contains(ids[b]))
+        throw PacketError("delta for sample " + std::to_string(ids[b]) + " that this side never saw in full");
       delta_rows.push_back(b);
     }
   }

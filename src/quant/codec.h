@@ -37,7 +37,7 @@ struct Encoded {
                        ///< (undefined when EncodeArgs::want_decoded is false, except where it is free)
   AffineQuant quant;   ///< fixed, amaq: codes and ranges (for the gates' gradient); CUDA: ranges only
   AffineLayout layout;
-  at::Tensor bits;     ///< (C,) uint8 bit-width per channel used (quantizing codecs)
+  at::Tensor bits;  ///< (C,) uint8 bit-width per channel used (quantizing codecs)
   int64_t elements = 0;
   double bits_per_element() const { return 8.0 * static_cast<double>(packet.size()) / static_cast<double>(elements); }
 };
@@ -64,11 +64,13 @@ class Codec {
 
  private:
   Encoded encode_dispatch(const at::Tensor& x, const EncodeArgs& args);
-  at::Tensor decode_dispatch(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, int64_t numel, at::Device device);
+  at::Tensor decode_dispatch(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, int64_t numel,
+                             at::Device device);
   Encoded encode_affine(const at::Tensor& x, const at::Tensor& bits, const EncodeArgs& args);
   Encoded encode_aqsgd(const at::Tensor& x, const EncodeArgs& args);
   // Symmetric codes of the deltas (nd, T, C) with per (sample, channel) steps, added into the memories; packed.
-  std::string quantize_sym_cpu(const at::Tensor& deltas, const std::vector<float>& steps, std::vector<at::Tensor>& memory, int levels);
+  std::string quantize_sym_cpu(const at::Tensor& deltas, const std::vector<float>& steps,
+                               std::vector<at::Tensor>& memory, int levels);
   at::Tensor decode_affine(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device);
   at::Tensor decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device);
 

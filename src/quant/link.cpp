@@ -17,7 +17,9 @@ CodecSpec direct_spec(const CodecSpec& spec) {
 }
 
 // The seed of stochastic rounding for micro-batch `micro` of step `step` (both directions).
-uint64_t rounding_seed(int64_t step, int64_t micro) { return static_cast<uint64_t>(step * 1000003 + micro); }
+uint64_t rounding_seed(int64_t step, int64_t micro) {
+  return static_cast<uint64_t>(step * 1000003 + micro);
+}
 
 // Whether a codec keeps per-sample memory, and whether its widths follow a learned map.
 bool keeps_memory(const CodecSpec& s) {
@@ -52,7 +54,8 @@ constexpr const char* kMemoryPrefix = "aqsgd/";
 
 void Link::validate(const CodecSpec& fwd, const CodecSpec& bwd) {
   if (learns_map(bwd) && !learns_map(fwd)) {
-    throw Error("an amaq backward codec needs an amaq forward codec", "the gradient map is the forward map shifted to its budget");
+    throw Error("an amaq backward codec needs an amaq forward codec",
+                "the gradient map is the forward map shifted to its budget");
   }
 }
 
@@ -72,7 +75,9 @@ Link::Link(LinkSide side, const CodecSpec& fwd, const CodecSpec& bwd, int64_t ch
 
 Link::~Link() = default;
 
-bool Link::needs_sample_ids() const { return keeps_memory(fwd_spec_); }
+bool Link::needs_sample_ids() const {
+  return keeps_memory(fwd_spec_);
+}
 
 BitsStats Link::stats_of(const at::Tensor& map, double nominal) const {
   if (!map.defined() || map.numel() == 0) return {nominal, nominal, nominal};
@@ -92,7 +97,8 @@ void Link::begin_step() {
   if (gate_opt_) gate_opt_->zero_grad();
 }
 
-SentActivations Link::send_activations(const at::Tensor& h, int64_t step, int64_t micro, const std::vector<int64_t>& sample_ids) {
+SentActivations Link::send_activations(const at::Tensor& h, int64_t step, int64_t micro,
+                                       const std::vector<int64_t>& sample_ids) {
   EncodeArgs args;
   args.sample_ids = sample_ids;
   args.seed = rounding_seed(step, micro);
@@ -121,7 +127,9 @@ at::Tensor Link::regularizer(int64_t step, int64_t micro_batches, double* value)
   return gates_->beta_at(step) / static_cast<double>(micro_batches) * r;
 }
 
-double Link::regularizer_weight() const { return gates_ ? gates_->spec().beta : 0.0; }
+double Link::regularizer_weight() const {
+  return gates_ ? gates_->spec().beta : 0.0;
+}
 
 void Link::end_step(int64_t step) {
   if (!gate_opt_) return;
@@ -136,13 +144,21 @@ std::string Link::encode_eval(const at::Tensor& h) {
   return eval_codec().encode(h, args).packet;
 }
 
-at::Tensor Link::learned_map() const { return gates_ ? gates_->bit_map().to(at::kLong).contiguous() : at::Tensor(); }
+at::Tensor Link::learned_map() const {
+  return gates_ ? gates_->bit_map().to(at::kLong).contiguous() : at::Tensor();
+}
 
-void Link::set_backward_budget(double budget) { bwd_budget_ = budget, bwd_map_step_ = -1; }
+void Link::set_backward_budget(double budget) {
+  bwd_budget_ = budget, bwd_map_step_ = -1;
+}
 
-at::Tensor Link::receive_activations(std::string_view packet, at::Device device) { return fwd_->decode(packet, device); }
+at::Tensor Link::receive_activations(std::string_view packet, at::Device device) {
+  return fwd_->decode(packet, device);
+}
 
-at::Tensor Link::receive_eval(std::string_view packet, at::Device device) { return eval_codec().decode(packet, device); }
+at::Tensor Link::receive_eval(std::string_view packet, at::Device device) {
+  return eval_codec().decode(packet, device);
+}
 
 std::string Link::send_gradients(const at::Tensor& dh, int64_t step, int64_t micro) {
   EncodeArgs args;
@@ -191,7 +207,8 @@ void Link::load_state(const std::map<std::string, at::Tensor>& tensors, const st
     }
   }
   if (side_ == LinkSide::kServer && learns_map(bwd_spec_)) {
-    if (!fields.contains("bwd_budget")) throw Error(dir + " holds no backward budget", "the checkpoint is from a run with another backward codec");
+    if (!fields.contains("bwd_budget"))
+      throw Error(dir + " holds no backward budget", "the checkpoint is from a run with another backward codec");
     set_backward_budget(fields.at("bwd_budget").get<double>());
   }
 }

@@ -11,11 +11,11 @@
 //   - AQ-SGD's per-sample memories and their checkpoint state.
 #pragma once
 #include <ATen/ATen.h>
-#include <nlohmann/json.hpp>
 #include <torch/optim/adamw.h>
 
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -74,7 +74,8 @@ class Link {
   /// Before the first micro-batch of a step: clears the gates' gradients.
   void begin_step();
   /// Encodes activations h (B, T, C) of micro-batch `micro` of step `step`.
-  SentActivations send_activations(const at::Tensor& h, int64_t step, int64_t micro, const std::vector<int64_t>& sample_ids);
+  SentActivations send_activations(const at::Tensor& h, int64_t step, int64_t micro,
+                                   const std::vector<int64_t>& sample_ids);
   /// Decodes the server's gradient packet (B, T, C); `bits` gets the widths it travelled with.
   at::Tensor receive_gradients(std::string_view packet, BitsStats* bits);
   /// The gates' bit regulariser for one micro-batch, weighted for `micro_batches` per step
@@ -115,8 +116,8 @@ class Link {
   std::unique_ptr<Codec> fwd_, bwd_, eval_;  // eval_: only when the forward codec keeps memory (AQ-SGD)
   AmaqGates gates_{nullptr};                 // client, amaq forward
   std::unique_ptr<torch::optim::AdamW> gate_opt_;
-  double bwd_budget_ = -1;                   // amaq backward: the budget in force (server), the last one sent (client)
-  int64_t bwd_map_step_ = -1;                // server: the step bwd_map_ was computed for
+  double bwd_budget_ = -1;     // amaq backward: the budget in force (server), the last one sent (client)
+  int64_t bwd_map_step_ = -1;  // server: the step bwd_map_ was computed for
   at::Tensor bwd_map_;
 };
 

@@ -41,11 +41,11 @@ struct PacketHeader {
   uint8_t flags = 0;        ///< PacketFlags
   uint8_t granularity = 0;  ///< Granularity of the ranges (fixed, amaq)
   uint8_t ndim = 0;
-  uint8_t bits = 0;         ///< uniform bit-width (fixed, aqsgd); 0 = per-channel map (amaq)
-  uint8_t wire_dtype = 0;   ///< WireDtype of raw values on the wire (none; aqsgd full samples)
-  uint32_t group = 0;       ///< channels per range group (Granularity::kGroup)
-  uint32_t map_id = 0;      ///< amaq: which bit map the codes use
-  float scale = 1.0f;       ///< tensor-wide multiplier of the fp16 ranges / scales
+  uint8_t bits = 0;        ///< uniform bit-width (fixed, aqsgd); 0 = per-channel map (amaq)
+  uint8_t wire_dtype = 0;  ///< WireDtype of raw values on the wire (none; aqsgd full samples)
+  uint32_t group = 0;      ///< channels per range group (Granularity::kGroup)
+  uint32_t map_id = 0;     ///< amaq: which bit map the codes use
+  float scale = 1.0f;      ///< tensor-wide multiplier of the fp16 ranges / scales
 };
 #pragma pack(pop)
 static_assert(sizeof(PacketHeader) == 24, "the packet header is part of the wire format");
@@ -61,7 +61,9 @@ class PacketError : public Error {
 class ByteWriter {
  public:
   template <typename T>
-  void put(const T& v) { append(&v, sizeof(T)); }
+  void put(const T& v) {
+    append(&v, sizeof(T));
+  }
   void append(const void* p, size_t n) { out_.append(static_cast<const char*>(p), n); }
   std::string& str() { return out_; }
 
@@ -81,8 +83,8 @@ class ByteReader {
   }
   const uint8_t* take(uint64_t n, const char* what) {
     if (n > data_.size() - pos_) {
-      throw PacketError(std::string(what) + " needs " + std::to_string(n) + " bytes, " + std::to_string(data_.size() - pos_) +
-                        " left (truncated?)");
+      throw PacketError(std::string(what) + " needs " + std::to_string(n) + " bytes, " +
+                        std::to_string(data_.size() - pos_) + " left (truncated?)");
     }
     const auto* p = reinterpret_cast<const uint8_t*>(data_.data() + pos_);
     pos_ += n;

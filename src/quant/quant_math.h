@@ -18,7 +18,9 @@ enum class Rounding : uint8_t { kNearest = 0, kStochastic = 1 };
 
 /// Round half to even without libm: exact for |v| < 2^22 (adding 1.5 * 2^23 leaves no fraction bits),
 /// so it vectorises and every path rounds alike.
-AMAQ_HD float round_half_even(float v) { return (v + 12582912.0f) - 12582912.0f; }
+AMAQ_HD float round_half_even(float v) {
+  return (v + 12582912.0f) - 12582912.0f;
+}
 
 /// The uniform random number in [0, 1) used to stochastically round element `index` under `seed`:
 /// splitmix64 of (seed, index), stateless, so every thread and every implementation agrees.
@@ -31,11 +33,17 @@ AMAQ_HD float stochastic_uniform(uint64_t seed, uint64_t index) {
 }
 
 /// The one formula for an affine step of b bits over [lo, hi].
-AMAQ_HD float step_of(float lo, float hi, int b) { return (hi - lo) / static_cast<float>((1 << b) - 1); }
+AMAQ_HD float step_of(float lo, float hi, int b) {
+  return (hi - lo) / static_cast<float>((1 << b) - 1);
+}
 
 // max(v, a) and min(v, a) exactly as std::max / std::min evaluate them.
-AMAQ_HD float clamp_below(float v, float a) { return v < a ? a : v; }
-AMAQ_HD float clamp_above(float v, float a) { return a < v ? a : v; }
+AMAQ_HD float clamp_below(float v, float a) {
+  return v < a ? a : v;
+}
+AMAQ_HD float clamp_above(float v, float a) {
+  return a < v ? a : v;
+}
 
 /// The affine code of x. Clamping u to [0, qmax] before rounding equals clamping after: the bounds
 /// are integers and rounding is monotone. Stochastic: floor(u + r) of a non-negative value is its
@@ -44,12 +52,15 @@ AMAQ_HD uint8_t quantize_one(float x, float lo, float step, int b, Rounding roun
   if (!(step > 0)) return 0;
   const float qmax = static_cast<float>((1 << b) - 1);
   const float u = (x - lo) / step;
-  if (rounding == Rounding::kNearest) return static_cast<uint8_t>(round_half_even(clamp_above(clamp_below(u, 0.0f), qmax)));
+  if (rounding == Rounding::kNearest)
+    return static_cast<uint8_t>(round_half_even(clamp_above(clamp_below(u, 0.0f), qmax)));
   const float v = clamp_above(clamp_below(u + stochastic_uniform(seed, index), 0.0f), qmax);
   return static_cast<uint8_t>(static_cast<int>(v));
 }
 
-AMAQ_HD float dequantize_one(uint8_t code, float lo, float step) { return lo + static_cast<float>(code) * step; }
+AMAQ_HD float dequantize_one(uint8_t code, float lo, float step) {
+  return lo + static_cast<float>(code) * step;
+}
 
 /// Given v's nearest fp16 (`bits`, whose value is `back`), moves it one fp16 ulp toward -inf
 /// (up = false) or +inf (up = true) when needed so that it does not lie above (below) v.
@@ -62,7 +73,9 @@ AMAQ_HD uint16_t nudge_half(uint16_t bits, float back, float v, bool up) {
 }
 
 /// AQ-SGD's symmetric step for a channel whose decoded max-abs is `amax`, with `levels` = 2^(b-1) - 1.
-AMAQ_HD float sym_step(float amax, float scale, int levels) { return amax * scale / static_cast<float>(levels); }
+AMAQ_HD float sym_step(float amax, float scale, int levels) {
+  return amax * scale / static_cast<float>(levels);
+}
 
 /// AQ-SGD's signed level of a delta d, in [-levels, levels]; the code on the wire adds `levels`.
 AMAQ_HD float sym_level(float d, float step, int levels) {

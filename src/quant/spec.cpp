@@ -14,7 +14,8 @@ namespace amaq::quant {
 namespace {
 
 const char* kSpecHint =
-    "codecs are none:fp32|bf16|fp16, fixed:bits=B|map=FILE[,shuffle=SEED][,gran=token|channel|group][,group=G][,round=nearest|stochastic], "
+    "codecs are none:fp32|bf16|fp16, "
+    "fixed:bits=B|map=FILE[,shuffle=SEED][,gran=token|channel|group][,group=G][,round=nearest|stochastic], "
     "amaq:budget=B[,bmin=,bmax=,init=,alpha=,beta=,mode=guaranteed|penalty|stop,decay=N,gran=,group=], aqsgd:bits=B";
 
 [[noreturn]] void bad(const std::string& text, const std::string& why) {
@@ -34,7 +35,8 @@ double number(const std::string& text, const std::string& key, const std::string
 
 int integer_in(const std::string& text, const std::string& key, const std::string& v, int lo, int hi) {
   double d = number(text, key, v);
-  if (d != static_cast<int>(d) || d < lo || d > hi) bad(text, fmt::format("{}={} must be an integer in [{}, {}]", key, v, lo, hi));
+  if (d != static_cast<int>(d) || d < lo || d > hi)
+    bad(text, fmt::format("{}={} must be an integer in [{}, {}]", key, v, lo, hi));
   return static_cast<int>(d);
 }
 
@@ -45,7 +47,8 @@ std::vector<uint8_t> read_map(const std::string& text, const std::string& path) 
   if (!j.is_array() || j.empty()) bad(text, "map file " + path + " is not a JSON array of bit-widths");
   std::vector<uint8_t> map;
   for (const auto& v : j) {
-    if (!v.is_number_integer() || v.get<int>() < 1 || v.get<int>() > 8) bad(text, "map file " + path + " has " + v.dump() + ", not a width in 1..8");
+    if (!v.is_number_integer() || v.get<int>() < 1 || v.get<int>() > 8)
+      bad(text, "map file " + path + " has " + v.dump() + ", not a width in 1..8");
     map.push_back(static_cast<uint8_t>(v.get<int>()));
   }
   return map;
@@ -63,10 +66,14 @@ void shuffle_map(std::vector<uint8_t>& map, uint64_t seed) {
 
 const char* codec_name(CodecId id) {
   switch (id) {
-    case CodecId::kNone: return "none";
-    case CodecId::kFixed: return "fixed";
-    case CodecId::kAmaq: return "amaq";
-    case CodecId::kAqsgd: return "aqsgd";
+    case CodecId::kNone:
+      return "none";
+    case CodecId::kFixed:
+      return "fixed";
+    case CodecId::kAmaq:
+      return "amaq";
+    case CodecId::kAqsgd:
+      return "aqsgd";
   }
   return "?";
 }
@@ -113,17 +120,24 @@ CodecSpec CodecSpec::parse(const std::string& text) {
     } else if (k == "shuffle" && s.codec == CodecId::kFixed) {
       s.shuffle = integer_in(text, k, v, 0, 1 << 30);
     } else if (k == "gran" && affine) {
-      if (v == "token") s.granularity = Granularity::kToken;
-      else if (v == "channel") s.granularity = Granularity::kChannel;
-      else if (v == "group") s.granularity = Granularity::kGroup;
-      else bad(text, "gran must be token, channel or group, got '" + v + "'");
+      if (v == "token")
+        s.granularity = Granularity::kToken;
+      else if (v == "channel")
+        s.granularity = Granularity::kChannel;
+      else if (v == "group")
+        s.granularity = Granularity::kGroup;
+      else
+        bad(text, "gran must be token, channel or group, got '" + v + "'");
     } else if (k == "group" && affine) {
       s.group = integer_in(text, k, v, 1, 1 << 20);
       s.granularity = Granularity::kGroup;
     } else if (k == "round" && !amaq && affine) {
-      if (v == "nearest") s.rounding = Rounding::kNearest;
-      else if (v == "stochastic") s.rounding = Rounding::kStochastic;
-      else bad(text, "round must be nearest or stochastic, got '" + v + "'");
+      if (v == "nearest")
+        s.rounding = Rounding::kNearest;
+      else if (v == "stochastic")
+        s.rounding = Rounding::kStochastic;
+      else
+        bad(text, "round must be nearest or stochastic, got '" + v + "'");
     } else if (k == "budget" && amaq) {
       s.budget = number(text, k, v);
     } else if (k == "bmin" && amaq) {
@@ -139,10 +153,14 @@ CodecSpec CodecSpec::parse(const std::string& text) {
     } else if (k == "decay" && amaq) {
       s.decay_steps = integer_in(text, k, v, 0, 1 << 30);
     } else if (k == "mode" && amaq) {
-      if (v == "penalty") s.mode = BudgetMode::kPenalty;
-      else if (v == "stop") s.mode = BudgetMode::kStop;
-      else if (v == "guaranteed") s.mode = BudgetMode::kGuaranteed;
-      else bad(text, "mode must be guaranteed, penalty or stop, got '" + v + "'");
+      if (v == "penalty")
+        s.mode = BudgetMode::kPenalty;
+      else if (v == "stop")
+        s.mode = BudgetMode::kStop;
+      else if (v == "guaranteed")
+        s.mode = BudgetMode::kGuaranteed;
+      else
+        bad(text, "mode must be guaranteed, penalty or stop, got '" + v + "'");
     } else {
       bad(text, "'" + k + "' is not an option of " + name);
     }
@@ -154,7 +172,8 @@ CodecSpec CodecSpec::parse(const std::string& text) {
   }
   if (s.codec == CodecId::kAmaq) {
     if (s.bits_min > s.bits_max) bad(text, "bmin must not exceed bmax");
-    if (s.budget < s.bits_min || s.budget > s.bits_max) bad(text, fmt::format("budget {} outside [bmin, bmax] = [{}, {}]", s.budget, s.bits_min, s.bits_max));
+    if (s.budget < s.bits_min || s.budget > s.bits_max)
+      bad(text, fmt::format("budget {} outside [bmin, bmax] = [{}, {}]", s.budget, s.bits_min, s.bits_max));
     if (s.bits_init < s.budget || s.bits_init > s.bits_max) bad(text, "init must lie in [budget, bmax]");
     if (!(s.alpha > 0)) bad(text, "alpha must be positive");
   }
@@ -162,30 +181,41 @@ CodecSpec CodecSpec::parse(const std::string& text) {
 }
 
 std::string CodecSpec::to_string() const {
-  const char* gran = granularity == Granularity::kToken ? "token" : granularity == Granularity::kChannel ? "channel" : "group";
-  std::string g = granularity == Granularity::kGroup ? fmt::format("gran=group,group={}", group) : fmt::format("gran={}", gran);
+  const char* gran = granularity == Granularity::kToken     ? "token"
+                     : granularity == Granularity::kChannel ? "channel"
+                                                            : "group";
+  std::string g =
+      granularity == Granularity::kGroup ? fmt::format("gran=group,group={}", group) : fmt::format("gran={}", gran);
   switch (codec) {
-    case CodecId::kNone: return std::string("none:") + (dtype == WireDtype::kF32 ? "fp32" : dtype == WireDtype::kBF16 ? "bf16" : "fp16");
+    case CodecId::kNone:
+      return std::string("none:") + (dtype == WireDtype::kF32 ? "fp32" : dtype == WireDtype::kBF16 ? "bf16" : "fp16");
     case CodecId::kFixed: {
       // A map is named by its content (the widths after any shuffle), not by its path: two sides
       // with the same widths in files of different names agree, edited files with the same name do not.
       const std::string widths =
-          map.empty() ? fmt::format("bits={}", bits)
-                      : "map=sha256:" + sha256_hex(std::string_view(reinterpret_cast<const char*>(map.data()), map.size())).substr(0, 16);
+          map.empty()
+              ? fmt::format("bits={}", bits)
+              : "map=sha256:" +
+                    sha256_hex(std::string_view(reinterpret_cast<const char*>(map.data()), map.size())).substr(0, 16);
       return fmt::format("fixed:{},{},round={}", widths, g, rounding == Rounding::kNearest ? "nearest" : "stochastic");
     }
     case CodecId::kAmaq:
-      return fmt::format("amaq:budget={},bmin={},bmax={},init={},alpha={},beta={},mode={},decay={},{}", budget, bits_min, bits_max,
-                         bits_init, alpha, beta, mode == BudgetMode::kPenalty ? "penalty" : mode == BudgetMode::kStop ? "stop" : "guaranteed",
+      return fmt::format("amaq:budget={},bmin={},bmax={},init={},alpha={},beta={},mode={},decay={},{}", budget,
+                         bits_min, bits_max, bits_init, alpha, beta,
+                         mode == BudgetMode::kPenalty ? "penalty"
+                         : mode == BudgetMode::kStop  ? "stop"
+                                                      : "guaranteed",
                          decay_steps, g);
-    case CodecId::kAqsgd: return fmt::format("aqsgd:bits={}", bits);
+    case CodecId::kAqsgd:
+      return fmt::format("aqsgd:bits={}", bits);
   }
   return "?";
 }
 
 double CodecSpec::nominal_bits() const {
   switch (codec) {
-    case CodecId::kNone: return dtype == WireDtype::kF32 ? 32 : 16;
+    case CodecId::kNone:
+      return dtype == WireDtype::kF32 ? 32 : 16;
     case CodecId::kFixed:
       if (!map.empty()) {
         double sum = 0;
@@ -193,8 +223,10 @@ double CodecSpec::nominal_bits() const {
         return sum / static_cast<double>(map.size());
       }
       return bits;
-    case CodecId::kAqsgd: return bits;
-    case CodecId::kAmaq: return budget;
+    case CodecId::kAqsgd:
+      return bits;
+    case CodecId::kAmaq:
+      return budget;
   }
   return 0;
 }

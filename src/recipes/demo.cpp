@@ -1,8 +1,8 @@
 #include "recipes/demo.h"
 
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
 
+#include <nlohmann/json.hpp>
 #include <random>
 #include <set>
 
@@ -14,8 +14,6 @@
 #include "tokenizer/tokenizer.h"
 
 namespace amaq::recipes {
-
-
 
 void write_preset_model(const std::string& dir, const PresetOptions& p, uint64_t seed) {
   nlohmann::json cfg{{"architectures", {"LlamaForCausalLM"}},
@@ -41,8 +39,10 @@ void write_preset_model(const std::string& dir, const PresetOptions& p, uint64_t
   at::manual_seed(seed);
   NamedTensors tensors;
   for (auto& [name, w] : model->base_weights()) {
-    if (name.find("norm") != std::string::npos) w.fill_(1.0);
-    else w.normal_(0.0, 0.02);
+    if (name.find("norm") != std::string::npos)
+      w.fill_(1.0);
+    else
+      w.normal_(0.0, 0.02);
     tensors.emplace_back(name, w);
   }
   make_dirs(dir);
@@ -78,7 +78,8 @@ void write_addition_task(const std::string& dir, int digits, int64_t n_train, in
   if (digits < 1 || digits > 9) throw Error("addition with " + std::to_string(digits) + " digits", "use 1..9 digits");
   int64_t limit = 1;
   for (int i = 0; i < digits; ++i) limit *= 10;
-  if (n_train + n_val > limit * limit / 2) throw Error("not enough distinct problems for the requested sizes", "use more digits");
+  if (n_train + n_val > limit * limit / 2)
+    throw Error("not enough distinct problems for the requested sizes", "use more digits");
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<int64_t> operand(0, limit - 1);
   auto pad = [](int64_t v, int width) {
@@ -127,7 +128,8 @@ void write_word_problem_task(const std::string& dir, int64_t n_train, int64_t n_
       answer = a * b;
     } else {
       const int64_t a = pick(2, 60), b = pick(2, 60), c = pick(1, a + b - 1);
-      q = fmt::format("{} has {} {}, buys {} more and then gives away {}. How many {} does {} have?", name, a, thing, b, c, thing, name);
+      q = fmt::format("{} has {} {}, buys {} more and then gives away {}. How many {} does {} have?", name, a, thing, b,
+                      c, thing, name);
       answer = a + b - c;
     }
     return std::pair{"Q: " + q + "\nA: ", std::to_string(answer)};

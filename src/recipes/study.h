@@ -5,10 +5,9 @@
 // tables and SVG plots) from the runs' metrics. Finished runs are kept: rerunning a study only runs
 // what is missing. docs/results.md is such a report.
 #pragma once
-#include <nlohmann/json.hpp>
-
 #include <cstdint>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -27,7 +26,8 @@ struct StudyTask {
   std::string name, data, val_data;
   std::string metric;  ///< the eval field that is the task's quality: accuracy | exact_match | perplexity
   int64_t seq_len = 128;
-  int64_t train_limit = 0;   ///< > 0: train on N records of `data`, evenly spaced through it (several epochs in a short run)
+  int64_t train_limit =
+      0;  ///< > 0: train on N records of `data`, evenly spaced through it (several epochs in a short run)
   nlohmann::json make_task;  ///< when set: {kind, train, val, seed} for `amaq make-task` instead of data files
 };
 
@@ -48,13 +48,13 @@ struct StudyPlan {
 };
 
 struct StudyOptions {
-  std::string out;          ///< the study's directory: base/, tasks/, runs/, logs/, report
-  std::string exe;          ///< the amaq executable each run is started as
-  int jobs = 1;             ///< runs at once (each with cores / jobs torch threads)
-  bool report_only = false; ///< write the report from the runs there are, start nothing
-  std::string plan_path;    ///< for the report's reproduce line
-  std::string report_dir;   ///< also write results.md + plots here (e.g. docs); empty: only OUT/report
-  std::string commit;       ///< the source commit measured, for the report
+  std::string out;           ///< the study's directory: base/, tasks/, runs/, logs/, report
+  std::string exe;           ///< the amaq executable each run is started as
+  int jobs = 1;              ///< runs at once (each with cores / jobs torch threads)
+  bool report_only = false;  ///< write the report from the runs there are, start nothing
+  std::string plan_path;     ///< for the report's reproduce line
+  std::string report_dir;    ///< also write results.md + plots here (e.g. docs); empty: only OUT/report
+  std::string commit;        ///< the source commit measured, for the report
 };
 
 /// Runs what is missing, then writes OUT/report/results.md and its plots (and to report_dir).

@@ -12,11 +12,16 @@ namespace {
 std::string escape(const std::string& s) {
   std::string out;
   for (char c : s) {
-    if (c == '<') out += "&lt;";
-    else if (c == '>') out += "&gt;";
-    else if (c == '&') out += "&amp;";
-    else if (c == '"') out += "&quot;";
-    else out += c;
+    if (c == '<')
+      out += "&lt;";
+    else if (c == '>')
+      out += "&gt;";
+    else if (c == '&')
+      out += "&amp;";
+    else if (c == '"')
+      out += "&quot;";
+    else
+      out += c;
   }
   return out;
 }
@@ -71,20 +76,28 @@ std::string plot(const PlotOptions& opt, const std::vector<Series>& series) {
       "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" viewBox=\"0 0 {} {}\" "
       "font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
       opt.width, opt.height, opt.width, opt.height);
-  o += fmt::format("<text x=\"{}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">{}</text>\n", left, escape(opt.title));
-  const double xstep = ax.ticks.size() > 1 ? ax.ticks[1] - ax.ticks[0] : 1, ystep = ay.ticks.size() > 1 ? ay.ticks[1] - ay.ticks[0] : 1;
+  o +=
+      fmt::format("<text x=\"{}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">{}</text>\n", left, escape(opt.title));
+  const double xstep = ax.ticks.size() > 1 ? ax.ticks[1] - ax.ticks[0] : 1,
+               ystep = ay.ticks.size() > 1 ? ay.ticks[1] - ay.ticks[0] : 1;
   for (double t : ax.ticks) {
-    o += fmt::format("<line x1=\"{0:.1f}\" y1=\"{1}\" x2=\"{0:.1f}\" y2=\"{2}\" stroke=\"#e5e5e5\"/>\n", px(t), top, bottom);
-    o += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", px(t), bottom + 16, tick_text(t, xstep));
+    o += fmt::format("<line x1=\"{0:.1f}\" y1=\"{1}\" x2=\"{0:.1f}\" y2=\"{2}\" stroke=\"#e5e5e5\"/>\n", px(t), top,
+                     bottom);
+    o += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", px(t), bottom + 16,
+                     tick_text(t, xstep));
   }
   for (double t : ay.ticks) {
-    o += fmt::format("<line x1=\"{1}\" y1=\"{0:.1f}\" x2=\"{2}\" y2=\"{0:.1f}\" stroke=\"#e5e5e5\"/>\n", py(t), left, right);
-    o += fmt::format("<text x=\"{}\" y=\"{:.1f}\" text-anchor=\"end\">{}</text>\n", left - 6, py(t) + 4, tick_text(t, ystep));
+    o += fmt::format("<line x1=\"{1}\" y1=\"{0:.1f}\" x2=\"{2}\" y2=\"{0:.1f}\" stroke=\"#e5e5e5\"/>\n", py(t), left,
+                     right);
+    o += fmt::format("<text x=\"{}\" y=\"{:.1f}\" text-anchor=\"end\">{}</text>\n", left - 6, py(t) + 4,
+                     tick_text(t, ystep));
   }
-  o += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#333\"/>\n", left, top, right - left, bottom - top);
-  o += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", (left + right) / 2, opt.height - 10, escape(opt.x_label));
-  o += fmt::format("<text transform=\"translate(16 {:.1f}) rotate(-90)\" text-anchor=\"middle\">{}</text>\n", (top + bottom) / 2,
-                   escape(opt.y_label));
+  o += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#333\"/>\n", left, top,
+                   right - left, bottom - top);
+  o += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", (left + right) / 2,
+                   opt.height - 10, escape(opt.x_label));
+  o += fmt::format("<text transform=\"translate(16 {:.1f}) rotate(-90)\" text-anchor=\"middle\">{}</text>\n",
+                   (top + bottom) / 2, escape(opt.y_label));
   for (size_t i = 0; i < series.size(); ++i) {
     const Series& s = series[i];
     std::string pts;
@@ -98,12 +111,13 @@ std::string plot(const PlotOptions& opt, const std::vector<Series>& series) {
     }
     if (s.markers) {
       for (auto [x, y] : s.points) {
-        if (std::isfinite(x) && std::isfinite(y)) o += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3\" fill=\"{}\"/>\n", px(x), py(y), s.color);
+        if (std::isfinite(x) && std::isfinite(y))
+          o += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3\" fill=\"{}\"/>\n", px(x), py(y), s.color);
       }
     }
     const double ly = top + 8 + 16.0 * static_cast<double>(i);
-    o += fmt::format("<line x1=\"{}\" y1=\"{:.1f}\" x2=\"{}\" y2=\"{:.1f}\" stroke=\"{}\" stroke-width=\"2\"{}/>\n", right + 12, ly, right + 32,
-                     ly, s.color, s.dashed ? " stroke-dasharray=\"5,3\"" : "");
+    o += fmt::format("<line x1=\"{}\" y1=\"{:.1f}\" x2=\"{}\" y2=\"{:.1f}\" stroke=\"{}\" stroke-width=\"2\"{}/>\n",
+                     right + 12, ly, right + 32, ly, s.color, s.dashed ? " stroke-dasharray=\"5,3\"" : "");
     o += fmt::format("<text x=\"{}\" y=\"{:.1f}\">{}</text>\n", right + 38, ly + 4, escape(s.label));
   }
   return o + "</svg>\n";

@@ -18,8 +18,8 @@ Axis nice_axis(double min, double max, int target = 5);
 struct Series {
   std::string label, color;
   std::vector<std::pair<double, double>> points;  ///< (x, y); non-finite points are skipped
-  bool line = true;      ///< joined by a polyline
-  bool markers = false;  ///< a circle at each point
+  bool line = true;                               ///< joined by a polyline
+  bool markers = false;                           ///< a circle at each point
   bool dashed = false;
 };
 

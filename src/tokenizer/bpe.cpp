@@ -6,12 +6,11 @@
 #include <unicode/unorm2.h>
 #include <unicode/ustring.h>
 
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
 #include <climits>
 #include <map>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <unordered_map>
 
 #endif
@@ -32,7 +31,9 @@ size_t utf8_len(const unsigned char* p, size_t left) {
   }
   uint32_t cp = n == 1 ? c : n == 2 ? c & 0x1F : n == 3 ? c & 0x0F : c & 0x07;
   for (size_t i = 1; i < n; ++i) cp = (cp << 6) | (p[i] & 0x3F);
-  if ((n == 2 && cp < 0x80) || (n == 3 && cp < 0x800) || (n == 4 && (cp < 0x10000 || cp > 0x10FFFF)) || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+  if ((n == 2 && cp < 0x80) || (n == 3 && cp < 0x800) || (n == 4 && (cp < 0x10000 || cp > 0x10FFFF)) ||
+      (cp >= 0xD800 && cp <= 0xDFFF))
+    return 0;
   return n;
 }
 
@@ -48,7 +49,8 @@ struct ByteLevelMap {
       const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
       const int cp = printable ? b : 256 + n++;
       std::string s;
-      if (cp < 0x80) s.push_back(static_cast<char>(cp));
+      if (cp < 0x80)
+        s.push_back(static_cast<char>(cp));
       else {
         s.push_back(static_cast<char>(0xC0 | (cp >> 6)));
         s.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
@@ -73,7 +75,8 @@ std::string nfc(const std::string& s) {
   std::u16string in(static_cast<size_t>(len16), u'\0'), out(static_cast<size_t>(len16) * 3 + 16, u'\0');
   u_strFromUTF8(in.data(), len16, nullptr, s.data(), static_cast<int32_t>(s.size()), &err);
   const int32_t m = unorm2_normalize(n, in.data(), len16, out.data(), static_cast<int32_t>(out.size()), &err);
-  if (U_FAILURE(err)) throw Error(std::string("NFC normalization failed: ") + u_errorName(err), "the text is not valid Unicode");
+  if (U_FAILURE(err))
+    throw Error(std::string("NFC normalization failed: ") + u_errorName(err), "the text is not valid Unicode");
   std::string r(static_cast<size_t>(m) * 3 + 4, '\0');
   int32_t rlen = 0;
   u_strToUTF8(r.data(), static_cast<int32_t>(r.size()), &rlen, out.data(), m, &err);
@@ -86,7 +89,8 @@ class Regex {
   Regex(const std::string& pattern, const std::string& where) {
     int code = 0;
     PCRE2_SIZE offset = 0;
-    re_ = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.c_str()), pattern.size(), PCRE2_UTF | PCRE2_UCP, &code, &offset, nullptr);
+    re_ = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.c_str()), pattern.size(), PCRE2_UTF | PCRE2_UCP, &code,
+                        &offset, nullptr);
     if (!re_) {
       PCRE2_UCHAR msg[256];
       pcre2_get_error_message(code, msg, sizeof msg);
@@ -105,7 +109,8 @@ class Regex {
     pcre2_match_data* md = pcre2_match_data_create_from_pattern(re_, nullptr);
     size_t pos = 0, last = 0;
     while (pos <= text.size()) {
-      const int rc = pcre2_match(re_, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), pos, PCRE2_NO_UTF_CHECK, md, nullptr);
+      const int rc = pcre2_match(re_, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), pos, PCRE2_NO_UTF_CHECK,
+                                 md, nullptr);
       if (rc < 0) break;
       const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
       if (ov[0] > last) out->push_back(text.substr(last, ov[0] - last));
@@ -113,7 +118,8 @@ class Regex {
       last = ov[1];
       if (ov[1] == ov[0]) {  // empty match: step one character
         if (ov[1] >= text.size()) break;
-        pos = ov[1] + std::max<size_t>(1, utf8_len(reinterpret_cast<const unsigned char*>(text.data()) + ov[1], text.size() - ov[1]));
+        pos = ov[1] + std::max<size_t>(1, utf8_len(reinterpret_cast<const unsigned char*>(text.data()) + ov[1],
+                                                   text.size() - ov[1]));
       } else {
         pos = ov[1];
       }
@@ -135,19 +141,25 @@ class BpeTokenizer : public Tokenizer {
     nlohmann::json j = nlohmann::json::parse(read_file(path), nullptr, false);
     if (j.is_discarded() || !j.is_object()) throw Error(path + " is not JSON", "pass a HuggingFace tokenizer.json");
     auto field = [&](const nlohmann::json& parent, const char* key, const std::string& name) -> const nlohmann::json& {
-      if (!parent.contains(key)) throw Error(path + ": missing field '" + name + "'", "pass a HuggingFace tokenizer.json");
+      if (!parent.contains(key))
+        throw Error(path + ": missing field '" + name + "'", "pass a HuggingFace tokenizer.json");
       return parent[key];
     };
     const auto& model = field(j, "model", "model");
     const std::string type = model.value("type", "");
-    if (type != "BPE") throw Error(path + ": model.type '" + type + "' is not supported", "amaq reads byte-level BPE tokenizer.json files");
-    if (model.value("byte_fallback", false)) throw Error(path + ": model.byte_fallback is set", "SentencePiece-style BPE: use tokenizer.model");
-    if (!model.value("continuing_subword_prefix", nlohmann::json()).is_null() && model["continuing_subword_prefix"] != "") {
+    if (type != "BPE")
+      throw Error(path + ": model.type '" + type + "' is not supported",
+                  "amaq reads byte-level BPE tokenizer.json files");
+    if (model.value("byte_fallback", false))
+      throw Error(path + ": model.byte_fallback is set", "SentencePiece-style BPE: use tokenizer.model");
+    if (!model.value("continuing_subword_prefix", nlohmann::json()).is_null() &&
+        model["continuing_subword_prefix"] != "") {
       throw Error(path + ": model.continuing_subword_prefix is set", "only byte-level BPE is supported");
     }
     ignore_merges_ = model.value("ignore_merges", false);
     for (const auto& [tok, id] : field(model, "vocab", "model.vocab").items()) {
-      if (!id.is_number_integer()) throw Error(path + ": model.vocab['" + tok + "'] is not an integer", "the file is damaged");
+      if (!id.is_number_integer())
+        throw Error(path + ": model.vocab['" + tok + "'] is not an integer", "the file is damaged");
       vocab_[tok] = id.get<int64_t>();
     }
     int64_t rank = 0;
@@ -161,7 +173,8 @@ class BpeTokenizer : public Tokenizer {
       } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
         a = m[0], b = m[1];
       } else {
-        throw Error(path + ": model.merges[" + std::to_string(rank) + "] is neither \"a b\" nor [a, b]", "the file is damaged");
+        throw Error(path + ": model.merges[" + std::to_string(rank) + "] is neither \"a b\" nor [a, b]",
+                    "the file is damaged");
       }
       const auto ia = vocab_.find(a), ib = vocab_.find(b), im = vocab_.find(a + b);
       if (ia == vocab_.end() || ib == vocab_.end() || im == vocab_.end()) {
@@ -172,32 +185,40 @@ class BpeTokenizer : public Tokenizer {
     // Normalizer: none or NFC.
     const auto& norm = j.value("normalizer", nlohmann::json());
     if (!norm.is_null()) {
-      if (norm.value("type", "") != "NFC") throw Error(path + ": normalizer type '" + norm.value("type", "?") + "' is not supported", "supported: none, NFC");
+      if (norm.value("type", "") != "NFC")
+        throw Error(path + ": normalizer type '" + norm.value("type", "?") + "' is not supported",
+                    "supported: none, NFC");
       nfc_ = true;
     }
     // Pre-tokenizer: Split (Isolated) and/or ByteLevel, alone or in a Sequence.
     const auto& pre = j.value("pre_tokenizer", nlohmann::json());
     std::vector<nlohmann::json> steps;
-    if (pre.is_object() && pre.value("type", "") == "Sequence") steps = pre.at("pretokenizers").get<std::vector<nlohmann::json>>();
-    else if (pre.is_object()) steps.push_back(pre);
+    if (pre.is_object() && pre.value("type", "") == "Sequence")
+      steps = pre.at("pretokenizers").get<std::vector<nlohmann::json>>();
+    else if (pre.is_object())
+      steps.push_back(pre);
     bool byte_level = false;
     for (const auto& st : steps) {
       const std::string t = st.value("type", "");
       if (t == "Split") {
         if (st.value("behavior", "") != "Isolated" || st.value("invert", false)) {
-          throw Error(path + ": pre_tokenizer Split with behavior '" + st.value("behavior", "?") + "' is not supported", "supported: Isolated");
+          throw Error(path + ": pre_tokenizer Split with behavior '" + st.value("behavior", "?") + "' is not supported",
+                      "supported: Isolated");
         }
-        if (!st.contains("pattern") || !st["pattern"].contains("Regex")) throw Error(path + ": pre_tokenizer Split without pattern.Regex", "");
+        if (!st.contains("pattern") || !st["pattern"].contains("Regex"))
+          throw Error(path + ": pre_tokenizer Split without pattern.Regex", "");
         regexes_.push_back(std::make_unique<Regex>(st["pattern"]["Regex"].get<std::string>(), path));
       } else if (t == "ByteLevel") {
         byte_level = true;
         add_prefix_space_ = st.value("add_prefix_space", false);
         if (st.value("use_regex", true)) regexes_.push_back(std::make_unique<Regex>(kGpt2Pattern, path));
       } else {
-        throw Error(path + ": pre_tokenizer type '" + t + "' is not supported", "supported: Split, ByteLevel, Sequence of them");
+        throw Error(path + ": pre_tokenizer type '" + t + "' is not supported",
+                    "supported: Split, ByteLevel, Sequence of them");
       }
     }
-    if (!byte_level) throw Error(path + ": no ByteLevel pre-tokenizer", "amaq reads byte-level BPE tokenizer.json files");
+    if (!byte_level)
+      throw Error(path + ": no ByteLevel pre-tokenizer", "amaq reads byte-level BPE tokenizer.json files");
     const auto& dec = j.value("decoder", nlohmann::json());
     if (!dec.is_null() && dec.value("type", "") != "ByteLevel") {
       throw Error(path + ": decoder type '" + dec.value("type", "?") + "' is not supported", "supported: ByteLevel");
@@ -207,10 +228,12 @@ class BpeTokenizer : public Tokenizer {
       if (a.content.empty()) continue;
       added_.push_back(a);
       vocab_size_ = std::max(vocab_size_, a.id + 1);
-      if (a.content == "<|end_of_text|>" || a.content == "<|endoftext|>" || a.content == "<|im_end|>") eos_ = eos_ < 0 ? a.id : eos_;
+      if (a.content == "<|end_of_text|>" || a.content == "<|endoftext|>" || a.content == "<|im_end|>")
+        eos_ = eos_ < 0 ? a.id : eos_;
       if (a.content == "<|begin_of_text|>") bos_ = a.id;
     }
-    std::sort(added_.begin(), added_.end(), [](const Added& x, const Added& y) { return x.content.size() > y.content.size(); });
+    std::sort(added_.begin(), added_.end(),
+              [](const Added& x, const Added& y) { return x.content.size() > y.content.size(); });
     for (const auto& [tok, id] : vocab_) {
       vocab_size_ = std::max(vocab_size_, id + 1);
       id_to_token_[id] = tok;
@@ -258,7 +281,8 @@ class BpeTokenizer : public Tokenizer {
       }
       const std::string& tok = it->second;
       for (size_t i = 0; i < tok.size();) {
-        const size_t n = std::max<size_t>(1, utf8_len(reinterpret_cast<const unsigned char*>(tok.data()) + i, tok.size() - i));
+        const size_t n =
+            std::max<size_t>(1, utf8_len(reinterpret_cast<const unsigned char*>(tok.data()) + i, tok.size() - i));
         auto b = bm.to_byte.find(tok.substr(i, n));
         if (b != bm.to_byte.end()) out.push_back(static_cast<char>(b->second));
         i += n;
@@ -330,15 +354,18 @@ class BpeTokenizer : public Tokenizer {
       size_t best_at = 0;
       for (size_t i = 0; i + 1 < sym.size(); ++i) {
         auto m = merges_.find(pair_key(sym[i], sym[i + 1]));
-        if (m != merges_.end() && m->second.first < best_rank) best_rank = m->second.first, best_id = m->second.second, best_at = i;
+        if (m != merges_.end() && m->second.first < best_rank)
+          best_rank = m->second.first, best_id = m->second.second, best_at = i;
       }
       if (best_id < 0) break;
       // Merge every occurrence of the best pair, left to right.
       const int64_t a = sym[best_at], b = sym[best_at + 1];
       std::vector<int64_t> next;
       for (size_t i = 0; i < sym.size();) {
-        if (i + 1 < sym.size() && sym[i] == a && sym[i + 1] == b) next.push_back(best_id), i += 2;
-        else next.push_back(sym[i++]);
+        if (i + 1 < sym.size() && sym[i] == a && sym[i + 1] == b)
+          next.push_back(best_id), i += 2;
+        else
+          next.push_back(sym[i++]);
       }
       sym.swap(next);
     }

@@ -46,7 +46,8 @@ const SpmApi& spm_api() {
     api.info = reinterpret_cast<decltype(api.info)>(sym("amaq_spm_info"));
     api.train = reinterpret_cast<decltype(api.train)>(sym("amaq_spm_train"));
   });
-  if (!api.load) throw Error("SentencePiece support is not available: " + error, "build amaq with libsentencepiece-dev installed");
+  if (!api.load)
+    throw Error("SentencePiece support is not available: " + error, "build amaq with libsentencepiece-dev installed");
   return api;
 }
 

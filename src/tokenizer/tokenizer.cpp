@@ -30,7 +30,8 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& spec) {
   if (ends_with(".json") && file_exists(spec)) return load_bpe_tokenizer(spec);
   if (ends_with(".model") && file_exists(spec)) return load_sentencepiece_tokenizer(spec);
   if (file_exists(join_path(spec, "tokenizer.json"))) return load_bpe_tokenizer(join_path(spec, "tokenizer.json"));
-  if (file_exists(join_path(spec, "tokenizer.model"))) return load_sentencepiece_tokenizer(join_path(spec, "tokenizer.model"));
+  if (file_exists(join_path(spec, "tokenizer.model")))
+    return load_sentencepiece_tokenizer(join_path(spec, "tokenizer.model"));
   throw Error("no tokenizer found at '" + spec + "' (looked for tokenizer.json and tokenizer.model)",
               "pass --tokenizer byte, a tokenizer file, or a model directory that has one");
 }

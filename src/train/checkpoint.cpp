@@ -12,7 +12,9 @@
 
 namespace amaq::train {
 
-std::string checkpoint_path(const std::string& root, int64_t step) { return join_path(root, fmt::format("step-{:08d}", step)); }
+std::string checkpoint_path(const std::string& root, int64_t step) {
+  return join_path(root, fmt::format("step-{:08d}", step));
+}
 
 void write_checkpoint(const std::string& root, int64_t step, const CheckpointFiles& files) {
   make_dirs(root);
@@ -42,7 +44,8 @@ void prune_checkpoints(const std::string& root, int keep) {
   for (size_t i = 0; i + static_cast<size_t>(keep) < steps.size(); ++i) remove_tree(checkpoint_path(root, steps[i]));
 }
 
-void save_side_checkpoint(const std::string& root, int64_t step, Side& side, quant::Link& link, nlohmann::json fields, int keep) {
+void save_side_checkpoint(const std::string& root, int64_t step, Side& side, quant::Link& link, nlohmann::json fields,
+                          int keep) {
   quant::LinkState ls = link.state();
   NamedTensors tensors = side.state();
   tensors.insert(tensors.end(), ls.tensors.begin(), ls.tensors.end());
@@ -70,7 +73,8 @@ nlohmann::json load_side_checkpoint(const std::string& dir, Side& side, quant::L
   nlohmann::json fields = nlohmann::json::parse(read_file(join_path(dir, "state.json")));
   link.load_state(tensors, files, fields, dir);
   auto rng = tensors.find("rng");
-  if (rng == tensors.end()) throw Error(dir + " holds no generator state", "the checkpoint is incomplete: resume from an earlier one");
+  if (rng == tensors.end())
+    throw Error(dir + " holds no generator state", "the checkpoint is incomplete: resume from an earlier one");
   {
     std::lock_guard<std::mutex> lock(rng_mutex());
     set_cpu_rng_state(rng->second);

@@ -7,9 +7,9 @@
 // optimizer, AQ-SGD memories, the backward budget), the CPU generator, and state.json.
 #pragma once
 #include <ATen/ATen.h>
-#include <nlohmann/json.hpp>
 
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -31,7 +31,8 @@ void prune_checkpoints(const std::string& root, int keep);
 
 /// Writes one side's checkpoint of `step` under `root` (`fields` and the link's go into
 /// state.json), then keeps only the newest `keep`.
-void save_side_checkpoint(const std::string& root, int64_t step, Side& side, quant::Link& link, nlohmann::json fields, int keep);
+void save_side_checkpoint(const std::string& root, int64_t step, Side& side, quant::Link& link, nlohmann::json fields,
+                          int keep);
 /// Restores a side, its link and the CPU generator from checkpoint directory `dir`; returns state.json.
 nlohmann::json load_side_checkpoint(const std::string& dir, Side& side, quant::Link& link);
 

@@ -27,11 +27,14 @@ namespace amaq::train {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
 
 // A failure of the link (worth reconnecting) rather than a refusal or a protocol violation.
 bool is_link_failure(const wire::Status& s) {
-  return s.code == wire::ErrorCode::kClosed || s.code == wire::ErrorCode::kTimeout || s.code == wire::ErrorCode::kTruncated;
+  return s.code == wire::ErrorCode::kClosed || s.code == wire::ErrorCode::kTimeout ||
+         s.code == wire::ErrorCode::kTruncated;
 }
 // Failing to set a session up for one of these reasons is worth another try.
 bool is_connect_failure(const wire::Status& s) {
@@ -44,7 +47,6 @@ bool is_connect_failure(const wire::Status& s) {
   if (s.code == wire::ErrorCode::kResume) hint = "start a new run directory, or resume from a step the server has";
   throw Error(std::string("server refused the run: ") + s.message + " (" + wire::error_name(s.code) + ")", hint);
 }
-
 
 // A batch's labels and mask as the raw bytes FORWARD / EVAL carry, kept alive while the message
 // that views them is encoded.
@@ -94,7 +96,8 @@ class ClientTrainer::Run {
   void open_run_dir();
   wire::Status train_step(wire::Channel& ch, StepRecord* rec);
   wire::Status micro_batch(wire::Channel& ch, int64_t m, StepRecord* rec, double* server_sq_norm);
-  void log_step(StepRecord* rec, const wire::Channel& ch, const wire::Accounting& before, Clock::time_point t_step, Progress* progress);
+  void log_step(StepRecord* rec, const wire::Channel& ch, const wire::Accounting& before, Clock::time_point t_step,
+                Progress* progress);
   wire::Status evaluate(wire::Channel& ch);
   wire::Status score_remote(wire::Channel& ch, const Dataset& d, int64_t limit, std::vector<RowScore>* out);
   wire::Status checkpoint(wire::Channel& ch, bool final);
@@ -133,7 +136,8 @@ RunResult ClientTrainer::run(const Connector& connect) {
     wire::Status s = run.connect(connect, &ch);
     if (!s.ok()) {
       if (!is_connect_failure(s)) refused(s);
-      if (attempts_left-- <= 0) throw Error("cannot reach the server: " + s.message, "check --connect, TLS files and that the server runs");
+      if (attempts_left-- <= 0)
+        throw Error("cannot reach the server: " + s.message, "check --connect, TLS files and that the server runs");
       spdlog::warn("connecting failed: {}; retrying in 2 s ({} attempts left)", s.message, attempts_left + 1);
       std::this_thread::sleep_for(std::chrono::seconds(2));
       resume = run.has_checkpoint();
@@ -143,12 +147,16 @@ RunResult ClientTrainer::run(const Connector& connect) {
     if (s.ok()) return run.finish(*ch);
     ch->close();
     if (!is_link_failure(s)) refused(s);
-    if (attempts_left-- <= 0) throw Error("lost the server at step " + std::to_string(run.step()) + ": " + s.message, "rerun with --resume");
-    spdlog::warn("lost the server at step {}: {}; reconnecting and resuming from the last checkpoint ({} attempts left)", run.step(),
-                 s.message, attempts_left + 1);
+    if (attempts_left-- <= 0)
+      throw Error("lost the server at step " + std::to_string(run.step()) + ": " + s.message, "rerun with --resume");
+    spdlog::warn(
+        "lost the server at step {}: {}; reconnecting and resuming from the last checkpoint ({} attempts left)",
+        run.step(), s.message, attempts_left + 1);
     std::this_thread::sleep_for(std::chrono::seconds(1));
     resume = run.has_checkpoint();
-    if (!resume) throw Error("lost the server before the first checkpoint: " + s.message, "start the run again (set --checkpoint-every)");
+    if (!resume)
+      throw Error("lost the server before the first checkpoint: " + s.message,
+                  "start the run again (set --checkpoint-every)");
   }
 }
 
@@ -165,13 +173,15 @@ ClientTrainer::Run::Run(const ClientConfig& c)
   open_run_dir();
   metrics_ = std::make_unique<JsonlLog>(join_path(c.run_dir, "metrics.jsonl"));
   if (tok_->vocab_size() > model_.vocab_size) {
-    throw Error("tokenizer '" + tok_->name() + "' has " + std::to_string(tok_->vocab_size()) + " ids but the model only " +
-                    std::to_string(model_.vocab_size),
+    throw Error("tokenizer '" + tok_->name() + "' has " + std::to_string(tok_->vocab_size()) +
+                    " ids but the model only " + std::to_string(model_.vocab_size),
                 "use the model's own tokenizer");
   }
   train_ = Dataset::load(c.data, *tok_, c.seq_len);
-  if (!c.val_data.empty()) val_ = Dataset::load(c.val_data, *tok_, c.seq_len);
-  else if (c.val_fraction > 0) val_ = train_.split_off(c.val_fraction, c.schedule.seed);
+  if (!c.val_data.empty())
+    val_ = Dataset::load(c.val_data, *tok_, c.seq_len);
+  else if (c.val_fraction > 0)
+    val_ = train_.split_off(c.val_fraction, c.schedule.seed);
   sampler_.emplace(static_cast<int64_t>(train_.examples.size()), c.schedule.seed);
   pad_id_ = tok_->eos_id() >= 0 ? tok_->eos_id() : 0;
 }
@@ -181,7 +191,8 @@ void ClientTrainer::Run::open_run_dir() {
   Schedule::from_json(c_.schedule.to_json());  // validates
   if (c_.batch < 1) throw Error("--batch must be at least 1", "");
   if (c_.resume) {
-    if (!file_exists(run_file_)) throw Error(c_.run_dir + " holds no run to resume (no run.json)", "drop --resume to start a new run");
+    if (!file_exists(run_file_))
+      throw Error(c_.run_dir + " holds no run to resume (no run.json)", "drop --resume to start a new run");
     run_id_ = nlohmann::json::parse(read_file(run_file_)).at("run_id").get<std::string>();
   } else {
     if (has_checkpoint() || file_exists(run_file_)) {
@@ -195,7 +206,8 @@ void ClientTrainer::Run::open_run_dir() {
                                                 {"side", c_.side.to_json()},
                                                 {"fwd_codec", c_.fwd_codec.to_string()},
                                                 {"bwd_codec", c_.bwd_codec.to_string()}}
-                                         .dump(2) + "\n");
+                                         .dump(2) +
+                                     "\n");
   }
   std::string cfg_text;
   std::vector<std::vector<std::string>> rows{{"option", "value"}};
@@ -203,7 +215,8 @@ void ClientTrainer::Run::open_run_dir() {
     cfg_text += k + " = " + nlohmann::json(v).dump() + "\n";
     rows.push_back({k, v});
   }
-  write_file_atomic(join_path(c_.run_dir, "config.toml"), "# resolved configuration of run " + run_id_ + "\n" + cfg_text);
+  write_file_atomic(join_path(c_.run_dir, "config.toml"),
+                    "# resolved configuration of run " + run_id_ + "\n" + cfg_text);
   if (!c_.quiet && !c_.resolved.empty()) std::fprintf(stderr, "%s", format_table(rows).c_str());
 }
 
@@ -212,11 +225,14 @@ void ClientTrainer::Run::restore(bool resume) {
   resume_step_ = -1;
   const auto have = list_checkpoints(ckpt_root_);
   if (resume && have.empty()) {
-    throw Error(c_.run_dir + " has no checkpoint to resume from", "the run stopped before its first checkpoint: start it again");
+    throw Error(c_.run_dir + " has no checkpoint to resume from",
+                "the run stopped before its first checkpoint: start it again");
   }
   compute::run([&] {
-    side_ = Side::build(model_, weights_, SideRole::kClient, c_.split, c_.side, c_.schedule.seed, c_.schedule.weight_decay);
-    link_ = std::make_unique<quant::Link>(quant::LinkSide::kClient, c_.fwd_codec, c_.bwd_codec, model_.hidden_size, c_.schedule.gate_lr);
+    side_ =
+        Side::build(model_, weights_, SideRole::kClient, c_.split, c_.side, c_.schedule.seed, c_.schedule.weight_decay);
+    link_ = std::make_unique<quant::Link>(quant::LinkSide::kClient, c_.fwd_codec, c_.bwd_codec, model_.hidden_size,
+                                          c_.schedule.gate_lr);
     if (!resume) return;
     resume_step_ = have.back();
     const nlohmann::json state = load_side_checkpoint(checkpoint_path(ckpt_root_, resume_step_), side_, *link_);
@@ -239,8 +255,11 @@ wire::Status ClientTrainer::Run::connect(const Connector& connect, std::unique_p
   }
   if (s.ok()) {
     s = detail::send_control(**ch, wire::ControlKind::kSchedule,
-                             {{"run_id", run_id_}, {"resume_step", resume_step_}, {"schedule", c_.schedule.to_json()},
-                              {"batch", c_.batch}, {"seq_len", c_.seq_len}});
+                             {{"run_id", run_id_},
+                              {"resume_step", resume_step_},
+                              {"schedule", c_.schedule.to_json()},
+                              {"batch", c_.batch},
+                              {"seq_len", c_.seq_len}});
   }
   wire::Frame f;
   nlohmann::json reply;
@@ -266,7 +285,8 @@ wire::Status ClientTrainer::Run::train(wire::Channel& ch) {
     log_step(&rec, ch, before, t_step, &progress);
     const bool done = step_ == c_.schedule.steps;
     if (c_.eval_every > 0 && step_ % c_.eval_every == 0 && !done) s = evaluate(ch);
-    if (s.ok() && (done || step_ == last || (c_.checkpoint_every > 0 && step_ % c_.checkpoint_every == 0))) s = checkpoint(ch, done);
+    if (s.ok() && (done || step_ == last || (c_.checkpoint_every > 0 && step_ % c_.checkpoint_every == 0)))
+      s = checkpoint(ch, done);
   }
   if (!c_.quiet) progress.finish();
   if (s.ok() && step_ == c_.schedule.steps) s = evaluate(ch);
@@ -295,7 +315,8 @@ wire::Status ClientTrainer::Run::train_step(wire::Channel& ch, StepRecord* rec) 
   const auto t0 = Clock::now();
   const double total_sq = compute::run([&] { return side_.grad_sq_norm(); }) + server_sq;
   const double coef = clip_coefficient(total_sq, c_.schedule.clip);
-  wire::Status s = detail::send_control(ch, wire::ControlKind::kStep, {{"step", step}, {"lr", rec->lr}, {"coef", coef}});
+  wire::Status s =
+      detail::send_control(ch, wire::ControlKind::kStep, {{"step", step}, {"lr", rec->lr}, {"coef", coef}});
   if (!s.ok()) return s;
   compute::run([&] {
     side_.step(rec->lr, coef);
@@ -375,10 +396,11 @@ wire::Status ClientTrainer::Run::micro_batch(wire::Channel& ch, int64_t m, StepR
   return wire::Status::Ok();
 }
 
-void ClientTrainer::Run::log_step(StepRecord* rec, const wire::Channel& ch, const wire::Accounting& before, Clock::time_point t_step,
-                                  Progress* progress) {
+void ClientTrainer::Run::log_step(StepRecord* rec, const wire::Channel& ch, const wire::Accounting& before,
+                                  Clock::time_point t_step, Progress* progress) {
   const wire::Accounting& now = ch.accounting();
-  const auto fwd = static_cast<size_t>(wire::MessageType::kForward), bwd = static_cast<size_t>(wire::MessageType::kBackward);
+  const auto fwd = static_cast<size_t>(wire::MessageType::kForward),
+             bwd = static_cast<size_t>(wire::MessageType::kBackward);
   rec->fwd_wire_bytes = now.bytes_sent() - before.bytes_sent();
   rec->bwd_wire_bytes = now.bytes_received() - before.bytes_received();
   rec->forward_frame_bytes = now.sent[fwd].bytes - before.sent[fwd].bytes;
@@ -390,7 +412,8 @@ void ClientTrainer::Run::log_step(StepRecord* rec, const wire::Channel& ch, cons
 }
 
 // Rows [0, limit) of `d` through the server: per row NLL sum, labelled tokens, argmax hits.
-wire::Status ClientTrainer::Run::score_remote(wire::Channel& ch, const Dataset& d, int64_t limit, std::vector<RowScore>* out) {
+wire::Status ClientTrainer::Run::score_remote(wire::Channel& ch, const Dataset& d, int64_t limit,
+                                              std::vector<RowScore>* out) {
   for (int64_t at_row = 0; at_row < limit; at_row += c_.batch) {
     const std::vector<int64_t> idx = range(at_row, std::min(limit, at_row + c_.batch));
     const Batch b = make_batch(d, idx, pad_id_);
@@ -407,7 +430,8 @@ wire::Status ClientTrainer::Run::score_remote(wire::Channel& ch, const Dataset& 
     wire::EvalResultMsg res;
     if (s.ok()) s = wire::EvalResultMsg::decode(f.payload, &res);
     if (!s.ok()) return s;
-    if (res.rows.size() != idx.size()) return wire::Status::Fail(wire::ErrorCode::kBadMessage, "EVAL result with the wrong row count");
+    if (res.rows.size() != idx.size())
+      return wire::Status::Fail(wire::ErrorCode::kBadMessage, "EVAL result with the wrong row count");
     for (const auto& r : res.rows) out->push_back({r.nll_sum, r.tokens, r.correct});
   }
   return wire::Status::Ok();
@@ -444,12 +468,14 @@ wire::Status ClientTrainer::Run::checkpoint(wire::Channel& ch, bool final) {
   if (s.ok()) s = detail::parse_control(f, wire::ControlKind::kCheckpoint, &reply, &blob);
   if (!s.ok()) return s;
   if (!reply.value("ok", false) || reply.value("step", int64_t{-1}) != step_) {
-    return wire::Status::Fail(wire::ErrorCode::kBadMessage, "server did not confirm the checkpoint at step " + std::to_string(step_));
+    return wire::Status::Fail(wire::ErrorCode::kBadMessage,
+                              "server did not confirm the checkpoint at step " + std::to_string(step_));
   }
   compute::run([&] {
-    save_side_checkpoint(ckpt_root_, step_, side_, *link_,
-                         {{"step", step_}, {"position", position_}, {"run_id", run_id_}, {"side", side_.options.to_json()}},
-                         c_.keep_checkpoints);
+    save_side_checkpoint(
+        ckpt_root_, step_, side_, *link_,
+        {{"step", step_}, {"position", position_}, {"run_id", run_id_}, {"side", side_.options.to_json()}},
+        c_.keep_checkpoints);
   });
   if (final) {
     const std::string dir = join_path(c_.run_dir, "server_adapter");
@@ -463,7 +489,9 @@ wire::Status ClientTrainer::Run::checkpoint(wire::Channel& ch, bool final) {
 RunResult ClientTrainer::Run::finish(wire::Channel& ch) {
   ch.send({wire::MessageType::kBye, 0, {}});
   ch.close();
-  metrics_->write({{"session", {{"bytes_sent", ch.accounting().bytes_sent()}, {"bytes_received", ch.accounting().bytes_received()}}}});
+  metrics_->write(
+      {{"session",
+        {{"bytes_sent", ch.accounting().bytes_sent()}, {"bytes_received", ch.accounting().bytes_received()}}}});
   RunResult out;
   out.steps = read_metrics(join_path(c_.run_dir, "metrics.jsonl"));
   out.eval = final_eval_;

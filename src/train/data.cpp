@@ -1,9 +1,8 @@
 #include "train/data.h"
 
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <numeric>
 #include <random>
 
@@ -31,7 +30,8 @@ void pack(const std::vector<int64_t>& stream, int64_t seq_len, std::vector<Examp
 std::string string_field(const nlohmann::json& j, const char* key, const std::string& where) {
   const auto it = j.find(key);
   if (it == j.end() || !it->is_string()) {
-    throw Error(where + ": field \"" + key + "\" missing or not a string", "every record needs the same fields as the first");
+    throw Error(where + ": field \"" + key + "\" missing or not a string",
+                "every record needs the same fields as the first");
   }
   return it->get<std::string>();
 }
@@ -39,14 +39,15 @@ std::string string_field(const nlohmann::json& j, const char* key, const std::st
 }  // namespace
 
 Dataset Dataset::load(const std::string& path, const Tokenizer& tok, int64_t seq_len) {
-  if (seq_len < 2) throw Error("sequence length " + std::to_string(seq_len) + " is too short", "use --seq-len of at least 2");
+  if (seq_len < 2)
+    throw Error("sequence length " + std::to_string(seq_len) + " is too short", "use --seq-len of at least 2");
   Dataset d;
   const std::string text = read_file(path);
   if (!ends_with(path, ".jsonl")) {
     if (!ends_with(path, ".txt")) throw Error("unknown data file type: " + path, "use .txt (plain text) or .jsonl");
     pack(tok.encode(text), seq_len, &d.examples);
   } else {
-    std::vector<int64_t> stream;  // lm
+    std::vector<int64_t> stream;                             // lm
     std::vector<std::pair<std::string, std::string>> pairs;  // instruction / classification
     size_t line_no = 0, pos = 0;
     bool first = true;
@@ -61,10 +62,15 @@ Dataset Dataset::load(const std::string& path, const Tokenizer& tok, int64_t seq
       nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
       if (j.is_discarded() || !j.is_object()) throw Error(where + ": not a JSON object", "one JSON object per line");
       if (first) {
-        if (j.contains("prompt")) d.format = DataFormat::kInstruction;
-        else if (j.contains("label")) d.format = DataFormat::kClassification;
-        else if (j.contains("text")) d.format = DataFormat::kLm;
-        else throw Error(where + ": record has none of \"text\", \"prompt\"/\"completion\", \"text\"/\"label\"", "see docs: data formats");
+        if (j.contains("prompt"))
+          d.format = DataFormat::kInstruction;
+        else if (j.contains("label"))
+          d.format = DataFormat::kClassification;
+        else if (j.contains("text"))
+          d.format = DataFormat::kLm;
+        else
+          throw Error(where + ": record has none of \"text\", \"prompt\"/\"completion\", \"text\"/\"label\"",
+                      "see docs: data formats");
         first = false;
       }
       switch (d.format) {
@@ -79,7 +85,8 @@ Dataset Dataset::load(const std::string& path, const Tokenizer& tok, int64_t seq
           break;
         case DataFormat::kClassification: {
           const auto it = j.find("label");
-          std::string label = it != j.end() && it->is_number_integer() ? std::to_string(it->get<int64_t>()) : string_field(j, "label", where);
+          std::string label = it != j.end() && it->is_number_integer() ? std::to_string(it->get<int64_t>())
+                                                                       : string_field(j, "label", where);
           pairs.emplace_back(string_field(j, "text", where), label);
           break;
         }
@@ -111,10 +118,12 @@ Dataset Dataset::load(const std::string& path, const Tokenizer& tok, int64_t seq
   }
   for (const Example& e : d.examples) {
     for (int64_t id : e.ids) {
-      if (id < 0 || id >= tok.vocab_size()) throw Error("token id " + std::to_string(id) + " out of range", "tokenizer bug");
+      if (id < 0 || id >= tok.vocab_size())
+        throw Error("token id " + std::to_string(id) + " out of range", "tokenizer bug");
     }
   }
-  if (d.examples.empty()) throw Error(path + " yields no training sequence", "the file is empty or shorter than 2 tokens");
+  if (d.examples.empty())
+    throw Error(path + " yields no training sequence", "the file is empty or shorter than 2 tokens");
   return d;
 }
 
@@ -125,7 +134,8 @@ Dataset Dataset::split_off(double fraction, uint64_t seed) {
   std::mt19937_64 rng(seed ^ 0x5eedf00dULL);
   std::shuffle(order.begin(), order.end(), rng);
   const auto n_val = std::max<size_t>(1, static_cast<size_t>(fraction * static_cast<double>(examples.size())));
-  if (n_val >= examples.size()) throw Error("too few examples to hold out a validation set", "use more data or --val-data");
+  if (n_val >= examples.size())
+    throw Error("too few examples to hold out a validation set", "use more data or --val-data");
   std::vector<bool> is_val(examples.size(), false);
   for (size_t i = examples.size() - n_val; i < examples.size(); ++i) is_val[static_cast<size_t>(order[i])] = true;
   Dataset val, train;
@@ -153,12 +163,14 @@ int64_t Sampler::at(int64_t position) const {
 Batch make_batch(const Dataset& data, const std::vector<int64_t>& indices, int64_t pad_id, int64_t pad_to) {
   const auto B = static_cast<int64_t>(indices.size());
   int64_t T = pad_to;
-  for (int64_t i : indices) T = std::max<int64_t>(T, static_cast<int64_t>(data.examples[static_cast<size_t>(i)].ids.size()));
+  for (int64_t i : indices)
+    T = std::max<int64_t>(T, static_cast<int64_t>(data.examples[static_cast<size_t>(i)].ids.size()));
   Batch b;
   b.ids = at::full({B, T}, pad_id, at::kLong);
   b.labels = at::full({B, T}, kIgnoreLabel, at::kLong);
   b.mask = at::zeros({B, T}, at::kLong);
-  auto ids = b.ids.accessor<int64_t, 2>(), labels = b.labels.accessor<int64_t, 2>(), mask = b.mask.accessor<int64_t, 2>();
+  auto ids = b.ids.accessor<int64_t, 2>(), labels = b.labels.accessor<int64_t, 2>(),
+       mask = b.mask.accessor<int64_t, 2>();
   for (int64_t r = 0; r < B; ++r) {
     const Example& e = data.examples[static_cast<size_t>(indices[static_cast<size_t>(r)])];
     for (size_t t = 0; t < e.ids.size(); ++t) {

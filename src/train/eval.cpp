@@ -3,11 +3,12 @@
 #include <cctype>
 #include <cmath>
 
-
 namespace amaq::train {
 namespace {
 
-int64_t argmax_last(const at::Tensor& logits) { return logits.select(1, logits.size(1) - 1).argmax(-1).item<int64_t>(); }
+int64_t argmax_last(const at::Tensor& logits) {
+  return logits.select(1, logits.size(1) - 1).argmax(-1).item<int64_t>();
+}
 
 at::Tensor as_batch(const std::vector<int64_t>& ids) {
   return at::tensor(ids, at::kLong).view({1, static_cast<int64_t>(ids.size())});
@@ -35,7 +36,8 @@ std::vector<RowScore> score_rows(const at::Tensor& logits, const at::Tensor& lab
   at::Tensor safe = at::where(valid, target, at::zeros_like(target));
   at::Tensor nll = -lp.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * valid;
   at::Tensor hit = (lp.argmax(-1) == target) & valid;
-  at::Tensor nll_sum = nll.to(at::kDouble).sum(1).contiguous(), tokens = valid.sum(1).contiguous(), correct = hit.sum(1).contiguous();
+  at::Tensor nll_sum = nll.to(at::kDouble).sum(1).contiguous(), tokens = valid.sum(1).contiguous(),
+             correct = hit.sum(1).contiguous();
   std::vector<RowScore> out(static_cast<size_t>(logits.size(0)));
   for (size_t r = 0; r < out.size(); ++r) {
     out[r] = {nll_sum.data_ptr<double>()[r], static_cast<uint32_t>(tokens.data_ptr<int64_t>()[r]),
@@ -95,7 +97,8 @@ double LabelWordChoice::accuracy(const std::vector<RowScore>& scores) const {
   return gold.empty() ? 0.0 : static_cast<double>(right) / static_cast<double>(gold.size());
 }
 
-std::vector<int64_t> greedy_generate(DecoderPart& model, const std::vector<int64_t>& prompt, int64_t max_new, int64_t eos) {
+std::vector<int64_t> greedy_generate(DecoderPart& model, const std::vector<int64_t>& prompt, int64_t max_new,
+                                     int64_t eos) {
   at::NoGradGuard no_grad;
   std::vector<KvEntry> cache;
   std::vector<int64_t> out;
@@ -109,7 +112,8 @@ std::vector<int64_t> greedy_generate(DecoderPart& model, const std::vector<int64
   return out;
 }
 
-std::vector<int64_t> greedy_generate_reference(DecoderPart& model, const std::vector<int64_t>& prompt, int64_t max_new, int64_t eos) {
+std::vector<int64_t> greedy_generate_reference(DecoderPart& model, const std::vector<int64_t>& prompt, int64_t max_new,
+                                               int64_t eos) {
   at::NoGradGuard no_grad;
   std::vector<int64_t> seq = prompt, out;
   for (int64_t i = 0; i < max_new; ++i) {
@@ -144,7 +148,8 @@ std::string last_number(const std::string& s) {
     if (digit) {
       if (cur.empty() && i > 0 && s[i - 1] == '-') cur.push_back('-');
       cur.push_back(c);
-    } else if (!cur.empty() && (c == '.' || c == ',') && i + 1 < s.size() && std::isdigit(static_cast<unsigned char>(s[i + 1]))) {
+    } else if (!cur.empty() && (c == '.' || c == ',') && i + 1 < s.size() &&
+               std::isdigit(static_cast<unsigned char>(s[i + 1]))) {
       if (c == '.') cur.push_back('.');
     } else if (!cur.empty()) {
       best = cur;
@@ -154,7 +159,8 @@ std::string last_number(const std::string& s) {
   return best;
 }
 
-nlohmann::json evaluate_model(DecoderPart& model, const Dataset& data, const Tokenizer& tok, int64_t batch, int64_t max_new) {
+nlohmann::json evaluate_model(DecoderPart& model, const Dataset& data, const Tokenizer& tok, int64_t batch,
+                              int64_t max_new) {
   at::NoGradGuard no_grad;
   model->eval();
   const int64_t pad = tok.eos_id() >= 0 ? tok.eos_id() : 0;
@@ -170,7 +176,10 @@ nlohmann::json evaluate_model(DecoderPart& model, const Dataset& data, const Tok
   std::vector<RowScore> rows;
   local(data, n, &rows);
   const nlohmann::json s = score_summary(rows);
-  nlohmann::json out{{"examples", n}, {"tokens", s["tokens"]}, {"loss", s["loss"]}, {"perplexity", s["perplexity"]},
+  nlohmann::json out{{"examples", n},
+                     {"tokens", s["tokens"]},
+                     {"loss", s["loss"]},
+                     {"perplexity", s["perplexity"]},
                      {"token_accuracy", s["token_accuracy"]}};
   if (data.format == DataFormat::kLm) return out;
   if (data.format == DataFormat::kClassification) {

@@ -3,9 +3,8 @@
 // data (exact match after normalisation, and last-number match for arithmetic answers). Inside a
 // split run the client evaluates through the server instead (session.h, EVAL messages).
 #pragma once
-#include <nlohmann/json.hpp>
-
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -44,9 +43,11 @@ struct LabelWordChoice {
 LabelWordChoice label_word_candidates(const Dataset& data, int64_t limit, const Tokenizer& tok);
 
 /// Greedy decoding with the KV cache: at most `max_new` tokens, stopping after `eos` (>= 0).
-std::vector<int64_t> greedy_generate(DecoderPart& model, const std::vector<int64_t>& prompt, int64_t max_new, int64_t eos);
+std::vector<int64_t> greedy_generate(DecoderPart& model, const std::vector<int64_t>& prompt, int64_t max_new,
+                                     int64_t eos);
 /// The same without a cache (the whole sequence again for every token): the slow reference.
-std::vector<int64_t> greedy_generate_reference(DecoderPart& model, const std::vector<int64_t>& prompt, int64_t max_new, int64_t eos);
+std::vector<int64_t> greedy_generate_reference(DecoderPart& model, const std::vector<int64_t>& prompt, int64_t max_new,
+                                               int64_t eos);
 
 /// Trimmed, lower-cased, inner whitespace collapsed to one space.
 std::string normalize_answer(const std::string& s);
@@ -56,6 +57,7 @@ std::string last_number(const std::string& s);
 /// Metrics by the dataset's format: always loss/perplexity/token accuracy over labelled tokens;
 /// classification adds `accuracy` (verbalizer scoring); instruction adds `exact_match` and
 /// `number_match` from greedy generation.
-nlohmann::json evaluate_model(DecoderPart& model, const Dataset& data, const Tokenizer& tok, int64_t batch, int64_t max_new);
+nlohmann::json evaluate_model(DecoderPart& model, const Dataset& data, const Tokenizer& tok, int64_t batch,
+                              int64_t max_new);
 
 }  // namespace amaq::train

@@ -1,4 +1,6 @@
 // `amaq export`: a run's trained parameters as one PEFT adapter, or merged into a full checkpoint.
+#include "train/export.h"
+
 #include <ATen/ATen.h>
 
 #include "core/error.h"
@@ -8,7 +10,6 @@
 #include "model/part.h"
 #include "model/peft.h"
 #include "train/checkpoint.h"
-#include "train/export.h"
 #include "train/options.h"
 #include "train/side.h"
 
@@ -28,7 +29,8 @@ struct RunFiles {
 RunFiles read_run(const std::string& run_dir, const std::string& server_run_dir, bool need_server_weights) {
   RunFiles f;
   const std::string run_file = join_path(run_dir, "run.json");
-  if (!file_exists(run_file)) throw Error(run_dir + " is not a run directory (no run.json)", "pass the client's --run-dir");
+  if (!file_exists(run_file))
+    throw Error(run_dir + " is not a run directory (no run.json)", "pass the client's --run-dir");
   f.run = nlohmann::json::parse(read_file(run_file));
   const auto steps = list_checkpoints(join_path(run_dir, "checkpoints"));
   if (steps.empty()) throw Error(run_dir + " has no checkpoint", "finish the run first");
@@ -38,7 +40,8 @@ RunFiles read_run(const std::string& run_dir, const std::string& server_run_dir,
   f.client_state = load_safetensors(join_path(last, "state.safetensors"));
   const std::string server_dir = join_path(run_dir, "server_adapter");
   if (!file_exists(join_path(server_dir, "side.json"))) {
-    throw Error(run_dir + " has no server side options", "they arrive with the final checkpoint: finish the run (or resume it) first");
+    throw Error(run_dir + " has no server side options",
+                "they arrive with the final checkpoint: finish the run (or resume it) first");
   }
   f.server = SideOptions::from_json(nlohmann::json::parse(read_file(join_path(server_dir, "side.json"))));
   f.server_lora = file_exists(join_path(server_dir, "adapter_model.safetensors"));
@@ -49,7 +52,8 @@ RunFiles read_run(const std::string& run_dir, const std::string& server_run_dir,
                                        f.run.at("run_id").get<std::string>());
     const auto server_steps = list_checkpoints(root);
     if (server_steps.empty() || server_steps.back() != steps.back()) {
-      throw Error("the server trained full weights, and " + root + " holds no checkpoint of step " + std::to_string(steps.back()),
+      throw Error("the server trained full weights, and " + root + " holds no checkpoint of step " +
+                      std::to_string(steps.back()),
                   "pass --server-run-dir: the server's --run-dir (amaq train keeps it in RUN/server)");
     }
     f.server_state = load_safetensors(join_path(checkpoint_path(root, server_steps.back()), "state.safetensors"));
@@ -58,7 +62,8 @@ RunFiles read_run(const std::string& run_dir, const std::string& server_run_dir,
 }
 
 // Writes one side's training into the full model: its full weights, or W += scale * B A per LoRA layer.
-void apply_side(DecoderPart& m, const SideOptions& side, const std::map<std::string, at::Tensor>& state, const std::string& who) {
+void apply_side(DecoderPart& m, const SideOptions& side, const std::map<std::string, at::Tensor>& state,
+                const std::string& who) {
   at::NoGradGuard no_grad;
   int64_t applied = 0;
   if (side.full) {
@@ -73,11 +78,13 @@ void apply_side(DecoderPart& m, const SideOptions& side, const std::map<std::str
       const auto a = state.find(peft_key(name, "lora_A")), b = state.find(peft_key(name, "lora_B"));
       if (a == state.end() || b == state.end()) continue;
       const double scale = LoRAOptions(a->second.size(0)).alpha(side.lora_alpha).rslora(side.rslora).scale();
-      lin->weight.add_((at::matmul(b->second.to(at::kDouble), a->second.to(at::kDouble)) * scale).to(lin->weight.scalar_type()));
+      lin->weight.add_(
+          (at::matmul(b->second.to(at::kDouble), a->second.to(at::kDouble)) * scale).to(lin->weight.scalar_type()));
       ++applied;
     }
   }
-  if (applied == 0) throw Error("the " + who + "'s trained state has no tensor of this model", "was the run made with this model?");
+  if (applied == 0)
+    throw Error("the " + who + "'s trained state has no tensor of this model", "was the run made with this model?");
 }
 
 }  // namespace
@@ -102,7 +109,8 @@ void export_adapter(const std::string& run_dir, const std::string& out) {
   };
   take(f.client_state, f.client);
   take(f.server_state, f.server);
-  if (f.client.rslora != f.server.rslora) throw Error("the two sides disagree on rsLoRA", "PEFT has one use_rslora per adapter");
+  if (f.client.rslora != f.server.rslora)
+    throw Error("the two sides disagree on rsLoRA", "PEFT has one use_rslora per adapter");
   AdapterConfig cfg;
   cfg.r = f.client.lora_r;
   cfg.lora_alpha = f.client.lora_alpha;
@@ -133,9 +141,10 @@ void export_merged(const std::string& run_dir, const std::string& out, const std
   for (auto& [name, t] : m->base_weights()) weights.emplace_back(name, t.detach());
   save_safetensors(join_path(out, "model.safetensors"), weights, {{"format", "pt"}});
   // The model's own config and tokenizer files travel with it.
-  for (const char* name : {"config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                           "special_tokens_map.json"}) {
-    if (file_exists(join_path(model_dir, name))) write_file_atomic(join_path(out, name), read_file(join_path(model_dir, name)));
+  for (const char* name : {"config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+                           "tokenizer_config.json", "special_tokens_map.json"}) {
+    if (file_exists(join_path(model_dir, name)))
+      write_file_atomic(join_path(out, name), read_file(join_path(model_dir, name)));
   }
 }
 

@@ -12,7 +12,9 @@
 namespace amaq::train {
 namespace {
 
-std::string fmt_mb(uint64_t bytes) { return fmt::format("{:.3f}", static_cast<double>(bytes) / 1e6); }
+std::string fmt_mb(uint64_t bytes) {
+  return fmt::format("{:.3f}", static_cast<double>(bytes) / 1e6);
+}
 
 }  // namespace
 
@@ -64,10 +66,12 @@ Progress::Progress(int64_t first_step, int64_t total_steps, bool force_bar)
 void Progress::update(const StepRecord& r, uint64_t total_bytes) {
   const int64_t done = r.step + 1;
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-  const double eta = done > first_ ? elapsed / static_cast<double>(done - first_) * static_cast<double>(total_ - done) : 0;
-  const std::string stats = fmt::format("step {}/{} loss {:.4f} bits {:.2f}/{:.2f} sent {:.2f} MB ETA {:02d}:{:02d}", done, total_,
-                                        r.loss, r.fwd_bits.mean, r.bwd_bits.mean, static_cast<double>(total_bytes) / 1e6,
-                                        static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
+  const double eta =
+      done > first_ ? elapsed / static_cast<double>(done - first_) * static_cast<double>(total_ - done) : 0;
+  const std::string stats =
+      fmt::format("step {}/{} loss {:.4f} bits {:.2f}/{:.2f} sent {:.2f} MB ETA {:02d}:{:02d}", done, total_, r.loss,
+                  r.fwd_bits.mean, r.bwd_bits.mean, static_cast<double>(total_bytes) / 1e6, static_cast<int>(eta) / 60,
+                  static_cast<int>(eta) % 60);
   if (bar_) {
     const int width = 24, filled = static_cast<int>(width * done / std::max<int64_t>(1, total_));
     std::fprintf(stderr, "\r[%s%s] %s\x1b[K", std::string(static_cast<size_t>(filled), '#').c_str(),
@@ -176,20 +180,28 @@ std::string summarize(const std::vector<StepRecord>& steps, const nlohmann::json
   rows.push_back({"wire MB (frames)", fmt_mb(fwd), fmt_mb(bwd)});
   rows.push_back({"codec MB (packets)", fmt_mb(fwd_packet), fmt_mb(bwd_packet)});
   rows.push_back({"bf16 would send MB", fmt_mb(bf16), fmt_mb(bf16)});
-  rows.push_back({"packets / bf16", fmt::format("{:.1f}%", 100.0 * static_cast<double>(fwd_packet) / static_cast<double>(std::max<uint64_t>(1, bf16))),
-                  fmt::format("{:.1f}%", 100.0 * static_cast<double>(bwd_packet) / static_cast<double>(std::max<uint64_t>(1, bf16)))});
-  rows.push_back({"effective bits/elem", fmt::format("{:.3f}", 8.0 * static_cast<double>(fwd_packet) / static_cast<double>(std::max<uint64_t>(1, elements))),
-                  fmt::format("{:.3f}", 8.0 * static_cast<double>(bwd_packet) / static_cast<double>(std::max<uint64_t>(1, elements)))});
+  rows.push_back({"packets / bf16",
+                  fmt::format("{:.1f}%", 100.0 * static_cast<double>(fwd_packet) /
+                                             static_cast<double>(std::max<uint64_t>(1, bf16))),
+                  fmt::format("{:.1f}%", 100.0 * static_cast<double>(bwd_packet) /
+                                             static_cast<double>(std::max<uint64_t>(1, bf16)))});
+  rows.push_back({"effective bits/elem",
+                  fmt::format("{:.3f}", 8.0 * static_cast<double>(fwd_packet) /
+                                            static_cast<double>(std::max<uint64_t>(1, elements))),
+                  fmt::format("{:.3f}", 8.0 * static_cast<double>(bwd_packet) /
+                                            static_cast<double>(std::max<uint64_t>(1, elements)))});
   rows.push_back({"mean bits (run)", fmt::format("{:.3f}", fwd_bits / n), fmt::format("{:.3f}", bwd_bits / n)});
   rows.push_back({"mean bits (last 10%)", fmt::format("{:.3f}", fwd_tail), fmt::format("{:.3f}", bwd_tail)});
-  std::string out = fmt::format("\nsummary: {} steps, loss {:.4f} -> {:.4f}; compute client {:.1f} s, server {:.1f} s, network {:.1f} s\n",
-                                steps.size(), steps.front().loss, steps.back().loss, client_s, server_s, net_s);
+  std::string out = fmt::format(
+      "\nsummary: {} steps, loss {:.4f} -> {:.4f}; compute client {:.1f} s, server {:.1f} s, network {:.1f} s\n",
+      steps.size(), steps.front().loss, steps.back().loss, client_s, server_s, net_s);
   out += format_table(rows);
   if (!eval.is_null() && !eval.empty()) {
-    out += fmt::format("eval at step {}: loss {:.4f}, perplexity {:.3f}, token accuracy {:.2f}%, exact match {:.2f}% ({} sequences)\n",
-                       eval["step"].get<int64_t>(), eval["loss"].get<double>(), eval["perplexity"].get<double>(),
-                       100 * eval["token_accuracy"].get<double>(), 100 * eval["exact_match"].get<double>(),
-                       eval["sequences"].get<uint64_t>());
+    out += fmt::format(
+        "eval at step {}: loss {:.4f}, perplexity {:.3f}, token accuracy {:.2f}%, exact match {:.2f}% ({} sequences)\n",
+        eval["step"].get<int64_t>(), eval["loss"].get<double>(), eval["perplexity"].get<double>(),
+        100 * eval["token_accuracy"].get<double>(), 100 * eval["exact_match"].get<double>(),
+        eval["sequences"].get<uint64_t>());
   }
   return out;
 }

@@ -1,11 +1,10 @@
 // What a run reports: one JSON line per step (RUN/metrics.jsonl), a progress bar on a terminal (a
 // plain line every 10% otherwise), and a summary table at the end.
 #pragma once
-#include <nlohmann/json.hpp>
-
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -18,17 +17,17 @@ using BitsStats = quant::BitsStats;
 /// One optimizer step, as the client saw it.
 struct StepRecord {
   int64_t step = 0;
-  double loss = 0;      ///< task loss + beta * regularizer
-  double task_loss = 0; ///< mean over micro-batches of the server's loss
-  double reg_loss = 0;  ///< AMAQ bit regularizer (0 without AMAQ)
+  double loss = 0;       ///< task loss + beta * regularizer
+  double task_loss = 0;  ///< mean over micro-batches of the server's loss
+  double reg_loss = 0;   ///< AMAQ bit regularizer (0 without AMAQ)
   double lr = 0;
   double grad_norm = 0;  ///< global, before clipping
   BitsStats fwd_bits, bwd_bits;
-  uint64_t fwd_wire_bytes = 0, bwd_wire_bytes = 0;      ///< whole frames, headers included
-  uint64_t fwd_packet_bytes = 0, bwd_packet_bytes = 0;  ///< the codecs' packets (their headers included)
+  uint64_t fwd_wire_bytes = 0, bwd_wire_bytes = 0;             ///< whole frames, headers included
+  uint64_t fwd_packet_bytes = 0, bwd_packet_bytes = 0;         ///< the codecs' packets (their headers included)
   uint64_t forward_frame_bytes = 0, backward_frame_bytes = 0;  ///< the FORWARD / BACKWARD frames alone
-  uint64_t elements = 0;                                ///< activation elements sent (= gradient elements back)
-  uint64_t rows = 0, cells = 0;                         ///< sequences and (padded) token positions sent
+  uint64_t elements = 0;                                       ///< activation elements sent (= gradient elements back)
+  uint64_t rows = 0, cells = 0;                                ///< sequences and (padded) token positions sent
   double client_seconds = 0, server_seconds = 0, network_seconds = 0;
   int64_t tokens = 0;
   double tokens_per_second = 0;

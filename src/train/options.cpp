@@ -7,8 +7,8 @@
 namespace amaq::train {
 
 nlohmann::json SideOptions::to_json() const {
-  return {{"full", full},       {"lora_r", lora_r},   {"lora_alpha", lora_alpha},
-          {"lora_dropout", lora_dropout}, {"rslora", rslora}, {"targets", targets}};
+  return {{"full", full},     {"lora_r", lora_r},  {"lora_alpha", lora_alpha}, {"lora_dropout", lora_dropout},
+          {"rslora", rslora}, {"targets", targets}};
 }
 
 SideOptions SideOptions::from_json(const nlohmann::json& j) {
@@ -35,9 +35,15 @@ double Schedule::lr_at(int64_t step) const {
 }
 
 nlohmann::json Schedule::to_json() const {
-  return {{"steps", steps}, {"micro_batches", micro_batches}, {"lr", lr},           {"warmup", warmup},
-          {"min_lr_ratio", min_lr_ratio}, {"weight_decay", weight_decay}, {"clip", clip},
-          {"gate_lr", gate_lr}, {"seed", seed}};
+  return {{"steps", steps},
+          {"micro_batches", micro_batches},
+          {"lr", lr},
+          {"warmup", warmup},
+          {"min_lr_ratio", min_lr_ratio},
+          {"weight_decay", weight_decay},
+          {"clip", clip},
+          {"gate_lr", gate_lr},
+          {"seed", seed}};
 }
 
 Schedule Schedule::from_json(const nlohmann::json& j) {

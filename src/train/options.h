@@ -1,9 +1,8 @@
 // What a run is configured with, per side, as plain structs. The app layer fills them from flags
 // and TOML; SCHEDULE messages carry `Schedule` and the server's view of it as JSON.
 #pragma once
-#include <nlohmann/json.hpp>
-
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -28,14 +27,14 @@ struct SideOptions {
 
 /// The optimisation schedule; the client owns it and sends it to the server.
 struct Schedule {
-  int64_t steps = 100;         ///< optimizer steps
-  int64_t micro_batches = 1;   ///< gradient accumulation: micro-batches per optimizer step
+  int64_t steps = 100;        ///< optimizer steps
+  int64_t micro_batches = 1;  ///< gradient accumulation: micro-batches per optimizer step
   double lr = 2e-4;
-  int64_t warmup = 0;          ///< linear warm-up steps
-  double min_lr_ratio = 0.1;   ///< cosine decays to lr * min_lr_ratio at the last step
+  int64_t warmup = 0;         ///< linear warm-up steps
+  double min_lr_ratio = 0.1;  ///< cosine decays to lr * min_lr_ratio at the last step
   double weight_decay = 0.0;
-  double clip = 1.0;           ///< global gradient-norm clip over both sides (0 = off)
-  double gate_lr = 0.05;       ///< AMAQ gates' own AdamW group
+  double clip = 1.0;      ///< global gradient-norm clip over both sides (0 = off)
+  double gate_lr = 0.05;  ///< AMAQ gates' own AdamW group
   uint64_t seed = 0;
 
   /// Learning rate of optimizer step `step` (0-based): linear warm-up to lr, then cosine.

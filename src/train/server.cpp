@@ -23,15 +23,18 @@ namespace amaq::train {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
 
-wire::Status bad(std::string why) { return wire::Status::Fail(wire::ErrorCode::kBadMessage, std::move(why)); }
+wire::Status bad(std::string why) {
+  return wire::Status::Fail(wire::ErrorCode::kBadMessage, std::move(why));
+}
 
 // Raised while setting up a run the client asked to resume; becomes an ERROR "cannot resume".
 struct ResumeError : Error {
   using Error::Error;
 };
-
 
 }  // namespace
 
@@ -130,11 +133,19 @@ wire::Status TrainServer::Session::serve() {
     s = ch_.receive(&f, cfg_.idle_timeout);
     if (!s.ok()) return dropped(s);
     switch (f.type) {
-      case wire::MessageType::kBye: return on_bye();
-      case wire::MessageType::kForward: s = on_forward(f); break;
-      case wire::MessageType::kEval: s = on_eval(f); break;
-      case wire::MessageType::kControl: s = on_control(f); break;
-      default: return fail(bad(std::string("unexpected ") + wire::message_name(f.type)));
+      case wire::MessageType::kBye:
+        return on_bye();
+      case wire::MessageType::kForward:
+        s = on_forward(f);
+        break;
+      case wire::MessageType::kEval:
+        s = on_eval(f);
+        break;
+      case wire::MessageType::kControl:
+        s = on_control(f);
+        break;
+      default:
+        return fail(bad(std::string("unexpected ") + wire::message_name(f.type)));
     }
     if (!s.ok()) return s;
   }
@@ -147,7 +158,8 @@ wire::Status TrainServer::Session::fail(wire::Status why) {
 }
 
 wire::Status TrainServer::Session::dropped(wire::Status why) {
-  spdlog::warn("session {}: run {} dropped after step {}: {} ({})", id_, run_id_, step_, why.message, wire::error_name(why.code));
+  spdlog::warn("session {}: run {} dropped after step {}: {} ({})", id_, run_id_, step_, why.message,
+               wire::error_name(why.code));
   return why;
 }
 
@@ -185,7 +197,8 @@ wire::Status TrainServer::Session::open_run() {
   }
   run_lock_ = std::unique_lock<std::timed_mutex>(*run_mu, std::defer_lock);
   if (!run_lock_.try_lock_for(std::chrono::seconds(30))) {
-    return fail(wire::Status::Fail(wire::ErrorCode::kResume, "run " + run_id_ + " already has a live session on this server"));
+    return fail(
+        wire::Status::Fail(wire::ErrorCode::kResume, "run " + run_id_ + " already has a live session on this server"));
   }
 
   root_ = join_path(cfg_.run_dir, run_id_);
@@ -194,17 +207,19 @@ wire::Status TrainServer::Session::open_run() {
     if (resume_step_ >= 0 && !file_exists(dir)) {
       std::string have;
       for (int64_t st : list_checkpoints(root_)) have += (have.empty() ? "" : ", ") + std::to_string(st);
-      throw ResumeError("no checkpoint of run " + run_id_ + " at step " + std::to_string(resume_step_) + " on the server (it has: " +
-                            (have.empty() ? "none" : have) + ")",
+      throw ResumeError("no checkpoint of run " + run_id_ + " at step " + std::to_string(resume_step_) +
+                            " on the server (it has: " + (have.empty() ? "none" : have) + ")",
                         "resume from a checkpoint both sides hold, or start a new run");
     }
     if (resume_step_ < 0 && !list_checkpoints(root_).empty()) {
-      throw ResumeError("run " + run_id_ + " already has checkpoints on the server", "resume it (--resume) instead of starting it again");
+      throw ResumeError("run " + run_id_ + " already has checkpoints on the server",
+                        "resume it (--resume) instead of starting it again");
     }
     compute::run([&] {
-      side_ = Side::build(srv_.model_, *srv_.ckpt_, SideRole::kServer, cfg_.split, cfg_.side, schedule_.seed + 1, schedule_.weight_decay);
-      link_ = std::make_unique<quant::Link>(quant::LinkSide::kServer, cfg_.fwd_codec, cfg_.bwd_codec, srv_.model_.hidden_size,
-                                            schedule_.gate_lr);
+      side_ = Side::build(srv_.model_, *srv_.ckpt_, SideRole::kServer, cfg_.split, cfg_.side, schedule_.seed + 1,
+                          schedule_.weight_decay);
+      link_ = std::make_unique<quant::Link>(quant::LinkSide::kServer, cfg_.fwd_codec, cfg_.bwd_codec,
+                                            srv_.model_.hidden_size, schedule_.gate_lr);
       if (resume_step_ >= 0) load_side_checkpoint(dir, side_, *link_);
     });
     if (resume_step_ >= 0) step_ = resume_step_;
@@ -214,10 +229,13 @@ wire::Status TrainServer::Session::open_run() {
     return fail(wire::Status::Fail(wire::ErrorCode::kResume, e.what()));
   }
   s = detail::send_control(ch_, wire::ControlKind::kSchedule,
-                           {{"resume_step", resume_step_}, {"side", side_.options.to_json()}, {"layers", {cfg_.split, srv_.model_.num_layers}}});
+                           {{"resume_step", resume_step_},
+                            {"side", side_.options.to_json()},
+                            {"layers", {cfg_.split, srv_.model_.num_layers}}});
   if (!s.ok()) return s;
   spdlog::info("session {}: run {} {} at step {} ({} steps, {} x {} tokens x {} micro-batches)", id_, run_id_,
-               resume_step_ >= 0 ? "resumed" : "started", step_, schedule_.steps, batch_, seq_len_, schedule_.micro_batches);
+               resume_step_ >= 0 ? "resumed" : "started", step_, schedule_.steps, batch_, seq_len_,
+               schedule_.micro_batches);
   return wire::Status::Ok();
 }
 
@@ -237,7 +255,8 @@ wire::Status TrainServer::Session::decode_inputs(const wire::Frame& f, bool trai
   if (in->h.dim() != 3 || in->h.size(0) != B || in->h.size(1) != T || in->h.size(2) != C) {
     return bad("activation shape does not match (batch, seq, hidden)");
   }
-  in->labels = at::from_blob(const_cast<char*>(fm.labels.data()), {B, T}, detail::label_scalar(fm.label_type)).to(at::kLong, false, true);
+  in->labels = at::from_blob(const_cast<char*>(fm.labels.data()), {B, T}, detail::label_scalar(fm.label_type))
+                   .to(at::kLong, false, true);
   const at::Tensor valid = (in->labels == kIgnoreLabel) | ((in->labels >= 0) & (in->labels < srv_.model_.vocab_size));
   if (!valid.all().item<bool>()) {
     return bad("labels outside [0, " + std::to_string(srv_.model_.vocab_size) + ") other than the ignore label -100");
@@ -262,7 +281,8 @@ wire::Status TrainServer::Session::on_forward(const wire::Frame& f) {
     at::Tensor loss = causal_lm_loss(side_.part->forward(h, in.mask), in.labels);
     loss_v = loss.item<double>();
     if (!std::isfinite(loss_v)) {
-      return bad("the loss at step " + std::to_string(fm.step) + " is not finite: training diverged (lower --lr or enable --clip)");
+      return bad("the loss at step " + std::to_string(fm.step) +
+                 " is not finite: training diverged (lower --lr or enable --clip)");
     }
     (loss / static_cast<double>(schedule_.micro_batches)).backward();
     packet = link_->send_gradients(h.grad(), static_cast<int64_t>(fm.step), fm.micro_batch);
@@ -315,10 +335,13 @@ wire::Status TrainServer::Session::on_control(const wire::Frame& f) {
       case wire::ControlKind::kBitSync:
         link_->set_backward_budget(j.at("budget").get<double>());
         return wire::Status::Ok();
-      case wire::ControlKind::kStep: return on_step(j);
-      case wire::ControlKind::kCheckpoint: return on_checkpoint(j);
+      case wire::ControlKind::kStep:
+        return on_step(j);
+      case wire::ControlKind::kCheckpoint:
+        return on_checkpoint(j);
       case wire::ControlKind::kSchedule:
-      case wire::ControlKind::kResume: break;
+      case wire::ControlKind::kResume:
+        break;
     }
   } catch (const nlohmann::json::exception& e) {
     return fail(bad(std::string("CONTROL: ") + e.what()));
@@ -330,14 +353,19 @@ wire::Status TrainServer::Session::on_control(const wire::Frame& f) {
 wire::Status TrainServer::Session::on_step(const nlohmann::json& j) {
   const int64_t step = j.at("step").get<int64_t>();
   const double lr = j.at("lr").get<double>(), coef = j.at("coef").get<double>();
-  if (step != step_) return fail(bad("STEP " + std::to_string(step) + " but the server is at step " + std::to_string(step_)));
+  if (step != step_)
+    return fail(bad("STEP " + std::to_string(step) + " but the server is at step " + std::to_string(step_)));
   if (!(coef > 0 && coef <= 1) || !(lr >= 0)) return fail(bad("STEP with lr or clip coefficient out of range"));
   compute::run([&] {
     side_.step(lr, coef);
     side_.zero_grad();
   });
-  log_->write({{"step", step}, {"loss", micro_ ? loss_sum_ / micro_ : 0.0}, {"lr", lr}, {"coef", coef},
-               {"server_seconds", seconds_}, {"bwd_budget", link_->backward_budget()}});
+  log_->write({{"step", step},
+               {"loss", micro_ ? loss_sum_ / micro_ : 0.0},
+               {"lr", lr},
+               {"coef", coef},
+               {"server_seconds", seconds_},
+               {"bwd_budget", link_->backward_budget()}});
   loss_sum_ = seconds_ = 0;
   micro_ = 0;
   ++step_;
@@ -349,7 +377,9 @@ wire::Status TrainServer::Session::on_step(const nlohmann::json& j) {
 wire::Status TrainServer::Session::on_checkpoint(const nlohmann::json& j) {
   const int64_t step = j.at("step").get<int64_t>();
   const bool final = j.value("final", false);
-  if (step != step_) return fail(bad("CHECKPOINT at step " + std::to_string(step) + " but the server is at step " + std::to_string(step_)));
+  if (step != step_)
+    return fail(
+        bad("CHECKPOINT at step " + std::to_string(step) + " but the server is at step " + std::to_string(step_)));
   std::string blob;
   compute::run([&] {
     save_side_checkpoint(root_, step, side_, *link_, {{"step", step}, {"run_id", run_id_}}, cfg_.keep_checkpoints);
@@ -361,7 +391,9 @@ wire::Status TrainServer::Session::on_checkpoint(const nlohmann::json& j) {
 }
 
 wire::Status TrainServer::Session::on_bye() {
-  log_->write({{"session", {{"bytes_sent", ch_.accounting().bytes_sent()}, {"bytes_received", ch_.accounting().bytes_received()}}}});
+  log_->write(
+      {{"session",
+        {{"bytes_sent", ch_.accounting().bytes_sent()}, {"bytes_received", ch_.accounting().bytes_received()}}}});
   spdlog::info("session {}: run {} ended by the client after step {}", id_, run_id_, step_);
   return wire::Status::Ok();
 }

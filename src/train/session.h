@@ -17,14 +17,13 @@
 // BACKWARD, the client adds its own and sends the coefficient, exactly as clip_grad_norm_ over the
 // unsplit model's parameters.
 #pragma once
-#include <nlohmann/json.hpp>
-
 #include <atomic>
 #include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -38,12 +37,12 @@
 namespace amaq::train {
 
 struct ServerConfig {
-  std::string model;    ///< HF model directory
+  std::string model;  ///< HF model directory
   int64_t split = 0;
   std::string run_dir;  ///< one subdirectory per client run id (checkpoints, metrics)
   SideOptions side;
   quant::CodecSpec fwd_codec, bwd_codec;  ///< parsed by the app (none:fp32 by default)
-  std::string token;    ///< empty: no authentication
+  std::string token;                      ///< empty: no authentication
   int keep_checkpoints = 3;
   std::chrono::milliseconds idle_timeout{std::chrono::minutes(10)};
   std::chrono::milliseconds handshake_timeout{std::chrono::seconds(30)};
@@ -86,13 +85,13 @@ struct ClientConfig {
   std::string token;
   int64_t checkpoint_every = 0;  ///< 0: only at the end
   int keep_checkpoints = 3;
-  int64_t eval_every = 0;        ///< 0: only at the end (when there is validation data)
-  int64_t eval_batches = 0;      ///< 0: the whole validation set
+  int64_t eval_every = 0;    ///< 0: only at the end (when there is validation data)
+  int64_t eval_batches = 0;  ///< 0: the whole validation set
   bool resume = false;
-  int64_t stop_after = -1;       ///< leave after this many steps as if interrupted (tests)
-  int retries = 3;               ///< reconnects (resuming from the last checkpoint) after a dropped link
+  int64_t stop_after = -1;  ///< leave after this many steps as if interrupted (tests)
+  int retries = 3;          ///< reconnects (resuming from the last checkpoint) after a dropped link
   bool quiet = false;
-  bool progress_bar = false;     ///< force the bar even when stderr is not a terminal
+  bool progress_bar = false;                                  ///< force the bar even when stderr is not a terminal
   std::vector<std::pair<std::string, std::string>> resolved;  ///< the resolved options, for the table
 };
 
@@ -101,7 +100,7 @@ struct RunResult {
   nlohmann::json eval;            ///< final evaluation (empty without validation data)
   int64_t completed_steps = 0;
   std::string run_dir;
-  std::string summary;            ///< the summary table printed at the end
+  std::string summary;  ///< the summary table printed at the end
 };
 
 /// Opens a channel to the server (TCP/TLS or in-process).

@@ -1,6 +1,5 @@
 #include "train/session_util.h"
 
-
 namespace amaq::train::detail {
 
 wire::Status send_control(wire::Channel& ch, wire::ControlKind kind, const nlohmann::json& j, std::string blob) {
@@ -13,36 +12,43 @@ wire::Status expect(wire::Channel& ch, wire::MessageType type, std::chrono::mill
   if (!s.ok()) return s;
   if (f->type == wire::MessageType::kError) return wire::parse_error_payload(f->payload);
   if (f->type != type) {
-    return wire::Status::Fail(wire::ErrorCode::kBadMessage,
-                              std::string("expected ") + wire::message_name(type) + ", got " + wire::message_name(f->type));
+    return wire::Status::Fail(wire::ErrorCode::kBadMessage, std::string("expected ") + wire::message_name(type) +
+                                                                ", got " + wire::message_name(f->type));
   }
   return wire::Status::Ok();
 }
 
 wire::Status parse_control(const wire::Frame& f, wire::ControlKind kind, nlohmann::json* j, std::string* blob) {
   if (f.type != wire::MessageType::kControl) {
-    return wire::Status::Fail(wire::ErrorCode::kBadMessage, std::string("expected CONTROL, got ") + wire::message_name(f.type));
+    return wire::Status::Fail(wire::ErrorCode::kBadMessage,
+                              std::string("expected CONTROL, got ") + wire::message_name(f.type));
   }
   wire::ControlMsg m;
   wire::Status s = wire::ControlMsg::decode(f.payload, &m);
   if (!s.ok()) return s;
   if (m.kind != kind) {
-    return wire::Status::Fail(wire::ErrorCode::kBadMessage, "CONTROL of kind " + std::to_string(static_cast<int>(m.kind)) +
+    return wire::Status::Fail(wire::ErrorCode::kBadMessage, "CONTROL of kind " +
+                                                                std::to_string(static_cast<int>(m.kind)) +
                                                                 ", expected " + std::to_string(static_cast<int>(kind)));
   }
   *j = nlohmann::json::parse(m.json, nullptr, false);
-  if (j->is_discarded() || !j->is_object()) return wire::Status::Fail(wire::ErrorCode::kBadMessage, "CONTROL body is not a JSON object");
+  if (j->is_discarded() || !j->is_object())
+    return wire::Status::Fail(wire::ErrorCode::kBadMessage, "CONTROL body is not a JSON object");
   if (blob) *blob = std::move(m.blob);
   return wire::Status::Ok();
 }
 
 at::ScalarType label_scalar(wire::LabelType t) {
   switch (t) {
-    case wire::LabelType::kI8: return at::kChar;
-    case wire::LabelType::kI16: return at::kShort;
-    case wire::LabelType::kI32: return at::kInt;
+    case wire::LabelType::kI8:
+      return at::kChar;
+    case wire::LabelType::kI16:
+      return at::kShort;
+    case wire::LabelType::kI32:
+      return at::kInt;
     case wire::LabelType::kNone:
-    case wire::LabelType::kI64: return at::kLong;
+    case wire::LabelType::kI64:
+      return at::kLong;
   }
   return at::kLong;
 }

@@ -28,7 +28,8 @@ Side Side::build(const ModelConfig& config, const CheckpointReader& ckpt, SideRo
     std::lock_guard<std::mutex> lock(rng_mutex());
     at::manual_seed(seed);
     if (apply_lora(s.part, options.lora(), options.targets) == 0) {
-      throw Error("LoRA targets match no linear layer of this side", "check --lora-targets (e.g. all-linear, q_proj,v_proj)");
+      throw Error("LoRA targets match no linear layer of this side",
+                  "check --lora-targets (e.g. all-linear, q_proj,v_proj)");
     }
   }
   auto params = s.part->trainable_parameters();
@@ -55,9 +56,11 @@ void Side::load_state(const std::map<std::string, at::Tensor>& tensors, const st
   at::NoGradGuard no_grad;
   for (auto& [name, t] : state()) {
     auto it = tensors.find(name);
-    if (it == tensors.end()) throw Error(what + " has no tensor '" + name + "'", "the checkpoint is from a run with other LoRA targets");
+    if (it == tensors.end())
+      throw Error(what + " has no tensor '" + name + "'", "the checkpoint is from a run with other LoRA targets");
     if (it->second.sizes() != t.sizes()) {
-      throw Error(what + ": tensor '" + name + "' has shape " + c10::str(it->second.sizes()) + ", expected " + c10::str(t.sizes()),
+      throw Error(what + ": tensor '" + name + "' has shape " + c10::str(it->second.sizes()) + ", expected " +
+                      c10::str(t.sizes()),
                   "the checkpoint is from a run with another LoRA rank or model");
     }
     t.copy_(it->second);
@@ -86,7 +89,9 @@ void Side::step(double lr, double coef) {
   opt->step();
 }
 
-void Side::zero_grad() { opt->zero_grad(); }
+void Side::zero_grad() {
+  opt->zero_grad();
+}
 
 double clip_coefficient(double total_sq_norm, double max_norm) {
   if (max_norm <= 0) return 1.0;

@@ -150,7 +150,8 @@ class InProcessChannel : public Channel {
 
 std::pair<std::unique_ptr<Channel>, std::unique_ptr<Channel>> make_in_process_pair(uint64_t max_payload_bytes) {
   auto a = std::make_shared<Pipe>(), b = std::make_shared<Pipe>();
-  return {std::make_unique<InProcessChannel>(a, b, max_payload_bytes), std::make_unique<InProcessChannel>(b, a, max_payload_bytes)};
+  return {std::make_unique<InProcessChannel>(a, b, max_payload_bytes),
+          std::make_unique<InProcessChannel>(b, a, max_payload_bytes)};
 }
 
 }  // namespace amaq::wire

@@ -1,47 +1,74 @@
 #include "wire/frame.h"
 
 #include <boost/crc.hpp>
-
 #include <cstring>
 
 namespace amaq::wire {
 
 const char* message_name(MessageType t) {
   switch (t) {
-    case MessageType::kHello: return "HELLO";
-    case MessageType::kChallenge: return "CHALLENGE";
-    case MessageType::kAuth: return "AUTH";
-    case MessageType::kHelloAck: return "HELLO_ACK";
-    case MessageType::kForward: return "FORWARD";
-    case MessageType::kBackward: return "BACKWARD";
-    case MessageType::kEval: return "EVAL";
-    case MessageType::kControl: return "CONTROL";
-    case MessageType::kHeartbeat: return "HEARTBEAT";
-    case MessageType::kError: return "ERROR";
-    case MessageType::kBye: return "BYE";
+    case MessageType::kHello:
+      return "HELLO";
+    case MessageType::kChallenge:
+      return "CHALLENGE";
+    case MessageType::kAuth:
+      return "AUTH";
+    case MessageType::kHelloAck:
+      return "HELLO_ACK";
+    case MessageType::kForward:
+      return "FORWARD";
+    case MessageType::kBackward:
+      return "BACKWARD";
+    case MessageType::kEval:
+      return "EVAL";
+    case MessageType::kControl:
+      return "CONTROL";
+    case MessageType::kHeartbeat:
+      return "HEARTBEAT";
+    case MessageType::kError:
+      return "ERROR";
+    case MessageType::kBye:
+      return "BYE";
   }
   return "UNKNOWN";
 }
 
 const char* error_name(ErrorCode c) {
   switch (c) {
-    case ErrorCode::kOk: return "ok";
-    case ErrorCode::kBadMagic: return "bad magic";
-    case ErrorCode::kBadVersion: return "unsupported protocol version";
-    case ErrorCode::kBadType: return "unknown message type";
-    case ErrorCode::kTooLarge: return "frame too large";
-    case ErrorCode::kBadChecksum: return "checksum mismatch";
-    case ErrorCode::kTruncated: return "truncated frame";
-    case ErrorCode::kBadAuth: return "authentication failed";
-    case ErrorCode::kModelMismatch: return "different model";
-    case ErrorCode::kSplitMismatch: return "different split";
-    case ErrorCode::kCodecMismatch: return "different codec";
-    case ErrorCode::kBadMessage: return "malformed message";
-    case ErrorCode::kTimeout: return "timeout";
-    case ErrorCode::kClosed: return "connection closed";
-    case ErrorCode::kInternal: return "internal error";
-    case ErrorCode::kTls: return "TLS failure";
-    case ErrorCode::kResume: return "cannot resume";
+    case ErrorCode::kOk:
+      return "ok";
+    case ErrorCode::kBadMagic:
+      return "bad magic";
+    case ErrorCode::kBadVersion:
+      return "unsupported protocol version";
+    case ErrorCode::kBadType:
+      return "unknown message type";
+    case ErrorCode::kTooLarge:
+      return "frame too large";
+    case ErrorCode::kBadChecksum:
+      return "checksum mismatch";
+    case ErrorCode::kTruncated:
+      return "truncated frame";
+    case ErrorCode::kBadAuth:
+      return "authentication failed";
+    case ErrorCode::kModelMismatch:
+      return "different model";
+    case ErrorCode::kSplitMismatch:
+      return "different split";
+    case ErrorCode::kCodecMismatch:
+      return "different codec";
+    case ErrorCode::kBadMessage:
+      return "malformed message";
+    case ErrorCode::kTimeout:
+      return "timeout";
+    case ErrorCode::kClosed:
+      return "connection closed";
+    case ErrorCode::kInternal:
+      return "internal error";
+    case ErrorCode::kTls:
+      return "TLS failure";
+    case ErrorCode::kResume:
+      return "cannot resume";
   }
   return "unknown error";
 }
@@ -95,12 +122,14 @@ std::string encode_frame(const Frame& f) {
 }
 
 Status check_header(const FrameHeader& h, uint64_t max_payload_bytes) {
-  if (h.magic != kFrameMagic) return Status::Fail(ErrorCode::kBadMagic, "frame does not start with AMQF (not an amaq peer?)");
+  if (h.magic != kFrameMagic)
+    return Status::Fail(ErrorCode::kBadMagic, "frame does not start with AMQF (not an amaq peer?)");
   if (h.version != kProtocolVersion) {
-    return Status::Fail(ErrorCode::kBadVersion, "peer speaks protocol version " + std::to_string(h.version) + ", this build speaks " +
-                                                    std::to_string(kProtocolVersion));
+    return Status::Fail(ErrorCode::kBadVersion, "peer speaks protocol version " + std::to_string(h.version) +
+                                                    ", this build speaks " + std::to_string(kProtocolVersion));
   }
-  if (h.type == 0 || h.type > kMaxMessageType) return Status::Fail(ErrorCode::kBadType, "message type " + std::to_string(h.type));
+  if (h.type == 0 || h.type > kMaxMessageType)
+    return Status::Fail(ErrorCode::kBadType, "message type " + std::to_string(h.type));
   if (h.length > max_payload_bytes) {
     return Status::Fail(ErrorCode::kTooLarge, "frame of " + std::to_string(h.length) + " bytes exceeds the limit of " +
                                                   std::to_string(max_payload_bytes));
@@ -128,7 +157,8 @@ Status FrameDecoder::feed(std::string_view bytes) {
     if (payload_.size() < header_.length) break;
     const auto type = static_cast<MessageType>(header_.type);
     if (crc32c(payload_.data(), payload_.size()) != header_.checksum) {
-      status_ = Status::Fail(ErrorCode::kBadChecksum, std::string(message_name(type)) + " frame payload fails its CRC32C");
+      status_ =
+          Status::Fail(ErrorCode::kBadChecksum, std::string(message_name(type)) + " frame payload fails its CRC32C");
       break;
     }
     ready_.push_back(Frame{type, header_.flags, std::move(payload_)});

@@ -15,7 +15,7 @@
 namespace amaq::wire {
 
 constexpr uint32_t kFrameMagic = 0x46514D41;  // "AMQF"
-constexpr uint16_t kProtocolVersion = 2;  // 2: FORWARD labels in the narrowest integer type
+constexpr uint16_t kProtocolVersion = 2;      // 2: FORWARD labels in the narrowest integer type
 
 /// Message types. Values only ever grow; a reader refuses those it does not know.
 enum class MessageType : uint8_t {
@@ -26,9 +26,9 @@ enum class MessageType : uint8_t {
   kForward = 5,    ///< step, micro-batch, labels/mask, compressed activations
   kBackward = 6,   ///< step, micro-batch, compressed gradients
   kEval = 7,
-  kControl = 8,    ///< checkpoint now, bit-width sync, schedule
+  kControl = 8,  ///< checkpoint now, bit-width sync, schedule
   kHeartbeat = 9,
-  kError = 10,     ///< code + text, then the sender closes
+  kError = 10,  ///< code + text, then the sender closes
   kBye = 11,
 };
 constexpr uint8_t kMaxMessageType = 11;
@@ -119,7 +119,7 @@ class FrameDecoder {
   std::string header_bytes_;  // the header being received
   FrameHeader header_{};
   bool have_header_ = false;
-  std::string payload_;       // the payload being received
+  std::string payload_;  // the payload being received
   std::deque<Frame> ready_;
   Status status_;
 };

@@ -12,7 +12,6 @@
 // impostor that merely accepts everything.
 #pragma once
 #include <nlohmann/json.hpp>
-
 #include <string>
 
 #include "wire/channel.h"
@@ -45,7 +44,8 @@ struct HelloAck {
 };
 
 /// Client side. Returns the server's ERROR as a Status when refused.
-Status client_handshake(Channel& ch, Hello hello, const std::string& token, std::chrono::milliseconds timeout, HelloAck* ack);
+Status client_handshake(Channel& ch, Hello hello, const std::string& token, std::chrono::milliseconds timeout,
+                        HelloAck* ack);
 
 /// Server side. On failure it has already told the client (ERROR frame) and closed the channel.
 Status server_handshake(Channel& ch, const ServerPolicy& policy, uint64_t session_id, std::chrono::milliseconds timeout,

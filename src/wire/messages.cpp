@@ -8,7 +8,9 @@ namespace {
 class Writer {
  public:
   template <typename T>
-  void put(T v) { out_.append(reinterpret_cast<const char*>(&v), sizeof v); }
+  void put(T v) {
+    out_.append(reinterpret_cast<const char*>(&v), sizeof v);
+  }
   void bytes(const void* p, size_t n) {
     if (n) out_.append(static_cast<const char*>(p), n);
   }
@@ -32,8 +34,8 @@ class Reader {
   std::string_view view(uint64_t count, size_t width, const char* field) {
     if (!status_.ok()) return {};
     if (count > (data_.size() - pos_) / width) {
-      fail(std::string(field) + ": " + std::to_string(count) + " entries announced, " + std::to_string(data_.size() - pos_) +
-           " bytes left");
+      fail(std::string(field) + ": " + std::to_string(count) + " entries announced, " +
+           std::to_string(data_.size() - pos_) + " bytes left");
       return {};
     }
     std::string_view v(data_.data() + pos_, count * width);
@@ -43,8 +45,8 @@ class Reader {
   template <typename T>
   void array(std::vector<T>* out, uint64_t count, const char* field) {
     if (count > (data_.size() - pos_) / sizeof(T)) {
-      fail(std::string(field) + ": " + std::to_string(count) + " entries announced, " + std::to_string(data_.size() - pos_) +
-           " bytes left");
+      fail(std::string(field) + ": " + std::to_string(count) + " entries announced, " +
+           std::to_string(data_.size() - pos_) + " bytes left");
       return;
     }
     out->resize(count);
@@ -56,7 +58,8 @@ class Reader {
     uint64_t n = get<uint64_t>(field);
     if (!status_.ok()) return {};
     if (n != data_.size() - pos_) {
-      fail(std::string(field) + ": length " + std::to_string(n) + " but " + std::to_string(data_.size() - pos_) + " bytes follow");
+      fail(std::string(field) + ": length " + std::to_string(n) + " but " + std::to_string(data_.size() - pos_) +
+           " bytes follow");
       return {};
     }
     std::string_view v(data_.data() + pos_, n);
@@ -87,11 +90,16 @@ class Reader {
 
 size_t label_bytes(LabelType t) {
   switch (t) {
-    case LabelType::kNone: return 0;
-    case LabelType::kI8: return 1;
-    case LabelType::kI16: return 2;
-    case LabelType::kI32: return 4;
-    case LabelType::kI64: return 8;
+    case LabelType::kNone:
+      return 0;
+    case LabelType::kI8:
+      return 1;
+    case LabelType::kI16:
+      return 2;
+    case LabelType::kI32:
+      return 4;
+    case LabelType::kI64:
+      return 8;
   }
   return 0;
 }
@@ -146,7 +154,8 @@ Status ForwardMsg::decode(const std::string& payload, ForwardMsg* m) {
     }
   }
   const uint64_t ids = r.get<uint64_t>("sample_count");
-  if (r.status().ok() && ids != 0 && ids != m->batch) r.fail("has " + std::to_string(ids) + " sample ids for a batch of " + std::to_string(m->batch));
+  if (r.status().ok() && ids != 0 && ids != m->batch)
+    r.fail("has " + std::to_string(ids) + " sample ids for a batch of " + std::to_string(m->batch));
   if (r.status().ok()) r.array(&m->sample_ids, ids, "sample_ids");
   m->packet = r.blob("packet");
   return r.status();
@@ -194,7 +203,8 @@ Status ControlMsg::decode(const std::string& payload, ControlMsg* m) {
   const uint32_t n = r.get<uint32_t>("json_len");
   if (!r.status().ok()) return r.status();
   if (kind < 1 || kind > kMaxControlKind) r.fail("kind " + std::to_string(kind) + " unknown");
-  if (n > payload.size() - 8) r.fail("json_len " + std::to_string(n) + " but " + std::to_string(payload.size() - 8) + " bytes follow");
+  if (n > payload.size() - 8)
+    r.fail("json_len " + std::to_string(n) + " but " + std::to_string(payload.size() - 8) + " bytes follow");
   if (!r.status().ok()) return r.status();
   m->kind = static_cast<ControlKind>(kind);
   m->json = payload.substr(8, n);

@@ -3,9 +3,9 @@
 #include <openssl/ssl.h>
 #include <spdlog/spdlog.h>
 
+#include <array>
 #include <boost/asio.hpp>
 #include <boost/asio/ssl.hpp>
-#include <array>
 #include <cstring>
 
 #include "core/error.h"
@@ -41,7 +41,11 @@ class StreamChannel : public Channel {
  public:
   StreamChannel(std::shared_ptr<asio::io_context> io, std::shared_ptr<asio::ssl::context> ssl, Stream stream,
                 uint64_t max_payload, Millis io_timeout)
-      : io_(std::move(io)), ssl_(std::move(ssl)), stream_(std::move(stream)), decoder_(max_payload), io_timeout_(io_timeout),
+      : io_(std::move(io)),
+        ssl_(std::move(ssl)),
+        stream_(std::move(stream)),
+        decoder_(max_payload),
+        io_timeout_(io_timeout),
         buffer_(1 << 20) {}
   ~StreamChannel() override { close(); }
 
@@ -83,7 +87,8 @@ class StreamChannel : public Channel {
       });
       const bool in_time = run_until(*io_, stream_, done, t0 + timeout);
       accounting_.seconds_blocked += std::chrono::duration<double>(Clock::now() - t0).count();
-      if (!in_time) return Status::Fail(ErrorCode::kTimeout, "no complete frame within " + std::to_string(timeout.count()) + " ms");
+      if (!in_time)
+        return Status::Fail(ErrorCode::kTimeout, "no complete frame within " + std::to_string(timeout.count()) + " ms");
       if (ec) {
         close();
         return Status::Fail(ErrorCode::kClosed, ec == asio::error::eof ? "peer closed the connection" : ec.message());
@@ -126,14 +131,16 @@ std::string ssl_error_text(const error_code& ec) {
 }
 
 std::shared_ptr<asio::ssl::context> make_tls_context(bool server, const TlsFiles& f, bool verify_peer) {
-  auto ctx = std::make_shared<asio::ssl::context>(server ? asio::ssl::context::tls_server : asio::ssl::context::tls_client);
+  auto ctx =
+      std::make_shared<asio::ssl::context>(server ? asio::ssl::context::tls_server : asio::ssl::context::tls_client);
   SSL_CTX_set_min_proto_version(ctx->native_handle(), TLS1_3_VERSION);
   try {
     if (!f.cert.empty()) ctx->use_certificate_chain_file(f.cert);
     if (!f.key.empty()) ctx->use_private_key_file(f.key, asio::ssl::context::pem);
     if (!f.ca.empty()) ctx->load_verify_file(f.ca);
   } catch (const boost::system::system_error& e) {
-    throw Error(std::string("cannot load TLS files (cert '") + f.cert + "', key '" + f.key + "', ca '" + f.ca + "'): " + e.what(),
+    throw Error(std::string("cannot load TLS files (cert '") + f.cert + "', key '" + f.key + "', ca '" + f.ca +
+                    "'): " + e.what(),
                 "give PEM files: --tls-cert/--tls-key on the server, --tls-ca on the client");
   }
   if (verify_peer) ctx->set_verify_mode(asio::ssl::verify_peer | asio::ssl::verify_fail_if_no_peer_cert);
@@ -162,11 +169,15 @@ Status connect(const ClientOptions& opt, std::unique_ptr<Channel>* out) {
     ec = e;
     done = true;
   });
-  if (!run_until(*io, socket, done, deadline)) return Status::Fail(ErrorCode::kTimeout, "connect to " + opt.host_ + " timed out");
-  if (ec) return Status::Fail(ErrorCode::kClosed, "cannot connect to " + opt.host_ + ":" + std::to_string(opt.port_) + ": " + ec.message());
+  if (!run_until(*io, socket, done, deadline))
+    return Status::Fail(ErrorCode::kTimeout, "connect to " + opt.host_ + " timed out");
+  if (ec)
+    return Status::Fail(ErrorCode::kClosed,
+                        "cannot connect to " + opt.host_ + ":" + std::to_string(opt.port_) + ": " + ec.message());
   socket.set_option(tcp::no_delay(true), ec);
   if (!opt.tls_) {
-    *out = std::make_unique<StreamChannel<tcp::socket>>(io, nullptr, std::move(socket), opt.max_payload_, opt.io_timeout_);
+    *out =
+        std::make_unique<StreamChannel<tcp::socket>>(io, nullptr, std::move(socket), opt.max_payload_, opt.io_timeout_);
     return Status::Ok();
   }
   std::shared_ptr<asio::ssl::context> ctx;
@@ -183,7 +194,8 @@ Status connect(const ClientOptions& opt, std::unique_ptr<Channel>* out) {
     ec = e;
     done = true;
   });
-  if (!run_until(*io, stream, done, deadline)) return Status::Fail(ErrorCode::kTimeout, "TLS handshake with " + opt.host_ + " timed out");
+  if (!run_until(*io, stream, done, deadline))
+    return Status::Fail(ErrorCode::kTimeout, "TLS handshake with " + opt.host_ + " timed out");
   if (ec) return Status::Fail(ErrorCode::kTls, "TLS handshake with " + opt.host_ + " failed: " + ssl_error_text(ec));
   *out = std::make_unique<StreamChannel<TlsStream>>(io, ctx, std::move(stream), opt.max_payload_, opt.io_timeout_);
   return Status::Ok();
@@ -275,7 +287,8 @@ struct Server::Impl {
           done = true;
         });
         if (!run_until(*ctx, stream, done, Clock::now() + options.handshake_timeout_) || ec) {
-          spdlog::warn("session {} from {}: TLS handshake failed: {}", id, sc.peer, ec ? ssl_error_text(ec) : "timeout");
+          spdlog::warn("session {} from {}: TLS handshake failed: {}", id, sc.peer,
+                       ec ? ssl_error_text(ec) : "timeout");
           owner->failed_++;
         } else {
           StreamChannel<TlsStream> ch(ctx, tls, std::move(stream), options.max_payload_, options.io_timeout_);
@@ -294,12 +307,14 @@ struct Server::Impl {
   }
 };
 
-Server::Server(ServerOptions options, Handler handler) : impl_(std::make_unique<Impl>(std::move(options), std::move(handler))) {
+Server::Server(ServerOptions options, Handler handler)
+    : impl_(std::make_unique<Impl>(std::move(options), std::move(handler))) {
   Impl& s = *impl_;
   s.owner = this;
   if (!s.options.tls_ && !is_loopback(s.options.host_)) {
     if (!s.options.insecure_) {
-      throw Error("refusing to serve plain TCP on " + s.options.host_ + ": activations, gradients and tokens would cross the network unencrypted",
+      throw Error("refusing to serve plain TCP on " + s.options.host_ +
+                      ": activations, gradients and tokens would cross the network unencrypted",
                   "give --tls-cert and --tls-key, or pass --insecure if the network is trusted");
     }
     spdlog::warn("serving plain TCP on non-loopback {} (--insecure): traffic is not encrypted", s.options.host_);
@@ -307,7 +322,9 @@ Server::Server(ServerOptions options, Handler handler) : impl_(std::make_unique<
   if (s.options.tls_) s.tls = make_tls_context(true, s.options.files_, s.options.mutual_);
   error_code ec;
   auto addr = asio::ip::make_address(s.options.host_ == "localhost" ? "127.0.0.1" : s.options.host_, ec);
-  if (ec) throw Error("cannot parse listen address '" + s.options.host_ + "'", "use an IP address such as 127.0.0.1 or 0.0.0.0");
+  if (ec)
+    throw Error("cannot parse listen address '" + s.options.host_ + "'",
+                "use an IP address such as 127.0.0.1 or 0.0.0.0");
   tcp::endpoint ep(addr, s.options.port_);
   s.acceptor.open(ep.protocol(), ec);
   if (!ec) s.acceptor.set_option(tcp::acceptor::reuse_address(true), ec);
@@ -337,6 +354,8 @@ void Server::stop() {
   for (auto& s : sessions) s.thread.join();
 }
 
-Server::~Server() { stop(); }
+Server::~Server() {
+  stop();
+}
 
 }  // namespace amaq::wire

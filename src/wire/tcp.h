@@ -25,13 +25,26 @@ struct TlsFiles {
 struct ClientOptions {
   ClientOptions(std::string host, uint16_t port) : host_(std::move(host)), port_(port) {}
   /// TLS with these files; off by default.
-  ClientOptions& tls(TlsFiles f) { tls_ = true; files_ = std::move(f); return *this; }
+  ClientOptions& tls(TlsFiles f) {
+    tls_ = true;
+    files_ = std::move(f);
+    return *this;
+  }
   /// Limit on one frame's payload; default 1 GiB.
-  ClientOptions& max_payload(uint64_t v) { max_payload_ = v; return *this; }
+  ClientOptions& max_payload(uint64_t v) {
+    max_payload_ = v;
+    return *this;
+  }
   /// Connect + TLS handshake deadline; default 10 s.
-  ClientOptions& connect_timeout(Millis v) { connect_timeout_ = v; return *this; }
+  ClientOptions& connect_timeout(Millis v) {
+    connect_timeout_ = v;
+    return *this;
+  }
   /// Deadline of one send; default 60 s.
-  ClientOptions& io_timeout(Millis v) { io_timeout_ = v; return *this; }
+  ClientOptions& io_timeout(Millis v) {
+    io_timeout_ = v;
+    return *this;
+  }
 
   std::string host_;
   uint16_t port_;
@@ -47,7 +60,10 @@ Status connect(const ClientOptions& opt, std::unique_ptr<Channel>* out);
 struct ServerOptions {
   explicit ServerOptions(uint16_t port) : port_(port) {}
   /// Address to bind; default loopback.
-  ServerOptions& host(std::string v) { host_ = std::move(v); return *this; }
+  ServerOptions& host(std::string v) {
+    host_ = std::move(v);
+    return *this;
+  }
   /// Serve TLS 1.3 with these files; `require_client_cert` asks for mutual TLS.
   ServerOptions& tls(TlsFiles f, bool require_client_cert = false) {
     tls_ = true;
@@ -56,13 +72,28 @@ struct ServerOptions {
     return *this;
   }
   /// Allow plain TCP on a non-loopback address (prints a warning); default false.
-  ServerOptions& insecure(bool v) { insecure_ = v; return *this; }
-  ServerOptions& max_payload(uint64_t v) { max_payload_ = v; return *this; }
+  ServerOptions& insecure(bool v) {
+    insecure_ = v;
+    return *this;
+  }
+  ServerOptions& max_payload(uint64_t v) {
+    max_payload_ = v;
+    return *this;
+  }
   /// TLS handshake deadline; default 10 s.
-  ServerOptions& handshake_timeout(Millis v) { handshake_timeout_ = v; return *this; }
-  ServerOptions& io_timeout(Millis v) { io_timeout_ = v; return *this; }
+  ServerOptions& handshake_timeout(Millis v) {
+    handshake_timeout_ = v;
+    return *this;
+  }
+  ServerOptions& io_timeout(Millis v) {
+    io_timeout_ = v;
+    return *this;
+  }
   /// Sessions served at once; more are refused. Default 64.
-  ServerOptions& max_sessions(int v) { max_sessions_ = v; return *this; }
+  ServerOptions& max_sessions(int v) {
+    max_sessions_ = v;
+    return *this;
+  }
 
   uint16_t port_;
   std::string host_ = "127.0.0.1";

@@ -26,7 +26,8 @@ TEST(IntegrationForwardCli, SplitRunWithAdapterWritesHfLogitsAndHiddenStates) {
     EXPECT_TRUE(testing::all_close(got.at(k), ref.at(k), 1e-4, 1e-4)) << k;
   }
   ASSERT_EQ(testing::run_command(cmd + " --adapter " + model + "/adapter", &out), 0) << out;
-  EXPECT_TRUE(testing::all_close(load_safetensors(tmp.file("o.safetensors")).at("logits"), ref.at("logits_lora"), 1e-4, 1e-4));
+  EXPECT_TRUE(
+      testing::all_close(load_safetensors(tmp.file("o.safetensors")).at("logits"), ref.at("logits_lora"), 1e-4, 1e-4));
 }
 
 TEST(IntegrationForwardCli, BadInputExitsWithOneClearError) {

@@ -15,7 +15,9 @@ TEST(IntegrationInitModelCli, WritesACheckpointOfTheRequestedShapeThatLoadsAndRu
   testing::TempDir tmp;
   const std::string bin = std::string(AMAQ_BINARY) + " init-model --out " + tmp.file("m");
   std::string out;
-  ASSERT_EQ(testing::run_command(bin + " --hidden 96 --layers 3 --heads 6 --kv-heads 2 --intermediate 200 --seed 4", &out), 0) << out;
+  ASSERT_EQ(
+      testing::run_command(bin + " --hidden 96 --layers 3 --heads 6 --kv-heads 2 --intermediate 200 --seed 4", &out), 0)
+      << out;
   EXPECT_NE(out.find("3 layers, hidden 96"), std::string::npos) << out;
   const ModelConfig c = ModelConfig::load(tmp.file("m"));
   EXPECT_EQ(c.hidden_size, 96);

@@ -1,11 +1,12 @@
 // safetensors: round trip, sharded checkpoints, and every malformed file refused with a named cause.
+#include "core/safetensors.h"
+
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "core/fs.h"
-#include "core/safetensors.h"
 #include "testing.h"
 
 namespace amaq {
@@ -58,8 +59,9 @@ TEST(Safetensors, ShardedCheckpointLoadsEachTensorFromItsShard) {
   at::Tensor a = at::randn({4, 4}, gen), b = at::randn({8}, gen).to(at::kBFloat16);
   save_safetensors(tmp.file("model-00001-of-00002.safetensors"), {{"a", a}});
   save_safetensors(tmp.file("model-00002-of-00002.safetensors"), {{"b", b}});
-  nlohmann::json index = {{"metadata", {{"total_size", 96}}},
-                          {"weight_map", {{"a", "model-00001-of-00002.safetensors"}, {"b", "model-00002-of-00002.safetensors"}}}};
+  nlohmann::json index = {
+      {"metadata", {{"total_size", 96}}},
+      {"weight_map", {{"a", "model-00001-of-00002.safetensors"}, {"b", "model-00002-of-00002.safetensors"}}}};
   write_bytes(tmp.file("model.safetensors.index.json"), index.dump());
   CheckpointReader ckpt(tmp.path());
   EXPECT_TRUE(at::equal(ckpt.load("a", at::kFloat), a));
@@ -106,8 +108,9 @@ TEST(Safetensors, MalformedHeadersAreRefused) {
       {R"({"w":{"dtype":"F32","shape":[-4],"data_offsets":[0,16]}})", 16, "negative"},
       {R"({"w":{"dtype":"F32","shape":[4]}})", 16, "needs dtype, shape and data_offsets"},
       {R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[8,0]}})", 16, "begin > end"},
-      {R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}})", 24,
-       "overlap"},
+      {R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
+       R"("b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}})",
+       24, "overlap"},
       {R"({"w":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,16]}})", 16, "overflows"},
   };
   for (const auto& c : cases) {

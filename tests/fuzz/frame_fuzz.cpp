@@ -28,16 +28,26 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       amaq::wire::ControlMsg ctl;
       amaq::wire::EvalResultMsg eval;
       switch (f.type) {
-        case amaq::wire::MessageType::kHello: amaq::wire::Hello::parse(f.payload, &hello); break;
+        case amaq::wire::MessageType::kHello:
+          amaq::wire::Hello::parse(f.payload, &hello);
+          break;
         case amaq::wire::MessageType::kForward:
         case amaq::wire::MessageType::kEval:
           amaq::wire::ForwardMsg::decode(f.payload, &fwd);
           amaq::wire::EvalResultMsg::decode(f.payload, &eval);
           break;
-        case amaq::wire::MessageType::kBackward: amaq::wire::BackwardMsg::decode(f.payload, &bwd); break;
-        case amaq::wire::MessageType::kControl: amaq::wire::ControlMsg::decode(f.payload, &ctl); break;
-        case amaq::wire::MessageType::kError: amaq::wire::parse_error_payload(f.payload); break;
-        default: (void)nlohmann::json::parse(f.payload, nullptr, false); break;
+        case amaq::wire::MessageType::kBackward:
+          amaq::wire::BackwardMsg::decode(f.payload, &bwd);
+          break;
+        case amaq::wire::MessageType::kControl:
+          amaq::wire::ControlMsg::decode(f.payload, &ctl);
+          break;
+        case amaq::wire::MessageType::kError:
+          amaq::wire::parse_error_payload(f.payload);
+          break;
+        default:
+          (void)nlohmann::json::parse(f.payload, nullptr, false);
+          break;
       }
     }
     (void)decoder.wanted();

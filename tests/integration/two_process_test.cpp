@@ -1,9 +1,9 @@
 // `amaq server` and `amaq client` as two processes on loopback, TLS 1.3 and a token: a 30-step
 // AMAQ run; a client SIGKILLed mid-run and resumed; a client with another split refused.
 // (ctest label `integration`.)
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
-#include <fcntl.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -63,7 +63,9 @@ class Process {
   bool exited_ = false;
 };
 
-std::string slurp(const std::string& path) { return file_exists(path) ? read_file(path) : std::string(); }
+std::string slurp(const std::string& path) {
+  return file_exists(path) ? read_file(path) : std::string();
+}
 
 std::vector<nlohmann::json> lines_with(const std::string& path, const char* key) {
   std::vector<nlohmann::json> out;
@@ -79,19 +81,34 @@ std::vector<nlohmann::json> lines_with(const std::string& path, const char* key)
 TEST(Integration, TwoProcessesOverTlsWithTokenTrainResumeAndRefuse) {
   testing::TempDir tmp;
   std::string out;
-  ASSERT_EQ(testing::run_command(std::string(AMAQ_SOURCE_DIR) + "/scripts/make-test-certs.sh " + tmp.path(), &out), 0) << out;
+  ASSERT_EQ(testing::run_command(std::string(AMAQ_SOURCE_DIR) + "/scripts/make-test-certs.sh " + tmp.path(), &out), 0)
+      << out;
   testing::write_bytes(tmp.file("token"), "integration-test-token-0123456789abcdef\n");
   std::string text;
-  for (const char* f : {"/README.md", "/docs/amaq.md", "/docs/protocol.md"}) text += read_file(std::string(AMAQ_SOURCE_DIR) + f);
+  for (const char* f : {"/README.md", "/docs/amaq.md", "/docs/protocol.md"})
+    text += read_file(std::string(AMAQ_SOURCE_DIR) + f);
   testing::write_bytes(tmp.file("data.txt"), text.substr(0, 8000));
   const std::string model = testing::data_path("hf/llama-gqa");
   const std::string bin = AMAQ_BINARY;
   const std::vector<std::string> codecs{"--fwd-codec", "amaq:budget=3,decay=10,gran=token", "--bwd-codec",
                                         "amaq:budget=6,bmin=4,decay=10,gran=token"};
 
-  std::vector<std::string> server_args{bin, "server", "--model", model, "--split", "2", "--listen", "127.0.0.1:0",
-                                       "--tls-cert", tmp.file("server.pem"), "--tls-key", tmp.file("server.key"),
-                                       "--token-file", tmp.file("token"), "--run-dir", tmp.file("server-runs")};
+  std::vector<std::string> server_args{bin,
+                                       "server",
+                                       "--model",
+                                       model,
+                                       "--split",
+                                       "2",
+                                       "--listen",
+                                       "127.0.0.1:0",
+                                       "--tls-cert",
+                                       tmp.file("server.pem"),
+                                       "--tls-key",
+                                       tmp.file("server.key"),
+                                       "--token-file",
+                                       tmp.file("token"),
+                                       "--run-dir",
+                                       tmp.file("server-runs")};
   server_args.insert(server_args.end(), codecs.begin(), codecs.end());
   Process server(server_args, tmp.file("server.out"), tmp.file("server.err"));
   std::string port;
@@ -105,11 +122,38 @@ TEST(Integration, TwoProcessesOverTlsWithTokenTrainResumeAndRefuse) {
   ASSERT_FALSE(port.empty()) << slurp(tmp.file("server.err"));
 
   auto client_args = [&](const std::string& run_dir, const std::string& steps, const std::string& split) {
-    std::vector<std::string> a{bin, "client", "--model", model, "--split", split, "--connect", "127.0.0.1:" + port,
-                               "--tls-ca", tmp.file("ca.pem"), "--token-file", tmp.file("token"), "--run-dir", run_dir,
-                               "--data", tmp.file("data.txt"), "--tokenizer", "byte", "--batch", "4", "--seq-len", "64",
-                               "--steps", steps, "--lr", "1e-2", "--checkpoint-every", "5", "--val-fraction", "0.1",
-                               "--retries", "0"};
+    std::vector<std::string> a{bin,
+                               "client",
+                               "--model",
+                               model,
+                               "--split",
+                               split,
+                               "--connect",
+                               "127.0.0.1:" + port,
+                               "--tls-ca",
+                               tmp.file("ca.pem"),
+                               "--token-file",
+                               tmp.file("token"),
+                               "--run-dir",
+                               run_dir,
+                               "--data",
+                               tmp.file("data.txt"),
+                               "--tokenizer",
+                               "byte",
+                               "--batch",
+                               "4",
+                               "--seq-len",
+                               "64",
+                               "--steps",
+                               steps,
+                               "--lr",
+                               "1e-2",
+                               "--checkpoint-every",
+                               "5",
+                               "--val-fraction",
+                               "0.1",
+                               "--retries",
+                               "0"};
     a.insert(a.end(), codecs.begin(), codecs.end());
     return a;
   };
@@ -123,13 +167,15 @@ TEST(Integration, TwoProcessesOverTlsWithTokenTrainResumeAndRefuse) {
   auto steps = lines_with(run + "/metrics.jsonl", "fwd_bits");
   ASSERT_EQ(steps.size(), 30u);
   double first = 0, last = 0;
-  for (int i = 0; i < 5; ++i) first += steps[i]["task_loss"].get<double>() / 5, last += steps[25 + i]["task_loss"].get<double>() / 5;
+  for (int i = 0; i < 5; ++i)
+    first += steps[i]["task_loss"].get<double>() / 5, last += steps[25 + i]["task_loss"].get<double>() / 5;
   EXPECT_LT(last, first - 0.1);
   EXPECT_LE(steps.back()["fwd_bits"]["mean"].get<double>(), 3.0);
   // Labels travel in the narrowest integer type for the model's vocabulary.
   const uint64_t label_bytes = wire::label_bytes(wire::narrowest_label_type(ModelConfig::load(model).vocab_size));
   for (const auto& s : steps) {
-    // FORWARD frames = codec packets + framing (24 frame + 24 fields + 8 ids count + 8 packet length) + labels and mask.
+    // FORWARD frames = codec packets + framing (24 frame + 24 fields + 8 ids count + 8 packet length) + labels and
+    // mask.
     EXPECT_EQ(s["forward_frame_bytes"].get<uint64_t>(),
               s["fwd_packet_bytes"].get<uint64_t>() + 64 + (label_bytes + 1) * s["cells"].get<uint64_t>());
     EXPECT_EQ(s["backward_frame_bytes"].get<uint64_t>(), s["bwd_packet_bytes"].get<uint64_t>() + 60);
@@ -174,7 +220,8 @@ TEST(Integration, TwoProcessesOverTlsWithTokenTrainResumeAndRefuse) {
   EXPECT_NE(slurp(tmp.file("c3.err")).find("resumed at step"), std::string::npos);
   EXPECT_TRUE(file_exists(killed + "/server_adapter/adapter_model.safetensors"));
   EXPECT_TRUE(server.alive());
-  EXPECT_NE(slurp(tmp.file("server.err")).find("dropped after step"), std::string::npos) << slurp(tmp.file("server.err"));
+  EXPECT_NE(slurp(tmp.file("server.err")).find("dropped after step"), std::string::npos)
+      << slurp(tmp.file("server.err"));
 
   // 3. Another split: refused at the handshake, naming it.
   {

@@ -1,4 +1,6 @@
 // config.json parsing: the fixtures, rope variants, and what is refused.
+#include "model/config.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -6,7 +8,6 @@
 
 #include "core/fs.h"
 #include "core/safetensors.h"
-#include "model/config.h"
 #include "model/layers.h"
 #include "model/part.h"
 #include "testing.h"
@@ -52,7 +53,10 @@ TEST(Config, LegacyRopeThetaAndScalingFields) {
   nlohmann::json j = fixture_json("llama-gqa");
   j.erase("rope_parameters");
   j["rope_theta"] = 500000.0;
-  j["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0}, {"high_freq_factor", 4.0},
+  j["rope_scaling"] = {{"rope_type", "llama3"},
+                       {"factor", 8.0},
+                       {"low_freq_factor", 1.0},
+                       {"high_freq_factor", 4.0},
                        {"original_max_position_embeddings", 64}};
   ModelConfig c = ModelConfig::from_json(j, "test");
   EXPECT_EQ(c.rope.type, "llama3");
@@ -128,7 +132,8 @@ TEST(Config, MistralSlidingWindowMasksOldKeys) {
   }
   // With the window at least as long as the sequence, Mistral computes what Llama computes.
   j["sliding_window"] = 4096;
-  DecoderPart m = full_model(ModelConfig::from_json(j, "mistral")), l = full_model(ModelConfig::load(data_path("hf/llama-gqa")));
+  DecoderPart m = full_model(ModelConfig::from_json(j, "mistral")),
+              l = full_model(ModelConfig::load(data_path("hf/llama-gqa")));
   CheckpointReader ckpt(data_path("hf/llama-gqa"));
   m->load_weights(ckpt);
   l->load_weights(ckpt);
@@ -140,7 +145,8 @@ TEST(Config, CheckpointThatDisagreesWithConfigNamesTheTensor) {
   nlohmann::json j = fixture_json("llama-gqa");
   j["intermediate_size"] = 128;
   DecoderPart m = full_model(ModelConfig::from_json(j, "cfg"));
-  EXPECT_AMAQ_ERROR(m->load_weights(CheckpointReader(data_path("hf/llama-gqa"))), "mlp", "shape [172, 64]", "[128, 64]");
+  EXPECT_AMAQ_ERROR(m->load_weights(CheckpointReader(data_path("hf/llama-gqa"))), "mlp", "shape [172, 64]",
+                    "[128, 64]");
   j = fixture_json("llama-gqa");
   j["num_hidden_layers"] = 6;
   DecoderPart deeper = full_model(ModelConfig::from_json(j, "cfg"));

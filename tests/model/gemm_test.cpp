@@ -1,9 +1,10 @@
 // frozen_linear (oneDNN on the CPU in fp32 where built with it) against at::linear, the reference:
 // values and input gradients within fp32 rounding, and the same bits every time for the same input
 // wherever it lives in memory (split runs must equal unsplit ones bit for bit).
+#include "model/gemm.h"
+
 #include <gtest/gtest.h>
 
-#include "model/gemm.h"
 #include "testing.h"
 
 namespace amaq {

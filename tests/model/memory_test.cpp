@@ -1,7 +1,6 @@
 // The client maps and keeps only its own share of the checkpoint: peak resident memory of loading a
 // ClientPart with k = 1 stays well below the full model's weight bytes.
 #include <gtest/gtest.h>
-
 #include <malloc.h>
 
 #include <fstream>

@@ -1,5 +1,7 @@
 // PEFT adapters: the HF-made fixture adapter re-exported unchanged, split export == unsplit export,
 // and unsupported adapter features refused.
+#include "model/peft.h"
+
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
@@ -8,7 +10,6 @@
 #include "core/safetensors.h"
 #include "model/config.h"
 #include "model/part.h"
-#include "model/peft.h"
 #include "testing.h"
 
 namespace amaq {
@@ -56,7 +57,10 @@ TEST_P(Peft, ExportedConfigHasEveryFieldPeftNeedsAndReimports) {
   for (const char* field : {"r", "lora_alpha", "lora_dropout", "bias", "fan_in_fan_out", "use_rslora", "use_dora"}) {
     EXPECT_EQ(j[field], ref[field]) << field;
   }
-  auto sorted = [](std::vector<std::string> v) { std::sort(v.begin(), v.end()); return v; };
+  auto sorted = [](std::vector<std::string> v) {
+    std::sort(v.begin(), v.end());
+    return v;
+  };
   EXPECT_EQ(sorted(j["target_modules"].get<std::vector<std::string>>()),
             sorted(ref["target_modules"].get<std::vector<std::string>>()));
 
@@ -117,7 +121,9 @@ TEST(PeftPatterns, PerModuleRanksAndAlphasRoundTrip) {
   int64_t checked = 0;
   for (auto& [name, lin] : again->linears()) {
     if (!lin->has_lora()) continue;
-    const int64_t want_r = name == "model.layers.3.self_attn.q_proj" ? 8 : name.find("down_proj") != std::string::npos ? 2 : 4;
+    const int64_t want_r = name == "model.layers.3.self_attn.q_proj"     ? 8
+                           : name.find("down_proj") != std::string::npos ? 2
+                                                                         : 4;
     const double want_alpha = name.find("v_proj") != std::string::npos ? 32 : 8;
     EXPECT_EQ(lin->lora_a.size(0), want_r) << name;
     EXPECT_EQ(lin->lora_options().alpha(), want_alpha) << name;

@@ -84,8 +84,10 @@ TEST_P(Split, EachSideHoldsOnlyItsOwnWeights) {
   for (auto& [n, p] : client->base_weights()) c.insert(n);
   for (auto& [n, p] : server->base_weights()) s.insert(n);
   for (auto& [n, p] : full->base_weights()) f.insert(n);
-  for (const auto& n : c) EXPECT_TRUE(n.find("layers.2.") == std::string::npos && n.find("layers.3.") == std::string::npos) << n;
-  for (const auto& n : s) EXPECT_TRUE(n.find("layers.0.") == std::string::npos && n.find("layers.1.") == std::string::npos) << n;
+  for (const auto& n : c)
+    EXPECT_TRUE(n.find("layers.2.") == std::string::npos && n.find("layers.3.") == std::string::npos) << n;
+  for (const auto& n : s)
+    EXPECT_TRUE(n.find("layers.0.") == std::string::npos && n.find("layers.1.") == std::string::npos) << n;
   EXPECT_TRUE(c.count("model.embed_tokens.weight"));
   EXPECT_FALSE(c.count("model.norm.weight"));
   EXPECT_TRUE(s.count("model.norm.weight"));

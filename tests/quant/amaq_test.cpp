@@ -1,10 +1,10 @@
 // AMAQ's learnable bit-widths: gradients reach the gates, the regularizer walks the mean down to the
 // budget, and the channels a task needs keep more bits than the rest.
-#include <gtest/gtest.h>
+#include "quant/amaq.h"
 
+#include <gtest/gtest.h>
 #include <torch/optim/adam.h>
 
-#include "quant/amaq.h"
 #include "quant/codec.h"
 
 namespace amaq::quant {
@@ -104,7 +104,8 @@ TEST(Amaq, ChannelsTheTaskNeedsKeepMoreBits) {
   at::Tensor bits = gates->bit_map().to(at::kDouble);
   at::Tensor mask = at::zeros({C}, at::kBool);
   for (int64_t c : important) mask[c] = true;
-  double imp = bits.masked_select(mask).mean().item<double>(), rest = bits.masked_select(mask.logical_not()).mean().item<double>();
+  double imp = bits.masked_select(mask).mean().item<double>(),
+         rest = bits.masked_select(mask.logical_not()).mean().item<double>();
   std::printf("  important channels %.2f bits, others %.2f, mean %.2f\n", imp, rest, bits.mean().item<double>());
   EXPECT_GE(imp, rest + 2.0);
   EXPECT_LE(bits.mean().item<double>(), 3.0);

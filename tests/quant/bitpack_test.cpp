@@ -1,8 +1,8 @@
 // Bit packing: the definition on a hand-worked example, then fast == ref, bit for bit, for every
 // width 1..8 and random mixed maps, odd sizes included.
-#include <gtest/gtest.h>
-
 #include "quant/bitpack.h"
+
+#include <gtest/gtest.h>
 
 namespace amaq::quant {
 namespace {

@@ -1,12 +1,13 @@
 // Codecs: fast == ref on the packed bytes, decode(encode(x)) == the sender's value, named error
 // budgets, bytes accounting, and the bit map sent only when it changed.
-#include <gtest/gtest.h>
+#include "quant/codec.h"
 
 #include <c10/util/Half.h>
+#include <gtest/gtest.h>
+
 #include <nlohmann/json.hpp>
 
 #include "quant/bitpack.h"
-#include "quant/codec.h"
 #include "testing.h"
 
 namespace amaq::quant {
@@ -34,7 +35,9 @@ EncodeArgs seeded(uint64_t seed) {
   return a;
 }
 
-at::Tensor gaussian(at::Generator& gen) { return at::randn({4, 64, 512}, gen); }
+at::Tensor gaussian(at::Generator& gen) {
+  return at::randn({4, 64, 512}, gen);
+}
 
 at::Tensor heavy_tailed(at::Generator& gen) {
   // Student-t(3) = N / sqrt(chi2_3 / 3).
@@ -101,8 +104,13 @@ TEST(Codec, FastEqualsRefOnPacketsForEveryAffineVariant) {
 TEST(Codec, ReceiverDecodesExactlyTheSendersValue) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
   at::Tensor x = heavy_tailed(gen);
-  std::vector<std::string> specs = {"none:fp32", "none:bf16", "none:fp16", "fixed:bits=3,gran=token", "fixed:bits=2,gran=channel",
-                                    "fixed:bits=4,group=128,round=stochastic", "amaq:budget=3"};
+  std::vector<std::string> specs = {"none:fp32",
+                                    "none:bf16",
+                                    "none:fp16",
+                                    "fixed:bits=3,gran=token",
+                                    "fixed:bits=2,gran=channel",
+                                    "fixed:bits=4,group=128,round=stochastic",
+                                    "amaq:budget=3"};
   for (const auto& text : specs) {
     Codec sender(CodecSpec::parse(text)), receiver(CodecSpec::parse(text));
     EncodeArgs args;
@@ -222,16 +230,21 @@ TEST(CodecSpec, FixedMapFromAFileShuffledWithItsHistogram) {
   EXPECT_EQ(shuffled.to_string().rfind("fixed:map=sha256:", 0), 0u) << shuffled.to_string();
   EXPECT_EQ(shuffled.to_string().find(tmp.file("map.json")), std::string::npos);
   testing::write_bytes(tmp.file("copy.json"), nlohmann::json(widths).dump());
-  EXPECT_EQ(CodecSpec::parse("fixed:map=" + tmp.file("copy.json") + ",shuffle=3,gran=token").to_string(), shuffled.to_string());
+  EXPECT_EQ(CodecSpec::parse("fixed:map=" + tmp.file("copy.json") + ",shuffle=3,gran=token").to_string(),
+            shuffled.to_string());
   EXPECT_NE(plain.to_string(), CodecSpec::parse("fixed:map=" + tmp.file("map.json") + ",gran=group").to_string());
   EXPECT_NE(plain.to_string(), shuffled.to_string());
   std::vector<int> edited = widths;
   edited[0] = 7;
   testing::write_bytes(tmp.file("copy.json"), nlohmann::json(edited).dump());
   EXPECT_NE(CodecSpec::parse("fixed:map=" + tmp.file("copy.json") + ",gran=token").to_string(), plain.to_string());
-  EXPECT_EQ(CodecSpec::parse("fixed:map=" + tmp.file("map.json") + ",shuffle=3,gran=token").map, shuffled.map);  // deterministic
+  EXPECT_EQ(CodecSpec::parse("fixed:map=" + tmp.file("map.json") + ",shuffle=3,gran=token").map,
+            shuffled.map);  // deterministic
   EXPECT_NE(shuffled.map, plain.map);
-  auto sorted = [](std::vector<uint8_t> v) { std::sort(v.begin(), v.end()); return v; };
+  auto sorted = [](std::vector<uint8_t> v) {
+    std::sort(v.begin(), v.end());
+    return v;
+  };
   EXPECT_EQ(sorted(shuffled.map), sorted(plain.map));
 
   auto gen = at::make_generator<at::CPUGeneratorImpl>(4);
@@ -271,8 +284,8 @@ TEST(Codec, MixedMapOnSmallGradientsStaysWithinHalfAStep) {
   at::Tensor got = receiver.decode(e.packet);
   ASSERT_TRUE(at::equal(got, e.decoded));
   at::Tensor xr = x.reshape({-1, 128});
-  at::Tensor range = std::get<0>(xr.max(1, true)) - std::get<0>(xr.min(1, true));   // (rows, 1)
-  at::Tensor step = range / (at::pow(2.0, bits.to(at::kFloat)) - 1);                 // (rows, C)
+  at::Tensor range = std::get<0>(xr.max(1, true)) - std::get<0>(xr.min(1, true));  // (rows, 1)
+  at::Tensor step = range / (at::pow(2.0, bits.to(at::kFloat)) - 1);               // (rows, C)
   at::Tensor err = (got.reshape({-1, 128}) - xr).abs();
   EXPECT_LE((err / step).max().item<double>(), 0.51 + 1e-3);
 }

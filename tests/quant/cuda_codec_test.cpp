@@ -16,10 +16,13 @@
 namespace amaq::quant {
 namespace {
 
-bool have_gpu() { return cuda_codecs_built() && at::hasCUDA(); }
+bool have_gpu() {
+  return cuda_codecs_built() && at::hasCUDA();
+}
 
-#define SKIP_WITHOUT_GPU()                                                                             \
-  if (!have_gpu()) GTEST_SKIP() << (cuda_codecs_built() ? "no CUDA device" : "this build has no CUDA kernels (libtorch without CUDA)")
+#define SKIP_WITHOUT_GPU() \
+  if (!have_gpu())         \
+  GTEST_SKIP() << (cuda_codecs_built() ? "no CUDA device" : "this build has no CUDA kernels (libtorch without CUDA)")
 
 // Student-t(3)-like data with outlier channels and odd sizes.
 at::Tensor activations(int64_t B, int64_t T, int64_t C, uint64_t seed) {
@@ -31,13 +34,13 @@ at::Tensor activations(int64_t B, int64_t T, int64_t C, uint64_t seed) {
 }
 
 struct Mismatch {
-  int64_t codes = 0;          // codes that differ from the reference
-  int64_t off_boundary = 0;   // of those, values not near a rounding boundary (must stay 0)
+  int64_t codes = 0;         // codes that differ from the reference
+  int64_t off_boundary = 0;  // of those, values not near a rounding boundary (must stay 0)
 };
 
 // Compares a CUDA packet with the reference packet of the same input (see the contract above).
-Mismatch compare_affine(const std::string& gpu, const Encoded& ref, const at::Tensor& x, Rounding rounding, uint64_t seed,
-                        const std::string& what) {
+Mismatch compare_affine(const std::string& gpu, const Encoded& ref, const at::Tensor& x, Rounding rounding,
+                        uint64_t seed, const std::string& what) {
   Mismatch m;
   EXPECT_EQ(gpu.size(), ref.packet.size()) << what;
   if (gpu.size() != ref.packet.size()) return m;
@@ -55,7 +58,8 @@ Mismatch compare_affine(const std::string& gpu, const Encoded& ref, const at::Te
   for (int64_t k = 0; k < m.codes; ++k) {
     const int64_t r = diff[k][0].item<int64_t>(), c = diff[k][1].item<int64_t>();
     double u = (x2[r][c].item<double>() - lo[r][c].item<double>()) / step[r][c].item<double>();
-    if (rounding == Rounding::kStochastic) u += stochastic_uniform(seed, static_cast<uint64_t>(r * x2.size(1) + c)) - 0.5;
+    if (rounding == Rounding::kStochastic)
+      u += stochastic_uniform(seed, static_cast<uint64_t>(r * x2.size(1) + c)) - 0.5;
     const double dist = std::fabs(u - std::floor(u) - 0.5);  // 0 on a round-to-nearest boundary
     if (dist > 1e-5 * std::max(1.0, std::fabs(u))) ++m.off_boundary;
   }
@@ -70,7 +74,8 @@ TEST(CudaCodec, AffinePacketsEqualTheReferenceForEveryVariant) {
     for (const char* round : {"nearest", "stochastic"}) {
       for (int bits = 1; bits <= 8; ++bits) {
         for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
-          const std::string text = std::string("fixed:bits=") + std::to_string(bits) + ",gran=" + gran + ",group=48,round=" + round;
+          const std::string text =
+              std::string("fixed:bits=") + std::to_string(bits) + ",gran=" + gran + ",group=48,round=" + round;
           const CodecSpec spec = CodecSpec::parse(text);
           Codec ref(spec, Impl::kRef), gpu(spec);
           EncodeArgs args;

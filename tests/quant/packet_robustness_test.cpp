@@ -75,7 +75,8 @@ TEST(PacketRobustness, NamedCauses) {
   expect_refused("fixed:bits=3", with<uint8_t>(fixed, offsetof(PacketHeader, ndim), 0), "ndim 0");
   expect_refused("fixed:bits=3", with<uint8_t>(fixed, offsetof(PacketHeader, granularity), 7), "granularity 7");
   // Dims 2^31 x 2^31 x 37: the product overflows the element limit before any allocation.
-  std::string big = with<uint32_t>(with<uint32_t>(fixed, sizeof(PacketHeader), 1u << 31), sizeof(PacketHeader) + 4, 1u << 31);
+  std::string big =
+      with<uint32_t>(with<uint32_t>(fixed, sizeof(PacketHeader), 1u << 31), sizeof(PacketHeader) + 4, 1u << 31);
   expect_refused("fixed:bits=3", big, "exceeds");
   // A range made NaN (fp16 0x7e00) right after the dims.
   expect_refused("fixed:bits=3", with<uint16_t>(fixed, sizeof(PacketHeader) + 12, 0x7e00), "NaN");

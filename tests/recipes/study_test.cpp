@@ -1,6 +1,8 @@
 // The study (`amaq study`): its statistics and pairing rule against hand-computable cases, the SVG
 // plots' coordinates against the axis mapping, plan errors, and a tiny plan run end to end as real
 // `amaq` processes (pretraining included), resumed, and reported.
+#include "recipes/study.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -9,15 +11,15 @@
 #include <sstream>
 
 #include "core/fs.h"
-#include "testing.h"
-#include "recipes/study.h"
 #include "recipes/svg.h"
+#include "testing.h"
 
 namespace amaq::recipes {
 namespace {
 
 TEST(Svg, NiceAxisCoversTheRangeWithOneTwoOrFiveSteps) {
-  for (auto [lo, hi] : std::vector<std::pair<double, double>>{{0, 1}, {2.7, 16.04}, {-3.2, 0.4}, {0.93, 0.97}, {5, 5}, {0, 1234}}) {
+  for (auto [lo, hi] :
+       std::vector<std::pair<double, double>>{{0, 1}, {2.7, 16.04}, {-3.2, 0.4}, {0.93, 0.97}, {5, 5}, {0, 1234}}) {
     const svg::Axis a = svg::nice_axis(lo, hi);
     ASSERT_GE(a.ticks.size(), 2u) << lo << ".." << hi;
     EXPECT_LE(a.lo, lo);
@@ -26,7 +28,8 @@ TEST(Svg, NiceAxisCoversTheRangeWithOneTwoOrFiveSteps) {
     EXPECT_NEAR(a.ticks.back(), a.hi, 1e-9 * std::max(1.0, std::abs(a.hi)));
     const double step = a.ticks[1] - a.ticks[0];
     const double mantissa = step / std::pow(10.0, std::floor(std::log10(step) + 1e-9));
-    EXPECT_TRUE(std::abs(mantissa - 1) < 1e-6 || std::abs(mantissa - 2) < 1e-6 || std::abs(mantissa - 5) < 1e-6) << "step " << step;
+    EXPECT_TRUE(std::abs(mantissa - 1) < 1e-6 || std::abs(mantissa - 2) < 1e-6 || std::abs(mantissa - 5) < 1e-6)
+        << "step " << step;
     EXPECT_LE(a.ticks.size(), 12u);
   }
 }
@@ -71,8 +74,10 @@ nlohmann::json tiny_plan() {
     "name": "tiny", "split": 1, "seeds": [1, 2],
     "base": {"hidden": 32, "layers": 2, "heads": 2, "kv_heads": 1, "intermediate": 64, "max_positions": 128},
     "pretrain": {"data": "corpus.txt", "steps": 6, "batch": 4, "seq_len": 32, "lr": 0.003},
-    "finetune": {"steps": 8, "batch": 4, "lr": 0.002, "lora_r": 4, "eval_batches": 2, "bwd_codec": "fixed:bits=8,gran=token"},
-    "tasks": [{"name": "wp", "make_task": {"kind": "word-problems", "train": 40, "val": 8, "seed": 3}, "seq_len": 112, "metric": "exact_match"}],
+    "finetune": {"steps": 8, "batch": 4, "lr": 0.002, "lora_r": 4, "eval_batches": 2,
+                 "bwd_codec": "fixed:bits=8,gran=token"},
+    "tasks": [{"name": "wp", "make_task": {"kind": "word-problems", "train": 40, "val": 8, "seed": 3},
+               "seq_len": 112, "metric": "exact_match"}],
     "codecs": [
       {"name": "bf16", "family": "none", "fwd": "none:bf16", "bwd": "none:bf16"},
       {"name": "fixed-4-token", "family": "fixed-token", "fwd": "fixed:bits=4,gran=token"},
@@ -88,9 +93,12 @@ TEST(Study, PlanErrorsNameTheField) {
   };
   EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j.erase("seeds"); }), "p.toml"), "p.toml", "seeds");
   EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j["sedes"] = 1; }), "p.toml"), "unknown key 'sedes'");
-  EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j["codecs"][1]["ablation"] = true; }), "p.toml"), "fixed-4-token", "ablation");
-  EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j["codecs"][2]["name"] = "bf16"; }), "p.toml"), "'bf16' appears twice");
-  EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j["finetune"]["run_dir"] = "x"; }), "p.toml"), "run_dir", "set by the study");
+  EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j["codecs"][1]["ablation"] = true; }), "p.toml"),
+                    "fixed-4-token", "ablation");
+  EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j["codecs"][2]["name"] = "bf16"; }), "p.toml"),
+                    "'bf16' appears twice");
+  EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j["finetune"]["run_dir"] = "x"; }), "p.toml"), "run_dir",
+                    "set by the study");
   EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j["split"] = 2; }), "p.toml"), "split 2");
   EXPECT_AMAQ_ERROR(StudyPlan::from_json(bad([](auto& j) { j["tasks"][0].erase("metric"); }), "p.toml"), "metric");
 }
@@ -113,7 +121,8 @@ TEST(IntegrationStudy, TinyPlanRunsEndToEndResumesAndReports) {
   opt.commit = "test";
   ASSERT_EQ(run_study(plan, opt), 0) << read_file(join_path(opt.out, "study.jsonl"));
 
-  for (const char* f : {"base/model/model.safetensors", "base/pretrain/summary.txt", "tasks/wp/train.jsonl", "commands.sh"}) {
+  for (const char* f :
+       {"base/model/model.safetensors", "base/pretrain/summary.txt", "tasks/wp/train.jsonl", "commands.sh"}) {
     EXPECT_TRUE(file_exists(join_path(opt.out, f))) << f;
   }
   // Measured bits against the codecs' own arithmetic: C = 32 channels, per-token fp16 lo/hi ranges.
@@ -141,21 +150,27 @@ TEST(IntegrationStudy, TinyPlanRunsEndToEndResumesAndReports) {
   // The ablation replays the learned map's histogram: the same mean width, every step.
   for (uint64_t seed : {1, 2}) {
     const RunStats a = read_run_stats(join_path(opt.out, fmt::format("runs/wp/amaq-3/seed-{}", seed)), "exact_match");
-    const RunStats r = read_run_stats(join_path(opt.out, fmt::format("runs/wp/amaq-3-random/seed-{}", seed)), "exact_match");
+    const RunStats r =
+        read_run_stats(join_path(opt.out, fmt::format("runs/wp/amaq-3-random/seed-{}", seed)), "exact_match");
     ASSERT_TRUE(a.complete && r.complete);
-    const auto map = nlohmann::json::parse(read_file(join_path(opt.out, fmt::format("runs/wp/amaq-3/seed-{}/fwd_bit_map.json", seed))));
+    const auto map = nlohmann::json::parse(
+        read_file(join_path(opt.out, fmt::format("runs/wp/amaq-3/seed-{}/fwd_bit_map.json", seed))));
     double mean = 0;
     for (const auto& b : map) mean += b.get<double>() / static_cast<double>(map.size());
     EXPECT_NEAR(a.map_bits.back(), mean, 1e-9);
     for (double b : r.map_bits) EXPECT_NEAR(b, mean, 1e-9);
-    EXPECT_NEAR(r.fwd_bits_last10, a.fwd_bits_last10, 0.05);  // the same ranges (group=16) as the AMAQ codec: only the allocation differs
+    EXPECT_NEAR(r.fwd_bits_last10, a.fwd_bits_last10,
+                0.05);  // the same ranges (group=16) as the AMAQ codec: only the allocation differs
     EXPECT_LE(mean, 3.0 + 1e-9);
   }
   const std::string md = read_file(join_path(opt.out, "report/results.md"));
-  for (const char* s : {"| bf16 |", "| fixed-4-token |", "| amaq-3 |", "| amaq-3-random |", "wp-pareto.svg", "Outlier channels", "commit `test`"}) {
+  for (const char* s : {"| bf16 |", "| fixed-4-token |", "| amaq-3 |", "| amaq-3-random |", "wp-pareto.svg",
+                        "Outlier channels", "commit `test`"}) {
     EXPECT_NE(md.find(s), std::string::npos) << s;
   }
-  for (const char* f : {"results.md", "results-commands.sh", "wp-pareto.svg", "wp-bytes.svg", "wp-loss.svg", "wp-bits.svg"}) EXPECT_TRUE(file_exists(join_path(opt.report_dir, f))) << f;
+  for (const char* f :
+       {"results.md", "results-commands.sh", "wp-pareto.svg", "wp-bytes.svg", "wp-loss.svg", "wp-bits.svg"})
+    EXPECT_TRUE(file_exists(join_path(opt.report_dir, f))) << f;
   EXPECT_EQ(read_file(join_path(opt.report_dir, "results.md")), md);
 
   // A rerun starts nothing; a run that lost its summary is run again, and only it.
@@ -181,10 +196,14 @@ TEST(IntegrationStudyCli, MalformedPlanIsNamed) {
   testing::TempDir tmp;
   testing::write_bytes(tmp.file("p.toml"), "name = \"x\"\nseeds = [1]\nbogus = 3\n");
   std::string out;
-  EXPECT_NE(testing::run_command(std::string(AMAQ_BINARY) + " study --plan " + tmp.file("p.toml") + " --out " + tmp.file("o"), &out), 0);
+  EXPECT_NE(testing::run_command(
+                std::string(AMAQ_BINARY) + " study --plan " + tmp.file("p.toml") + " --out " + tmp.file("o"), &out),
+            0);
   EXPECT_NE(out.find("unknown key 'bogus'"), std::string::npos) << out;
   testing::write_bytes(tmp.file("q.toml"), "name = \"x\nseeds = [1]\n");
-  EXPECT_NE(testing::run_command(std::string(AMAQ_BINARY) + " study --plan " + tmp.file("q.toml") + " --out " + tmp.file("o"), &out), 0);
+  EXPECT_NE(testing::run_command(
+                std::string(AMAQ_BINARY) + " study --plan " + tmp.file("q.toml") + " --out " + tmp.file("o"), &out),
+            0);
   EXPECT_NE(out.find("not valid TOML"), std::string::npos) << out;
 #endif
 }

@@ -8,8 +8,8 @@
 #include <sstream>
 
 #include "core/fs.h"
-#include "testing.h"
 #include "recipes/demo.h"
+#include "testing.h"
 
 namespace amaq::recipes {
 namespace {
@@ -25,7 +25,8 @@ std::vector<nlohmann::json> read_jsonl(const std::string& path) {
 int64_t answer_from_wording(const std::string& q, std::string* kind) {
   std::vector<int64_t> n;
   const std::regex number("[0-9]+");
-  for (auto it = std::sregex_iterator(q.begin(), q.end(), number); it != std::sregex_iterator(); ++it) n.push_back(std::stoll(it->str()));
+  for (auto it = std::sregex_iterator(q.begin(), q.end(), number); it != std::sregex_iterator(); ++it)
+    n.push_back(std::stoll(it->str()));
   for (const char* k : {"then gives away", "in each box", "away. How many", "more. How many"}) {
     if (q.find(k) == std::string::npos) continue;
     *kind = k;

@@ -1,6 +1,8 @@
 // Tokenizers against the Rust tokenizers library's ids (tests/data/hf/tokenizer-cases.json) for the
 // pinned Llama-3 and Qwen3 tokenizer.json files; round trips; random and invalid bytes; malformed
 // files; SentencePiece through libsentencepiece.
+#include "tokenizer/tokenizer.h"
+
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
@@ -9,7 +11,6 @@
 #include "core/fs.h"
 #include "testing.h"
 #include "tokenizer/bpe.h"
-#include "tokenizer/tokenizer.h"
 
 namespace amaq {
 namespace {
@@ -76,9 +77,12 @@ TEST(Tokenizer, QwenNormalizesToNfc) {
 
 TEST(Tokenizer, RepairUtf8ReplacesEachInvalidByte) {
   EXPECT_EQ(repair_utf8("ok \xC3\xA9"), "ok \xC3\xA9");
-  EXPECT_EQ(repair_utf8("a\xFF" "b"), "a\xEF\xBF\xBD" "b");
-  EXPECT_EQ(repair_utf8("\xE2\x82"), "\xEF\xBF\xBD\xEF\xBF\xBD");   // truncated 3-byte sequence
-  EXPECT_EQ(repair_utf8("\xC0\xAF"), "\xEF\xBF\xBD\xEF\xBF\xBD");   // overlong
+  EXPECT_EQ(repair_utf8("a\xFF"
+                        "b"),
+            "a\xEF\xBF\xBD"
+            "b");
+  EXPECT_EQ(repair_utf8("\xE2\x82"), "\xEF\xBF\xBD\xEF\xBF\xBD");  // truncated 3-byte sequence
+  EXPECT_EQ(repair_utf8("\xC0\xAF"), "\xEF\xBF\xBD\xEF\xBF\xBD");  // overlong
 }
 
 TEST(Tokenizer, MalformedFilesNameTheField) {
@@ -92,8 +96,9 @@ TEST(Tokenizer, MalformedFilesNameTheField) {
   EXPECT_AMAQ_ERROR(load_tokenizer(tmp.file("c.json")), "merge 'a b'");
   testing::write_bytes(tmp.file("d.json"), "{not json");
   EXPECT_AMAQ_ERROR(load_tokenizer(tmp.file("d.json")), "not JSON");
-  testing::write_bytes(tmp.file("e.json"),
-                       R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "normalizer": {"type": "NFKD"}})");
+  testing::write_bytes(
+      tmp.file("e.json"),
+      R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "normalizer": {"type": "NFKD"}})");
   EXPECT_AMAQ_ERROR(load_tokenizer(tmp.file("e.json")), "normalizer", "NFKD");
   EXPECT_AMAQ_ERROR(load_tokenizer(tmp.path()), "no tokenizer found");
 }
@@ -110,7 +115,8 @@ TEST(Tokenizer, ByteTokenizerRoundTripsAnyBytes) {
 TEST(Tokenizer, SentencePieceModelTrainedHereRoundTrips) {
   testing::TempDir tmp;
   std::string text;
-  for (const char* f : {"/README.md", "/docs/amaq.md", "/docs/protocol.md"}) text += read_file(std::string(AMAQ_SOURCE_DIR) + f);
+  for (const char* f : {"/README.md", "/docs/amaq.md", "/docs/protocol.md"})
+    text += read_file(std::string(AMAQ_SOURCE_DIR) + f);
   testing::write_bytes(tmp.file("corpus.txt"), text);
   train_sentencepiece("--input=" + tmp.file("corpus.txt") + " --model_prefix=" + tmp.file("sp") +
                       " --vocab_size=400 --model_type=bpe --character_coverage=1.0 --minloglevel=2");

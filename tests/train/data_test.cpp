@@ -1,11 +1,12 @@
 // Training data: each format's examples and labels, deterministic order, padding, and bad input
 // reported as file:line.
+#include "train/data.h"
+
 #include <gtest/gtest.h>
 
 #include <set>
 
 #include "testing.h"
-#include "train/data.h"
 
 namespace amaq::train {
 namespace {
@@ -29,12 +30,15 @@ TEST(Data, TextIsPackedIntoWindowsWithLabelsEqualToIds) {
 
 TEST(Data, InstructionLossOnlyOnTheCompletion) {
   testing::TempDir tmp;
-  testing::write_bytes(tmp.file("i.jsonl"), "{\"prompt\":\"2+2=\",\"completion\":\"4\"}\n{\"prompt\":\"a long prompt\",\"completion\":\"xy\"}\n");
+  testing::write_bytes(
+      tmp.file("i.jsonl"),
+      "{\"prompt\":\"2+2=\",\"completion\":\"4\"}\n{\"prompt\":\"a long prompt\",\"completion\":\"xy\"}\n");
   ByteTokenizer tok;
   Dataset d = Dataset::load(tmp.file("i.jsonl"), tok, 6);
   ASSERT_EQ(d.examples.size(), 2u);
   EXPECT_EQ(d.format, DataFormat::kInstruction);
-  EXPECT_EQ(d.examples[0].labels, (std::vector<int64_t>{kIgnoreLabel, kIgnoreLabel, kIgnoreLabel, kIgnoreLabel, '4', ByteTokenizer::kEos}));
+  EXPECT_EQ(d.examples[0].labels,
+            (std::vector<int64_t>{kIgnoreLabel, kIgnoreLabel, kIgnoreLabel, kIgnoreLabel, '4', ByteTokenizer::kEos}));
   // Too long: the prompt's front is cut, the completion kept.
   EXPECT_EQ(tok.decode(d.examples[1].ids), "mptxy");
   EXPECT_EQ(d.examples[1].labels.back(), ByteTokenizer::kEos);
@@ -43,7 +47,9 @@ TEST(Data, InstructionLossOnlyOnTheCompletion) {
 
 TEST(Data, ClassificationCollectsLabelWords) {
   testing::TempDir tmp;
-  testing::write_bytes(tmp.file("c.jsonl"), "{\"text\":\"good\",\"label\":\"pos\"}\n{\"text\":\"bad\",\"label\":\"neg\"}\n{\"text\":\"ok\",\"label\":1}\n");
+  testing::write_bytes(
+      tmp.file("c.jsonl"),
+      "{\"text\":\"good\",\"label\":\"pos\"}\n{\"text\":\"bad\",\"label\":\"neg\"}\n{\"text\":\"ok\",\"label\":1}\n");
   ByteTokenizer tok;
   Dataset d = Dataset::load(tmp.file("c.jsonl"), tok, 32);
   EXPECT_EQ(d.format, DataFormat::kClassification);

@@ -1,11 +1,12 @@
 // Evaluation: the KV cache against recomputation, and metrics on hand-computable models (a uniform
 // model's perplexity is the vocabulary size; a model that always predicts one letter has a known
 // classification and generation accuracy).
+#include "train/eval.h"
+
 #include <gtest/gtest.h>
 
 #include "core/fs.h"
 #include "testing.h"
-#include "train/eval.h"
 
 namespace amaq::train {
 namespace {
@@ -24,7 +25,8 @@ TEST(Eval, KvCacheGivesTheFullForwardsLogitsAndGreedyTokens) {
   const std::vector<int64_t> ids{5, 17, 300, 42, 9, 999, 1, 64};
   at::Tensor full = m->forward(at::tensor(ids, at::kLong).view({1, 8}));
   std::vector<KvEntry> cache;
-  at::Tensor a = m->forward_cached(at::tensor(std::vector<int64_t>(ids.begin(), ids.begin() + 5), at::kLong).view({1, 5}), &cache);
+  at::Tensor a =
+      m->forward_cached(at::tensor(std::vector<int64_t>(ids.begin(), ids.begin() + 5), at::kLong).view({1, 5}), &cache);
   at::Tensor b = m->forward_cached(at::tensor(std::vector<int64_t>{999}, at::kLong).view({1, 1}), &cache);
   at::Tensor c = m->forward_cached(at::tensor(std::vector<int64_t>{1, 64}, at::kLong).view({1, 2}), &cache);
   EXPECT_TRUE(testing::all_close(at::cat({a, b, c}, 1), full, 1e-5, 1e-5));
@@ -45,7 +47,7 @@ TEST(Eval, UniformModelHasPerplexityEqualToTheVocabulary) {
   ByteTokenizer tok;
   const auto r = evaluate_model(m, Dataset::load(tmp.file("a.txt"), tok, 16), tok, 2, 4);
   EXPECT_NEAR(r["perplexity"].get<double>(), 1000.0, 1e-3);  // fp32 log-softmax: 1e-6 relative
-  EXPECT_EQ(r["tokens"].get<uint64_t>(), 52u - 4u);  // 4 windows, each predicts all but its first token
+  EXPECT_EQ(r["tokens"].get<uint64_t>(), 52u - 4u);          // 4 windows, each predicts all but its first token
 }
 
 // Attention and MLP outputs zero, embeddings all ones: the final norm sees ones, and the head

@@ -17,9 +17,9 @@
 #include "testing.h"
 #include "train/checkpoint.h"
 #include "train/data.h"
+#include "train/eval.h"
 #include "train/export.h"
 #include "train/session.h"
-#include "train/eval.h"
 #include "train/side.h"
 #include "wire/messages.h"
 #include "wire/tcp.h"
@@ -32,7 +32,8 @@ const std::string kModel = testing::data_path("hf/llama-gqa");
 // Some English text for the byte tokenizer (the fixtures' vocabulary has 1000 ids).
 std::string corpus() {
   std::string text;
-  for (const char* f : {"/README.md", "/docs/amaq.md", "/docs/protocol.md"}) text += read_file(std::string(AMAQ_SOURCE_DIR) + f);
+  for (const char* f : {"/README.md", "/docs/amaq.md", "/docs/protocol.md"})
+    text += read_file(std::string(AMAQ_SOURCE_DIR) + f);
   return text.substr(0, 6000);
 }
 
@@ -74,7 +75,8 @@ RunResult run_in_process(TrainServer& srv, const ClientConfig& c) {
   try {
     r = ClientTrainer(c).run([&](std::unique_ptr<wire::Channel>* out) {
       auto [a, b] = wire::make_in_process_pair(srv.max_payload());
-      sessions.emplace_back([&srv, ch = std::shared_ptr<wire::Channel>(std::move(b)), id = sessions.size()] { srv.serve(*ch, id); });
+      sessions.emplace_back(
+          [&srv, ch = std::shared_ptr<wire::Channel>(std::move(b)), id = sessions.size()] { srv.serve(*ch, id); });
       *out = std::move(a);
       return wire::Status::Ok();
     });
@@ -124,9 +126,11 @@ TEST(SplitRun, UncompressedSplitOverTcpReproducesUnsplitTraining) {
   ClientConfig c = base_config(tmp, "run");
   c.side.init_adapter = kModel + "/adapter";
   TrainServer srv(server_for(c, c.side));
-  wire::Server server(wire::ServerOptions(0), [&](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx.id); });
-  RunResult r = ClientTrainer(c).run(
-      [&](std::unique_ptr<wire::Channel>* out) { return wire::connect(wire::ClientOptions("127.0.0.1", server.port()), out); });
+  wire::Server server(wire::ServerOptions(0),
+                      [&](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx.id); });
+  RunResult r = ClientTrainer(c).run([&](std::unique_ptr<wire::Channel>* out) {
+    return wire::connect(wire::ClientOptions("127.0.0.1", server.port()), out);
+  });
   std::vector<double> ref = unsplit_losses(c);
   ASSERT_EQ(r.steps.size(), ref.size());
   for (size_t s = 0; s < ref.size(); ++s) EXPECT_NEAR(r.steps[s].task_loss, ref[s], 1e-6) << "step " << s;
@@ -183,7 +187,9 @@ TEST(SplitRun, ResumedRunEqualsUninterruptedRunWithAmaq) {
   expect_resume_matches("amaq:budget=3,decay=6,gran=token", "amaq:budget=6,decay=6,gran=token");
 }
 
-TEST(SplitRun, ResumedRunEqualsUninterruptedRunWithAqsgd) { expect_resume_matches("aqsgd:bits=3", "aqsgd:bits=8"); }
+TEST(SplitRun, ResumedRunEqualsUninterruptedRunWithAqsgd) {
+  expect_resume_matches("aqsgd:bits=3", "aqsgd:bits=8");
+}
 
 TEST(SplitRun, AmaqLearnsWhileSendingAFractionOfTheBytes) {
   testing::TempDir tmp;
@@ -199,9 +205,9 @@ TEST(SplitRun, AmaqLearnsWhileSendingAFractionOfTheBytes) {
   RunResult full = run_in_process(srv_f, f);
   const auto& a = amaq.steps;
   const auto& u = full.steps;
-  std::printf("  amaq: loss %.5f -> %.5f (fp32 %.5f -> %.5f), bits fwd %.2f -> %.2f, bwd %.2f -> %.2f\n", a.front().task_loss,
-              a.back().task_loss, u.front().task_loss, u.back().task_loss, a.front().fwd_bits.mean, a.back().fwd_bits.mean,
-              a.front().bwd_bits.mean, a.back().bwd_bits.mean);
+  std::printf("  amaq: loss %.5f -> %.5f (fp32 %.5f -> %.5f), bits fwd %.2f -> %.2f, bwd %.2f -> %.2f\n",
+              a.front().task_loss, a.back().task_loss, u.front().task_loss, u.back().task_loss, a.front().fwd_bits.mean,
+              a.back().fwd_bits.mean, a.front().bwd_bits.mean, a.back().bwd_bits.mean);
   // At least 80% of the uncompressed run's loss reduction over the same 30 steps.
   EXPECT_LT(a.back().task_loss, a.front().task_loss - 0.8 * (u.front().task_loss - u.back().task_loss));
   EXPECT_LE(a.back().fwd_bits.mean, 3.0);
@@ -213,7 +219,8 @@ TEST(SplitRun, AmaqLearnsWhileSendingAFractionOfTheBytes) {
   const uint64_t label_bytes = wire::label_bytes(wire::narrowest_label_type(ModelConfig::load(c.model).vocab_size));
   ASSERT_LT(label_bytes, 8u);
   for (const StepRecord& r : a) {
-    EXPECT_EQ(r.forward_frame_bytes, r.fwd_packet_bytes + 2 * (24 + 24 + 8 + 8) + (label_bytes + 1) * r.cells) << r.step;
+    EXPECT_EQ(r.forward_frame_bytes, r.fwd_packet_bytes + 2 * (24 + 24 + 8 + 8) + (label_bytes + 1) * r.cells)
+        << r.step;
     EXPECT_EQ(r.backward_frame_bytes, r.bwd_packet_bytes + 2 * (24 + 8 + 4 + 4 + 8 + 4 + 8)) << r.step;
     // Besides the FORWARD frames the client sends one CONTROL STEP per step (and a BIT_SYNC when the
     // backward budget moves): each a 24-byte frame header, an 8-byte control header and a short JSON.
@@ -232,7 +239,8 @@ TEST(SplitRun, AmaqLearnsWhileSendingAFractionOfTheBytes) {
   r.schedule.steps = 5;
   r.fwd_codec = quant::CodecSpec::parse("fixed:map=" + map_file + ",shuffle=7,gran=token");
   TrainServer srv_r(server_for(r, r.side));
-  for (const StepRecord& rec : run_in_process(srv_r, r).steps) EXPECT_DOUBLE_EQ(rec.fwd_bits.mean, map_mean) << rec.step;
+  for (const StepRecord& rec : run_in_process(srv_r, r).steps)
+    EXPECT_DOUBLE_EQ(rec.fwd_bits.mean, map_mean) << rec.step;
 }
 
 // `amaq export --merged`: LoRA merged into the weights gives the base + adapter model's logits; full
@@ -316,8 +324,8 @@ TEST(SplitRun, ResumeAtAStepTheServerLacksIsRefused) {
   EXPECT_AMAQ_ERROR(run_in_process(srv, c), "no checkpoint of run", "at step 2", "cannot resume");
   // Starting a fresh run over an existing run directory is refused too.
   c.resume = false;
-  EXPECT_AMAQ_ERROR(ClientTrainer(c).run([](std::unique_ptr<wire::Channel>*) { return wire::Status::Ok(); }), "already holds a run",
-                    "--resume");
+  EXPECT_AMAQ_ERROR(ClientTrainer(c).run([](std::unique_ptr<wire::Channel>*) { return wire::Status::Ok(); }),
+                    "already holds a run", "--resume");
 }
 
 TEST(SplitRun, ScheduleWarmsUpThenDecaysByCosine) {
@@ -350,7 +358,9 @@ namespace {
 TEST(SplitRun, ClassificationAccuracyThroughTheServerEqualsLocalEvaluation) {
   testing::TempDir tmp;
   std::string data;
-  for (int i = 0; i < 40; ++i) data += nlohmann::json{{"text", "item " + std::to_string(i * 7 % 13)}, {"label", i % 3 ? "yes" : "no"}}.dump() + "\n";
+  for (int i = 0; i < 40; ++i)
+    data +=
+        nlohmann::json{{"text", "item " + std::to_string(i * 7 % 13)}, {"label", i % 3 ? "yes" : "no"}}.dump() + "\n";
   testing::write_bytes(tmp.file("cls.jsonl"), data);
   ClientConfig c = base_config(tmp, "run");
   c.data = c.val_data = tmp.file("cls.jsonl");

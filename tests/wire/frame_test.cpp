@@ -1,5 +1,7 @@
 // Frames and the in-process channel: round trips, limits checked before allocation, checksums,
 // and byte accounting.
+#include "wire/frame.h"
+
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -8,7 +10,6 @@
 #include <thread>
 
 #include "wire/channel.h"
-#include "wire/frame.h"
 
 namespace amaq::wire {
 namespace {
@@ -137,7 +138,8 @@ TEST(InProcessChannel, CarriesFramesBothWaysAndCountsBytes) {
   uint64_t expect_sent = 0;
   for (uint8_t t = 1; t <= kMaxMessageType; ++t) {
     // BYE ends the echo; HEARTBEAT is consumed by receive() (see the Heartbeat test).
-    if (static_cast<MessageType>(t) == MessageType::kBye || static_cast<MessageType>(t) == MessageType::kHeartbeat) continue;
+    if (static_cast<MessageType>(t) == MessageType::kBye || static_cast<MessageType>(t) == MessageType::kHeartbeat)
+      continue;
     Frame f{static_cast<MessageType>(t), 0, std::string(t, 'p')};
     ASSERT_TRUE(client->send(f).ok());
     expect_sent += sizeof(FrameHeader) + t;

@@ -1,9 +1,9 @@
 // Training message bodies: round trips, and every malformed body refused with the field named.
+#include "wire/messages.h"
+
 #include <gtest/gtest.h>
 
 #include <cstring>
-
-#include "wire/messages.h"
 
 namespace amaq::wire {
 namespace {

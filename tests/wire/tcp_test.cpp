@@ -2,6 +2,8 @@
 // command), the handshake, and a server that keeps 8 good sessions going while hostile clients
 // send garbage, oversized frames, wrong versions, truncated frames, bad tokens and untrusted
 // certificates.
+#include "wire/tcp.h"
+
 #include <gtest/gtest.h>
 
 #include <boost/asio.hpp>
@@ -14,7 +16,6 @@
 #include "model/part.h"
 #include "testing.h"
 #include "wire/handshake.h"
-#include "wire/tcp.h"
 
 namespace amaq::wire {
 namespace {
@@ -102,7 +103,8 @@ Status good_session(const ClientOptions& opt, const ServerPolicy& p, int rounds,
     s = ch->receive(&back, 10s);
     if (!s.ok()) return s;
     std::string want(payload.rbegin(), payload.rend());
-    if (back.type != MessageType::kBackward || back.payload != want) return Status::Fail(ErrorCode::kBadMessage, "wrong echo");
+    if (back.type != MessageType::kBackward || back.payload != want)
+      return Status::Fail(ErrorCode::kBadMessage, "wrong echo");
   }
   return ch->send({MessageType::kBye, 0, ""});
 }
@@ -121,7 +123,8 @@ TEST(Tcp, EveryMessageTypeRoundTripsPlainAndTls) {
     ASSERT_TRUE(connect(co, &ch).ok());
     for (uint8_t t = 1; t <= kMaxMessageType; ++t) {
       // BYE ends the echo; HEARTBEAT is consumed by receive() (see the Heartbeat test).
-    if (static_cast<MessageType>(t) == MessageType::kBye || static_cast<MessageType>(t) == MessageType::kHeartbeat) continue;
+      if (static_cast<MessageType>(t) == MessageType::kBye || static_cast<MessageType>(t) == MessageType::kHeartbeat)
+        continue;
       Frame f{static_cast<MessageType>(t), t, std::string(t == 5 ? (16 << 20) : 100 * t, static_cast<char>(t))};
       ASSERT_TRUE(ch->send(f).ok());
       Frame back;
@@ -230,7 +233,8 @@ TEST(Server, GoodSessionsCompleteWhileHostileClientsAreRefused) {
   // 8 good sessions on each server, running while the hostile clients below do their worst.
   std::vector<std::future<Status>> good;
   for (int i = 0; i < 8; ++i) {
-    good.push_back(std::async(std::launch::async, [&] { return good_session(ClientOptions("127.0.0.1", plain.port()), p, 30, 64 << 10); }));
+    good.push_back(std::async(std::launch::async,
+                              [&] { return good_session(ClientOptions("127.0.0.1", plain.port()), p, 30, 64 << 10); }));
     good.push_back(std::async(std::launch::async, [&] {
       return good_session(ClientOptions("127.0.0.1", tls.port()).tls(certs().client()), p, 30, 64 << 10);
     }));
@@ -239,8 +243,10 @@ TEST(Server, GoodSessionsCompleteWhileHostileClientsAreRefused) {
   std::string junk(300, '\0');
   for (size_t i = 0; i < junk.size(); ++i) junk[i] = static_cast<char>(i * 131 + 7);
   EXPECT_EQ(hostile_raw(plain.port(), junk, false).code, ErrorCode::kBadMagic);
-  EXPECT_EQ(hostile_raw(plain.port(), header_bytes(kFrameMagic, kProtocolVersion, 1, uint64_t{1} << 60), true).code, ErrorCode::kTooLarge);
-  EXPECT_EQ(hostile_raw(plain.port(), header_bytes(0xDEADBEEF, kProtocolVersion, 1, 4) + "abcd", false).code, ErrorCode::kBadMagic);
+  EXPECT_EQ(hostile_raw(plain.port(), header_bytes(kFrameMagic, kProtocolVersion, 1, uint64_t{1} << 60), true).code,
+            ErrorCode::kTooLarge);
+  EXPECT_EQ(hostile_raw(plain.port(), header_bytes(0xDEADBEEF, kProtocolVersion, 1, 4) + "abcd", false).code,
+            ErrorCode::kBadMagic);
   EXPECT_EQ(hostile_raw(plain.port(), header_bytes(kFrameMagic, 7, 1, 4) + "abcd", false).code, ErrorCode::kBadVersion);
   // Truncated frame, then silence: the server gives up at its deadline and says so.
   Status trunc = hostile_raw(plain.port(), header_bytes(kFrameMagic, kProtocolVersion, 1, 100) + "only part", true);
@@ -266,7 +272,9 @@ TEST(Server, GoodSessionsCompleteWhileHostileClientsAreRefused) {
   // A client that does not trust the server's certificate refuses it.
   {
     std::unique_ptr<Channel> ch;
-    Status s = connect(ClientOptions("127.0.0.1", tls.port()).tls({certs().f("client.pem"), certs().f("client.key"), certs().f("rogue.pem")}), &ch);
+    Status s = connect(ClientOptions("127.0.0.1", tls.port())
+                           .tls({certs().f("client.pem"), certs().f("client.key"), certs().f("rogue.pem")}),
+                       &ch);
     EXPECT_EQ(s.code, ErrorCode::kTls) << s.message;
   }
 
@@ -284,7 +292,8 @@ TEST(Server, GoodSessionsCompleteWhileHostileClientsAreRefused) {
 }
 
 TEST(Server, PlainTcpOffLoopbackNeedsInsecure) {
-  EXPECT_AMAQ_ERROR(Server(ServerOptions(0).host("0.0.0.0"), [](Channel&, const SessionContext&) {}), "plain TCP", "--insecure");
+  EXPECT_AMAQ_ERROR(Server(ServerOptions(0).host("0.0.0.0"), [](Channel&, const SessionContext&) {}), "plain TCP",
+                    "--insecure");
   Server ok(ServerOptions(0).host("0.0.0.0").insecure(true), [](Channel&, const SessionContext&) {});
   EXPECT_GT(ok.port(), 0);
   EXPECT_TRUE(is_loopback("127.0.0.1") && is_loopback("::1") && is_loopback("localhost") && !is_loopback("10.1.2.3"));

@@ -19,14 +19,18 @@ void check(cudaError_t e, const char* what) {
   }
 }
 
-cudaStream_t stream_of(const at::Device& d) { return c10::cuda::getCurrentCUDAStream(d.index()).stream(); }
+cudaStream_t stream_of(const at::Device& d) {
+  return c10::cuda::getCurrentCUDAStream(d.index()).stream();
+}
 
 // The bit map and each channel's bit offset in a row, on the device.
 struct DevicePack {
   at::Tensor bits, offsets;
   PackLayout layout;
   int64_t bytes() const { return (layout.rows * layout.row_bits + 7) / 8; }
-  at::Tensor words(const at::Device& d) const { return at::empty({(bytes() + 3) / 4}, at::TensorOptions(at::kInt).device(d)); }
+  at::Tensor words(const at::Device& d) const {
+    return at::empty({(bytes() + 3) / 4}, at::TensorOptions(at::kInt).device(d));
+  }
 };
 
 DevicePack device_pack(const at::Tensor& bits, int64_t rows, const at::Device& device) {
@@ -44,12 +48,22 @@ DevicePack device_pack(const at::Tensor& bits, int64_t rows, const at::Device& d
   return p;
 }
 
-RangeLayout ranges_of(const AffineLayout& l) { return RangeLayout{static_cast<int>(l.granularity), l.group}; }
-DType kernel_dtype(at::ScalarType t) { return t == at::kBFloat16 ? DType::kBF16 : DType::kF32; }
+RangeLayout ranges_of(const AffineLayout& l) {
+  return RangeLayout{static_cast<int>(l.granularity), l.group};
+}
+DType kernel_dtype(at::ScalarType t) {
+  return t == at::kBFloat16 ? DType::kBF16 : DType::kF32;
+}
 // The kernels read and write fp32 and bf16; fp16 goes through fp32.
-at::ScalarType kernel_type(at::ScalarType t) { return t == at::kBFloat16 ? at::kBFloat16 : at::kFloat; }
-uint16_t* u16(const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); }
-uint8_t* u8(const at::Tensor& t) { return static_cast<uint8_t*>(t.data_ptr()); }
+at::ScalarType kernel_type(at::ScalarType t) {
+  return t == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+}
+uint16_t* u16(const at::Tensor& t) {
+  return reinterpret_cast<uint16_t*>(t.data_ptr());
+}
+uint8_t* u8(const at::Tensor& t) {
+  return static_cast<uint8_t*>(t.data_ptr());
+}
 
 std::string to_host(const at::Tensor& words, int64_t nbytes) {
   at::Tensor h = words.cpu();
@@ -60,13 +74,16 @@ at::Tensor to_device(const uint8_t* p, int64_t n, const at::Device& d) {
   return at::from_blob(const_cast<uint8_t*>(p), {n}, at::kByte).to(d);
 }
 
-int levels_of(int bits) { return (1 << (bits - 1)) - 1; }
+int levels_of(int bits) {
+  return (1 << (bits - 1)) - 1;
+}
 
 }  // namespace
 
 AffineEncoded affine_encode(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
                             uint64_t seed) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) == layout.rows && x.size(1) == layout.cols, "affine_encode takes (rows, cols) on a GPU");
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) == layout.rows && x.size(1) == layout.cols,
+              "affine_encode takes (rows, cols) on a GPU");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t s = stream_of(x.device());
   const at::Tensor xin = x.to(kernel_type(x.scalar_type())).contiguous();
@@ -87,12 +104,13 @@ AffineEncoded affine_encode(const at::Tensor& x, const at::Tensor& bits, const A
   at::Tensor lo = at::empty({layout.num_groups()}, half), hi = at::empty({layout.num_groups()}, half);
   check(affine_ranges(xin.data_ptr(), t, p.layout, ranges_of(layout), e.scale, u16(lo), u16(hi), s), "affine_ranges");
   at::Tensor words = p.words(x.device());
-  check(affine_quantize_pack(xin.data_ptr(), t, p.layout, ranges_of(layout), e.scale, u16(lo), u16(hi), static_cast<int>(rounding),
-                             seed, static_cast<uint32_t*>(words.data_ptr()), s),
+  check(affine_quantize_pack(xin.data_ptr(), t, p.layout, ranges_of(layout), e.scale, u16(lo), u16(hi),
+                             static_cast<int>(rounding), seed, static_cast<uint32_t*>(words.data_ptr()), s),
         "affine_quantize_pack");
   // The sender's copy of what goes across: decoded from the very words sent.
   e.decoded = at::empty({layout.rows, layout.cols}, xin.options());
-  check(affine_unpack_dequantize(u8(words), p.bytes(), p.layout, ranges_of(layout), e.scale, u16(lo), u16(hi), e.decoded.data_ptr(), t, s),
+  check(affine_unpack_dequantize(u8(words), p.bytes(), p.layout, ranges_of(layout), e.scale, u16(lo), u16(hi),
+                                 e.decoded.data_ptr(), t, s),
         "affine_unpack_dequantize");
   e.decoded = e.decoded.to(x.scalar_type());
   e.packed = to_host(words, p.bytes());
@@ -109,15 +127,17 @@ at::Tensor affine_decode(const uint8_t* packed, int64_t nbytes, const AffineQuan
   TORCH_CHECK(nbytes >= p.bytes(), "packed codes too short");
   const at::Tensor data = to_device(packed, nbytes, device), lo = q.lo.to(device), hi = q.hi.to(device);
   at::Tensor out = at::empty({layout.rows, layout.cols}, at::TensorOptions(kernel_type(out_type)).device(device));
-  check(affine_unpack_dequantize(u8(data), nbytes, p.layout, ranges_of(layout), q.scale, u16(lo), u16(hi), out.data_ptr(),
-                                 kernel_dtype(out.scalar_type()), s),
+  check(affine_unpack_dequantize(u8(data), nbytes, p.layout, ranges_of(layout), q.scale, u16(lo), u16(hi),
+                                 out.data_ptr(), kernel_dtype(out.scalar_type()), s),
         "affine_unpack_dequantize");
   return out.to(out_type);
 }
 
 std::string sym_encode(const at::Tensor& d, const at::Tensor& steps, int64_t T, int bits, at::Tensor& m) {
-  TORCH_CHECK(d.is_cuda() && d.scalar_type() == at::kFloat && d.is_contiguous() && d.dim() == 2, "sym_encode takes (rows, C) fp32 on a GPU");
-  TORCH_CHECK(m.sizes() == d.sizes() && m.is_contiguous() && m.scalar_type() == at::kFloat && m.device() == d.device(), "memory must match d");
+  TORCH_CHECK(d.is_cuda() && d.scalar_type() == at::kFloat && d.is_contiguous() && d.dim() == 2,
+              "sym_encode takes (rows, C) fp32 on a GPU");
+  TORCH_CHECK(m.sizes() == d.sizes() && m.is_contiguous() && m.scalar_type() == at::kFloat && m.device() == d.device(),
+              "memory must match d");
   const c10::cuda::CUDAGuard guard(d.device());
   const DevicePack p = device_pack(at::full({d.size(1)}, bits, at::kByte), d.size(0), d.device());
   const at::Tensor st = steps.to(d.device(), at::kFloat).contiguous();
@@ -129,7 +149,8 @@ std::string sym_encode(const at::Tensor& d, const at::Tensor& steps, int64_t T, 
 }
 
 void sym_decode(const uint8_t* packed, int64_t nbytes, const at::Tensor& steps, int64_t T, int bits, at::Tensor& m) {
-  TORCH_CHECK(m.is_cuda() && m.scalar_type() == at::kFloat && m.is_contiguous() && m.dim() == 2, "sym_decode takes (rows, C) fp32 on a GPU");
+  TORCH_CHECK(m.is_cuda() && m.scalar_type() == at::kFloat && m.is_contiguous() && m.dim() == 2,
+              "sym_decode takes (rows, C) fp32 on a GPU");
   const c10::cuda::CUDAGuard guard(m.device());
   const DevicePack p = device_pack(at::full({m.size(1)}, bits, at::kByte), m.size(0), m.device());
   TORCH_CHECK(nbytes >= p.bytes(), "packed codes too short");

@@ -13,9 +13,9 @@ namespace amaq::quant::cuda {
 /// A fixed/amaq tensor quantized on the GPU.
 struct AffineEncoded {
   float scale = 1.0f;
-  at::Tensor lo, hi;    ///< (groups,) fp16 on the CPU, relative to scale
-  std::string packed;   ///< the packed codes, bitpack.h's stream
-  at::Tensor decoded;   ///< (rows, cols) on x's device in x's dtype: what the receiver decodes
+  at::Tensor lo, hi;   ///< (groups,) fp16 on the CPU, relative to scale
+  std::string packed;  ///< the packed codes, bitpack.h's stream
+  at::Tensor decoded;  ///< (rows, cols) on x's device in x's dtype: what the receiver decodes
 };
 
 /// x (rows, cols) fp32/bf16/fp16 on a CUDA device; bits (cols,) uint8 on the CPU. Refuses NaN/Inf.

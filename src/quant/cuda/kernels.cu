@@ -15,18 +15,30 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65536;  // grid-stride loops cover the rest
 
-int blocks_for(int64_t n) { return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks))); }
+int blocks_for(int64_t n) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks)));
+}
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(float v) {
+  return v;
+}
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
-__device__ __forceinline__ float half_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+__device__ __forceinline__ float half_to_float(uint16_t h) {
+  return __half2float(__ushort_as_half(h));
+}
 
 // As half_bits_rounded on the CPU: __float2half_rn rounds to nearest even like c10::Half.
 __device__ __forceinline__ uint16_t half_rounded(float v, bool up) {
@@ -40,9 +52,12 @@ struct Groups {
   __device__ __forceinline__ int64_t per_row() const { return r.granularity == 3 ? (cols + r.group - 1) / r.group : 1; }
   __device__ __forceinline__ int64_t of(int64_t row, int64_t c) const {
     switch (r.granularity) {
-      case 2: return c;
-      case 3: return row * per_row() + c / r.group;
-      default: return row;
+      case 2:
+        return c;
+      case 3:
+        return row * per_row() + c / r.group;
+      default:
+        return row;
     }
   }
 };
@@ -80,7 +95,8 @@ __global__ void max_abs_kernel(const T* x, int64_t n, MaxAbs* out) {
 
 // One block per (row, run of channels sharing a range): token and group granularity.
 template <typename T>
-__global__ void row_ranges_kernel(const T* x, int64_t rows, int64_t cols, Groups g, float scale, uint16_t* lo16, uint16_t* hi16) {
+__global__ void row_ranges_kernel(const T* x, int64_t rows, int64_t cols, Groups g, float scale, uint16_t* lo16,
+                                  uint16_t* hi16) {
   __shared__ float smin[32], smax[32];
   const int64_t per_row = g.per_row(), width = g.r.granularity == 3 ? g.r.group : cols;
   for (int64_t seg = blockIdx.x; seg < rows * per_row; seg += gridDim.x) {
@@ -115,7 +131,8 @@ __global__ void row_ranges_kernel(const T* x, int64_t rows, int64_t cols, Groups
 
 // One thread per channel: channel granularity.
 template <typename T>
-__global__ void channel_ranges_kernel(const T* x, int64_t rows, int64_t cols, float scale, uint16_t* lo16, uint16_t* hi16) {
+__global__ void channel_ranges_kernel(const T* x, int64_t rows, int64_t cols, float scale, uint16_t* lo16,
+                                      uint16_t* hi16) {
   for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < cols; c += int64_t{gridDim.x} * blockDim.x) {
     float mn = INFINITY, mx = -INFINITY;
     for (int64_t r = 0; r < rows; ++r) {
@@ -143,7 +160,10 @@ __global__ void pack_words_kernel(PackLayout p, int64_t row_bits, int64_t total_
     int64_t lo = 0, hi = p.cols - 1;  // the last channel whose offset is <= o
     while (lo < hi) {
       const int64_t mid = (lo + hi + 1) / 2;
-      if (p.offsets[mid] <= o) lo = mid; else hi = mid - 1;
+      if (p.offsets[mid] <= o)
+        lo = mid;
+      else
+        hi = mid - 1;
     }
     int64_t c = lo;
     uint64_t word = 0;
@@ -258,8 +278,10 @@ cudaError_t max_abs(const void* x, DType t, int64_t n, MaxAbs* out, cudaStream_t
   cudaMemsetAsync(out, 0, sizeof(MaxAbs), s);
   cudaMemsetAsync(&out->first_bad, 0xff, sizeof(out->first_bad), s);
   if (n == 0) return cudaGetLastError();
-  if (t == DType::kF32) max_abs_kernel<<<blocks_for(n), kThreads, 0, s>>>(static_cast<const float*>(x), n, out);
-  else max_abs_kernel<<<blocks_for(n), kThreads, 0, s>>>(static_cast<const __nv_bfloat16*>(x), n, out);
+  if (t == DType::kF32)
+    max_abs_kernel<<<blocks_for(n), kThreads, 0, s>>>(static_cast<const float*>(x), n, out);
+  else
+    max_abs_kernel<<<blocks_for(n), kThreads, 0, s>>>(static_cast<const __nv_bfloat16*>(x), n, out);
   return cudaGetLastError();
 }
 
@@ -273,11 +295,14 @@ cudaError_t affine_ranges(const void* x, DType t, const PackLayout& p, RangeLayo
     } else {
       const int64_t segs = p.rows * (r.granularity == 3 ? (p.cols + r.group - 1) / r.group : 1);
       const int threads = r.granularity == 3 && r.group <= 64 ? 32 : 128;
-      row_ranges_kernel<<<static_cast<int>(std::min(segs, kMaxBlocks)), threads, 0, s>>>(xt, p.rows, p.cols, g, scale, lo16, hi16);
+      row_ranges_kernel<<<static_cast<int>(std::min(segs, kMaxBlocks)), threads, 0, s>>>(xt, p.rows, p.cols, g, scale,
+                                                                                         lo16, hi16);
     }
   };
-  if (t == DType::kF32) run(static_cast<const float*>(x));
-  else run(static_cast<const __nv_bfloat16*>(x));
+  if (t == DType::kF32)
+    run(static_cast<const float*>(x));
+  else
+    run(static_cast<const __nv_bfloat16*>(x));
   return cudaGetLastError();
 }
 
@@ -287,16 +312,21 @@ cudaError_t affine_quantize_pack(const void* x, DType t, const PackLayout& p, Ra
   const Groups g{r, p.cols};
   const auto rnd = static_cast<Rounding>(rounding);
   if (t == DType::kF32) {
-    return launch_pack(p, AffineCode<float>{static_cast<const float*>(x), g, lo16, hi16, p.bits, scale, rnd, seed}, out, s);
+    return launch_pack(p, AffineCode<float>{static_cast<const float*>(x), g, lo16, hi16, p.bits, scale, rnd, seed}, out,
+                       s);
   }
-  return launch_pack(p, AffineCode<__nv_bfloat16>{static_cast<const __nv_bfloat16*>(x), g, lo16, hi16, p.bits, scale, rnd, seed},
-                     out, s);
+  return launch_pack(
+      p, AffineCode<__nv_bfloat16>{static_cast<const __nv_bfloat16*>(x), g, lo16, hi16, p.bits, scale, rnd, seed}, out,
+      s);
 }
 
-cudaError_t affine_unpack_dequantize(const uint8_t* packed, int64_t nbytes, const PackLayout& p, RangeLayout r, float scale,
-                                     const uint16_t* lo16, const uint16_t* hi16, void* out, DType t, cudaStream_t s) {
+cudaError_t affine_unpack_dequantize(const uint8_t* packed, int64_t nbytes, const PackLayout& p, RangeLayout r,
+                                     float scale, const uint16_t* lo16, const uint16_t* hi16, void* out, DType t,
+                                     cudaStream_t s) {
   const Groups g{r, p.cols};
-  if (t == DType::kF32) return launch_unpack(packed, nbytes, p, AffineStore<float>{static_cast<float*>(out), g, lo16, hi16, p.bits, scale}, s);
+  if (t == DType::kF32)
+    return launch_unpack(packed, nbytes, p, AffineStore<float>{static_cast<float*>(out), g, lo16, hi16, p.bits, scale},
+                         s);
   return launch_unpack(packed, nbytes, p,
                        AffineStore<__nv_bfloat16>{static_cast<__nv_bfloat16*>(out), g, lo16, hi16, p.bits, scale}, s);
 }

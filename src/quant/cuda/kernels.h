@@ -29,9 +29,9 @@ struct RangeLayout {
 };
 
 struct MaxAbs {
-  unsigned int max_bits;        ///< the largest finite |x|, as float bits
-  unsigned long long bad;       ///< NaN/Inf values
-  unsigned long long first_bad; ///< smallest flat index of one (~0ull when none)
+  unsigned int max_bits;         ///< the largest finite |x|, as float bits
+  unsigned long long bad;        ///< NaN/Inf values
+  unsigned long long first_bad;  ///< smallest flat index of one (~0ull when none)
 };
 
 /// Resets `out` and reduces n values into it.
@@ -47,8 +47,9 @@ cudaError_t affine_quantize_pack(const void* x, DType t, const PackLayout& p, Ra
                                  cudaStream_t s);
 
 /// Fused unpack + dequantize of `nbytes` packed bytes into (rows, cols) values of type t.
-cudaError_t affine_unpack_dequantize(const uint8_t* packed, int64_t nbytes, const PackLayout& p, RangeLayout r, float scale,
-                                     const uint16_t* lo16, const uint16_t* hi16, void* out, DType t, cudaStream_t s);
+cudaError_t affine_unpack_dequantize(const uint8_t* packed, int64_t nbytes, const PackLayout& p, RangeLayout r,
+                                     float scale, const uint16_t* lo16, const uint16_t* hi16, void* out, DType t,
+                                     cudaStream_t s);
 
 /// AQ-SGD sender, fused: for the deltas d (rows, cols) fp32 of samples of T rows each, with one step per
 /// (sample, channel), packs sym_level(d / step) + levels and adds level * step to the memory m (rows, cols).

@@ -31,7 +31,9 @@ void* amaq_spm_load(const char* path, char* err, size_t errlen) {
   return sp;
 }
 
-void amaq_spm_free(void* h) { delete static_cast<sentencepiece::SentencePieceProcessor*>(h); }
+void amaq_spm_free(void* h) {
+  delete static_cast<sentencepiece::SentencePieceProcessor*>(h);
+}
 
 // ids: malloc'd array the caller frees with amaq_spm_release. Returns 0 on success.
 int amaq_spm_encode(void* h, const char* text, size_t n, int** ids, size_t* count, char* err, size_t errlen) {
@@ -63,7 +65,9 @@ char* amaq_spm_decode(void* h, const int* ids, size_t n, size_t* len) {
   return buf;
 }
 
-void amaq_spm_release(void* p) { std::free(p); }
+void amaq_spm_release(void* p) {
+  std::free(p);
+}
 
 // what: 0 vocabulary size, 1 bos id, 2 eos id.
 int amaq_spm_info(void* h, int what) {
