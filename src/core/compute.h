@@ -5,6 +5,9 @@
 // compute to this thread instead and wait for it; the one team stays warm between them, and the
 // side that is not computing holds no workers at all.
 //
+// Work that overlaps compute (sending and receiving micro-batches in flight) belongs on other
+// threads that never compute: that keeps one team per process.
+//
 // Jobs run in the order they are submitted. A job submitted from the compute thread itself runs
 // inline. Thread-local torch state (grad mode) does not cross: a job sets what it needs.
 #pragma once

@@ -183,7 +183,7 @@ wire::Status TrainServer::Session::open_run() {
     return fail(bad(e.what()));
   }
   if (!detail::valid_run_id(run_id_)) return fail(bad("SCHEDULE: run_id must be 8-64 lowercase hex characters"));
-  if (batch_ < 1 || seq_len_ < 2 || static_cast<uint64_t>(batch_ * seq_len_) > 65536) {
+  if (batch_ < 1 || seq_len_ < 2 || batch_ > 65536 || seq_len_ > 65536 || batch_ * seq_len_ > 65536) {  // no overflow
     return fail(bad("SCHEDULE: batch x seq_len must be in [2, 65536] tokens per micro-batch"));
   }
 

@@ -131,6 +131,27 @@ TEST(Codec, ReceiverDecodesExactlyTheSendersValue) {
   }
 }
 
+// A sender that does not need the dequantized value (the server's gradients, evaluation) skips it:
+// the packet is the same bytes, and the codec state (AMAQ's map, AQ-SGD's memories) moves the same.
+TEST(Codec, SkippingTheDecodedCopyChangesNoByte) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  for (const char* text : {"none:bf16", "fixed:bits=3,gran=token", "amaq:budget=3", "aqsgd:bits=4"}) {
+    Codec with(CodecSpec::parse(text)), without(CodecSpec::parse(text)), receiver(CodecSpec::parse(text));
+    EncodeArgs args;
+    args.sample_ids = {4, 9};
+    if (std::string(text).rfind("amaq", 0) == 0) args.bits = at::randint(2, 9, {64}, gen, at::kByte);
+    for (int round = 0; round < 3; ++round) {  // AQ-SGD: a full pass, then deltas
+      const at::Tensor x = at::randn({2, 5, 64}, gen);
+      EncodeArgs skip = args;
+      skip.want_decoded = false;
+      const Encoded a = with.encode(x, args), b = without.encode(x, skip);
+      EXPECT_EQ(a.packet, b.packet) << text << " round " << round;
+      EXPECT_FALSE(b.decoded.defined()) << text;
+      EXPECT_TRUE(at::equal(receiver.decode(b.packet), a.decoded)) << text << " round " << round;
+    }
+  }
+}
+
 TEST(Codec, EncodedBytesAreWhatTheFormatImplies) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(4);
   at::Tensor x = at::randn({2, 10, 300}, gen);

@@ -21,6 +21,7 @@
 #include "train/export.h"
 #include "train/session.h"
 #include "train/side.h"
+#include "wire/handshake.h"
 #include "wire/messages.h"
 #include "wire/tcp.h"
 
@@ -379,6 +380,69 @@ TEST(SplitRun, ClassificationAccuracyThroughTheServerEqualsLocalEvaluation) {
   const auto local = evaluate_model(m, Dataset::load(c.val_data, tok, c.seq_len), tok, 4, 4);
   EXPECT_DOUBLE_EQ(r.eval["accuracy"].get<double>(), local["accuracy"].get<double>());
   EXPECT_NEAR(r.eval["loss"].get<double>(), local["loss"].get<double>(), 1e-5);
+}
+
+// A peer that passed the handshake still gets every number checked: a SCHEDULE whose batch x seq_len
+// overflows 64 bits is refused (it used to wrap to 0 and pass), and so is a FORWARD whose labels lie
+// outside the vocabulary. The session ends with an ERROR naming the cause.
+TEST(SplitRun, ServerRefusesOverflowingScheduleAndLabelsOutsideTheVocabulary) {
+  testing::TempDir tmp;
+  ClientConfig c = base_config(tmp, "hostile");
+  TrainServer srv(server_for(c, c.side));
+  const ModelConfig model = ModelConfig::load(kModel);
+  // Handshake as a client would, then `schedule` and (when it is accepted) `then`.
+  auto session = [&](const nlohmann::json& schedule, const std::function<wire::Status(wire::Channel&)>& then) {
+    auto [a, b] = wire::make_in_process_pair(srv.max_payload());
+    std::thread server([&srv, ch = std::shared_ptr<wire::Channel>(std::move(b))] { srv.serve(*ch, 1); });
+    wire::Hello hello;
+    hello.model_fingerprint = model_fingerprint(model, CheckpointReader(kModel));
+    hello.split = c.split;
+    hello.fwd_codec = c.fwd_codec.to_string();
+    hello.bwd_codec = c.bwd_codec.to_string();
+    wire::HelloAck ack;
+    wire::Status s = wire::client_handshake(*a, hello, "", std::chrono::seconds(10), &ack);
+    if (s.ok())
+      s = a->send({wire::MessageType::kControl, 0,
+                   wire::ControlMsg{wire::ControlKind::kSchedule, schedule.dump(), ""}.encode()});
+    wire::Frame f;
+    if (s.ok()) s = a->receive(&f, std::chrono::seconds(30));
+    if (s.ok() && f.type == wire::MessageType::kError) s = wire::parse_error_payload(f.payload);
+    if (s.ok() && then) s = then(*a);
+    a->close();
+    server.join();
+    return s;
+  };
+  nlohmann::json schedule{{"run_id", "0123456789abcdef"},
+                          {"resume_step", -1},
+                          {"schedule", c.schedule.to_json()},
+                          {"batch", int64_t{1} << 33},
+                          {"seq_len", int64_t{1} << 31}};
+  wire::Status s = session(schedule, nullptr);
+  EXPECT_EQ(s.code, wire::ErrorCode::kBadMessage) << s.message;
+  EXPECT_NE(s.message.find("batch x seq_len"), std::string::npos) << s.message;
+
+  schedule["batch"] = 1;
+  schedule["seq_len"] = 4;
+  schedule["run_id"] = "fedcba9876543210";
+  s = session(schedule, [&](wire::Channel& ch) {
+    quant::Codec codec(c.fwd_codec);
+    const std::string packet = codec.encode(at::zeros({1, 4, model.hidden_size})).packet;
+    const int16_t labels[4] = {1, 2, static_cast<int16_t>(model.vocab_size), -100};  // one id past the vocabulary
+    wire::ForwardMsg fm;
+    fm.batch = 1;
+    fm.seq = 4;
+    fm.label_type = wire::LabelType::kI16;
+    fm.labels = std::string_view(reinterpret_cast<const char*>(labels), sizeof labels);
+    fm.packet = packet;
+    wire::Status fs = ch.send({wire::MessageType::kForward, 0, fm.encode()});
+    wire::Frame reply;
+    if (fs.ok()) fs = ch.receive(&reply, std::chrono::seconds(30));
+    if (fs.ok() && reply.type == wire::MessageType::kError) return wire::parse_error_payload(reply.payload);
+    return fs.ok() ? wire::Status::Fail(wire::ErrorCode::kInternal, "the server accepted the labels") : fs;
+  });
+  EXPECT_EQ(s.code, wire::ErrorCode::kBadMessage) << s.message;
+  EXPECT_NE(s.message.find("labels outside [0, " + std::to_string(model.vocab_size) + ")"), std::string::npos)
+      << s.message;
 }
 
 }  // namespace
