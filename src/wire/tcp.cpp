@@ -80,13 +80,14 @@ class StreamChannel : public Channel {
       bool done = false;
       size_t n = 0;
       error_code ec;
+      const auto r0 = Clock::now();
       stream_.async_read_some(asio::buffer(buffer_), [&](const error_code& e, size_t k) {
         ec = e;
         n = k;
         done = true;
       });
       const bool in_time = run_until(*io_, stream_, done, t0 + timeout);
-      accounting_.seconds_blocked += std::chrono::duration<double>(Clock::now() - t0).count();
+      accounting_.seconds_blocked += std::chrono::duration<double>(Clock::now() - r0).count();  // this read's wait
       if (!in_time)
         return Status::Fail(ErrorCode::kTimeout, "no complete frame within " + std::to_string(timeout.count()) + " ms");
       if (ec) {

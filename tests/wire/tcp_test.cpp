@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <boost/asio.hpp>
+#include <chrono>
 #include <cstring>
 #include <future>
 #include <thread>
@@ -121,6 +122,7 @@ TEST(Tcp, EveryMessageTypeRoundTripsPlainAndTls) {
     if (tls) co.tls({"", "", certs().f("ca.pem")});
     std::unique_ptr<Channel> ch;
     ASSERT_TRUE(connect(co, &ch).ok());
+    double waited = 0;  // wall time inside receive(), which bounds the time the channel says it was blocked
     for (uint8_t t = 1; t <= kMaxMessageType; ++t) {
       // BYE ends the echo; HEARTBEAT is consumed by receive() (see the Heartbeat test).
       if (static_cast<MessageType>(t) == MessageType::kBye || static_cast<MessageType>(t) == MessageType::kHeartbeat)
@@ -128,13 +130,19 @@ TEST(Tcp, EveryMessageTypeRoundTripsPlainAndTls) {
       Frame f{static_cast<MessageType>(t), t, std::string(t == 5 ? (16 << 20) : 100 * t, static_cast<char>(t))};
       ASSERT_TRUE(ch->send(f).ok());
       Frame back;
+      const auto t0 = std::chrono::steady_clock::now();
       ASSERT_TRUE(ch->receive(&back, 10s).ok()) << (tls ? "tls " : "tcp ") << message_name(f.type);
+      waited += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       EXPECT_EQ(back.type, f.type);
       EXPECT_EQ(back.flags, f.flags);
       EXPECT_TRUE(back.payload == f.payload);
     }
     ch->send({MessageType::kBye, 0, ""});
     EXPECT_EQ(ch->accounting().bytes_sent(), ch->accounting().bytes_received() + sizeof(FrameHeader));
+    // A 16 MiB frame arrives in hundreds of reads: each adds its own wait, not the time since the
+    // frame began (which counted the same seconds over and over).
+    EXPECT_GT(ch->accounting().seconds_blocked, 0.0);
+    EXPECT_LE(ch->accounting().seconds_blocked, waited + 1e-3) << (tls ? "tls" : "tcp");
   }
 }
 
