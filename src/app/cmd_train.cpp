@@ -275,6 +275,11 @@ Run add_client(CLI::App& app) {
   app.option_defaults()->always_capture_default();
   auto a = std::make_shared<ClientArgs>();
   add_client_options(app, &a->cfg, &a->codecs);
+  // Across a real link the next micro-batch's activations travel while the server computes.
+  a->cfg.in_flight = 2;
+  app.add_option("--in-flight", a->cfg.in_flight,
+                 "micro-batches whose activations are sent before the first gradient is awaited (1 = serial)")
+      ->check(CLI::Range(1, 64));
   app.add_option("--connect", a->connect, "server HOST:PORT")->required();
   app.add_option("--tls-ca", a->tls_ca, "CA that signed the server's certificate (turns TLS on)");
   app.add_option("--tls-cert", a->tls_cert, "client certificate for mutual TLS");
@@ -292,6 +297,10 @@ Run add_train(CLI::App& app) {
   auto a = std::make_shared<TrainArgs>();
   add_client_options(app, &a->cfg, &a->codecs);
   add_side_options(app, &a->server_side, "server-", "server");
+  // Both sides share this process's compute thread: nothing to overlap, so serial by default.
+  app.add_option("--in-flight", a->cfg.in_flight,
+                 "micro-batches whose activations are sent before the first gradient is awaited (1 = serial)")
+      ->check(CLI::Range(1, 64));
   app.add_option("--transport", a->transport,
                  "inproc (one process, in-memory channel) or tcp (loopback TCP with a token)")
       ->check(CLI::IsMember({"inproc", "tcp"}));

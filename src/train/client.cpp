@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <deque>
 #include <optional>
 #include <thread>
 
@@ -95,7 +96,14 @@ class ClientTrainer::Run {
  private:
   void open_run_dir();
   wire::Status train_step(wire::Channel& ch, StepRecord* rec);
-  wire::Status micro_batch(wire::Channel& ch, int64_t m, StepRecord* rec, double* server_sq_norm);
+  // A micro-batch whose activations are on their way and whose gradient has not come back.
+  struct InFlight {
+    int64_t m = 0;
+    at::Tensor h;  // (B, T, C)
+    quant::SentActivations sent;
+  };
+  wire::Status send_micro_batch(wire::Channel& ch, int64_t m, StepRecord* rec, InFlight* in);
+  wire::Status finish_micro_batch(wire::Channel& ch, InFlight& in, StepRecord* rec, double* server_sq_norm);
   void log_step(StepRecord* rec, const wire::Channel& ch, const wire::Accounting& before, Clock::time_point t_step,
                 Progress* progress);
   wire::Status evaluate(wire::Channel& ch);
@@ -307,9 +315,22 @@ wire::Status ClientTrainer::Run::train_step(wire::Channel& ch, StepRecord* rec) 
     side_.zero_grad();
     link_->begin_step();
   });
+  // Micro-batches in flight: before waiting for micro-batch i's gradient, the activations of up to
+  // `in_flight` - 1 more are computed and sent, so they travel and the server computes while this
+  // side computes the next or its backward. Gradients enter the graph in order: the accumulation
+  // is the serial run's (in_flight = 1). One thread does the channel's I/O, as before.
+  const int64_t M = c_.schedule.micro_batches, window = std::max<int64_t>(1, c_.in_flight);
   double server_sq = 0;
-  for (int64_t m = 0; m < c_.schedule.micro_batches; ++m) {
-    wire::Status s = micro_batch(ch, m, rec, &server_sq);
+  std::deque<InFlight> pending;
+  int64_t next = 0;
+  for (int64_t done = 0; done < M; ++done) {
+    while (next < M && next - done < window) {
+      pending.emplace_back();
+      wire::Status s = send_micro_batch(ch, next++, rec, &pending.back());
+      if (!s.ok()) return s;
+    }
+    wire::Status s = finish_micro_batch(ch, pending.front(), rec, &server_sq);
+    pending.pop_front();
     if (!s.ok()) return s;
   }
   const auto t0 = Clock::now();
@@ -330,65 +351,67 @@ wire::Status ClientTrainer::Run::train_step(wire::Channel& ch, StepRecord* rec) 
   return s;
 }
 
-// Micro-batch m: forward through the client's layers, activations to the server, its gradient
-// back into the client's graph.
-wire::Status ClientTrainer::Run::micro_batch(wire::Channel& ch, int64_t m, StepRecord* rec, double* server_sq_norm) {
-  const int64_t step = step_, M = c_.schedule.micro_batches;
+// Micro-batch m, first half: forward through the client's layers, the activations on their way.
+wire::Status ClientTrainer::Run::send_micro_batch(wire::Channel& ch, int64_t m, StepRecord* rec, InFlight* out) {
+  const int64_t step = step_;
   std::vector<int64_t> idx;
   for (int64_t i = 0; i < c_.batch; ++i) idx.push_back(sampler_->at(position_ + m * c_.batch + i));
   const Batch b = make_batch(train_, idx, pad_id_, link_->needs_fixed_length() ? c_.seq_len : 0);
-  auto t0 = Clock::now();
-  at::Tensor h;  // (B, T, C)
-  quant::SentActivations sent;
+  const auto t0 = Clock::now();
+  InFlight& in = *out;
+  in.m = m;
   std::optional<BatchBytes> bytes;
   compute::run([&] {
-    h = side_.part->forward(b.ids, b.mask);
-    sent = link_->send_activations(h, step, m, b.sample_ids);
+    in.h = side_.part->forward(b.ids, b.mask);
+    in.sent = link_->send_activations(in.h, step, m, b.sample_ids);
     rec->tokens += b.mask.sum().item<int64_t>();
     bytes.emplace(b, label_type_);
   });
-  rec->fwd_bits = sent.bits;
-  rec->fwd_packet_bytes += sent.packet.size();
-  rec->elements += static_cast<uint64_t>(h.numel());
+  rec->fwd_bits = in.sent.bits;
+  rec->fwd_packet_bytes += in.sent.packet.size();
+  rec->elements += static_cast<uint64_t>(in.h.numel());
   rec->rows += static_cast<uint64_t>(b.ids.size(0));
   rec->cells += static_cast<uint64_t>(b.ids.numel());
-  wire::ForwardMsg fm = bytes->message(step, m, label_type_, sent.packet);
+  wire::ForwardMsg fm = bytes->message(step, m, label_type_, in.sent.packet);
   if (link_->needs_sample_ids()) fm.sample_ids = b.sample_ids;
   std::string payload = fm.encode();
   rec->client_seconds += seconds_since(t0);
+  return ch.send({wire::MessageType::kForward, 0, std::move(payload)});
+}
 
-  wire::Status s = ch.send({wire::MessageType::kForward, 0, std::move(payload)});
+// Micro-batch m, second half: the server's gradient back into the client's graph.
+wire::Status ClientTrainer::Run::finish_micro_batch(wire::Channel& ch, InFlight& in, StepRecord* rec,
+                                                    double* server_sq_norm) {
+  const int64_t step = step_, M = c_.schedule.micro_batches;
   wire::Frame f;
-  if (s.ok()) s = detail::expect(ch, wire::MessageType::kBackward, std::chrono::minutes(10), &f);
+  wire::Status s = detail::expect(ch, wire::MessageType::kBackward, std::chrono::minutes(10), &f);
   wire::BackwardMsg bm;
   if (s.ok()) s = wire::BackwardMsg::decode(f.payload, &bm);
   if (!s.ok()) return s;
-  if (bm.step != static_cast<uint64_t>(step) || bm.micro_batch != static_cast<uint32_t>(m)) {
+  if (bm.step != static_cast<uint64_t>(step) || bm.micro_batch != static_cast<uint32_t>(in.m)) {
     return wire::Status::Fail(wire::ErrorCode::kBadMessage, "BACKWARD for another step or micro-batch");
   }
-
-  t0 = Clock::now();
+  const auto t0 = Clock::now();
   rec->bwd_packet_bytes += bm.packet.size();
-  wire::Status s_bwd;
   compute::run([&] {
     at::Tensor dh;  // (B, T, C)
     try {
       dh = link_->receive_gradients(bm.packet, &rec->bwd_bits);
     } catch (const Error& err) {
-      s_bwd = wire::Status::Fail(wire::ErrorCode::kBadMessage, err.what());
+      s = wire::Status::Fail(wire::ErrorCode::kBadMessage, err.what());
       return;
     }
-    if (dh.sizes() != h.sizes()) {
-      s_bwd = wire::Status::Fail(wire::ErrorCode::kBadMessage, "gradient shape differs from the activation's");
+    if (dh.sizes() != in.h.sizes()) {
+      s = wire::Status::Fail(wire::ErrorCode::kBadMessage, "gradient shape differs from the activation's");
       return;
     }
     // d(sum(value * dh))/dvalue = dh: the server's gradient enters the client's graph unchanged.
-    at::Tensor surrogate = (sent.value * dh.to(sent.value.scalar_type())).sum();
+    at::Tensor surrogate = (in.sent.value * dh.to(in.sent.value.scalar_type())).sum();
     at::Tensor reg = link_->regularizer(step, M, &rec->reg_loss);
     if (reg.defined()) surrogate = surrogate + reg;
     surrogate.backward();
   });
-  if (!s_bwd.ok()) return s_bwd;
+  if (!s.ok()) return s;
   rec->client_seconds += seconds_since(t0);
   rec->task_loss += bm.loss / static_cast<double>(M);
   rec->server_seconds += bm.server_seconds;

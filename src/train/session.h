@@ -78,6 +78,7 @@ struct ClientConfig {
   std::string tokenizer = "auto";  ///< "auto": the model directory's tokenizer
   double val_fraction = 0.0;       ///< hold out this fraction of `data` when no val_data
   int64_t batch = 8;               ///< sequences per micro-batch
+  int64_t in_flight = 1;           ///< micro-batches whose activations travel while the next is computed
   int64_t seq_len = 128;
   SideOptions side;
   Schedule schedule;
