@@ -26,7 +26,9 @@ test: build
 	@bash scripts/fetch-tokenizers.sh tests/data/tokenizers
 	cd $(BUILD) && ctest --output-on-failure --timeout 1800
 
-run: build
+# The demo needs the amaq binary only: not the tests, the sanitizer build, the fuzzer or the benches.
+run: configure
+	cmake --build $(BUILD) -j $(JOBS) --target amaq
 	@bash scripts/demo.sh $(BUILD)
 
 # Speed targets live here, never in unit tests: Google Benchmark JSON in $(BUILD)/bench.json.
