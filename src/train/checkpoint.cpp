@@ -1,9 +1,11 @@
 #include "train/checkpoint.h"
 
 #include <fmt/format.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <sstream>
 
 #include "core/error.h"
@@ -18,6 +20,7 @@ std::string checkpoint_path(const std::string& root, int64_t step) {
 
 void write_checkpoint(const std::string& root, int64_t step, const CheckpointFiles& files) {
   make_dirs(root);
+  remove_stale_temps(root);
   const std::string final_dir = checkpoint_path(root, step);
   const std::string tmp = final_dir + ".tmp." + std::to_string(::getpid());
   remove_tree(tmp);
@@ -44,6 +47,22 @@ void prune_checkpoints(const std::string& root, int keep) {
   for (size_t i = 0; i + static_cast<size_t>(keep) < steps.size(); ++i) remove_tree(checkpoint_path(root, steps[i]));
 }
 
+int remove_stale_temps(const std::string& root) {
+  int removed = 0;
+  for (const std::string& name : list_subdirs(root)) {
+    // step-NNNNNNNN.tmp.PID, as write_checkpoint names them
+    if (name.size() <= 18 || name.rfind("step-", 0) != 0 || name.compare(13, 5, ".tmp.") != 0) continue;
+    const std::string pid_text = name.substr(18);
+    if (pid_text.find_first_not_of("0123456789") != std::string::npos || pid_text.size() > 9) continue;
+    const auto pid = static_cast<pid_t>(std::stol(pid_text));
+    if (pid <= 0 || pid == ::getpid()) continue;
+    if (::kill(pid, 0) == 0 || errno != ESRCH) continue;  // alive, or not ours to judge
+    remove_tree(join_path(root, name));
+    ++removed;
+  }
+  return removed;
+}
+
 void save_side_checkpoint(const std::string& root, int64_t step, Side& side, quant::Link& link, nlohmann::json fields,
                           int keep) {
   quant::LinkState ls = link.state();
@@ -63,6 +82,12 @@ void save_side_checkpoint(const std::string& root, int64_t step, Side& side, qua
 }
 
 nlohmann::json load_side_checkpoint(const std::string& dir, Side& side, quant::Link& link) {
+  const std::string state_file = join_path(dir, "state.json");
+  nlohmann::json fields = nlohmann::json::parse(read_file(state_file), nullptr, false);
+  if (fields.is_discarded() || !fields.is_object() || !fields.contains("step") || !fields["step"].is_number_integer()) {
+    throw Error(state_file + " is damaged (not a JSON object with an integer \"step\")",
+                "resume from an earlier checkpoint (--resume skips damaged ones)");
+  }
   auto tensors = load_safetensors(join_path(dir, "state.safetensors"));
   side.load_state(tensors, dir);
   load_optimizer(*side.opt, read_file(join_path(dir, "optim.pt")), dir);
@@ -70,11 +95,11 @@ nlohmann::json load_side_checkpoint(const std::string& dir, Side& side, quant::L
   for (const auto& [name, bytes] : link.state().files) {
     if (file_exists(join_path(dir, name))) files[name] = read_file(join_path(dir, name));
   }
-  nlohmann::json fields = nlohmann::json::parse(read_file(join_path(dir, "state.json")));
   link.load_state(tensors, files, fields, dir);
   auto rng = tensors.find("rng");
-  if (rng == tensors.end())
+  if (rng == tensors.end()) {
     throw Error(dir + " holds no generator state", "the checkpoint is incomplete: resume from an earlier one");
+  }
   {
     std::lock_guard<std::mutex> lock(rng_mutex());
     set_cpu_rng_state(rng->second);

@@ -28,12 +28,16 @@ void write_checkpoint(const std::string& root, int64_t step, const CheckpointFil
 std::vector<int64_t> list_checkpoints(const std::string& root);
 /// Removes all but the newest `keep` checkpoints.
 void prune_checkpoints(const std::string& root, int keep);
+/// Removes `step-N.tmp.PID` directories under `root` that a process which no longer exists left
+/// (an interrupted checkpoint); those of live processes stay. Returns how many it removed.
+int remove_stale_temps(const std::string& root);
 
 /// Writes one side's checkpoint of `step` under `root` (`fields` and the link's go into
 /// state.json), then keeps only the newest `keep`.
 void save_side_checkpoint(const std::string& root, int64_t step, Side& side, quant::Link& link, nlohmann::json fields,
                           int keep);
 /// Restores a side, its link and the CPU generator from checkpoint directory `dir`; returns state.json.
+/// A damaged file throws amaq::Error naming it.
 nlohmann::json load_side_checkpoint(const std::string& dir, Side& side, quant::Link& link);
 
 }  // namespace amaq::train

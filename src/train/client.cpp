@@ -178,8 +178,8 @@ ClientTrainer::Run::Run(const ClientConfig& c)
       tok_(load_tokenizer(c.tokenizer == "auto" ? c.model : c.tokenizer)),
       label_type_(wire::narrowest_label_type(model_.vocab_size)) {
   quant::Link::validate(c.fwd_codec, c.bwd_codec);
-  open_run_dir();
-  metrics_ = std::make_unique<JsonlLog>(join_path(c.run_dir, "metrics.jsonl"));
+  Schedule::from_json(c_.schedule.to_json());  // validates
+  if (c_.batch < 1) throw Error("--batch must be at least 1", "sequences per micro-batch, e.g. --batch 8");
   if (tok_->vocab_size() > model_.vocab_size) {
     throw Error("tokenizer '" + tok_->name() + "' has " + std::to_string(tok_->vocab_size()) +
                     " ids but the model only " + std::to_string(model_.vocab_size),
@@ -192,21 +192,41 @@ ClientTrainer::Run::Run(const ClientConfig& c)
     val_ = train_.split_off(c.val_fraction, c.schedule.seed);
   sampler_.emplace(static_cast<int64_t>(train_.examples.size()), c.schedule.seed);
   pad_id_ = tok_->eos_id() >= 0 ? tok_->eos_id() : 0;
+  // Only now, with model and data loaded, does the run directory record a run.
+  open_run_dir();
+  metrics_ = std::make_unique<JsonlLog>(join_path(c.run_dir, "metrics.jsonl"));
 }
 
 // The run directory: a new run, or the one being resumed; its resolved configuration.
 void ClientTrainer::Run::open_run_dir() {
-  Schedule::from_json(c_.schedule.to_json());  // validates
-  if (c_.batch < 1) throw Error("--batch must be at least 1", "");
+  remove_stale_temps(ckpt_root_);
   if (c_.resume) {
     if (!file_exists(run_file_))
       throw Error(c_.run_dir + " holds no run to resume (no run.json)", "drop --resume to start a new run");
-    run_id_ = nlohmann::json::parse(read_file(run_file_)).at("run_id").get<std::string>();
+    const nlohmann::json run = nlohmann::json::parse(read_file(run_file_), nullptr, false);
+    if (run.is_discarded() || !run.is_object() || !run.contains("run_id") || !run["run_id"].is_string()) {
+      throw Error(run_file_ + " is damaged (no \"run_id\")", "start a new run in another --run-dir");
+    }
+    run_id_ = run["run_id"].get<std::string>();
   } else {
-    if (has_checkpoint() || file_exists(run_file_)) {
+    if (has_checkpoint()) {
       throw Error(c_.run_dir + " already holds a run", "pass --resume to continue it, or choose another --run-dir");
     }
     make_dirs(c_.run_dir);
+    // A run that stopped before its first checkpoint left nothing to resume: start over in the same
+    // directory, keeping its log beside the new one.
+    const std::string log = join_path(c_.run_dir, "metrics.jsonl");
+    if (file_exists(run_file_) && file_exists(log)) {
+      const nlohmann::json old = nlohmann::json::parse(read_file(run_file_), nullptr, false);
+      const std::string old_id = old.is_object() && old.contains("run_id") && old["run_id"].is_string()
+                                     ? old["run_id"].get<std::string>()
+                                     : random_hex(8);
+      rename_path(log, join_path(c_.run_dir, "metrics." + old_id + ".jsonl"));
+      spdlog::info(
+          "{}: the run {} stopped before its first checkpoint; starting a new one (its log is kept as "
+          "metrics.{}.jsonl)",
+          c_.run_dir, old_id, old_id);
+    }
     run_id_ = random_hex(16);
     write_file_atomic(run_file_, nlohmann::json{{"run_id", run_id_},
                                                 {"model", c_.model},
@@ -236,17 +256,39 @@ void ClientTrainer::Run::restore(bool resume) {
     throw Error(c_.run_dir + " has no checkpoint to resume from",
                 "the run stopped before its first checkpoint: start it again");
   }
-  compute::run([&] {
+  auto fresh = [&] {
     side_ =
         Side::build(model_, weights_, SideRole::kClient, c_.split, c_.side, c_.schedule.seed, c_.schedule.weight_decay);
     link_ = std::make_unique<quant::Link>(quant::LinkSide::kClient, c_.fwd_codec, c_.bwd_codec, model_.hidden_size,
                                           c_.schedule.gate_lr);
-    if (!resume) return;
-    resume_step_ = have.back();
-    const nlohmann::json state = load_side_checkpoint(checkpoint_path(ckpt_root_, resume_step_), side_, *link_);
-    step_ = state.at("step").get<int64_t>();
-    position_ = state.at("position").get<int64_t>();
-  });
+  };
+  if (!resume) return compute::run(fresh);
+  // The newest checkpoint that loads; a damaged one is skipped with its reason.
+  std::string skipped;
+  for (auto it = have.rbegin(); it != have.rend(); ++it) {
+    const std::string dir = checkpoint_path(ckpt_root_, *it);
+    try {
+      compute::run([&] {
+        fresh();
+        const nlohmann::json state = load_side_checkpoint(dir, side_, *link_);
+        if (!state.contains("position") || !state["position"].is_number_integer()) {
+          throw Error(join_path(dir, "state.json") + " has no integer \"position\"",
+                      "resume from an earlier checkpoint (--resume skips damaged ones)");
+        }
+        step_ = state["step"].get<int64_t>();
+        position_ = state["position"].get<int64_t>();
+      });
+      resume_step_ = *it;
+      return;
+    } catch (const std::exception& e) {
+      const auto* c10 = dynamic_cast<const c10::Error*>(&e);
+      const std::string why = c10 ? c10->what_without_backtrace() : e.what();
+      spdlog::warn("skipping the checkpoint at step {}: {}", *it, why);
+      skipped += "\n  step " + std::to_string(*it) + ": " + why;
+    }
+  }
+  throw Error("no checkpoint in " + ckpt_root_ + " can be resumed from:" + skipped,
+              "start the run again in a new --run-dir");
 }
 
 wire::Status ClientTrainer::Run::connect(const Connector& connect, std::unique_ptr<wire::Channel>* ch) {

@@ -202,6 +202,7 @@ wire::Status TrainServer::Session::open_run() {
   }
 
   root_ = join_path(cfg_.run_dir, run_id_);
+  remove_stale_temps(root_);
   try {
     const std::string dir = checkpoint_path(root_, resume_step_);
     if (resume_step_ >= 0 && !file_exists(dir)) {

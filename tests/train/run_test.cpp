@@ -3,7 +3,9 @@
 // with the same schedule; a run interrupted and resumed equals the uninterrupted one; mismatches
 // are refused by name.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 #include <torch/nn/utils/clip_grad.h>
+#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -479,6 +481,88 @@ TEST(SplitRun, ServerRefusesOverflowingScheduleAndLabelsOutsideTheVocabulary) {
   EXPECT_EQ(s.code, wire::ErrorCode::kBadMessage) << s.message;
   EXPECT_NE(s.message.find("labels outside [0, " + std::to_string(model.vocab_size) + ")"), std::string::npos)
       << s.message;
+}
+
+// Interrupted checkpoints leave `step-N.tmp.PID` directories: the next checkpoint removes those of
+// processes that are gone, and keeps those of live ones (PID 1 here) and every complete checkpoint.
+TEST(Checkpoints, TempDirectoriesOfDeadWritersAreRemoved) {
+  testing::TempDir tmp;
+  const std::string root = tmp.file("ckpt");
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  ASSERT_GT(child, 0);
+  ::waitpid(child, nullptr, 0);  // now a PID that no process has
+  make_dirs(root + "/step-00000002.tmp." + std::to_string(child));
+  make_dirs(root + "/step-00000003.tmp.1");
+  write_checkpoint(root, 1, {{"state.json", "{}"}});
+  EXPECT_FALSE(file_exists(root + "/step-00000002.tmp." + std::to_string(child)));
+  EXPECT_TRUE(file_exists(root + "/step-00000003.tmp.1"));
+  EXPECT_EQ(list_checkpoints(root), std::vector<int64_t>{1});
+  EXPECT_EQ(remove_stale_temps(root), 0);
+}
+
+// A run that stopped before its first checkpoint (here: run.json and a log, as a crash leaves
+// them) is started again in the same directory; the old log is kept beside the new one. A run that
+// fails while loading its data leaves no run.json at all.
+TEST(SplitRun, RunWithoutCheckpointStartsAgainInTheSameDirectory) {
+  testing::TempDir tmp;
+  ClientConfig c = base_config(tmp, "run");
+  c.schedule.steps = 2;
+  c.schedule.warmup = 0;
+  ClientConfig bad = c;
+  bad.data = tmp.file("missing.txt");
+  TrainServer srv(server_for(c, c.side));
+  EXPECT_AMAQ_ERROR(run_in_process(srv, bad), "missing.txt");
+  EXPECT_FALSE(file_exists(c.run_dir + "/run.json"));
+  make_dirs(c.run_dir);
+  testing::write_bytes(c.run_dir + "/run.json", R"({"run_id": "00000000deadbeef"})");
+  testing::write_bytes(c.run_dir + "/metrics.jsonl", R"({"step": 0, "note": "the crashed run"})"
+                                                     "\n");
+  RunResult r = run_in_process(srv, c);
+  EXPECT_EQ(r.completed_steps, 2);
+  EXPECT_EQ(r.steps.size(), 2u);
+  EXPECT_NE(read_file(c.run_dir + "/metrics.00000000deadbeef.jsonl").find("the crashed run"), std::string::npos);
+  EXPECT_EQ(read_file(c.run_dir + "/metrics.jsonl").find("the crashed run"), std::string::npos);
+  EXPECT_AMAQ_ERROR(run_in_process(srv, c), "already holds a run");  // with a checkpoint it does not start over
+}
+
+// --resume takes the newest checkpoint that loads: a damaged newest one is skipped (and the run then
+// equals the uninterrupted one bit for bit); when none loads, the error names each file and why.
+TEST(SplitRun, ResumeSkipsDamagedCheckpointsAndNamesThem) {
+  testing::TempDir tmp;
+  ClientConfig c = base_config(tmp, "whole");
+  c.schedule.steps = 6;
+  TrainServer srv(server_for(c, c.side));
+  RunResult whole = run_in_process(srv, c);
+
+  ClientConfig part = base_config(tmp, "part");
+  part.schedule.steps = 6;
+  part.checkpoint_every = 2;
+  part.stop_after = 5;  // client checkpoints at 2, 4, 5 (the server keeps the same steps)
+  ServerConfig sc = server_for(part, part.side);
+  {
+    TrainServer s1(sc);
+    run_in_process(s1, part);
+  }
+  const std::string ckpt = part.run_dir + "/checkpoints";
+  ASSERT_EQ(list_checkpoints(ckpt), (std::vector<int64_t>{2, 4, 5}));
+  const std::string newest = checkpoint_path(ckpt, 5) + "/state.safetensors";
+  const std::string bytes = read_file(newest);
+  testing::write_bytes(newest, bytes.substr(0, bytes.size() / 2));  // truncated
+  ClientConfig again = part;
+  again.stop_after = -1;
+  again.resume = true;
+  {
+    TrainServer s2(sc);
+    RunResult resumed = run_in_process(s2, again);
+    ASSERT_EQ(resumed.steps.size(), 6u);
+    for (size_t i = 0; i < 6; ++i) EXPECT_EQ(resumed.steps[i].loss, whole.steps[i].loss) << "step " << i;
+  }
+  // Every checkpoint damaged: the error lists each with its file.
+  for (int64_t step : list_checkpoints(ckpt))
+    testing::write_bytes(checkpoint_path(ckpt, step) + "/state.json", "{oops");
+  TrainServer s3(sc);
+  EXPECT_AMAQ_ERROR(run_in_process(s3, again), "can be resumed from", "state.json is damaged");
 }
 
 }  // namespace
