@@ -31,8 +31,10 @@ Run add_eval(CLI::App& app) {
           "tokenizer has " + std::to_string(tok->vocab_size()) + " ids, the model " + std::to_string(config.vocab_size),
           "use the model's own tokenizer");
     }
+    const CheckpointReader ckpt(a->model);
+    check_config_matches_weights(config, ckpt);
     DecoderPart model = full_model(config);
-    model->load_weights(CheckpointReader(a->model));
+    model->load_weights(ckpt);
     if (!a->adapter.empty()) load_peft_adapter(model, a->adapter);
     const train::Dataset data = train::Dataset::load(a->data, *tok, a->seq_len);
     const nlohmann::json m = train::evaluate_model(model, data, *tok, a->batch, a->max_new);

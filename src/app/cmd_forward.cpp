@@ -25,6 +25,7 @@ int run_forward(const ForwardArgs& a) {
   auto t0 = std::chrono::steady_clock::now();
   ModelConfig config = ModelConfig::load(a.model);
   CheckpointReader ckpt(a.model);
+  check_config_matches_weights(config, ckpt);
   SafetensorsFile io(a.ids);
   if (!io.contains("input_ids")) {
     throw Error(a.ids + " has no tensor 'input_ids'",

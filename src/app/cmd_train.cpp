@@ -94,6 +94,8 @@ void add_client_options(CLI::App& app, ClientConfig* c, CodecArgs* codecs) {
   app.add_option("--tokenizer", c->tokenizer, "auto (the model's), byte, or a tokenizer file");
   app.add_option("--batch", c->batch, "sequences per micro-batch")->check(CLI::Range(1, 4096));
   app.add_option("--seq-len", c->seq_len, "tokens per sequence")->check(CLI::Range(2, 1 << 20));
+  app.add_flag("--beyond-positions", c->beyond_positions,
+               "allow --seq-len beyond the model's max_position_embeddings (a model that extrapolates)");
   app.add_option("--steps", c->schedule.steps, "optimizer steps");
   app.add_option("--micro-batches", c->schedule.micro_batches, "gradient accumulation: micro-batches per step");
   app.add_option("--lr", c->schedule.lr, "peak learning rate (AdamW)");

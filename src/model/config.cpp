@@ -24,6 +24,13 @@ struct Reader {
     return j[k].get<int64_t>();
   }
   int64_t positive_int_or(const char* k, int64_t def) const { return has(k) ? positive_int(k) : def; }
+  // A positive integer no larger than `max`: sizes are checked before anything is allocated.
+  int64_t bounded_int(const char* k, int64_t max) const {
+    const int64_t v = positive_int(k);
+    if (v > max) fail(k, "is " + std::to_string(v) + ", more than the " + std::to_string(max) + " amaq accepts");
+    return v;
+  }
+  int64_t bounded_int_or(const char* k, int64_t def, int64_t max) const { return has(k) ? bounded_int(k, max) : def; }
   double number_or(const char* k, double def) const {
     if (!has(k)) return def;
     if (!j[k].is_number()) fail(k, "must be a number, got " + j[k].dump());
@@ -107,14 +114,15 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& w
            "amaq runs LlamaForCausalLM, Qwen2ForCausalLM and MistralForCausalLM checkpoints");
   }
 
-  c.vocab_size = r.positive_int("vocab_size");
-  c.hidden_size = r.positive_int("hidden_size");
-  c.intermediate_size = r.positive_int("intermediate_size");
-  c.num_layers = r.positive_int("num_hidden_layers");
-  c.num_heads = r.positive_int("num_attention_heads");
-  c.num_kv_heads = r.positive_int_or("num_key_value_heads", c.num_heads);
-  c.head_dim = r.positive_int_or("head_dim", c.hidden_size / c.num_heads);
-  c.max_position_embeddings = r.positive_int_or("max_position_embeddings", 4096);
+  // Bounds well above any released Llama/Qwen2/Mistral (vocabularies to 256K, hidden 16K, 126 layers).
+  c.vocab_size = r.bounded_int("vocab_size", int64_t{1} << 22);
+  c.hidden_size = r.bounded_int("hidden_size", 1 << 16);
+  c.intermediate_size = r.bounded_int("intermediate_size", 1 << 18);
+  c.num_layers = r.bounded_int("num_hidden_layers", 1024);
+  c.num_heads = r.bounded_int("num_attention_heads", 1024);
+  c.num_kv_heads = r.bounded_int_or("num_key_value_heads", c.num_heads, 1024);
+  c.head_dim = r.bounded_int_or("head_dim", std::max<int64_t>(1, c.hidden_size / c.num_heads), 1024);
+  c.max_position_embeddings = r.bounded_int_or("max_position_embeddings", 4096, int64_t{1} << 24);
   c.rms_norm_eps = r.number_or("rms_norm_eps", 1e-6);
   if (c.num_heads % c.num_kv_heads != 0) {
     r.fail("num_key_value_heads", "(" + std::to_string(c.num_kv_heads) + ") must divide num_attention_heads (" +

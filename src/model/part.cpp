@@ -1,5 +1,6 @@
 #include "model/part.h"
 
+#include <algorithm>
 #include <limits>
 #include <set>
 
@@ -173,6 +174,36 @@ std::string model_fingerprint(const ModelConfig& config, const CheckpointReader&
     canon += "\n" + name + ":" + ti.dtype_name + ":" + c10::str(at::IntArrayRef(ti.shape));
   }
   return sha256_hex(canon);
+}
+
+void check_config_matches_weights(const ModelConfig& config, const CheckpointReader& ckpt) {
+  const std::string hint = "use the config.json that came with these weights";
+  std::vector<std::string> names;
+  for (const auto& [name, bytes] : ckpt.sizes()) names.push_back(name);
+  const std::string embed = "model.embed_tokens.weight";
+  if (std::find(names.begin(), names.end(), embed) != names.end()) {
+    const std::vector<int64_t>& shape = ckpt.info(embed).shape;
+    if (shape != std::vector<int64_t>{config.vocab_size, config.hidden_size}) {
+      throw Error("config.json gives vocab_size " + std::to_string(config.vocab_size) + " and hidden_size " +
+                      std::to_string(config.hidden_size) + ", but " + embed + " has shape " +
+                      c10::str(at::IntArrayRef(shape)),
+                  hint);
+    }
+  }
+  int64_t layers = 0;  // 1 + the highest model.layers.N in the checkpoint
+  const std::string prefix = "model.layers.";
+  for (const std::string& n : names) {
+    if (n.rfind(prefix, 0) != 0) continue;
+    const size_t dot = n.find('.', prefix.size());
+    const std::string index = n.substr(prefix.size(), dot - prefix.size());
+    if (index.empty() || index.size() > 6 || index.find_first_not_of("0123456789") != std::string::npos) continue;
+    layers = std::max<int64_t>(layers, std::stoll(index) + 1);
+  }
+  if (layers > 0 && layers != config.num_layers) {
+    throw Error("config.json gives num_hidden_layers " + std::to_string(config.num_layers) +
+                    ", but the checkpoint holds layers 0.." + std::to_string(layers - 1),
+                hint);
+  }
 }
 
 at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels) {

@@ -85,6 +85,11 @@ DecoderPart full_model(const ModelConfig& config, at::ScalarType dtype = at::kFl
 /// weights read): two sides with the same fingerprint run the same model.
 std::string model_fingerprint(const ModelConfig& config, const CheckpointReader& ckpt);
 
+/// Checks config.json against the checkpoint's tensor shapes before anything is allocated: the
+/// embedding is (vocab_size, hidden_size) and the decoder layers are exactly [0, num_hidden_layers).
+/// Throws amaq::Error naming the field and what the weights say.
+void check_config_matches_weights(const ModelConfig& config, const CheckpointReader& ckpt);
+
 /// Mean next-token cross-entropy, labels shifted inside as HF does; label -100 is ignored.
 /// logits (B, T, V), labels (B, T) int64.
 at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels);

@@ -180,6 +180,11 @@ ClientTrainer::Run::Run(const ClientConfig& c)
   quant::Link::validate(c.fwd_codec, c.bwd_codec);
   Schedule::from_json(c_.schedule.to_json());  // validates
   if (c_.batch < 1) throw Error("--batch must be at least 1", "sequences per micro-batch, e.g. --batch 8");
+  if (c_.seq_len > model_.max_position_embeddings && !c_.beyond_positions) {
+    throw Error("--seq-len " + std::to_string(c_.seq_len) + " is longer than the model's max_position_embeddings (" +
+                    std::to_string(model_.max_position_embeddings) + ")",
+                "use a shorter --seq-len, or pass --beyond-positions for a model that extrapolates");
+  }
   if (tok_->vocab_size() > model_.vocab_size) {
     throw Error("tokenizer '" + tok_->name() + "' has " + std::to_string(tok_->vocab_size()) +
                     " ids but the model only " + std::to_string(model_.vocab_size),

@@ -80,6 +80,7 @@ struct ClientConfig {
   int64_t batch = 8;               ///< sequences per micro-batch
   int64_t in_flight = 1;           ///< micro-batches whose activations travel while the next is computed
   int64_t seq_len = 128;
+  bool beyond_positions = false;  ///< allow seq_len > the model's max_position_embeddings (RoPE extrapolation)
   SideOptions side;
   Schedule schedule;
   quant::CodecSpec fwd_codec, bwd_codec;  ///< parsed by the app (none:fp32 by default)

@@ -12,6 +12,7 @@ Side Side::build(const ModelConfig& config, const CheckpointReader& ckpt, SideRo
                  const SideOptions& options, uint64_t seed, double weight_decay) {
   Side s;
   s.options = options;
+  check_config_matches_weights(config, ckpt);  // before the part allocates anything
   s.part = role == SideRole::kClient ? client_part(config, split) : server_part(config, split);
   s.part->load_weights(ckpt);
   if (options.full) {

@@ -109,6 +109,11 @@ TEST(Config, RefusesWhatItCannotRun) {
   EXPECT_AMAQ_ERROR(ModelConfig::from_json(with("hidden_size", "64"), "cfg"), "hidden_size", "positive integer");
   EXPECT_AMAQ_ERROR(ModelConfig::from_json(with("quantization_config", {{"quant_method", "gptq"}}), "cfg"),
                     "quantization_config");
+  // Absurd sizes are refused by name before anything is allocated.
+  EXPECT_AMAQ_ERROR(ModelConfig::from_json(with("num_hidden_layers", 1000000000), "cfg"), "num_hidden_layers",
+                    "1000000000", "more than the 1024");
+  EXPECT_AMAQ_ERROR(ModelConfig::from_json(with("vocab_size", int64_t{1} << 40), "cfg"), "vocab_size", "more than");
+  EXPECT_AMAQ_ERROR(ModelConfig::from_json(with("hidden_size", 1 << 20), "cfg"), "hidden_size", "more than");
   nlohmann::json j = base;
   j.erase("vocab_size");
   EXPECT_AMAQ_ERROR(ModelConfig::from_json(j, "cfg"), "vocab_size", "missing");
@@ -151,6 +156,15 @@ TEST(Config, CheckpointThatDisagreesWithConfigNamesTheTensor) {
   j["num_hidden_layers"] = 6;
   DecoderPart deeper = full_model(ModelConfig::from_json(j, "cfg"));
   EXPECT_AMAQ_ERROR(deeper->load_weights(CheckpointReader(data_path("hf/llama-gqa"))), "model.layers.4.", "missing");
+  // Checked against the weights' shapes before a part is built: layer count and embedding shape.
+  const CheckpointReader ckpt(data_path("hf/llama-gqa"));
+  EXPECT_AMAQ_ERROR(check_config_matches_weights(ModelConfig::from_json(j, "cfg"), ckpt), "num_hidden_layers 6",
+                    "layers 0..3");
+  j = fixture_json("llama-gqa");
+  j["vocab_size"] = 4000;
+  EXPECT_AMAQ_ERROR(check_config_matches_weights(ModelConfig::from_json(j, "cfg"), ckpt), "vocab_size 4000",
+                    "[1000, 64]");
+  check_config_matches_weights(ModelConfig::from_json(fixture_json("llama-gqa"), "cfg"), ckpt);  // the real one fits
 }
 
 }  // namespace

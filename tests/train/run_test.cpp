@@ -565,5 +565,17 @@ TEST(SplitRun, ResumeSkipsDamagedCheckpointsAndNamesThem) {
   EXPECT_AMAQ_ERROR(run_in_process(s3, again), "can be resumed from", "state.json is damaged");
 }
 
+// --seq-len beyond the model's positions is refused before anything runs, unless asked for.
+TEST(SplitRun, SeqLenBeyondThePositionsIsRefusedUnlessAskedFor) {
+  testing::TempDir tmp;
+  ClientConfig c = base_config(tmp, "long");
+  const int64_t positions = ModelConfig::load(kModel).max_position_embeddings;
+  c.seq_len = positions + 1;
+  TrainServer srv(server_for(c, c.side));
+  const std::string named = "--seq-len " + std::to_string(positions + 1);
+  EXPECT_AMAQ_ERROR(run_in_process(srv, c), named.c_str(), "max_position_embeddings", "--beyond-positions");
+  EXPECT_FALSE(file_exists(c.run_dir + "/run.json"));
+}
+
 }  // namespace
 }  // namespace amaq::train
