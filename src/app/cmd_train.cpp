@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
+#include <sys/stat.h>
 
 #include <atomic>
 #include <thread>
@@ -45,6 +46,10 @@ std::string read_token(const std::string& path) {
   while (!t.empty() && (t.back() == '\n' || t.back() == '\r' || t.back() == ' ')) t.pop_back();
   if (t.size() < 16)
     throw Error("token in " + path + " is shorter than 16 characters", "generate one: openssl rand -hex 32 > " + path);
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && (st.st_mode & 077) != 0) {
+    spdlog::warn("token file {} can be read by other users (mode {:o}); chmod 600 {}", path, st.st_mode & 0777, path);
+  }
   return t;
 }
 

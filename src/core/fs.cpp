@@ -40,7 +40,8 @@ static void write_all(int fd, std::string_view bytes, const std::string& path) {
 
 void write_file_atomic(const std::string& path, std::string_view bytes) {
   std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  // Private by default: runs hold training data, weights and tokens. O_NOFOLLOW: never through a link.
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) {
     throw Error("cannot create " + tmp + ": " + std::strerror(errno),
                 "check that the directory exists and is writable");
@@ -77,7 +78,7 @@ void make_dirs(const std::string& path) {
   for (size_t pos = 1; pos <= path.size(); ++pos) {
     if (pos != path.size() && path[pos] != '/') continue;
     const std::string prefix = path.substr(0, pos);
-    if (::mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST) {
+    if (::mkdir(prefix.c_str(), 0700) != 0 && errno != EEXIST) {  // private, like the files in it
       throw Error("cannot create directory " + prefix + ": " + std::strerror(errno), "check the path and permissions");
     }
   }

@@ -10,6 +10,7 @@ namespace amaq {
 
 std::string read_file(const std::string& path);
 /// Writes `bytes` to `path` atomically: a reader sees the old file or the new one, never half.
+/// Files are created 0600 and directories 0700 (before the umask): private to this user.
 void write_file_atomic(const std::string& path, std::string_view bytes);
 bool file_exists(const std::string& path);
 std::string join_path(const std::string& dir, const std::string& name);

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "core/hash.h"
 
 namespace amaq::quant {
 
@@ -18,8 +19,9 @@ AqsgdBuffer::AqsgdBuffer(int64_t max_memory_bytes, std::string spill_path)
   if (spill_path_.empty()) {
     static std::atomic<int> counter{0};
     const char* tmp = std::getenv("TMPDIR");
+    // Not guessable, and created exclusively (below): another user cannot plant a file or link there.
     spill_path_ = std::string(tmp ? tmp : "/tmp") + "/amaq-aqsgd-" + std::to_string(::getpid()) + "-" +
-                  std::to_string(counter++) + ".spill";
+                  std::to_string(counter++) + "-" + random_hex(8) + ".spill";
   }
 }
 
@@ -78,7 +80,7 @@ void AqsgdBuffer::evict_until_fits() {
     Entry e = std::move(memory_.at(victim));
     memory_.erase(victim);
     if (fd_ < 0) {
-      fd_ = ::open(spill_path_.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+      fd_ = ::open(spill_path_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
       if (fd_ < 0) {
         throw Error("cannot create AQ-SGD spill file " + spill_path_ + ": " + std::strerror(errno),
                     "give the run directory free space, or raise the AQ-SGD memory limit");

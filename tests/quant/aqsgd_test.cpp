@@ -1,8 +1,11 @@
 // AQ-SGD: the first pass goes in full, later passes send the quantized change; both sides keep the
 // same memory, through spills to disk and back.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include "core/fs.h"
 #include "quant/codec.h"
+#include "testing.h"
 
 namespace amaq::quant {
 namespace {
@@ -90,4 +93,16 @@ TEST(Aqsgd, DeltaForAnUnknownSampleIsRefused) {
 }
 
 }  // namespace
+// The spill file is created exclusively and never through a link: a file or symlink planted at its
+// path makes the spill fail by name instead of writing through it.
+TEST(Aqsgd, SpillFileIsNeverOpenedThroughALink) {
+  testing::TempDir tmp;
+  testing::write_bytes(tmp.file("target"), "not yours");
+  ASSERT_EQ(::symlink(tmp.file("target").c_str(), tmp.file("planted").c_str()), 0);
+  AqsgdBuffer buf(/*max_memory_bytes=*/64, tmp.file("planted"));
+  buf.put(1, at::zeros({4, 4}));
+  EXPECT_AMAQ_ERROR(buf.put(2, at::zeros({4, 4})), "spill file", "planted");
+  EXPECT_EQ(read_file(tmp.file("target")), "not yours");
+}
+
 }  // namespace amaq::quant

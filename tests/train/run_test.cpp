@@ -3,6 +3,7 @@
 // with the same schedule; a run interrupted and resumed equals the uninterrupted one; mismatches
 // are refused by name.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <torch/nn/utils/clip_grad.h>
 #include <unistd.h>
@@ -524,6 +525,15 @@ TEST(SplitRun, RunWithoutCheckpointStartsAgainInTheSameDirectory) {
   EXPECT_NE(read_file(c.run_dir + "/metrics.00000000deadbeef.jsonl").find("the crashed run"), std::string::npos);
   EXPECT_EQ(read_file(c.run_dir + "/metrics.jsonl").find("the crashed run"), std::string::npos);
   EXPECT_AMAQ_ERROR(run_in_process(srv, c), "already holds a run");  // with a checkpoint it does not start over
+  // Private by default (0700 directories, 0600 files), whatever the umask lets through.
+  struct stat st {};
+  ASSERT_EQ(::stat(c.run_dir.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 077, 0u) << std::oct << (st.st_mode & 0777);
+  const std::string ckpt_file = checkpoint_path(c.run_dir + "/checkpoints", 2) + "/state.safetensors";
+  for (const std::string& f : {c.run_dir + "/run.json", ckpt_file, checkpoint_path(c.run_dir + "/checkpoints", 2)}) {
+    ASSERT_EQ(::stat(f.c_str(), &st), 0) << f;
+    EXPECT_EQ(st.st_mode & 077, 0u) << f << " " << std::oct << (st.st_mode & 0777);
+  }
 }
 
 // --resume takes the newest checkpoint that loads: a damaged newest one is skipped (and the run then
