@@ -35,6 +35,11 @@ Run add_tokenize(CLI::App& app) {
           if (!v.is_number_integer())
             throw Error(where + ": ids must be integers", "one array per line, e.g. [9906,1917]");
           ids.push_back(v.get<int64_t>());
+          if (ids.back() < 0 || ids.back() >= tok->vocab_size()) {
+            throw Error(where + ": id " + std::to_string(ids.back()) + " is outside this tokenizer's [0, " +
+                            std::to_string(tok->vocab_size()) + ")",
+                        "the ids were made with another tokenizer");
+          }
         }
         std::cout << nlohmann::json(tok->decode(ids)).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
                   << "\n";

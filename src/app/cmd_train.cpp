@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 
 #include <atomic>
+#include <cmath>
 #include <thread>
 
 #include "app/commands.h"
@@ -56,7 +57,13 @@ std::string read_token(const std::string& path) {
 void add_side_options(CLI::App& app, SideOptions* side, const std::string& prefix, const std::string& who) {
   app.add_flag("--" + prefix + "full", side->full, "train all of the " + who + "'s weights instead of LoRA");
   app.add_option("--" + prefix + "lora-r", side->lora_r, "LoRA rank on the " + who)->check(CLI::Range(1, 4096));
-  app.add_option("--" + prefix + "lora-alpha", side->lora_alpha, "LoRA alpha on the " + who);
+  app.add_option("--" + prefix + "lora-alpha", side->lora_alpha, "LoRA alpha on the " + who)
+      ->check(CLI::Validator(
+          [](std::string& v) {
+            const double x = std::strtod(v.c_str(), nullptr);
+            return std::isfinite(x) && x > 0 ? std::string() : "LoRA alpha must be a positive finite number, got " + v;
+          },
+          "POSITIVE", "positive"));
   app.add_option("--" + prefix + "lora-dropout", side->lora_dropout, "LoRA dropout on the " + who)
       ->check(CLI::Range(0.0, 0.99));
   app.add_flag("--" + prefix + "rslora", side->rslora, "scale LoRA by alpha/sqrt(r) on the " + who);

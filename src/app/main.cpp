@@ -15,7 +15,7 @@ int main(int argc, char** argv) {
   CLI::App app{"amaq: split fine-tuning of LLMs with compressed activations"};
   app.require_subcommand(1);
   int threads = 0;
-  app.add_option("--threads", threads, "torch intra-op threads (0 = one per core)");
+  app.add_option("--threads", threads, "torch intra-op threads (0 = one per core)")->check(CLI::Range(0, 1024));
 
   using Adder = amaq::app::Run (*)(CLI::App&);
   const std::vector<std::tuple<const char*, const char*, Adder>> table{

@@ -86,4 +86,14 @@ TEST(IntegrationDemoCli, ThreeTransportsSideBySide) {
 }
 
 }  // namespace
+// Flags that would hang or poison a run are refused as flags, naming the flag.
+TEST(IntegrationTrainCli, AbsurdFlagsAreRefusedByName) {
+  std::string out;
+  const std::string bin = AMAQ_BINARY;
+  EXPECT_NE(testing::run_command(bin + " --threads 100000 init-model --out /nonexistent/x", &out), 0);
+  EXPECT_NE(out.find("--threads"), std::string::npos) << out;
+  EXPECT_NE(testing::run_command(bin + " train --model m --split 1 --run-dir r --data d --lora-alpha nan", &out), 0);
+  EXPECT_NE(out.find("LoRA alpha must be a positive finite number"), std::string::npos) << out;
+}
+
 }  // namespace amaq

@@ -149,5 +149,15 @@ TEST(Tokenizer, TokenizeCommandEncodesAndDecodesJsonLines) {
   EXPECT_NE(out.find("line 2"), std::string::npos) << out;
 }
 
+TEST(Tokenizer, DecodeRefusesIdsOutsideTheVocabulary) {
+  testing::TempDir tmp;
+  testing::write_bytes(tmp.file("ids.jsonl"), "[72,105]\n[72,999999]\n");
+  std::string out;
+  const std::string bin = std::string(AMAQ_BINARY) + " tokenize --tokenizer byte --decode < " + tmp.file("ids.jsonl");
+  EXPECT_NE(testing::run_command(bin, &out), 0) << out;
+  EXPECT_NE(out.find("\"Hi\""), std::string::npos) << out;
+  EXPECT_NE(out.find("line 2: id 999999 is outside"), std::string::npos) << out;
+}
+
 }  // namespace
 }  // namespace amaq
