@@ -31,11 +31,6 @@ wire::Status bad(std::string why) {
   return wire::Status::Fail(wire::ErrorCode::kBadMessage, std::move(why));
 }
 
-// Raised while setting up a run the client asked to resume; becomes an ERROR "cannot resume".
-struct ResumeError : Error {
-  using Error::Error;
-};
-
 }  // namespace
 
 class TrainServer::Session {
@@ -51,6 +46,9 @@ class TrainServer::Session {
     at::Tensor h, labels, mask;  // (B, T, C), (B, T) int64, (B, T) int64 or undefined
   };
   wire::Status open_run();
+  wire::Status read_schedule();
+  wire::Status lock_run();
+  wire::Status build_run();
   wire::Status decode_inputs(const wire::Frame& f, bool train, Inputs* in);
   wire::Status on_forward(const wire::Frame& f);
   wire::Status on_eval(const wire::Frame& f);
@@ -166,6 +164,23 @@ wire::Status TrainServer::Session::dropped(wire::Status why) {
 // SCHEDULE: which run, from which step, with what schedule; the run is built fresh or restored
 // from the checkpoint the client resumes from.
 wire::Status TrainServer::Session::open_run() {
+  wire::Status s = read_schedule();
+  if (s.ok()) s = lock_run();
+  if (s.ok()) s = build_run();
+  if (!s.ok()) return s;
+  s = detail::send_control(ch_, wire::ControlKind::kSchedule,
+                           {{"resume_step", resume_step_},
+                            {"side", side_.options.to_json()},
+                            {"layers", {cfg_.split, srv_.model_.num_layers}}});
+  if (!s.ok()) return s;
+  spdlog::info("session {}: run {} {} at step {} ({} steps, {} x {} tokens x {} micro-batches)", id_, run_id_,
+               resume_step_ >= 0 ? "resumed" : "started", step_, schedule_.steps, batch_, seq_len_,
+               schedule_.micro_batches);
+  return wire::Status::Ok();
+}
+
+// The client's SCHEDULE, every field checked.
+wire::Status TrainServer::Session::read_schedule() {
   wire::Frame f;
   nlohmann::json j;
   wire::Status s = detail::expect(ch_, wire::MessageType::kControl, cfg_.handshake_timeout, &f);
@@ -186,8 +201,11 @@ wire::Status TrainServer::Session::open_run() {
   if (batch_ < 1 || seq_len_ < 2 || batch_ > 65536 || seq_len_ > 65536 || batch_ * seq_len_ > 65536) {  // no overflow
     return fail(bad("SCHEDULE: batch x seq_len must be in [2, 65536] tokens per micro-batch"));
   }
+  return wire::Status::Ok();
+}
 
-  // One session per run: a reconnecting client waits for its old session to end.
+// One session per run: a reconnecting client waits for its old session to end.
+wire::Status TrainServer::Session::lock_run() {
   std::shared_ptr<std::timed_mutex> run_mu;
   {
     std::lock_guard<std::mutex> lock(srv_.runs_mu_);
@@ -200,43 +218,38 @@ wire::Status TrainServer::Session::open_run() {
     return fail(
         wire::Status::Fail(wire::ErrorCode::kResume, "run " + run_id_ + " already has a live session on this server"));
   }
+  return wire::Status::Ok();
+}
 
+// This side of the run: fresh, or from its checkpoint at the client's resume step.
+wire::Status TrainServer::Session::build_run() {
   root_ = join_path(cfg_.run_dir, run_id_);
   remove_stale_temps(root_);
-  try {
-    const std::string dir = checkpoint_path(root_, resume_step_);
-    if (resume_step_ >= 0 && !file_exists(dir)) {
-      std::string have;
-      for (int64_t st : list_checkpoints(root_)) have += (have.empty() ? "" : ", ") + std::to_string(st);
-      throw ResumeError("no checkpoint of run " + run_id_ + " at step " + std::to_string(resume_step_) +
-                            " on the server (it has: " + (have.empty() ? "none" : have) + ")",
-                        "resume from a checkpoint both sides hold, or start a new run");
-    }
-    if (resume_step_ < 0 && !list_checkpoints(root_).empty()) {
-      throw ResumeError("run " + run_id_ + " already has checkpoints on the server",
-                        "resume it (--resume) instead of starting it again");
-    }
-    compute::run([&] {
-      side_ = Side::build(srv_.model_, *srv_.ckpt_, SideRole::kServer, cfg_.split, cfg_.side, schedule_.seed + 1,
-                          schedule_.weight_decay);
-      link_ = std::make_unique<quant::Link>(quant::LinkSide::kServer, cfg_.fwd_codec, cfg_.bwd_codec,
-                                            srv_.model_.hidden_size, schedule_.gate_lr);
-      if (resume_step_ >= 0) load_side_checkpoint(dir, side_, *link_);
-    });
-    if (resume_step_ >= 0) step_ = resume_step_;
-    make_dirs(root_);
-    log_ = std::make_unique<JsonlLog>(join_path(root_, "metrics.jsonl"));
-  } catch (const ResumeError& e) {
-    return fail(wire::Status::Fail(wire::ErrorCode::kResume, e.what()));
+  const std::string dir = checkpoint_path(root_, resume_step_);
+  if (resume_step_ >= 0 && !file_exists(dir)) {
+    std::string have;
+    for (int64_t st : list_checkpoints(root_)) have += (have.empty() ? "" : ", ") + std::to_string(st);
+    return fail(wire::Status::Fail(wire::ErrorCode::kResume,
+                                   "no checkpoint of run " + run_id_ + " at step " + std::to_string(resume_step_) +
+                                       " on the server (it has: " + (have.empty() ? "none" : have) +
+                                       ")\n  hint: resume from a checkpoint both sides hold, or start a new run"));
   }
-  s = detail::send_control(ch_, wire::ControlKind::kSchedule,
-                           {{"resume_step", resume_step_},
-                            {"side", side_.options.to_json()},
-                            {"layers", {cfg_.split, srv_.model_.num_layers}}});
-  if (!s.ok()) return s;
-  spdlog::info("session {}: run {} {} at step {} ({} steps, {} x {} tokens x {} micro-batches)", id_, run_id_,
-               resume_step_ >= 0 ? "resumed" : "started", step_, schedule_.steps, batch_, seq_len_,
-               schedule_.micro_batches);
+  if (resume_step_ < 0 && !list_checkpoints(root_).empty()) {
+    return fail(wire::Status::Fail(wire::ErrorCode::kResume,
+                                   "run " + run_id_ +
+                                       " already has checkpoints on the server\n  hint: resume it (--resume) "
+                                       "instead of starting it again"));
+  }
+  compute::run([&] {
+    side_ = Side::build(srv_.model_, *srv_.ckpt_, SideRole::kServer, cfg_.split, cfg_.side, schedule_.seed + 1,
+                        schedule_.weight_decay);
+    link_ = std::make_unique<quant::Link>(quant::LinkSide::kServer, cfg_.fwd_codec, cfg_.bwd_codec,
+                                          srv_.model_.hidden_size, schedule_.gate_lr);
+    if (resume_step_ >= 0) load_side_checkpoint(dir, side_, *link_);
+  });
+  if (resume_step_ >= 0) step_ = resume_step_;
+  make_dirs(root_);
+  log_ = std::make_unique<JsonlLog>(join_path(root_, "metrics.jsonl"));
   return wire::Status::Ok();
 }
 
