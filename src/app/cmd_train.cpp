@@ -131,6 +131,13 @@ void add_client_options(CLI::App& app, ClientConfig* c, CodecArgs* codecs) {
   app.add_flag("--progress", c->progress_bar, "draw the progress bar even when stderr is not a terminal");
 }
 
+void add_in_flight_option(CLI::App& app, ClientConfig* c, int64_t default_value) {
+  c->in_flight = default_value;
+  app.add_option("--in-flight", c->in_flight,
+                 "micro-batches whose activations are sent before the first gradient is awaited (1 = serial)")
+      ->check(CLI::Range(1, 64));
+}
+
 int run_client(ClientArgs& a, const CLI::App& app) {
   ClientConfig& c = a.cfg;
   c.resolved = resolved_options(app);
@@ -290,10 +297,7 @@ Run add_client(CLI::App& app) {
   auto a = std::make_shared<ClientArgs>();
   add_client_options(app, &a->cfg, &a->codecs);
   // Across a real link the next micro-batch's activations travel while the server computes.
-  a->cfg.in_flight = 2;
-  app.add_option("--in-flight", a->cfg.in_flight,
-                 "micro-batches whose activations are sent before the first gradient is awaited (1 = serial)")
-      ->check(CLI::Range(1, 64));
+  add_in_flight_option(app, &a->cfg, 2);
   app.add_option("--connect", a->connect, "server HOST:PORT")->required();
   app.add_option("--tls-ca", a->tls_ca, "CA that signed the server's certificate (turns TLS on)");
   app.add_option("--tls-cert", a->tls_cert, "client certificate for mutual TLS");
@@ -312,9 +316,7 @@ Run add_train(CLI::App& app) {
   add_client_options(app, &a->cfg, &a->codecs);
   add_side_options(app, &a->server_side, "server-", "server");
   // Both sides share this process's compute thread: nothing to overlap, so serial by default.
-  app.add_option("--in-flight", a->cfg.in_flight,
-                 "micro-batches whose activations are sent before the first gradient is awaited (1 = serial)")
-      ->check(CLI::Range(1, 64));
+  add_in_flight_option(app, &a->cfg, 1);
   app.add_option("--transport", a->transport,
                  "inproc (one process, in-memory channel) or tcp (loopback TCP with a token)")
       ->check(CLI::IsMember({"inproc", "tcp"}));

@@ -21,29 +21,28 @@ uint64_t rounding_seed(int64_t step, int64_t micro) {
   return static_cast<uint64_t>(step * 1000003 + micro);
 }
 
-// Whether a codec keeps per-sample memory, and whether its widths follow a learned map.
-bool keeps_memory(const CodecSpec& s) {
+// What a codec needs of its link: per-sample memory (AQ-SGD), widths from a learned map (AMAQ).
+// No default: a new codec must say (-Wswitch).
+struct Traits {
+  bool keeps_memory = false, learns_map = false;
+};
+Traits traits(const CodecSpec& s) {
   switch (s.codec) {
-    case CodecId::kAqsgd:
-      return true;
     case CodecId::kNone:
     case CodecId::kFixed:
+      return {};
     case CodecId::kAmaq:
-      return false;
+      return {false, true};
+    case CodecId::kAqsgd:
+      return {true, false};
   }
-  return false;
+  return {};
 }
-
+bool keeps_memory(const CodecSpec& s) {
+  return traits(s).keeps_memory;
+}
 bool learns_map(const CodecSpec& s) {
-  switch (s.codec) {
-    case CodecId::kAmaq:
-      return true;
-    case CodecId::kNone:
-    case CodecId::kFixed:
-    case CodecId::kAqsgd:
-      return false;
-  }
-  return false;
+  return traits(s).learns_map;
 }
 
 constexpr const char* kGatesTensor = "amaq.gates";
@@ -188,17 +187,17 @@ LinkState Link::state() {
   return s;
 }
 
-void Link::load_state(const std::map<std::string, at::Tensor>& tensors, const std::map<std::string, std::string>& files,
+void Link::load_state(const std::map<std::string, at::Tensor>& tensors, const FileReader& read_file,
                       const nlohmann::json& fields, const std::string& dir) {
   if (gates_) {
     auto t = tensors.find(kGatesTensor);
-    auto f = files.find(kGateOptimFile);
-    if (t == tensors.end() || f == files.end()) {
+    const std::optional<std::string> opt = read_file(kGateOptimFile);
+    if (t == tensors.end() || !opt) {
       throw Error(dir + " holds no AMAQ gates", "the checkpoint is from a run with another forward codec");
     }
     at::NoGradGuard no_grad;
     gates_->gates.copy_(t->second);
-    load_optimizer(*gate_opt_, f->second, dir);
+    load_optimizer(*gate_opt_, *opt, dir);
   }
   if (AqsgdBuffer* buf = fwd_->aqsgd_buffer()) {
     const std::string prefix = kMemoryPrefix;

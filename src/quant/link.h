@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <torch/optim/adamw.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -23,17 +24,13 @@
 
 #include "core/safetensors.h"
 #include "quant/amaq.h"
+#include "quant/bits_stats.h"
 #include "quant/codec.h"
 #include "quant/spec.h"
 
 namespace amaq::quant {
 
 enum class LinkSide { kClient, kServer };
-
-/// Mean, smallest and largest bit-width per element of what crossed the link.
-struct BitsStats {
-  double mean = 0, min = 0, max = 0;
-};
 
 /// The client's activations for one micro-batch: the packet to send and the value that enters the
 /// client's graph (decode(packet), straight-through; AMAQ's gates receive their gradient through it).
@@ -103,8 +100,10 @@ class Link {
 
   // ---- checkpoint ----
   LinkState state();
+  /// A file of the checkpoint by name, or nullopt when it has none.
+  using FileReader = std::function<std::optional<std::string>(const std::string& name)>;
   /// Restores state(); `dir` names the checkpoint in errors.
-  void load_state(const std::map<std::string, at::Tensor>& tensors, const std::map<std::string, std::string>& files,
+  void load_state(const std::map<std::string, at::Tensor>& tensors, const FileReader& read_file,
                   const nlohmann::json& fields, const std::string& dir);
 
  private:

@@ -33,6 +33,18 @@ double number(const std::string& text, const std::string& key, const std::string
   }
 }
 
+// `v` as one of the named choices of key `key`.
+template <typename T>
+T one_of(const std::string& text, const std::string& key, const std::string& v,
+         std::initializer_list<std::pair<const char*, T>> choices) {
+  std::string names;
+  for (const auto& [name, value] : choices) {
+    if (v == name) return value;
+    names += (names.empty() ? "" : ", ") + std::string(name);
+  }
+  bad(text, key + " must be one of " + names + ", got '" + v + "'");
+}
+
 int integer_in(const std::string& text, const std::string& key, const std::string& v, int lo, int hi) {
   double d = number(text, key, v);
   if (d != static_cast<int>(d) || d < lo || d > hi)
@@ -120,24 +132,15 @@ CodecSpec CodecSpec::parse(const std::string& text) {
     } else if (k == "shuffle" && s.codec == CodecId::kFixed) {
       s.shuffle = integer_in(text, k, v, 0, 1 << 30);
     } else if (k == "gran" && affine) {
-      if (v == "token")
-        s.granularity = Granularity::kToken;
-      else if (v == "channel")
-        s.granularity = Granularity::kChannel;
-      else if (v == "group")
-        s.granularity = Granularity::kGroup;
-      else
-        bad(text, "gran must be token, channel or group, got '" + v + "'");
+      s.granularity = one_of<Granularity>(
+          text, k, v,
+          {{"token", Granularity::kToken}, {"channel", Granularity::kChannel}, {"group", Granularity::kGroup}});
     } else if (k == "group" && affine) {
       s.group = integer_in(text, k, v, 1, 1 << 20);
       s.granularity = Granularity::kGroup;
     } else if (k == "round" && !amaq && affine) {
-      if (v == "nearest")
-        s.rounding = Rounding::kNearest;
-      else if (v == "stochastic")
-        s.rounding = Rounding::kStochastic;
-      else
-        bad(text, "round must be nearest or stochastic, got '" + v + "'");
+      s.rounding =
+          one_of<Rounding>(text, k, v, {{"nearest", Rounding::kNearest}, {"stochastic", Rounding::kStochastic}});
     } else if (k == "budget" && amaq) {
       s.budget = number(text, k, v);
     } else if (k == "bmin" && amaq) {
@@ -153,14 +156,9 @@ CodecSpec CodecSpec::parse(const std::string& text) {
     } else if (k == "decay" && amaq) {
       s.decay_steps = integer_in(text, k, v, 0, 1 << 30);
     } else if (k == "mode" && amaq) {
-      if (v == "penalty")
-        s.mode = BudgetMode::kPenalty;
-      else if (v == "stop")
-        s.mode = BudgetMode::kStop;
-      else if (v == "guaranteed")
-        s.mode = BudgetMode::kGuaranteed;
-      else
-        bad(text, "mode must be guaranteed, penalty or stop, got '" + v + "'");
+      s.mode = one_of<BudgetMode>(
+          text, k, v,
+          {{"guaranteed", BudgetMode::kGuaranteed}, {"penalty", BudgetMode::kPenalty}, {"stop", BudgetMode::kStop}});
     } else {
       bad(text, "'" + k + "' is not an option of " + name);
     }

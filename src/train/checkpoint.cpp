@@ -91,11 +91,12 @@ nlohmann::json load_side_checkpoint(const std::string& dir, Side& side, quant::L
   auto tensors = load_safetensors(join_path(dir, "state.safetensors"));
   side.load_state(tensors, dir);
   load_optimizer(*side.opt, read_file(join_path(dir, "optim.pt")), dir);
-  std::map<std::string, std::string> files;
-  for (const auto& [name, bytes] : link.state().files) {
-    if (file_exists(join_path(dir, name))) files[name] = read_file(join_path(dir, name));
-  }
-  link.load_state(tensors, files, fields, dir);
+  const quant::Link::FileReader read = [&](const std::string& name) -> std::optional<std::string> {
+    const std::string path = join_path(dir, name);
+    if (!file_exists(path)) return std::nullopt;
+    return read_file(path);
+  };
+  link.load_state(tensors, read, fields, dir);
   auto rng = tensors.find("rng");
   if (rng == tensors.end()) {
     throw Error(dir + " holds no generator state", "the checkpoint is incomplete: resume from an earlier one");

@@ -52,10 +52,11 @@ bool is_connect_failure(const wire::Status& s) {
 // A batch's labels and mask as the raw bytes FORWARD / EVAL carry, kept alive while the message
 // that views them is encoded.
 struct BatchBytes {
+  wire::LabelType type;
   at::Tensor labels, mask;
-  BatchBytes(const Batch& b, wire::LabelType type)
-      : labels(b.labels.to(detail::label_scalar(type)).contiguous()), mask(b.mask.to(at::kByte).contiguous()) {}
-  wire::ForwardMsg message(int64_t step, int64_t micro_batch, wire::LabelType type, std::string_view packet) const {
+  BatchBytes(const Batch& b, wire::LabelType t)
+      : type(t), labels(b.labels.to(detail::label_scalar(t)).contiguous()), mask(b.mask.to(at::kByte).contiguous()) {}
+  wire::ForwardMsg message(int64_t step, int64_t micro_batch, std::string_view packet) const {
     wire::ForwardMsg fm;
     fm.step = static_cast<uint64_t>(step);
     fm.micro_batch = static_cast<uint32_t>(micro_batch);
@@ -96,11 +97,11 @@ class ClientTrainer::Run {
  private:
   void open_run_dir();
   wire::Status train_step(wire::Channel& ch, StepRecord* rec);
-  // A micro-batch whose activations are on their way and whose gradient has not come back.
+  // A micro-batch whose activations are on their way and whose gradient has not come back: the
+  // value in the graph the gradient goes into (its packet is already on the wire).
   struct InFlight {
     int64_t m = 0;
-    at::Tensor h;  // (B, T, C)
-    quant::SentActivations sent;
+    at::Tensor value;  // (B, T, C)
   };
   wire::Status send_micro_batch(wire::Channel& ch, int64_t m, StepRecord* rec, InFlight* in);
   wire::Status finish_micro_batch(wire::Channel& ch, InFlight& in, StepRecord* rec, double* server_sq_norm);
@@ -405,21 +406,21 @@ wire::Status ClientTrainer::Run::send_micro_batch(wire::Channel& ch, int64_t m, 
   for (int64_t i = 0; i < c_.batch; ++i) idx.push_back(sampler_->at(position_ + m * c_.batch + i));
   const Batch b = make_batch(train_, idx, pad_id_, link_->needs_fixed_length() ? c_.seq_len : 0);
   const auto t0 = Clock::now();
-  InFlight& in = *out;
-  in.m = m;
+  quant::SentActivations sent;
   std::optional<BatchBytes> bytes;
   compute::run([&] {
-    in.h = side_.part->forward(b.ids, b.mask);
-    in.sent = link_->send_activations(in.h, step, m, b.sample_ids);
+    sent = link_->send_activations(side_.part->forward(b.ids, b.mask), step, m, b.sample_ids);
     rec->tokens += b.mask.sum().item<int64_t>();
     bytes.emplace(b, label_type_);
   });
-  rec->fwd_bits = in.sent.bits;
-  rec->fwd_packet_bytes += in.sent.packet.size();
-  rec->elements += static_cast<uint64_t>(in.h.numel());
+  out->m = m;
+  out->value = sent.value;
+  rec->fwd_bits = sent.bits;
+  rec->fwd_packet_bytes += sent.packet.size();
+  rec->elements += static_cast<uint64_t>(sent.value.numel());
   rec->rows += static_cast<uint64_t>(b.ids.size(0));
   rec->cells += static_cast<uint64_t>(b.ids.numel());
-  wire::ForwardMsg fm = bytes->message(step, m, label_type_, in.sent.packet);
+  wire::ForwardMsg fm = bytes->message(step, m, sent.packet);
   if (link_->needs_sample_ids()) fm.sample_ids = b.sample_ids;
   std::string payload = fm.encode();
   rec->client_seconds += seconds_since(t0);
@@ -448,12 +449,12 @@ wire::Status ClientTrainer::Run::finish_micro_batch(wire::Channel& ch, InFlight&
       s = wire::Status::Fail(wire::ErrorCode::kBadMessage, err.what());
       return;
     }
-    if (dh.sizes() != in.h.sizes()) {
+    if (dh.sizes() != in.value.sizes()) {
       s = wire::Status::Fail(wire::ErrorCode::kBadMessage, "gradient shape differs from the activation's");
       return;
     }
     // d(sum(value * dh))/dvalue = dh: the server's gradient enters the client's graph unchanged.
-    at::Tensor surrogate = (in.sent.value * dh.to(in.sent.value.scalar_type())).sum();
+    at::Tensor surrogate = (in.value * dh.to(in.value.scalar_type())).sum();
     at::Tensor reg = link_->regularizer(step, M, &rec->reg_loss);
     if (reg.defined()) surrogate = surrogate + reg;
     surrogate.backward();
@@ -494,7 +495,7 @@ wire::Status ClientTrainer::Run::score_remote(wire::Channel& ch, const Dataset& 
       packet = link_->encode_eval(side_.part->forward(b.ids, b.mask));
       bytes.emplace(b, label_type_);
     });
-    wire::Status s = ch.send({wire::MessageType::kEval, 0, bytes->message(step_, 0, label_type_, packet).encode()});
+    wire::Status s = ch.send({wire::MessageType::kEval, 0, bytes->message(step_, 0, packet).encode()});
     wire::Frame f;
     if (s.ok()) s = detail::expect(ch, wire::MessageType::kEval, std::chrono::minutes(10), &f);
     wire::EvalResultMsg res;

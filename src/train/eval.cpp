@@ -164,7 +164,8 @@ nlohmann::json evaluate_model(DecoderPart& model, const Dataset& data, const Tok
   at::NoGradGuard no_grad;
   model->eval();
   const int64_t pad = tok.eos_id() >= 0 ? tok.eos_id() : 0;
-  const RowScorer local = [&](const Dataset& d, int64_t limit, std::vector<RowScore>* out) {
+  // Rows [0, limit) of `d`, batch by batch.
+  const auto local = [&](const Dataset& d, int64_t limit, std::vector<RowScore>* out) {
     for (int64_t at_row = 0; at_row < limit; at_row += batch) {
       std::vector<int64_t> idx;
       for (int64_t i = at_row; i < std::min(limit, at_row + batch); ++i) idx.push_back(i);

@@ -3,7 +3,6 @@
 // data (exact match after normalisation, and last-number match for arithmetic answers). Inside a
 // split run the client evaluates through the server instead (session.h, EVAL messages).
 #pragma once
-#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -22,9 +21,6 @@ struct RowScore {
 };
 /// logits (B, T, V), labels (B, T) (kIgnoreLabel where no loss is taken) -> B scores.
 std::vector<RowScore> score_rows(const at::Tensor& logits, const at::Tensor& labels);
-/// Scores rows [0, limit) of a dataset, batch by batch, wherever the model runs (locally, or
-/// through the server in a split run).
-using RowScorer = std::function<void(const Dataset& data, int64_t limit, std::vector<RowScore>* out)>;
 
 /// Token-level metrics over scored rows: loss, perplexity, token accuracy, exact match (every
 /// labelled token of a row predicted), sequences and tokens.

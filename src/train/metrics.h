@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "quant/link.h"
+#include "quant/bits_stats.h"
 
 namespace amaq::train {
 
