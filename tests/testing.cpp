@@ -11,6 +11,10 @@
 
 namespace amaq::testing {
 
+std::string english_text(size_t max_chars) {
+  return read_file(data_path("text/english.txt")).substr(0, max_chars);
+}
+
 TempDir::TempDir() {
   std::string tmpl = join_path(temp_dir(), "amaq-test-XXXXXX");
   char* p = ::mkdtemp(tmpl.data());

@@ -14,6 +14,10 @@ inline std::string data_path(const std::string& rel) {
   return std::string(AMAQ_TEST_DATA) + "/" + rel;
 }
 
+/// The first `max_chars` of a frozen English text (tests/data/text/english.txt, an old copy of the project's
+/// docs): training tests need text whose loss curve does not move when the live docs are edited.
+std::string english_text(size_t max_chars);
+
 /// A fresh directory under /tmp, removed with everything in it when the object dies.
 class TempDir {
  public:

@@ -20,7 +20,7 @@ TEST(IntegrationTrainCli, TomlConfigUnderFlagsAndResolvedOptionsStored) {
   GTEST_SKIP() << "this build has no TOML support (toml++ was not found)";
 #endif
   testing::TempDir tmp;
-  testing::write_bytes(tmp.file("data.txt"), read_file(std::string(AMAQ_SOURCE_DIR) + "/README.md").substr(0, 3000));
+  testing::write_bytes(tmp.file("data.txt"), testing::english_text(3000));
   testing::write_bytes(
       tmp.file("run.toml"),
       "steps = 50\nbatch = 2\nseq_len = 32\ntokenizer = \"byte\"\nfwd-codec = \"fixed:bits=4,gran=token\"\n"

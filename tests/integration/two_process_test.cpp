@@ -84,10 +84,7 @@ TEST(Integration, TwoProcessesOverTlsWithTokenTrainResumeAndRefuse) {
   ASSERT_EQ(testing::run_command(std::string(AMAQ_SOURCE_DIR) + "/scripts/make-test-certs.sh " + tmp.path(), &out), 0)
       << out;
   testing::write_bytes(tmp.file("token"), "integration-test-token-0123456789abcdef\n");
-  std::string text;
-  for (const char* f : {"/README.md", "/docs/amaq.md", "/docs/protocol.md"})
-    text += read_file(std::string(AMAQ_SOURCE_DIR) + f);
-  testing::write_bytes(tmp.file("data.txt"), text.substr(0, 8000));
+  testing::write_bytes(tmp.file("data.txt"), testing::english_text(8000));
   const std::string model = testing::data_path("hf/llama-gqa");
   const std::string bin = AMAQ_BINARY;
   const std::vector<std::string> codecs{"--fwd-codec", "amaq:budget=3,decay=10,gran=token", "--bwd-codec",

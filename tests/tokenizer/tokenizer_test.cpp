@@ -114,10 +114,7 @@ TEST(Tokenizer, ByteTokenizerRoundTripsAnyBytes) {
 
 TEST(Tokenizer, SentencePieceModelTrainedHereRoundTrips) {
   testing::TempDir tmp;
-  std::string text;
-  for (const char* f : {"/README.md", "/docs/amaq.md", "/docs/protocol.md"})
-    text += read_file(std::string(AMAQ_SOURCE_DIR) + f);
-  testing::write_bytes(tmp.file("corpus.txt"), text);
+  testing::write_bytes(tmp.file("corpus.txt"), testing::english_text(1 << 20));
   train_sentencepiece("--input=" + tmp.file("corpus.txt") + " --model_prefix=" + tmp.file("sp") +
                       " --vocab_size=400 --model_type=bpe --character_coverage=1.0 --minloglevel=2");
   auto tok = load_tokenizer(tmp.file("sp.model"));

@@ -35,10 +35,7 @@ const std::string kModel = testing::data_path("hf/llama-gqa");
 
 // Some English text for the byte tokenizer (the fixtures' vocabulary has 1000 ids).
 std::string corpus() {
-  std::string text;
-  for (const char* f : {"/README.md", "/docs/amaq.md", "/docs/protocol.md"})
-    text += read_file(std::string(AMAQ_SOURCE_DIR) + f);
-  return text.substr(0, 6000);
+  return testing::english_text(6000);
 }
 
 ClientConfig base_config(const testing::TempDir& tmp, const std::string& name) {
