@@ -2,7 +2,7 @@
 # CPU step time of `amaq train` against the plain PyTorch LoRA loop a user would write instead
 # (tools/ref/plain_lora_loop.py, Debian's python3-torch), same shapes, side by side; and amaq as two
 # processes (server + client over loopback TCP) against one. Rounds are interleaved (peer, one
-# process, two processes, ...) so that a noisy neighbour hits all three alike.
+# process, two processes; the last two swap every round) so that a noisy neighbour hits all three alike.
 #
 # Usage: tools/cpu_step_bench.sh [BUILD_DIR] [ROUNDS]   (make cpu-bench)
 # Shapes (issue 20): 11.9M-parameter Llama (hidden 512, 4 layers, 8 heads / 4 KV, MLP 1376, byte
@@ -45,19 +45,27 @@ print(round(statistics.median(r["tokens"] / r["tokens_per_second"] for r in rows
 EOF
 }
 
-peer=() one=() two=()
-for ((i = 1; i <= ROUNDS; i++)); do
-  p=$($PY "$ROOT/tools/ref/plain_lora_loop.py" --threads "$THREADS" --steps $STEPS | $PY -c 'import json,sys; print(json.load(sys.stdin)["step_s"])')
+run_one() {
   rm -rf one && "$AMAQ" --threads "$THREADS" train "${COMMON[@]}" --run-dir one
   o=$(median_step one)
+}
+run_two() {
   rm -rf two srv && mkdir srv
   "$AMAQ" --threads "$THREADS" server --model model --split 2 --listen 127.0.0.1:0 --run-dir srv --max-runs 1 >srv/out 2>srv/log &
-  spid=$!
+  local spid=$!
   for _ in $(seq 100); do grep -q listening srv/out 2>/dev/null && break; sleep 0.1; done
+  local port
   port=$(sed -n 's/.*127.0.0.1:\([0-9]*\).*/\1/p' srv/out)
   "$AMAQ" --threads "$THREADS" client "${COMMON[@]}" --run-dir two --connect "127.0.0.1:$port"
   wait $spid
   t=$(median_step two)
+}
+
+peer=() one=() two=()
+for ((i = 1; i <= ROUNDS; i++)); do
+  p=$($PY "$ROOT/tools/ref/plain_lora_loop.py" --threads "$THREADS" --steps $STEPS | $PY -c 'import json,sys; print(json.load(sys.stdin)["step_s"])')
+  # One and two processes swap places every round, so that neither always runs right after the peer.
+  if ((i % 2)); then run_one && run_two; else run_two && run_one; fi
   echo "round $i: plain PyTorch $p s, amaq one process $o s, amaq two processes $t s" >&2
   peer+=("$p") one+=("$o") two+=("$t")
 done
