@@ -79,8 +79,8 @@ int run_demo(const DemoArgs& a) {
     sc.bwd_codec = quant::CodecSpec::parse(v.bwd);
     sc.token = random_hex(32);
     train::TrainServer srv(sc);
-    wire::Server server(wire::ServerOptions(0).max_payload(srv.max_payload()),
-                        [&](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx.id); });
+    wire::Server server(srv.tcp_options(0),
+                        [&](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx); });
     train::ClientConfig c;
     c.model = model;
     c.split = 2;

@@ -162,6 +162,7 @@ struct ServerArgs {
   int max_sessions = 16;
   int64_t max_runs = 0;
   double idle_timeout = 600;
+  double stop_grace = 10;
 };
 
 void add_server_options(CLI::App& app, ServerArgs* a) {
@@ -181,6 +182,35 @@ void add_server_options(CLI::App& app, ServerArgs* a) {
   app.add_option("--max-runs", a->max_runs,
                  "exit after this many runs ended with BYE (0 = serve until SIGINT/SIGTERM)");
   app.add_option("--idle-timeout", a->idle_timeout, "seconds of silence before a session is dropped");
+  app.add_option("--stop-grace", a->stop_grace,
+                 "after SIGTERM, seconds sessions get to reach a step boundary before they are cut");
+}
+
+// The first SIGTERM/SIGINT: no new connections; each session stops at its next step boundary (its
+// client checkpoints that step and exits with a hint to --resume); sessions still open after
+// `grace` seconds are cut. A second signal exits at once (checkpoints are atomic, so the last
+// complete one stays valid).
+void stop_on_signal(int sig, wire::Server& server, train::TrainServer& srv, double grace, const sigset_t& sigs) {
+  spdlog::info(
+      "signal {}: stopping: no new sessions, live ones stop at their next step (within {} s); a second "
+      "signal exits at once",
+      sig, grace);
+  server.stop_accepting();
+  srv.request_stop();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(grace);
+  timespec tick{0, 50 * 1000 * 1000};
+  while (server.live_sessions() > 0 && std::chrono::steady_clock::now() < deadline) {
+    const int again = sigtimedwait(&sigs, nullptr, &tick);
+    if (again == SIGINT || again == SIGTERM) {
+      spdlog::warn("signal {} again: exiting now, {} sessions cut", again, server.live_sessions());
+      spdlog::shutdown();
+      std::_Exit(128 + again);
+    }
+  }
+  if (server.live_sessions() > 0) {
+    spdlog::warn("{} sessions still open after {} s: closing them", server.live_sessions(), grace);
+    server.close_sessions();
+  }
 }
 
 int run_server(ServerArgs& a, const CLI::App& app) {
@@ -204,13 +234,13 @@ int run_server(ServerArgs& a, const CLI::App& app) {
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
 
   train::TrainServer srv(a.cfg);
-  wire::ServerOptions opt(port);
-  opt.host(host).insecure(a.insecure).max_payload(srv.max_payload()).max_sessions(a.max_sessions);
+  wire::ServerOptions opt = srv.tcp_options(port);
+  opt.host(host).insecure(a.insecure).max_sessions(a.max_sessions);
   if (!a.tls_cert.empty()) opt.tls({a.tls_cert, a.tls_key, a.tls_ca}, !a.tls_ca.empty());
   std::atomic<int64_t> finished{0};
   wire::Server server(opt, [&](wire::Channel& ch, const wire::SessionContext& ctx) {
     spdlog::info("session {} from {}", ctx.id, ctx.peer);
-    if (srv.serve(ch, ctx.id).ok()) ++finished;
+    if (srv.serve(ch, ctx).ok()) ++finished;
   });
   std::fprintf(stdout, "listening on %s:%u\n", host.c_str(), server.port());
   std::fflush(stdout);
@@ -220,7 +250,7 @@ int run_server(ServerArgs& a, const CLI::App& app) {
   while (a.max_runs <= 0 || finished < a.max_runs) {
     const int sig = sigtimedwait(&sigs, nullptr, &tick);
     if (sig == SIGINT || sig == SIGTERM) {
-      spdlog::info("signal {}: stopping", sig);
+      stop_on_signal(sig, server, srv, a.stop_grace, sigs);
       break;
     }
   }
@@ -253,8 +283,8 @@ int run_train(TrainArgs& a, const CLI::App& app) {
   if (a.transport == "tcp") s.token = c.token = random_hex(32);
   train::TrainServer srv(s);
   if (a.transport == "tcp") {
-    wire::Server server(wire::ServerOptions(0).max_payload(srv.max_payload()),
-                        [&](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx.id); });
+    wire::Server server(srv.tcp_options(0),
+                        [&](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx); });
     train::ClientTrainer(c).run([&](std::unique_ptr<wire::Channel>* out) {
       return wire::connect(wire::ClientOptions("127.0.0.1", server.port()).max_payload(srv.max_payload()), out);
     });

@@ -39,7 +39,8 @@ bool is_link_failure(const wire::Status& s) {
 }
 // Failing to set a session up for one of these reasons is worth another try.
 bool is_connect_failure(const wire::Status& s) {
-  return is_link_failure(s) || s.code == wire::ErrorCode::kTls || s.code == wire::ErrorCode::kInternal;
+  return is_link_failure(s) || s.code == wire::ErrorCode::kTls || s.code == wire::ErrorCode::kInternal ||
+         s.code == wire::ErrorCode::kBusy;
 }
 
 [[noreturn]] void refused(const wire::Status& s) {
@@ -92,6 +93,9 @@ class ClientTrainer::Run {
   /// After a successful train(): says BYE, writes the summary and the learned map.
   RunResult finish(wire::Channel& ch);
   bool has_checkpoint() const { return !list_checkpoints(ckpt_root_).empty(); }
+  /// The server is stopping (CONTROL kStop at a step boundary): checkpoint this step on both sides
+  /// when that is exact, say BYE, and throw the error that tells the user how to go on.
+  [[noreturn]] void server_stopped(wire::Channel& ch, const wire::Status& why);
   int64_t step() const { return step_; }
 
  private:
@@ -154,6 +158,7 @@ RunResult ClientTrainer::run(const Connector& connect) {
     }
     s = run.train(*ch);
     if (s.ok()) return run.finish(*ch);
+    if (s.code == wire::ErrorCode::kShutdown) run.server_stopped(*ch, s);
     ch->close();
     if (!is_link_failure(s)) refused(s);
     if (attempts_left-- <= 0)
@@ -555,6 +560,23 @@ wire::Status ClientTrainer::Run::checkpoint(wire::Channel& ch, bool final) {
     write_file_atomic(join_path(dir, "side.json"), reply.at("side").dump(2) + "\n");
   }
   return wire::Status::Ok();
+}
+
+void ClientTrainer::Run::server_stopped(wire::Channel& ch, const wire::Status& why) {
+  const auto steps = list_checkpoints(ckpt_root_);
+  const bool saved = !steps.empty() && steps.back() == step_;
+  // AQ-SGD's sender memories already hold the FORWARDs the server left unanswered: a checkpoint now
+  // would not match the server's, so the run goes on from the last one both sides made.
+  const bool save_now = !saved && !link_->needs_sample_ids() && checkpoint(ch, false).ok();
+  ch.send({wire::MessageType::kBye, 0, {}});
+  ch.close();
+  const std::string at = why.message + " at step " + std::to_string(step_) + "; ";
+  if (saved || save_now)
+    throw Error(at + "both sides saved step " + std::to_string(step_),
+                "rerun the same command with --resume when the server is back");
+  if (steps.empty()) throw Error(at + "no checkpoint was made yet", "start the run again when the server is back");
+  throw Error(at + "the run resumes from its last checkpoint, step " + std::to_string(steps.back()),
+              "rerun the same command with --resume when the server is back");
 }
 
 RunResult ClientTrainer::Run::finish(wire::Channel& ch) {

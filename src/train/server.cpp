@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <optional>
 
 #include "core/compute.h"
 #include "core/error.h"
@@ -35,7 +36,8 @@ wire::Status bad(std::string why) {
 
 class TrainServer::Session {
  public:
-  Session(TrainServer& srv, wire::Channel& ch, uint64_t id) : srv_(srv), cfg_(srv.cfg_), ch_(ch), id_(id) {}
+  Session(TrainServer& srv, wire::Channel& ch, uint64_t id, std::optional<wire::Hello> hello)
+      : srv_(srv), cfg_(srv.cfg_), ch_(ch), id_(id), hello_(std::move(hello)) {}
   /// Handshake, SCHEDULE, then one handler per message until BYE or a failure.
   wire::Status serve();
 
@@ -56,6 +58,8 @@ class TrainServer::Session {
   wire::Status on_step(const nlohmann::json& j);
   wire::Status on_checkpoint(const nlohmann::json& j);
   wire::Status on_bye();
+  /// The server is stopping: tell the client at this step boundary, then serve its checkpoint and BYE.
+  wire::Status stop();
   /// A protocol violation or refusal: logged, told to the client, the session ends.
   wire::Status fail(wire::Status why);
   /// The link failed (the client vanished, or a send or receive timed out): the run's state stays on
@@ -66,6 +70,7 @@ class TrainServer::Session {
   const ServerConfig& cfg_;
   wire::Channel& ch_;
   uint64_t id_;
+  std::optional<wire::Hello> hello_;  // set when the TCP server authenticated the client already
   // The run this session serves.
   std::string run_id_, root_;
   Schedule schedule_;
@@ -99,8 +104,30 @@ uint64_t TrainServer::max_payload() const {
 }
 
 wire::Status TrainServer::serve(wire::Channel& ch, uint64_t session_id) {
+  return serve(ch, wire::SessionContext{session_id, "", std::nullopt});
+}
+
+wire::ServerPolicy TrainServer::policy() const {
+  wire::ServerPolicy p;
+  p.model_fingerprint = fingerprint_;
+  p.split = cfg_.split;
+  p.fwd_codec = cfg_.fwd_codec.to_string();
+  p.bwd_codec = cfg_.bwd_codec.to_string();
+  p.token = cfg_.token;
+  p.settings = {{"max_payload", max_payload()}};
+  return p;
+}
+
+wire::ServerOptions TrainServer::tcp_options(uint16_t port) const {
+  wire::ServerOptions o(port);
+  o.max_payload(max_payload()).handshake(policy());
+  return o;
+}
+
+wire::Status TrainServer::serve(wire::Channel& ch, const wire::SessionContext& context) {
+  const uint64_t session_id = context.id;
   try {
-    return Session(*this, ch, session_id).serve();
+    return Session(*this, ch, session_id, context.hello).serve();
   } catch (const std::exception& e) {
     const auto* c10 = dynamic_cast<const c10::Error*>(&e);
     wire::Status s = wire::Status::Fail(wire::ErrorCode::kInternal, c10 ? c10->what_without_backtrace() : e.what());
@@ -111,18 +138,14 @@ wire::Status TrainServer::serve(wire::Channel& ch, uint64_t session_id) {
 }
 
 wire::Status TrainServer::Session::serve() {
-  wire::ServerPolicy policy;
-  policy.model_fingerprint = srv_.fingerprint_;
-  policy.split = cfg_.split;
-  policy.fwd_codec = cfg_.fwd_codec.to_string();
-  policy.bwd_codec = cfg_.bwd_codec.to_string();
-  policy.token = cfg_.token;
-  policy.settings = {{"max_payload", srv_.max_payload()}};
-  wire::Hello hello;
-  wire::Status s = wire::server_handshake(ch_, policy, id_, cfg_.handshake_timeout, &hello);
-  if (!s.ok()) {
-    spdlog::warn("session {}: handshake failed: {} ({})", id_, s.message, wire::error_name(s.code));
-    return s;
+  wire::Status s;
+  if (!hello_) {
+    wire::Hello hello;
+    s = wire::server_handshake(ch_, srv_.policy(), id_, cfg_.handshake_timeout, &hello);
+    if (!s.ok()) {
+      spdlog::warn("session {}: handshake failed: {} ({})", id_, s.message, wire::error_name(s.code));
+      return s;
+    }
   }
   s = open_run();
   if (!s.ok()) return s;
@@ -130,6 +153,9 @@ wire::Status TrainServer::Session::serve() {
     wire::Frame f;
     s = ch_.receive(&f, cfg_.idle_timeout);
     if (!s.ok()) return dropped(s);
+    // A new step or an evaluation is the boundary where a stopping server tells its client.
+    if (srv_.stopping_ && micro_ == 0 && (f.type == wire::MessageType::kForward || f.type == wire::MessageType::kEval))
+      return stop();
     switch (f.type) {
       case wire::MessageType::kBye:
         return on_bye();
@@ -355,6 +381,7 @@ wire::Status TrainServer::Session::on_control(const wire::Frame& f) {
         return on_checkpoint(j);
       case wire::ControlKind::kSchedule:
       case wire::ControlKind::kResume:
+      case wire::ControlKind::kStop:
         break;
     }
   } catch (const nlohmann::json::exception& e) {
@@ -402,6 +429,28 @@ wire::Status TrainServer::Session::on_checkpoint(const nlohmann::json& j) {
   const nlohmann::json reply{{"step", step}, {"ok", true}, {"side", side_.options.to_json()}};
   wire::Status s = detail::send_control(ch_, wire::ControlKind::kCheckpoint, reply, std::move(blob));
   return s.ok() ? s : dropped(s);
+}
+
+wire::Status TrainServer::Session::stop() {
+  spdlog::info("session {}: run {} stopped at step {}: the server is stopping", id_, run_id_, step_);
+  wire::Status s = detail::send_control(ch_, wire::ControlKind::kStop, {{"step", step_}});
+  while (s.ok()) {
+    wire::Frame f;
+    s = ch_.receive(&f, cfg_.handshake_timeout);
+    if (!s.ok()) break;
+    if (f.type == wire::MessageType::kBye) return on_bye();
+    if (f.type != wire::MessageType::kControl) continue;  // FORWARD / EVAL already on their way: not answered
+    wire::ControlMsg cm;
+    s = wire::ControlMsg::decode(f.payload, &cm);
+    if (!s.ok()) return fail(s);
+    if (cm.kind != wire::ControlKind::kCheckpoint) return fail(bad("only CHECKPOINT or BYE after STOP"));
+    try {
+      s = on_checkpoint(nlohmann::json::parse(cm.json));
+    } catch (const nlohmann::json::exception& e) {
+      return fail(bad(std::string("CONTROL: ") + e.what()));
+    }
+  }
+  return dropped(s);
 }
 
 wire::Status TrainServer::Session::on_bye() {

@@ -33,6 +33,7 @@
 #include "train/metrics.h"
 #include "train/options.h"
 #include "wire/channel.h"
+#include "wire/tcp.h"
 
 namespace amaq::train {
 
@@ -56,11 +57,21 @@ class TrainServer {
   /// Serves one client session from HELLO to BYE. Never throws: a failure is logged in one line,
   /// told to the client when it can be, and returned.
   wire::Status serve(wire::Channel& ch, uint64_t session_id);
+  /// The same for a session the TCP server authenticated already (context.hello set).
+  wire::Status serve(wire::Channel& ch, const wire::SessionContext& context);
+  /// TCP server options for this server: its frame limit, and its handshake run before a client
+  /// gets a session (wire::ServerOptions::handshake).
+  wire::ServerOptions tcp_options(uint16_t port) const;
   /// The frame limit for this model with the batch shapes a client may send.
   uint64_t max_payload() const;
   uint64_t steps_served() const { return steps_served_; }
+  /// SIGTERM: every session stops at its next step boundary. The client is told (CONTROL kStop)
+  /// instead of getting its next BACKWARD; it may still checkpoint that step and say BYE.
+  void request_stop() { stopping_ = true; }
 
  private:
+  wire::ServerPolicy policy() const;
+
   ServerConfig cfg_;
   ModelConfig model_;
   std::unique_ptr<CheckpointReader> ckpt_;
@@ -68,6 +79,7 @@ class TrainServer {
   std::mutex runs_mu_;
   std::map<std::string, std::shared_ptr<std::timed_mutex>> runs_;  // one session per run at a time
   std::atomic<uint64_t> steps_served_{0};
+  std::atomic<bool> stopping_{false};
 };
 
 struct ClientConfig {

@@ -7,10 +7,27 @@ wire::Status send_control(wire::Channel& ch, wire::ControlKind kind, const nlohm
   return ch.send({wire::MessageType::kControl, 0, m.encode()});
 }
 
+namespace {
+
+// CONTROL kStop, the stopping server's answer to whatever the client asked: a Status of its own.
+bool stop_status(const wire::Frame& f, wire::Status* s) {
+  wire::ControlMsg m;
+  if (f.type != wire::MessageType::kControl || !wire::ControlMsg::decode(f.payload, &m).ok() ||
+      m.kind != wire::ControlKind::kStop)
+    return false;
+  const auto j = nlohmann::json::parse(m.json, nullptr, false);
+  const int64_t step = j.is_object() ? j.value("step", int64_t{-1}) : -1;
+  *s = wire::Status::Fail(wire::ErrorCode::kShutdown, "the server is stopping (step " + std::to_string(step) + ")");
+  return true;
+}
+
+}  // namespace
+
 wire::Status expect(wire::Channel& ch, wire::MessageType type, std::chrono::milliseconds timeout, wire::Frame* f) {
   wire::Status s = ch.receive(f, timeout);
   if (!s.ok()) return s;
   if (f->type == wire::MessageType::kError) return wire::parse_error_payload(f->payload);
+  if (type != wire::MessageType::kControl && stop_status(*f, &s)) return s;
   if (f->type != type) {
     return wire::Status::Fail(wire::ErrorCode::kBadMessage, std::string("expected ") + wire::message_name(type) +
                                                                 ", got " + wire::message_name(f->type));
@@ -26,6 +43,7 @@ wire::Status parse_control(const wire::Frame& f, wire::ControlKind kind, nlohman
   wire::ControlMsg m;
   wire::Status s = wire::ControlMsg::decode(f.payload, &m);
   if (!s.ok()) return s;
+  if (kind != wire::ControlKind::kStop && stop_status(f, &s)) return s;
   if (m.kind != kind) {
     return wire::Status::Fail(wire::ErrorCode::kBadMessage, "CONTROL of kind " +
                                                                 std::to_string(static_cast<int>(m.kind)) +

@@ -69,6 +69,10 @@ const char* error_name(ErrorCode c) {
       return "TLS failure";
     case ErrorCode::kResume:
       return "cannot resume";
+    case ErrorCode::kBusy:
+      return "server busy";
+    case ErrorCode::kShutdown:
+      return "server stopping";
   }
   return "unknown error";
 }

@@ -103,62 +103,84 @@ Status client_handshake(Channel& ch, Hello hello, const std::string& token, std:
   return Status::Ok();
 }
 
+ServerHandshake::Reply ServerHandshake::refuse(Status why) {
+  return {State::kRefused, Frame{MessageType::kError, 0, error_payload(why)}, why};
+}
+
+ServerHandshake::Reply ServerHandshake::on_frame(const Frame& f) {
+  if (!want_auth_) {
+    if (f.type != MessageType::kHello)
+      return refuse(bad(std::string("expected HELLO first, got ") + message_name(f.type)));
+    hello_payload_ = f.payload;
+    Status s = Hello::parse(hello_payload_, &hello_);
+    if (!s.ok()) return refuse(s);
+    if (policy_.token.empty()) return finish();
+    want_auth_ = true;
+    server_nonce_ = random_hex(32);
+    return {
+        State::kMore, Frame{MessageType::kChallenge, 0, nlohmann::json{{"server_nonce", server_nonce_}}.dump()}, {}};
+  }
+  nlohmann::json j;
+  if (f.type != MessageType::kAuth || !parse_json(f.payload, &j) || !j.contains("mac") || !j["mac"].is_string())
+    return refuse(bad("expected AUTH after CHALLENGE"));
+  const std::string want =
+      to_hex(hmac_sha256(policy_.token, "client|" + transcript(hello_.client_nonce, server_nonce_, hello_payload_)));
+  if (!equal_secret(j["mac"].get<std::string>(), want))
+    return refuse(Status::Fail(ErrorCode::kBadAuth, "bad credentials: the token does not match the server's"));
+  return finish();
+}
+
+// Only an authenticated client learns how its configuration differs from the server's.
+ServerHandshake::Reply ServerHandshake::finish() {
+  if (hello_.protocol != kProtocolVersion) {
+    return refuse(Status::Fail(ErrorCode::kBadVersion, "client protocol " + std::to_string(hello_.protocol) +
+                                                           ", server protocol " + std::to_string(kProtocolVersion)));
+  }
+  if (hello_.model_fingerprint != policy_.model_fingerprint) {
+    return refuse(Status::Fail(ErrorCode::kModelMismatch, "different model: client fingerprint " +
+                                                              hello_.model_fingerprint.substr(0, 16) + ", server " +
+                                                              policy_.model_fingerprint.substr(0, 16) +
+                                                              " (config.json or weight shapes/dtypes differ)"));
+  }
+  if (hello_.split != policy_.split) {
+    return refuse(Status::Fail(ErrorCode::kSplitMismatch, "different split: client " + std::to_string(hello_.split) +
+                                                              ", server " + std::to_string(policy_.split)));
+  }
+  if (hello_.fwd_codec != policy_.fwd_codec || hello_.bwd_codec != policy_.bwd_codec) {
+    return refuse(Status::Fail(ErrorCode::kCodecMismatch, "different codecs: client fwd " + hello_.fwd_codec + " bwd " +
+                                                              hello_.bwd_codec + ", server fwd " + policy_.fwd_codec +
+                                                              " bwd " + policy_.bwd_codec));
+  }
+  nlohmann::json ack = {{"session_id", session_id_}, {"settings", policy_.settings}};
+  if (!policy_.token.empty()) {
+    ack["proof"] =
+        to_hex(hmac_sha256(policy_.token, "server|" + transcript(hello_.client_nonce, server_nonce_, hello_payload_)));
+  }
+  return {State::kAccepted, Frame{MessageType::kHelloAck, 0, ack.dump()}, {}};
+}
+
 Status server_handshake(Channel& ch, const ServerPolicy& policy, uint64_t session_id, std::chrono::milliseconds timeout,
                         Hello* hello) {
-  auto fail = [&](Status s) {
-    refuse(ch, s);
-    return s;
-  };
-  Frame f;
-  Status s = ch.receive(&f, timeout);
-  if (!s.ok()) return fail(s);
-  if (f.type != MessageType::kHello) return fail(bad(std::string("expected HELLO first, got ") + message_name(f.type)));
-  const std::string hello_payload = f.payload;
-  s = Hello::parse(hello_payload, hello);
-  if (!s.ok()) return fail(s);
-  std::string server_nonce;
-  if (!policy.token.empty()) {
-    server_nonce = random_hex(32);
-    s = ch.send({MessageType::kChallenge, 0, nlohmann::json{{"server_nonce", server_nonce}}.dump()});
+  ServerHandshake hs(policy, session_id);
+  while (true) {
+    Frame f;
+    Status s = ch.receive(&f, timeout);
+    if (!s.ok()) {
+      refuse(ch, s);
+      return s;
+    }
+    ServerHandshake::Reply r = hs.on_frame(f);
+    if (r.state == ServerHandshake::State::kRefused) {
+      refuse(ch, r.status);  // r.send is this ERROR
+      return r.status;
+    }
+    s = ch.send(r.send);
     if (!s.ok()) return s;
-    s = ch.receive(&f, timeout);
-    if (!s.ok()) return fail(s);
-    nlohmann::json j;
-    if (f.type != MessageType::kAuth || !parse_json(f.payload, &j) || !j.contains("mac") || !j["mac"].is_string()) {
-      return fail(bad("expected AUTH after CHALLENGE"));
-    }
-    const std::string want =
-        to_hex(hmac_sha256(policy.token, "client|" + transcript(hello->client_nonce, server_nonce, hello_payload)));
-    if (!equal_secret(j["mac"].get<std::string>(), want)) {
-      return fail(Status::Fail(ErrorCode::kBadAuth, "bad credentials: the token does not match the server's"));
+    if (r.state == ServerHandshake::State::kAccepted) {
+      *hello = hs.hello();
+      return Status::Ok();
     }
   }
-  // Only an authenticated client learns how its configuration differs from the server's.
-  if (hello->protocol != kProtocolVersion) {
-    return fail(Status::Fail(ErrorCode::kBadVersion, "client protocol " + std::to_string(hello->protocol) +
-                                                         ", server protocol " + std::to_string(kProtocolVersion)));
-  }
-  if (hello->model_fingerprint != policy.model_fingerprint) {
-    return fail(Status::Fail(ErrorCode::kModelMismatch, "different model: client fingerprint " +
-                                                            hello->model_fingerprint.substr(0, 16) + ", server " +
-                                                            policy.model_fingerprint.substr(0, 16) +
-                                                            " (config.json or weight shapes/dtypes differ)"));
-  }
-  if (hello->split != policy.split) {
-    return fail(Status::Fail(ErrorCode::kSplitMismatch, "different split: client " + std::to_string(hello->split) +
-                                                            ", server " + std::to_string(policy.split)));
-  }
-  if (hello->fwd_codec != policy.fwd_codec || hello->bwd_codec != policy.bwd_codec) {
-    return fail(Status::Fail(ErrorCode::kCodecMismatch, "different codecs: client fwd " + hello->fwd_codec + " bwd " +
-                                                            hello->bwd_codec + ", server fwd " + policy.fwd_codec +
-                                                            " bwd " + policy.bwd_codec));
-  }
-  nlohmann::json ack = {{"session_id", session_id}, {"settings", policy.settings}};
-  if (!policy.token.empty()) {
-    ack["proof"] =
-        to_hex(hmac_sha256(policy.token, "server|" + transcript(hello->client_nonce, server_nonce, hello_payload)));
-  }
-  return ch.send({MessageType::kHelloAck, 0, ack.dump()});
 }
 
 }  // namespace amaq::wire

@@ -47,6 +47,31 @@ struct HelloAck {
 Status client_handshake(Channel& ch, Hello hello, const std::string& token, std::chrono::milliseconds timeout,
                         HelloAck* ack);
 
+/// The server's side as a state machine of frames in, frames out, so that the same rules run in a
+/// blocking session (server_handshake) and in the TCP server's asynchronous pre-authentication stage.
+class ServerHandshake {
+ public:
+  enum class State { kMore, kAccepted, kRefused };
+  struct Reply {
+    State state = State::kMore;
+    Frame send;     ///< CHALLENGE, HELLO_ACK or ERROR: always sent
+    Status status;  ///< why, when refused
+  };
+  ServerHandshake(const ServerPolicy& policy, uint64_t session_id) : policy_(policy), session_id_(session_id) {}
+  Reply on_frame(const Frame& f);
+  const Hello& hello() const { return hello_; }
+
+ private:
+  Reply refuse(Status why);
+  Reply finish();
+
+  const ServerPolicy& policy_;
+  uint64_t session_id_;
+  bool want_auth_ = false;
+  std::string hello_payload_, server_nonce_;
+  Hello hello_;
+};
+
 /// Server side. On failure it has already told the client (ERROR frame) and closed the channel.
 Status server_handshake(Channel& ch, const ServerPolicy& policy, uint64_t session_id, std::chrono::milliseconds timeout,
                         Hello* hello);

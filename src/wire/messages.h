@@ -60,8 +60,10 @@ struct BackwardMsg {
 
 /// CONTROL kinds (docs/protocol.md "Training session"). kResume (4) is reserved: resuming is agreed
 /// in the SCHEDULE exchange.
-enum class ControlKind : uint16_t { kCheckpoint = 1, kBitSync = 2, kSchedule = 3, kResume = 4, kStep = 5 };
-constexpr uint16_t kMaxControlKind = 5;
+/// kStop (server -> client, {step}): the server is stopping; it answered no FORWARD of this step and
+/// serves only CHECKPOINT at this step and BYE from now on.
+enum class ControlKind : uint16_t { kCheckpoint = 1, kBitSync = 2, kSchedule = 3, kResume = 4, kStep = 5, kStop = 6 };
+constexpr uint16_t kMaxControlKind = 6;
 
 struct ControlMsg {
   ControlKind kind = ControlKind::kCheckpoint;

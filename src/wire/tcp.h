@@ -1,16 +1,25 @@
-// TCP and TLS 1.3 channels (Boost.Asio + OpenSSL) and a server that runs each client session in its
-// own thread: one session's bad input, stall or crash never touches the others.
+// TCP and TLS 1.3 channels (Boost.Asio + OpenSSL) and a server that runs each authenticated client
+// session in its own thread: one session's bad input, stall or crash never touches the others.
+//
+// All socket I/O runs on one I/O thread (the server's, or a client channel's own), each connection
+// on its own strand; a channel's blocking send/receive post there and wait with a deadline, so one
+// thread may send while another receives. Before a client has authenticated, the server spends no
+// thread and almost no memory on it: the TLS handshake and HELLO / CHALLENGE / AUTH run
+// asynchronously on the I/O thread, frames are limited to kUnauthenticatedMaxPayload, connections
+// are capped in total and per address, and the whole exchange has one deadline.
 #pragma once
 #include <atomic>
 #include <chrono>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "wire/channel.h"
+#include "wire/handshake.h"
 
 namespace amaq::wire {
 
@@ -89,9 +98,21 @@ struct ServerOptions {
     io_timeout_ = v;
     return *this;
   }
-  /// Sessions served at once; more are refused. Default 64.
+  /// Authenticated sessions served at once; more are refused (kBusy). Default 64.
   ServerOptions& max_sessions(int v) {
     max_sessions_ = v;
+    return *this;
+  }
+  /// Run the handshake (server_handshake's rules) before a session gets a thread; the handler then
+  /// sees SessionContext::hello. Without it the handler gets the connection right after TLS.
+  ServerOptions& handshake(ServerPolicy p) {
+    policy_ = std::make_shared<const ServerPolicy>(std::move(p));
+    return *this;
+  }
+  /// Connections not yet authenticated, in total and per client address; more are closed at once.
+  ServerOptions& max_unauthenticated(int total, int per_address) {
+    max_unauthenticated_ = total;
+    max_unauthenticated_per_address_ = per_address;
     return *this;
   }
 
@@ -102,11 +123,17 @@ struct ServerOptions {
   uint64_t max_payload_ = uint64_t{1} << 30;
   Millis handshake_timeout_{10000}, io_timeout_{60000};
   int max_sessions_ = 64;
+  int max_unauthenticated_ = 64, max_unauthenticated_per_address_ = 8;
+  std::shared_ptr<const ServerPolicy> policy_;
 };
+
+/// Frames a connection may send before it has authenticated (a HELLO is a few hundred bytes).
+constexpr uint64_t kUnauthenticatedMaxPayload = 16 << 10;
 
 struct SessionContext {
   uint64_t id;
-  std::string peer;  ///< "address:port"
+  std::string peer;            ///< "address:port"
+  std::optional<Hello> hello;  ///< set when the server ran the handshake (ServerOptions::handshake)
 };
 
 /// Accepts connections and runs `handler(channel, context)` for each in its own thread. Exceptions
@@ -118,9 +145,17 @@ class Server {
   Server(ServerOptions options, Handler handler);
   ~Server();
   uint16_t port() const { return port_; }
+  /// Closes the listening socket and every connection not yet handed to a session.
+  void stop_accepting();
+  /// Closes every live session's connection: their blocked sends and receives fail at once.
+  void close_sessions();
   /// Stops accepting and waits for running sessions to end.
   void stop();
+  /// Connections accepted, and those that ended in a failure (refused before or after
+  /// authentication, timed out, dropped).
   uint64_t sessions_started() const { return started_; }
+  /// Sessions holding a slot now (authenticated and not ended).
+  int live_sessions() const;
   uint64_t sessions_failed() const { return failed_; }
 
  private:

@@ -127,8 +127,8 @@ TEST(SplitRun, UncompressedSplitOverTcpReproducesUnsplitTraining) {
   ClientConfig c = base_config(tmp, "run");
   c.side.init_adapter = kModel + "/adapter";
   TrainServer srv(server_for(c, c.side));
-  wire::Server server(wire::ServerOptions(0),
-                      [&](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx.id); });
+  wire::Server server(srv.tcp_options(0),
+                      [&](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx); });
   RunResult r = ClientTrainer(c).run([&](std::unique_ptr<wire::Channel>* out) {
     return wire::connect(wire::ClientOptions("127.0.0.1", server.port()), out);
   });

@@ -5,6 +5,7 @@
 #include "wire/tcp.h"
 
 #include <gtest/gtest.h>
+#include <sys/socket.h>
 
 #include <boost/asio.hpp>
 #include <chrono>
@@ -66,11 +67,12 @@ Hello hello_for(const ServerPolicy& p) {
   return h;
 }
 
-// The test server: handshake, then answer each FORWARD with a BACKWARD carrying the payload reversed.
+// The test server: handshake (unless the server ran it before the session), then answer each
+// FORWARD with a BACKWARD carrying the payload reversed.
 Server::Handler echo_handler(const ServerPolicy& p) {
   return [p](Channel& ch, const SessionContext& ctx) {
     Hello hello;
-    if (!server_handshake(ch, p, ctx.id, 2s, &hello).ok()) return;
+    if (!ctx.hello && !server_handshake(ch, p, ctx.id, 2s, &hello).ok()) return;
     Frame f;
     while (true) {
       Status s = ch.receive(&f, 5s);
@@ -232,10 +234,10 @@ std::string header_bytes(uint32_t magic, uint16_t version, uint8_t type, uint64_
 TEST(Server, GoodSessionsCompleteWhileHostileClientsAreRefused) {
   const ServerPolicy p = policy();
   ServerOptions plain_opt(0);
-  plain_opt.max_payload(1 << 20).io_timeout(2s);
+  plain_opt.max_payload(1 << 20).io_timeout(2s).handshake_timeout(2s).handshake(p);
   Server plain(plain_opt, echo_handler(p));
   ServerOptions tls_opt(0);
-  tls_opt.tls(certs().server(), /*require_client_cert=*/true).max_payload(1 << 20).handshake_timeout(2s);
+  tls_opt.tls(certs().server(), /*require_client_cert=*/true).max_payload(1 << 20).handshake_timeout(2s).handshake(p);
   Server tls(tls_opt, echo_handler(p));
 
   // 8 good sessions on each server, running while the hostile clients below do their worst.
@@ -297,6 +299,84 @@ TEST(Server, GoodSessionsCompleteWhileHostileClientsAreRefused) {
   // the untrusted certificate and the client that distrusted the server on the TLS server.
   EXPECT_EQ(plain.sessions_failed(), 5u);
   EXPECT_EQ(tls.sessions_failed(), 3u);
+}
+
+// A TCP connection from `source` (any 127.0.0.0/8 address is this host) that sends nothing.
+boost::asio::ip::tcp::socket silent_connection(boost::asio::io_context& io, uint16_t port, const char* source) {
+  namespace ip = boost::asio::ip;
+  ip::tcp::socket sock(io);
+  sock.open(ip::tcp::v4());
+  sock.bind({ip::make_address(source), 0});
+  sock.connect({ip::make_address("127.0.0.1"), port});
+  return sock;
+}
+
+// What a connection hears within `wait`: kClosed for a close without a frame, the ERROR it was
+// sent, or kTimeout when it is still open.
+Status heard(boost::asio::ip::tcp::socket& sock, std::chrono::milliseconds wait) {
+  const int fd = sock.native_handle();
+  timeval tv{static_cast<time_t>(wait.count() / 1000), static_cast<suseconds_t>((wait.count() % 1000) * 1000)};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  FrameDecoder d(1 << 20);
+  Frame f;
+  char buf[4096];
+  while (!d.next(&f)) {
+    const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return Status::Fail(ErrorCode::kTimeout, "still open");
+    if (n <= 0) return Status::Fail(ErrorCode::kClosed, "closed without an ERROR frame");
+    d.feed(std::string_view(buf, static_cast<size_t>(n)));
+  }
+  return f.type == MessageType::kError ? parse_error_payload(f.payload) : Status::Ok();
+}
+
+TEST(Server, SilentAndOversizedPeersLockNobodyOutAndCostNoMemory) {
+  const ServerPolicy p = policy();
+  ServerOptions opt(0);
+  opt.handshake(p).max_sessions(1).max_unauthenticated(12, 4).handshake_timeout(3s);
+  Server server(opt, echo_handler(p));
+  boost::asio::io_context io;
+  // 20 silent connections from two addresses: 4 from each hold a place until the deadline, the
+  // other 12 are closed at once; none holds a session slot (the cap is 1 session).
+  std::vector<boost::asio::ip::tcp::socket> silent;
+  for (int i = 0; i < 20; ++i)
+    silent.push_back(silent_connection(io, server.port(), i % 2 ? "127.0.0.2" : "127.0.0.3"));
+  int closed_at_once = 0;
+  for (auto& s : silent) closed_at_once += heard(s, 300ms).code == ErrorCode::kClosed;
+  EXPECT_EQ(closed_at_once, 12);
+  // A client from another address authenticates and trains while they wait.
+  Status good = good_session(ClientOptions("127.0.0.1", server.port()), p, 5, 4096);
+  EXPECT_TRUE(good.ok()) << good.message;
+  // A HELLO longer than the pre-authentication limit is refused on its header: the answer names
+  // that limit, not anything about the model (the session frame limit is 1 GiB).
+  {
+    auto sock = silent_connection(io, server.port(), "127.0.0.4");
+    boost::asio::write(sock, boost::asio::buffer(header_bytes(kFrameMagic, kProtocolVersion,
+                                                              static_cast<uint8_t>(MessageType::kHello), 270 << 20)));
+    Status s = heard(sock, 2s);
+    EXPECT_EQ(s.code, ErrorCode::kTooLarge) << s.message;
+    EXPECT_NE(s.message.find(std::to_string(kUnauthenticatedMaxPayload)), std::string::npos) << s.message;
+    EXPECT_EQ(s.message.find(std::to_string(uint64_t{1} << 30)), std::string::npos) << s.message;
+  }
+  // The ones that stayed silent are told at the deadline and closed.
+  int timed_out = 0;
+  for (auto& s : silent) timed_out += heard(s, 5s).code == ErrorCode::kTimeout;
+  EXPECT_EQ(timed_out, 8);
+  // The session cap counts authenticated sessions: with one open, the next client is told the
+  // server is busy after it authenticated, and gets in once the first has ended.
+  std::unique_ptr<Channel> first;
+  ASSERT_TRUE(connect(ClientOptions("127.0.0.1", server.port()), &first).ok());
+  HelloAck ack;
+  ASSERT_TRUE(client_handshake(*first, hello_for(p), p.token, 5s, &ack).ok());
+  Status busy = good_session(ClientOptions("127.0.0.1", server.port()), p, 1, 16);
+  EXPECT_EQ(busy.code, ErrorCode::kBusy) << busy.message;
+  first->send({MessageType::kBye, 0, ""});
+  first.reset();
+  Status later = Status::Fail(ErrorCode::kBusy, "");
+  for (int i = 0; i < 50 && later.code == ErrorCode::kBusy; ++i) {
+    std::this_thread::sleep_for(50ms);
+    later = good_session(ClientOptions("127.0.0.1", server.port()), p, 1, 16);
+  }
+  EXPECT_TRUE(later.ok()) << later.message;
 }
 
 TEST(Server, PlainTcpOffLoopbackNeedsInsecure) {
