@@ -15,9 +15,7 @@ bool stop_status(const wire::Frame& f, wire::Status* s) {
   if (f.type != wire::MessageType::kControl || !wire::ControlMsg::decode(f.payload, &m).ok() ||
       m.kind != wire::ControlKind::kStop)
     return false;
-  const auto j = nlohmann::json::parse(m.json, nullptr, false);
-  const int64_t step = j.is_object() ? j.value("step", int64_t{-1}) : -1;
-  *s = wire::Status::Fail(wire::ErrorCode::kShutdown, "the server is stopping (step " + std::to_string(step) + ")");
+  *s = wire::Status::Fail(wire::ErrorCode::kShutdown, "the server is stopping");
   return true;
 }
 

@@ -465,6 +465,9 @@ struct Server::Impl {
     std::lock_guard<std::mutex> lock(mu);
     reap_finished();
     std::weak_ptr<ConnBase> weak = conn;
+    pending.erase(std::remove_if(pending.begin(), pending.end(),
+                                 [&](const auto& w) { return !w.owner_before(weak) && !weak.owner_before(w); }),
+                  pending.end());
     sessions.push_back({std::thread([this, conn, sc = std::move(sc), handshake, done]() mutable {
                           run_session(std::move(conn), sc, handshake);
                           *done = true;

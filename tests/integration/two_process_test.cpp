@@ -1,82 +1,22 @@
 // `amaq server` and `amaq client` as two processes on loopback, TLS 1.3 and a token: a 30-step
 // AMAQ run; a client SIGKILLed mid-run and resumed; a client with another split refused.
 // (ctest label `integration`.)
-#include <fcntl.h>
 #include <gtest/gtest.h>
-#include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
-#include <chrono>
-#include <fstream>
-#include <nlohmann/json.hpp>
-#include <thread>
 
 #include "core/fs.h"
+#include "integration/process.h"
 #include "model/config.h"
 #include "model/peft.h"
 #include "testing.h"
 #include "wire/messages.h"
 
-extern char** environ;
-
 namespace amaq {
 namespace {
 
 using namespace std::chrono_literals;
-
-// A child process with stdout and stderr in files.
-class Process {
- public:
-  Process(const std::vector<std::string>& args, const std::string& out, const std::string& err) {
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_addopen(&fa, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    std::vector<char*> argv;
-    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    EXPECT_EQ(posix_spawn(&pid_, argv[0], &fa, nullptr, argv.data(), environ), 0);
-    posix_spawn_file_actions_destroy(&fa);
-  }
-  ~Process() {
-    if (pid_ > 0 && !exited_) {
-      ::kill(pid_, SIGKILL);
-      wait();
-    }
-  }
-  int wait() {
-    int st = 0;
-    ::waitpid(pid_, &st, 0);
-    exited_ = true;
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  }
-  bool alive() {
-    int st = 0;
-    return !exited_ && ::waitpid(pid_, &st, WNOHANG) == 0;
-  }
-  void signal(int sig) { ::kill(pid_, sig); }
-
- private:
-  pid_t pid_ = -1;
-  bool exited_ = false;
-};
-
-std::string slurp(const std::string& path) {
-  return file_exists(path) ? read_file(path) : std::string();
-}
-
-std::vector<nlohmann::json> lines_with(const std::string& path, const char* key) {
-  std::vector<nlohmann::json> out;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) {
-    auto j = nlohmann::json::parse(line, nullptr, false);
-    if (!j.is_discarded() && j.contains(key)) out.push_back(j);
-  }
-  return out;
-}
+using testing::lines_with;
+using testing::Process;
+using testing::slurp;
 
 TEST(Integration, TwoProcessesOverTlsWithTokenTrainResumeAndRefuse) {
   testing::TempDir tmp;
@@ -108,14 +48,7 @@ TEST(Integration, TwoProcessesOverTlsWithTokenTrainResumeAndRefuse) {
                                        tmp.file("server-runs")};
   server_args.insert(server_args.end(), codecs.begin(), codecs.end());
   Process server(server_args, tmp.file("server.out"), tmp.file("server.err"));
-  std::string port;
-  for (int i = 0; i < 600 && port.empty(); ++i) {
-    std::string o = slurp(tmp.file("server.out"));
-    if (auto p = o.find("listening on 127.0.0.1:"); p != std::string::npos && o.find('\n', p) != std::string::npos) {
-      port = o.substr(p + 23, o.find('\n', p) - p - 23);
-    }
-    std::this_thread::sleep_for(50ms);
-  }
+  const std::string port = testing::wait_for_port(tmp.file("server.out"));
   ASSERT_FALSE(port.empty()) << slurp(tmp.file("server.err"));
 
   auto client_args = [&](const std::string& run_dir, const std::string& steps, const std::string& split) {
