@@ -36,6 +36,10 @@ int run_forward(const ForwardArgs& a) {
     throw Error(a.ids + ": input_ids must be int64 (B, T), got " + c10::str(ids.scalar_type(), " ", ids.sizes()),
                 "write the token ids as an int64 tensor named input_ids, shape (B, T)");
   }
+  if (ids.numel() == 0) {
+    throw Error(a.ids + ": input_ids is empty, shape " + c10::str(ids.sizes()),
+                "give at least one row of at least one token");
+  }
   if (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= config.vocab_size) {
     throw Error(a.ids + ": input_ids outside [0, " + std::to_string(config.vocab_size) + ")",
                 "the ids were made with another tokenizer than this model's");

@@ -39,14 +39,14 @@ bool is_link_failure(const wire::Status& s) {
 }
 // Failing to set a session up for one of these reasons is worth another try.
 bool is_connect_failure(const wire::Status& s) {
-  return is_link_failure(s) || s.code == wire::ErrorCode::kTls || s.code == wire::ErrorCode::kInternal ||
-         s.code == wire::ErrorCode::kBusy;
+  return is_link_failure(s) || s.code == wire::ErrorCode::kTls || s.code == wire::ErrorCode::kBusy;
 }
 
 [[noreturn]] void refused(const wire::Status& s) {
   std::string hint = "check that both sides run the same model, split and codecs";
   if (s.code == wire::ErrorCode::kBadAuth) hint = "use the token file the server was started with";
   if (s.code == wire::ErrorCode::kResume) hint = "start a new run directory, or resume from a step the server has";
+  if (s.code == wire::ErrorCode::kInternal) hint = "the server's side failed to set up: fix what the message names there";
   throw Error(std::string("server refused the run: ") + s.message + " (" + wire::error_name(s.code) + ")", hint);
 }
 

@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <map>
 
@@ -46,7 +48,7 @@ nlohmann::json StepRecord::to_json() const {
           {"tokens_per_second", tokens_per_second}};
 }
 
-JsonlLog::JsonlLog(const std::string& path) : f_(std::fopen(path.c_str(), "a")) {
+JsonlLog::JsonlLog(const std::string& path) : path_(path), f_(std::fopen(path.c_str(), "a")) {
   if (!f_) throw Error("cannot open " + path + " for appending", "check that the run directory is writable");
 }
 
@@ -56,8 +58,13 @@ JsonlLog::~JsonlLog() {
 
 void JsonlLog::write(const nlohmann::json& line) {
   const std::string s = line.dump() + "\n";
-  std::fwrite(s.data(), 1, s.size(), f_);
-  std::fflush(f_);
+  errno = 0;
+  if (std::fwrite(s.data(), 1, s.size(), f_) != s.size() || std::fflush(f_) != 0) {
+    const std::string why = errno ? std::strerror(errno) : "short write";
+    std::clearerr(f_);
+    throw Error("cannot write to " + path_ + ": " + why,
+                "free disk space (or fix the run directory's permissions), then rerun with --resume");
+  }
 }
 
 Progress::Progress(int64_t first_step, int64_t total_steps, bool force_bar)

@@ -40,9 +40,11 @@ class JsonlLog {
  public:
   explicit JsonlLog(const std::string& path);
   ~JsonlLog();
+  /// One line, flushed; throws amaq::Error naming the file when it cannot be written (disk full).
   void write(const nlohmann::json& line);
 
  private:
+  std::string path_;
   std::FILE* f_ = nullptr;
 };
 

@@ -53,6 +53,14 @@ TEST(IntegrationForwardCli, BadInputExitsWithOneClearError) {
   write_file_atomic(tmp.file("model.safetensors"), bytes);
   EXPECT_EQ(testing::run_command(cmd + " --split 4", &out), 2);
   EXPECT_NE(out.find("split layer 4"), std::string::npos) << out;
+
+  write_file_atomic(tmp.file("empty.safetensors"), safetensors_bytes({{"input_ids", at::zeros({2, 0}, at::kLong)}}));
+  EXPECT_EQ(testing::run_command(std::string(AMAQ_BINARY) + " forward --model " + model + " --ids " +
+                                     tmp.file("empty.safetensors") + " --out " + tmp.file("o.safetensors"),
+                                 &out),
+            2);
+  EXPECT_NE(out.find("input_ids is empty"), std::string::npos) << out;
+  EXPECT_EQ(out.find("terminate"), std::string::npos) << out;
 }
 
 }  // namespace

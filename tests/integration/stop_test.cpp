@@ -65,6 +65,8 @@ TEST_F(IntegrationStop, SigtermStopsAtAStepBoundaryWithBothCheckpointsAndTheRunR
     server.signal(SIGTERM);
     EXPECT_EQ(wait_within(server, 10s), 0) << slurp(tmp_.file("s1.err"));
     EXPECT_NE(wait_within(client, 10s), 0);
+    // The token file was written 0644 by SetUp: the server says so and how to fix it.
+    EXPECT_NE(slurp(tmp_.file("s1.err")).find("can be read by other users (mode 644); chmod 600"), std::string::npos);
     const std::string err = slurp(tmp_.file("c1.err"));
     std::smatch m;
     ASSERT_TRUE(std::regex_search(err, m, std::regex("the server is stopping at step (\\d+); both sides saved step (\\d+)")))

@@ -344,6 +344,32 @@ TEST(SplitRun, MismatchedCodecOrSplitIsRefusedByName) {
   EXPECT_AMAQ_ERROR(run_in_process(srv3, c), "split");
 }
 
+TEST(SplitRun, AServerSideThatFailsToBuildIsNamedNotBlamedOnTheLink) {
+  testing::TempDir tmp;
+  ClientConfig c = base_config(tmp, "run");
+  c.schedule.steps = 2;
+  c.schedule.warmup = 0;
+  // The server's adapter is truncated: its side fails while the client's is fine.
+  const std::string adapter = kModel + "/adapter";
+  make_dirs(tmp.file("bad-adapter"));
+  write_file_atomic(tmp.file("bad-adapter/adapter_config.json"), read_file(adapter + "/adapter_config.json"));
+  const std::string weights = read_file(adapter + "/adapter_model.safetensors");
+  write_file_atomic(tmp.file("bad-adapter/adapter_model.safetensors"), weights.substr(0, weights.size() / 2));
+  SideOptions server_side = c.side;
+  server_side.init_adapter = tmp.file("bad-adapter");
+  TrainServer srv(server_for(c, server_side));
+  try {
+    run_in_process(srv, c);
+    ADD_FAILURE() << "the run started with a truncated adapter on the server";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("server refused the run"), std::string::npos) << what;
+    EXPECT_NE(what.find("adapter_model.safetensors"), std::string::npos) << what;
+    EXPECT_EQ(what.find("cannot reach"), std::string::npos) << what;
+    EXPECT_EQ(e.hint().find("--connect"), std::string::npos) << e.hint();
+  }
+}
+
 TEST(SplitRun, ResumeAtAStepTheServerLacksIsRefused) {
   testing::TempDir tmp;
   ClientConfig c = base_config(tmp, "run");
