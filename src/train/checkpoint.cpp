@@ -83,11 +83,7 @@ void save_side_checkpoint(const std::string& root, int64_t step, Side& side, qua
 
 nlohmann::json load_side_checkpoint(const std::string& dir, Side& side, quant::Link& link) {
   const std::string state_file = join_path(dir, "state.json");
-  nlohmann::json fields = nlohmann::json::parse(read_file(state_file), nullptr, false);
-  if (fields.is_discarded() || !fields.is_object() || !fields.contains("step") || !fields["step"].is_number_integer()) {
-    throw Error(state_file + " is damaged (not a JSON object with an integer \"step\")",
-                "resume from an earlier checkpoint (--resume skips damaged ones)");
-  }
+  nlohmann::json fields = parse_state_file(read_file(state_file), state_file);
   auto tensors = load_safetensors(join_path(dir, "state.safetensors"));
   side.load_state(tensors, dir);
   load_optimizer(*side.opt, read_file(join_path(dir, "optim.pt")), dir);

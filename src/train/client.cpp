@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/hash.h"
+#include "core/json.h"
 #include "model/part.h"
 #include "quant/link.h"
 #include "train/checkpoint.h"
@@ -46,7 +47,8 @@ bool is_connect_failure(const wire::Status& s) {
   std::string hint = "check that both sides run the same model, split and codecs";
   if (s.code == wire::ErrorCode::kBadAuth) hint = "use the token file the server was started with";
   if (s.code == wire::ErrorCode::kResume) hint = "start a new run directory, or resume from a step the server has";
-  if (s.code == wire::ErrorCode::kInternal) hint = "the server's side failed to set up: fix what the message names there";
+  if (s.code == wire::ErrorCode::kInternal)
+    hint = "the server's side failed to set up: fix what the message names there";
   throw Error(std::string("server refused the run: ") + s.message + " (" + wire::error_name(s.code) + ")", hint);
 }
 
@@ -214,11 +216,7 @@ void ClientTrainer::Run::open_run_dir() {
   if (c_.resume) {
     if (!file_exists(run_file_))
       throw Error(c_.run_dir + " holds no run to resume (no run.json)", "drop --resume to start a new run");
-    const nlohmann::json run = nlohmann::json::parse(read_file(run_file_), nullptr, false);
-    if (run.is_discarded() || !run.is_object() || !run.contains("run_id") || !run["run_id"].is_string()) {
-      throw Error(run_file_ + " is damaged (no \"run_id\")", "start a new run in another --run-dir");
-    }
-    run_id_ = run["run_id"].get<std::string>();
+    run_id_ = parse_run_file(read_file(run_file_), run_file_);
   } else {
     if (has_checkpoint()) {
       throw Error(c_.run_dir + " already holds a run", "pass --resume to continue it, or choose another --run-dir");
@@ -228,10 +226,12 @@ void ClientTrainer::Run::open_run_dir() {
     // directory, keeping its log beside the new one.
     const std::string log = join_path(c_.run_dir, "metrics.jsonl");
     if (file_exists(run_file_) && file_exists(log)) {
-      const nlohmann::json old = nlohmann::json::parse(read_file(run_file_), nullptr, false);
-      const std::string old_id = old.is_object() && old.contains("run_id") && old["run_id"].is_string()
-                                     ? old["run_id"].get<std::string>()
-                                     : random_hex(8);
+      std::string old_id;
+      try {
+        old_id = parse_run_file(read_file(run_file_), run_file_);
+      } catch (const Error&) {
+        old_id = random_hex(8);  // the log is kept all the same
+      }
       rename_path(log, join_path(c_.run_dir, "metrics." + old_id + ".jsonl"));
       spdlog::info(
           "{}: the run {} stopped before its first checkpoint; starting a new one (its log is kept as "
@@ -286,8 +286,8 @@ void ClientTrainer::Run::restore(bool resume) {
           throw Error(join_path(dir, "state.json") + " has no integer \"position\"",
                       "resume from an earlier checkpoint (--resume skips damaged ones)");
         }
-        step_ = state["step"].get<int64_t>();
-        position_ = state["position"].get<int64_t>();
+        step_ = json_int<int64_t>(state, "step");
+        position_ = json_int<int64_t>(state, "position");
       });
       resume_step_ = *it;
       return;
@@ -316,11 +316,7 @@ wire::Status ClientTrainer::Run::connect(const Connector& connect, std::unique_p
   }
   if (s.ok()) {
     s = detail::send_control(**ch, wire::ControlKind::kSchedule,
-                             {{"run_id", run_id_},
-                              {"resume_step", resume_step_},
-                              {"schedule", c_.schedule.to_json()},
-                              {"batch", c_.batch},
-                              {"seq_len", c_.seq_len}});
+                             ScheduleRequest{run_id_, resume_step_, c_.batch, c_.seq_len, c_.schedule}.to_json());
   }
   wire::Frame f;
   nlohmann::json reply;
@@ -543,7 +539,8 @@ wire::Status ClientTrainer::Run::checkpoint(wire::Channel& ch, bool final) {
   if (s.ok()) s = detail::expect(ch, wire::MessageType::kControl, std::chrono::minutes(10), &f);
   if (s.ok()) s = detail::parse_control(f, wire::ControlKind::kCheckpoint, &reply, &blob);
   if (!s.ok()) return s;
-  if (!reply.value("ok", false) || reply.value("step", int64_t{-1}) != step_) {
+  if (!reply.value("ok", false) || !reply.contains("step") || !reply["step"].is_number_integer() ||
+      reply["step"].get<int64_t>() != step_) {
     return wire::Status::Fail(wire::ErrorCode::kBadMessage,
                               "server did not confirm the checkpoint at step " + std::to_string(step_));
   }

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/json.h"
 
 namespace amaq::train {
 
@@ -15,7 +16,7 @@ SideOptions SideOptions::from_json(const nlohmann::json& j) {
   SideOptions s;
   try {
     s.full = j.at("full").get<bool>();
-    s.lora_r = j.at("lora_r").get<int64_t>();
+    s.lora_r = json_int<int64_t>(j, "lora_r");
     s.lora_alpha = j.at("lora_alpha").get<double>();
     s.lora_dropout = j.at("lora_dropout").get<double>();
     s.rslora = j.at("rslora").get<bool>();
@@ -49,15 +50,15 @@ nlohmann::json Schedule::to_json() const {
 Schedule Schedule::from_json(const nlohmann::json& j) {
   Schedule s;
   try {
-    s.steps = j.at("steps").get<int64_t>();
-    s.micro_batches = j.at("micro_batches").get<int64_t>();
+    s.steps = json_int<int64_t>(j, "steps");
+    s.micro_batches = json_int<int64_t>(j, "micro_batches");
     s.lr = j.at("lr").get<double>();
-    s.warmup = j.at("warmup").get<int64_t>();
+    s.warmup = json_int<int64_t>(j, "warmup");
     s.min_lr_ratio = j.at("min_lr_ratio").get<double>();
     s.weight_decay = j.at("weight_decay").get<double>();
     s.clip = j.at("clip").get<double>();
     s.gate_lr = j.at("gate_lr").get<double>();
-    s.seed = j.at("seed").get<uint64_t>();
+    s.seed = json_int<uint64_t>(j, "seed");
   } catch (const nlohmann::json::exception& e) {
     throw Error(std::string("schedule: ") + e.what(), "both sides must run the same amaq version");
   }
@@ -73,6 +74,58 @@ Schedule Schedule::from_json(const nlohmann::json& j) {
   check(s.clip >= 0 && std::isfinite(s.clip), "clip", "--clip must be >= 0 (0 = off)");
   check(s.gate_lr >= 0 && std::isfinite(s.gate_lr), "gate_lr", "--gate-lr must be >= 0");
   return s;
+}
+
+bool valid_run_id(const std::string& id) {
+  return id.size() >= 8 && id.size() <= 64 && id.find_first_not_of("0123456789abcdef") == std::string::npos;
+}
+
+nlohmann::json ScheduleRequest::to_json() const {
+  return {{"run_id", run_id},
+          {"resume_step", resume_step},
+          {"schedule", schedule.to_json()},
+          {"batch", batch},
+          {"seq_len", seq_len}};
+}
+
+ScheduleRequest ScheduleRequest::from_json(const nlohmann::json& j) {
+  ScheduleRequest r;
+  try {
+    r.run_id = j.at("run_id").get<std::string>();
+    r.resume_step = json_int<int64_t>(j, "resume_step");
+    r.batch = json_int<int64_t>(j, "batch");
+    r.seq_len = json_int<int64_t>(j, "seq_len");
+    r.schedule = Schedule::from_json(j.at("schedule"));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(std::string("SCHEDULE: ") + e.what(), "both sides must run the same amaq version");
+  }
+  if (!valid_run_id(r.run_id))
+    throw Error("SCHEDULE: run_id must be 8-64 lowercase hex characters", "a damaged run.json on the client?");
+  if (r.resume_step < -1 || r.resume_step > r.schedule.steps)
+    throw Error("SCHEDULE: resume_step outside [-1, steps]", "resume from a checkpoint of this run");
+  if (r.batch < 1 || r.seq_len < 2 || r.batch > 65536 || r.seq_len > 65536 ||
+      r.batch * r.seq_len > 65536)  // no overflow
+    throw Error("SCHEDULE: batch x seq_len must be in [2, 65536] tokens per micro-batch", "lower --batch or --seq-len");
+  return r;
+}
+
+std::string parse_run_file(const std::string& text, const std::string& path) {
+  const nlohmann::json run = nlohmann::json::parse(text, nullptr, false);
+  if (run.is_discarded() || !run.is_object() || !run.contains("run_id") || !run["run_id"].is_string() ||
+      !valid_run_id(run["run_id"].get<std::string>())) {
+    throw Error(path + " is damaged (no valid \"run_id\")", "start a new run in another --run-dir");
+  }
+  return run["run_id"].get<std::string>();
+}
+
+nlohmann::json parse_state_file(const std::string& text, const std::string& path) {
+  nlohmann::json fields = nlohmann::json::parse(text, nullptr, false);
+  if (fields.is_discarded() || !fields.is_object() || !fields.contains("step") || !fields["step"].is_number_integer() ||
+      fields["step"].get<int64_t>() < 0) {
+    throw Error(path + " is damaged (not a JSON object with a non-negative integer \"step\")",
+                "resume from an earlier checkpoint (--resume skips damaged ones)");
+  }
+  return fields;
 }
 
 }  // namespace amaq::train

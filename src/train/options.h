@@ -1,12 +1,12 @@
 // What a run is configured with, per side, as plain structs. The app layer fills them from flags
-// and TOML; SCHEDULE messages carry `Schedule` and the server's view of it as JSON.
+// and TOML; SCHEDULE messages carry `Schedule` and the server's view of it as JSON. Also the
+// parsers of the JSON a peer or a run directory hands us (SCHEDULE bodies, run.json, a checkpoint's
+// state.json): no libtorch here, so the fuzzer (tests/fuzz) runs them too.
 #pragma once
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include "model/layers.h"
 
 namespace amaq::train {
 
@@ -20,7 +20,6 @@ struct SideOptions {
   std::vector<std::string> targets{"all-linear"};
   std::string init_adapter;  ///< start from this PEFT adapter (its LoRA for this side's layers)
 
-  LoRAOptions lora() const { return LoRAOptions(lora_r).alpha(lora_alpha).dropout(lora_dropout).rslora(rslora); }
   nlohmann::json to_json() const;
   static SideOptions from_json(const nlohmann::json& j);
 };
@@ -43,5 +42,25 @@ struct Schedule {
   /// Validates ranges; throws amaq::Error naming the field.
   static Schedule from_json(const nlohmann::json& j);
 };
+
+/// Run ids name directories: 8-64 lowercase hex characters.
+bool valid_run_id(const std::string& id);
+
+/// The client's SCHEDULE: which run, from which step, with what shapes and schedule.
+struct ScheduleRequest {
+  std::string run_id;
+  int64_t resume_step = -1;  ///< -1: a fresh run
+  int64_t batch = 0, seq_len = 0;
+  Schedule schedule;
+
+  nlohmann::json to_json() const;
+  /// Every field checked, batch x seq_len without overflow; throws amaq::Error naming the field.
+  static ScheduleRequest from_json(const nlohmann::json& j);
+};
+
+/// The run id in a run directory's run.json; throws amaq::Error naming `path` when it is damaged.
+std::string parse_run_file(const std::string& text, const std::string& path);
+/// A checkpoint's state.json: a JSON object with an integer "step"; throws amaq::Error naming `path`.
+nlohmann::json parse_state_file(const std::string& text, const std::string& path);
 
 }  // namespace amaq::train

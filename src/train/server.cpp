@@ -9,6 +9,7 @@
 #include "core/compute.h"
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/json.h"
 #include "model/part.h"
 #include "quant/link.h"
 #include "train/checkpoint.h"
@@ -30,6 +31,16 @@ double seconds_since(Clock::time_point t0) {
 
 wire::Status bad(std::string why) {
   return wire::Status::Fail(wire::ErrorCode::kBadMessage, std::move(why));
+}
+
+// A CONTROL body's "step": a JSON integer, or the refusal that names it.
+wire::Status read_step(const nlohmann::json& j, int64_t* step) {
+  try {
+    *step = json_int<int64_t>(j, "step");
+  } catch (const Error& e) {
+    return bad(std::string("CONTROL: ") + e.what());
+  }
+  return wire::Status::Ok();
 }
 
 }  // namespace
@@ -213,19 +224,14 @@ wire::Status TrainServer::Session::read_schedule() {
   if (s.ok()) s = detail::parse_control(f, wire::ControlKind::kSchedule, &j);
   if (!s.ok()) return fail(s);
   try {
-    run_id_ = j.at("run_id").get<std::string>();
-    resume_step_ = j.at("resume_step").get<int64_t>();
-    batch_ = j.at("batch").get<int64_t>();
-    seq_len_ = j.at("seq_len").get<int64_t>();
-    schedule_ = Schedule::from_json(j.at("schedule"));
-  } catch (const nlohmann::json::exception& e) {
-    return fail(bad(std::string("SCHEDULE: ") + e.what()));
+    const ScheduleRequest r = ScheduleRequest::from_json(j);
+    run_id_ = r.run_id;
+    resume_step_ = r.resume_step;
+    batch_ = r.batch;
+    seq_len_ = r.seq_len;
+    schedule_ = r.schedule;
   } catch (const Error& e) {
     return fail(bad(e.what()));
-  }
-  if (!detail::valid_run_id(run_id_)) return fail(bad("SCHEDULE: run_id must be 8-64 lowercase hex characters"));
-  if (batch_ < 1 || seq_len_ < 2 || batch_ > 65536 || seq_len_ > 65536 || batch_ * seq_len_ > 65536) {  // no overflow
-    return fail(bad("SCHEDULE: batch x seq_len must be in [2, 65536] tokens per micro-batch"));
   }
   return wire::Status::Ok();
 }
@@ -392,7 +398,8 @@ wire::Status TrainServer::Session::on_control(const wire::Frame& f) {
 
 // STEP: clip by the client's global coefficient and step; one line in the run's server log.
 wire::Status TrainServer::Session::on_step(const nlohmann::json& j) {
-  const int64_t step = j.at("step").get<int64_t>();
+  int64_t step = 0;
+  if (wire::Status s = read_step(j, &step); !s.ok()) return fail(s);
   const double lr = j.at("lr").get<double>(), coef = j.at("coef").get<double>();
   if (step != step_)
     return fail(bad("STEP " + std::to_string(step) + " but the server is at step " + std::to_string(step_)));
@@ -416,7 +423,8 @@ wire::Status TrainServer::Session::on_step(const nlohmann::json& j) {
 
 // CHECKPOINT: the same step as the client's; the final one sends this side's options and LoRA.
 wire::Status TrainServer::Session::on_checkpoint(const nlohmann::json& j) {
-  const int64_t step = j.at("step").get<int64_t>();
+  int64_t step = 0;
+  if (wire::Status s = read_step(j, &step); !s.ok()) return fail(s);
   const bool final = j.value("final", false);
   if (step != step_)
     return fail(

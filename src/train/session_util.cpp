@@ -69,8 +69,4 @@ at::ScalarType label_scalar(wire::LabelType t) {
   return at::kLong;
 }
 
-bool valid_run_id(const std::string& id) {
-  return id.size() >= 8 && id.size() <= 64 && id.find_first_not_of("0123456789abcdef") == std::string::npos;
-}
-
 }  // namespace amaq::train::detail

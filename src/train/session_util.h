@@ -22,7 +22,4 @@ wire::Status parse_control(const wire::Frame& f, wire::ControlKind kind, nlohman
 /// The tensor dtype of FORWARD labels of type `t`.
 at::ScalarType label_scalar(wire::LabelType t);
 
-/// Run ids name directories: 8-64 lowercase hex characters.
-bool valid_run_id(const std::string& id);
-
 }  // namespace amaq::train::detail

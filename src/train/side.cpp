@@ -28,7 +28,10 @@ Side Side::build(const ModelConfig& config, const CheckpointReader& ckpt, SideRo
   } else {
     std::lock_guard<std::mutex> lock(rng_mutex());
     at::manual_seed(seed);
-    if (apply_lora(s.part, options.lora(), options.targets) == 0) {
+    if (apply_lora(
+            s.part,
+            LoRAOptions(options.lora_r).alpha(options.lora_alpha).dropout(options.lora_dropout).rslora(options.rslora),
+            options.targets) == 0) {
       throw Error("LoRA targets match no linear layer of this side",
                   "check --lora-targets (e.g. all-linear, q_proj,v_proj)");
     }

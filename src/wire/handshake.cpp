@@ -1,6 +1,7 @@
 #include "wire/handshake.h"
 
 #include "core/hash.h"
+#include "core/json.h"
 
 namespace amaq::wire {
 namespace {
@@ -45,15 +46,17 @@ Status Hello::parse(const std::string& payload, Hello* out) {
   nlohmann::json j;
   if (!parse_json(payload, &j)) return bad("HELLO is not a JSON object");
   try {
-    out->protocol = j.at("protocol").get<int>();
+    out->protocol = json_int<int>(j, "protocol");
     out->model_fingerprint = j.at("model_fingerprint").get<std::string>();
-    out->split = j.at("split").get<int64_t>();
+    out->split = json_int<int64_t>(j, "split");
     out->fwd_codec = j.at("fwd_codec").get<std::string>();
     out->bwd_codec = j.at("bwd_codec").get<std::string>();
     out->client_nonce = j.at("client_nonce").get<std::string>();
-    out->resume_step = j.value("resume_step", int64_t{-1});
+    out->resume_step = j.contains("resume_step") ? json_int<int64_t>(j, "resume_step") : -1;
   } catch (const nlohmann::json::exception& e) {
     return bad(std::string("HELLO field missing or of the wrong type: ") + e.what());
+  } catch (const Error& e) {
+    return bad(std::string("HELLO: ") + e.what());
   }
   if (out->client_nonce.size() < 32) return bad("HELLO client_nonce is too short");
   return Status::Ok();

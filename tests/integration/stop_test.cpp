@@ -32,16 +32,47 @@ class IntegrationStop : public ::testing::Test {
     testing::write_bytes(tmp_.file("data.txt"), testing::english_text(8000));
   }
   std::vector<std::string> server_args(const std::string& grace) const {
-    return {AMAQ_BINARY,    "server",       "--model",       kModel, "--split", "2", "--listen", "127.0.0.1:0",
-            "--token-file", tmp_.file("token"), "--run-dir", tmp_.file("server-runs"), "--stop-grace", grace,
-            "--fwd-codec",  "fixed:bits=8", "--bwd-codec",   "fixed:bits=8"};
+    return {AMAQ_BINARY,    "server",
+            "--model",      kModel,
+            "--split",      "2",
+            "--listen",     "127.0.0.1:0",
+            "--token-file", tmp_.file("token"),
+            "--run-dir",    tmp_.file("server-runs"),
+            "--stop-grace", grace,
+            "--fwd-codec",  "fixed:bits=8",
+            "--bwd-codec",  "fixed:bits=8"};
   }
   std::vector<std::string> client_args(const std::string& port, const std::string& run_dir) const {
-    return {AMAQ_BINARY, "client",     "--model",          kModel,        "--split",      "2",
-            "--connect", "127.0.0.1:" + port, "--token-file", tmp_.file("token"), "--run-dir", run_dir,
-            "--data",    tmp_.file("data.txt"), "--tokenizer", "byte",      "--batch",      "4",
-            "--seq-len", "64",         "--steps",          "200",         "--checkpoint-every", "1000",
-            "--retries", "0",          "--fwd-codec",      "fixed:bits=8", "--bwd-codec", "fixed:bits=8"};
+    return {AMAQ_BINARY,
+            "client",
+            "--model",
+            kModel,
+            "--split",
+            "2",
+            "--connect",
+            "127.0.0.1:" + port,
+            "--token-file",
+            tmp_.file("token"),
+            "--run-dir",
+            run_dir,
+            "--data",
+            tmp_.file("data.txt"),
+            "--tokenizer",
+            "byte",
+            "--batch",
+            "4",
+            "--seq-len",
+            "64",
+            "--steps",
+            "200",
+            "--checkpoint-every",
+            "1000",
+            "--retries",
+            "0",
+            "--fwd-codec",
+            "fixed:bits=8",
+            "--bwd-codec",
+            "fixed:bits=8"};
   }
   // Waits up to `limit` for `p` to exit; -1 if it is still running.
   static int wait_within(Process& p, std::chrono::milliseconds limit) {
@@ -69,7 +100,8 @@ TEST_F(IntegrationStop, SigtermStopsAtAStepBoundaryWithBothCheckpointsAndTheRunR
     EXPECT_NE(slurp(tmp_.file("s1.err")).find("can be read by other users (mode 644); chmod 600"), std::string::npos);
     const std::string err = slurp(tmp_.file("c1.err"));
     std::smatch m;
-    ASSERT_TRUE(std::regex_search(err, m, std::regex("the server is stopping at step (\\d+); both sides saved step (\\d+)")))
+    ASSERT_TRUE(
+        std::regex_search(err, m, std::regex("the server is stopping at step (\\d+); both sides saved step (\\d+)")))
         << err;
     EXPECT_EQ(m[1], m[2]);
     EXPECT_NE(err.find("--resume"), std::string::npos) << err;
