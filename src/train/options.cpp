@@ -24,6 +24,11 @@ SideOptions SideOptions::from_json(const nlohmann::json& j) {
   } catch (const nlohmann::json::exception& e) {
     throw Error(std::string("side options: ") + e.what(), "both sides must run the same amaq version");
   }
+  if (s.lora_r < 1 || s.lora_r > 65536 || !std::isfinite(s.lora_alpha) || s.lora_alpha <= 0 ||
+      !(s.lora_dropout >= 0 && s.lora_dropout < 1)) {
+    throw Error("side options: lora_r, lora_alpha or lora_dropout out of range",
+                "a damaged side.json, or a peer of another amaq version");
+  }
   return s;
 }
 

@@ -1,14 +1,16 @@
 // libFuzzer target for everything that parses bytes from an untrusted peer or a run directory:
 // the frame decoder (fed in fuzzer-chosen chunk sizes), the server's handshake state machine
-// (HELLO, AUTH), the training message bodies, the SCHEDULE body, run.json and a checkpoint's
-// state.json. The first byte chooses: below 128, a frame stream cut in chunks of 1 + byte % 64;
-// from 128, one JSON document for the SCHEDULE / run.json / state.json parser.
+// (HELLO, AUTH), the training message bodies and CONTROL's JSON, the SCHEDULE body, the side
+// options a server reports, run.json and a checkpoint's state.json. The first byte chooses: below
+// 128, a frame stream cut in chunks of 1 + byte % 64; from 128, one JSON document for the
+// SCHEDULE / run.json / state.json / side options parser.
 // Built with clang -fsanitize=fuzzer,address,undefined by `make fuzz`; `make test` runs it 60 s.
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
 
 #include "core/error.h"
+#include "core/json.h"
 #include "train/options.h"
 #include "wire/channel.h"
 #include "wire/frame.h"
@@ -21,17 +23,19 @@ namespace {
 // exception escapes and is a finding).
 void parse_document(uint8_t which, const std::string& text) {
   try {
-    switch (which % 3) {
-      case 0: {
-        const auto j = nlohmann::json::parse(text, nullptr, false);
+    const auto j = nlohmann::json::parse(text, nullptr, false);
+    switch (which % 4) {
+      case 0:
         if (!j.is_discarded()) amaq::train::ScheduleRequest::from_json(j);
         break;
-      }
       case 1:
         amaq::train::parse_run_file(text, "run.json");
         break;
-      default:
+      case 2:
         amaq::train::parse_state_file(text, "state.json");
+        break;
+      default:
+        if (!j.is_discarded()) amaq::train::SideOptions::from_json(j);
         break;
     }
   } catch (const amaq::Error&) {
@@ -88,7 +92,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           amaq::wire::BackwardMsg::decode(f.payload, &bwd);
           break;
         case amaq::wire::MessageType::kControl:
-          amaq::wire::ControlMsg::decode(f.payload, &ctl);
+          if (amaq::wire::ControlMsg::decode(f.payload, &ctl).ok()) {
+            // The body as the server reads a STEP or CHECKPOINT: an integer "step" or a refusal.
+            const auto j = nlohmann::json::parse(ctl.json, nullptr, false);
+            try {
+              if (j.is_object() && j.contains("step")) (void)amaq::json_int<int64_t>(j, "step");
+            } catch (const amaq::Error&) {
+            }
+          }
           break;
         case amaq::wire::MessageType::kError:
           amaq::wire::parse_error_payload(f.payload);
