@@ -16,6 +16,7 @@
 #include "core/hash.h"
 #include "train/export.h"
 #include "train/session.h"
+#include "wire/link_emulator.h"
 #include "wire/tcp.h"
 
 namespace amaq::app {
@@ -160,6 +161,7 @@ struct ServerArgs {
   std::string listen = "127.0.0.1:7000", tls_cert, tls_key, tls_ca, token_file;
   bool insecure = false;
   int max_sessions = 16;
+  int max_unauthenticated = 64, max_unauthenticated_per_address = 8;
   int64_t max_runs = 0;
   double idle_timeout = 600;
   double stop_grace = 10;
@@ -178,7 +180,14 @@ void add_server_options(CLI::App& app, ServerArgs* a) {
   add_codec_options(app, &a->codecs);
   add_side_options(app, &a->cfg.side, "", "server");
   app.add_option("--keep-checkpoints", a->cfg.keep_checkpoints, "checkpoints kept per run")->check(CLI::Range(1, 1000));
-  app.add_option("--max-sessions", a->max_sessions, "sessions served at once");
+  app.add_option("--max-sessions", a->max_sessions, "authenticated sessions served at once")
+      ->check(CLI::Range(1, 4096));
+  app.add_option("--max-unauthenticated", a->max_unauthenticated,
+                 "connections still authenticating, in total (more are closed at once)")
+      ->check(CLI::Range(1, 65536));
+  app.add_option("--max-unauthenticated-per-address", a->max_unauthenticated_per_address,
+                 "connections still authenticating from one client address")
+      ->check(CLI::Range(1, 65536));
   app.add_option("--max-runs", a->max_runs,
                  "exit after this many runs ended with BYE (0 = serve until SIGINT/SIGTERM)");
   app.add_option("--idle-timeout", a->idle_timeout, "seconds of silence before a session is dropped");
@@ -236,6 +245,7 @@ int run_server(ServerArgs& a, const CLI::App& app) {
   train::TrainServer srv(a.cfg);
   wire::ServerOptions opt = srv.tcp_options(port);
   opt.host(host).insecure(a.insecure).max_sessions(a.max_sessions);
+  opt.max_unauthenticated(a.max_unauthenticated, a.max_unauthenticated_per_address);
   if (!a.tls_cert.empty()) opt.tls({a.tls_cert, a.tls_key, a.tls_ca}, !a.tls_ca.empty());
   std::atomic<int64_t> finished{0};
   wire::Server server(opt, [&](wire::Channel& ch, const wire::SessionContext& ctx) {
@@ -319,6 +329,36 @@ Run add_server(CLI::App& app) {
   return [a, &app, config] {
     config();
     return run_server(*a, app);
+  };
+}
+
+// A slow link in user space between a client and a server on this machine (wire/link_emulator.h).
+Run add_emulate_link(CLI::App& app) {
+  auto listen = std::make_shared<uint16_t>(0);
+  auto to = std::make_shared<std::string>();
+  auto link = std::make_shared<std::string>("100mbit/20ms");
+  app.add_option("--listen-port", *listen, "port on 127.0.0.1 the client connects to (0 = any free one)");
+  app.add_option("--to", *to, "the server, HOST:PORT")->required();
+  app.add_option("--link", *link, "rate and round-trip time, e.g. 100mbit/20ms, 1gbit/2ms, 10mbit/40ms")
+      ->capture_default_str();
+  return [=] {
+    const wire::LinkSpec spec = wire::LinkSpec::parse(*link);
+    auto [host, port] = host_port(*to, "--to");
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+    wire::LinkEmulator emulator(*listen, host, port, spec);
+    std::fprintf(stdout, "listening on 127.0.0.1:%u\n", emulator.port());
+    std::fflush(stdout);
+    spdlog::info("emulating a {} link (one-way delay {} us, queue {} bytes) to {}", spec.to_string(),
+                 spec.one_way_delay.count(), spec.queue_limit(), *to);
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    spdlog::info("signal {}: relayed {} bytes to the server and {} back", sig, emulator.bytes_forward(),
+                 emulator.bytes_backward());
+    return 0;
   };
 }
 

@@ -33,6 +33,8 @@ int main(int argc, char** argv) {
       {"make-task", "write a generated task (arithmetic word problems, addition, reversal) as JSONL",
        amaq::app::add_make_task},
       {"study", "run the AMAQ-against-fixed-precision study of a plan and write its report", amaq::app::add_study},
+      {"emulate-link", "relay TCP through an emulated slow link (rate, round-trip time) for measurements",
+       amaq::app::add_emulate_link},
   };
   std::vector<std::pair<CLI::App*, amaq::app::Run>> commands;
   for (const auto& [name, help, add] : table) {

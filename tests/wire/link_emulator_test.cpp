@@ -1,0 +1,107 @@
+// The link emulator against what it models: a round trip takes the round-trip time (plus the
+// serialisation of the bytes), and a bulk transfer runs at the link's rate, both within a few
+// percent; a byte stream arrives whole and in order in both directions.
+#include "wire/link_emulator.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <boost/asio.hpp>
+#include <thread>
+
+#include "testing.h"
+
+namespace amaq::wire {
+namespace {
+
+namespace asio = boost::asio;
+using tcp = asio::ip::tcp;
+using Clock = std::chrono::steady_clock;
+
+// Accepts one connection and echoes every byte back until EOF.
+class EchoServer {
+ public:
+  EchoServer() : acceptor_(io_, {asio::ip::make_address("127.0.0.1"), 0}) {
+    thread_ = std::thread([this] {
+      tcp::socket s(io_);
+      acceptor_.accept(s);
+      std::vector<char> buf(64 << 10);
+      boost::system::error_code ec;
+      while (true) {
+        const size_t n = s.read_some(asio::buffer(buf), ec);
+        if (ec) break;
+        asio::write(s, asio::buffer(buf.data(), n), ec);
+        if (ec) break;
+      }
+    });
+  }
+  ~EchoServer() { thread_.join(); }
+  uint16_t port() const { return acceptor_.local_endpoint().port(); }
+
+ private:
+  asio::io_context io_;
+  tcp::acceptor acceptor_;
+  std::thread thread_;
+};
+
+tcp::socket connect_to(asio::io_context& io, uint16_t port) {
+  tcp::socket s(io);
+  s.connect({asio::ip::make_address("127.0.0.1"), port});
+  s.set_option(tcp::no_delay(true));
+  return s;
+}
+
+TEST(LinkSpec, ParsesRateAndRoundTripAndNamesWhatIsWrong) {
+  const LinkSpec s = LinkSpec::parse("100mbit/20ms");
+  EXPECT_DOUBLE_EQ(s.rate_bits_per_second, 100e6);
+  EXPECT_EQ(s.one_way_delay, std::chrono::milliseconds(10));
+  EXPECT_EQ(s.to_string(), "100mbit/20ms");
+  EXPECT_DOUBLE_EQ(LinkSpec::parse("1Gbit/2ms").rate_bits_per_second, 1e9);
+  EXPECT_EQ(LinkSpec::parse("10mbit/40ms").queue_limit(), uint64_t{1} << 20);  // 2 x BDP = 100 KB < 1 MiB
+  EXPECT_EQ(LinkSpec::parse("1gbit/80ms").queue_limit(), 10'000'000u);         // 2 x BDP
+  EXPECT_AMAQ_ERROR(LinkSpec::parse("100mb/20ms"), "RATE/RTT", "100mbit/20ms");
+  EXPECT_AMAQ_ERROR(LinkSpec::parse("0mbit/20ms"), "out of range");
+}
+
+TEST(LinkEmulator, RoundTripAndRateAreTheLinksAndBytesArriveInOrder) {
+  EchoServer echo;
+  const LinkSpec spec = LinkSpec::parse("100mbit/20ms");
+  LinkEmulator link(0, "127.0.0.1", echo.port(), spec);
+  asio::io_context io;
+  tcp::socket s = connect_to(io, link.port());
+
+  // Small messages: each round trip is the RTT (serialising 64 bytes twice adds 10 us).
+  std::vector<double> rtts;
+  char byte[64] = {};
+  for (int i = 0; i < 5; ++i) {
+    const auto t0 = Clock::now();
+    asio::write(s, asio::buffer(byte));
+    asio::read(s, asio::buffer(byte));
+    rtts.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  }
+  std::sort(rtts.begin(), rtts.end());
+  EXPECT_GT(rtts[2], 20.0 * 0.98) << rtts[2];
+  EXPECT_LT(rtts[2], 20.0 * 1.05) << rtts[2];
+
+  // 4 MB there and back: the echo's return leg overlaps the way out, so the whole takes one
+  // serialisation of 4 MB at 100 Mbit/s (0.32 s) plus the round trip.
+  const size_t n = 4'000'000;
+  std::string out(n, '\0');
+  for (size_t i = 0; i < n; ++i) out[i] = static_cast<char>(i * 31 + i / 977);
+  std::string back(n, '\0');
+  const auto t0 = Clock::now();
+  std::thread writer([&] { asio::write(s, asio::buffer(out)); });
+  asio::read(s, asio::buffer(back.data(), back.size()));
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  writer.join();
+  EXPECT_TRUE(back == out) << "bytes lost, changed or reordered";
+  const double expected = n * 8 / spec.rate_bits_per_second + 0.020;
+  EXPECT_GT(seconds, expected * 0.97) << seconds;
+  EXPECT_LT(seconds, expected * 1.05) << seconds;
+  EXPECT_EQ(link.bytes_forward(), n + 5 * sizeof byte);
+  EXPECT_EQ(link.bytes_backward(), n + 5 * sizeof byte);
+  s.shutdown(tcp::socket::shutdown_send);
+}
+
+}  // namespace
+}  // namespace amaq::wire

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Split training over an emulated slow link (amaq emulate-link, a user-space relay: rate,
+# round-trip time, bounded queue), as a user would run it: `amaq server`, the relay, `amaq client`.
+# The 11.9M-parameter Llama of the issue (hidden 512, 4 layers, 8/4 heads, MLP 1376, byte
+# vocabulary), split 2, batch 8 x 128, 2 threads. One JSON line per (link, codec, in-flight) run:
+# median seconds per step over steps 3.., bytes per step each way, and the network's share.
+#
+# Usage: tools/wan/measure.sh [BUILD_DIR] [STEPS] [LINKS] [CODECS] [IN_FLIGHT]
+#   LINKS  e.g. "100mbit/20ms 1gbit/2ms 10mbit/40ms"; CODECS e.g. "none:bf16 fixed:bits=4 amaq:budget=4"
+set -euo pipefail
+BUILD=${1:-build}
+STEPS=${2:-12}
+LINKS=${3:-"100mbit/20ms"}
+CODECS=${4:-"none:bf16 fixed:bits=4 amaq:budget=4 aqsgd:bits=4"}
+IN_FLIGHT=${5:-"1 2"}
+MICRO=${MICRO:-4}
+BATCH=${BATCH:-2}  # sequences per micro-batch: 4 x 2 = the issue's 8 x 128 per step
+AMAQ=$(realpath "$BUILD/amaq")
+PY=/usr/bin/python3
+WORK=$(realpath "$BUILD")/wan
+rm -rf "$WORK" && mkdir -p "$WORK"
+cd "$WORK"
+"$AMAQ" init-model --out model --hidden 512 --layers 4 --heads 8 --kv-heads 4 --intermediate 1376 >/dev/null
+$PY - <<'PY'
+import random
+random.seed(1)
+words = ("the of and to in is was that for it with as his on be at by had are but from or have an they which one "
+         "you were her all she there would their we him been has when who will more no if out so said what up its").split()
+with open("train.txt", "w") as f:
+    for _ in range(4000):
+        f.write(" ".join(random.choice(words) for _ in range(40)) + "\n")
+PY
+
+wait_port() {  # FILE -> the port printed as "listening on 127.0.0.1:PORT"
+  for _ in $(seq 200); do grep -q listening "$1" 2>/dev/null && break; sleep 0.05; done
+  sed -n 's/.*127.0.0.1:\([0-9]*\).*/\1/p' "$1"
+}
+
+for link in $LINKS; do
+  for codec in $CODECS; do
+    bwd=$codec
+    case $codec in amaq:*) bwd="amaq:budget=6,bmin=4" ;; aqsgd:*) bwd="fixed:bits=8" ;; esac
+    for k in $IN_FLIGHT; do
+      run="run-${link//\//_}-${codec//[:=,]/_}-k$k"
+      rm -rf "$run" srv && mkdir srv
+      "$AMAQ" --threads 2 server --model model --split 2 --listen 127.0.0.1:0 --run-dir srv --max-runs 1 \
+        --fwd-codec "$codec" --bwd-codec "$bwd" >srv/out 2>srv/log &
+      spid=$!
+      sport=$(wait_port srv/out)
+      "$AMAQ" emulate-link --to "127.0.0.1:$sport" --link "$link" >link.out 2>link.log &
+      lpid=$!
+      lport=$(wait_port link.out)
+      "$AMAQ" --threads 2 client --model model --split 2 --data train.txt --tokenizer byte --steps "$STEPS" \
+        --batch "$BATCH" --seq-len 128 --micro-batches "$MICRO" --lr 1e-3 --lora-r 8 --clip 1 --quiet --retries 0 \
+        --fwd-codec "$codec" --bwd-codec "$bwd" --in-flight "$k" --run-dir "$run" --connect "127.0.0.1:$lport"
+      wait $spid
+      kill $lpid && wait $lpid || true
+      $PY - "$run" "$link" "$codec" "$k" "$MICRO" <<'PY'
+import json, statistics, sys
+run, link, codec, k, micro = sys.argv[1:]
+rows = [json.loads(l) for l in open(run + "/metrics.jsonl") if '"fwd_bits"' in l][2:]
+med = statistics.median
+step = med(r["tokens"] / r["tokens_per_second"] for r in rows)
+print(json.dumps({"link": link, "codec": codec, "in_flight": int(k), "micro_batches": int(micro),
+                  "step_s": round(step, 4),
+                  "network_share": round(med(r["network_seconds"] for r in rows) / step, 3),
+                  "client_s": round(med(r["client_seconds"] for r in rows), 4),
+                  "server_s": round(med(r["server_seconds"] for r in rows), 4),
+                  "fwd_bytes": int(med(r["fwd_wire_bytes"] for r in rows)),
+                  "bwd_bytes": int(med(r["bwd_wire_bytes"] for r in rows)),
+                  "loss_last": round(rows[-1]["loss"], 4)}))
+PY
+    done
+  done
+done
