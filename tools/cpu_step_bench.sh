@@ -24,16 +24,7 @@ WORK=$(realpath "$BUILD")/cpu-step-bench
 rm -rf "$WORK" && mkdir -p "$WORK"
 cd "$WORK"
 "$AMAQ" init-model --out model --hidden 512 --layers 4 --heads 8 --kv-heads 4 --intermediate 1376 >/dev/null
-# 4000 lines of 40 words: every 128-byte window is full, no padding.
-$PY - <<'EOF'
-import random
-random.seed(1)
-words = ("the of and to in is was that for it with as his on be at by had are but from or have an they which one "
-         "you were her all she there would their we him been has when who will more no if out so said what up its").split()
-with open("train.txt", "w") as f:
-    for _ in range(4000):
-        f.write(" ".join(random.choice(words) for _ in range(40)) + "\n")
-EOF
+$PY "$ROOT/tools/ref/word_corpus.py" train.txt
 COMMON=(--model model --split 2 --data train.txt --tokenizer byte --steps $STEPS --batch 8 --seq-len 128 --lr 1e-3
         --lora-r 8 --clip 1 --quiet)
 

@@ -40,9 +40,15 @@ class Channel {
   virtual void close() = 0;
   const Accounting& accounting() const { return accounting_; }
   /// The first failure of this channel (a send, a receive, or the reason given to refuse()).
-  const Status& first_error() const { return first_error_; }
+  Status first_error() const {
+    std::lock_guard<std::mutex> lock(error_mu_);
+    return first_error_;
+  }
+  /// Keeps `s` if it is the first failure (from any thread: a heartbeat may send while another receives).
   void record_error(const Status& s) {
-    if (first_error_.ok() && !s.ok()) first_error_ = s;
+    if (s.ok()) return;
+    std::lock_guard<std::mutex> lock(error_mu_);
+    if (first_error_.ok()) first_error_ = s;
   }
 
  protected:
@@ -52,6 +58,7 @@ class Channel {
 
  private:
   std::mutex send_mu_;
+  mutable std::mutex error_mu_;
   Status first_error_;
 };
 

@@ -491,7 +491,7 @@ struct Server::Impl {
 
   // One line per session that ended on a failure (refused, timed out, dropped); the others continue.
   void log_end(const Channel& ch, const SessionContext& sc) {
-    const Status& e = ch.first_error();
+    const Status e = ch.first_error();
     if (e.ok() || e.code == ErrorCode::kClosed) {
       if (!e.ok()) spdlog::info("session {} from {}: peer closed the connection", sc.id, sc.peer);
       return;

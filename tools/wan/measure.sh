@@ -16,20 +16,13 @@ IN_FLIGHT=${5:-"1 2"}
 MICRO=${MICRO:-4}
 BATCH=${BATCH:-2}  # sequences per micro-batch: 4 x 2 = the issue's 8 x 128 per step
 AMAQ=$(realpath "$BUILD/amaq")
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=/usr/bin/python3
 WORK=$(realpath "$BUILD")/wan
 rm -rf "$WORK" && mkdir -p "$WORK"
 cd "$WORK"
 "$AMAQ" init-model --out model --hidden 512 --layers 4 --heads 8 --kv-heads 4 --intermediate 1376 >/dev/null
-$PY - <<'PY'
-import random
-random.seed(1)
-words = ("the of and to in is was that for it with as his on be at by had are but from or have an they which one "
-         "you were her all she there would their we him been has when who will more no if out so said what up its").split()
-with open("train.txt", "w") as f:
-    for _ in range(4000):
-        f.write(" ".join(random.choice(words) for _ in range(40)) + "\n")
-PY
+$PY "$ROOT/tools/ref/word_corpus.py" train.txt
 
 wait_port() {  # FILE -> the port printed as "listening on 127.0.0.1:PORT"
   for _ in $(seq 200); do grep -q listening "$1" 2>/dev/null && break; sleep 0.05; done
