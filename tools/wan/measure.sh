@@ -7,6 +7,9 @@
 #
 # Usage: tools/wan/measure.sh [BUILD_DIR] [STEPS] [LINKS] [CODECS] [IN_FLIGHT]
 #   LINKS  e.g. "100mbit/20ms 1gbit/2ms 10mbit/40ms"; CODECS e.g. "none:bf16 fixed:bits=4 amaq:budget=4"
+# PIN=1 (default) gives the server core 1 and the client core 0, one thread each: two machines, as
+# far as one 2-core machine can be. PIN=0 lets both use both cores with 2 threads each (then their
+# compute contends whenever it overlaps, which micro-batches in flight make it do).
 set -euo pipefail
 BUILD=${1:-build}
 STEPS=${2:-12}
@@ -14,6 +17,7 @@ LINKS=${3:-"100mbit/20ms"}
 CODECS=${4:-"none:bf16 fixed:bits=4 amaq:budget=4 aqsgd:bits=4"}
 IN_FLIGHT=${5:-"1 2"}
 MICRO=${MICRO:-4}
+PIN=${PIN:-1}
 BATCH=${BATCH:-2}  # sequences per micro-batch: 4 x 2 = the issue's 8 x 128 per step
 AMAQ=$(realpath "$BUILD/amaq")
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -23,6 +27,12 @@ rm -rf "$WORK" && mkdir -p "$WORK"
 cd "$WORK"
 "$AMAQ" init-model --out model --hidden 512 --layers 4 --heads 8 --kv-heads 4 --intermediate 1376 >/dev/null
 $PY "$ROOT/tools/ref/word_corpus.py" train.txt
+
+if [ "$PIN" = 1 ]; then
+  SERVER=(taskset -c 1 "$AMAQ" --threads 1) CLIENT=(taskset -c 0 "$AMAQ" --threads 1)
+else
+  SERVER=("$AMAQ" --threads 2) CLIENT=("$AMAQ" --threads 2)
+fi
 
 wait_port() {  # FILE -> the port printed as "listening on 127.0.0.1:PORT"
   for _ in $(seq 200); do grep -q listening "$1" 2>/dev/null && break; sleep 0.05; done
@@ -36,25 +46,26 @@ for link in $LINKS; do
     for k in $IN_FLIGHT; do
       run="run-${link//\//_}-${codec//[:=,]/_}-k$k"
       rm -rf "$run" srv && mkdir srv
-      "$AMAQ" --threads 2 server --model model --split 2 --listen 127.0.0.1:0 --run-dir srv --max-runs 1 \
+      "${SERVER[@]}" server --model model --split 2 --listen 127.0.0.1:0 --run-dir srv --max-runs 1 \
         --fwd-codec "$codec" --bwd-codec "$bwd" >srv/out 2>srv/log &
       spid=$!
       sport=$(wait_port srv/out)
       "$AMAQ" emulate-link --to "127.0.0.1:$sport" --link "$link" >link.out 2>link.log &
       lpid=$!
       lport=$(wait_port link.out)
-      "$AMAQ" --threads 2 client --model model --split 2 --data train.txt --tokenizer byte --steps "$STEPS" \
+      "${CLIENT[@]}" client --model model --split 2 --data train.txt --tokenizer byte --steps "$STEPS" \
         --batch "$BATCH" --seq-len 128 --micro-batches "$MICRO" --lr 1e-3 --lora-r 8 --clip 1 --quiet --retries 0 \
         --fwd-codec "$codec" --bwd-codec "$bwd" --in-flight "$k" --run-dir "$run" --connect "127.0.0.1:$lport"
       wait $spid
       kill $lpid && wait $lpid || true
-      $PY - "$run" "$link" "$codec" "$k" "$MICRO" <<'PY'
+      $PY - "$run" "$link" "$codec" "$k" "$MICRO" "$PIN" <<'PY'
 import json, statistics, sys
-run, link, codec, k, micro = sys.argv[1:]
+run, link, codec, k, micro, pin = sys.argv[1:]
 rows = [json.loads(l) for l in open(run + "/metrics.jsonl") if '"fwd_bits"' in l][2:]
 med = statistics.median
 step = med(r["tokens"] / r["tokens_per_second"] for r in rows)
-print(json.dumps({"link": link, "codec": codec, "in_flight": int(k), "micro_batches": int(micro),
+print(json.dumps({"link": link, "codec": codec, "in_flight": int(k), "micro_batches": int(micro), "pinned": pin == "1",
+                  "fwd_bits": round(med(r["fwd_bits"]["mean"] for r in rows), 2),
                   "step_s": round(step, 4),
                   "network_share": round(med(r["network_seconds"] for r in rows) / step, 3),
                   "client_s": round(med(r["client_seconds"] for r in rows), 4),
