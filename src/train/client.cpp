@@ -360,10 +360,12 @@ wire::Status ClientTrainer::Run::train_step(wire::Channel& ch, StepRecord* rec) 
     wire::Status s = detail::send_control(ch, wire::ControlKind::kBitSync, {{"step", step}, {"budget", *budget}});
     if (!s.ok()) return s;
   }
+  const auto t_begin = Clock::now();
   compute::run([&] {
     side_.zero_grad();
     link_->begin_step();
   });
+  rec->client_seconds += seconds_since(t_begin);
   // Micro-batches in flight: before waiting for micro-batch i's gradient, the activations of up to
   // `in_flight` - 1 more are computed and sent, so they travel and the server computes while this
   // side computes the next or its backward. Gradients enter the graph in order: the accumulation
@@ -403,14 +405,17 @@ wire::Status ClientTrainer::Run::train_step(wire::Channel& ch, StepRecord* rec) 
 // Micro-batch m, first half: forward through the client's layers, the activations on their way.
 wire::Status ClientTrainer::Run::send_micro_batch(wire::Channel& ch, int64_t m, StepRecord* rec, InFlight* out) {
   const int64_t step = step_;
+  const auto t0 = Clock::now();
   std::vector<int64_t> idx;
   for (int64_t i = 0; i < c_.batch; ++i) idx.push_back(sampler_->at(position_ + m * c_.batch + i));
   const Batch b = make_batch(train_, idx, pad_id_, link_->needs_fixed_length() ? c_.seq_len : 0);
-  const auto t0 = Clock::now();
   quant::SentActivations sent;
   std::optional<BatchBytes> bytes;
   compute::run([&] {
-    sent = link_->send_activations(side_.part->forward(b.ids, b.mask), step, m, b.sample_ids);
+    const at::Tensor h = side_.part->forward(b.ids, b.mask);
+    const auto c0 = Clock::now();
+    sent = link_->send_activations(h, step, m, b.sample_ids);
+    rec->client_codec_seconds += seconds_since(c0);
     rec->tokens += b.mask.sum().item<int64_t>();
     bytes.emplace(b, label_type_);
   });
@@ -421,11 +426,16 @@ wire::Status ClientTrainer::Run::send_micro_batch(wire::Channel& ch, int64_t m, 
   rec->elements += static_cast<uint64_t>(sent.value.numel());
   rec->rows += static_cast<uint64_t>(b.ids.size(0));
   rec->cells += static_cast<uint64_t>(b.ids.numel());
+  const auto e0 = Clock::now();
   wire::ForwardMsg fm = bytes->message(step, m, sent.packet);
   if (link_->needs_sample_ids()) fm.sample_ids = b.sample_ids;
   std::string payload = fm.encode();
+  rec->client_codec_seconds += seconds_since(e0);
   rec->client_seconds += seconds_since(t0);
-  return ch.send({wire::MessageType::kForward, 0, std::move(payload)});
+  const auto s0 = Clock::now();
+  wire::Status s = ch.send({wire::MessageType::kForward, 0, std::move(payload)});
+  rec->send_seconds += seconds_since(s0);
+  return s;
 }
 
 // Micro-batch m, second half: the server's gradient back into the client's graph.
@@ -444,8 +454,10 @@ wire::Status ClientTrainer::Run::finish_micro_batch(wire::Channel& ch, InFlight&
   rec->bwd_packet_bytes += bm.packet.size();
   compute::run([&] {
     at::Tensor dh;  // (B, T, C)
+    const auto c0 = Clock::now();
     try {
       dh = link_->receive_gradients(bm.packet, &rec->bwd_bits);
+      rec->client_codec_seconds += seconds_since(c0);
     } catch (const Error& err) {
       s = wire::Status::Fail(wire::ErrorCode::kBadMessage, err.what());
       return;
@@ -464,6 +476,7 @@ wire::Status ClientTrainer::Run::finish_micro_batch(wire::Channel& ch, InFlight&
   rec->client_seconds += seconds_since(t0);
   rec->task_loss += bm.loss / static_cast<double>(M);
   rec->server_seconds += bm.server_seconds;
+  rec->server_codec_seconds += bm.server_codec_seconds;
   *server_sq_norm = bm.grad_sq_norm;
   return wire::Status::Ok();
 }
@@ -477,8 +490,11 @@ void ClientTrainer::Run::log_step(StepRecord* rec, const wire::Channel& ch, cons
   rec->bwd_wire_bytes = now.bytes_received() - before.bytes_received();
   rec->forward_frame_bytes = now.sent[fwd].bytes - before.sent[fwd].bytes;
   rec->backward_frame_bytes = now.received[bwd].bytes - before.received[bwd].bytes;
-  rec->network_seconds = std::max(0.0, now.seconds_blocked - before.seconds_blocked - rec->server_seconds);
-  rec->tokens_per_second = static_cast<double>(rec->tokens) / std::max(1e-9, seconds_since(t_step));
+  // Waiting for the server beyond its own time, plus handing frames to the socket.
+  rec->network_seconds =
+      std::max(0.0, now.seconds_blocked - before.seconds_blocked - rec->server_seconds) + rec->send_seconds;
+  rec->step_seconds = seconds_since(t_step);
+  rec->tokens_per_second = static_cast<double>(rec->tokens) / std::max(1e-9, rec->step_seconds);
   metrics_->write(rec->to_json());
   if (!c_.quiet) progress->update(*rec, now.bytes_sent() + now.bytes_received());
 }

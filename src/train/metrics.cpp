@@ -44,6 +44,9 @@ nlohmann::json StepRecord::to_json() const {
           {"client_seconds", client_seconds},
           {"server_seconds", server_seconds},
           {"network_seconds", network_seconds},
+          {"step_seconds", step_seconds},
+          {"client_codec_seconds", client_codec_seconds},
+          {"server_codec_seconds", server_codec_seconds},
           {"tokens", tokens},
           {"tokens_per_second", tokens_per_second}};
 }
@@ -150,6 +153,10 @@ std::vector<StepRecord> read_metrics(const std::string& path) {
     r.client_seconds = j["client_seconds"];
     r.server_seconds = j["server_seconds"];
     r.network_seconds = j["network_seconds"];
+    // Logs older than the timing split have none of these three.
+    r.step_seconds = j.value("step_seconds", 0.0);
+    r.client_codec_seconds = j.value("client_codec_seconds", 0.0);
+    r.server_codec_seconds = j.value("server_codec_seconds", 0.0);
     r.tokens = j["tokens"];
     r.tokens_per_second = j["tokens_per_second"];
     by_step[r.step] = r;
@@ -163,6 +170,7 @@ std::string summarize(const std::vector<StepRecord>& steps, const nlohmann::json
   if (steps.empty()) return "no steps recorded\n";
   uint64_t fwd = 0, bwd = 0, fwd_packet = 0, bwd_packet = 0, elements = 0;
   double fwd_bits = 0, bwd_bits = 0, fwd_tail = 0, bwd_tail = 0, client_s = 0, server_s = 0, net_s = 0;
+  double client_codec_s = 0, server_codec_s = 0;
   const size_t tail_from = steps.size() - std::max<size_t>(1, steps.size() / 10);
   for (size_t i = 0; i < steps.size(); ++i) {
     const StepRecord& r = steps[i];
@@ -180,6 +188,8 @@ std::string summarize(const std::vector<StepRecord>& steps, const nlohmann::json
     client_s += r.client_seconds;
     server_s += r.server_seconds;
     net_s += r.network_seconds;
+    client_codec_s += r.client_codec_seconds;
+    server_codec_s += r.server_codec_seconds;
   }
   const auto n = static_cast<double>(steps.size());
   const uint64_t bf16 = elements * 2;  // what a bf16 transport would have sent each way (packets only)
@@ -200,8 +210,9 @@ std::string summarize(const std::vector<StepRecord>& steps, const nlohmann::json
   rows.push_back({"mean bits (run)", fmt::format("{:.3f}", fwd_bits / n), fmt::format("{:.3f}", bwd_bits / n)});
   rows.push_back({"mean bits (last 10%)", fmt::format("{:.3f}", fwd_tail), fmt::format("{:.3f}", bwd_tail)});
   std::string out = fmt::format(
-      "\nsummary: {} steps, loss {:.4f} -> {:.4f}; compute client {:.1f} s, server {:.1f} s, network {:.1f} s\n",
-      steps.size(), steps.front().loss, steps.back().loss, client_s, server_s, net_s);
+      "\nsummary: {} steps, loss {:.4f} -> {:.4f}; client {:.1f} s (codec {:.1f} s), server {:.1f} s (codec {:.1f} s), "
+      "network {:.1f} s\n",
+      steps.size(), steps.front().loss, steps.back().loss, client_s, client_codec_s, server_s, server_codec_s, net_s);
   out += format_table(rows);
   if (!eval.is_null() && !eval.empty()) {
     out += fmt::format(

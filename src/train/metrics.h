@@ -28,7 +28,11 @@ struct StepRecord {
   uint64_t forward_frame_bytes = 0, backward_frame_bytes = 0;  ///< the FORWARD / BACKWARD frames alone
   uint64_t elements = 0;                                       ///< activation elements sent (= gradient elements back)
   uint64_t rows = 0, cells = 0;                                ///< sequences and (padded) token positions sent
-  double client_seconds = 0, server_seconds = 0, network_seconds = 0;
+  /// Where the step's time went: client_seconds + server_seconds + network_seconds = step_seconds
+  /// for a serial step (--in-flight 1); each side's codec time is part of its seconds.
+  double client_seconds = 0, server_seconds = 0, network_seconds = 0, step_seconds = 0;
+  double client_codec_seconds = 0, server_codec_seconds = 0;
+  double send_seconds = 0;  ///< handing frames to the socket: counted as network
   int64_t tokens = 0;
   double tokens_per_second = 0;
 

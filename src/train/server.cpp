@@ -319,8 +319,11 @@ wire::Status TrainServer::Session::on_forward(const wire::Frame& f) {
   wire::BackwardMsg bm;
   std::string packet;
   double loss_v = 0;
+  double codec_seconds = 0;
   wire::Status s = compute::run([&] {
+    const auto d0 = Clock::now();
     wire::Status ds = decode_inputs(f, true, &in);
+    codec_seconds += seconds_since(d0);
     if (!ds.ok()) return ds;
     const wire::ForwardMsg& fm = in.msg;
     at::Tensor h = in.h.to(side_.part->dtype()).requires_grad_(true);
@@ -331,7 +334,9 @@ wire::Status TrainServer::Session::on_forward(const wire::Frame& f) {
                  " is not finite: training diverged (lower --lr or enable --clip)");
     }
     (loss / static_cast<double>(schedule_.micro_batches)).backward();
+    const auto e0 = Clock::now();
     packet = link_->send_gradients(h.grad(), static_cast<int64_t>(fm.step), fm.micro_batch);
+    codec_seconds += seconds_since(e0);
     const bool last = fm.micro_batch + 1 == static_cast<uint64_t>(schedule_.micro_batches);
     bm.grad_sq_norm = last ? side_.grad_sq_norm() : 0.0;
     return wire::Status::Ok();
@@ -342,6 +347,7 @@ wire::Status TrainServer::Session::on_forward(const wire::Frame& f) {
   bm.micro_batch = fm.micro_batch;
   bm.loss = static_cast<float>(loss_v);
   bm.server_seconds = static_cast<float>(seconds_since(t0));
+  bm.server_codec_seconds = static_cast<float>(codec_seconds);
   bm.packet = packet;
   loss_sum_ += loss_v;
   seconds_ += bm.server_seconds;

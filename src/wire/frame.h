@@ -15,7 +15,7 @@
 namespace amaq::wire {
 
 constexpr uint32_t kFrameMagic = 0x46514D41;  // "AMQF"
-constexpr uint16_t kProtocolVersion = 2;      // 2: FORWARD labels in the narrowest integer type
+constexpr uint16_t kProtocolVersion = 3;      // 2: FORWARD labels in the narrowest integer type; 3: BACKWARD codec time
 
 /// Message types. Values only ever grow; a reader refuses those it does not know.
 enum class MessageType : uint8_t {

@@ -168,6 +168,7 @@ std::string BackwardMsg::encode() const {
   w.put(loss);
   w.put(grad_sq_norm);
   w.put(server_seconds);
+  w.put(server_codec_seconds);
   w.put<uint64_t>(packet.size());
   w.bytes(packet.data(), packet.size());
   return w.take();
@@ -181,6 +182,7 @@ Status BackwardMsg::decode(const std::string& payload, BackwardMsg* m) {
   m->loss = r.get<float>("loss");
   m->grad_sq_norm = r.get<double>("grad_sq_norm");
   m->server_seconds = r.get<float>("server_seconds");
+  m->server_codec_seconds = r.get<float>("server_codec_seconds");
   m->packet = r.blob("packet");
   return r.status();
 }

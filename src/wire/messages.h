@@ -48,10 +48,11 @@ struct ForwardMsg {
 struct BackwardMsg {
   uint64_t step = 0;
   uint32_t micro_batch = 0;
-  float loss = 0;            ///< the server's task loss for this micro-batch (for the client's log)
-  double grad_sq_norm = 0;   ///< squared L2 norm of the server's accumulated gradients (global clipping)
-  float server_seconds = 0;  ///< the server's compute time for this micro-batch
-  std::string_view packet;   ///< compressed gradients
+  float loss = 0;                  ///< the server's task loss for this micro-batch (for the client's log)
+  double grad_sq_norm = 0;         ///< squared L2 norm of the server's accumulated gradients (global clipping)
+  float server_seconds = 0;        ///< the server's time for this micro-batch, its codec's included
+  float server_codec_seconds = 0;  ///< of which decoding the activations and encoding the gradients
+  std::string_view packet;         ///< compressed gradients
 
   std::string encode() const;
   /// The packet points into `payload`.

@@ -25,6 +25,7 @@
 #include "train/session.h"
 #include "train/side.h"
 #include "wire/handshake.h"
+#include "wire/link_emulator.h"
 #include "wire/messages.h"
 #include "wire/tcp.h"
 
@@ -342,6 +343,43 @@ TEST(SplitRun, MismatchedCodecOrSplitIsRefusedByName) {
   sc.split = 3;
   TrainServer srv3(sc);
   EXPECT_AMAQ_ERROR(run_in_process(srv3, c), "split");
+}
+
+// A serial step's time is the client's, the server's and the network's, each measured on its own
+// (the server's comes back in BACKWARD): on loopback and through a 100 Mbit/s, 20 ms link, where
+// the network is most of it. Codec time is part of each side's and is reported apart.
+TEST(SplitRun, StepTimeIsTheSumOfClientServerAndNetworkOnLoopbackAndOverASlowLink) {
+  testing::TempDir tmp;
+  ClientConfig c = base_config(tmp, "loopback");
+  c.schedule.steps = 4;
+  c.schedule.micro_batches = 2;
+  c.schedule.warmup = 0;
+  c.in_flight = 1;
+  c.fwd_codec = quant::CodecSpec::parse("amaq:budget=4");
+  c.bwd_codec = quant::CodecSpec::parse("fixed:bits=8");
+  TrainServer srv(server_for(c, c.side));
+  wire::Server server(srv.tcp_options(0),
+                      [&](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx); });
+  wire::LinkEmulator link(0, "127.0.0.1", server.port(), wire::LinkSpec::parse("100mbit/20ms"));
+  for (const uint16_t port : {server.port(), link.port()}) {
+    RunResult r = ClientTrainer(c).run([&](std::unique_ptr<wire::Channel>* out) {
+      return wire::connect(wire::ClientOptions("127.0.0.1", port), out);
+    });
+    ASSERT_EQ(r.steps.size(), 4u);
+    for (const StepRecord& s : r.steps) {
+      const double parts = s.client_seconds + s.server_seconds + s.network_seconds;
+      EXPECT_NEAR(parts, s.step_seconds, 0.03 * s.step_seconds + 1e-3)
+          << "port " << port << " step " << s.step << ": client " << s.client_seconds << " server " << s.server_seconds
+          << " network " << s.network_seconds;
+      EXPECT_GT(s.client_codec_seconds, 0.0);
+      EXPECT_LT(s.client_codec_seconds, s.client_seconds);
+      EXPECT_GT(s.server_codec_seconds, 0.0);
+      EXPECT_LT(s.server_codec_seconds, s.server_seconds);
+      // Two micro-batches, each a round trip of at least 20 ms over the slow link.
+      if (port == link.port()) EXPECT_GT(s.network_seconds, 0.040);
+    }
+    c.run_dir = tmp.file("slow-link");
+  }
 }
 
 TEST(SplitRun, AServerSideThatFailsToBuildIsNamedNotBlamedOnTheLink) {
