@@ -376,7 +376,9 @@ TEST(SplitRun, StepTimeIsTheSumOfClientServerAndNetworkOnLoopbackAndOverASlowLin
       EXPECT_GT(s.server_codec_seconds, 0.0);
       EXPECT_LT(s.server_codec_seconds, s.server_seconds);
       // Two micro-batches, each a round trip of at least 20 ms over the slow link.
-      if (port == link.port()) EXPECT_GT(s.network_seconds, 0.040);
+      if (port == link.port()) {
+        EXPECT_GT(s.network_seconds, 0.040);
+      }
     }
     c.run_dir = tmp.file("slow-link");
   }
