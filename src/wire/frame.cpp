@@ -143,34 +143,52 @@ Status check_header(const FrameHeader& h, uint64_t max_payload_bytes) {
 
 Status FrameDecoder::feed(std::string_view bytes) {
   while (status_.ok() && !bytes.empty()) {
-    if (!have_header_) {
-      const size_t take = std::min(sizeof(FrameHeader) - header_bytes_.size(), bytes.size());
-      header_bytes_.append(bytes.data(), take);
-      bytes.remove_prefix(take);
-      if (header_bytes_.size() < sizeof(FrameHeader)) break;
-      std::memcpy(&header_, header_bytes_.data(), sizeof header_);
-      status_ = check_header(header_, max_payload_);  // before a single payload byte is kept
-      if (!status_.ok()) break;
-      have_header_ = true;
-      payload_.clear();
-      payload_.reserve(std::min<uint64_t>(header_.length, kMaxReserve));
-    }
-    const size_t take = static_cast<size_t>(std::min<uint64_t>(header_.length - payload_.size(), bytes.size()));
-    payload_.append(bytes.data(), take);
+    const auto [at, room] = buffer();
+    const size_t take = std::min(room, bytes.size());
+    std::memcpy(at, bytes.data(), take);
     bytes.remove_prefix(take);
-    if (payload_.size() < header_.length) break;
-    const auto type = static_cast<MessageType>(header_.type);
-    if (crc32c(payload_.data(), payload_.size()) != header_.checksum) {
-      status_ =
-          Status::Fail(ErrorCode::kBadChecksum, std::string(message_name(type)) + " frame payload fails its CRC32C");
-      break;
-    }
-    ready_.push_back(Frame{type, header_.flags, std::move(payload_)});
-    payload_ = std::string();
-    header_bytes_.clear();
-    have_header_ = false;
+    commit(take);
   }
   return status_;
+}
+
+std::pair<char*, size_t> FrameDecoder::buffer() {
+  if (header_have_ < sizeof(FrameHeader)) return {header_bytes_ + header_have_, sizeof(FrameHeader) - header_have_};
+  if (payload_have_ == payload_.size())
+    payload_.resize(static_cast<size_t>(std::min<uint64_t>(header_.length, payload_have_ + kGrowStep)));
+  return {payload_.data() + payload_have_, payload_.size() - payload_have_};
+}
+
+Status FrameDecoder::commit(size_t n) {
+  if (!status_.ok() || n == 0) return status_;
+  if (header_have_ < sizeof(FrameHeader)) {
+    header_have_ += n;
+    if (header_have_ < sizeof(FrameHeader)) return status_;
+    std::memcpy(&header_, header_bytes_, sizeof header_);
+    status_ = check_header(header_, max_payload_);  // before a single payload byte is kept
+    if (!status_.ok()) return status_;
+    payload_.clear();
+    payload_.reserve(static_cast<size_t>(std::min<uint64_t>(header_.length, kMaxReserve)));
+    payload_have_ = 0;
+  } else {
+    payload_have_ += n;
+  }
+  if (payload_have_ == header_.length) finish_frame();
+  return status_;
+}
+
+void FrameDecoder::finish_frame() {
+  const auto type = static_cast<MessageType>(header_.type);
+  payload_.resize(static_cast<size_t>(payload_have_));
+  if (crc32c(payload_.data(), payload_.size()) != header_.checksum) {
+    status_ =
+        Status::Fail(ErrorCode::kBadChecksum, std::string(message_name(type)) + " frame payload fails its CRC32C");
+    return;
+  }
+  ready_.push_back(Frame{type, header_.flags, std::move(payload_)});
+  payload_ = std::string();
+  payload_have_ = 0;
+  header_have_ = 0;
 }
 
 bool FrameDecoder::next(Frame* out) {
@@ -181,8 +199,8 @@ bool FrameDecoder::next(Frame* out) {
 }
 
 uint64_t FrameDecoder::wanted() const {
-  if (!have_header_) return sizeof(FrameHeader) - header_bytes_.size();
-  return std::max<uint64_t>(1, header_.length - payload_.size());
+  if (header_have_ < sizeof(FrameHeader)) return sizeof(FrameHeader) - header_have_;
+  return std::max<uint64_t>(1, header_.length - payload_have_);
 }
 
 }  // namespace amaq::wire

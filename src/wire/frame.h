@@ -99,17 +99,27 @@ std::string encode_frame(const Frame& f);
 /// Checks a header before any payload is read or allocated.
 Status check_header(const FrameHeader& h, uint64_t max_payload_bytes);
 
-/// Incremental decoder over a byte stream (a socket's reads, a fuzzer's input): feed bytes, take
-/// complete frames. After the first error it stays failed.
+/// Incremental decoder over a byte stream (a socket's reads, a fuzzer's input): feed bytes, or
+/// fill buffer() in place and commit() them, and take complete frames. The header is checked before
+/// a payload byte is kept. After the first error it stays failed.
 class FrameDecoder {
  public:
   /// A header's length is trusted for at most this much up-front reservation; beyond it the
   /// payload buffer grows only as bytes actually arrive.
   static constexpr uint64_t kMaxReserve = uint64_t{64} << 20;
+  /// The payload buffer grows by at most this much per buffer() call.
+  static constexpr uint64_t kGrowStep = uint64_t{4} << 20;
 
   explicit FrameDecoder(uint64_t max_payload_bytes) : max_payload_(max_payload_bytes) {}
-  /// Consumes bytes; returns the first error met, if any.
+  /// The limit for frames whose header has not arrived yet (a server raises it after authentication).
+  void set_max_payload(uint64_t v) { max_payload_ = v; }
+  /// Consumes bytes (copies them through buffer() and commit()); returns the first error met, if any.
   Status feed(std::string_view bytes);
+  /// Where the next bytes of the frame in progress go (the rest of the header, or of the payload,
+  /// at most kGrowStep at a time): a reader may fill it straight from a socket.
+  std::pair<char*, size_t> buffer();
+  /// The first `n` bytes of buffer() hold data now; returns the first error met, if any.
+  Status commit(size_t n);
   /// Pops the next complete frame; false when none is complete yet.
   bool next(Frame* out);
   /// Bytes the decoder still needs before it can finish the frame in progress (at least 1).
@@ -117,11 +127,14 @@ class FrameDecoder {
   const Status& status() const { return status_; }
 
  private:
+  void finish_frame();
+
   uint64_t max_payload_;
-  std::string header_bytes_;  // the header being received
+  char header_bytes_[sizeof(FrameHeader)] = {};  // the header being received
+  size_t header_have_ = 0;
   FrameHeader header_{};
-  bool have_header_ = false;
-  std::string payload_;  // the payload being received
+  std::string payload_;  // the payload being received: its first payload_have_ bytes are data
+  uint64_t payload_have_ = 0;
   std::deque<Frame> ready_;
   Status status_;
 };

@@ -91,7 +91,7 @@ class Conn : public ConnBase, public std::enable_shared_from_this<Conn<Stream>> 
  public:
   using Done = std::function<void(Status)>;
   using FrameDone = std::function<void(Status, Frame)>;
-  explicit Conn(Stream stream) : stream_(std::move(stream)) {}
+  Conn(Stream stream, uint64_t max_payload) : stream_(std::move(stream)), decoder_(max_payload) {}
   ~Conn() override {
     error_code ignored;
     stream_.lowest_layer().close(ignored);
@@ -99,46 +99,22 @@ class Conn : public ConnBase, public std::enable_shared_from_this<Conn<Stream>> 
   Stream& stream() { return stream_; }
   auto executor() { return stream_.lowest_layer().get_executor(); }
 
-  // The next whole frame: header, its checks (before a payload byte is kept), payload, CRC32C.
-  void read_frame_async(uint64_t max_payload, FrameDone done) {
-    if (!broken_.ok()) return done(broken_, {});
-    auto self = this->shared_from_this();
-    if (header_have_ < sizeof(FrameHeader)) {
-      asio::async_read(stream_, asio::buffer(header_bytes_ + header_have_, sizeof(FrameHeader) - header_have_),
-                       [self, max_payload, done](const error_code& ec, size_t n) {
-                         self->header_have_ += n;
-                         if (ec) return done(io_status(ec), {});
-                         std::memcpy(&self->header_, self->header_bytes_, sizeof(FrameHeader));
-                         Status s = check_header(self->header_, max_payload);
-                         if (!s.ok()) return done(self->broken_ = s, {});
-                         self->payload_.clear();
-                         self->read_frame_async(max_payload, done);
-                       });
-      return;
-    }
-    if (payload_.size() < header_.length || payload_have_ < header_.length) {
-      // The header's length is trusted for at most kMaxReserve bytes at a time: memory grows as bytes arrive.
-      const uint64_t target = std::min<uint64_t>(header_.length, payload_have_ + FrameDecoder::kMaxReserve);
-      payload_.resize(target);
-      asio::async_read(stream_, asio::buffer(payload_.data() + payload_have_, target - payload_have_),
-                       [self, max_payload, done](const error_code& ec, size_t n) {
-                         self->payload_have_ += n;
-                         if (ec) return done(io_status(ec), {});
-                         self->read_frame_async(max_payload, done);
-                       });
-      return;
-    }
-    Frame f{static_cast<MessageType>(header_.type), header_.flags, std::move(payload_)};
-    header_have_ = 0;
-    payload_have_ = 0;
-    payload_ = std::string();
-    if (crc32c(f.payload.data(), f.payload.size()) != header_.checksum) {
-      return done(broken_ = Status::Fail(ErrorCode::kBadChecksum,
-                                         std::string(message_name(f.type)) + " frame payload fails its CRC32C"),
-                  {});
-    }
-    done(Status::Ok(), std::move(f));
+  // The next whole frame: the decoder's buffer (the rest of the header, then of the payload) is
+  // read into in place, so a payload crosses from the socket into its frame without a copy.
+  void read_frame_async(FrameDone done) {
+    Frame f;
+    if (decoder_.next(&f)) return done(Status::Ok(), std::move(f));
+    if (!decoder_.status().ok()) return done(decoder_.status(), {});
+    const auto [at, room] = decoder_.buffer();
+    asio::async_read(stream_, asio::buffer(at, room),
+                     [self = this->shared_from_this(), done](const error_code& ec, size_t n) {
+                       self->decoder_.commit(n);  // bytes read before a cancellation are kept for the next receive
+                       if (ec) return done(io_status(ec), {});
+                       self->read_frame_async(done);
+                     });
   }
+  /// The frame limit from the next header on.
+  void set_max_payload(uint64_t v) { decoder_.set_max_payload(v); }
 
   // Header and payload in one gathered write; `f` must live until done.
   void write_frame_async(const Frame& f, Done done) {
@@ -164,12 +140,7 @@ class Conn : public ConnBase, public std::enable_shared_from_this<Conn<Stream>> 
 
  private:
   Stream stream_;
-  char header_bytes_[sizeof(FrameHeader)];
-  size_t header_have_ = 0;
-  FrameHeader header_{};
-  std::string payload_;
-  uint64_t payload_have_ = 0;
-  Status broken_;  // a frame that failed its checks: the stream cannot be trusted after it
+  FrameDecoder decoder_;  // the frame being read, kept across a timed-out receive
 };
 
 template <typename Stream>
@@ -180,12 +151,10 @@ class StreamChannel : public Channel {
   StreamChannel(std::shared_ptr<IoThread> io, std::shared_ptr<asio::ssl::context> ssl,
                 std::shared_ptr<Conn<Stream>> conn, uint64_t max_payload, Millis io_timeout,
                 const Accounting& handshake = {})
-      : io_(std::move(io)),
-        ssl_(std::move(ssl)),
-        conn_(std::move(conn)),
-        max_payload_(max_payload),
-        io_timeout_(io_timeout) {
+      : io_(std::move(io)), ssl_(std::move(ssl)), conn_(std::move(conn)), io_timeout_(io_timeout) {
     accounting_ = handshake;
+    // On the strand, ahead of every read this channel will post: the session's frame limit.
+    asio::post(conn_->executor(), [c = conn_, max_payload] { c->set_max_payload(max_payload); });
   }
   ~StreamChannel() override {
     close();
@@ -217,7 +186,7 @@ class StreamChannel : public Channel {
     Got got = await<Got>(
         conn_->executor(),
         [&](std::function<void(Got)> done) {
-          conn_->read_frame_async(max_payload_, [done](Status s, Frame f) { done({std::move(s), std::move(f)}); });
+          conn_->read_frame_async([done](Status s, Frame f) { done({std::move(s), std::move(f)}); });
         },
         [c = conn_] { c->cancel(); }, t0 + timeout, &timed_out);
     accounting_.seconds_blocked += std::chrono::duration<double>(Clock::now() - t0).count();
@@ -248,7 +217,6 @@ class StreamChannel : public Channel {
   std::shared_ptr<IoThread> io_;
   std::shared_ptr<asio::ssl::context> ssl_;  // must outlive an ssl stream
   std::shared_ptr<Conn<Stream>> conn_;
-  uint64_t max_payload_;
   Millis io_timeout_;
   std::atomic<bool> closed_{false};
 };
@@ -345,8 +313,10 @@ Status connect(const ClientOptions& opt, std::unique_ptr<Channel>* out) {
   if (ec) return Status::Fail(ErrorCode::kClosed, "cannot resolve " + opt.host_ + ": " + ec.message());
   auto strand = asio::make_strand(io->io());
   if (!opt.tls_)
-    return connect_stream(opt, io, nullptr, std::make_shared<Conn<tcp::socket>>(tcp::socket(strand)), endpoints, out);
-  return connect_stream(opt, io, ctx, std::make_shared<Conn<TlsStream>>(TlsStream(strand, *ctx)), endpoints, out);
+    return connect_stream(opt, io, nullptr, std::make_shared<Conn<tcp::socket>>(tcp::socket(strand), opt.max_payload_),
+                          endpoints, out);
+  return connect_stream(opt, io, ctx, std::make_shared<Conn<TlsStream>>(TlsStream(strand, *ctx), opt.max_payload_),
+                        endpoints, out);
 }
 
 // At most one log line a second; the lines held back are counted in the next one. A peer that
@@ -440,10 +410,13 @@ struct Server::Impl {
       ++from_address;
     }
     socket.set_option(tcp::no_delay(true), ec);
+    // Until HELLO_ACK, frames are held to the small limit; the session's channel raises it.
+    const uint64_t limit = options.policy_ ? kUnauthenticatedMaxPayload : options.max_payload_;
     if (tls) {
-      start_pre_auth(std::make_shared<Conn<TlsStream>>(TlsStream(std::move(socket), *tls)), std::move(sc), address);
+      start_pre_auth(std::make_shared<Conn<TlsStream>>(TlsStream(std::move(socket), *tls), limit), std::move(sc),
+                     address);
     } else {
-      start_pre_auth(std::make_shared<Conn<tcp::socket>>(std::move(socket)), std::move(sc), address);
+      start_pre_auth(std::make_shared<Conn<tcp::socket>>(std::move(socket), limit), std::move(sc), address);
     }
   }
 
@@ -553,7 +526,7 @@ class Server::Impl::PreAuth : public std::enable_shared_from_this<Server::Impl::
     if (!srv_.options.policy_) return accept(std::nullopt);
     if (!hs_) hs_.emplace(*srv_.options.policy_, sc_.id);
     auto self = this->shared_from_this();
-    conn_->read_frame_async(kUnauthenticatedMaxPayload, [self](Status s, Frame f) {
+    conn_->read_frame_async([self](Status s, Frame f) {
       if (self->over_) return;
       if (s.code == ErrorCode::kClosed) return self->give_up(s.message);
       if (!s.ok()) return self->refuse(s);

@@ -53,6 +53,37 @@ TEST(Frame, EveryMessageTypeRoundTripsByteByByte) {
   EXPECT_FALSE(d.next(&none));
 }
 
+// Filling buffer() in place, as the TCP channel does from its socket: the decoder never offers more
+// than the rest of the frame in progress, so a reader that fills whatever it is offered takes each
+// frame's bytes exactly and never the next one's; a payload longer than kGrowStep comes in pieces,
+// and an empty payload completes with its header.
+TEST(Frame, FillingInPlaceTakesEachFrameExactly) {
+  const std::vector<Frame> sent{{MessageType::kForward, 1, std::string(FrameDecoder::kGrowStep + 1000, 'x')},
+                                {MessageType::kBye, 0, ""},
+                                {MessageType::kBackward, 2, "gradient"}};
+  std::string stream;
+  for (const auto& f : sent) stream += encode_frame(f);
+  FrameDecoder d(uint64_t{64} << 20);
+  size_t at = 0;
+  for (const auto& f : sent) {
+    const size_t end = at + sizeof(FrameHeader) + f.payload.size();
+    Frame got;
+    while (!d.next(&got)) {
+      const auto [to, room] = d.buffer();
+      ASSERT_GT(room, 0u);
+      ASSERT_LE(room, d.wanted());
+      ASSERT_LE(at + room, end) << "offered bytes past the frame";
+      std::memcpy(to, stream.data() + at, room);
+      at += room;
+      ASSERT_TRUE(d.commit(room).ok());
+    }
+    EXPECT_EQ(at, end);
+    EXPECT_EQ(got.type, f.type);
+    EXPECT_EQ(got.flags, f.flags);
+    EXPECT_TRUE(got.payload == f.payload);
+  }
+}
+
 FrameHeader header_of(const std::string& bytes) {
   FrameHeader h;
   std::memcpy(&h, bytes.data(), sizeof h);
