@@ -134,11 +134,33 @@ class Conn : public ConnBase, public std::enable_shared_from_this<Conn<Stream>> 
     stream_.lowest_layer().shutdown(tcp::socket::shutdown_both, ignored);
     stream_.lowest_layer().close(ignored);
   }
+  // After a refusal: nothing more goes out, and what the peer still sends is read and dropped until
+  // it closes (or the caller's timer closes the socket). Closing with its bytes unread would answer
+  // with a reset, and a reset can discard the ERROR frame before the peer has read it.
+  void drain_async() {
+    error_code ignored;
+    stream_.lowest_layer().shutdown(tcp::socket::shutdown_send, ignored);
+    drain_rest(std::make_shared<std::array<char, 4096>>());
+  }
   void close_async() override {
     asio::post(executor(), [self = this->shared_from_this()] { self->close(); });
   }
 
  private:
+  void drain_rest(std::shared_ptr<std::array<char, 4096>> scratch) {
+    tcp::socket& raw = [this]() -> tcp::socket& {  // the bytes are dropped unread: below TLS, if there is one
+      if constexpr (std::is_same_v<Stream, TlsStream>)
+        return stream_.next_layer();
+      else
+        return stream_;
+    }();
+    raw.async_read_some(asio::buffer(*scratch),
+                        [self = this->shared_from_this(), scratch](const error_code& ec, size_t) {
+                          if (ec) return self->close();
+                          self->drain_rest(scratch);
+                        });
+  }
+
   Stream stream_;
   FrameDecoder decoder_;  // the frame being read, kept across a timed-out receive
 };
@@ -578,7 +600,8 @@ class Server::Impl::PreAuth : public std::enable_shared_from_this<Server::Impl::
     return true;
   }
 
-  // Tells the peer why (ERROR), then closes; a peer that does not read is cut off after a second.
+  // Tells the peer why (ERROR), reads what it still sends until it closes, then closes; a peer that
+  // neither reads nor closes is cut off after a second.
   void refuse(const Status& why) {
     if (!finish()) return;
     srv_.owner->failed_++;
@@ -586,7 +609,8 @@ class Server::Impl::PreAuth : public std::enable_shared_from_this<Server::Impl::
                                    why.message, error_name(why.code)));
     auto out = std::make_shared<Frame>(Frame{MessageType::kError, 0, error_payload(why)});
     auto self = this->shared_from_this();
-    conn_->write_frame_async(*out, [self, out](Status) { self->conn_->close(); });
+    conn_->cancel();  // a HELLO still awaited at the deadline: its read ends (ignored: over_) before the drain reads
+    conn_->write_frame_async(*out, [self, out](Status) { self->conn_->drain_async(); });
     timer_.expires_after(std::chrono::seconds(1));
     timer_.async_wait([self](const error_code& ec) {
       if (!ec) self->conn_->close();
