@@ -33,7 +33,8 @@ TempDir::~TempDir() {
   if (actual.sizes() != expected.sizes()) {
     return ::testing::AssertionFailure() << "shape " << actual.sizes() << " != expected " << expected.sizes();
   }
-  at::Tensor a = actual.detach().to(at::kDouble).flatten(), e = expected.detach().to(at::kDouble).flatten();
+  at::Tensor a = actual.detach().to(at::kCPU, at::kDouble).flatten(),
+             e = expected.detach().to(at::kCPU, at::kDouble).flatten();
   at::Tensor excess = (a - e).abs() - (atol + rtol * e.abs());
   if (a.isnan().any().item<bool>()) return ::testing::AssertionFailure() << "actual has NaN";
   int64_t worst = excess.argmax().item<int64_t>();

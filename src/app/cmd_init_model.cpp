@@ -32,6 +32,10 @@ Run add_init_model(CLI::App& app) {
   app.add_option("--max-positions", a->p.max_positions, "max_position_embeddings")
       ->capture_default_str()
       ->check(CLI::Range(8, 1 << 20));
+  app.add_option("--vocab", a->p.vocab, "vocabulary size (0: the byte tokenizer's 259)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1 << 22));
+  app.add_option("--dtype", a->p.dtype, "stored dtype")->capture_default_str()->check(CLI::IsMember({"fp32", "bf16"}));
   app.add_option("--seed", a->seed, "seed of the initial weights")->capture_default_str();
   return [a] {
     const auto& p = a->p;
@@ -46,7 +50,12 @@ Run add_init_model(CLI::App& app) {
     recipes::write_preset_model(a->out, p, a->seed);
     const ModelConfig c = ModelConfig::load(a->out);
     int64_t params = 0;
-    for (const auto& [name, t] : load_safetensors(join_path(a->out, "model.safetensors"))) params += t.numel();
+    const CheckpointReader ckpt(a->out);
+    for (const auto& [name, bytes] : ckpt.sizes()) {
+      int64_t n = 1;
+      for (int64_t d : ckpt.info(name).shape) n *= d;
+      params += n;
+    }
     fmt::print(
         "init-model: {} (Llama, {} layers, hidden {}, {} heads / {} kv, MLP {}, vocab {}: {:.2f}M parameters, seed "
         "{})\n",

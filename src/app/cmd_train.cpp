@@ -11,6 +11,7 @@
 
 #include "app/commands.h"
 #include "app/config_toml.h"
+#include "core/device.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/hash.h"
@@ -72,6 +73,11 @@ void add_side_options(CLI::App& app, SideOptions* side, const std::string& prefi
                  "modules to adapt on the " + who + " (all-linear, q_proj,v_proj, ...)")
       ->delimiter(',');
   app.add_option("--" + prefix + "adapter", side->init_adapter, "start the " + who + "'s LoRA from this PEFT adapter");
+  app.add_option("--" + prefix + "device", side->device, "where the " + who + " computes: cpu, cuda, cuda:N")
+      ->capture_default_str();
+  app.add_option("--" + prefix + "dtype", side->dtype,
+                 "the " + who + "'s compute dtype: fp32, or bf16 (LoRA, optimizer and norms stay fp32)")
+      ->capture_default_str();
 }
 
 // The codec flags as written; parsed (map files read, errors named) before anything starts.
@@ -141,6 +147,7 @@ void add_in_flight_option(CLI::App& app, ClientConfig* c, int64_t default_value)
 
 int run_client(ClientArgs& a, const CLI::App& app) {
   ClientConfig& c = a.cfg;
+  compute_options(c.side.device, c.side.dtype);  // refused here, before anything loads
   c.resolved = resolved_options(app);
   a.codecs.parse_into(&c.fwd_codec, &c.bwd_codec);
   c.token = read_token(a.token_file);
@@ -223,6 +230,7 @@ void stop_on_signal(int sig, wire::Server& server, train::TrainServer& srv, doub
 }
 
 int run_server(ServerArgs& a, const CLI::App& app) {
+  compute_options(a.cfg.side.device, a.cfg.side.dtype);  // refused at start, not when a client comes
   a.codecs.parse_into(&a.cfg.fwd_codec, &a.cfg.bwd_codec);
   a.cfg.token = read_token(a.token_file);
   a.cfg.idle_timeout = std::chrono::milliseconds(static_cast<int64_t>(a.idle_timeout * 1000));
@@ -280,6 +288,8 @@ struct TrainArgs {
 
 int run_train(TrainArgs& a, const CLI::App& app) {
   ClientConfig& c = a.cfg;
+  compute_options(c.side.device, c.side.dtype);  // refused here, before anything loads
+  compute_options(a.server_side.device, a.server_side.dtype);
   c.resolved = resolved_options(app);
   a.codecs.parse_into(&c.fwd_codec, &c.bwd_codec);
   ServerConfig s;
@@ -404,6 +414,8 @@ Run add_train(CLI::App& app) {
     if (!given("--server-rslora")) srv.rslora = cli.rslora;
     if (!given("--server-lora-targets")) srv.targets = cli.targets;
     if (!given("--server-adapter")) srv.init_adapter = cli.init_adapter;
+    if (!given("--server-device")) srv.device = cli.device;
+    if (!given("--server-dtype")) srv.dtype = cli.dtype;
     return run_train(*a, app);
   };
 }

@@ -20,5 +20,6 @@ Run add_init_model(CLI::App& app);
 Run add_make_task(CLI::App& app);
 Run add_study(CLI::App& app);
 Run add_emulate_link(CLI::App& app);
+Run add_bench_train(CLI::App& app);
 
 }  // namespace amaq::app

@@ -13,8 +13,7 @@ double LoRAOptions::scale() const {
   return rslora_ ? alpha_ / std::sqrt(static_cast<double>(rank_)) : alpha_ / static_cast<double>(rank_);
 }
 
-LinearImpl::LinearImpl(int64_t in, int64_t out, bool with_bias, at::ScalarType dtype) {
-  auto opt = at::TensorOptions().dtype(dtype);
+LinearImpl::LinearImpl(int64_t in, int64_t out, bool with_bias, const at::TensorOptions& opt) {
   // Filled by the checkpoint loader; frozen unless full fine-tuning is asked for.
   weight = register_parameter("weight", at::zeros({out, in}, opt), /*requires_grad=*/false);
   if (with_bias) bias = register_parameter("bias", at::zeros({out}, opt), false);
@@ -24,13 +23,15 @@ void LinearImpl::add_lora(const LoRAOptions& opt) {
   TORCH_CHECK(opt.rank() > 0, "LoRA rank must be positive, got ", opt.rank());
   TORCH_CHECK(!has_lora(), "this layer already has a LoRA adapter");
   lora_opt_ = opt;
-  auto o = at::TensorOptions().dtype(weight.scalar_type()).device(weight.device());
-  at::Tensor a = at::empty({opt.rank(), weight.size(1)}, o);
+  const bool reduced = weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf;
+  auto o = at::TensorOptions().dtype(reduced ? at::kFloat : weight.scalar_type()).device(weight.device());
+  // Drawn on the CPU whatever the device, so a seed gives the same adapter on every device.
+  at::Tensor a = at::empty({opt.rank(), weight.size(1)}, o.device(at::kCPU));
   {
     at::NoGradGuard g;
     torch::nn::init::kaiming_uniform_(a, std::sqrt(5.0));
   }
-  lora_a = register_parameter("lora_A", a, true);
+  lora_a = register_parameter("lora_A", a.to(weight.device()), true);
   lora_b = register_parameter("lora_B", at::zeros({weight.size(0), opt.rank()}, o), true);
 }
 
@@ -46,12 +47,14 @@ at::Tensor LinearImpl::forward(const at::Tensor& x) {
   at::Tensor y =
       weight.requires_grad() ? at::linear(x2, weight, bias) : functional::frozen_linear(x2, weight, bias);  // (N, out)
   const at::Tensor xd = lora_opt_.dropout() > 0 ? at::dropout(x2, lora_opt_.dropout(), is_training()) : x2;
-  y.addmm_(at::linear(xd, lora_a), lora_b.t(), /*beta=*/1, /*alpha=*/lora_opt_.scale());
+  const bool cast = lora_a.scalar_type() != x.scalar_type();  // fp32 LoRA over bf16 weights
+  const at::Tensor a = cast ? lora_a.to(x.scalar_type()) : lora_a, b = cast ? lora_b.to(x.scalar_type()) : lora_b;
+  y.addmm_(at::linear(xd, a), b.t(), /*beta=*/1, /*alpha=*/lora_opt_.scale());
   return y.view(out_shape);
 }
 
-RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, at::ScalarType dtype) : eps(eps_) {
-  weight = register_parameter("weight", at::ones({dim}, at::TensorOptions().dtype(dtype)), false);
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, const at::TensorOptions& opt) : eps(eps_) {
+  weight = register_parameter("weight", at::ones({dim}, opt), false);
 }
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
@@ -129,12 +132,12 @@ at::Tensor attention_bias(const at::Tensor& attention_mask, int64_t B, int64_t T
 
 }  // namespace functional
 
-AttentionImpl::AttentionImpl(const ModelConfig& c, at::ScalarType dtype)
+AttentionImpl::AttentionImpl(const ModelConfig& c, const at::TensorOptions& opt)
     : num_heads_(c.num_heads), num_kv_heads_(c.num_kv_heads), head_dim_(c.head_dim) {
-  q_proj = register_module("q_proj", Linear(c.hidden_size, c.num_heads * c.head_dim, c.qkv_bias, dtype));
-  k_proj = register_module("k_proj", Linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.qkv_bias, dtype));
-  v_proj = register_module("v_proj", Linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.qkv_bias, dtype));
-  o_proj = register_module("o_proj", Linear(c.num_heads * c.head_dim, c.hidden_size, c.o_bias, dtype));
+  q_proj = register_module("q_proj", Linear(c.hidden_size, c.num_heads * c.head_dim, c.qkv_bias, opt));
+  k_proj = register_module("k_proj", Linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.qkv_bias, opt));
+  v_proj = register_module("v_proj", Linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.qkv_bias, opt));
+  o_proj = register_module("o_proj", Linear(c.num_heads * c.head_dim, c.hidden_size, c.o_bias, opt));
 }
 
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
@@ -155,33 +158,49 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& cos, co
   }
   const int64_t S = k.size(2);  // keys: past + T
   const int64_t groups = num_heads_ / num_kv_heads_;
+  at::Tensor out;  // (B, H, T, D)
+#if AMAQ_HAVE_SDPA
+  if (!bias.defined()) {  // plainly causal, no padding: the flash kernel where there is one
+#if AMAQ_SDPA_GQA
+    out =
+        at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, std::nullopt, /*enable_gqa=*/groups > 1);
+    return o_proj->forward(out.transpose(1, 2).reshape({B, T, num_heads_ * head_dim_}));
+#endif
+  }
+#endif
   if (groups > 1) {  // grouped-query attention: each KV head serves `groups` query heads
     k = k.unsqueeze(2).expand({B, num_kv_heads_, groups, S, head_dim_}).reshape({B, num_heads_, S, head_dim_});
     v = v.unsqueeze(2).expand({B, num_kv_heads_, groups, S, head_dim_}).reshape({B, num_heads_, S, head_dim_});
   }
+#if AMAQ_HAVE_SDPA
+  out = at::scaled_dot_product_attention(q, k, v, bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt, 0.0,
+                                         /*is_causal=*/!bias.defined());
+#else
+  TORCH_CHECK(bias.defined(), "attention without scaled_dot_product_attention needs the bias");
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim_));
   at::Tensor scores = at::matmul(q, k.transpose(2, 3)) * scale + bias;  // (B, H, T, S)
   at::Tensor probs = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
-  at::Tensor out = at::matmul(probs, v);  // (B, H, T, D)
+  out = at::matmul(probs, v);
+#endif
   out = out.transpose(1, 2).reshape({B, T, num_heads_ * head_dim_});
   return o_proj->forward(out);
 }
 
-MLPImpl::MLPImpl(const ModelConfig& c, at::ScalarType dtype) {
-  gate_proj = register_module("gate_proj", Linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype));
-  up_proj = register_module("up_proj", Linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype));
-  down_proj = register_module("down_proj", Linear(c.intermediate_size, c.hidden_size, c.mlp_bias, dtype));
+MLPImpl::MLPImpl(const ModelConfig& c, const at::TensorOptions& opt) {
+  gate_proj = register_module("gate_proj", Linear(c.hidden_size, c.intermediate_size, c.mlp_bias, opt));
+  up_proj = register_module("up_proj", Linear(c.hidden_size, c.intermediate_size, c.mlp_bias, opt));
+  down_proj = register_module("down_proj", Linear(c.intermediate_size, c.hidden_size, c.mlp_bias, opt));
 }
 
 at::Tensor MLPImpl::forward(const at::Tensor& x) {
   return down_proj->forward(at::silu(gate_proj->forward(x)) * up_proj->forward(x));
 }
 
-DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, at::ScalarType dtype) {
-  self_attn = register_module("self_attn", Attention(c, dtype));
-  mlp = register_module("mlp", MLP(c, dtype));
-  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, dtype));
-  post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, dtype));
+DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, const at::TensorOptions& opt) {
+  self_attn = register_module("self_attn", Attention(c, opt));
+  mlp = register_module("mlp", MLP(c, opt));
+  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, opt));
+  post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, opt));
 }
 
 at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,

@@ -4,11 +4,25 @@
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
+#include <torch/version.h>
 
 #include <string>
 #include <vector>
 
 #include "model/config.h"
+
+// at::scaled_dot_product_attention (flash / memory-efficient kernels) came with PyTorch 2.0, its
+// grouped-query form (enable_gqa) with 2.5; Debian's 1.13 keeps the explicit softmax(QK^T)V.
+#if TORCH_VERSION_MAJOR >= 2
+#define AMAQ_HAVE_SDPA 1
+#else
+#define AMAQ_HAVE_SDPA 0
+#endif
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
+#define AMAQ_SDPA_GQA 1
+#else
+#define AMAQ_SDPA_GQA 0
+#endif
 
 namespace amaq {
 
@@ -49,10 +63,13 @@ struct LoRAOptions {
 };
 
 /// y = x W^T + b, plus (dropout(x) A^T B^T) * scale when a LoRA adapter is attached.
-/// Parameters: `weight` (out, in), `bias` (out), `lora_A` (r, in), `lora_B` (out, r).
+/// Parameters: `weight` (out, in), `bias` (out), `lora_A` (r, in), `lora_B` (out, r). `opt` gives the
+/// base weights' dtype and device. Mixed precision as PEFT + autocast: over bf16/fp16 base weights
+/// the LoRA weights are kept in fp32 (what AdamW updates) and cast to the compute dtype for the
+/// product; over fp32 or fp64 they have the weights' dtype.
 class LinearImpl : public torch::nn::Module {
  public:
-  LinearImpl(int64_t in, int64_t out, bool bias, at::ScalarType dtype);
+  LinearImpl(int64_t in, int64_t out, bool bias, const at::TensorOptions& opt);
   at::Tensor forward(const at::Tensor& x);  // (..., in) -> (..., out)
   /// Attaches a LoRA adapter: lora_A Kaiming-uniform (a = sqrt(5)), lora_B zero, as PEFT does.
   void add_lora(const LoRAOptions& opt);
@@ -68,7 +85,7 @@ TORCH_MODULE(Linear);
 
 class RMSNormImpl : public torch::nn::Module {
  public:
-  RMSNormImpl(int64_t dim, double eps, at::ScalarType dtype);
+  RMSNormImpl(int64_t dim, double eps, const at::TensorOptions& opt);
   at::Tensor forward(const at::Tensor& x);
   at::Tensor weight;
   double eps;
@@ -96,9 +113,11 @@ struct KvEntry {
 
 class AttentionImpl : public torch::nn::Module {
  public:
-  AttentionImpl(const ModelConfig& c, at::ScalarType dtype);
+  AttentionImpl(const ModelConfig& c, const at::TensorOptions& opt);
   /// x (B, T, C), cos/sin (T, D) for the new positions, bias (B, 1, T, past + T) -> (B, T, C).
   /// With `cache`, the new keys and values are appended to it and attention covers all of it.
+  /// An undefined bias means plainly causal (no padding, no window, no cache): only where
+  /// AMAQ_HAVE_SDPA, which then runs its causal kernel.
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias,
                      KvEntry* cache = nullptr);
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
@@ -110,7 +129,7 @@ TORCH_MODULE(Attention);
 
 class MLPImpl : public torch::nn::Module {
  public:
-  MLPImpl(const ModelConfig& c, at::ScalarType dtype);
+  MLPImpl(const ModelConfig& c, const at::TensorOptions& opt);
   at::Tensor forward(const at::Tensor& x);  // down(silu(gate(x)) * up(x))
   Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
 };
@@ -118,7 +137,7 @@ TORCH_MODULE(MLP);
 
 class DecoderLayerImpl : public torch::nn::Module {
  public:
-  DecoderLayerImpl(const ModelConfig& c, at::ScalarType dtype);
+  DecoderLayerImpl(const ModelConfig& c, const at::TensorOptions& opt);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias,
                      KvEntry* cache = nullptr);
   Attention self_attn{nullptr};

@@ -10,8 +10,8 @@
 
 namespace amaq {
 
-EmbeddingImpl::EmbeddingImpl(int64_t vocab, int64_t dim, at::ScalarType dtype) {
-  weight = register_parameter("weight", at::zeros({vocab, dim}, at::TensorOptions().dtype(dtype)), false);
+EmbeddingImpl::EmbeddingImpl(int64_t vocab, int64_t dim, const at::TensorOptions& opt) {
+  weight = register_parameter("weight", at::zeros({vocab, dim}, opt), false);
 }
 
 at::Tensor EmbeddingImpl::forward(const at::Tensor& ids) {
@@ -19,25 +19,29 @@ at::Tensor EmbeddingImpl::forward(const at::Tensor& ids) {
 }
 
 DecoderPartImpl::DecoderPartImpl(const ModelConfig& config, int64_t layer_begin, int64_t layer_end,
-                                 at::ScalarType dtype)
-    : config_(config), layer_begin_(layer_begin), layer_end_(layer_end), dtype_(dtype) {
+                                 const at::TensorOptions& opt)
+    : config_(config),
+      layer_begin_(layer_begin),
+      layer_end_(layer_end),
+      dtype_(at::typeMetaToScalarType(opt.dtype())),
+      device_(opt.device()) {
   TORCH_CHECK(0 <= layer_begin && layer_begin <= layer_end && layer_end <= config.num_layers, "layer range [",
               layer_begin, ", ", layer_end, ") is outside [0, ", config.num_layers, "]");
   if (has_embedding())
-    embed_tokens = register_module("embed_tokens", Embedding(config.vocab_size, config.hidden_size, dtype));
+    embed_tokens = register_module("embed_tokens", Embedding(config.vocab_size, config.hidden_size, opt));
   // Children are named by their global layer index so parameter names match the checkpoint's.
   auto stack = std::make_shared<torch::nn::Module>("layers");
   for (int64_t i = layer_begin; i < layer_end; ++i) {
-    layers.push_back(stack->register_module(std::to_string(i), DecoderLayer(config, dtype)));
+    layers.push_back(stack->register_module(std::to_string(i), DecoderLayer(config, opt)));
   }
   register_module("layers", stack);
   if (has_head()) {
-    norm = register_module("norm", RMSNorm(config.hidden_size, config.rms_norm_eps, dtype));
+    norm = register_module("norm", RMSNorm(config.hidden_size, config.rms_norm_eps, opt));
     if (!(config.tie_word_embeddings && has_embedding())) {
-      lm_head = register_module("lm_head", Linear(config.hidden_size, config.vocab_size, false, dtype));
+      lm_head = register_module("lm_head", Linear(config.hidden_size, config.vocab_size, false, opt));
     }
   }
-  inv_freq_ = functional::rope_inv_freq(config.rope, config.head_dim);
+  inv_freq_ = functional::rope_inv_freq(config.rope, config.head_dim).to(device_);
 }
 
 at::Tensor DecoderPartImpl::forward(const at::Tensor& input, const at::Tensor& attention_mask,
@@ -46,23 +50,29 @@ at::Tensor DecoderPartImpl::forward(const at::Tensor& input, const at::Tensor& a
   if (has_embedding()) {
     TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kLong, "expected token ids (B, T) int64, got ",
                 input.sizes(), " ", input.scalar_type());
-    h = embed_tokens->forward(input);
+    h = embed_tokens->forward(input.to(device_));
     if (hidden) (*hidden)[0] = h;
   } else {
     TORCH_CHECK(input.dim() == 3 && input.size(2) == config_.hidden_size, "expected a hidden state (B, T, ",
                 config_.hidden_size, "), got ", input.sizes());
-    h = input.to(dtype_);
+    h = input.to(device_, dtype_);
   }
   const int64_t B = h.size(0), T = h.size(1);
   auto [cos, sin] = functional::rope_tables(inv_freq_, T, dtype_, h.device());
+  // No padding (a mask of ones, checked where it is cheap: on the CPU) and no window: the causal
+  // kernel needs no bias at all.
+  const bool padded =
+      attention_mask.defined() && (attention_mask.is_cuda() || attention_mask.min().item<int64_t>() == 0);
   std::map<int64_t, at::Tensor> bias_by_window;
   for (size_t n = 0; n < layers.size(); ++n) {
     const int64_t i = layer_begin_ + static_cast<int64_t>(n);
     const int64_t window = config_.layer_window[i];
     auto it = bias_by_window.find(window);
     if (it == bias_by_window.end()) {
-      it = bias_by_window.emplace(window, functional::attention_bias(attention_mask, B, T, window, dtype_, h.device()))
-               .first;
+      at::Tensor bias;
+      if (!AMAQ_HAVE_SDPA || padded || window > 0)
+        bias = functional::attention_bias(attention_mask, B, T, window, dtype_, h.device());
+      it = bias_by_window.emplace(window, bias).first;
     }
     h = layers[n]->forward(h, cos, sin, it->second);
     if (hidden && i + 1 < config_.num_layers) (*hidden)[i + 1] = h;
@@ -74,7 +84,7 @@ at::Tensor DecoderPartImpl::forward(const at::Tensor& input, const at::Tensor& a
 }
 
 at::Tensor DecoderPartImpl::forward_cached(const at::Tensor& input, std::vector<KvEntry>* cache) {
-  at::Tensor h = has_embedding() ? embed_tokens->forward(input) : input.to(dtype_);
+  at::Tensor h = has_embedding() ? embed_tokens->forward(input.to(device_)) : input.to(device_, dtype_);
   const int64_t B = h.size(0), T = h.size(1);
   cache->resize(layers.size());
   const int64_t past = cache->front().k.defined() ? cache->front().k.size(2) : 0;
@@ -117,6 +127,8 @@ std::vector<std::pair<std::string, at::Tensor>> DecoderPartImpl::base_weights() 
 void DecoderPartImpl::load_weights(const CheckpointReader& ckpt) {
   at::NoGradGuard no_grad;
   for (auto& [name, param] : base_weights()) {
+    // One tensor at a time through host memory, converted there to the compute dtype: staging is
+    // bounded by the largest tensor, never a full fp32 copy of the part.
     param.copy_(ckpt.load(name, dtype_, param.sizes().vec()));
   }
 }
@@ -153,18 +165,18 @@ static void check_split(const ModelConfig& config, int64_t split) {
   }
 }
 
-DecoderPart client_part(const ModelConfig& config, int64_t split, at::ScalarType dtype) {
+DecoderPart client_part(const ModelConfig& config, int64_t split, const at::TensorOptions& opt) {
   check_split(config, split);
-  return DecoderPart(config, 0, split, dtype);
+  return DecoderPart(config, 0, split, opt);
 }
 
-DecoderPart server_part(const ModelConfig& config, int64_t split, at::ScalarType dtype) {
+DecoderPart server_part(const ModelConfig& config, int64_t split, const at::TensorOptions& opt) {
   check_split(config, split);
-  return DecoderPart(config, split, config.num_layers, dtype);
+  return DecoderPart(config, split, config.num_layers, opt);
 }
 
-DecoderPart full_model(const ModelConfig& config, at::ScalarType dtype) {
-  return DecoderPart(config, 0, config.num_layers, dtype);
+DecoderPart full_model(const ModelConfig& config, const at::TensorOptions& opt) {
+  return DecoderPart(config, 0, config.num_layers, opt);
 }
 
 std::string model_fingerprint(const ModelConfig& config, const CheckpointReader& ckpt) {

@@ -18,7 +18,7 @@ namespace amaq {
 
 class EmbeddingImpl : public torch::nn::Module {
  public:
-  EmbeddingImpl(int64_t vocab, int64_t dim, at::ScalarType dtype);
+  EmbeddingImpl(int64_t vocab, int64_t dim, const at::TensorOptions& opt);
   at::Tensor forward(const at::Tensor& ids);  // (B, T) int64 -> (B, T, C)
   at::Tensor weight;                          // (V, C)
 };
@@ -27,10 +27,12 @@ TORCH_MODULE(Embedding);
 class DecoderPartImpl : public torch::nn::Module {
  public:
   /// Layers [layer_begin, layer_end); the embeddings come with layer_begin == 0, the final norm and
-  /// LM head with layer_end == L.
-  DecoderPartImpl(const ModelConfig& config, int64_t layer_begin, int64_t layer_end, at::ScalarType dtype = at::kFloat);
+  /// LM head with layer_end == L. `opt`: the base weights' dtype (the compute dtype) and device.
+  DecoderPartImpl(const ModelConfig& config, int64_t layer_begin, int64_t layer_end,
+                  const at::TensorOptions& opt = at::kFloat);
 
-  /// input: token ids (B, T) if has_embedding(), else the hidden state (B, T, C) from the part before.
+  /// input: token ids (B, T) if has_embedding(), else the hidden state (B, T, C) from the part before,
+  /// on any device (moved to this part's).
   /// Returns logits (B, T, V) if has_head(), else the hidden state (B, T, C) for the part after.
   /// attention_mask (B, T) of 0/1 marks padding (may be undefined). When `hidden` is given, HF's
   /// output_hidden_states entries this part produces are stored under their global index.
@@ -48,6 +50,7 @@ class DecoderPartImpl : public torch::nn::Module {
   int64_t layer_end() const { return layer_end_; }
   const ModelConfig& config() const { return config_; }
   at::ScalarType dtype() const { return dtype_; }
+  at::Device device() const { return device_; }
 
   /// (checkpoint tensor name, parameter) for every base weight this part holds.
   std::vector<std::pair<std::string, at::Tensor>> base_weights();
@@ -70,16 +73,17 @@ class DecoderPartImpl : public torch::nn::Module {
   ModelConfig config_;
   int64_t layer_begin_, layer_end_;
   at::ScalarType dtype_;
-  at::Tensor inv_freq_;  // (head_dim / 2,)
+  at::Device device_;
+  at::Tensor inv_freq_;  // (head_dim / 2,) on device_
 };
 TORCH_MODULE(DecoderPart);
 
 /// Embeddings + layers [0, k). Refuses k outside [1, L).
-DecoderPart client_part(const ModelConfig& config, int64_t split, at::ScalarType dtype = at::kFloat);
+DecoderPart client_part(const ModelConfig& config, int64_t split, const at::TensorOptions& opt = at::kFloat);
 /// Layers [k, L) + final norm + LM head. Refuses k outside [1, L).
-DecoderPart server_part(const ModelConfig& config, int64_t split, at::ScalarType dtype = at::kFloat);
+DecoderPart server_part(const ModelConfig& config, int64_t split, const at::TensorOptions& opt = at::kFloat);
 /// The unsplit model.
-DecoderPart full_model(const ModelConfig& config, at::ScalarType dtype = at::kFloat);
+DecoderPart full_model(const ModelConfig& config, const at::TensorOptions& opt = at::kFloat);
 
 /// SHA-256 of the config and every checkpoint tensor's name, dtype and shape (headers only, no
 /// weights read): two sides with the same fingerprint run the same model.

@@ -70,6 +70,7 @@ struct FakeQuantFn : public torch::autograd::Function<FakeQuantFn> {
                             const at::Tensor& decoded, const at::Tensor& residual_dstep) {
     ctx->save_for_backward({residual_dstep});
     ctx->saved_data["has_bits"] = bits.numel() > 0;
+    ctx->saved_data["bits_on_cuda"] = bits.is_cuda();  // the gates may live apart from x
     return decoded.clone();
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -79,6 +80,7 @@ struct FakeQuantFn : public torch::autograd::Function<FakeQuantFn> {
     if (ctx->saved_data["has_bits"].toBool()) {
       at::Tensor rd = ctx->get_saved_variables()[0];
       dbits = (dy.reshape(rd.sizes()).to(at::kFloat) * rd).sum(0);
+      if (!ctx->saved_data["bits_on_cuda"].toBool()) dbits = dbits.to(at::kCPU);
     }
     return {dy, dbits, at::Tensor(), at::Tensor()};
   }

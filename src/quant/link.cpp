@@ -102,7 +102,10 @@ SentActivations Link::send_activations(const at::Tensor& h, int64_t step, int64_
   args.sample_ids = sample_ids;
   args.seed = rounding_seed(step, micro);
   if (gates_) args.bits = gates_->bit_map();
-  Encoded e = fwd_->encode(h, args);
+  // The gates' gradient needs the integer codes, which the fused CUDA encoder keeps only packed: with
+  // gates, a CUDA activation is encoded on the CPU (the same packet; slower, measured in
+  // client_codec_seconds).
+  Encoded e = fwd_->encode(gates_ && h.is_cuda() ? h.detach().to(at::kCPU) : h, args);
   SentActivations out;
   out.value = fake_quant(h, e, gates_ ? gates_->bits_continuous() : at::Tensor());
   out.bits = stats_of(e.bits, fwd_spec_.nominal_bits());
@@ -110,8 +113,8 @@ SentActivations Link::send_activations(const at::Tensor& h, int64_t step, int64_
   return out;
 }
 
-at::Tensor Link::receive_gradients(std::string_view packet, BitsStats* bits) {
-  at::Tensor dh = bwd_->decode(packet);
+at::Tensor Link::receive_gradients(std::string_view packet, BitsStats* bits, at::Device device) {
+  at::Tensor dh = bwd_->decode(packet, device);
   if (bits) *bits = stats_of(learns_map(bwd_spec_) ? bwd_->received_map() : at::Tensor(), bwd_spec_.nominal_bits());
   return dh;
 }

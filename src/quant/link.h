@@ -73,8 +73,9 @@ class Link {
   /// Encodes activations h (B, T, C) of micro-batch `micro` of step `step`.
   SentActivations send_activations(const at::Tensor& h, int64_t step, int64_t micro,
                                    const std::vector<int64_t>& sample_ids);
-  /// Decodes the server's gradient packet (B, T, C); `bits` gets the widths it travelled with.
-  at::Tensor receive_gradients(std::string_view packet, BitsStats* bits);
+  /// Decodes the server's gradient packet (B, T, C) onto `device`; `bits` gets the widths it
+  /// travelled with.
+  at::Tensor receive_gradients(std::string_view packet, BitsStats* bits, at::Device device = at::kCPU);
   /// The gates' bit regulariser for one micro-batch, weighted for `micro_batches` per step
   /// (undefined without gates); `value` gets the unweighted regulariser.
   at::Tensor regularizer(int64_t step, int64_t micro_batches, double* value);

@@ -6,6 +6,7 @@
 #include <random>
 #include <set>
 
+#include "core/device.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/safetensors.h"
@@ -18,7 +19,7 @@ namespace amaq::recipes {
 void write_preset_model(const std::string& dir, const PresetOptions& p, uint64_t seed) {
   nlohmann::json cfg{{"architectures", {"LlamaForCausalLM"}},
                      {"model_type", "llama"},
-                     {"vocab_size", ByteTokenizer::kVocab},
+                     {"vocab_size", p.vocab > 0 ? p.vocab : ByteTokenizer::kVocab},
                      {"hidden_size", p.hidden},
                      {"intermediate_size", p.intermediate},
                      {"num_hidden_layers", p.layers},
@@ -32,9 +33,9 @@ void write_preset_model(const std::string& dir, const PresetOptions& p, uint64_t
                      {"tie_word_embeddings", false},
                      {"bos_token_id", ByteTokenizer::kBos},
                      {"eos_token_id", ByteTokenizer::kEos},
-                     {"torch_dtype", "float32"}};
+                     {"torch_dtype", p.dtype == "bf16" ? "bfloat16" : "float32"}};
   const ModelConfig config = ModelConfig::from_json(cfg, "preset");
-  DecoderPart model = full_model(config);
+  DecoderPart model = full_model(config, parse_dtype(p.dtype));
   at::NoGradGuard no_grad;
   at::manual_seed(seed);
   NamedTensors tensors;

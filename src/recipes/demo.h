@@ -9,10 +9,13 @@ namespace amaq::recipes {
 
 struct PresetOptions {
   int64_t hidden = 128, layers = 4, heads = 4, kv_heads = 2, intermediate = 352, max_positions = 256;
+  int64_t vocab = 0;           ///< 0: the byte tokenizer's; larger for benchmarks of real shapes
+  std::string dtype = "fp32";  ///< the stored dtype: fp32 or bf16
 };
 
-/// Writes DIR/config.json and DIR/model.safetensors: a Llama with the byte tokenizer's vocabulary,
-/// initialised as HF does (linear and embedding weights N(0, 0.02), norm weights 1).
+/// Writes DIR/config.json and DIR/model.safetensors: a Llama with the byte tokenizer's vocabulary
+/// (or p.vocab), initialised as HF does (linear and embedding weights N(0, 0.02), norm weights 1),
+/// drawn and stored in p.dtype.
 void write_preset_model(const std::string& dir, const PresetOptions& p, uint64_t seed);
 
 /// Addition of zero-padded operands with the zero-padded sum written least-significant digit first,

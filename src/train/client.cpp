@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "core/compute.h"
+#include "core/device.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/hash.h"
@@ -456,7 +457,7 @@ wire::Status ClientTrainer::Run::finish_micro_batch(wire::Channel& ch, InFlight&
     at::Tensor dh;  // (B, T, C)
     const auto c0 = Clock::now();
     try {
-      dh = link_->receive_gradients(bm.packet, &rec->bwd_bits);
+      dh = link_->receive_gradients(bm.packet, &rec->bwd_bits, side_.device());
       rec->client_codec_seconds += seconds_since(c0);
     } catch (const Error& err) {
       s = wire::Status::Fail(wire::ErrorCode::kBadMessage, err.what());
@@ -595,6 +596,10 @@ void ClientTrainer::Run::server_stopped(wire::Channel& ch, const wire::Status& w
 RunResult ClientTrainer::Run::finish(wire::Channel& ch) {
   ch.send({wire::MessageType::kBye, 0, {}});
   ch.close();
+  if (side_.device().is_cuda() && !c_.quiet) {
+    spdlog::info("peak GPU memory of this process on {}: {:.2f} GB", side_.device().str(),
+                 static_cast<double>(peak_memory_bytes(side_.device())) / 1e9);
+  }
   metrics_->write(
       {{"session",
         {{"bytes_sent", ch.accounting().bytes_sent()}, {"bytes_received", ch.accounting().bytes_received()}}}});

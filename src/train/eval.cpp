@@ -31,13 +31,13 @@ std::string gold_text(const Example& e, const Tokenizer& tok) {
 
 std::vector<RowScore> score_rows(const at::Tensor& logits, const at::Tensor& labels) {
   at::Tensor lp = at::log_softmax(logits.slice(1, 0, -1).to(at::kFloat), -1);  // (B, T-1, V)
-  at::Tensor target = labels.slice(1, 1);
+  at::Tensor target = labels.to(logits.device()).slice(1, 1);
   at::Tensor valid = target != kIgnoreLabel;
   at::Tensor safe = at::where(valid, target, at::zeros_like(target));
   at::Tensor nll = -lp.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * valid;
   at::Tensor hit = (lp.argmax(-1) == target) & valid;
-  at::Tensor nll_sum = nll.to(at::kDouble).sum(1).contiguous(), tokens = valid.sum(1).contiguous(),
-             correct = hit.sum(1).contiguous();
+  at::Tensor nll_sum = nll.to(at::kDouble).sum(1).cpu().contiguous(), tokens = valid.sum(1).cpu().contiguous(),
+             correct = hit.sum(1).cpu().contiguous();
   std::vector<RowScore> out(static_cast<size_t>(logits.size(0)));
   for (size_t r = 0; r < out.size(); ++r) {
     out[r] = {nll_sum.data_ptr<double>()[r], static_cast<uint32_t>(tokens.data_ptr<int64_t>()[r]),

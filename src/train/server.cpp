@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "core/compute.h"
+#include "core/device.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/json.h"
@@ -294,7 +295,8 @@ wire::Status TrainServer::Session::decode_inputs(const wire::Frame& f, bool trai
   const int64_t B = fm.batch, T = fm.seq, C = srv_.model_.hidden_size;
   if (fm.label_type == wire::LabelType::kNone) return bad("FORWARD/EVAL without labels");
   try {
-    in->h = train ? link_->receive_activations(fm.packet) : link_->receive_eval(fm.packet);
+    in->h =
+        train ? link_->receive_activations(fm.packet, side_.device()) : link_->receive_eval(fm.packet, side_.device());
   } catch (const Error& e) {
     return bad(e.what());
   }
@@ -307,6 +309,7 @@ wire::Status TrainServer::Session::decode_inputs(const wire::Frame& f, bool trai
   if (!valid.all().item<bool>()) {
     return bad("labels outside [0, " + std::to_string(srv_.model_.vocab_size) + ") other than the ignore label -100");
   }
+  in->labels = in->labels.to(side_.device());  // the mask stays on the CPU: the part reads it there
   if (!fm.mask.empty()) in->mask = at::from_blob(const_cast<char*>(fm.mask.data()), {B, T}, at::kByte).to(at::kLong);
   return wire::Status::Ok();
 }
@@ -472,6 +475,10 @@ wire::Status TrainServer::Session::on_bye() {
       {{"session",
         {{"bytes_sent", ch_.accounting().bytes_sent()}, {"bytes_received", ch_.accounting().bytes_received()}}}});
   spdlog::info("session {}: run {} ended by the client after step {}", id_, run_id_, step_);
+  if (side_.part && side_.device().is_cuda()) {
+    spdlog::info("session {}: peak GPU memory of this process on {}: {:.2f} GB", id_, side_.device().str(),
+                 static_cast<double>(peak_memory_bytes(side_.device())) / 1e9);
+  }
   return wire::Status::Ok();
 }
 

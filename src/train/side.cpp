@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "core/device.h"
 #include "core/error.h"
 #include "core/torch_io.h"
 #include "model/peft.h"
@@ -10,11 +11,17 @@ namespace amaq::train {
 
 Side Side::build(const ModelConfig& config, const CheckpointReader& ckpt, SideRole role, int64_t split,
                  const SideOptions& options, uint64_t seed, double weight_decay) {
+  check_config_matches_weights(config, ckpt);  // before the part allocates anything
+  const at::TensorOptions where = compute_options(options.device, options.dtype);
+  DecoderPart part = role == SideRole::kClient ? client_part(config, split, where) : server_part(config, split, where);
+  part->load_weights(ckpt);
+  return around(part, options, seed, weight_decay);
+}
+
+Side Side::around(DecoderPart part, const SideOptions& options, uint64_t seed, double weight_decay) {
   Side s;
   s.options = options;
-  check_config_matches_weights(config, ckpt);  // before the part allocates anything
-  s.part = role == SideRole::kClient ? client_part(config, split) : server_part(config, split);
-  s.part->load_weights(ckpt);
+  s.part = part;
   if (options.full) {
     s.part->set_base_trainable(true);
   } else if (!options.init_adapter.empty()) {
@@ -45,20 +52,30 @@ Side Side::build(const ModelConfig& config, const CheckpointReader& ckpt, SideRo
 NamedTensors Side::state() {
   NamedTensors out;
   if (options.full) {
-    for (auto& [name, t] : part->base_weights()) out.emplace_back(name, t.detach());
+    for (auto& [name, t] : part->base_weights()) out.emplace_back(name, t.detach().to(at::kCPU));
     return out;
   }
   for (auto& [name, lin] : part->linears()) {
     if (!lin->has_lora()) continue;
-    out.emplace_back(peft_key(name, "lora_A"), lin->lora_a.detach());
-    out.emplace_back(peft_key(name, "lora_B"), lin->lora_b.detach());
+    out.emplace_back(peft_key(name, "lora_A"), lin->lora_a.detach().to(at::kCPU));
+    out.emplace_back(peft_key(name, "lora_B"), lin->lora_b.detach().to(at::kCPU));
   }
   return out;
 }
 
 void Side::load_state(const std::map<std::string, at::Tensor>& tensors, const std::string& what) {
   at::NoGradGuard no_grad;
-  for (auto& [name, t] : state()) {
+  std::map<std::string, at::Tensor> live;  // the parameters themselves (state() may hold CPU copies)
+  if (options.full) {
+    for (auto& [name, t] : part->base_weights()) live.emplace(name, t);
+  } else {
+    for (auto& [name, lin] : part->linears()) {
+      if (!lin->has_lora()) continue;
+      live.emplace(peft_key(name, "lora_A"), lin->lora_a);
+      live.emplace(peft_key(name, "lora_B"), lin->lora_b);
+    }
+  }
+  for (auto& [name, t] : live) {
     auto it = tensors.find(name);
     if (it == tensors.end())
       throw Error(what + " has no tensor '" + name + "'", "the checkpoint is from a run with other LoRA targets");
@@ -72,13 +89,14 @@ void Side::load_state(const std::map<std::string, at::Tensor>& tensors, const st
 }
 
 double Side::grad_sq_norm() const {
-  double sq = 0;
+  // Summed on the side's device in the parameters' order, read back once.
+  at::Tensor sq = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(part->device()));
   for (const auto& group : opt->param_groups()) {
     for (const auto& p : group.params()) {
-      if (p.grad().defined()) sq += p.grad().to(at::kDouble).pow(2).sum().item<double>();
+      if (p.grad().defined()) sq = sq + p.grad().to(at::kDouble).pow(2).sum();
     }
   }
-  return sq;
+  return sq.item<double>();
 }
 
 void Side::step(double lr, double coef) {

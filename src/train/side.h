@@ -27,8 +27,13 @@ struct Side {
   /// after seeding the generator with `seed`) or unfreezes the weights (full), and makes AdamW.
   static Side build(const ModelConfig& config, const CheckpointReader& ckpt, SideRole role, int64_t split,
                     const SideOptions& options, uint64_t seed, double weight_decay);
+  /// The same around a part whose base weights are already in place (benchmarks draw them).
+  static Side around(DecoderPart part, const SideOptions& options, uint64_t seed, double weight_decay);
 
-  /// What this side trains: LoRA tensors under PEFT keys, or base weights under checkpoint names.
+  at::Device device() const { return part->device(); }
+
+  /// What this side trains: LoRA tensors under PEFT keys, or base weights under checkpoint names;
+  /// on the CPU (copies when the side computes elsewhere).
   NamedTensors state();
   /// Restores state(); every tensor must be present with its shape. `what` names the source.
   void load_state(const std::map<std::string, at::Tensor>& tensors, const std::string& what);

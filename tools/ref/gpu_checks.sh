@@ -3,8 +3,11 @@
 #   1. amaq builds against PyTorch 2.x's libtorch with CUDA (and with it the CUDA codec glue);
 #   2. the unit tests pass there, the CUDA kernel tests among them (also under compute-sanitizer);
 #   3. `amaq_bench` times the codecs on CPU and CUDA (JSON);
-#   4. an adapter trained and exported by amaq loads in Python PEFT and gives amaq's logits.
-# Usage: tools/ref/gpu_checks.sh OUT_DIR [steps...]   (steps: build tests sanitize bench peft; default all)
+#   4. an adapter trained and exported by amaq loads in Python PEFT and gives amaq's logits;
+#   5. training throughput beside the HF + PEFT peer (tools/ref/bench_train.sh; the peer is carried in
+#      .carry/peers/, copied from ../shared/peers/), results in OUT_DIR/bench-train.jsonl.
+# Usage: tools/ref/gpu_checks.sh OUT_DIR [steps...]   (steps: build tests sanitize bench peft train;
+# default all but train). SKIP_INTEGRATION=1 leaves the two-process tests out of `tests`.
 # Packages the image lacks may be carried in .carry/ (Google Benchmark, OpenSSL headers).
 set -u
 OUT=${1:?usage: gpu_checks.sh OUT_DIR [steps]}
@@ -43,9 +46,11 @@ if want tests; then
   # tokenizer.json and TOML tests skip there (no PCRE2/ICU or toml++ in the image); Integration runs separately.
   $B/tests/amaq_tests --gtest_brief=1 --gtest_filter='-Integration.*' >"$OUT/tests.log" 2>&1
   log "unit tests rc=$?: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) \]' "$OUT/tests.log" | tr '\n' ' ')"
-  grep -E "FAILED|affine:" "$OUT/tests.log" | head -20 | tee -a "$SUMMARY"
-  $B/tests/amaq_tests --gtest_filter='Integration.*' >"$OUT/integration.log" 2>&1
-  log "integration rc=$?"
+  grep -E "FAILED|affine:|^\[ bf16" "$OUT/tests.log" | head -30 | tee -a "$SUMMARY"
+  if [ -z "${SKIP_INTEGRATION:-}" ]; then
+    $B/tests/amaq_tests --gtest_filter='Integration.*' >"$OUT/integration.log" 2>&1
+    log "integration rc=$?"
+  fi
 fi
 
 if want sanitize; then
@@ -77,4 +82,14 @@ PY
   cp "$W/adapter/adapter_config.json" "$OUT/exported_adapter_config.json" 2>/dev/null
   python3 tools/ref/check_peft_export.py --model $M --adapter "$W/adapter" --amaq "$B/amaq" --work "$W" >"$OUT/peft.log" 2>&1
   log "peft check rc=$?: $(tail -1 "$OUT/peft.log")"
+fi
+
+if want train; then
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv | tee -a "$SUMMARY"
+  tools/ref/bench_train.sh $B .carry/peers/hf_peft_lora_bench.py "$(dirname "$SUMMARY")" ${TRAIN_SHAPES:-llama-160m llama-1b} \
+    >"$OUT/bench-train.log" 2>&1
+  log "bench-train rc=$?"
+  grep -E "FAILED|error" "$OUT/bench-train.log" | head -20 | tee -a "$SUMMARY"
+  cat "$(dirname "$SUMMARY")/bench-train.jsonl" >>"$SUMMARY"
+  cp /tmp/amaq-bench/*.log "$OUT/" 2>/dev/null
 fi
