@@ -66,8 +66,8 @@ Run add_bench_train(CLI::App& app) {
     const auto t0 = std::chrono::steady_clock::now();
     for (int64_t i = 0; i < a->steps; ++i) timed.push_back(step());
     synchronize(dev);
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
-                      static_cast<double>(a->steps);
+    const double dt =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / static_cast<double>(a->steps);
     for (const at::Tensor& l : timed) losses.push_back(l.item<double>());
     const int64_t peak = peak_memory_bytes(dev);
     // Where a step's time goes: three more steps, each phase waited for (not part of step_s).

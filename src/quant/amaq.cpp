@@ -88,17 +88,60 @@ struct FakeQuantFn : public torch::autograd::Function<FakeQuantFn> {
 
 }  // namespace
 
+namespace {
+
+// Each element's range start and step (rows, C) fp32 on `device`, from the per-group ranges: the
+// same values affine_lo_step gives, built with tensor ops where the encoding ran (the fused CUDA
+// encoder leaves no codes on the host).
+std::pair<at::Tensor, at::Tensor> lo_step_on(const Encoded& e, at::Device device) {
+  const AffineLayout& L = e.layout;
+  const auto on = at::TensorOptions().device(device);
+  // fp16 -> fp32 is exact; times the scale in fp32, as decoded_ranges computes it.
+  at::Tensor lo = (e.quant.lo.to(at::kFloat) * e.quant.scale).to(device),
+             hi = (e.quant.hi.to(at::kFloat) * e.quant.scale).to(device);
+  at::Tensor cols = at::arange(L.cols, on.dtype(at::kLong));
+  switch (L.granularity) {
+    case Granularity::kToken:
+      lo = lo.view({L.rows, 1}), hi = hi.view({L.rows, 1});
+      break;
+    case Granularity::kChannel:
+      lo = lo.view({1, L.cols}), hi = hi.view({1, L.cols});
+      break;
+    case Granularity::kGroup: {
+      at::Tensor g = at::div(cols, L.group, "floor");
+      lo = lo.view({L.rows, L.groups_per_row()}).index_select(1, g);
+      hi = hi.view({L.rows, L.groups_per_row()}).index_select(1, g);
+      break;
+    }
+  }
+  at::Tensor qmax = (at::pow(2.0, e.bits.to(device, at::kFloat)) - 1).view({1, L.cols});
+  return {lo.expand({L.rows, L.cols}), ((hi - lo) / qmax).expand({L.rows, L.cols})};
+}
+
+}  // namespace
+
 at::Tensor fake_quant(const at::Tensor& x, const Encoded& e, const at::Tensor& bits_continuous) {
   at::Tensor decoded = e.decoded.to(x.device()).to(x.scalar_type());
   at::Tensor residual_dstep;
   if (bits_continuous.defined()) {
-    TORCH_CHECK(e.quant.codes.defined(), "bit-width gradients need an affine (fixed/amaq) encoding");
-    auto [lo, step] = affine_lo_step(e.quant, e.bits, e.layout);  // (rows, C)
-    at::Tensor xf = x.detach().to(at::kCPU).to(at::kFloat).reshape({e.layout.rows, e.layout.cols});
+    TORCH_CHECK(e.quant.lo.defined(), "bit-width gradients need an affine (fixed/amaq) encoding");
+    // With the codes on the host (CPU encoders) they are used as they are; without (the fused CUDA
+    // encoder), they are recomputed where x is, by round-to-nearest-even as quantize_one does it.
+    const bool have_codes = e.quant.codes.defined();
+    const at::Device where = have_codes ? at::Device(at::kCPU) : x.device();
+    auto [lo, step] = have_codes ? affine_lo_step(e.quant, e.bits, e.layout) : lo_step_on(e, where);  // (rows, C)
+    at::Tensor xf = x.detach().to(where, at::kFloat).reshape({e.layout.rows, e.layout.cols});
     at::Tensor safe = at::where(step > 0, step, at::ones_like(step));
     at::Tensor u = (xf - lo) / safe;
-    at::Tensor residual = at::where(step > 0, e.quant.codes.to(at::kFloat) - u, at::zeros_like(u));
-    at::Tensor pow2 = at::pow(2.0, e.bits.to(at::kFloat));            // (C,)
+    at::Tensor codes;
+    if (have_codes) {
+      codes = e.quant.codes.to(at::kFloat);
+    } else {
+      const at::Tensor qmax = at::pow(2.0, e.bits.to(where, at::kFloat)) - 1;  // (C,)
+      codes = at::round(at::minimum(at::clamp_min(u, 0.0), qmax));
+    }
+    at::Tensor residual = at::where(step > 0, codes - u, at::zeros_like(u));
+    at::Tensor pow2 = at::pow(2.0, e.bits.to(where, at::kFloat));     // (C,)
     at::Tensor dstep_db = -step * std::log(2.0) * pow2 / (pow2 - 1);  // (rows, C)
     residual_dstep = (residual * dstep_db).to(x.device());
   }

@@ -102,10 +102,11 @@ SentActivations Link::send_activations(const at::Tensor& h, int64_t step, int64_
   args.sample_ids = sample_ids;
   args.seed = rounding_seed(step, micro);
   if (gates_) args.bits = gates_->bit_map();
-  // The gates' gradient needs the integer codes, which the fused CUDA encoder keeps only packed: with
-  // gates, a CUDA activation is encoded on the CPU (the same packet; slower, measured in
-  // client_codec_seconds).
-  Encoded e = fwd_->encode(gates_ && h.is_cuda() ? h.detach().to(at::kCPU) : h, args);
+  // The gates' gradient needs each element's code: fake_quant recomputes them on the GPU by
+  // round-to-nearest; stochastic rounding's codes exist only inside the fused CUDA encoder, so with
+  // it a CUDA activation is encoded on the CPU (the same packet; slower).
+  const bool host = gates_ && h.is_cuda() && fwd_spec_.rounding != Rounding::kNearest;
+  Encoded e = fwd_->encode(host ? h.detach().to(at::kCPU) : h, args);
   SentActivations out;
   out.value = fake_quant(h, e, gates_ ? gates_->bits_continuous() : at::Tensor());
   out.bits = stats_of(e.bits, fwd_spec_.nominal_bits());

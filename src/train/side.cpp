@@ -1,5 +1,7 @@
 #include "train/side.h"
 
+#include <torch/version.h>
+
 #include <cmath>
 
 #include "core/device.h"
@@ -99,9 +101,64 @@ double Side::grad_sq_norm() const {
   return sq.item<double>();
 }
 
+// torch::optim::AdamW steps each parameter with its own handful of kernels: measured on an H100,
+// 16.5 ms of an 86 ms step for the 160M shape's 168 LoRA tensors. On CUDA (PyTorch 2.x) the same
+// update runs as PyTorch's fused multi-tensor kernel, what torch.optim.AdamW(fused=True) calls. The
+// state stays in the AdamW object (created as it creates it), so checkpoints do not change.
+bool Side::fused_step(double coef) {
+#if TORCH_VERSION_MAJOR >= 2
+  if (!part->device().is_cuda() || opt->param_groups().size() != 1) return false;
+  at::NoGradGuard no_grad;
+  auto& group = opt->param_groups()[0];
+  const auto& o = static_cast<const torch::optim::AdamWOptions&>(group.options());
+  if (o.amsgrad()) return false;
+  std::vector<at::Tensor> ps, gs, ms, vs, steps;
+  size_t i = 0;
+  for (auto& p : group.params()) {
+    if (!p.grad().defined()) continue;
+    if (!p.is_cuda() || p.scalar_type() != group.params()[0].scalar_type()) return false;
+    auto& slot = opt->state()[p.unsafeGetTensorImpl()];
+    if (!slot) {
+      auto st = std::make_unique<torch::optim::AdamWParamState>();
+      st->step(0);
+      st->exp_avg(at::zeros_like(p, at::MemoryFormat::Preserve));
+      st->exp_avg_sq(at::zeros_like(p, at::MemoryFormat::Preserve));
+      slot = std::move(st);
+    }
+    auto& st = static_cast<torch::optim::AdamWParamState&>(*slot);
+    if (fused_steps_.size() <= i) {
+      fused_steps_.resize(i + 1);
+      fused_steps_host_.resize(i + 1, -1);
+    }
+    if (fused_steps_host_[i] != st.step()) {  // new, or the state was loaded from a checkpoint
+      fused_steps_[i] = at::full({}, static_cast<double>(st.step()), p.options().dtype(at::kFloat));
+      fused_steps_host_[i] = st.step();
+    }
+    st.step(st.step() + 1);
+    ++fused_steps_host_[i];
+    ps.push_back(p);
+    gs.push_back(p.grad());
+    ms.push_back(st.exp_avg());
+    vs.push_back(st.exp_avg_sq());
+    steps.push_back(fused_steps_[i]);
+    ++i;
+  }
+  if (ps.empty()) return true;
+  if (coef != 1.0) at::_foreach_mul_(gs, coef);
+  at::_foreach_add_(steps, 1.0);
+  at::_fused_adamw_(ps, gs, ms, vs, {}, steps, o.lr(), std::get<0>(o.betas()), std::get<1>(o.betas()), o.weight_decay(),
+                    o.eps(), /*amsgrad=*/false, /*maximize=*/false);
+  return true;
+#else
+  (void)coef;
+  return false;
+#endif
+}
+
 void Side::step(double lr, double coef) {
+  for (auto& group : opt->param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+  if (fused_step(coef)) return;
   for (auto& group : opt->param_groups()) {
-    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
     if (coef != 1.0) {
       for (auto& p : group.params()) {
         if (p.grad().defined()) p.mutable_grad().mul_(coef);

@@ -42,6 +42,12 @@ struct Side {
   /// Multiplies the gradients by `coef` (clipping), sets the learning rate and steps.
   void step(double lr, double coef);
   void zero_grad();
+
+ private:
+  bool fused_step(double coef);
+  // The fused CUDA AdamW's step counts (fp32 scalars on the device) and their host mirror.
+  std::vector<at::Tensor> fused_steps_;
+  std::vector<int64_t> fused_steps_host_;
 };
 
 /// Clip coefficient as torch.nn.utils.clip_grad_norm_ computes it (1 when off or under the limit).

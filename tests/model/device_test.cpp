@@ -1,11 +1,12 @@
 // The model off the CPU-fp32 path: on CUDA against the HF fixtures (fp32 at 1e-4, TF32 off), in
 // bf16 on either device within a stated bound, and training that gives the same losses on the CPU
 // and on CUDA. Device and dtype flags refuse what they cannot do by name. CUDA tests skip without a GPU.
+#include "core/device.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
 
-#include "core/device.h"
 #include "core/error.h"
 #include "core/safetensors.h"
 #include "model/config.h"
@@ -27,7 +28,7 @@ void strict_fp32() {
   at::globalContext().setAllowTF32CuDNN(false);
 }
 
-#define SKIP_WITHOUT(device)                                                            \
+#define SKIP_WITHOUT(device) \
   if ((device) != "cpu" && !cuda_available()) GTEST_SKIP() << "no CUDA GPU in this build or machine"
 
 DecoderPart load(const std::string& fixture, const at::TensorOptions& where, bool adapter) {

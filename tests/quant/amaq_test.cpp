@@ -34,6 +34,32 @@ TEST(Amaq, GatesGetTheirGradientAndActivationsPassStraightThrough) {
   EXPECT_EQ((g < 0).sum().item<int64_t>(), 64) << g;
 }
 
+// The fused CUDA encoder leaves no codes on the host; fake_quant then recomputes them (and each
+// element's range) where x is. Against the codes the CPU encoder kept: the same gate gradient, bit
+// for bit, at every granularity.
+TEST(Amaq, GateGradientWithoutHostCodesEqualsTheOneFromTheCodes) {
+  for (const std::string gran : {"token", "channel", "group,group=16"}) {
+    SCOPED_TRACE(gran);
+    CodecSpec spec = CodecSpec::parse("amaq:budget=4,gran=" + gran);
+    AmaqGates gates(64, spec);
+    Codec codec(spec);
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
+    at::Tensor x = at::randn({3, 16, 64}, gen) * at::linspace(0.1, 4.0, 64);
+    Encoded e = codec.encode(x, with_bits(gates->bit_map()));
+    Encoded without = e;
+    without.quant.codes = at::Tensor();
+    at::Tensor up = at::randn({3, 16, 64}, gen);
+    at::Tensor grads[2];
+    for (int i = 0; i < 2; ++i) {
+      gates->gates.mutable_grad() = at::Tensor();
+      (fake_quant(x, i == 0 ? e : without, gates->bits_continuous()) * up).sum().backward();
+      grads[i] = gates->gates.grad().clone();
+    }
+    EXPECT_GT(grads[0].abs().sum().item<double>(), 0.0);
+    EXPECT_TRUE(at::equal(grads[0], grads[1])) << (grads[0] - grads[1]).abs().max();
+  }
+}
+
 double train_gates(const std::string& spec_text, int steps, std::vector<double>* budget_trace = nullptr,
                    std::vector<double>* mean_trace = nullptr) {
   CodecSpec spec = CodecSpec::parse(spec_text);

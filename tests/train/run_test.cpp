@@ -167,6 +167,35 @@ TEST(SplitRun, Bf16SplitWithBf16PacketsEqualsTheUnsplitBf16Run) {
   EXPECT_NE(fp32, ref);
 }
 
+// The common real setup, a CPU client and a GPU server, and both sides on the GPU (the client's AMAQ
+// gates then take their gradient from codes recomputed on the GPU): the all-CPU run's losses and
+// bits, to rounding (fp32, TF32 off; matrix products sum in another order on the GPU). Skips
+// without CUDA.
+TEST(SplitRun, CpuClientWithCudaServerAndAllCudaTrainAsAllCpu) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA GPU in this build or machine";
+  at::globalContext().setAllowTF32CuBLAS(false);
+  testing::TempDir tmp;
+  std::vector<RunResult> runs;
+  for (const auto& [client, server] : {std::pair{"cpu", "cpu"}, std::pair{"cpu", "cuda"}, std::pair{"cuda", "cuda"}}) {
+    ClientConfig c = base_config(tmp, std::string(client) + "-" + server);
+    c.schedule.steps = 8;
+    c.fwd_codec = quant::CodecSpec::parse("amaq:budget=4,decay=4");
+    c.bwd_codec = quant::CodecSpec::parse("amaq:budget=6,decay=4");
+    c.side.device = client;
+    SideOptions s = c.side;
+    s.device = server;
+    TrainServer srv(server_for(c, s));
+    runs.push_back(run_in_process(srv, c));
+  }
+  for (size_t r = 1; r < runs.size(); ++r) {
+    ASSERT_EQ(runs[r].steps.size(), runs[0].steps.size());
+    for (size_t s = 0; s < runs[0].steps.size(); ++s) {
+      EXPECT_NEAR(runs[r].steps[s].task_loss, runs[0].steps[s].task_loss, 1e-3) << "run " << r << " step " << s;
+      EXPECT_EQ(runs[r].steps[s].fwd_bits.mean, runs[0].steps[s].fwd_bits.mean) << "run " << r << " step " << s;
+    }
+  }
+}
+
 // A run interrupted after step 4 and resumed equals the uninterrupted serial run bit for bit (losses,
 // bits, evaluation, both sides' final tensors). With `in_flight` > 1 the interrupted and resumed
 // parts keep that many micro-batches in flight: pipelining changes nothing either.

@@ -8,8 +8,10 @@
 #   amaq      the same with amaq:budget=4 forward / amaq:budget=6 backward
 #   tcp       amaq server + amaq client, two processes over loopback TCP, amaq codecs
 # Split runs: tokens/s from the median step_seconds of steps 3..12 of the client's metrics.jsonl.
+# Results are appended to OUT_DIR/bench-train.jsonl.
 # Usage: tools/ref/bench_train.sh BUILD_DIR PEER_SCRIPT OUT_DIR [shapes...]
-# (PEER_SCRIPT none skips the peer; AMAQ_BENCH_DEVICE=cpu and the shape tiny try the script here.)
+# (PEER_SCRIPT none skips the peer; AMAQ_BENCH_DEVICE=cpu and the shape tiny try the script here;
+# BENCH_RUNS picks runs, default "peer unsplit inproc amaq tcp".)
 set -u
 B=${1:?build dir}
 PEER=${2:?peer script}
@@ -18,9 +20,10 @@ shift 3
 SHAPES=${*:-llama-160m llama-1b}
 W=${AMAQ_BENCH_WORK:-/tmp/amaq-bench}
 DEV=${AMAQ_BENCH_DEVICE:-cuda}
+RUNS=" ${BENCH_RUNS:-peer unsplit inproc amaq tcp} "
+want() { [[ "$RUNS" == *" $1 "* ]]; }
 mkdir -p "$OUT" "$W"
 RESULTS=$OUT/bench-train.jsonl
-: >"$RESULTS"
 for i in 1 2 3; do cat tests/data/text/english.txt; done >"$W/data.txt"
 
 shape_flags() {
@@ -48,7 +51,10 @@ print(json.dumps(dict(bench="amaq-train", mode=name, shape=shape, step_s=round(t
 PY
 }
 
-peak_of() { grep -ho "peak GPU memory[^:]*: [0-9.]* GB" "$@" 2>/dev/null | awk '{s += $(NF-1)} END {if (NR) print s}'; }
+# The peak GPU memory each process reported (the first such line of each log), summed over processes.
+peak_of() {
+  for f in "$@"; do grep -m1 -o "peak GPU memory.*: [0-9.]* GB" "$f"; done 2>/dev/null | awk '{s += $(NF-1)} END {if (NR) print s}'
+}
 
 COMMON="--split 2 --device $DEV --dtype bf16 --batch 8 --seq-len 512 --steps 13 --lr 1e-4 --lora-r 16 --lora-alpha 32
   --tokenizer byte --data $W/data.txt --val-fraction 0 --eval-every 0 --clip 0"
@@ -57,15 +63,16 @@ for shape in $SHAPES; do
   [ -f "$M/model.safetensors" ] || timeout 300 "$B/amaq" init-model --out "$M" $(shape_flags "$shape") --dtype bf16 \
     >"$OUT/init-$shape.log" 2>&1 || { echo "init-model $shape FAILED"; tail -5 "$OUT/init-$shape.log"; continue; }
   echo "== $shape: peer"
-  if [ "$PEER" != none ]; then
+  if [ "$PEER" != none ] && want peer; then
     PYTHONUNBUFFERED=1 timeout 300 python3 "$PEER" "$shape" 8 512 2>"$OUT/peer-$shape.log" | tee -a "$RESULTS"
     [ "${PIPESTATUS[0]}" = 0 ] || tail -5 "$OUT/peer-$shape.log"
   fi
   echo "== $shape: amaq unsplit"
-  timeout 300 "$B/amaq" bench-train --model "$M" --device $DEV --dtype bf16 --batch 8 --seq-len 512 --steps 10 \
+  want unsplit && timeout 300 "$B/amaq" bench-train --model "$M" --device $DEV --dtype bf16 --batch 8 --seq-len 512 --steps 10 \
     --warmup 3 2>"$OUT/unsplit-$shape.log" | sed "s/^{/{\"shape\":\"$shape\",/" | tee -a "$RESULTS" \
     || tail -5 "$OUT/unsplit-$shape.log"
   for run in inproc amaq; do
+    want $run || continue
     echo "== $shape: amaq train ($run)"
     codecs="--fwd-codec none:bf16 --bwd-codec none:bf16"
     [ $run = amaq ] && codecs="--fwd-codec amaq:budget=4 --bwd-codec amaq:budget=6"
@@ -76,6 +83,7 @@ for shape in $SHAPES; do
       echo "$run FAILED"; tail -n 8 "$OUT/$run-$shape.log"
     fi
   done
+  want tcp || continue
   echo "== $shape: amaq server + client over loopback TCP"
   rm -rf "$W/run-tcp" "$W/srv-tcp"
   "$B/amaq" server --model "$M" --split 2 --run-dir "$W/srv-tcp" --listen 127.0.0.1:7411 --device $DEV --dtype bf16 \

@@ -6,8 +6,8 @@
 #   4. an adapter trained and exported by amaq loads in Python PEFT and gives amaq's logits;
 #   5. training throughput beside the HF + PEFT peer (tools/ref/bench_train.sh; the peer is carried in
 #      .carry/peers/, copied from ../shared/peers/), results in OUT_DIR/bench-train.jsonl.
-# Usage: tools/ref/gpu_checks.sh OUT_DIR [steps...]   (steps: build tests sanitize bench peft train;
-# default all but train). SKIP_INTEGRATION=1 leaves the two-process tests out of `tests`.
+# Usage: tools/ref/gpu_checks.sh OUT_DIR [steps...]   (steps: build tests gputests sanitize bench peft
+# train; default build tests sanitize bench peft). SKIP_INTEGRATION=1 leaves the two-process tests out of `tests`.
 # Packages the image lacks may be carried in .carry/ (Google Benchmark, OpenSSL headers).
 set -u
 OUT=${1:?usage: gpu_checks.sh OUT_DIR [steps]}
@@ -51,6 +51,14 @@ if want tests; then
     $B/tests/amaq_tests --gtest_filter='Integration.*' >"$OUT/integration.log" 2>&1
     log "integration rc=$?"
   fi
+fi
+
+if want gputests; then
+  # The tests that differ on a GPU: models, training and codecs on CUDA (a short subset of `tests`).
+  $B/tests/amaq_tests --gtest_filter='OnCuda*:DeviceTraining*:Fixtures/Bf16*:Amaq*:CudaCodec*:Split.*:HfGolden*:SplitRun.Cpu*:SplitRun.Bf16*' \
+    >"$OUT/gputests.log" 2>&1
+  log "GPU tests rc=$?: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) \]' "$OUT/gputests.log" | tr '\n' ' ')"
+  grep -E "FAILED|^\[ bf16" "$OUT/gputests.log" | head -30 | tee -a "$SUMMARY"
 fi
 
 if want sanitize; then

@@ -17,8 +17,7 @@ int64_t peak_memory_bytes(at::Device device) {
 }
 
 void reset_peak_memory(at::Device device) {
-  if (device.is_cuda())
-    c10::cuda::CUDACachingAllocator::resetPeakStats(device.index() < 0 ? 0 : device.index());
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index() < 0 ? 0 : device.index());
 }
 
 }  // namespace amaq
