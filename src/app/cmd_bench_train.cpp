@@ -38,6 +38,7 @@ Run add_bench_train(CLI::App& app) {
   app.add_option("--lora-alpha", a->side.lora_alpha, "LoRA alpha")->capture_default_str();
   app.add_option("--lora-targets", a->side.targets, "modules to adapt")->delimiter(',')->capture_default_str();
   app.add_option("--lr", a->lr, "AdamW learning rate")->capture_default_str();
+  app.add_flag("--activation-checkpointing", a->side.activation_checkpointing, "recompute each layer in backward");
   return [a] {
     const at::TensorOptions where = compute_options(a->side.device, a->side.dtype);
     const ModelConfig config = ModelConfig::load(a->model);
@@ -94,6 +95,7 @@ Run add_bench_train(CLI::App& app) {
                        {"batch", a->batch},
                        {"seq", a->seq_len},
                        {"lora_r", side.options.lora_r},
+                       {"activation_checkpointing", side.options.activation_checkpointing},
                        {"steps", a->steps},
                        {"step_s", dt},
                        {"tokens_per_s", static_cast<double>(a->batch * a->seq_len) / dt},

@@ -75,6 +75,8 @@ void add_side_options(CLI::App& app, SideOptions* side, const std::string& prefi
   app.add_option("--" + prefix + "adapter", side->init_adapter, "start the " + who + "'s LoRA from this PEFT adapter");
   app.add_option("--" + prefix + "device", side->device, "where the " + who + " computes: cpu, cuda, cuda:N")
       ->capture_default_str();
+  app.add_flag("--" + prefix + "activation-checkpointing", side->activation_checkpointing,
+               "recompute each of the " + who + "'s layers in backward instead of keeping its activations");
   app.add_option("--" + prefix + "dtype", side->dtype,
                  "the " + who + "'s compute dtype: fp32, or bf16 (LoRA, optimizer and norms stay fp32)")
       ->capture_default_str();
@@ -416,6 +418,7 @@ Run add_train(CLI::App& app) {
     if (!given("--server-adapter")) srv.init_adapter = cli.init_adapter;
     if (!given("--server-device")) srv.device = cli.device;
     if (!given("--server-dtype")) srv.dtype = cli.dtype;
+    if (!given("--server-activation-checkpointing")) srv.activation_checkpointing = cli.activation_checkpointing;
     return run_train(*a, app);
   };
 }

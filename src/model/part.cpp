@@ -1,5 +1,8 @@
 #include "model/part.h"
 
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+
 #include <algorithm>
 #include <limits>
 #include <set>
@@ -9,6 +12,35 @@
 #include "model/gemm.h"
 
 namespace amaq {
+
+namespace {
+
+// Activation checkpointing, as torch.utils.checkpoint's reentrant form: a layer's forward keeps only
+// its input; backward runs the layer again with gradients on and back-propagates through that copy
+// (the parameters' gradients accumulate as usual; the input's is returned). Recomputation is
+// deterministic (no dropout: DecoderPartImpl refuses LoRA dropout with checkpointing), so the
+// gradients are those of the plain forward.
+struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
+  // bias: an empty tensor stands for "no bias" (custom functions take no undefined inputs).
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h, const at::Tensor& cos,
+                            const at::Tensor& sin, const at::Tensor& bias, DecoderLayerImpl* layer) {
+    ctx->save_for_backward({h, cos, sin, bias});
+    ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
+    return layer->forward(h, cos, sin, bias.numel() ? bias : at::Tensor());
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto* layer = reinterpret_cast<DecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
+    at::Tensor h = saved[0].detach().requires_grad_(true);
+    at::AutoGradMode grad_on(true);
+    at::Tensor out = layer->forward(h, saved[1], saved[2], saved[3].numel() ? saved[3] : at::Tensor());
+    torch::autograd::backward({out}, {grads[0]});
+    return {h.grad(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
 
 EmbeddingImpl::EmbeddingImpl(int64_t vocab, int64_t dim, const at::TensorOptions& opt) {
   weight = register_parameter("weight", at::zeros({vocab, dim}, opt), false);
@@ -74,7 +106,15 @@ at::Tensor DecoderPartImpl::forward(const at::Tensor& input, const at::Tensor& a
         bias = functional::attention_bias(attention_mask, B, T, window, dtype_, h.device());
       it = bias_by_window.emplace(window, bias).first;
     }
-    h = layers[n]->forward(h, cos, sin, it->second);
+    if (checkpointing_ && at::GradMode::is_enabled()) {
+      const at::Tensor& bias = it->second;
+      // The parameters are not inputs of the function: an input that needs no gradient (the frozen
+      // embeddings' output) is made to need one, or the function would not be recorded at all.
+      const at::Tensor in = h.requires_grad() ? h : h.detach().requires_grad_(true);
+      h = CheckpointedLayer::apply(in, cos, sin, bias.defined() ? bias : at::empty({0}, h.options()), layers[n].get());
+    } else {
+      h = layers[n]->forward(h, cos, sin, it->second);
+    }
     if (hidden && i + 1 < config_.num_layers) (*hidden)[i + 1] = h;
   }
   if (!has_head()) return h;
@@ -141,6 +181,18 @@ std::vector<std::pair<std::string, Linear>> DecoderPartImpl::linears() {
     }
   }
   return out;
+}
+
+void DecoderPartImpl::set_activation_checkpointing(bool on) {
+  if (on) {
+    for (auto& [name, lin] : linears()) {
+      if (lin->has_lora() && lin->lora_options().dropout() > 0) {
+        throw Error("activation checkpointing with LoRA dropout: the recomputed forward would draw other masks",
+                    "set --lora-dropout 0, or leave --activation-checkpointing off");
+      }
+    }
+  }
+  checkpointing_ = on;
 }
 
 void DecoderPartImpl::set_base_trainable(bool trainable) {

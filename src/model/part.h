@@ -61,6 +61,11 @@ class DecoderPartImpl : public torch::nn::Module {
   /// Makes every base weight trainable (full fine-tuning) or frozen. With tied embeddings split
   /// across two parts, each side trains its own copy (the unsplit model shares one).
   void set_base_trainable(bool trainable);
+  /// Activation checkpointing: while gradients are on, each decoder layer keeps only its input and
+  /// runs again in backward (less memory for long sequences, about one more forward of time).
+  /// Refused when a LoRA layer has dropout; call after the adapters are attached.
+  void set_activation_checkpointing(bool on);
+  bool activation_checkpointing() const { return checkpointing_; }
   /// Parameters with requires_grad, each once.
   std::vector<at::Tensor> trainable_parameters();
 
@@ -75,6 +80,7 @@ class DecoderPartImpl : public torch::nn::Module {
   at::ScalarType dtype_;
   at::Device device_;
   at::Tensor inv_freq_;  // (head_dim / 2,) on device_
+  bool checkpointing_ = false;
 };
 TORCH_MODULE(DecoderPart);
 

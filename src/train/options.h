@@ -21,8 +21,9 @@ struct SideOptions {
   std::string init_adapter;  ///< start from this PEFT adapter (its LoRA for this side's layers)
   // Where and in what precision this side computes: its own choice, never sent to the peer (packets
   // do not depend on it) and not in to_json(). Checked by core/device.h when the side is built.
-  std::string device = "cpu";  ///< cpu, cuda, cuda:N
-  std::string dtype = "fp32";  ///< fp32 or bf16 (the base weights' and activations' dtype)
+  std::string device = "cpu";             ///< cpu, cuda, cuda:N
+  std::string dtype = "fp32";             ///< fp32 or bf16 (the base weights' and activations' dtype)
+  bool activation_checkpointing = false;  ///< recompute each layer in backward (memory for time)
 
   nlohmann::json to_json() const;
   static SideOptions from_json(const nlohmann::json& j);

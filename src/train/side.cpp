@@ -45,6 +45,7 @@ Side Side::around(DecoderPart part, const SideOptions& options, uint64_t seed, d
                   "check --lora-targets (e.g. all-linear, q_proj,v_proj)");
     }
   }
+  s.part->set_activation_checkpointing(options.activation_checkpointing);
   auto params = s.part->trainable_parameters();
   if (params.empty()) throw Error("this side has nothing to train", "set LoRA targets or --full");
   s.opt = std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(1e-3).weight_decay(weight_decay));

@@ -156,5 +156,55 @@ TEST_P(Split, RightPaddedBatchMatchesUnpaddedSequences) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Split, ::testing::Values("llama-gqa", "qwen2-tied"));
 
+// Activation checkpointing recomputes each layer in backward: the same loss and the same LoRA
+// gradients as the plain forward, bit for bit, unsplit and on each side of a split; refused with
+// LoRA dropout (the recomputation would draw other masks).
+TEST(ActivationCheckpointing, GradientsEqualThePlainForwardBitForBit) {
+  const std::string name = "llama-gqa";
+  auto [config, ids] = load_case(name);
+  auto run = [&](DecoderPart p, bool checkpointing) {
+    p->set_activation_checkpointing(checkpointing);
+    EXPECT_EQ(p->activation_checkpointing(), checkpointing);
+    at::Tensor loss = causal_lm_loss(p->forward(ids), ids);
+    loss.backward();
+    return std::pair{loss.item<double>(), lora_grads(p)};
+  };
+  auto [loss_plain, plain] = run(with_weights(full_model(config), name), false);
+  auto [loss_ckpt, ckpt] = run(with_weights(full_model(config), name), true);
+  EXPECT_EQ(loss_ckpt, loss_plain);
+  ASSERT_EQ(ckpt.size(), plain.size());
+  for (auto& [n, g] : plain) {
+    ASSERT_TRUE(ckpt.at(n).defined()) << n;
+    EXPECT_TRUE(at::equal(ckpt.at(n), g)) << n;
+  }
+  // Split, checkpointing on both sides.
+  DecoderPart client = with_weights(client_part(config, 2), name), server = with_weights(server_part(config, 2), name);
+  client->set_activation_checkpointing(true);
+  server->set_activation_checkpointing(true);
+  at::Tensor h = client->forward(ids);
+  at::Tensor hs = h.detach().requires_grad_(true);
+  causal_lm_loss(server->forward(hs), ids).backward();
+  h.backward(hs.grad());
+  auto split = lora_grads(client);
+  for (auto& [n, g] : lora_grads(server)) split[n] = g;
+  for (auto& [n, g] : plain) EXPECT_TRUE(at::equal(split.at(n), g)) << n;
+  // Without gradients nothing is kept for backward anyway: the plain forward runs.
+  at::NoGradGuard no_grad;
+  EXPECT_TRUE(at::equal(client->forward(ids), h.detach()));
+}
+
+TEST(ActivationCheckpointing, IsRefusedWithLoraDropout) {
+  auto [config, ids] = load_case("llama-gqa");
+  DecoderPart p = full_model(config);
+  apply_lora(p, LoRAOptions(4).dropout(0.1), {"q_proj"});
+  try {
+    p->set_activation_checkpointing(true);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("LoRA dropout"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(p->activation_checkpointing());
+}
+
 }  // namespace
 }  // namespace amaq
