@@ -12,6 +12,7 @@
 #include "core/fs.h"
 #include "core/hash.h"
 #include "recipes/demo.h"
+#include "train/report.h"
 #include "train/session.h"
 #include "wire/tcp.h"
 
@@ -132,8 +133,25 @@ int run_demo(const DemoArgs& a) {
              a.val_examples);
   fmt::print("{}", train::format_table(table));
   fmt::print(
-      "runs in {}/{{amaq,bf16,fixed-4bit}} (metrics.jsonl, summary.txt, checkpoints, server/), {:.0f} s in all\n",
+      "runs in {}/{{amaq,bf16,fixed-4bit}} (metrics.jsonl, summary.txt, report.html, checkpoints, server/), {:.0f} s "
+      "in "
+      "all\n",
       a.dir, total);
+  std::vector<std::string> ran;
+  for (const Variant& v : variants)
+    if (a.only.empty() || std::find(a.only.begin(), a.only.end(), v.name) != a.only.end())
+      ran.push_back(join_path(a.dir, v.name));
+  const std::string page = join_path(a.dir, "report.html");
+  train::write_report(ran, page);
+  fmt::print(
+      "\nthe three runs side by side (loss, bits, bytes, time, AMAQ's bit map): {}\n"
+      "next, fine-tune a HuggingFace checkpoint directory across two processes:\n"
+      "  amaq server --model MODEL_DIR --split 2 --run-dir server-runs --listen 127.0.0.1:7000 \\\n"
+      "      --fwd-codec amaq:budget=4 --bwd-codec amaq:budget=6 &\n"
+      "  amaq client --model MODEL_DIR --split 2 --connect 127.0.0.1:7000 --data train.jsonl --run-dir run \\\n"
+      "      --fwd-codec amaq:budget=4 --bwd-codec amaq:budget=6 --steps 200 && amaq report run\n"
+      "(README: TLS and a token for a real network, --device cuda --dtype bf16 for a GPU server)\n",
+      page);
   return 0;
 }
 

@@ -21,5 +21,6 @@ Run add_make_task(CLI::App& app);
 Run add_study(CLI::App& app);
 Run add_emulate_link(CLI::App& app);
 Run add_bench_train(CLI::App& app);
+Run add_report(CLI::App& app);
 
 }  // namespace amaq::app

@@ -35,6 +35,7 @@ int main(int argc, char** argv) {
       {"study", "run the AMAQ-against-fixed-precision study of a plan and write its report", amaq::app::add_study},
       {"emulate-link", "relay TCP through an emulated slow link (rate, round-trip time) for measurements",
        amaq::app::add_emulate_link},
+      {"report", "a run's metrics as one self-contained HTML page; several runs overlaid", amaq::app::add_report},
       {"bench-train", "time full LoRA training steps of the unsplit model (JSON line), as the HF+PEFT peer does",
        amaq::app::add_bench_train},
   };

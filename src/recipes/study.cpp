@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <spawn.h>
+#include <spdlog/spdlog.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -20,11 +21,12 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/safetensors.h"
+#include "core/svg.h"
 #include "model/config.h"
 #include "model/part.h"
-#include "recipes/svg.h"
 #include "train/data.h"
 #include "train/metrics.h"
+#include "train/report.h"
 #include "train/session.h"
 
 extern char** environ;
@@ -684,6 +686,11 @@ std::map<std::string, std::string> render_report(const ReportInput& in) {
        "- *diverged*: a non-finite loss, or the mean task loss of the last 10% of steps above that of the first 10%. "
        "*spiking*: runs "
        "with a step whose loss exceeds twice the median of the 10 steps before it.\n\n";
+  o += fmt::format(
+      "- Each cell's runs, seeds overlaid (loss, bits, bytes, time, AMAQ's bit map): "
+      "`{}/report/cells/TASK-CODEC.html`, "
+      "drawn by `amaq report`.\n\n",
+      in.opt->out);
   for (const StudyTask& t : p.tasks) o += task_section(in, t, &files);
   files["results.md"] = o;
   return files;
@@ -953,6 +960,23 @@ int run_study(const StudyPlan& plan, const StudyOptions& opt) {
   }
   in.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const std::string report_dir = join_path(opt.out, "report");
+  // Each grid cell's runs (its seeds overlaid) as one page: OUT/report/cells/TASK-CODEC.html.
+  for (const StudyTask& t : plan.tasks) {
+    for (const StudyCodec& c : codecs) {
+      std::vector<std::string> dirs;
+      for (uint64_t seed : plan.seeds) {
+        const std::string d = run_dir(t.name, c.name, seed);
+        if (file_exists(join_path(d, "summary.txt"))) dirs.push_back(d);
+      }
+      if (dirs.empty()) continue;
+      make_dirs(join_path(report_dir, "cells"));
+      try {
+        train::write_report(dirs, join_path(report_dir, fmt::format("cells/{}-{}.html", t.name, c.name)));
+      } catch (const Error& e) {
+        spdlog::warn("no page for {} / {}: {}", t.name, c.name, e.what());
+      }
+    }
+  }
   const auto files = render_report(in);
   for (const std::string& dir : {report_dir, opt.report_dir}) {
     if (dir.empty()) continue;

@@ -20,6 +20,7 @@
 #include "train/checkpoint.h"
 #include "train/data.h"
 #include "train/eval.h"
+#include "train/report.h"
 #include "train/session.h"
 #include "train/session_util.h"
 #include "train/side.h"
@@ -392,6 +393,10 @@ wire::Status ClientTrainer::Run::train_step(wire::Channel& ch, StepRecord* rec) 
       detail::send_control(ch, wire::ControlKind::kStep, {{"step", step}, {"lr", rec->lr}, {"coef", coef}});
   if (!s.ok()) return s;
   compute::run([&] {
+    const at::Tensor map = link_->learned_map();  // the map this step's micro-batches travelled with
+    if (map.defined())
+      rec->fwd_map =
+          encode_bit_map(std::vector<int64_t>(map.data_ptr<int64_t>(), map.data_ptr<int64_t>() + map.numel()));
     side_.step(rec->lr, coef);
     link_->end_step(step);
   });
@@ -610,6 +615,12 @@ RunResult ClientTrainer::Run::finish(wire::Channel& ch) {
   out.run_dir = c_.run_dir;
   out.summary = summarize(out.steps, final_eval_);
   write_file_atomic(join_path(c_.run_dir, "summary.txt"), out.summary);
+  // The page is a view of the files above: failing to draw it does not fail the run.
+  try {
+    write_report({c_.run_dir}, join_path(c_.run_dir, "report.html"));
+  } catch (const std::exception& e) {
+    spdlog::warn("could not write {}: {}", join_path(c_.run_dir, "report.html"), e.what());
+  }
   const at::Tensor map = link_->learned_map();
   if (map.defined()) {  // reusable as `fixed:map=FILE[,shuffle=SEED]` (the random-map ablation)
     const std::vector<int64_t> widths(map.data_ptr<int64_t>(), map.data_ptr<int64_t>() + map.numel());

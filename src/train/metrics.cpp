@@ -22,33 +22,58 @@ std::string fmt_mb(uint64_t bytes) {
 
 nlohmann::json StepRecord::to_json() const {
   auto bits = [](const BitsStats& b) { return nlohmann::json{{"mean", b.mean}, {"min", b.min}, {"max", b.max}}; };
-  return {{"step", step},
-          {"loss", loss},
-          {"task_loss", task_loss},
-          {"reg_loss", reg_loss},
-          {"lr", lr},
-          {"grad_norm", grad_norm},
-          {"fwd_bits", bits(fwd_bits)},
-          {"bwd_bits", bits(bwd_bits)},
-          {"fwd_wire_bytes", fwd_wire_bytes},
-          {"bwd_wire_bytes", bwd_wire_bytes},
-          {"fwd_packet_bytes", fwd_packet_bytes},
-          {"bwd_packet_bytes", bwd_packet_bytes},
-          {"fwd_header_bytes", fwd_wire_bytes - fwd_packet_bytes},
-          {"bwd_header_bytes", bwd_wire_bytes - bwd_packet_bytes},
-          {"forward_frame_bytes", forward_frame_bytes},
-          {"backward_frame_bytes", backward_frame_bytes},
-          {"elements", elements},
-          {"rows", rows},
-          {"cells", cells},
-          {"client_seconds", client_seconds},
-          {"server_seconds", server_seconds},
-          {"network_seconds", network_seconds},
-          {"step_seconds", step_seconds},
-          {"client_codec_seconds", client_codec_seconds},
-          {"server_codec_seconds", server_codec_seconds},
-          {"tokens", tokens},
-          {"tokens_per_second", tokens_per_second}};
+  nlohmann::json j{{"step", step},
+                   {"loss", loss},
+                   {"task_loss", task_loss},
+                   {"reg_loss", reg_loss},
+                   {"lr", lr},
+                   {"grad_norm", grad_norm},
+                   {"fwd_bits", bits(fwd_bits)},
+                   {"bwd_bits", bits(bwd_bits)},
+                   {"fwd_wire_bytes", fwd_wire_bytes},
+                   {"bwd_wire_bytes", bwd_wire_bytes},
+                   {"fwd_packet_bytes", fwd_packet_bytes},
+                   {"bwd_packet_bytes", bwd_packet_bytes},
+                   {"fwd_header_bytes", fwd_wire_bytes - fwd_packet_bytes},
+                   {"bwd_header_bytes", bwd_wire_bytes - bwd_packet_bytes},
+                   {"forward_frame_bytes", forward_frame_bytes},
+                   {"backward_frame_bytes", backward_frame_bytes},
+                   {"elements", elements},
+                   {"rows", rows},
+                   {"cells", cells},
+                   {"client_seconds", client_seconds},
+                   {"server_seconds", server_seconds},
+                   {"network_seconds", network_seconds},
+                   {"step_seconds", step_seconds},
+                   {"client_codec_seconds", client_codec_seconds},
+                   {"server_codec_seconds", server_codec_seconds},
+                   {"tokens", tokens},
+                   {"tokens_per_second", tokens_per_second}};
+  if (!fwd_map.empty()) j["fwd_map"] = fwd_map;
+  return j;
+}
+
+std::string encode_bit_map(const std::vector<int64_t>& bits) {
+  static const char* kDigits = "0123456789abcdefghijklmnopqrstuvwxyz";
+  std::string out;
+  out.reserve(bits.size());
+  for (int64_t b : bits) out += kDigits[std::clamp<int64_t>(b, 0, 35)];
+  return out;
+}
+
+std::vector<int64_t> decode_bit_map(const std::string& digits) {
+  std::vector<int64_t> out;
+  out.reserve(digits.size());
+  for (char c : digits) {
+    if (c >= '0' && c <= '9') {
+      out.push_back(c - '0');
+    } else if (c >= 'a' && c <= 'z') {
+      out.push_back(c - 'a' + 10);
+    } else {
+      throw Error(std::string("a bit map holds the character '") + c + "'", "the metrics file is damaged");
+    }
+  }
+  return out;
 }
 
 JsonlLog::JsonlLog(const std::string& path) : path_(path), f_(std::fopen(path.c_str(), "a")) {
@@ -159,6 +184,7 @@ std::vector<StepRecord> read_metrics(const std::string& path) {
     r.server_codec_seconds = j.value("server_codec_seconds", 0.0);
     r.tokens = j["tokens"];
     r.tokens_per_second = j["tokens_per_second"];
+    r.fwd_map = j.value("fwd_map", std::string());
     by_step[r.step] = r;
   }
   std::vector<StepRecord> out;

@@ -35,6 +35,9 @@ struct StepRecord {
   double send_seconds = 0;  ///< handing frames to the socket: counted as network
   int64_t tokens = 0;
   double tokens_per_second = 0;
+  /// AMAQ: the forward bit map this step's activations travelled with, one base-36 digit per channel
+  /// (empty for other codecs).
+  std::string fwd_map;
 
   nlohmann::json to_json() const;
 };
@@ -65,6 +68,10 @@ class Progress {
   int64_t last_decile_ = -1;
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
 };
+
+/// A (C,) integer bit map as StepRecord::fwd_map's digits, and back (throws amaq::Error on a bad digit).
+std::string encode_bit_map(const std::vector<int64_t>& bits);
+std::vector<int64_t> decode_bit_map(const std::string& digits);
 
 /// A plain-text table with aligned columns (first row = header).
 std::string format_table(const std::vector<std::vector<std::string>>& rows);

@@ -11,7 +11,7 @@
 #include <sstream>
 
 #include "core/fs.h"
-#include "recipes/svg.h"
+#include "core/svg.h"
 #include "testing.h"
 
 namespace amaq::recipes {
@@ -172,6 +172,10 @@ TEST(IntegrationStudy, TinyPlanRunsEndToEndResumesAndReports) {
        {"results.md", "results-commands.sh", "wp-pareto.svg", "wp-bytes.svg", "wp-loss.svg", "wp-bits.svg"})
     EXPECT_TRUE(file_exists(join_path(opt.report_dir, f))) << f;
   EXPECT_EQ(read_file(join_path(opt.report_dir, "results.md")), md);
+  // Each cell's runs as one page, its seeds overlaid.
+  const std::string cell = read_file(join_path(opt.out, "report/cells/wp-amaq-3.html"));
+  EXPECT_EQ(svg::series_values(cell, "seed-1").size(), 8u);
+  EXPECT_EQ(svg::series_values(cell, "seed-2").size(), 8u);
 
   // A rerun starts nothing; a run that lost its summary is run again, and only it.
   auto lines = [&] {

@@ -15,6 +15,7 @@
 #include "core/device.h"
 #include "core/fs.h"
 #include "core/safetensors.h"
+#include "core/svg.h"
 #include "model/config.h"
 #include "model/part.h"
 #include "model/peft.h"
@@ -23,6 +24,8 @@
 #include "train/data.h"
 #include "train/eval.h"
 #include "train/export.h"
+#include "train/metrics.h"
+#include "train/report.h"
 #include "train/session.h"
 #include "train/side.h"
 #include "wire/handshake.h"
@@ -265,6 +268,76 @@ TEST(SplitRun, ResumedRunEqualsUninterruptedRunWithAmaq) {
 
 TEST(SplitRun, ResumedRunEqualsUninterruptedRunWithAqsgd) {
   expect_resume_matches("aqsgd:bits=3", "aqsgd:bits=8");
+}
+
+// RUN/report.html, written at the end of every run: its plotted series are the metrics' values
+// (read back from the SVG), for a run that stopped and resumed, with AMAQ's map as a heatmap whose
+// cells are the logged widths; and for an AQ-SGD run.
+TEST(Report, ThePagesSeriesAreTheRunsMetricsAcrossAResume) {
+  testing::TempDir tmp;
+  ClientConfig c = base_config(tmp, "amaq-run");
+  c.schedule.steps = 8;
+  c.fwd_codec = quant::CodecSpec::parse("amaq:budget=3,decay=6,gran=token");
+  c.bwd_codec = quant::CodecSpec::parse("amaq:budget=6,decay=6,gran=token");
+  c.val_fraction = 0.2;
+  c.eval_every = 4;
+  c.checkpoint_every = 2;
+  c.stop_after = 5;
+  {
+    TrainServer srv(server_for(c, c.side));
+    run_in_process(srv, c);
+  }
+  c.stop_after = -1;
+  c.resume = true;
+  TrainServer srv(server_for(c, c.side));
+  run_in_process(srv, c);
+  const std::string html = read_file(join_path(c.run_dir, "report.html"));
+  const std::vector<StepRecord> steps = read_metrics(join_path(c.run_dir, "metrics.jsonl"));
+  ASSERT_EQ(steps.size(), 8u);
+  // The first series named after the run is the loss per step; then each figure's own.
+  const auto loss = svg::series_values(html, "amaq-run");
+  const auto bits = svg::series_values(html, "amaq-run mean");
+  const auto fwd_bytes = svg::series_values(html, "amaq-run forward");
+  ASSERT_EQ(loss.size(), steps.size());
+  ASSERT_EQ(bits.size(), steps.size());
+  ASSERT_EQ(fwd_bytes.size(), steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    EXPECT_EQ(loss[i].first, static_cast<double>(steps[i].step + 1));
+    EXPECT_EQ(loss[i].second, steps[i].task_loss) << i;
+    EXPECT_EQ(bits[i].second, steps[i].fwd_bits.mean) << i;
+    EXPECT_EQ(fwd_bytes[i].second, static_cast<double>(steps[i].fwd_wire_bytes) / 1e6) << i;
+  }
+  EXPECT_LT(steps.back().fwd_bits.mean, steps.front().fwd_bits.mean) << "the map walked down";
+  // The heatmap: one row per step, one column per channel (64 <= 128: no binning), the logged widths.
+  std::vector<double> cells;
+  for (size_t at = html.find("data-v=\""); at != std::string::npos; at = html.find("data-v=\"", at + 1))
+    cells.push_back(std::stod(html.substr(at + 8)));
+  ASSERT_EQ(cells.size(), 8u * 64u);
+  for (size_t r = 0; r < 8; ++r) {
+    const std::vector<int64_t> map = decode_bit_map(steps[r].fwd_map);
+    ASSERT_EQ(map.size(), 64u);
+    for (size_t ch = 0; ch < 64; ++ch) EXPECT_EQ(cells[r * 64 + ch], static_cast<double>(map[ch])) << r << "," << ch;
+  }
+  for (const char* s : {"validation loss", "Where each step", "fwd_codec", "amaq:budget=3", "run_id"})
+    EXPECT_NE(html.find(s), std::string::npos) << s;
+  EXPECT_EQ(html.find("<script"), std::string::npos) << "self-contained: no scripts";
+  EXPECT_EQ(html.find("http://"), html.find("http://www.w3.org/2000/svg")) << "no external resources";
+
+  ClientConfig q = base_config(tmp, "aqsgd-run");
+  q.schedule.steps = 4;
+  q.fwd_codec = quant::CodecSpec::parse("aqsgd:bits=3");
+  q.bwd_codec = quant::CodecSpec::parse("aqsgd:bits=8");
+  TrainServer qs(server_for(q, q.side));
+  run_in_process(qs, q);
+  const std::string qhtml = read_file(join_path(q.run_dir, "report.html"));
+  EXPECT_EQ(svg::series_values(qhtml, "aqsgd-run").size(), 4u);
+  EXPECT_EQ(qhtml.find("data-v=\""), std::string::npos) << "no bit map without AMAQ";
+  // Several runs overlaid in one page.
+  const std::string both = tmp.file("both.html");
+  write_report({c.run_dir, q.run_dir}, both);
+  const std::string page = read_file(both);
+  EXPECT_EQ(svg::series_values(page, "amaq-run").size(), 8u);
+  EXPECT_EQ(svg::series_values(page, "aqsgd-run").size(), 4u);
 }
 
 // Micro-batches in flight (3 per step, all 3 sent before the first gradient is awaited), across an

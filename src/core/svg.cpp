@@ -1,4 +1,4 @@
-#include "recipes/svg.h"
+#include "core/svg.h"
 
 #include <fmt/format.h>
 
@@ -100,6 +100,13 @@ std::string plot(const PlotOptions& opt, const std::vector<Series>& series) {
                    (top + bottom) / 2, escape(opt.y_label));
   for (size_t i = 0; i < series.size(); ++i) {
     const Series& s = series[i];
+    // The values themselves ride along (round-trip precision), so a reader or a test can take the
+    // series back out of the picture.
+    std::string values;
+    for (auto [x, y] : s.points)
+      if (std::isfinite(x) && std::isfinite(y)) values += fmt::format("{},{} ", x, y);  // shortest round-trip form
+    if (!values.empty()) values.pop_back();
+    o += fmt::format("<g class=\"series\" data-label=\"{}\" data-values=\"{}\">\n", escape(s.label), values);
     std::string pts;
     for (auto [x, y] : s.points) {
       if (std::isfinite(x) && std::isfinite(y)) pts += fmt::format("{:.1f},{:.1f} ", px(x), py(y));
@@ -115,10 +122,81 @@ std::string plot(const PlotOptions& opt, const std::vector<Series>& series) {
           o += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3\" fill=\"{}\"/>\n", px(x), py(y), s.color);
       }
     }
+    o += "</g>\n";
     const double ly = top + 8 + 16.0 * static_cast<double>(i);
     o += fmt::format("<line x1=\"{}\" y1=\"{:.1f}\" x2=\"{}\" y2=\"{:.1f}\" stroke=\"{}\" stroke-width=\"2\"{}/>\n",
                      right + 12, ly, right + 32, ly, s.color, s.dashed ? " stroke-dasharray=\"5,3\"" : "");
     o += fmt::format("<text x=\"{}\" y=\"{:.1f}\">{}</text>\n", right + 38, ly + 4, escape(s.label));
+  }
+  return o + "</svg>\n";
+}
+
+std::vector<std::pair<double, double>> series_values(const std::string& svg, const std::string& label) {
+  const std::string key = "data-label=\"" + escape(label) + "\" data-values=\"";
+  const size_t at = svg.find(key);
+  if (at == std::string::npos) return {};
+  const size_t begin = at + key.size(), end = svg.find('"', begin);
+  std::vector<std::pair<double, double>> out;
+  std::string text = svg.substr(begin, end - begin);
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t next = text.find(' ', pos);
+    if (next == std::string::npos) next = text.size();
+    const std::string pair = text.substr(pos, next - pos);
+    const size_t comma = pair.find(',');
+    if (comma != std::string::npos)
+      out.emplace_back(std::stod(pair.substr(0, comma)), std::stod(pair.substr(comma + 1)));
+    pos = next + 1;
+  }
+  return out;
+}
+
+std::string heatmap(const HeatmapOptions& opt, const std::vector<std::vector<double>>& cells) {
+  const size_t rows = cells.size(), cols = rows ? cells[0].size() : 0;
+  const double left = 64, top = 34, right = opt.width - 110.0, bottom = opt.height - 48.0;
+  std::string o = fmt::format(
+      "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" viewBox=\"0 0 {} {}\" "
+      "font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+      opt.width, opt.height, opt.width, opt.height);
+  o +=
+      fmt::format("<text x=\"{}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">{}</text>\n", left, escape(opt.title));
+  // Colour: light (vmin) to dark blue (vmax).
+  auto colour = [&](double v) {
+    const double t = opt.vmax > opt.vmin ? std::clamp((v - opt.vmin) / (opt.vmax - opt.vmin), 0.0, 1.0) : 0.5;
+    const int r = static_cast<int>(std::lround(247 - t * (247 - 8))),
+              g = static_cast<int>(std::lround(251 - t * (251 - 48))),
+              b = static_cast<int>(std::lround(255 - t * (255 - 107)));
+    return fmt::format("#{:02x}{:02x}{:02x}", r, g, b);
+  };
+  const double cw = cols ? (right - left) / static_cast<double>(cols) : 0,
+               ch = rows ? (bottom - top) / static_cast<double>(rows) : 0;
+  o += "<g class=\"cells\" shape-rendering=\"crispEdges\">\n";
+  for (size_t r = 0; r < rows; ++r) {
+    for (size_t c = 0; c < cols; ++c) {
+      o += fmt::format(
+          "<rect x=\"{:.2f}\" y=\"{:.2f}\" width=\"{:.2f}\" height=\"{:.2f}\" fill=\"{}\" data-v=\"{}\"/>\n",
+          left + cw * static_cast<double>(c), top + ch * static_cast<double>(r), cw + 0.05, ch + 0.05,
+          colour(cells[r][c]), cells[r][c]);
+    }
+  }
+  o += "</g>\n";
+  o += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#333\"/>\n", left, top,
+                   right - left, bottom - top);
+  o += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", (left + right) / 2,
+                   opt.height - 10, escape(opt.x_label));
+  o += fmt::format("<text transform=\"translate(16 {:.1f}) rotate(-90)\" text-anchor=\"middle\">{}</text>\n",
+                   (top + bottom) / 2, escape(opt.y_label));
+  o +=
+      fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\n", left - 6, top + 10, escape(opt.top_label));
+  o += fmt::format("<text x=\"{}\" y=\"{:.1f}\" text-anchor=\"end\">{}</text>\n", left - 6, bottom,
+                   escape(opt.bottom_label));
+  // Legend: the colour scale.
+  for (int i = 0; i <= 4; ++i) {
+    const double v = opt.vmin + (opt.vmax - opt.vmin) * i / 4.0, y = top + 20.0 * i;
+    o += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"14\" height=\"14\" fill=\"{}\" stroke=\"#999\"/>\n", right + 16,
+                     y, colour(v));
+    o += fmt::format("<text x=\"{}\" y=\"{}\">{} {}</text>\n", right + 36, y + 11, fmt::format("{:.1f}", v),
+                     escape(opt.unit));
   }
   return o + "</svg>\n";
 }

@@ -1,5 +1,6 @@
-// Plain SVG line and scatter plots for the study's report (docs/results.md embeds them): no
-// plotting library on the machine, and these need nothing but axes, series and a legend.
+// Plain SVG line and scatter plots and heatmaps for the study's report (docs/results.md embeds them)
+// and a run's report page: no plotting library on the machine, and these need nothing but axes,
+// series and a legend.
 #pragma once
 #include <string>
 #include <utility>
@@ -30,6 +31,20 @@ struct PlotOptions {
 
 /// A complete SVG document: axes with ticks and grid, the series, a legend on the right.
 std::string plot(const PlotOptions& opt, const std::vector<Series>& series);
+
+/// The (finite) values of the first series labelled `label` in an SVG from plot() (each series
+/// carries them in a data-values attribute), or none when there is no such series.
+std::vector<std::pair<double, double>> series_values(const std::string& svg, const std::string& label);
+
+struct HeatmapOptions {
+  std::string title, x_label, y_label, top_label, bottom_label, unit;
+  double vmin = 0, vmax = 1;
+  int width = 760, height = 420;
+};
+
+/// A grid of coloured cells, cells[row][col] (row 0 at the top), with a colour scale from vmin to vmax;
+/// each cell carries its value in data-v.
+std::string heatmap(const HeatmapOptions& opt, const std::vector<std::vector<double>>& cells);
 
 /// A colour per index from a fixed palette, distinct for the first ten.
 std::string palette(size_t i);
