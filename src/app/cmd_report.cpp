@@ -17,8 +17,9 @@ Run add_report(CLI::App& app) {
   app.add_option("runs", a->dirs, "run directories (of amaq train / amaq client)")->required();
   app.add_option("--out", a->out, "the page to write (default: RUN/report.html for one run, report.html for several)");
   return [a] {
-    const std::string out =
-        !a->out.empty() ? a->out : a->dirs.size() == 1 ? join_path(a->dirs[0], "report.html") : "report.html";
+    const std::string out = !a->out.empty()       ? a->out
+                            : a->dirs.size() == 1 ? join_path(a->dirs[0], "report.html")
+                                                  : "report.html";
     train::write_report(a->dirs, out);
     fmt::print("report: {} ({} run{})\n", out, a->dirs.size(), a->dirs.size() == 1 ? "" : "s");
     return 0;

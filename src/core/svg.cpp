@@ -7,7 +7,6 @@
 #include <limits>
 
 namespace amaq::svg {
-namespace {
 
 std::string escape(const std::string& s) {
   std::string out;
@@ -26,9 +25,32 @@ std::string escape(const std::string& s) {
   return out;
 }
 
+namespace {
+
 std::string tick_text(double v, double step) {
   const int decimals = step >= 1 ? 0 : static_cast<int>(std::ceil(-std::log10(step) - 1e-9));
   return fmt::format("{:.{}f}", std::abs(v) < step * 1e-9 ? 0.0 : v, decimals);
+}
+
+// The document's start: white background, the title at the plot area's left edge.
+std::string open_svg(int width, int height, double left, const std::string& title) {
+  return fmt::format(
+      "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{0}\" height=\"{1}\" viewBox=\"0 0 {0} {1}\" "
+      "font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+      "<text x=\"{2}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">{3}</text>\n",
+      width, height, left, escape(title));
+}
+
+// The plot area's frame and the axis titles under and left of it.
+std::string frame_and_labels(double left, double top, double right, double bottom, int height,
+                             const std::string& x_label, const std::string& y_label) {
+  std::string o = fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#333\"/>\n",
+                              left, top, right - left, bottom - top);
+  o += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", (left + right) / 2, height - 10,
+                   escape(x_label));
+  o += fmt::format("<text transform=\"translate(16 {:.1f}) rotate(-90)\" text-anchor=\"middle\">{}</text>\n",
+                   (top + bottom) / 2, escape(y_label));
+  return o;
 }
 
 }  // namespace
@@ -72,12 +94,7 @@ std::string plot(const PlotOptions& opt, const std::vector<Series>& series) {
   const double left = 64, top = 34, right = opt.width - 210.0, bottom = opt.height - 48.0;
   auto px = [&](double x) { return left + (x - ax.lo) / (ax.hi - ax.lo) * (right - left); };
   auto py = [&](double y) { return bottom - (y - ay.lo) / (ay.hi - ay.lo) * (bottom - top); };
-  std::string o = fmt::format(
-      "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" viewBox=\"0 0 {} {}\" "
-      "font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
-      opt.width, opt.height, opt.width, opt.height);
-  o +=
-      fmt::format("<text x=\"{}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">{}</text>\n", left, escape(opt.title));
+  std::string o = open_svg(opt.width, opt.height, left, opt.title);
   const double xstep = ax.ticks.size() > 1 ? ax.ticks[1] - ax.ticks[0] : 1,
                ystep = ay.ticks.size() > 1 ? ay.ticks[1] - ay.ticks[0] : 1;
   for (double t : ax.ticks) {
@@ -92,12 +109,7 @@ std::string plot(const PlotOptions& opt, const std::vector<Series>& series) {
     o += fmt::format("<text x=\"{}\" y=\"{:.1f}\" text-anchor=\"end\">{}</text>\n", left - 6, py(t) + 4,
                      tick_text(t, ystep));
   }
-  o += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#333\"/>\n", left, top,
-                   right - left, bottom - top);
-  o += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", (left + right) / 2,
-                   opt.height - 10, escape(opt.x_label));
-  o += fmt::format("<text transform=\"translate(16 {:.1f}) rotate(-90)\" text-anchor=\"middle\">{}</text>\n",
-                   (top + bottom) / 2, escape(opt.y_label));
+  o += frame_and_labels(left, top, right, bottom, opt.height, opt.x_label, opt.y_label);
   for (size_t i = 0; i < series.size(); ++i) {
     const Series& s = series[i];
     // The values themselves ride along (round-trip precision), so a reader or a test can take the
@@ -154,12 +166,7 @@ std::vector<std::pair<double, double>> series_values(const std::string& svg, con
 std::string heatmap(const HeatmapOptions& opt, const std::vector<std::vector<double>>& cells) {
   const size_t rows = cells.size(), cols = rows ? cells[0].size() : 0;
   const double left = 64, top = 34, right = opt.width - 110.0, bottom = opt.height - 48.0;
-  std::string o = fmt::format(
-      "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" viewBox=\"0 0 {} {}\" "
-      "font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
-      opt.width, opt.height, opt.width, opt.height);
-  o +=
-      fmt::format("<text x=\"{}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">{}</text>\n", left, escape(opt.title));
+  std::string o = open_svg(opt.width, opt.height, left, opt.title);
   // Colour: light (vmin) to dark blue (vmax).
   auto colour = [&](double v) {
     const double t = opt.vmax > opt.vmin ? std::clamp((v - opt.vmin) / (opt.vmax - opt.vmin), 0.0, 1.0) : 0.5;
@@ -180,12 +187,7 @@ std::string heatmap(const HeatmapOptions& opt, const std::vector<std::vector<dou
     }
   }
   o += "</g>\n";
-  o += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#333\"/>\n", left, top,
-                   right - left, bottom - top);
-  o += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", (left + right) / 2,
-                   opt.height - 10, escape(opt.x_label));
-  o += fmt::format("<text transform=\"translate(16 {:.1f}) rotate(-90)\" text-anchor=\"middle\">{}</text>\n",
-                   (top + bottom) / 2, escape(opt.y_label));
+  o += frame_and_labels(left, top, right, bottom, opt.height, opt.x_label, opt.y_label);
   o +=
       fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\n", left - 6, top + 10, escape(opt.top_label));
   o += fmt::format("<text x=\"{}\" y=\"{:.1f}\" text-anchor=\"end\">{}</text>\n", left - 6, bottom,

@@ -46,6 +46,9 @@ struct HeatmapOptions {
 /// each cell carries its value in data-v.
 std::string heatmap(const HeatmapOptions& opt, const std::vector<std::vector<double>>& cells);
 
+/// Text escaped for XML and HTML (& < > ").
+std::string escape(const std::string& s);
+
 /// A colour per index from a fixed palette, distinct for the first ten.
 std::string palette(size_t i);
 

@@ -15,21 +15,6 @@
 namespace amaq::train {
 namespace {
 
-std::string html_escape(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    if (c == '<')
-      out += "&lt;";
-    else if (c == '>')
-      out += "&gt;";
-    else if (c == '&')
-      out += "&amp;";
-    else
-      out += c;
-  }
-  return out;
-}
-
 std::string base_name(const std::string& dir) {
   std::string d = dir;
   while (d.size() > 1 && d.back() == '/') d.pop_back();
@@ -103,8 +88,9 @@ std::string bit_map_figure(const RunRecord& run) {
   }
   svg::HeatmapOptions o;
   o.title = run.name + ": forward bits per channel over the run";
-  o.x_label = fmt::format("channel ({} channels{})", C,
-                          cols < C ? fmt::format(", {:.3g} per column", static_cast<double>(C) / static_cast<double>(cols)) : "");
+  o.x_label = fmt::format(
+      "channel ({} channels{})", C,
+      cols < C ? fmt::format(", {:.3g} per column", static_cast<double>(C) / static_cast<double>(cols)) : "");
   o.y_label = "step";
   o.top_label = std::to_string(maps.front().first);
   o.bottom_label = std::to_string(maps.back().first);
@@ -117,7 +103,7 @@ std::string table(const std::vector<std::vector<std::string>>& rows) {
   std::string o = "<table>\n";
   for (size_t r = 0; r < rows.size(); ++r) {
     o += "<tr>";
-    for (const auto& cell : rows[r]) o += fmt::format(r == 0 ? "<th>{}</th>" : "<td>{}</td>", html_escape(cell));
+    for (const auto& cell : rows[r]) o += fmt::format(r == 0 ? "<th>{}</th>" : "<td>{}</td>", svg::escape(cell));
     o += "</tr>\n";
   }
   return o + "</table>\n";
@@ -128,20 +114,23 @@ std::string table(const std::vector<std::vector<std::string>>& rows) {
 RunRecord read_run(const std::string& dir) {
   const std::string metrics = join_path(dir, "metrics.jsonl");
   if (!file_exists(metrics))
-    throw Error(dir + " is not a run directory (it has no metrics.jsonl)", "pass the --run-dir of an amaq train/client run");
+    throw Error(dir + " is not a run directory (it has no metrics.jsonl)",
+                "pass the --run-dir of an amaq train/client run");
   RunRecord run;
   run.dir = dir;
   run.name = base_name(dir);
   try {
     run.steps = read_metrics(metrics);
   } catch (const nlohmann::json::exception& e) {
-    throw Error(metrics + " holds a step line with a field of the wrong type: " + e.what(), "the metrics file is damaged");
+    throw Error(metrics + " holds a step line with a field of the wrong type: " + e.what(),
+                "the metrics file is damaged");
   }
   if (run.steps.empty()) throw Error(metrics + " holds no step yet", "wait for the run's first step, or check the run");
   std::ifstream in(metrics);
   for (std::string line; std::getline(in, line);) {
     const auto j = nlohmann::json::parse(line, nullptr, false);
-    if (!j.is_discarded() && j.is_object() && j.contains("eval") && j["eval"].is_object()) run.evals.push_back(j["eval"]);
+    if (!j.is_discarded() && j.is_object() && j.contains("eval") && j["eval"].is_object())
+      run.evals.push_back(j["eval"]);
   }
   const std::string cfg = join_path(dir, "config.toml"), sum = join_path(dir, "summary.txt");
   if (file_exists(cfg)) run.config = read_file(cfg);
@@ -150,7 +139,8 @@ RunRecord read_run(const std::string& dir) {
     const auto j = nlohmann::json::parse(read_file(run_json), nullptr, false);
     if (j.is_object()) run.run = j;
   }
-  run.summary = file_exists(sum) ? read_file(sum) : summarize(run.steps, run.evals.empty() ? nlohmann::json() : run.evals.back());
+  run.summary =
+      file_exists(sum) ? read_file(sum) : summarize(run.steps, run.evals.empty() ? nlohmann::json() : run.evals.back());
   return run;
 }
 
@@ -169,7 +159,7 @@ pre {{ background: #f6f6f6; padding: 0.8em; overflow-x: auto; }}
 </style></head><body>
 <h1>amaq report: {0}</h1>
 )",
-                              html_escape(names));
+                              svg::escape(names));
 
   o += "<h2>Training loss</h2>\n";
   o += figure("task loss per step", "step", "loss", per_run(runs, [](const StepRecord& r) { return r.task_loss; }));
@@ -263,8 +253,8 @@ pre {{ background: #f6f6f6; padding: 0.8em; overflow-x: auto; }}
 
   o += "<h2>Runs</h2>\n";
   for (const auto& r : runs) {
-    o += fmt::format("<h3>{}</h3>\n<p>{} ({} steps logged)</p>\n<pre>{}</pre>\n", html_escape(r.name),
-                     html_escape(r.dir), r.steps.size(), html_escape(r.summary));
+    o += fmt::format("<h3>{}</h3>\n<p>{} ({} steps logged)</p>\n<pre>{}</pre>\n", svg::escape(r.name),
+                     svg::escape(r.dir), r.steps.size(), svg::escape(r.summary));
     std::vector<std::vector<std::string>> what{{"run", "value"}};
     for (const auto& [k, v] : r.run.items()) what.push_back({k, v.is_string() ? v.get<std::string>() : v.dump()});
     if (what.size() > 1) o += table(what);

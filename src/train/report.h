@@ -13,11 +13,11 @@ namespace amaq::train {
 /// What the report shows of one run directory.
 struct RunRecord {
   std::string dir, name;
-  std::vector<StepRecord> steps;     ///< a step logged twice (after a resume) keeps its last line
-  std::vector<nlohmann::json> evals;  ///< every evaluation, in order (each carries its "step")
+  std::vector<StepRecord> steps;                  ///< a step logged twice (after a resume) keeps its last line
+  std::vector<nlohmann::json> evals;              ///< every evaluation, in order (each carries its "step")
   nlohmann::json run = nlohmann::json::object();  ///< run.json: model, split, codecs, side (may be empty)
-  std::string config;                ///< config.toml as written (may be empty)
-  std::string summary;               ///< summary.txt, or the summary of the steps so far
+  std::string config;                             ///< config.toml as written (may be empty)
+  std::string summary;                            ///< summary.txt, or the summary of the steps so far
 };
 
 /// Reads a run directory. Throws amaq::Error naming it when it holds no metrics.jsonl (not a run) or

@@ -1,12 +1,13 @@
 // Bad input to `amaq report`: a directory that is not a run, a run with no step yet, and a metrics
 // file cut off mid-line (a crash) get one clear error or a report of what is there.
+#include "train/report.h"
+
 #include <gtest/gtest.h>
 
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/svg.h"
 #include "testing.h"
-#include "train/report.h"
 
 namespace amaq::train {
 namespace {
