@@ -5,6 +5,7 @@
 #include <torch/version.h>
 
 #include <chrono>
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "app/commands.h"
@@ -73,18 +74,21 @@ Run add_bench_train(CLI::App& app) {
     const int64_t peak = peak_memory_bytes(dev);
     // Where a step's time goes: three more steps, each phase waited for (not part of step_s).
     double t_fwd = 0, t_bwd = 0, t_opt = 0;
-    auto lap = [&](double* acc, auto&& fn) {
+    auto lap = [&](double* acc, const std::function<void()>& fn) {
       synchronize(dev);
       const auto p0 = std::chrono::steady_clock::now();
-      auto r = fn();
+      fn();
       synchronize(dev);
       *acc += std::chrono::duration<double>(std::chrono::steady_clock::now() - p0).count() / 3;
-      return r;
     };
     for (int i = 0; i < 3; ++i) {
-      at::Tensor loss = lap(&t_fwd, [&] { return causal_lm_loss(part->forward(ids), ids); });
-      lap(&t_bwd, [&] { return (loss.backward(), 0); });
-      lap(&t_opt, [&] { return (side.step(a->lr, 1.0), side.zero_grad(), 0); });
+      at::Tensor loss;
+      lap(&t_fwd, [&] { loss = causal_lm_loss(part->forward(ids), ids); });
+      lap(&t_bwd, [&] { loss.backward(); });
+      lap(&t_opt, [&] {
+        side.step(a->lr, 1.0);
+        side.zero_grad();
+      });
     }
     nlohmann::json out{{"bench", "amaq-train"},
                        {"mode", "unsplit"},

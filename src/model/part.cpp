@@ -91,10 +91,10 @@ at::Tensor DecoderPartImpl::forward(const at::Tensor& input, const at::Tensor& a
   }
   const int64_t B = h.size(0), T = h.size(1);
   auto [cos, sin] = functional::rope_tables(inv_freq_, T, dtype_, h.device());
-  // No padding (a mask of ones, checked where it is cheap: on the CPU) and no window: the causal
-  // kernel needs no bias at all.
-  const bool padded =
-      attention_mask.defined() && (attention_mask.is_cuda() || attention_mask.min().item<int64_t>() == 0);
+  // No padding (a mask of ones, checked where it is cheap: on the CPU, and only where the causal
+  // kernel exists) and no window: that kernel needs no bias at all.
+  const bool padded = attention_mask.defined() &&
+                      (!AMAQ_HAVE_SDPA || attention_mask.is_cuda() || attention_mask.min().item<int64_t>() == 0);
   std::map<int64_t, at::Tensor> bias_by_window;
   for (size_t n = 0; n < layers.size(); ++n) {
     const int64_t i = layer_begin_ + static_cast<int64_t>(n);
@@ -276,7 +276,7 @@ at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels) {
       "expected logits (B, T, V) and labels (B, T), got ", logits.sizes(), " and ", labels.sizes());
   const int64_t T = logits.size(1), V = logits.size(2);
   at::Tensor l = logits.narrow(1, 0, T - 1).reshape({-1, V}).to(at::kFloat);
-  at::Tensor y = labels.narrow(1, 1, T - 1).reshape({-1}).to(at::kLong);
+  at::Tensor y = labels.narrow(1, 1, T - 1).reshape({-1}).to(l.device(), at::kLong);
   return at::cross_entropy_loss(l, y, {}, at::Reduction::Mean, /*ignore_index=*/-100, /*label_smoothing=*/0.0);
 }
 

@@ -101,7 +101,7 @@ std::string model_fingerprint(const ModelConfig& config, const CheckpointReader&
 void check_config_matches_weights(const ModelConfig& config, const CheckpointReader& ckpt);
 
 /// Mean next-token cross-entropy, labels shifted inside as HF does; label -100 is ignored.
-/// logits (B, T, V), labels (B, T) int64.
+/// logits (B, T, V), labels (B, T) int64 on any device.
 at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels);
 
 /// Attaches LoRA to every linear layer whose module name matches `targets` (PEFT's rules: a name

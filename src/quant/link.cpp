@@ -147,8 +147,10 @@ std::string Link::encode_eval(const at::Tensor& h) {
   return eval_codec().encode(h, args).packet;
 }
 
-at::Tensor Link::learned_map() const {
-  return gates_ ? gates_->bit_map().to(at::kLong).contiguous() : at::Tensor();
+std::vector<int64_t> Link::learned_map() const {
+  if (!gates_) return {};
+  const at::Tensor m = gates_->bit_map().to(at::kLong).contiguous();
+  return {m.data_ptr<int64_t>(), m.data_ptr<int64_t>() + m.numel()};
 }
 
 void Link::set_backward_budget(double budget) {

@@ -85,8 +85,8 @@ class Link {
   void end_step(int64_t step);
   /// Encodes activations for evaluation (AQ-SGD evaluates through its direct codec).
   std::string encode_eval(const at::Tensor& h);
-  /// The forward bit map the gates learned ((C,) int64), or undefined without gates.
-  at::Tensor learned_map() const;
+  /// The forward bit map the gates learned, one width per channel; empty without gates.
+  std::vector<int64_t> learned_map() const;
 
   // ---- server ----
   /// BIT_SYNC from the client.

@@ -393,10 +393,7 @@ wire::Status ClientTrainer::Run::train_step(wire::Channel& ch, StepRecord* rec) 
       detail::send_control(ch, wire::ControlKind::kStep, {{"step", step}, {"lr", rec->lr}, {"coef", coef}});
   if (!s.ok()) return s;
   compute::run([&] {
-    const at::Tensor map = link_->learned_map();  // the map this step's micro-batches travelled with
-    if (map.defined())
-      rec->fwd_map =
-          encode_bit_map(std::vector<int64_t>(map.data_ptr<int64_t>(), map.data_ptr<int64_t>() + map.numel()));
+    rec->fwd_map = encode_bit_map(link_->learned_map());  // the map this step's micro-batches travelled with
     side_.step(rec->lr, coef);
     link_->end_step(step);
   });
@@ -621,9 +618,8 @@ RunResult ClientTrainer::Run::finish(wire::Channel& ch) {
   } catch (const std::exception& e) {
     spdlog::warn("could not write {}: {}", join_path(c_.run_dir, "report.html"), e.what());
   }
-  const at::Tensor map = link_->learned_map();
-  if (map.defined()) {  // reusable as `fixed:map=FILE[,shuffle=SEED]` (the random-map ablation)
-    const std::vector<int64_t> widths(map.data_ptr<int64_t>(), map.data_ptr<int64_t>() + map.numel());
+  const std::vector<int64_t> widths = link_->learned_map();
+  if (!widths.empty()) {  // reusable as `fixed:map=FILE[,shuffle=SEED]` (the random-map ablation)
     write_file_atomic(join_path(c_.run_dir, "fwd_bit_map.json"), nlohmann::json(widths).dump() + "\n");
   }
   if (!c_.quiet) std::fprintf(stderr, "%s", out.summary.c_str());

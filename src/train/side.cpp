@@ -52,33 +52,26 @@ Side Side::around(DecoderPart part, const SideOptions& options, uint64_t seed, d
   return s;
 }
 
-NamedTensors Side::state() {
+NamedTensors Side::trained() {
   NamedTensors out;
-  if (options.full) {
-    for (auto& [name, t] : part->base_weights()) out.emplace_back(name, t.detach().to(at::kCPU));
-    return out;
-  }
+  if (options.full) return part->base_weights();
   for (auto& [name, lin] : part->linears()) {
     if (!lin->has_lora()) continue;
-    out.emplace_back(peft_key(name, "lora_A"), lin->lora_a.detach().to(at::kCPU));
-    out.emplace_back(peft_key(name, "lora_B"), lin->lora_b.detach().to(at::kCPU));
+    out.emplace_back(peft_key(name, "lora_A"), lin->lora_a);
+    out.emplace_back(peft_key(name, "lora_B"), lin->lora_b);
   }
+  return out;
+}
+
+NamedTensors Side::state() {
+  NamedTensors out = trained();
+  for (auto& [name, t] : out) t = t.detach().to(at::kCPU);
   return out;
 }
 
 void Side::load_state(const std::map<std::string, at::Tensor>& tensors, const std::string& what) {
   at::NoGradGuard no_grad;
-  std::map<std::string, at::Tensor> live;  // the parameters themselves (state() may hold CPU copies)
-  if (options.full) {
-    for (auto& [name, t] : part->base_weights()) live.emplace(name, t);
-  } else {
-    for (auto& [name, lin] : part->linears()) {
-      if (!lin->has_lora()) continue;
-      live.emplace(peft_key(name, "lora_A"), lin->lora_a);
-      live.emplace(peft_key(name, "lora_B"), lin->lora_b);
-    }
-  }
-  for (auto& [name, t] : live) {
+  for (auto& [name, t] : trained()) {
     auto it = tensors.find(name);
     if (it == tensors.end())
       throw Error(what + " has no tensor '" + name + "'", "the checkpoint is from a run with other LoRA targets");
@@ -113,11 +106,14 @@ bool Side::fused_step(double coef) {
   auto& group = opt->param_groups()[0];
   const auto& o = static_cast<const torch::optim::AdamWOptions&>(group.options());
   if (o.amsgrad()) return false;
+  // One kernel takes one device and dtype: anything else steps through torch's AdamW (checked
+  // before any state is touched).
+  for (auto& p : group.params())
+    if (p.grad().defined() && (!p.is_cuda() || p.scalar_type() != group.params()[0].scalar_type())) return false;
   std::vector<at::Tensor> ps, gs, ms, vs, steps;
   size_t i = 0;
   for (auto& p : group.params()) {
     if (!p.grad().defined()) continue;
-    if (!p.is_cuda() || p.scalar_type() != group.params()[0].scalar_type()) return false;
     auto& slot = opt->state()[p.unsafeGetTensorImpl()];
     if (!slot) {
       auto st = std::make_unique<torch::optim::AdamWParamState>();

@@ -35,6 +35,8 @@ struct Side {
   /// What this side trains: LoRA tensors under PEFT keys, or base weights under checkpoint names;
   /// on the CPU (copies when the side computes elsewhere).
   NamedTensors state();
+  /// The tensors state() copies, themselves (on the side's device).
+  NamedTensors trained();
   /// Restores state(); every tensor must be present with its shape. `what` names the source.
   void load_state(const std::map<std::string, at::Tensor>& tensors, const std::string& what);
   /// Squared L2 norm of the gradients accumulated so far.

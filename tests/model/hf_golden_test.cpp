@@ -1,7 +1,8 @@
 // The model against HuggingFace transformers + PEFT reference outputs (tests/data/hf, made by
-// transformers 5.17 / peft 0.21 in fp32 with eager attention).
+// transformers 5.17 / peft 0.21 in fp32 with eager attention), on the CPU and on CUDA.
 #include <gtest/gtest.h>
 
+#include "core/device.h"
 #include "core/safetensors.h"
 #include "model/config.h"
 #include "model/part.h"
@@ -16,13 +17,21 @@ using testing::data_path;
 
 constexpr double kAtol = 1e-4, kRtol = 1e-4;  // the tolerance for fp32 logits and hidden states
 
-class HfGolden : public ::testing::TestWithParam<std::string> {
+// Each fixture on the CPU, and on CUDA where there is a GPU (TF32 off: CUDA fp32 must compute what
+// the CPU computes, to rounding).
+class HfGolden : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {
  protected:
   void SetUp() override {
-    dir_ = data_path("hf/" + GetParam());
+    const auto& [fixture, device] = GetParam();
+    if (device == "cuda") {
+      if (!cuda_available()) GTEST_SKIP() << "no CUDA GPU in this build or machine";
+      at::globalContext().setAllowTF32CuBLAS(false);
+      at::globalContext().setAllowTF32CuDNN(false);
+    }
+    dir_ = data_path("hf/" + fixture);
     config_ = ModelConfig::load(dir_);
     io_ = load_safetensors(dir_ + "/io.safetensors");
-    model_ = full_model(config_);
+    model_ = full_model(config_, at::TensorOptions().device(parse_device(device)));
     model_->load_weights(CheckpointReader(dir_));
   }
   std::string dir_;
@@ -69,7 +78,9 @@ TEST_P(HfGolden, LoraLogitsLossAndGradientsMatch) {
   EXPECT_EQ(static_cast<int64_t>(checked), 2 * config_.num_layers * static_cast<int64_t>(ac.target_modules.size()));
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, HfGolden, ::testing::Values("llama-gqa", "qwen2-tied"));
+INSTANTIATE_TEST_SUITE_P(Fixtures, HfGolden,
+                         ::testing::Combine(::testing::Values("llama-gqa", "qwen2-tied"),
+                                            ::testing::Values("cpu", "cuda")));
 
 }  // namespace
 }  // namespace amaq
