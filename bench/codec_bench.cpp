@@ -2,13 +2,20 @@
 // memcpy and a tensor clone of the same bytes. GB/s are of fp32 input. `make bench` writes JSON.
 // With the CUDA kernels built and a GPU present, the cuda/ rows time the same on the GPU: encode
 // from a device tensor to the packet in host memory, decode from the host packet to a device
-// tensor (each includes its one host/device copy of the packed bytes), next to a device clone.
+// tensor (each includes its one host/device copy of the packed bytes), next to a device clone; the
+// cuda/kernel- rows time the kernels and that copy alone, to and from pinned host memory, as
+// tools/ref/codec_peer.py times the same codec written in PyTorch.
 #include <benchmark/benchmark.h>
 
 #include <cstring>
 
 #include "core/runtime.h"
 #include "quant/codec.h"
+#if AMAQ_HAVE_CUDA
+#include <c10/cuda/CUDAStream.h>
+
+#include "quant/cuda/codec_cuda.h"
+#endif
 
 namespace {
 
@@ -82,53 +89,109 @@ const at::Tensor& device_activation() {
   return x;
 }
 
+// Waits for the GPU's queued work (compiled only where CUDA is; the rows register only there).
+void wait_for_gpu() {
+#if AMAQ_HAVE_CUDA
+  c10::cuda::getCurrentCUDAStream().synchronize();
+#endif
+}
+
 void BM_CudaClone(benchmark::State& state) {
   for (auto _ : state) {
     at::Tensor y = device_activation().clone();
-    y.sum().item<float>();  // waits for the copy
+    wait_for_gpu();
   }
   set_counters(state, 0);
 }
 
+// Codec::encode as training calls it (no sender-side decoded copy): device tensor in, packet string out.
 void BM_CudaEncode(benchmark::State& state, const std::string& text, at::ScalarType dtype) {
   CodecSpec spec = CodecSpec::parse(text);
   Codec codec(spec);
   EncodeArgs args = args_for(spec);
+  args.want_decoded = false;
   const at::Tensor x = device_activation().to(dtype);
   size_t bytes = codec.encode(x, args).packet.size();
   for (auto _ : state) bytes = codec.encode(x, args).packet.size();  // the packet is on the host: synchronous
   set_counters(state, bytes);
 }
 
-void BM_CudaDecode(benchmark::State& state, const std::string& text) {
+// Codec::decode from a packet string to a device tensor of the packet's dtype.
+void BM_CudaDecode(benchmark::State& state, const std::string& text, at::ScalarType dtype) {
   CodecSpec spec = CodecSpec::parse(text);
   Codec sender(spec), receiver(spec);
   EncodeArgs args = args_for(spec);
-  receiver.decode(sender.encode(device_activation(), args).packet, at::kCUDA);
-  std::string packet = sender.encode(device_activation(), args).packet;
+  const at::Tensor x = device_activation().to(dtype);
+  receiver.decode(sender.encode(x, args).packet, at::kCUDA);
+  std::string packet = sender.encode(x, args).packet;
   for (auto _ : state) {
     at::Tensor y = receiver.decode(packet, at::kCUDA);
-    y.select(2, 0).sum().item<float>();  // waits for the kernel
+    wait_for_gpu();
   }
   set_counters(state, packet.size());
 }
 
+#if AMAQ_HAVE_CUDA
+// The kernels alone, as tools/ref/codec_peer.py times its PyTorch peer: encode from a device tensor to
+// the ranges and packed codes in pinned host memory; decode from pinned host memory to a device tensor.
+struct KernelCase {
+  at::Tensor x, bits;
+  AffineLayout layout;
+  CodecSpec spec;
+};
+
+KernelCase kernel_case(const std::string& text, at::ScalarType dtype) {
+  KernelCase k;
+  k.spec = CodecSpec::parse(text);
+  const int64_t C = activation().size(-1);
+  k.x = device_activation().to(dtype).view({-1, C});
+  k.bits = k.spec.codec == CodecId::kAmaq ? args_for(k.spec).bits : at::full({C}, k.spec.bits, at::kByte);
+  k.layout = AffineLayout{k.x.size(0), C, k.spec.granularity, k.spec.group};
+  return k;
+}
+
+void BM_CudaKernelEncode(benchmark::State& state, const std::string& text, at::ScalarType dtype) {
+  const KernelCase k = kernel_case(text, dtype);
+  int64_t bytes = 0;
+  for (auto _ : state) {
+    cuda::AffineEncoded e = cuda::affine_encode(k.x, k.bits, k.layout, k.spec.rounding, 0, false);
+    bytes = e.range_bytes + e.code_bytes;
+  }
+  set_counters(state, static_cast<size_t>(bytes));
+}
+
+void BM_CudaKernelDecode(benchmark::State& state, const std::string& text, at::ScalarType dtype) {
+  const KernelCase k = kernel_case(text, dtype);
+  const cuda::AffineEncoded e = cuda::affine_encode(k.x, k.bits, k.layout, k.spec.rounding, 0, false);
+  const int64_t n = e.range_bytes + e.code_bytes;
+  at::Tensor host = at::empty({n}, at::TensorOptions(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), e.ranges(), static_cast<size_t>(n));
+  for (auto _ : state) {
+    at::Tensor y = cuda::affine_decode(host.data_ptr<uint8_t>(), n, e.scale, k.bits, k.layout, dtype, at::kCUDA);
+    wait_for_gpu();
+  }
+  set_counters(state, static_cast<size_t>(n));
+}
+#endif
+
 void register_cuda(const std::vector<const char*>& codecs) {
   if (!cuda_codecs_built() || !at::hasCUDA()) return;
-  benchmark::RegisterBenchmark("cuda/clone", BM_CudaClone)->Unit(benchmark::kMillisecond)->UseRealTime();
+  const auto ms = [](benchmark::internal::Benchmark* b) { b->Unit(benchmark::kMillisecond)->UseRealTime(); };
+  ms(benchmark::RegisterBenchmark("cuda/clone", BM_CudaClone));
   for (const char* c : codecs) {
     const std::string name(c);
-    benchmark::RegisterBenchmark(("cuda/encode/" + name).c_str(), BM_CudaEncode, name, at::kFloat)
-        ->Unit(benchmark::kMillisecond)
-        ->UseRealTime();
-    if (name.rfind("aqsgd", 0) != 0) {
-      benchmark::RegisterBenchmark(("cuda/encode-bf16/" + name).c_str(), BM_CudaEncode, name, at::kBFloat16)
-          ->Unit(benchmark::kMillisecond)
-          ->UseRealTime();
+    const bool affine = name.rfind("aqsgd", 0) != 0;
+    for (at::ScalarType t : {at::kFloat, at::kBFloat16}) {
+      if (t == at::kBFloat16 && !affine) continue;
+      const std::string sfx = t == at::kFloat ? "/" : "-bf16/";
+      ms(benchmark::RegisterBenchmark(("cuda/encode" + sfx + name).c_str(), BM_CudaEncode, name, t));
+      ms(benchmark::RegisterBenchmark(("cuda/decode" + sfx + name).c_str(), BM_CudaDecode, name, t));
+#if AMAQ_HAVE_CUDA
+      if (!affine) continue;
+      ms(benchmark::RegisterBenchmark(("cuda/kernel-encode" + sfx + name).c_str(), BM_CudaKernelEncode, name, t));
+      ms(benchmark::RegisterBenchmark(("cuda/kernel-decode" + sfx + name).c_str(), BM_CudaKernelDecode, name, t));
+#endif
     }
-    benchmark::RegisterBenchmark(("cuda/decode/" + name).c_str(), BM_CudaDecode, name)
-        ->Unit(benchmark::kMillisecond)
-        ->UseRealTime();
   }
 }
 

@@ -24,6 +24,7 @@ Run add_bench_train(CLI::App& app) {
     train::SideOptions side;
     int64_t batch = 8, seq_len = 512, steps = 10, warmup = 3;
     double lr = 1e-4;
+    bool cuda_graph = false;
   };
   auto a = std::make_shared<Args>();
   a->side.lora_r = 16;
@@ -40,6 +41,8 @@ Run add_bench_train(CLI::App& app) {
   app.add_option("--lora-targets", a->side.targets, "modules to adapt")->delimiter(',')->capture_default_str();
   app.add_option("--lr", a->lr, "AdamW learning rate")->capture_default_str();
   app.add_flag("--activation-checkpointing", a->side.activation_checkpointing, "recompute each layer in backward");
+  app.add_flag("--cuda-graph", a->cuda_graph,
+               "capture the step (forward, loss, backward, AdamW, gradients zeroed) once as a CUDA graph and replay it");
   return [a] {
     const at::TensorOptions where = compute_options(a->side.device, a->side.dtype);
     const ModelConfig config = ModelConfig::load(a->model);
@@ -54,14 +57,34 @@ Run add_bench_train(CLI::App& app) {
         at::randint(config.vocab_size, {a->batch, a->seq_len}, at::TensorOptions().dtype(at::kLong)).to(dev);
     std::vector<double> losses;
     // As the peer: forward, loss, backward, optimizer step, gradients cleared; no clipping.
-    auto step = [&] {
+    std::function<at::Tensor()> step = [&] {
       at::Tensor loss = causal_lm_loss(part->forward(ids), ids);
       loss.backward();
       side.step(a->lr, 1.0);
       side.zero_grad();
       return loss.detach();
     };
-    for (int64_t i = 0; i < a->warmup; ++i) losses.push_back(step().item<double>());
+    std::unique_ptr<GraphedStep> graph;
+    at::Tensor graph_loss;
+    if (a->cuda_graph) {
+      // The same step with gradients zeroed in place (a graph replays into the same memory); the
+      // warm-up runs inside GraphedStep.
+      graph = std::make_unique<GraphedStep>(
+          dev,
+          [&] {
+            graph_loss = causal_lm_loss(part->forward(ids), ids);
+            graph_loss.backward();
+            side.step(a->lr, 1.0);
+            for (const at::Tensor& p : side.part->parameters())
+              if (p.grad().defined()) p.grad().zero_();
+          },
+          static_cast<int>(std::max<int64_t>(a->warmup, 1)));
+      step = [&] {
+        graph->replay();
+        return graph_loss.detach().clone();
+      };
+    }
+    for (int64_t i = 0; i < (graph ? 0 : a->warmup); ++i) losses.push_back(step().item<double>());
     synchronize(dev);
     reset_peak_memory(dev);
     std::vector<at::Tensor> timed;
@@ -81,7 +104,7 @@ Run add_bench_train(CLI::App& app) {
       synchronize(dev);
       *acc += std::chrono::duration<double>(std::chrono::steady_clock::now() - p0).count() / 3;
     };
-    for (int i = 0; i < 3; ++i) {
+    for (int i = 0; i < (graph ? 0 : 3); ++i) {
       at::Tensor loss;
       lap(&t_fwd, [&] { loss = causal_lm_loss(part->forward(ids), ids); });
       lap(&t_bwd, [&] { loss.backward(); });
@@ -100,6 +123,7 @@ Run add_bench_train(CLI::App& app) {
                        {"seq", a->seq_len},
                        {"lora_r", side.options.lora_r},
                        {"activation_checkpointing", side.options.activation_checkpointing},
+                       {"cuda_graph", a->cuda_graph},
                        {"steps", a->steps},
                        {"step_s", dt},
                        {"tokens_per_s", static_cast<double>(a->batch * a->seq_len) / dt},

@@ -59,6 +59,14 @@ int64_t peak_memory_bytes(at::Device) {
   return -1;
 }
 void reset_peak_memory(at::Device) {}
+
+struct GraphedStep::Impl {};
+GraphedStep::GraphedStep(at::Device, const std::function<void()>&, int) {
+  throw Error("CUDA graphs need a GPU and a build against a libtorch with CUDA",
+              "leave out --cuda-graph, or build amaq against PyTorch's libtorch with CUDA");
+}
+GraphedStep::~GraphedStep() = default;
+void GraphedStep::replay() {}
 #endif
 
 }  // namespace amaq

@@ -4,6 +4,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <functional>
+#include <memory>
 #include <string>
 
 namespace amaq {
@@ -27,5 +29,25 @@ void synchronize(at::Device device);
 /// CPU.
 int64_t peak_memory_bytes(at::Device device);
 void reset_peak_memory(at::Device device);
+
+/// A step captured once as a CUDA graph and then replayed, as torch.cuda.graph captures a whole
+/// training step: one launch instead of hundreds, where a small model's step is bound by the host
+/// launching kernels. `fn` runs `warmup` times on a side stream (so that lazily created state, such
+/// as gradients and optimizer moments, exists before capture), then once under capture. It must not
+/// wait on the host (no .item()), must take its inputs from and leave its outputs in the same tensors
+/// each time, and must update gradients in place. replay() runs the captured kernels again on the
+/// current stream. Throws amaq::Error on the CPU or without a CUDA build.
+class GraphedStep {
+ public:
+  GraphedStep(at::Device device, const std::function<void()>& fn, int warmup = 3);
+  ~GraphedStep();
+  GraphedStep(const GraphedStep&) = delete;
+  GraphedStep& operator=(const GraphedStep&) = delete;
+  void replay();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 }  // namespace amaq

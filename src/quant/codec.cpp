@@ -69,6 +69,19 @@ at::Tensor read_halves(ByteReader& r, int64_t n, const char* what) {
   return t;
 }
 
+// A packet's G interleaved fp16 (lo, hi) pairs must be finite with lo <= hi. Compared on the bits:
+// fp16 magnitudes order like their integers, the sign flips the order, and -0 equals +0.
+void check_ranges(const uint8_t* p, int64_t G) {
+  for (int64_t g = 0; g < G; ++g) {
+    uint16_t lo, hi;
+    std::memcpy(&lo, p + 4 * g, 2);
+    std::memcpy(&hi, p + 4 * g + 2, 2);
+    if ((lo & 0x7c00) == 0x7c00 || (hi & 0x7c00) == 0x7c00) throw PacketError("ranges contain NaN or Inf");
+    const auto key = [](uint16_t v) { return (v & 0x8000) ? -static_cast<int>(v & 0x7fff) : static_cast<int>(v); };
+    if (key(lo) > key(hi)) throw PacketError("a range has lo > hi");
+  }
+}
+
 std::string pack(const at::Tensor& codes, const at::Tensor& bits, Impl impl) {
   if (impl == Impl::kRef) return pack_ref(codes, bits);
   std::string out(static_cast<size_t>(packed_bytes(codes.size(0), bits)), '\0');
@@ -167,17 +180,27 @@ Encoded Codec::encode_affine(const at::Tensor& x, const at::Tensor& bits, const 
   const int64_t C = x.size(-1);
   e.layout = AffineLayout{x.numel() / C, C, spec_.granularity, spec_.group};
   e.bits = bits;
-  std::string codes;
+  // What follows the header and map: the interleaved fp16 (lo, hi) pairs, then the packed codes.
+  const char* ranges = nullptr;
+  const char* codes = nullptr;
+  int64_t code_bytes = 0;
+  at::Tensor pairs;
+  std::string packed;
+#if AMAQ_HAVE_CUDA
+  cuda::AffineEncoded g;
+#endif
   if (on_gpu(x)) {
 #if AMAQ_HAVE_CUDA
     // Fused kernels: the codes exist only packed (e.quant.codes stays undefined).
-    cuda::AffineEncoded g =
-        cuda::affine_encode(x.reshape({e.layout.rows, C}), bits, e.layout, spec_.rounding, args.seed);
+    g = cuda::affine_encode(x.reshape({e.layout.rows, C}), bits, e.layout, spec_.rounding, args.seed,
+                            args.want_decoded);
     e.quant.scale = g.scale;
     e.quant.lo = g.lo;
     e.quant.hi = g.hi;
-    e.decoded = g.decoded.view(x.sizes());
-    codes = std::move(g.packed);
+    if (g.decoded.defined()) e.decoded = g.decoded.view(x.sizes());
+    ranges = g.ranges();
+    codes = g.codes();
+    code_bytes = g.code_bytes;
 #endif
   } else {
     at::Tensor x2 = x.to(at::kFloat).reshape({e.layout.rows, C}).contiguous();
@@ -188,7 +211,11 @@ Encoded Codec::encode_affine(const at::Tensor& x, const at::Tensor& bits, const 
                                            : affine_dequantize(e.quant, bits, e.layout);
       e.decoded = deq.view(x.sizes()).to(x.scalar_type());
     }
-    codes = pack(e.quant.codes, bits, impl_);
+    packed = pack(e.quant.codes, bits, impl_);
+    pairs = at::stack({e.quant.lo, e.quant.hi}, 1).contiguous();
+    ranges = static_cast<const char*>(pairs.data_ptr());
+    codes = packed.data();
+    code_bytes = static_cast<int64_t>(packed.size());
   }
 
   ByteWriter w;
@@ -213,11 +240,8 @@ Encoded Codec::encode_affine(const at::Tensor& x, const at::Tensor& bits, const 
   }
   write_header(w, h, x.sizes());
   if (send_map) write_bit_map(w, bits);
-  for (int64_t g = 0; g < e.layout.num_groups(); ++g) {  // interleaved (lo, hi) pairs
-    w.append(static_cast<const char*>(e.quant.lo.data_ptr()) + 2 * g, 2);
-    w.append(static_cast<const char*>(e.quant.hi.data_ptr()) + 2 * g, 2);
-  }
-  w.str() += codes;
+  w.append(ranges, static_cast<size_t>(4 * e.layout.num_groups()));
+  w.append(codes, static_cast<size_t>(code_bytes));
   e.packet = std::move(w.str());
   return e;
 }
@@ -420,18 +444,20 @@ at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std:
   AffineQuant q;
   q.scale = h.scale;
   const int64_t G = layout.num_groups();
-  at::Tensor pairs = read_halves(r, 2 * G, "ranges").view({G, 2});
-  q.lo = pairs.select(1, 0).contiguous();
-  q.hi = pairs.select(1, 1).contiguous();
-  if ((q.lo.to(at::kFloat) > q.hi.to(at::kFloat)).any().item<bool>()) throw PacketError("a range has lo > hi");
+  const uint8_t* ranges = r.take(static_cast<uint64_t>(4 * G), "ranges");
+  check_ranges(ranges, G);
   const at::ScalarType out_type = to_scalar(static_cast<WireDtype>(h.dtype));
   if (device.is_cuda()) {
 #if AMAQ_HAVE_CUDA
     const int64_t n = packed_bytes(layout.rows, bits);
-    return cuda::affine_decode(r.take(static_cast<uint64_t>(n), "packed codes"), n, q, bits, layout, out_type, device)
-        .view(shape);
+    r.take(static_cast<uint64_t>(n), "packed codes");  // right after the ranges: one copy takes both
+    return cuda::affine_decode(ranges, 4 * G + n, q.scale, bits, layout, out_type, device).view(shape);
 #endif
   }
+  at::Tensor pairs = at::empty({G, 2}, at::kHalf);
+  if (G > 0) std::memcpy(pairs.data_ptr(), ranges, static_cast<size_t>(4 * G));
+  q.lo = pairs.select(1, 0).contiguous();
+  q.hi = pairs.select(1, 1).contiguous();
   q.codes = unpack(r, layout.rows, bits, impl_);
   at::Tensor deq = impl_ == Impl::kRef ? affine_dequantize_ref(q, bits, layout) : affine_dequantize(q, bits, layout);
   return deq.view(shape).to(out_type);

@@ -167,6 +167,56 @@ TEST(DeviceTraining, Bf16LossesTrackFp32) {
   }
 }
 
+// A training step captured as a CUDA graph replays what the eager step computes: same losses, step
+// by step, as 8 eager steps (the first 2 run eagerly inside GraphedStep as its warm-up).
+TEST(GraphedStep, ReplaysTheEagerTrainingStep) {
+  const std::string dir = data_path("hf/llama-gqa");
+  if (!cuda_available()) {
+    EXPECT_THROW(GraphedStep(at::Device(at::kCPU), [] {}), Error);
+    GTEST_SKIP() << "no CUDA GPU in this build or machine (checked: the CPU is refused)";
+  }
+  strict_fp32();
+  const at::Tensor ids = SafetensorsFile(dir + "/io.safetensors").load("input_ids").to(at::kCUDA);
+  train::SideOptions opt;
+  opt.lora_r = 4;
+  opt.targets = {"all-linear"};
+  auto losses = [&](bool graphed) {
+    DecoderPart m = load("llama-gqa", at::TensorOptions().device(at::kCUDA), false);
+    train::Side side = train::Side::around(m, opt, /*seed=*/3, /*weight_decay=*/0.01);
+    std::vector<double> out;
+    at::Tensor loss;
+    auto step = [&] {
+      loss = causal_lm_loss(m->forward(ids), ids);
+      loss.backward();
+      side.step(3e-3, 1.0);
+      for (const at::Tensor& p : m->parameters())
+        if (p.grad().defined()) p.grad().zero_();
+    };
+    if (!graphed) {
+      for (int s = 0; s < 8; ++s) {
+        step();
+        out.push_back(loss.item<double>());
+      }
+      return out;
+    }
+    std::vector<double> warm;
+    GraphedStep g(at::Device(at::kCUDA), [&] {
+      step();
+      if (warm.size() < 2) warm.push_back(loss.item<double>());  // the warm-up runs only
+    }, 2);
+    out = warm;
+    for (int s = 2; s < 8; ++s) {
+      g.replay();
+      out.push_back(loss.item<double>());
+    }
+    return out;
+  };
+  const std::vector<double> eager = losses(false), graphed = losses(true);
+  ASSERT_EQ(graphed.size(), eager.size());
+  for (size_t s = 0; s < eager.size(); ++s) EXPECT_NEAR(graphed[s], eager[s], 1e-5) << "step " << s;
+  EXPECT_LT(graphed.back(), graphed.front()) << "the replayed steps train";
+}
+
 TEST(DeviceOptions, WhatCannotRunIsRefusedByName) {
   auto message = [](auto&& f) {
     try {

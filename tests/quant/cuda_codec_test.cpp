@@ -107,18 +107,44 @@ TEST(CudaCodec, AmaqMixedMapsEqualTheReferenceAndDecodeOnTheGpu) {
     const at::Tensor bits = at::randint(1, 9, {C}, gen, at::kByte);
     for (const char* gran : {"token", "group"}) {
       const CodecSpec spec = CodecSpec::parse(std::string("amaq:budget=4,gran=") + gran + ",group=64");
-      Codec ref(spec, Impl::kRef), gpu(spec), ref_rx(spec, Impl::kRef), gpu_rx(spec);
-      EncodeArgs args;
-      args.bits = bits;
+      Codec ref(spec, Impl::kRef), gpu(spec), gpu_lean(spec), ref_rx(spec, Impl::kRef), gpu_rx(spec);
+      EncodeArgs args, lean;
+      args.bits = lean.bits = bits;
+      lean.want_decoded = false;  // as training encodes: no sender-side copy
       for (int pass = 0; pass < 2; ++pass) {  // the second packet carries no map
         const Encoded e_ref = ref.encode(x, args), e_gpu = gpu.encode(x.to(at::kCUDA), args);
         const std::string what = "C=" + std::to_string(C) + " " + gran + " pass " + std::to_string(pass);
         EXPECT_EQ(e_gpu.packet, e_ref.packet) << what;
+        const Encoded e_lean = gpu_lean.encode(x.to(at::kCUDA), lean);
+        EXPECT_EQ(e_lean.packet, e_ref.packet) << what;
+        EXPECT_FALSE(e_lean.decoded.defined()) << what;
         const at::Tensor on_gpu = gpu_rx.decode(e_ref.packet, at::kCUDA), on_cpu = ref_rx.decode(e_ref.packet);
         ASSERT_TRUE(on_gpu.is_cuda());
         EXPECT_TRUE(at::equal(on_gpu.cpu(), on_cpu)) << what;
         EXPECT_TRUE(at::equal(e_gpu.decoded.cpu(), on_cpu)) << what;
       }
+    }
+  }
+}
+
+// The benchmark's shape (8 x 512 x 2048, enough groups that every kernel's grid-stride loop turns
+// more than once): packets equal the CPU codec's, for a fixed and a mixed map, fp32 and bf16.
+TEST(CudaCodec, LargeActivationsGiveTheCpuPacket) {
+  SKIP_WITHOUT_GPU();
+  const at::Tensor x = activations(8, 512, 2048, 11);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  for (const char* text : {"fixed:bits=4,group=128", "amaq:budget=4,group=128", "fixed:bits=3,gran=token"}) {
+    for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+      const CodecSpec spec = CodecSpec::parse(text);
+      Codec cpu(spec), gpu(spec), rx(spec);
+      EncodeArgs args;
+      args.bits = at::randint(2, 7, {2048}, gen, at::kByte);
+      args.want_decoded = false;
+      const at::Tensor xd = x.to(dtype);
+      const Encoded e_cpu = cpu.encode(xd, args), e_gpu = gpu.encode(xd.to(at::kCUDA), args);
+      const std::string what = std::string(text) + " " + c10::toString(dtype);
+      EXPECT_EQ(e_gpu.packet, e_cpu.packet) << what;
+      EXPECT_TRUE(at::equal(rx.decode(e_gpu.packet, at::kCUDA).cpu(), Codec(spec).decode(e_cpu.packet))) << what;
     }
   }
 }

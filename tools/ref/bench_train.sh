@@ -4,6 +4,7 @@
 # alpha=32 on all seven projections, AdamW, batch 8 x 512):
 #   peer      ../shared/peers/hf_peft_lora_bench.py, run as it is (copied beside the build, not into git)
 #   unsplit   amaq bench-train (the whole model in one process)
+#   graph     the same with --cuda-graph (the step captured once as a CUDA graph, then replayed)
 #   inproc    amaq train, split at layer 2, both sides in one process, none:bf16 across the split
 #   amaq      the same with amaq:budget=4 forward / amaq:budget=6 backward
 #   tcp       amaq server + amaq client, two processes over loopback TCP, amaq codecs
@@ -11,7 +12,7 @@
 # Results are appended to OUT_DIR/bench-train.jsonl.
 # Usage: tools/ref/bench_train.sh BUILD_DIR PEER_SCRIPT OUT_DIR [shapes...]
 # (PEER_SCRIPT none skips the peer; AMAQ_BENCH_DEVICE=cpu and the shape tiny try the script here;
-# BENCH_RUNS picks runs, default "peer unsplit inproc amaq tcp".)
+# BENCH_RUNS picks runs, default "peer unsplit graph inproc amaq tcp".)
 set -u
 B=${1:?build dir}
 PEER=${2:?peer script}
@@ -20,7 +21,7 @@ shift 3
 SHAPES=${*:-llama-160m llama-1b}
 W=${AMAQ_BENCH_WORK:-/tmp/amaq-bench}
 DEV=${AMAQ_BENCH_DEVICE:-cuda}
-RUNS=" ${BENCH_RUNS:-peer unsplit inproc amaq tcp} "
+RUNS=" ${BENCH_RUNS:-peer unsplit graph inproc amaq tcp} "
 want() { [[ "$RUNS" == *" $1 "* ]]; }
 mkdir -p "$OUT" "$W"
 RESULTS=$OUT/bench-train.jsonl
@@ -71,6 +72,10 @@ for shape in $SHAPES; do
   want unsplit && timeout 300 "$B/amaq" bench-train --model "$M" --device $DEV --dtype bf16 --batch 8 --seq-len 512 --steps 10 \
     --warmup 3 2>"$OUT/unsplit-$shape.log" | sed "s/^{/{\"shape\":\"$shape\",/" | tee -a "$RESULTS" \
     || tail -5 "$OUT/unsplit-$shape.log"
+  echo "== $shape: amaq unsplit, CUDA graph"
+  want graph && timeout 300 "$B/amaq" bench-train --model "$M" --device $DEV --dtype bf16 --batch 8 --seq-len 512 --steps 10 \
+    --warmup 3 --cuda-graph 2>"$OUT/graph-$shape.log" | sed "s/^{/{\"shape\":\"$shape\",\"mode_detail\":\"cuda-graph\",/" \
+    | tee -a "$RESULTS" || tail -5 "$OUT/graph-$shape.log"
   for run in inproc amaq; do
     want $run || continue
     echo "== $shape: amaq train ($run)"

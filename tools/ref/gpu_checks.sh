@@ -2,12 +2,13 @@
 # What a session with the GPU machine checks, in one call (see tools/ref/README.md):
 #   1. amaq builds against PyTorch 2.x's libtorch with CUDA (and with it the CUDA codec glue);
 #   2. the unit tests pass there, the CUDA kernel tests among them (also under compute-sanitizer);
-#   3. `amaq_bench` times the codecs on CPU and CUDA (JSON);
+#   3. `amaq_bench` times the codecs on CPU and CUDA (JSON); `codecpeer` times the same codec written
+#      in PyTorch, eager and under torch.compile (tools/ref/codec_peer.py), in the same call;
 #   4. an adapter trained and exported by amaq loads in Python PEFT and gives amaq's logits;
 #   5. training throughput beside the HF + PEFT peer (tools/ref/bench_train.sh; the peer is carried in
 #      .carry/peers/, copied from ../shared/peers/), results in OUT_DIR/bench-train.jsonl.
-# Usage: tools/ref/gpu_checks.sh OUT_DIR [steps...]   (steps: build tests gputests sanitize bench peft
-# train; default build tests sanitize bench peft). SKIP_INTEGRATION=1 leaves the two-process tests out of `tests`.
+# Usage: tools/ref/gpu_checks.sh OUT_DIR [steps...]   (steps: build tests gputests sanitize bench codecpeer
+# peft train; default build tests sanitize bench peft). BENCH_FILTER narrows `bench` (a --benchmark_filter). SKIP_INTEGRATION=1 leaves the two-process tests out of `tests`.
 # Packages the image lacks may be carried in .carry/ (Google Benchmark, OpenSSL headers).
 set -u
 OUT=${1:?usage: gpu_checks.sh OUT_DIR [steps]}
@@ -55,7 +56,7 @@ fi
 
 if want gputests; then
   # The tests that differ on a GPU: models, training and codecs on CUDA (a short subset of `tests`).
-  $B/tests/amaq_tests --gtest_filter='*OnCuda.*:DeviceTraining.*:*Bf16.*:Amaq.*:CudaCodec*:*Split.*:*HfGolden.*:SplitRun.Cpu*:SplitRun.Bf16*' \
+  $B/tests/amaq_tests --gtest_filter="${GPUTESTS:-*OnCuda.*:DeviceTraining.*:*Bf16.*:Amaq.*:CudaCodec*:*Split.*:*HfGolden*:SplitRun.Cpu*:SplitRun.Bf16*:GraphedStep.*}" \
     >"$OUT/gputests.log" 2>&1
   log "GPU tests rc=$?: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) \]' "$OUT/gputests.log" | tr '\n' ' ')"
   grep -E "FAILED|^\[ bf16" "$OUT/gputests.log" | head -30 | tee -a "$SUMMARY"
@@ -67,9 +68,16 @@ if want sanitize; then
 fi
 
 if want bench; then
-  $B/amaq_bench --benchmark_out="$(dirname "$SUMMARY")/bench-gpu.json" --benchmark_out_format=json --benchmark_min_time=0.3 >"$OUT/bench.log" 2>&1
+  $B/amaq_bench --benchmark_out="$(dirname "$SUMMARY")/bench-gpu.json" --benchmark_out_format=json --benchmark_min_time=0.3 \
+    --benchmark_filter="${BENCH_FILTER:-.}" >"$OUT/bench.log" 2>&1
   log "bench rc=$?"
-  grep -E "^(cuda/|encode|decode|clone|memcpy)" "$OUT/bench.log" | tee -a "$SUMMARY"
+  grep -E "^(cuda/|encode|decode|clone|memcpy)" "$OUT/bench.log" | sed -E 's/ +/ /g' | tee -a "$SUMMARY"
+fi
+
+if want codecpeer; then
+  timeout 400 python3 tools/ref/codec_peer.py >"$(dirname "$SUMMARY")/codec-peer.jsonl" 2>"$OUT/codec-peer.log"
+  log "codec peer rc=$?"
+  cat "$(dirname "$SUMMARY")/codec-peer.jsonl" >>"$SUMMARY"
 fi
 
 if want peft; then

@@ -3,7 +3,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "core/error.h"
 #include "quant/cuda/kernels.h"
@@ -33,18 +35,40 @@ struct DevicePack {
   }
 };
 
+// Maps change rarely (fixed: never; amaq: when the bit map is synced), so the last few per thread stay
+// on the device and a step costs no host-to-device copy for them. Never freed: the cache may outlive
+// the CUDA runtime at exit.
 DevicePack device_pack(const at::Tensor& bits, int64_t rows, const at::Device& device) {
-  DevicePack p;
-  at::Tensor b = bits.to(at::kCPU, at::kByte).contiguous();
-  at::Tensor off = at::zeros({b.numel() + 1}, at::kLong);
-  off.slice(0, 1).copy_(b.to(at::kLong).cumsum(0));
-  p.bits = b.to(device);
-  p.offsets = off.to(device);
+  struct Entry {
+    int device;
+    std::vector<uint8_t> key;
+    DevicePack pack;
+  };
+  static thread_local auto* cache = new std::vector<Entry>();
+  const at::Tensor b = bits.to(at::kCPU, at::kByte).contiguous();
+  const auto* bp = b.data_ptr<uint8_t>();
+  Entry* hit = nullptr;
+  for (Entry& e : *cache) {
+    if (e.device == device.index() && e.key.size() == static_cast<size_t>(b.numel()) &&
+        std::equal(e.key.begin(), e.key.end(), bp))
+      hit = &e;
+  }
+  if (!hit) {
+    if (cache->size() >= 8) cache->erase(cache->begin());
+    Entry e{device.index(), std::vector<uint8_t>(bp, bp + b.numel()), {}};
+    at::Tensor off = at::zeros({b.numel() + 1}, at::kLong);
+    off.slice(0, 1).copy_(b.to(at::kLong).cumsum(0));
+    e.pack.bits = b.to(device);
+    e.pack.offsets = off.to(device);
+    e.pack.layout.cols = b.numel();
+    e.pack.layout.row_bits = off[b.numel()].item<int64_t>();
+    e.pack.layout.bits = e.pack.bits.data_ptr<uint8_t>();
+    e.pack.layout.offsets = e.pack.offsets.data_ptr<int64_t>();
+    cache->push_back(std::move(e));
+    hit = &cache->back();
+  }
+  DevicePack p = hit->pack;
   p.layout.rows = rows;
-  p.layout.cols = b.numel();
-  p.layout.row_bits = off[b.numel()].item<int64_t>();
-  p.layout.bits = p.bits.data_ptr<uint8_t>();
-  p.layout.offsets = p.offsets.data_ptr<int64_t>();
   return p;
 }
 
@@ -57,9 +81,6 @@ DType kernel_dtype(at::ScalarType t) {
 // The kernels read and write fp32 and bf16; fp16 goes through fp32.
 at::ScalarType kernel_type(at::ScalarType t) {
   return t == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
-}
-uint16_t* u16(const at::Tensor& t) {
-  return reinterpret_cast<uint16_t*>(t.data_ptr());
 }
 uint8_t* u8(const at::Tensor& t) {
   return static_cast<uint8_t*>(t.data_ptr());
@@ -74,6 +95,10 @@ at::Tensor to_device(const uint8_t* p, int64_t n, const at::Device& d) {
   return at::from_blob(const_cast<uint8_t*>(p), {n}, at::kByte).to(d);
 }
 
+int64_t round4(int64_t n) {
+  return (n + 3) / 4 * 4;
+}
+
 int levels_of(int bits) {
   return (1 << (bits - 1)) - 1;
 }
@@ -81,54 +106,67 @@ int levels_of(int bits) {
 }  // namespace
 
 AffineEncoded affine_encode(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
-                            uint64_t seed) {
+                            uint64_t seed, bool want_decoded) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) == layout.rows && x.size(1) == layout.cols,
               "affine_encode takes (rows, cols) on a GPU");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t s = stream_of(x.device());
   const at::Tensor xin = x.to(kernel_type(x.scalar_type())).contiguous();
   const DType t = kernel_dtype(xin.scalar_type());
+  const DevicePack p = device_pack(bits, layout.rows, x.device());
+  const RangeLayout rl = ranges_of(layout);
+  const int64_t G = layout.num_groups();
 
-  at::Tensor stats = at::empty({static_cast<int64_t>(sizeof(MaxAbs))}, at::TensorOptions(at::kByte).device(x.device()));
-  check(max_abs(xin.data_ptr(), t, xin.numel(), reinterpret_cast<MaxAbs*>(stats.data_ptr()), s), "max_abs");
+  // One device block laid out as the host copy: stats, ranges, codes.
+  AffineEncoded e;
+  e.ranges_at = round4(static_cast<int64_t>(sizeof(MaxAbs)));
+  e.range_bytes = 4 * G;
+  e.code_bytes = p.bytes();
+  const int64_t total = e.ranges_at + e.range_bytes + round4(e.code_bytes);
+  const auto on = at::TensorOptions().device(x.device());
+  at::Tensor dev = at::empty({total}, on.dtype(at::kByte)), minmax = at::empty({2 * G}, on.dtype(at::kFloat));
+  auto* stats = reinterpret_cast<MaxAbs*>(dev.data_ptr());
+  auto* pairs = reinterpret_cast<uint16_t*>(u8(dev) + e.ranges_at);
+  auto* words = reinterpret_cast<uint32_t*>(u8(dev) + e.ranges_at + e.range_bytes);
+  float* mn = minmax.data_ptr<float>();
+  check(affine_minmax(xin.data_ptr(), t, layout.rows, layout.cols, rl, mn, mn + G, stats, s), "affine_minmax");
+  check(affine_finish_ranges(mn, mn + G, G, stats, pairs, s), "affine_finish_ranges");
+  if (want_decoded) e.decoded = at::empty({layout.rows, layout.cols}, xin.options());
+  check(affine_quantize_pack(xin.data_ptr(), t, p.layout, rl, stats, pairs, static_cast<int>(rounding), seed, words,
+                             want_decoded ? e.decoded.data_ptr() : nullptr, s),
+        "affine_quantize_pack");
+  e.host = at::empty({total}, at::TensorOptions(at::kByte).pinned_memory(true));
+  check(cudaMemcpyAsync(e.host.data_ptr(), dev.data_ptr(), static_cast<size_t>(total), cudaMemcpyDeviceToHost, s),
+        "the copy of the packet to the host");
+  check(cudaStreamSynchronize(s), "affine encode");
+
   MaxAbs m;
-  std::memcpy(&m, stats.cpu().data_ptr(), sizeof m);
+  std::memcpy(&m, e.host.data_ptr(), sizeof m);
   if (m.bad) throw_non_finite(static_cast<int64_t>(m.bad), xin.numel(), static_cast<int64_t>(m.first_bad));
   float max_abs_value;
   std::memcpy(&max_abs_value, &m.max_bits, sizeof max_abs_value);
-
-  AffineEncoded e;
   e.scale = max_abs_value > 0 ? max_abs_value : 1.0f;
-  const DevicePack p = device_pack(bits, layout.rows, x.device());
-  const auto half = at::TensorOptions(at::kHalf).device(x.device());
-  at::Tensor lo = at::empty({layout.num_groups()}, half), hi = at::empty({layout.num_groups()}, half);
-  check(affine_ranges(xin.data_ptr(), t, p.layout, ranges_of(layout), e.scale, u16(lo), u16(hi), s), "affine_ranges");
-  at::Tensor words = p.words(x.device());
-  check(affine_quantize_pack(xin.data_ptr(), t, p.layout, ranges_of(layout), e.scale, u16(lo), u16(hi),
-                             static_cast<int>(rounding), seed, static_cast<uint32_t*>(words.data_ptr()), s),
-        "affine_quantize_pack");
-  // The sender's copy of what goes across: decoded from the very words sent.
-  e.decoded = at::empty({layout.rows, layout.cols}, xin.options());
-  check(affine_unpack_dequantize(u8(words), p.bytes(), p.layout, ranges_of(layout), e.scale, u16(lo), u16(hi),
-                                 e.decoded.data_ptr(), t, s),
-        "affine_unpack_dequantize");
-  e.decoded = e.decoded.to(x.scalar_type());
-  e.packed = to_host(words, p.bytes());
-  e.lo = lo.cpu();
-  e.hi = hi.cpu();
+  const at::Tensor halves = e.host.slice(0, e.ranges_at, e.ranges_at + e.range_bytes).view(at::kHalf).view({G, 2});
+  e.lo = halves.select(1, 0);
+  e.hi = halves.select(1, 1);
+  if (want_decoded) e.decoded = e.decoded.to(x.scalar_type());
   return e;
 }
 
-at::Tensor affine_decode(const uint8_t* packed, int64_t nbytes, const AffineQuant& q, const at::Tensor& bits,
+at::Tensor affine_decode(const uint8_t* ranges, int64_t nbytes, float scale, const at::Tensor& bits,
                          const AffineLayout& layout, at::ScalarType out_type, at::Device device) {
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t s = stream_of(device);
   const DevicePack p = device_pack(bits, layout.rows, device);
-  TORCH_CHECK(nbytes >= p.bytes(), "packed codes too short");
-  const at::Tensor data = to_device(packed, nbytes, device), lo = q.lo.to(device), hi = q.hi.to(device);
+  const int64_t range_bytes = 4 * layout.num_groups();
+  TORCH_CHECK(nbytes >= range_bytes + p.bytes(), "packed codes too short");
+  at::Tensor data = at::empty({nbytes}, at::TensorOptions(at::kByte).device(device));
+  check(cudaMemcpyAsync(data.data_ptr(), ranges, static_cast<size_t>(nbytes), cudaMemcpyHostToDevice, s),
+        "the copy of the packet to the device");
   at::Tensor out = at::empty({layout.rows, layout.cols}, at::TensorOptions(kernel_type(out_type)).device(device));
-  check(affine_unpack_dequantize(u8(data), nbytes, p.layout, ranges_of(layout), q.scale, u16(lo), u16(hi),
-                                 out.data_ptr(), kernel_dtype(out.scalar_type()), s),
+  check(affine_unpack_dequantize(u8(data) + range_bytes, nbytes - range_bytes, p.layout, ranges_of(layout), scale,
+                                 reinterpret_cast<const uint16_t*>(data.data_ptr()), out.data_ptr(),
+                                 kernel_dtype(out.scalar_type()), s),
         "affine_unpack_dequantize");
   return out.to(out_type);
 }

@@ -62,86 +62,105 @@ struct Groups {
   }
 };
 
-// ---- max |x| -------------------------------------------------------------------------------
+// ---- ranges ----------------------------------------------------------------------------------
 
-template <typename T>
-__global__ void max_abs_kernel(const T* x, int64_t n, MaxAbs* out) {
-  float m = 0.0f;
+// Folds v into a thread's running min, max, max |v| and NaN/Inf count (the first bad index kept).
+struct MinMax {
+  float mn = INFINITY, mx = -INFINITY, amax = 0.0f;
   unsigned long long bad = 0, first = ~0ull;
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
-    const float a = fabsf(to_float(x[i]));
-    if (a <= 3.402823466e+38f) {
-      m = fmaxf(m, a);
-    } else {  // NaN or Inf
+  __device__ __forceinline__ void add(float v, int64_t i) {
+    if (fabsf(v) <= 3.402823466e+38f) {
+      mn = fminf(mn, v);
+      mx = fmaxf(mx, v);
+      amax = fmaxf(amax, fabsf(v));
+    } else {
       ++bad;
       first = min(first, static_cast<unsigned long long>(i));
     }
   }
-  for (int off = 16; off > 0; off /= 2) {
-    m = fmaxf(m, __shfl_down_sync(0xffffffffu, m, off));
-    bad += __shfl_down_sync(0xffffffffu, bad, off);
-    first = min(first, __shfl_down_sync(0xffffffffu, first, off));
-  }
-  if ((threadIdx.x & 31) == 0) {
-    atomicMax(&out->max_bits, __float_as_uint(m));  // non-negative floats order like their bits
-    if (bad) {
-      atomicAdd(&out->bad, bad);
-      atomicMin(&out->first_bad, first);
-    }
-  }
-}
-
-// ---- affine ranges ---------------------------------------------------------------------------
-
-// One block per (row, run of channels sharing a range): token and group granularity.
-template <typename T>
-__global__ void row_ranges_kernel(const T* x, int64_t rows, int64_t cols, Groups g, float scale, uint16_t* lo16,
-                                  uint16_t* hi16) {
-  __shared__ float smin[32], smax[32];
-  const int64_t per_row = g.per_row(), width = g.r.granularity == 3 ? g.r.group : cols;
-  for (int64_t seg = blockIdx.x; seg < rows * per_row; seg += gridDim.x) {
-    const int64_t row = seg / per_row, c0 = (seg - row * per_row) * width, c1 = min(cols, c0 + width);
-    float mn = INFINITY, mx = -INFINITY;
-    for (int64_t c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
-      const float v = to_float(x[row * cols + c]);
-      mn = fminf(mn, v);
-      mx = fmaxf(mx, v);
-    }
+  __device__ __forceinline__ void warp_reduce() {
     for (int off = 16; off > 0; off /= 2) {
-      mn = fminf(mn, __shfl_down_sync(0xffffffffu, mn, off));
-      mx = fmaxf(mx, __shfl_down_sync(0xffffffffu, mx, off));
+      mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, off));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+      bad += __shfl_xor_sync(0xffffffffu, bad, off);
+      first = min(first, __shfl_xor_sync(0xffffffffu, first, off));
     }
-    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
-    if (lane == 0) {
-      smin[warp] = mn;
-      smax[warp] = mx;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      for (int w = 1; w < warps; ++w) {
-        mn = fminf(mn, smin[w]);
-        mx = fmaxf(mx, smax[w]);
-      }
-      lo16[seg] = half_rounded(mn / scale, false);
-      hi16[seg] = half_rounded(mx / scale, true);
-    }
-    __syncthreads();
   }
+  // One lane per warp publishes the tensor-wide part: max |x| and the NaN/Inf count.
+  __device__ __forceinline__ void publish(MaxAbs* stats) const {
+    atomicMax(&stats->max_bits, __float_as_uint(amax));  // non-negative floats order like their bits
+    if (bad) {
+      atomicAdd(&stats->bad, bad);
+      atomicMin(&stats->first_bad, first);
+    }
+  }
+};
+
+// Token and group granularity: one warp per range group (a run of channels of one row), grid-stride
+// over groups; each warp keeps its tensor-wide part and publishes it once.
+template <typename T>
+__global__ void row_minmax_kernel(const T* x, int64_t rows, int64_t cols, int64_t width, float* mn, float* mx,
+                                  MaxAbs* stats) {
+  const int lane = threadIdx.x & 31;
+  const int64_t per_row = (cols + width - 1) / width, groups = rows * per_row;
+  const int64_t warp0 = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32, warps = gridDim.x * int64_t{blockDim.x} / 32;
+  MinMax all;
+  for (int64_t g = warp0; g < groups; g += warps) {
+    const int64_t row = g / per_row, c0 = (g - row * per_row) * width, c1 = min(cols, c0 + width);
+    MinMax m;
+    for (int64_t c = c0 + lane; c < c1; c += 32) m.add(to_float(x[row * cols + c]), row * cols + c);
+    m.warp_reduce();
+    if (lane == 0) {
+      mn[g] = m.mn;
+      mx[g] = m.mx;
+    }
+    all.amax = fmaxf(all.amax, m.amax);
+    all.bad += m.bad;
+    all.first = min(all.first, m.first);
+  }
+  if (lane == 0) all.publish(stats);
 }
 
-// One thread per channel: channel granularity.
+// Channel granularity: a block of 32 channels x 8 row lanes reduces its channels over every row.
 template <typename T>
-__global__ void channel_ranges_kernel(const T* x, int64_t rows, int64_t cols, float scale, uint16_t* lo16,
-                                      uint16_t* hi16) {
-  for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < cols; c += int64_t{gridDim.x} * blockDim.x) {
-    float mn = INFINITY, mx = -INFINITY;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float v = to_float(x[r * cols + c]);
-      mn = fminf(mn, v);
-      mx = fmaxf(mx, v);
+__global__ void channel_minmax_kernel(const T* x, int64_t rows, int64_t cols, float* mn, float* mx, MaxAbs* stats) {
+  __shared__ float smn[8][33], smx[8][33];
+  const int tx = threadIdx.x & 31, ty = threadIdx.x / 32;
+  const int64_t c = blockIdx.x * int64_t{32} + tx;
+  MinMax m;
+  if (c < cols)
+    for (int64_t r = ty; r < rows; r += 8) m.add(to_float(x[r * cols + c]), r * cols + c);
+  smn[ty][tx] = m.mn;
+  smx[ty][tx] = m.mx;
+  __syncthreads();
+  if (ty == 0 && c < cols) {
+    float a = smn[0][tx], b = smx[0][tx];
+    for (int k = 1; k < 8; ++k) {
+      a = fminf(a, smn[k][tx]);
+      b = fmaxf(b, smx[k][tx]);
     }
-    lo16[c] = half_rounded(mn / scale, false);
-    hi16[c] = half_rounded(mx / scale, true);
+    mn[c] = a;
+    mx[c] = b;
+  }
+  m.warp_reduce();
+  if (tx == 0) m.publish(stats);
+}
+
+// The tensor scale: max |x|, or 1 for an all-zero tensor (tensor_scale of affine.cpp).
+__device__ __forceinline__ float scale_of(const MaxAbs* stats) {
+  const float m = __uint_as_float(stats->max_bits);
+  return m > 0 ? m : 1.0f;
+}
+
+// Each group's range as the packet's interleaved fp16 (lo, hi) pair relative to the scale: the min
+// rounded down, the max rounded up.
+__global__ void finish_ranges_kernel(const float* mn, const float* mx, int64_t groups, const MaxAbs* stats,
+                                     uint16_t* pairs) {
+  const float scale = scale_of(stats);
+  for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
+    pairs[2 * g] = half_rounded(mn[g] / scale, false);
+    pairs[2 * g + 1] = half_rounded(mx[g] / scale, true);
   }
 }
 
@@ -194,33 +213,57 @@ __global__ void unpack_kernel(const uint8_t* packed, int64_t nbytes, PackLayout 
   }
 }
 
+// Affine quantize + pack: one block per (row, run of kPackChunk channels). Each thread quantizes its
+// channels and ORs the codes into the block's words in shared memory; the block then stores its
+// words, with an atomic OR for the first and last (which a neighbouring block may share), so the
+// output must start zeroed. Optionally writes each value as the receiver will decode it.
+constexpr int kPackChunk = 1024;
+
 template <typename T>
-struct AffineCode {
-  const T* x;
-  Groups g;
-  const uint16_t *lo16, *hi16;
-  const uint8_t* bits;
-  float scale;
-  Rounding rounding;
-  uint64_t seed;
-  __device__ uint32_t operator()(int64_t r, int64_t c, bool) const {
-    const int64_t k = g.of(r, c), i = r * g.cols + c;
-    const float lo = half_to_float(lo16[k]) * scale, hi = half_to_float(hi16[k]) * scale;
-    const int b = bits[c];
-    return quantize_one(to_float(x[i]), lo, step_of(lo, hi, b), b, rounding, seed, static_cast<uint64_t>(i));
+__global__ void affine_pack_kernel(const T* x, PackLayout p, Groups g, const MaxAbs* stats, const uint16_t* pairs,
+                                   Rounding rounding, uint64_t seed, uint32_t* words, T* decoded) {
+  __shared__ uint32_t sh[kPackChunk * 8 / 32 + 2];
+  const int64_t chunks = (p.cols + kPackChunk - 1) / kPackChunk;
+  const float scale = scale_of(stats);
+  for (int64_t blk = blockIdx.x; blk < p.rows * chunks; blk += gridDim.x) {
+    const int64_t row = blk / chunks, c0 = (blk - row * chunks) * kPackChunk, c1 = min(p.cols, c0 + kPackChunk);
+    const int64_t w0 = (row * p.row_bits + p.offsets[c0]) / 32;
+    const int nw = static_cast<int>((row * p.row_bits + p.offsets[c1] + 31) / 32 - w0);
+    for (int i = threadIdx.x; i < nw; i += blockDim.x) sh[i] = 0;
+    __syncthreads();
+    for (int64_t c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
+      const int64_t k = g.of(row, c), i = row * p.cols + c;
+      const float lo = half_to_float(pairs[2 * k]) * scale, hi = half_to_float(pairs[2 * k + 1]) * scale;
+      const int b = p.bits[c];
+      const float step = step_of(lo, hi, b);
+      const uint32_t code = quantize_one(to_float(x[i]), lo, step, b, rounding, seed, static_cast<uint64_t>(i));
+      if (decoded) decoded[i] = from_float<T>(dequantize_one(static_cast<uint8_t>(code), lo, step));
+      const int64_t pos = row * p.row_bits + p.offsets[c] - w0 * 32;
+      const int shift = static_cast<int>(pos & 31);
+      atomicOr(&sh[pos >> 5], code << shift);
+      if (shift + b > 32) atomicOr(&sh[(pos >> 5) + 1], code >> (32 - shift));
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < nw; i += blockDim.x) {
+      if (i == 0 || i == nw - 1)
+        atomicOr(&words[w0 + i], sh[i]);
+      else
+        words[w0 + i] = sh[i];
+    }
+    __syncthreads();
   }
-};
+}
 
 template <typename T>
 struct AffineStore {
   T* out;
   Groups g;
-  const uint16_t *lo16, *hi16;
+  const uint16_t* pairs;
   const uint8_t* bits;
   float scale;
   __device__ void operator()(int64_t r, int64_t c, uint8_t code) const {
     const int64_t k = g.of(r, c);
-    const float lo = half_to_float(lo16[k]) * scale, hi = half_to_float(hi16[k]) * scale;
+    const float lo = half_to_float(pairs[2 * k]) * scale, hi = half_to_float(pairs[2 * k + 1]) * scale;
     out[r * g.cols + c] = from_float<T>(dequantize_one(code, lo, step_of(lo, hi, bits[c])));
   }
 };
@@ -274,29 +317,18 @@ cudaError_t launch_unpack(const uint8_t* packed, int64_t nbytes, const PackLayou
 
 }  // namespace
 
-cudaError_t max_abs(const void* x, DType t, int64_t n, MaxAbs* out, cudaStream_t s) {
-  cudaMemsetAsync(out, 0, sizeof(MaxAbs), s);
-  cudaMemsetAsync(&out->first_bad, 0xff, sizeof(out->first_bad), s);
-  if (n == 0) return cudaGetLastError();
-  if (t == DType::kF32)
-    max_abs_kernel<<<blocks_for(n), kThreads, 0, s>>>(static_cast<const float*>(x), n, out);
-  else
-    max_abs_kernel<<<blocks_for(n), kThreads, 0, s>>>(static_cast<const __nv_bfloat16*>(x), n, out);
-  return cudaGetLastError();
-}
-
-cudaError_t affine_ranges(const void* x, DType t, const PackLayout& p, RangeLayout r, float scale, uint16_t* lo16,
-                          uint16_t* hi16, cudaStream_t s) {
-  if (p.rows == 0 || p.cols == 0) return cudaGetLastError();
-  const Groups g{r, p.cols};
+cudaError_t affine_minmax(const void* x, DType t, int64_t rows, int64_t cols, RangeLayout r, float* mn, float* mx,
+                          MaxAbs* stats, cudaStream_t s) {
+  cudaMemsetAsync(stats, 0, sizeof(MaxAbs), s);
+  cudaMemsetAsync(&stats->first_bad, 0xff, sizeof(stats->first_bad), s);
+  if (rows == 0 || cols == 0) return cudaGetLastError();
   const auto run = [&](auto* xt) {
     if (r.granularity == 2) {
-      channel_ranges_kernel<<<blocks_for(p.cols), kThreads, 0, s>>>(xt, p.rows, p.cols, scale, lo16, hi16);
+      channel_minmax_kernel<<<static_cast<int>((cols + 31) / 32), kThreads, 0, s>>>(xt, rows, cols, mn, mx, stats);
     } else {
-      const int64_t segs = p.rows * (r.granularity == 3 ? (p.cols + r.group - 1) / r.group : 1);
-      const int threads = r.granularity == 3 && r.group <= 64 ? 32 : 128;
-      row_ranges_kernel<<<static_cast<int>(std::min(segs, kMaxBlocks)), threads, 0, s>>>(xt, p.rows, p.cols, g, scale,
-                                                                                         lo16, hi16);
+      const int64_t width = r.granularity == 3 ? r.group : cols, groups = rows * ((cols + width - 1) / width);
+      const int64_t blocks = std::min<int64_t>((groups + kThreads / 32 - 1) / (kThreads / 32), 2048);
+      row_minmax_kernel<<<static_cast<int>(blocks), kThreads, 0, s>>>(xt, rows, cols, width, mn, mx, stats);
     }
   };
   if (t == DType::kF32)
@@ -306,29 +338,39 @@ cudaError_t affine_ranges(const void* x, DType t, const PackLayout& p, RangeLayo
   return cudaGetLastError();
 }
 
-cudaError_t affine_quantize_pack(const void* x, DType t, const PackLayout& p, RangeLayout r, float scale,
-                                 const uint16_t* lo16, const uint16_t* hi16, int rounding, uint64_t seed, uint32_t* out,
+cudaError_t affine_finish_ranges(const float* mn, const float* mx, int64_t groups, const MaxAbs* stats,
+                                 uint16_t* pairs, cudaStream_t s) {
+  if (groups == 0) return cudaGetLastError();
+  finish_ranges_kernel<<<blocks_for(groups), kThreads, 0, s>>>(mn, mx, groups, stats, pairs);
+  return cudaGetLastError();
+}
+
+cudaError_t affine_quantize_pack(const void* x, DType t, const PackLayout& p, RangeLayout r, const MaxAbs* stats,
+                                 const uint16_t* pairs, int rounding, uint64_t seed, uint32_t* words, void* decoded,
                                  cudaStream_t s) {
+  const int64_t nwords = (p.rows * p.row_bits + 31) / 32;
+  if (nwords > 0) cudaMemsetAsync(words, 0, static_cast<size_t>(nwords) * 4, s);
+  if (p.rows == 0 || p.cols == 0) return cudaGetLastError();
   const Groups g{r, p.cols};
   const auto rnd = static_cast<Rounding>(rounding);
+  const int blocks = static_cast<int>(std::min(p.rows * ((p.cols + kPackChunk - 1) / kPackChunk), kMaxBlocks));
   if (t == DType::kF32) {
-    return launch_pack(p, AffineCode<float>{static_cast<const float*>(x), g, lo16, hi16, p.bits, scale, rnd, seed}, out,
-                       s);
+    affine_pack_kernel<<<blocks, kThreads, 0, s>>>(static_cast<const float*>(x), p, g, stats, pairs, rnd, seed, words,
+                                                   static_cast<float*>(decoded));
+  } else {
+    affine_pack_kernel<<<blocks, kThreads, 0, s>>>(static_cast<const __nv_bfloat16*>(x), p, g, stats, pairs, rnd, seed,
+                                                   words, static_cast<__nv_bfloat16*>(decoded));
   }
-  return launch_pack(
-      p, AffineCode<__nv_bfloat16>{static_cast<const __nv_bfloat16*>(x), g, lo16, hi16, p.bits, scale, rnd, seed}, out,
-      s);
+  return cudaGetLastError();
 }
 
 cudaError_t affine_unpack_dequantize(const uint8_t* packed, int64_t nbytes, const PackLayout& p, RangeLayout r,
-                                     float scale, const uint16_t* lo16, const uint16_t* hi16, void* out, DType t,
-                                     cudaStream_t s) {
+                                     float scale, const uint16_t* pairs, void* out, DType t, cudaStream_t s) {
   const Groups g{r, p.cols};
   if (t == DType::kF32)
-    return launch_unpack(packed, nbytes, p, AffineStore<float>{static_cast<float*>(out), g, lo16, hi16, p.bits, scale},
-                         s);
+    return launch_unpack(packed, nbytes, p, AffineStore<float>{static_cast<float*>(out), g, pairs, p.bits, scale}, s);
   return launch_unpack(packed, nbytes, p,
-                       AffineStore<__nv_bfloat16>{static_cast<__nv_bfloat16*>(out), g, lo16, hi16, p.bits, scale}, s);
+                       AffineStore<__nv_bfloat16>{static_cast<__nv_bfloat16*>(out), g, pairs, p.bits, scale}, s);
 }
 
 cudaError_t sym_quantize_pack(const float* d, const float* steps, int64_t T, int levels, const PackLayout& p, float* m,

@@ -1,6 +1,6 @@
 // CUDA kernels of the codecs, over raw device pointers and a stream. Nothing here includes torch, so
 // this part builds with nvcc wherever CUDA is installed (CI included); the ATen glue that calls it
-// (quant/cuda_codec.cpp) is built only against a libtorch that has CUDA.
+// (quant/cuda/codec_cuda.cpp) is built only against a libtorch that has CUDA.
 //
 // Every kernel computes what the reference CPU path computes, with the same fp32 operations from
 // quant_math.h, and packs codes in the bit stream of bitpack.h: row by row, channel by channel,
@@ -34,22 +34,31 @@ struct MaxAbs {
   unsigned long long first_bad;  ///< smallest flat index of one (~0ull when none)
 };
 
-/// Resets `out` and reduces n values into it.
-cudaError_t max_abs(const void* x, DType t, int64_t n, MaxAbs* out, cudaStream_t s);
+// An affine (fixed/amaq) encode is three launches on one stream with no host round trip between
+// them: affine_minmax, affine_finish_ranges, affine_quantize_pack. The tensor scale (max |x|, 1 when
+// that is 0) stays on the device in `stats` until the caller copies everything back at once.
 
-/// Per range group: the min rounded down and the max rounded up to fp16, relative to `scale`.
-cudaError_t affine_ranges(const void* x, DType t, const PackLayout& p, RangeLayout r, float scale, uint16_t* lo16,
-                          uint16_t* hi16, cudaStream_t s);
+/// Resets `stats`, then per range group the min and max of x (rows, cols) into mn, mx (groups,), and
+/// into stats the tensor's max |x| and its NaN/Inf count (NaN/Inf are left out of the ranges).
+cudaError_t affine_minmax(const void* x, DType t, int64_t rows, int64_t cols, RangeLayout r, float* mn, float* mx,
+                          MaxAbs* stats, cudaStream_t s);
 
-/// Fused quantize + pack into ceil(packed bytes / 4) little-endian words (the tail of the last word zero).
-cudaError_t affine_quantize_pack(const void* x, DType t, const PackLayout& p, RangeLayout r, float scale,
-                                 const uint16_t* lo16, const uint16_t* hi16, int rounding, uint64_t seed, uint32_t* out,
+/// The packet's ranges: per group g, pairs[2g] = mn/scale rounded down and pairs[2g+1] = mx/scale
+/// rounded up to fp16 (bits), with the scale of stats.
+cudaError_t affine_finish_ranges(const float* mn, const float* mx, int64_t groups, const MaxAbs* stats,
+                                 uint16_t* pairs, cudaStream_t s);
+
+/// Fused quantize + pack into ceil(packed bytes / 4) little-endian words (zeroed first; the tail of the
+/// last word stays zero). With `decoded` non-null, also writes each value as the receiver decodes it
+/// ((rows, cols) of type t).
+cudaError_t affine_quantize_pack(const void* x, DType t, const PackLayout& p, RangeLayout r, const MaxAbs* stats,
+                                 const uint16_t* pairs, int rounding, uint64_t seed, uint32_t* words, void* decoded,
                                  cudaStream_t s);
 
-/// Fused unpack + dequantize of `nbytes` packed bytes into (rows, cols) values of type t.
+/// Fused unpack + dequantize of `nbytes` packed bytes into (rows, cols) values of type t, with the
+/// packet's interleaved fp16 (lo, hi) pairs (device) and scale.
 cudaError_t affine_unpack_dequantize(const uint8_t* packed, int64_t nbytes, const PackLayout& p, RangeLayout r,
-                                     float scale, const uint16_t* lo16, const uint16_t* hi16, void* out, DType t,
-                                     cudaStream_t s);
+                                     float scale, const uint16_t* pairs, void* out, DType t, cudaStream_t s);
 
 /// AQ-SGD sender, fused: for the deltas d (rows, cols) fp32 of samples of T rows each, with one step per
 /// (sample, channel), packs sym_level(d / step) + levels and adds level * step to the memory m (rows, cols).
