@@ -41,8 +41,9 @@ Run add_bench_train(CLI::App& app) {
   app.add_option("--lora-targets", a->side.targets, "modules to adapt")->delimiter(',')->capture_default_str();
   app.add_option("--lr", a->lr, "AdamW learning rate")->capture_default_str();
   app.add_flag("--activation-checkpointing", a->side.activation_checkpointing, "recompute each layer in backward");
-  app.add_flag("--cuda-graph", a->cuda_graph,
-               "capture the step (forward, loss, backward, AdamW, gradients zeroed) once as a CUDA graph and replay it");
+  app.add_flag(
+      "--cuda-graph", a->cuda_graph,
+      "capture the step (forward, loss, backward, AdamW, gradients zeroed) once as a CUDA graph and replay it");
   return [a] {
     const at::TensorOptions where = compute_options(a->side.device, a->side.dtype);
     const ModelConfig config = ModelConfig::load(a->model);

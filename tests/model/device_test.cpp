@@ -200,10 +200,13 @@ TEST(GraphedStep, ReplaysTheEagerTrainingStep) {
       return out;
     }
     std::vector<double> warm;
-    GraphedStep g(at::Device(at::kCUDA), [&] {
-      step();
-      if (warm.size() < 2) warm.push_back(loss.item<double>());  // the warm-up runs only
-    }, 2);
+    GraphedStep g(
+        at::Device(at::kCUDA),
+        [&] {
+          step();
+          if (warm.size() < 2) warm.push_back(loss.item<double>());  // the warm-up runs only
+        },
+        2);
     out = warm;
     for (int s = 2; s < 8; ++s) {
       g.replay();

@@ -110,7 +110,7 @@ TEST(CudaCodec, AmaqMixedMapsEqualTheReferenceAndDecodeOnTheGpu) {
       Codec ref(spec, Impl::kRef), gpu(spec), gpu_lean(spec), ref_rx(spec, Impl::kRef), gpu_rx(spec);
       EncodeArgs args, lean;
       args.bits = lean.bits = bits;
-      lean.want_decoded = false;  // as training encodes: no sender-side copy
+      lean.want_decoded = false;              // as training encodes: no sender-side copy
       for (int pass = 0; pass < 2; ++pass) {  // the second packet carries no map
         const Encoded e_ref = ref.encode(x, args), e_gpu = gpu.encode(x.to(at::kCUDA), args);
         const std::string what = "C=" + std::to_string(C) + " " + gran + " pass " + std::to_string(pass);

@@ -104,7 +104,8 @@ __global__ void row_minmax_kernel(const T* x, int64_t rows, int64_t cols, int64_
                                   MaxAbs* stats) {
   const int lane = threadIdx.x & 31;
   const int64_t per_row = (cols + width - 1) / width, groups = rows * per_row;
-  const int64_t warp0 = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32, warps = gridDim.x * int64_t{blockDim.x} / 32;
+  const int64_t warp0 = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32,
+                warps = gridDim.x * int64_t{blockDim.x} / 32;
   MinMax all;
   for (int64_t g = warp0; g < groups; g += warps) {
     const int64_t row = g / per_row, c0 = (g - row * per_row) * width, c1 = min(cols, c0 + width);
@@ -338,8 +339,8 @@ cudaError_t affine_minmax(const void* x, DType t, int64_t rows, int64_t cols, Ra
   return cudaGetLastError();
 }
 
-cudaError_t affine_finish_ranges(const float* mn, const float* mx, int64_t groups, const MaxAbs* stats,
-                                 uint16_t* pairs, cudaStream_t s) {
+cudaError_t affine_finish_ranges(const float* mn, const float* mx, int64_t groups, const MaxAbs* stats, uint16_t* pairs,
+                                 cudaStream_t s) {
   if (groups == 0) return cudaGetLastError();
   finish_ranges_kernel<<<blocks_for(groups), kThreads, 0, s>>>(mn, mx, groups, stats, pairs);
   return cudaGetLastError();

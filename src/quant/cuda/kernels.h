@@ -45,8 +45,8 @@ cudaError_t affine_minmax(const void* x, DType t, int64_t rows, int64_t cols, Ra
 
 /// The packet's ranges: per group g, pairs[2g] = mn/scale rounded down and pairs[2g+1] = mx/scale
 /// rounded up to fp16 (bits), with the scale of stats.
-cudaError_t affine_finish_ranges(const float* mn, const float* mx, int64_t groups, const MaxAbs* stats,
-                                 uint16_t* pairs, cudaStream_t s);
+cudaError_t affine_finish_ranges(const float* mn, const float* mx, int64_t groups, const MaxAbs* stats, uint16_t* pairs,
+                                 cudaStream_t s);
 
 /// Fused quantize + pack into ceil(packed bytes / 4) little-endian words (zeroed first; the tail of the
 /// last word stays zero). With `decoded` non-null, also writes each value as the receiver decodes it
