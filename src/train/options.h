@@ -24,6 +24,7 @@ struct SideOptions {
   std::string device = "cpu";             ///< cpu, cuda, cuda:N
   std::string dtype = "fp32";             ///< fp32 or bf16 (the base weights' and activations' dtype)
   bool activation_checkpointing = false;  ///< recompute each layer in backward (memory for time)
+  bool cuda_graph = false;                ///< the server's micro-batch captured as a CUDA graph and replayed (side.h)
 
   nlohmann::json to_json() const;
   static SideOptions from_json(const nlohmann::json& j);

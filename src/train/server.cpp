@@ -89,6 +89,7 @@ class TrainServer::Session {
   int64_t batch_ = 0, seq_len_ = 0, resume_step_ = -1;
   std::unique_lock<std::timed_mutex> run_lock_;  // one session per run at a time
   Side side_;
+  GraphedBackward graphed_;  // --cuda-graph
   std::unique_ptr<quant::Link> link_;
   std::unique_ptr<JsonlLog> log_;
   int64_t step_ = 0;  // optimizer steps completed
@@ -105,6 +106,7 @@ TrainServer::TrainServer(ServerConfig cfg) : cfg_(std::move(cfg)) {
                 "the client keeps layers [0, K) and the server [K, L)");
   }
   quant::Link::validate(cfg_.fwd_codec, cfg_.bwd_codec);
+  check_cuda_graph(cfg_.side, parse_device(cfg_.side.device));
   make_dirs(cfg_.run_dir);
 }
 
@@ -329,16 +331,25 @@ wire::Status TrainServer::Session::on_forward(const wire::Frame& f) {
     codec_seconds += seconds_since(d0);
     if (!ds.ok()) return ds;
     const wire::ForwardMsg& fm = in.msg;
-    at::Tensor h = in.h.to(side_.part->dtype()).requires_grad_(true);
-    at::Tensor loss = causal_lm_loss(side_.part->forward(h, in.mask), in.labels);
+    // Eagerly the loss is checked before backward; a captured step (--cuda-graph) checks it after.
+    at::Tensor h, loss, h_grad;
+    if (side_.options.cuda_graph) {
+      loss = graphed_.run(side_, in.h, in.mask, in.labels, schedule_.micro_batches, &h_grad);
+    } else {
+      h = in.h.to(side_.part->dtype()).requires_grad_(true);
+      loss = causal_lm_loss(side_.part->forward(h, in.mask), in.labels);
+    }
     loss_v = loss.item<double>();
     if (!std::isfinite(loss_v)) {
       return bad("the loss at step " + std::to_string(fm.step) +
                  " is not finite: training diverged (lower --lr or enable --clip)");
     }
-    (loss / static_cast<double>(schedule_.micro_batches)).backward();
+    if (!side_.options.cuda_graph) {
+      (loss / static_cast<double>(schedule_.micro_batches)).backward();
+      h_grad = h.grad();
+    }
     const auto e0 = Clock::now();
-    packet = link_->send_gradients(h.grad(), static_cast<int64_t>(fm.step), fm.micro_batch);
+    packet = link_->send_gradients(h_grad, static_cast<int64_t>(fm.step), fm.micro_batch);
     codec_seconds += seconds_since(e0);
     const bool last = fm.micro_batch + 1 == static_cast<uint64_t>(schedule_.micro_batches);
     bm.grad_sq_norm = last ? side_.grad_sq_norm() : 0.0;

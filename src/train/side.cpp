@@ -11,6 +11,18 @@
 
 namespace amaq::train {
 
+void check_cuda_graph(const SideOptions& options, at::Device device) {
+  if (!options.cuda_graph) return;
+  const char* why = !device.is_cuda()                  ? "the side computes on the CPU"
+                    : options.lora_dropout > 0         ? "LoRA dropout draws new random numbers every step"
+                    : options.activation_checkpointing ? "activation checkpointing is on"
+                                                       : nullptr;
+  if (why) {
+    throw Error(std::string("--cuda-graph cannot capture this side's step: ") + why,
+                "use --device cuda, LoRA dropout 0 and no activation checkpointing, or leave out --cuda-graph");
+  }
+}
+
 Side Side::build(const ModelConfig& config, const CheckpointReader& ckpt, SideRole role, int64_t split,
                  const SideOptions& options, uint64_t seed, double weight_decay) {
   check_config_matches_weights(config, ckpt);  // before the part allocates anything
@@ -46,6 +58,7 @@ Side Side::around(DecoderPart part, const SideOptions& options, uint64_t seed, d
     }
   }
   s.part->set_activation_checkpointing(options.activation_checkpointing);
+  check_cuda_graph(s.options, s.part->device());
   auto params = s.part->trainable_parameters();
   if (params.empty()) throw Error("this side has nothing to train", "set LoRA targets or --full");
   s.opt = std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(1e-3).weight_decay(weight_decay));
@@ -166,7 +179,62 @@ void Side::step(double lr, double coef) {
 }
 
 void Side::zero_grad() {
-  opt->zero_grad();
+  if (!options.cuda_graph) {
+    opt->zero_grad();
+    return;
+  }
+  at::NoGradGuard no_grad;
+  for (const at::Tensor& p : part->parameters())
+    if (p.grad().defined()) p.grad().zero_();
+}
+
+at::Tensor GraphedBackward::run(Side& side, const at::Tensor& h, const at::Tensor& mask, const at::Tensor& labels,
+                                int64_t micro_batches, at::Tensor* h_grad) {
+  // A batch without padding runs with no mask at all, as the eager forward does with a mask of ones.
+  const bool padded = mask.defined() && mask.min().item<int64_t>() == 0;
+  std::vector<int64_t> key(h.sizes().begin(), h.sizes().end());
+  key.push_back(padded);
+  key.push_back(micro_batches);
+  at::NoGradGuard no_grad;
+  if (!graph_ || key != key_) {
+    graph_.reset();
+    const at::Device dev = side.device();
+    h_ = at::empty(h.sizes(), h.options().device(dev).dtype(side.part->dtype()));
+    h_.requires_grad_(true);
+    labels_ = at::empty(labels.sizes(), labels.options().device(dev));
+    mask_ = padded ? at::empty(mask.sizes(), mask.options().device(dev)) : at::Tensor();
+    h_.copy_(h);
+    labels_.copy_(labels);
+    if (padded) mask_.copy_(mask);
+    // The warm-up runs are real backward passes: the gradients as they were are put back after.
+    std::vector<at::Tensor> before;
+    const std::vector<at::Tensor> params = side.part->parameters();
+    for (const at::Tensor& p : params) before.push_back(p.grad().defined() ? p.grad().clone() : at::Tensor());
+    graph_ = std::make_unique<GraphedStep>(
+        dev,
+        [this, &side, micro_batches] {
+          at::AutoGradMode grad(true);
+          if (h_.grad().defined()) h_.grad().zero_();
+          loss_ = causal_lm_loss(side.part->forward(h_, mask_), labels_);
+          (loss_ / static_cast<double>(micro_batches)).backward();
+        },
+        2);
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (!params[i].grad().defined()) continue;
+      if (before[i].defined())
+        params[i].grad().copy_(before[i]);
+      else
+        params[i].grad().zero_();
+    }
+    key_ = key;
+  } else {
+    h_.copy_(h);
+    labels_.copy_(labels);
+    if (padded) mask_.copy_(mask);
+  }
+  graph_->replay();
+  *h_grad = h_.grad().clone();
+  return loss_.detach();
 }
 
 double clip_coefficient(double total_sq_norm, double max_norm) {

@@ -8,7 +8,9 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
+#include "core/device.h"
 #include "core/safetensors.h"
 #include "model/config.h"
 #include "model/part.h"
@@ -50,6 +52,30 @@ struct Side {
   // The fused CUDA AdamW's step counts (fp32 scalars on the device) and their host mirror.
   std::vector<at::Tensor> fused_steps_;
   std::vector<int64_t> fused_steps_host_;
+};
+
+/// Refuses SideOptions::cuda_graph where a step cannot be captured (on the CPU, with LoRA dropout or
+/// activation checkpointing), naming the cause.
+void check_cuda_graph(const SideOptions& options, at::Device device);
+
+/// SideOptions::cuda_graph on the side that starts from a hidden state (the server): a micro-batch's
+/// forward, loss and backward captured as a CUDA graph once per input shape, then replayed, so that
+/// the host launches one graph instead of every kernel. It computes what the eager micro-batch
+/// computes: the capture's warm-up runs leave no trace in the gradients, and a padded batch takes the
+/// same attention path as it does eagerly. The side's gradients stay allocated (zero_grad zeroes them
+/// in place) because the graph accumulates into them.
+class GraphedBackward {
+ public:
+  /// Forward of h (B, T, C) with mask (B, T) on the CPU or undefined, loss against labels (B, T) on
+  /// the side's device, backward of loss / micro_batches. Returns the loss (a device scalar) and sets
+  /// *h_grad to a copy of h's gradient.
+  at::Tensor run(Side& side, const at::Tensor& h, const at::Tensor& mask, const at::Tensor& labels,
+                 int64_t micro_batches, at::Tensor* h_grad);
+
+ private:
+  std::vector<int64_t> key_;
+  at::Tensor h_, mask_, labels_, loss_;
+  std::unique_ptr<GraphedStep> graph_;
 };
 
 /// Clip coefficient as torch.nn.utils.clip_grad_norm_ computes it (1 when off or under the limit).

@@ -199,6 +199,43 @@ TEST(SplitRun, CpuClientWithCudaServerAndAllCudaTrainAsAllCpu) {
   }
 }
 
+// --server-cuda-graph: the server's micro-batches captured as a CUDA graph train as the eager server
+// does (2 micro-batches per step, AMAQ both ways, evaluation between). Refused on the CPU.
+TEST(SplitRun, ServerCudaGraphTrainsAsTheEagerServer) {
+  testing::TempDir tmp;
+  ClientConfig c = base_config(tmp, "eager");
+  c.schedule.steps = 8;
+  c.fwd_codec = quant::CodecSpec::parse("amaq:budget=4,decay=4");
+  c.bwd_codec = quant::CodecSpec::parse("amaq:budget=6,decay=4");
+  c.val_fraction = 0.2;
+  c.eval_every = 4;
+  SideOptions s = c.side;
+  s.cuda_graph = true;
+  if (!cuda_available()) {
+    EXPECT_AMAQ_ERROR(TrainServer(server_for(c, s)), "--cuda-graph cannot capture", "on the CPU");
+    GTEST_SKIP() << "no CUDA GPU in this build or machine (checked: the CPU is refused)";
+  }
+  at::globalContext().setAllowTF32CuBLAS(false);
+  s.device = "cuda";
+  SideOptions eager_side = s;
+  eager_side.cuda_graph = false;
+  TrainServer eager_srv(server_for(c, eager_side));
+  const RunResult eager = run_in_process(eager_srv, c);
+  ClientConfig g = c;
+  g.run_dir = tmp.file("graphed");
+  TrainServer graph_srv(server_for(g, s));
+  const RunResult graphed = run_in_process(graph_srv, g);
+  ASSERT_EQ(graphed.steps.size(), eager.steps.size());
+  double worst = 0;
+  for (size_t i = 0; i < eager.steps.size(); ++i) {
+    worst = std::max(worst, std::abs(graphed.steps[i].task_loss - eager.steps[i].task_loss));
+    EXPECT_EQ(graphed.steps[i].fwd_bits.mean, eager.steps[i].fwd_bits.mean) << "step " << i;
+  }
+  EXPECT_LE(worst, 1e-6);
+  EXPECT_EQ(graphed.eval.dump(), eager.eval.dump());
+  std::printf("[ cuda graph ] largest |loss - eager loss| over %zu steps: %.3g\n", eager.steps.size(), worst);
+}
+
 // A run interrupted after step 4 and resumed equals the uninterrupted serial run bit for bit (losses,
 // bits, evaluation, both sides' final tensors). With `in_flight` > 1 the interrupted and resumed
 // parts keep that many micro-batches in flight: pipelining changes nothing either.

@@ -8,11 +8,12 @@
 #   inproc    amaq train, split at layer 2, both sides in one process, none:bf16 across the split
 #   amaq      the same with amaq:budget=4 forward / amaq:budget=6 backward
 #   tcp       amaq server + amaq client, two processes over loopback TCP, amaq codecs
+#   tcpgraph  the same with the server's micro-batch captured as a CUDA graph (amaq server --cuda-graph)
 # Split runs: tokens/s from the median step_seconds of steps 3..12 of the client's metrics.jsonl.
 # Results are appended to OUT_DIR/bench-train.jsonl.
 # Usage: tools/ref/bench_train.sh BUILD_DIR PEER_SCRIPT OUT_DIR [shapes...]
 # (PEER_SCRIPT none skips the peer; AMAQ_BENCH_DEVICE=cpu and the shape tiny try the script here;
-# BENCH_RUNS picks runs, default "peer unsplit graph inproc amaq tcp".)
+# BENCH_RUNS picks runs, default "peer unsplit graph inproc amaq tcp tcpgraph".)
 set -u
 B=${1:?build dir}
 PEER=${2:?peer script}
@@ -21,7 +22,7 @@ shift 3
 SHAPES=${*:-llama-160m llama-1b}
 W=${AMAQ_BENCH_WORK:-/tmp/amaq-bench}
 DEV=${AMAQ_BENCH_DEVICE:-cuda}
-RUNS=" ${BENCH_RUNS:-peer unsplit graph inproc amaq tcp} "
+RUNS=" ${BENCH_RUNS:-peer unsplit graph inproc amaq tcp tcpgraph} "
 want() { [[ "$RUNS" == *" $1 "* ]]; }
 mkdir -p "$OUT" "$W"
 RESULTS=$OUT/bench-train.jsonl
@@ -88,20 +89,24 @@ for shape in $SHAPES; do
       echo "$run FAILED"; tail -n 8 "$OUT/$run-$shape.log"
     fi
   done
-  want tcp || continue
-  echo "== $shape: amaq server + client over loopback TCP"
-  rm -rf "$W/run-tcp" "$W/srv-tcp"
-  "$B/amaq" server --model "$M" --split 2 --run-dir "$W/srv-tcp" --listen 127.0.0.1:7411 --device $DEV --dtype bf16 \
-    --lora-r 16 --lora-alpha 32 --fwd-codec amaq:budget=4 --bwd-codec amaq:budget=6 >"$OUT/tcp-server-$shape.log" 2>&1 &
-  srv=$!
-  sleep 2
-  if timeout 300 "$B/amaq" client --connect 127.0.0.1:7411 --model "$M" --run-dir "$W/run-tcp" $COMMON \
-    --fwd-codec amaq:budget=4 --bwd-codec amaq:budget=6 >"$OUT/tcp-client-$shape.log" 2>&1; then
-    sleep 1
-    split_result tcp "$shape" "$W/run-tcp/metrics.jsonl" "$(peak_of "$OUT/tcp-client-$shape.log" "$OUT/tcp-server-$shape.log")" \
-      | tee -a "$RESULTS"
-  else
-    echo "tcp FAILED"; tail -n 8 "$OUT/tcp-client-$shape.log" "$OUT/tcp-server-$shape.log"
-  fi
-  kill $srv 2>/dev/null; wait $srv 2>/dev/null
+  for run in tcp tcpgraph; do
+    want $run || continue
+    echo "== $shape: amaq server + client over loopback TCP ($run)"
+    graph="" port=7411
+    [ $run = tcpgraph ] && graph=--cuda-graph port=7412
+    rm -rf "$W/run-$run" "$W/srv-$run"
+    "$B/amaq" server --model "$M" --split 2 --run-dir "$W/srv-$run" --listen 127.0.0.1:$port --device $DEV --dtype bf16 \
+      --lora-r 16 --lora-alpha 32 --fwd-codec amaq:budget=4 --bwd-codec amaq:budget=6 $graph >"$OUT/$run-server-$shape.log" 2>&1 &
+    srv=$!
+    sleep 2
+    if timeout 300 "$B/amaq" client --connect 127.0.0.1:$port --model "$M" --run-dir "$W/run-$run" $COMMON \
+      --fwd-codec amaq:budget=4 --bwd-codec amaq:budget=6 >"$OUT/$run-client-$shape.log" 2>&1; then
+      sleep 1
+      split_result $run "$shape" "$W/run-$run/metrics.jsonl" \
+        "$(peak_of "$OUT/$run-client-$shape.log" "$OUT/$run-server-$shape.log")" | tee -a "$RESULTS"
+    else
+      echo "$run FAILED"; tail -n 8 "$OUT/$run-client-$shape.log" "$OUT/$run-server-$shape.log"
+    fi
+    kill $srv 2>/dev/null; wait $srv 2>/dev/null
+  done
 done

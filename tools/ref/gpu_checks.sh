@@ -46,7 +46,7 @@ fi
 if want tests; then
   # tokenizer.json and TOML tests skip there (no PCRE2/ICU or toml++ in the image); Integration runs separately.
   $B/tests/amaq_tests --gtest_brief=1 --gtest_filter='-Integration.*' >"$OUT/tests.log" 2>&1
-  log "unit tests rc=$?: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) \]' "$OUT/tests.log" | tr '\n' ' ')"
+  log "unit tests rc=$?: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) +\]' "$OUT/tests.log" | tr '\n' ' ')"
   grep -E "FAILED|affine:|^\[ bf16" "$OUT/tests.log" | head -30 | tee -a "$SUMMARY"
   if [ -z "${SKIP_INTEGRATION:-}" ]; then
     $B/tests/amaq_tests --gtest_filter='Integration.*' >"$OUT/integration.log" 2>&1
@@ -56,14 +56,14 @@ fi
 
 if want gputests; then
   # The tests that differ on a GPU: models, training and codecs on CUDA (a short subset of `tests`).
-  $B/tests/amaq_tests --gtest_filter="${GPUTESTS:-*OnCuda.*:DeviceTraining.*:*Bf16.*:Amaq.*:CudaCodec*:*Split.*:*HfGolden*:SplitRun.Cpu*:SplitRun.Bf16*:GraphedStep.*}" \
+  $B/tests/amaq_tests --gtest_filter="${GPUTESTS:-*OnCuda.*:DeviceTraining.*:*Bf16.*:Amaq.*:CudaCodec*:*Split.*:*HfGolden*:SplitRun.Cpu*:SplitRun.Bf16*:SplitRun.Server*:GraphedStep.*}" \
     >"$OUT/gputests.log" 2>&1
-  log "GPU tests rc=$?: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) \]' "$OUT/gputests.log" | tr '\n' ' ')"
+  log "GPU tests rc=$?: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) +\]' "$OUT/gputests.log" | tr '\n' ' ')"
   grep -E "FAILED|^\[ bf16" "$OUT/gputests.log" | head -30 | tee -a "$SUMMARY"
 fi
 
 if want sanitize; then
-  compute-sanitizer --tool memcheck --error-exitcode 9 $B/tests/amaq_tests --gtest_filter='CudaCodec*' >"$OUT/memcheck.log" 2>&1
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 $B/tests/amaq_tests --gtest_filter='CudaCodec*' >"$OUT/memcheck.log" 2>&1
   log "compute-sanitizer memcheck rc=$?: $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log")"
 fi
 

@@ -201,16 +201,39 @@ __global__ void pack_words_kernel(PackLayout p, int64_t row_bits, int64_t total_
   }
 }
 
-// One block-stride over rows, threads over channels: calls store(r, c, code) for every code.
+// One block per (row, run of kPackChunk channels): the run's packed words are staged in shared
+// memory with coalesced loads, then each thread takes its channels' codes from there and calls
+// store(r, c, code).
+constexpr int kUnpackChunk = 1024;
+
 template <typename StoreFn>
 __global__ void unpack_kernel(const uint8_t* packed, int64_t nbytes, PackLayout p, int64_t row_bits, StoreFn store) {
-  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
-    for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) {
-      const int64_t pos = r * row_bits + p.offsets[c], byte = pos >> 3;
-      uint32_t v = packed[byte];
-      if (byte + 1 < nbytes) v |= static_cast<uint32_t>(packed[byte + 1]) << 8;
-      store(r, c, static_cast<uint8_t>((v >> (pos & 7)) & ((1u << p.bits[c]) - 1)));
+  __shared__ uint32_t sh[kUnpackChunk * 8 / 32 + 2];
+  const int64_t chunks = (p.cols + kUnpackChunk - 1) / kUnpackChunk;
+  const auto* words = reinterpret_cast<const uint32_t*>(packed);  // 4-byte aligned by the callers
+  for (int64_t blk = blockIdx.x; blk < p.rows * chunks; blk += gridDim.x) {
+    const int64_t row = blk / chunks, c0 = (blk - row * chunks) * kUnpackChunk, c1 = min(p.cols, c0 + kUnpackChunk);
+    const int64_t w0 = (row * row_bits + p.offsets[c0]) / 32;
+    const int nw = static_cast<int>((row * row_bits + p.offsets[c1] + 31) / 32 - w0);
+    for (int i = threadIdx.x; i < nw; i += blockDim.x) {
+      const int64_t w = w0 + i;
+      if (4 * w + 4 <= nbytes) {
+        sh[i] = words[w];
+      } else {  // the stream's last, partial word
+        uint32_t v = 0;
+        for (int64_t k = 4 * w; k < nbytes; ++k) v |= static_cast<uint32_t>(packed[k]) << (8 * (k - 4 * w));
+        sh[i] = v;
+      }
     }
+    __syncthreads();
+    for (int64_t c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
+      const int64_t pos = row * row_bits + p.offsets[c] - w0 * 32;
+      const int k = static_cast<int>(pos >> 5), shift = static_cast<int>(pos & 31);
+      uint64_t v = sh[k];
+      if (k + 1 < nw) v |= static_cast<uint64_t>(sh[k + 1]) << 32;
+      store(row, c, static_cast<uint8_t>((v >> shift) & ((1u << p.bits[c]) - 1)));
+    }
+    __syncthreads();
   }
 }
 
@@ -312,7 +335,8 @@ cudaError_t launch_unpack(const uint8_t* packed, int64_t nbytes, const PackLayou
   if (p.rows == 0 || p.cols == 0) return cudaGetLastError();
   const int64_t rb = p.row_bits;
   if ((p.rows * rb + 7) / 8 > nbytes) return cudaErrorInvalidValue;
-  unpack_kernel<<<static_cast<int>(std::min<int64_t>(p.rows, kMaxBlocks)), kThreads, 0, s>>>(packed, nbytes, p, rb, fn);
+  const int64_t blocks = std::min(p.rows * ((p.cols + kUnpackChunk - 1) / kUnpackChunk), kMaxBlocks);
+  unpack_kernel<<<static_cast<int>(blocks), kThreads, 0, s>>>(packed, nbytes, p, rb, fn);
   return cudaGetLastError();
 }
 

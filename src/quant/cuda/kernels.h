@@ -55,8 +55,9 @@ cudaError_t affine_quantize_pack(const void* x, DType t, const PackLayout& p, Ra
                                  const uint16_t* pairs, int rounding, uint64_t seed, uint32_t* words, void* decoded,
                                  cudaStream_t s);
 
-/// Fused unpack + dequantize of `nbytes` packed bytes into (rows, cols) values of type t, with the
-/// packet's interleaved fp16 (lo, hi) pairs (device) and scale.
+/// Fused unpack + dequantize of `nbytes` packed bytes (4-byte aligned, as every unpacking kernel reads
+/// them) into (rows, cols) values of type t, with the packet's interleaved fp16 (lo, hi) pairs (device)
+/// and scale.
 cudaError_t affine_unpack_dequantize(const uint8_t* packed, int64_t nbytes, const PackLayout& p, RangeLayout r,
                                      float scale, const uint16_t* pairs, void* out, DType t, cudaStream_t s);
 
