@@ -2,7 +2,7 @@
 # Both install what is missing (scripts/setup.sh), configure and build first.
 BUILD ?= build
 JOBS ?= $(shell nproc)
-BUILD_TYPE ?= RelWithDebInfo
+BUILD_TYPE ?= Release
 export CCACHE_SLOPPINESS := pch_defines,time_macros,include_file_mtime,include_file_ctime
 export CCACHE_MAXSIZE ?= 5G
 
