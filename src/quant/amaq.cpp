@@ -4,6 +4,8 @@
 
 #include <cmath>
 
+#include "quant/rotation.h"
+
 namespace amaq::quant {
 
 AmaqGatesImpl::AmaqGatesImpl(int64_t channels, const CodecSpec& spec) : spec_(spec) {
@@ -67,8 +69,9 @@ namespace {
 struct FakeQuantFn : public torch::autograd::Function<FakeQuantFn> {
   // x (..., C); decoded: its quantized value; residual_dstep (rows, C): (code - u) * dstep/db.
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& bits,
-                            const at::Tensor& decoded, const at::Tensor& residual_dstep) {
+                            const at::Tensor& decoded, const at::Tensor& residual_dstep, int64_t rotation_block) {
     ctx->save_for_backward({residual_dstep});
+    ctx->saved_data["rotation_block"] = rotation_block;
     ctx->saved_data["has_bits"] = bits.numel() > 0;
     ctx->saved_data["bits_on_cuda"] = bits.is_cuda();  // the gates may live apart from x
     return decoded.clone();
@@ -79,10 +82,15 @@ struct FakeQuantFn : public torch::autograd::Function<FakeQuantFn> {
     at::Tensor dbits;
     if (ctx->saved_data["has_bits"].toBool()) {
       at::Tensor rd = ctx->get_saved_variables()[0];
-      dbits = (dy.reshape(rd.sizes()).to(at::kFloat) * rd).sum(0);
+      // With rot=hadamard the widths are of rotated coordinates: so is the gradient they meet
+      // (the rotation is orthonormal and symmetric).
+      const int64_t block = ctx->saved_data["rotation_block"].toInt();
+      at::Tensor g = dy.reshape(rd.sizes()).to(at::kFloat);
+      if (block > 0) g = block_hadamard(g, block);
+      dbits = (g * rd).sum(0);
       if (!ctx->saved_data["bits_on_cuda"].toBool()) dbits = dbits.to(at::kCPU);
     }
-    return {dy, dbits, at::Tensor(), at::Tensor()};
+    return {dy, dbits, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -131,6 +139,7 @@ at::Tensor fake_quant(const at::Tensor& x, const Encoded& e, const at::Tensor& b
     const at::Device where = have_codes ? at::Device(at::kCPU) : x.device();
     auto [lo, step] = have_codes ? affine_lo_step(e.quant, e.bits, e.layout) : lo_step_on(e, where);  // (rows, C)
     at::Tensor xf = x.detach().to(where, at::kFloat).reshape({e.layout.rows, e.layout.cols});
+    if (e.rotation_block > 0) xf = block_hadamard(xf, e.rotation_block);  // what was quantized
     at::Tensor safe = at::where(step > 0, step, at::ones_like(step));
     at::Tensor u = (xf - lo) / safe;
     at::Tensor codes;
@@ -147,7 +156,8 @@ at::Tensor fake_quant(const at::Tensor& x, const Encoded& e, const at::Tensor& b
   }
   // Custom functions take no undefined inputs: without gates, an empty placeholder stands in.
   const at::Tensor bits = bits_continuous.defined() ? bits_continuous : at::empty({0});
-  return FakeQuantFn::apply(x, bits, decoded, residual_dstep.defined() ? residual_dstep : at::empty({0}));
+  return FakeQuantFn::apply(x, bits, decoded, residual_dstep.defined() ? residual_dstep : at::empty({0}),
+                            e.rotation_block);
 }
 
 at::Tensor shift_bit_map(const at::Tensor& forward_map, double budget, int bits_min, int bits_max) {

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "quant/bitpack.h"
+#include "quant/rotation.h"
 #if AMAQ_HAVE_CUDA
 #include "quant/cuda/codec_cuda.h"
 #endif
@@ -175,11 +176,19 @@ Encoded Codec::encode_dispatch(const at::Tensor& x, const EncodeArgs& args) {
   TORCH_CHECK(false, "unknown codec");
 }
 
-Encoded Codec::encode_affine(const at::Tensor& x, const at::Tensor& bits, const EncodeArgs& args) {
+Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, const EncodeArgs& args) {
   Encoded e;
-  const int64_t C = x.size(-1);
-  e.layout = AffineLayout{x.numel() / C, C, spec_.granularity, spec_.group};
+  const int64_t C = x_in.size(-1);
+  e.layout = AffineLayout{x_in.numel() / C, C, spec_.granularity, spec_.group};
   e.bits = bits;
+  // rot=hadamard: what is quantized is each range group rotated (fp32); what is decoded is rotated back.
+  if (spec_.hadamard && C % spec_.group != 0) {
+    throw Error("rot=hadamard with group=" + std::to_string(spec_.group) + " needs a multiple of " +
+                    std::to_string(spec_.group) + " channels, the tensor has " + std::to_string(C),
+                "choose a power-of-two group that divides the hidden size, or leave out rot=hadamard");
+  }
+  if (spec_.hadamard) e.rotation_block = spec_.group;
+  const at::Tensor x = spec_.hadamard ? block_hadamard(x_in, spec_.group) : x_in;
   // What follows the header and map: the interleaved fp16 (lo, hi) pairs, then the packed codes.
   const char* ranges = nullptr;
   const char* codes = nullptr;
@@ -218,10 +227,14 @@ Encoded Codec::encode_affine(const at::Tensor& x, const at::Tensor& bits, const 
     code_bytes = static_cast<int64_t>(packed.size());
   }
 
+  if (spec_.hadamard && e.decoded.defined())
+    e.decoded = block_hadamard(e.decoded, spec_.group).to(x_in.scalar_type()).view(x_in.sizes());
+
   ByteWriter w;
   PacketHeader h;
   h.codec = static_cast<uint8_t>(spec_.codec);
-  h.dtype = static_cast<uint8_t>(to_wire(x.scalar_type()));
+  h.dtype = static_cast<uint8_t>(to_wire(x_in.scalar_type()));
+  h.flags = spec_.hadamard ? kFlagHadamard : 0;
   h.granularity = static_cast<uint8_t>(spec_.granularity);
   h.group = static_cast<uint32_t>(spec_.group);
   h.scale = e.quant.scale;
@@ -380,6 +393,9 @@ at::Tensor Codec::decode(std::string_view packet, at::Device device) {
     throw PacketError("unknown dtype " + std::to_string(std::max(h.dtype, h.wire_dtype)));
   }
   if (h.ndim < 1 || h.ndim > 4) throw PacketError("ndim " + std::to_string(h.ndim) + " not in 1..4");
+  const bool affine = spec_.codec == CodecId::kFixed || spec_.codec == CodecId::kAmaq;
+  if (h.flags & ~(kFlagBitMap | kFlagHadamard) || (!affine && (h.flags & kFlagHadamard)))
+    throw PacketError("flags " + std::to_string(h.flags) + " are not defined for " + codec_name(spec_.codec));
   if (!std::isfinite(h.scale) || !(h.scale > 0)) throw PacketError("scale is not a positive finite number");
   std::vector<int64_t> shape;
   int64_t numel = 1;
@@ -447,11 +463,19 @@ at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std:
   const uint8_t* ranges = r.take(static_cast<uint64_t>(4 * G), "ranges");
   check_ranges(ranges, G);
   const at::ScalarType out_type = to_scalar(static_cast<WireDtype>(h.dtype));
+  // rot=hadamard: the codes are of rotated groups; dequantized in fp32, rotated back, then cast.
+  const bool rotated = h.flags & kFlagHadamard;
+  if (rotated && (layout.granularity != Granularity::kGroup || !is_power_of_two(layout.group) || C % layout.group))
+    throw PacketError("a Hadamard-rotated packet needs power-of-two range groups that divide the channels");
+  const auto unrotate = [&](const at::Tensor& t) {
+    return rotated ? block_hadamard(t, layout.group).to(out_type).view(shape) : t.view(shape);
+  };
   if (device.is_cuda()) {
 #if AMAQ_HAVE_CUDA
     const int64_t n = packed_bytes(layout.rows, bits);
     r.take(static_cast<uint64_t>(n), "packed codes");  // right after the ranges: one copy takes both
-    return cuda::affine_decode(ranges, 4 * G + n, q.scale, bits, layout, out_type, device).view(shape);
+    return unrotate(
+        cuda::affine_decode(ranges, 4 * G + n, q.scale, bits, layout, rotated ? at::kFloat : out_type, device));
 #endif
   }
   at::Tensor pairs = at::empty({G, 2}, at::kHalf);
@@ -460,7 +484,7 @@ at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std:
   q.hi = pairs.select(1, 1).contiguous();
   q.codes = unpack(r, layout.rows, bits, impl_);
   at::Tensor deq = impl_ == Impl::kRef ? affine_dequantize_ref(q, bits, layout) : affine_dequantize(q, bits, layout);
-  return deq.view(shape).to(out_type);
+  return rotated ? unrotate(deq) : deq.view(shape).to(out_type);
 }
 
 at::Tensor Codec::decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape,

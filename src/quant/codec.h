@@ -37,7 +37,8 @@ struct Encoded {
                        ///< (undefined when EncodeArgs::want_decoded is false, except where it is free)
   AffineQuant quant;   ///< fixed, amaq: codes and ranges (for the gates' gradient); CUDA: ranges only
   AffineLayout layout;
-  at::Tensor bits;  ///< (C,) uint8 bit-width per channel used (quantizing codecs)
+  at::Tensor bits;             ///< (C,) uint8 bit-width per channel used (quantizing codecs)
+  int64_t rotation_block = 0;  ///< rot=hadamard: quant and codes are of x's groups rotated by this block
   int64_t elements = 0;
   double bits_per_element() const { return 8.0 * static_cast<double>(packet.size()) / static_cast<double>(elements); }
 };

@@ -29,7 +29,8 @@ constexpr uint8_t kPacketVersion = 1;
 constexpr int64_t kMaxPacketElements = int64_t{1} << 34;
 
 enum PacketFlags : uint8_t {
-  kFlagBitMap = 1,  ///< the per-channel bit map follows (it changed since the last packet)
+  kFlagBitMap = 1,    ///< the per-channel bit map follows (it changed since the last packet)
+  kFlagHadamard = 2,  ///< fixed, amaq: codes are of each range group Hadamard-rotated (quant/rotation.h)
 };
 
 #pragma pack(push, 1)

@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/hash.h"
+#include "quant/rotation.h"
 
 namespace amaq::quant {
 namespace {
@@ -141,6 +142,8 @@ CodecSpec CodecSpec::parse(const std::string& text) {
     } else if (k == "round" && !amaq && affine) {
       s.rounding =
           one_of<Rounding>(text, k, v, {{"nearest", Rounding::kNearest}, {"stochastic", Rounding::kStochastic}});
+    } else if (k == "rot" && affine) {
+      s.hadamard = one_of<bool>(text, k, v, {{"none", false}, {"hadamard", true}});
     } else if (k == "budget" && amaq) {
       s.budget = number(text, k, v);
     } else if (k == "bmin" && amaq) {
@@ -164,6 +167,8 @@ CodecSpec CodecSpec::parse(const std::string& text) {
     }
   }
   if (s.shuffle >= 0 && s.map_path.empty()) bad(text, "shuffle needs map=FILE");
+  if (s.hadamard && (s.granularity != Granularity::kGroup || !is_power_of_two(s.group)))
+    bad(text, "rot=hadamard rotates range groups: it needs gran=group with a power-of-two group (e.g. group=128)");
   if (!s.map_path.empty()) {
     s.map = read_map(text, s.map_path);
     if (s.shuffle >= 0) shuffle_map(s.map, static_cast<uint64_t>(s.shuffle));
@@ -184,6 +189,7 @@ std::string CodecSpec::to_string() const {
                                                             : "group";
   std::string g =
       granularity == Granularity::kGroup ? fmt::format("gran=group,group={}", group) : fmt::format("gran={}", gran);
+  if (hadamard) g += ",rot=hadamard";
   switch (codec) {
     case CodecId::kNone:
       return std::string("none:") + (dtype == WireDtype::kF32 ? "fp32" : dtype == WireDtype::kBF16 ? "bf16" : "fp16");

@@ -1,9 +1,11 @@
 // Codec configuration, written as `name:key=value,...` on the command line:
 //   none:fp32 | none:bf16 | none:fp16
-//   fixed:bits=4,gran=group,group=128,round=nearest|stochastic
+//   fixed:bits=4,gran=group,group=128,round=nearest|stochastic[,rot=hadamard]
 //   fixed:map=FILE[,shuffle=SEED],...   one width per channel from FILE (a JSON array), optionally
 //                                       permuted by SEED: the same histogram on random channels
 //   amaq:budget=4,bmin=2,bmax=8,init=8,gran=group,group=128,alpha=1,beta=1,mode=guaranteed|penalty|stop,decay=200
+//   rot=hadamard (fixed, amaq): each range group of channels Hadamard-rotated first (quant/rotation.h);
+//                               needs gran=group with a power-of-two group
 //   aqsgd:bits=4
 #pragma once
 #include <cstdint>
@@ -34,6 +36,7 @@ struct CodecSpec {
   Granularity granularity = Granularity::kGroup;
   int64_t group = 128;
   Rounding rounding = Rounding::kNearest;
+  bool hadamard = false;  ///< rot=hadamard: rotate each range group before quantizing
   // amaq
   double budget = 4.0;  ///< target mean bits per element (fractional allowed)
   int bits_min = 2;

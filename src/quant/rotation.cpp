@@ -1,0 +1,74 @@
+#include "quant/rotation.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+namespace amaq::quant {
+
+bool is_power_of_two(int64_t n) {
+  return n > 0 && (n & (n - 1)) == 0;
+}
+
+namespace {
+
+void check_block(const at::Tensor& x, int64_t block) {
+  TORCH_CHECK(is_power_of_two(block), "a Hadamard block must be a power of two, got ", block);
+  TORCH_CHECK(x.size(-1) % block == 0, "the Hadamard block ", block, " does not divide the ", x.size(-1), " channels");
+}
+
+float norm_of(int64_t block) {
+  return static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
+}
+
+}  // namespace
+
+at::Tensor block_hadamard(const at::Tensor& x, int64_t block) {
+  if (!x.device().is_cpu()) return block_hadamard_ops(x, block);
+  check_block(x, block);
+  // On the CPU each block is transformed where it sits, all its passes while it is in cache: the same
+  // additions in the same order as block_hadamard_ops, so the same bits.
+  at::Tensor y = x.to(at::kFloat).contiguous().clone();
+  float* p = y.data_ptr<float>();
+  const float norm = norm_of(block);
+  at::parallel_for(0, y.numel() / block, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float* v = p + b * block;
+      for (int64_t h = 1; h < block; h *= 2) {
+        for (int64_t i = 0; i < block; i += 2 * h) {
+          for (int64_t j = i; j < i + h; ++j) {
+            const float a = v[j], c = v[j + h];
+            v[j] = a + c;
+            v[j + h] = a - c;
+          }
+        }
+      }
+      for (int64_t j = 0; j < block; ++j) v[j] *= norm;
+    }
+  });
+  return y.view(x.sizes());
+}
+
+at::Tensor block_hadamard_ops(const at::Tensor& x, int64_t block) {
+  check_block(x, block);
+  const int64_t n = x.numel() / block;
+  // Butterflies on (n, block / (2h), 2, h): the pair (a, b) h apart becomes (a + b, a - b).
+  at::Tensor y = x.to(at::kFloat).reshape({n, block});
+  for (int64_t h = 1; h < block; h *= 2) {
+    const at::Tensor v = y.view({n, block / (2 * h), 2, h});
+    const at::Tensor a = v.select(2, 0), b = v.select(2, 1);
+    y = at::stack({a + b, a - b}, 2).view({n, block});
+  }
+  return (y * norm_of(block)).view(x.sizes());
+}
+
+at::Tensor block_hadamard_ref(const at::Tensor& x, int64_t block) {
+  TORCH_CHECK(is_power_of_two(block) && x.size(-1) % block == 0, "bad Hadamard block ", block);
+  at::Tensor H = at::ones({1, 1}, at::kDouble);
+  while (H.size(0) < block) H = at::cat({at::cat({H, H}, 1), at::cat({H, -H}, 1)}, 0);
+  H = H / std::sqrt(static_cast<double>(block));
+  const at::Tensor xb = x.to(at::kCPU, at::kDouble).reshape({-1, block});
+  return at::matmul(xb, H).to(at::kFloat).view(x.sizes()).to(x.device());
+}
+
+}  // namespace amaq::quant
