@@ -198,6 +198,7 @@ void register_cuda(const std::vector<const char*>& codecs) {
 const char* kCodecs[] = {"none:bf16",
                          "fixed:bits=4,group=128",
                          "fixed:bits=4,group=128,rot=hadamard",
+                         "fixed:bits=4,group=128,ec=zstd",
                          "fixed:bits=4,gran=token",
                          "amaq:budget=4,group=128",
                          "aqsgd:bits=4"};

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "quant/bitpack.h"
+#include "quant/entropy.h"
 #include "quant/rotation.h"
 #if AMAQ_HAVE_CUDA
 #include "quant/cuda/codec_cuda.h"
@@ -251,10 +252,27 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
   } else {
     h.bits = static_cast<uint8_t>(spec_.bits);
   }
+  // ec=zstd: the codes, a byte each, through zstd, kept only where that is smaller than packing them.
+  std::string coded;
+  if (spec_.entropy) {
+    const at::Tensor c = e.quant.codes.defined()
+                             ? e.quant.codes
+                             : unpack_fast(reinterpret_cast<const uint8_t*>(codes), code_bytes, e.layout.rows, bits);
+    coded = entropy_encode(c, bits);
+    if (static_cast<int64_t>(coded.size()) + 4 < code_bytes && coded.size() <= UINT32_MAX)
+      h.flags |= kFlagEntropy;
+    else
+      coded.clear();
+  }
   write_header(w, h, x.sizes());
   if (send_map) write_bit_map(w, bits);
   w.append(ranges, static_cast<size_t>(4 * e.layout.num_groups()));
-  w.append(codes, static_cast<size_t>(code_bytes));
+  if (h.flags & kFlagEntropy) {
+    w.put(static_cast<uint32_t>(coded.size()));
+    w.append(coded.data(), coded.size());
+  } else {
+    w.append(codes, static_cast<size_t>(code_bytes));
+  }
   e.packet = std::move(w.str());
   return e;
 }
@@ -394,7 +412,8 @@ at::Tensor Codec::decode(std::string_view packet, at::Device device) {
   }
   if (h.ndim < 1 || h.ndim > 4) throw PacketError("ndim " + std::to_string(h.ndim) + " not in 1..4");
   const bool affine = spec_.codec == CodecId::kFixed || spec_.codec == CodecId::kAmaq;
-  if (h.flags & ~(kFlagBitMap | kFlagHadamard) || (!affine && (h.flags & kFlagHadamard)))
+  if (h.flags & ~(kFlagBitMap | kFlagHadamard | kFlagEntropy) ||
+      (!affine && (h.flags & (kFlagHadamard | kFlagEntropy))))
     throw PacketError("flags " + std::to_string(h.flags) + " are not defined for " + codec_name(spec_.codec));
   if (!std::isfinite(h.scale) || !(h.scale > 0)) throw PacketError("scale is not a positive finite number");
   std::vector<int64_t> shape;
@@ -470,7 +489,8 @@ at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std:
   const auto unrotate = [&](const at::Tensor& t) {
     return rotated ? block_hadamard(t, layout.group).to(out_type).view(shape) : t.view(shape);
   };
-  if (device.is_cuda()) {
+  const bool coded = h.flags & kFlagEntropy;
+  if (device.is_cuda() && !coded) {
 #if AMAQ_HAVE_CUDA
     const int64_t n = packed_bytes(layout.rows, bits);
     r.take(static_cast<uint64_t>(n), "packed codes");  // right after the ranges: one copy takes both
@@ -482,9 +502,14 @@ at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std:
   if (G > 0) std::memcpy(pairs.data_ptr(), ranges, static_cast<size_t>(4 * G));
   q.lo = pairs.select(1, 0).contiguous();
   q.hi = pairs.select(1, 1).contiguous();
-  q.codes = unpack(r, layout.rows, bits, impl_);
+  if (coded) {  // entropy-coded codes decode on the CPU
+    const auto n = r.get<uint32_t>("entropy-coded size");
+    q.codes = entropy_decode(r.take(n, "entropy-coded codes"), n, layout.rows, bits);
+  } else {
+    q.codes = unpack(r, layout.rows, bits, impl_);
+  }
   at::Tensor deq = impl_ == Impl::kRef ? affine_dequantize_ref(q, bits, layout) : affine_dequantize(q, bits, layout);
-  return rotated ? unrotate(deq) : deq.view(shape).to(out_type);
+  return (rotated ? unrotate(deq) : deq.view(shape).to(out_type)).to(device);
 }
 
 at::Tensor Codec::decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape,

@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/hash.h"
+#include "quant/entropy.h"
 #include "quant/rotation.h"
 
 namespace amaq::quant {
@@ -144,6 +145,9 @@ CodecSpec CodecSpec::parse(const std::string& text) {
           one_of<Rounding>(text, k, v, {{"nearest", Rounding::kNearest}, {"stochastic", Rounding::kStochastic}});
     } else if (k == "rot" && affine) {
       s.hadamard = one_of<bool>(text, k, v, {{"none", false}, {"hadamard", true}});
+    } else if (k == "ec" && affine) {
+      s.entropy = one_of<bool>(text, k, v, {{"none", false}, {"zstd", true}});
+      if (s.entropy && !entropy_coding_built()) bad(text, "ec=zstd needs a build with libzstd (libzstd-dev)");
     } else if (k == "budget" && amaq) {
       s.budget = number(text, k, v);
     } else if (k == "bmin" && amaq) {
@@ -190,6 +194,7 @@ std::string CodecSpec::to_string() const {
   std::string g =
       granularity == Granularity::kGroup ? fmt::format("gran=group,group={}", group) : fmt::format("gran={}", gran);
   if (hadamard) g += ",rot=hadamard";
+  if (entropy) g += ",ec=zstd";
   switch (codec) {
     case CodecId::kNone:
       return std::string("none:") + (dtype == WireDtype::kF32 ? "fp32" : dtype == WireDtype::kBF16 ? "bf16" : "fp16");

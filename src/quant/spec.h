@@ -6,6 +6,7 @@
 //   amaq:budget=4,bmin=2,bmax=8,init=8,gran=group,group=128,alpha=1,beta=1,mode=guaranteed|penalty|stop,decay=200
 //   rot=hadamard (fixed, amaq): each range group of channels Hadamard-rotated first (quant/rotation.h);
 //                               needs gran=group with a power-of-two group
+//   ec=zstd (fixed, amaq): the codes entropy-coded (quant/entropy.h) where that makes the packet smaller
 //   aqsgd:bits=4
 #pragma once
 #include <cstdint>
@@ -37,6 +38,7 @@ struct CodecSpec {
   int64_t group = 128;
   Rounding rounding = Rounding::kNearest;
   bool hadamard = false;  ///< rot=hadamard: rotate each range group before quantizing
+  bool entropy = false;   ///< ec=zstd: entropy-code the codes
   // amaq
   double budget = 4.0;  ///< target mean bits per element (fractional allowed)
   int bits_min = 2;

@@ -5,6 +5,7 @@
 #include <random>
 
 #include "quant/codec.h"
+#include "quant/entropy.h"
 
 namespace amaq::quant {
 namespace {
@@ -23,6 +24,16 @@ std::vector<Case> valid_packets() {
     EncodeArgs a;
     a.bits = at::randint(2, 9, {37}, gen, at::kByte);
     out.push_back({s, c.encode(x, a).packet});
+  }
+  // Entropy-coded codes (large enough that zstd shrinks them) and rotated groups.
+  const at::Tensor y = at::randn({4, 64, 32}, gen);
+  for (std::string s : {"fixed:bits=3,gran=token,ec=zstd", "amaq:budget=4,group=8,rot=hadamard,ec=zstd"}) {
+    if (s.find("ec=zstd") != std::string::npos && !entropy_coding_built()) continue;
+    Codec c(CodecSpec::parse(s));
+    EncodeArgs a;
+    a.bits = at::randint(2, 9, {32}, gen, at::kByte);
+    out.push_back({s, c.encode(y, a).packet});
+    EXPECT_TRUE(out.back().packet[7] & kFlagEntropy) << s;
   }
   Codec aq(CodecSpec::parse("aqsgd:bits=3"));
   EncodeArgs a;

@@ -129,8 +129,9 @@ TEST(BlockHadamard, RotationCutsTheErrorOfOutlierChannelsAndKeepsGaussianError) 
     const at::Tensor g = gaussian(1024, 1024, 7), h = heavy_tailed(1024, 1024, 8);
     const double g0 = nmse(plain.encode(g).decoded, g), g1 = nmse(rot.encode(g).decoded, g);
     const double h0 = nmse(plain.encode(h).decoded, h), h1 = nmse(rot.encode(h).decoded, h);
-    std::printf("[ rot=hadamard, %d bits, group 128 ] NMSE Gaussian %.5f -> %.5f, heavy-tailed with outliers %.5f -> %.5f\n",
-                bits, g0, g1, h0, h1);
+    std::printf(
+        "[ rot=hadamard, %d bits, group 128 ] NMSE Gaussian %.5f -> %.5f, heavy-tailed with outliers %.5f -> %.5f\n",
+        bits, g0, g1, h0, h1);
     EXPECT_NEAR(g1, g0, 0.15 * g0);
     EXPECT_LT(h1, 0.5 * h0);
   }

@@ -1,0 +1,108 @@
+// ec=zstd: entropy-coded codes are lossless (the packet decodes to the sender's copy, which equals the
+// plain codec's), shrink packets of peaked code distributions, fall back to plain packed codes where
+// they would not shrink, and come within a stated margin of the codes' empirical entropy. Skipped,
+// and said so, in a build without libzstd.
+#include "quant/entropy.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+
+#include "quant/bitpack.h"
+#include "quant/codec.h"
+#include "testing.h"
+
+namespace amaq::quant {
+namespace {
+
+#define SKIP_WITHOUT_ZSTD() \
+  if (!entropy_coding_built()) GTEST_SKIP() << "this build has no libzstd"
+
+at::Tensor gaussian(int64_t rows, int64_t C, uint64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return at::randn({rows, C}, gen);
+}
+
+double nmse(const at::Tensor& y, const at::Tensor& x) {
+  return ((y.to(at::kDouble) - x.to(at::kDouble)).pow(2).sum() / x.to(at::kDouble).pow(2).sum()).item<double>();
+}
+
+TEST(EntropyCoding, IsLosslessAndShrinksPeakedCodes) {
+  SKIP_WITHOUT_ZSTD();
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(2);
+  const at::Tensor x = gaussian(512, 256, 1).view({4, 128, 256});
+  for (const char* base : {"fixed:bits=4,group=128", "fixed:bits=3,gran=token", "amaq:budget=4,group=64",
+                           "amaq:budget=4,group=64,rot=hadamard"}) {
+    SCOPED_TRACE(base);
+    const CodecSpec plain = CodecSpec::parse(base), coded = CodecSpec::parse(std::string(base) + ",ec=zstd");
+    EncodeArgs args;
+    args.bits = at::randint(2, 7, {256}, gen, at::kByte);
+    Codec tx(coded), tx_plain(plain), rx(coded);
+    for (int pass = 0; pass < 2; ++pass) {  // the second amaq packet carries no map
+      const Encoded e = tx.encode(x, args), p = tx_plain.encode(x, args);
+      EXPECT_TRUE(static_cast<uint8_t>(e.packet[7]) & kFlagEntropy);
+      EXPECT_LT(e.packet.size(), p.packet.size());
+      EXPECT_TRUE(at::equal(e.decoded, p.decoded));
+      EXPECT_TRUE(at::equal(rx.decode(e.packet), e.decoded));
+    }
+  }
+}
+
+// Codes spread evenly over their levels (uniform data) do not shrink: the packet is the plain one.
+TEST(EntropyCoding, CodesThatDoNotShrinkGoPacked) {
+  SKIP_WITHOUT_ZSTD();
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
+  const at::Tensor x = at::rand({256, 256}, gen) * 2 - 1;
+  const Encoded e = Codec(CodecSpec::parse("fixed:bits=4,group=128,ec=zstd")).encode(x);
+  const Encoded p = Codec(CodecSpec::parse("fixed:bits=4,group=128")).encode(x);
+  EXPECT_EQ(e.packet, p.packet);
+  EXPECT_TRUE(at::equal(Codec(CodecSpec::parse("fixed:bits=4,group=128,ec=zstd")).decode(e.packet), e.decoded));
+}
+
+TEST(EntropyCoding, MalformedFramesAreRefused) {
+  SKIP_WITHOUT_ZSTD();
+  const at::Tensor bits = at::full({8}, 3, at::kByte);
+  const at::Tensor codes = at::randint(0, 8, {5, 8}, at::kByte);  // odd rows: a padding code per channel
+  const std::string frame = entropy_encode(codes, bits);
+  const auto* f = reinterpret_cast<const uint8_t*>(frame.data());
+  EXPECT_THROW(entropy_decode(f, static_cast<int64_t>(frame.size()), 5, at::full({8}, 5, at::kByte)),
+               PacketError);  // another width
+  EXPECT_TRUE(at::equal(entropy_decode(f, static_cast<int64_t>(frame.size()), 5, bits), codes));
+  EXPECT_THROW(entropy_decode(f, static_cast<int64_t>(frame.size()), 7, bits), PacketError);      // wrong count
+  EXPECT_THROW(entropy_decode(f, static_cast<int64_t>(frame.size()) - 3, 5, bits), PacketError);  // cut short
+  std::string bad = frame;
+  bad[4] = static_cast<char>(bad[4] ^ 0x5a);  // not a zstd frame (after its u32 size)
+  EXPECT_THROW(entropy_decode(reinterpret_cast<const uint8_t*>(bad.data()), static_cast<int64_t>(bad.size()), 5, bits),
+               PacketError);
+  const std::string wide = entropy_encode(at::full({4, 8}, 9, at::kByte), bits);  // 9 does not fit 3 bits
+  EXPECT_AMAQ_ERROR(entropy_decode(reinterpret_cast<const uint8_t*>(wide.data()), static_cast<int64_t>(wide.size()), 4,
+                                   bits),
+                    "exceeds its width");
+}
+
+// Bits per element after coding against the codes' empirical entropy, and the whole packet against the
+// Gaussian rate-distortion bound 0.5 * log2(1 / NMSE) at the NMSE it reached.
+TEST(EntropyCoding, ComesWithinATenthOfABitOfTheCodesEntropy) {
+  SKIP_WITHOUT_ZSTD();
+  const at::Tensor x = gaussian(4096, 1024, 4);
+  for (const char* text : {"fixed:bits=3,gran=token,ec=zstd", "fixed:bits=4,gran=token,ec=zstd",
+                           "fixed:bits=4,group=128,ec=zstd"}) {
+    const CodecSpec spec = CodecSpec::parse(text);
+    Codec codec(spec, Impl::kRef);  // the reference path keeps the codes
+    const Encoded e = codec.encode(x);
+    ASSERT_TRUE(static_cast<uint8_t>(e.packet[7]) & kFlagEntropy) << text;
+    const double n = static_cast<double>(x.numel());
+    const double entropy = code_entropy_bits(e.quant.codes);
+    const double coded = 8.0 * static_cast<double>(entropy_encode(e.quant.codes, e.bits).size()) / n;
+    const double total = e.bits_per_element(), err = nmse(e.decoded, x), bound = 0.5 * std::log2(1.0 / err);
+    std::printf("[ %s ] entropy %.3f, coded %.3f bits/code; packet %.3f bits/element at NMSE %.5f, "
+                "Gaussian bound %.3f (+%.3f)\n",
+                text, entropy, coded, total, err, bound, total - bound);
+    EXPECT_LT(coded, entropy + 0.1) << text;
+    EXPECT_LT(total, spec.bits + 0.3) << text;
+  }
+}
+
+}  // namespace
+}  // namespace amaq::quant
