@@ -79,7 +79,8 @@ at::Tensor entropy_decode(const uint8_t* data, int64_t size, int64_t rows, const
     const at::Tensor idx = (bits == w).nonzero().reshape({-1});
     if (idx.numel() == 0) continue;
     uint32_t n = 0;
-    if (at_byte + 4 > size) throw PacketError("the entropy-coded codes end before the frame of width " + std::to_string(w));
+    if (at_byte + 4 > size)
+      throw PacketError("the entropy-coded codes end before the frame of width " + std::to_string(w));
     std::memcpy(&n, data + at_byte, 4);
     at_byte += 4;
     if (n > size - at_byte) throw PacketError("an entropy-coded frame runs past the packet");
@@ -101,7 +102,8 @@ at::Tensor entropy_decode(const uint8_t* data, int64_t size, int64_t rows, const
       const at::Tensor pairs = stream.view({idx.numel(), (rows + 1) / 2});
       col = at::stack({pairs.remainder(16), pairs.div(16, "floor")}, 2).view({idx.numel(), -1});
       if (rows % 2) {
-        if (col.select(1, rows).ne(0).any().item<bool>()) throw PacketError("an entropy-coded padding code is not zero");
+        if (col.select(1, rows).ne(0).any().item<bool>())
+          throw PacketError("an entropy-coded padding code is not zero");
         col = col.narrow(1, 0, rows);
       }
     } else {

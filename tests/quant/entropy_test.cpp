@@ -76,9 +76,9 @@ TEST(EntropyCoding, MalformedFramesAreRefused) {
   EXPECT_THROW(entropy_decode(reinterpret_cast<const uint8_t*>(bad.data()), static_cast<int64_t>(bad.size()), 5, bits),
                PacketError);
   const std::string wide = entropy_encode(at::full({4, 8}, 9, at::kByte), bits);  // 9 does not fit 3 bits
-  EXPECT_AMAQ_ERROR(entropy_decode(reinterpret_cast<const uint8_t*>(wide.data()), static_cast<int64_t>(wide.size()), 4,
-                                   bits),
-                    "exceeds its width");
+  EXPECT_AMAQ_ERROR(
+      entropy_decode(reinterpret_cast<const uint8_t*>(wide.data()), static_cast<int64_t>(wide.size()), 4, bits),
+      "exceeds its width");
 }
 
 // Bits per element after coding against the codes' empirical entropy, and the whole packet against the
@@ -86,8 +86,8 @@ TEST(EntropyCoding, MalformedFramesAreRefused) {
 TEST(EntropyCoding, ComesWithinATenthOfABitOfTheCodesEntropy) {
   SKIP_WITHOUT_ZSTD();
   const at::Tensor x = gaussian(4096, 1024, 4);
-  for (const char* text : {"fixed:bits=3,gran=token,ec=zstd", "fixed:bits=4,gran=token,ec=zstd",
-                           "fixed:bits=4,group=128,ec=zstd"}) {
+  for (const char* text :
+       {"fixed:bits=3,gran=token,ec=zstd", "fixed:bits=4,gran=token,ec=zstd", "fixed:bits=4,group=128,ec=zstd"}) {
     const CodecSpec spec = CodecSpec::parse(text);
     Codec codec(spec, Impl::kRef);  // the reference path keeps the codes
     const Encoded e = codec.encode(x);
@@ -96,9 +96,10 @@ TEST(EntropyCoding, ComesWithinATenthOfABitOfTheCodesEntropy) {
     const double entropy = code_entropy_bits(e.quant.codes);
     const double coded = 8.0 * static_cast<double>(entropy_encode(e.quant.codes, e.bits).size()) / n;
     const double total = e.bits_per_element(), err = nmse(e.decoded, x), bound = 0.5 * std::log2(1.0 / err);
-    std::printf("[ %s ] entropy %.3f, coded %.3f bits/code; packet %.3f bits/element at NMSE %.5f, "
-                "Gaussian bound %.3f (+%.3f)\n",
-                text, entropy, coded, total, err, bound, total - bound);
+    std::printf(
+        "[ %s ] entropy %.3f, coded %.3f bits/code; packet %.3f bits/element at NMSE %.5f, "
+        "Gaussian bound %.3f (+%.3f)\n",
+        text, entropy, coded, total, err, bound, total - bound);
     EXPECT_LT(coded, entropy + 0.1) << text;
     EXPECT_LT(total, spec.bits + 0.3) << text;
   }
