@@ -130,10 +130,11 @@ Encoded Codec::encode(const at::Tensor& x_in, const EncodeArgs& args) {
   const bool gpu = on_gpu(x_in);
   at::Tensor x = gpu ? x_in.detach().contiguous() : x_in.detach().to(at::kCPU).contiguous();
   // Refuse NaN/Inf before anything goes out (the fast affine quantizers check in their own max pass).
+  // (A rotation would spread one NaN over its group: check before it.)
   const bool affine = spec_.codec == CodecId::kFixed || spec_.codec == CodecId::kAmaq;
-  if (gpu && !affine) {
+  if (gpu && (!affine || spec_.hadamard)) {
     if (!at::isfinite(x).all().item<bool>()) checked_max_abs(x.to(at::kCPU, at::kFloat).contiguous());  // names them
-  } else if (!affine || impl_ == Impl::kRef) {
+  } else if (!affine || impl_ == Impl::kRef || spec_.hadamard) {
     checked_max_abs(x.scalar_type() == at::kFloat ? x : x.to(at::kFloat));
   }
   Encoded e = encode_dispatch(x, args);

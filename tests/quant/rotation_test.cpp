@@ -63,6 +63,9 @@ TEST(BlockHadamard, SpecsAndShapesThatCannotRotateAreRefusedByName) {
   EXPECT_EQ(CodecSpec::parse("fixed:bits=4").to_string().find("rot"), std::string::npos);  // unchanged canonical form
   Codec codec(CodecSpec::parse("fixed:bits=4,group=128,rot=hadamard"));
   EXPECT_AMAQ_ERROR(codec.encode(gaussian(4, 200, 2)), "needs a multiple of 128 channels");
+  at::Tensor x = gaussian(4, 128, 3);
+  x[2][5] = std::nanf("");  // counted and placed in x, not in its rotation (which spreads it over 128)
+  EXPECT_AMAQ_ERROR(codec.encode(x), "1 NaN/Inf", "first at flat index 261");
 }
 
 // Decoding gives the sender's copy exactly, for fixed and a mixed AMAQ map, fp32 and bf16; the flag
