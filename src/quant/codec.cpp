@@ -253,7 +253,7 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
   } else {
     h.bits = static_cast<uint8_t>(spec_.bits);
   }
-  // ec=zstd: the codes, a byte each, through zstd, kept only where that is smaller than packing them.
+  // ec=zstd: the codes entropy-coded (entropy.h), kept only where that is smaller than packing them.
   std::string coded;
   if (spec_.entropy) {
     const at::Tensor c = e.quant.codes.defined()

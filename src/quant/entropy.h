@@ -12,8 +12,8 @@ namespace amaq::quant {
 /// Whether this build has libzstd.
 bool entropy_coding_built();
 
-/// codes (rows, C) uint8, each below 2^bits[c]: one zstd frame of them, channel by channel in order
-/// of width, two codes a byte where the width is at most 4.
+/// codes (rows, C) uint8, each below 2^bits[c]: per width present, a u32 size and one zstd frame of
+/// that width's channels, channel by channel, two codes a byte where the width is at most 4.
 std::string entropy_encode(const at::Tensor& codes, const at::Tensor& bits);
 
 /// The (rows, C) codes back from a frame of `size` bytes; throws PacketError when the frame is

@@ -9,7 +9,8 @@
 //   [scales]        delta samples x C fp16              aqsgd (relative to `scale`)
 //   [full samples]  full samples x T x C in `dtype`     aqsgd
 //   codes           densely bit-packed (bitpack.h)      fixed, amaq, aqsgd
-//                   or, with kFlagEntropy: u32 size, then a zstd frame of one byte per code (entropy.h)
+//                   or, with kFlagEntropy: u32 size, then per width present a u32 size and a zstd
+//                   frame of that width's codes (entropy.h)
 //   raw values      numel in `dtype`                    none
 //
 // A reader distrusts every field: magic, version, codec, dtype, dims (product bounded), bit-widths
@@ -32,7 +33,7 @@ constexpr int64_t kMaxPacketElements = int64_t{1} << 34;
 enum PacketFlags : uint8_t {
   kFlagBitMap = 1,    ///< the per-channel bit map follows (it changed since the last packet)
   kFlagHadamard = 2,  ///< fixed, amaq: codes are of each range group Hadamard-rotated (quant/rotation.h)
-  kFlagEntropy = 4,   ///< fixed, amaq: u32 size + a zstd frame of one byte per code replace the packed codes
+  kFlagEntropy = 4,   ///< fixed, amaq: entropy-coded codes (quant/entropy.h) replace the packed codes
 };
 
 #pragma pack(push, 1)
