@@ -9,11 +9,10 @@
 
 #include <cstring>
 
+#include "core/device.h"
 #include "core/runtime.h"
 #include "quant/codec.h"
 #if AMAQ_HAVE_CUDA
-#include <c10/cuda/CUDAStream.h>
-
 #include "quant/cuda/codec_cuda.h"
 #endif
 
@@ -89,17 +88,10 @@ const at::Tensor& device_activation() {
   return x;
 }
 
-// Waits for the GPU's queued work (compiled only where CUDA is; the rows register only there).
-void wait_for_gpu() {
-#if AMAQ_HAVE_CUDA
-  c10::cuda::getCurrentCUDAStream().synchronize();
-#endif
-}
-
 void BM_CudaClone(benchmark::State& state) {
   for (auto _ : state) {
     at::Tensor y = device_activation().clone();
-    wait_for_gpu();
+    amaq::synchronize(at::kCUDA);
   }
   set_counters(state, 0);
 }
@@ -126,7 +118,7 @@ void BM_CudaDecode(benchmark::State& state, const std::string& text, at::ScalarT
   std::string packet = sender.encode(x, args).packet;
   for (auto _ : state) {
     at::Tensor y = receiver.decode(packet, at::kCUDA);
-    wait_for_gpu();
+    amaq::synchronize(at::kCUDA);
   }
   set_counters(state, packet.size());
 }
@@ -168,7 +160,7 @@ void BM_CudaKernelDecode(benchmark::State& state, const std::string& text, at::S
   std::memcpy(host.data_ptr(), e.ranges(), static_cast<size_t>(n));
   for (auto _ : state) {
     at::Tensor y = cuda::affine_decode(host.data_ptr<uint8_t>(), n, e.scale, k.bits, k.layout, dtype, at::kCUDA);
-    wait_for_gpu();
+    amaq::synchronize(at::kCUDA);
   }
   set_counters(state, static_cast<size_t>(n));
 }

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <vector>
 
 #include "core/fs.h"
 
@@ -61,6 +62,23 @@ int run_command(const std::string& cmd, std::string* output) {
   while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) output->append(buf.data(), n);
   int status = ::pclose(p);
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+at::Tensor student_t3(at::IntArrayRef sizes, at::Generator& gen) {
+  std::vector<int64_t> three{3};
+  three.insert(three.end(), sizes.begin(), sizes.end());
+  const at::Tensor n = at::randn(sizes, gen), chi = at::randn(three, gen).pow(2).sum(0) / 3;
+  return n / chi.sqrt();
+}
+
+at::Tensor with_outlier_channels(at::Tensor x, int64_t every, double gain) {
+  for (int64_t c = 1; c < x.size(-1); c += every) x.select(-1, c).mul_(gain);
+  return x;
+}
+
+double nmse(const at::Tensor& approx, const at::Tensor& exact) {
+  const at::Tensor e = exact.to(at::kDouble);
+  return ((approx.to(at::kDouble) - e).pow(2).sum() / e.pow(2).sum()).item<double>();
 }
 
 }  // namespace amaq::testing

@@ -33,6 +33,14 @@ class TempDir {
 /// |actual - expected| <= atol + rtol * |expected| everywhere; on failure names the worst element.
 ::testing::AssertionResult all_close(const at::Tensor& actual, const at::Tensor& expected, double atol, double rtol);
 
+/// Student-t(3) values, N / sqrt(chi2_3 / 3), of the given sizes: heavier tails than activations' bulk.
+at::Tensor student_t3(at::IntArrayRef sizes, at::Generator& gen);
+/// x with every `every`-th channel (last dimension) from channel 1 multiplied by `gain`: the outlier
+/// channels real activations have.
+at::Tensor with_outlier_channels(at::Tensor x, int64_t every = 37, double gain = 30);
+/// ||approx - exact||^2 / ||exact||^2, in double.
+double nmse(const at::Tensor& approx, const at::Tensor& exact);
+
 /// Writes `bytes` to a file (no atomicity needed in tests).
 void write_bytes(const std::string& path, const std::string& bytes);
 

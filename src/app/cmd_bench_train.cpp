@@ -58,35 +58,29 @@ Run add_bench_train(CLI::App& app) {
         at::randint(config.vocab_size, {a->batch, a->seq_len}, at::TensorOptions().dtype(at::kLong)).to(dev);
     std::vector<double> losses;
     // As the peer: forward, loss, backward, optimizer step, gradients cleared; no clipping.
-    std::function<at::Tensor()> step = [&] {
-      at::Tensor loss = causal_lm_loss(part->forward(ids), ids);
+    // --cuda-graph: the side zeroes gradients in place (a graph replays into the same memory).
+    side.options.cuda_graph = a->cuda_graph;
+    at::Tensor loss;
+    auto run_step = [&] {
+      loss = causal_lm_loss(part->forward(ids), ids);
       loss.backward();
       side.step(a->lr, 1.0);
       side.zero_grad();
-      return loss.detach();
     };
     std::unique_ptr<GraphedStep> graph;
-    at::Tensor graph_loss;
     if (a->cuda_graph) {
-      // The same step with gradients zeroed in place (a graph replays into the same memory); the
-      // warm-up runs inside GraphedStep, and the peak memory counts it and the capture.
+      // The warm-up runs inside GraphedStep, and the peak memory counts it and the capture.
       synchronize(dev);
       reset_peak_memory(dev);
-      graph = std::make_unique<GraphedStep>(
-          dev,
-          [&] {
-            graph_loss = causal_lm_loss(part->forward(ids), ids);
-            graph_loss.backward();
-            side.step(a->lr, 1.0);
-            for (const at::Tensor& p : side.part->parameters())
-              if (p.grad().defined()) p.grad().zero_();
-          },
-          static_cast<int>(std::max<int64_t>(a->warmup, 1)));
-      step = [&] {
-        graph->replay();
-        return graph_loss.detach().clone();
-      };
+      graph = std::make_unique<GraphedStep>(dev, run_step, static_cast<int>(std::max<int64_t>(a->warmup, 1)));
     }
+    auto step = [&] {
+      if (graph)
+        graph->replay();
+      else
+        run_step();
+      return graph ? loss.detach().clone() : loss.detach();  // a graph reuses its loss tensor
+    };
     for (int64_t i = 0; i < (graph ? 0 : a->warmup); ++i) losses.push_back(step().item<double>());
     synchronize(dev);
     if (!graph) reset_peak_memory(dev);

@@ -222,11 +222,9 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
                                            : affine_dequantize(e.quant, bits, e.layout);
       e.decoded = deq.view(x.sizes()).to(x.scalar_type());
     }
-    packed = pack(e.quant.codes, bits, impl_);
     pairs = at::stack({e.quant.lo, e.quant.hi}, 1).contiguous();
     ranges = static_cast<const char*>(pairs.data_ptr());
-    codes = packed.data();
-    code_bytes = static_cast<int64_t>(packed.size());
+    code_bytes = packed_bytes(e.layout.rows, bits);  // packed below, unless entropy coding wins
   }
 
   if (spec_.hadamard && e.decoded.defined())
@@ -264,6 +262,10 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
       h.flags |= kFlagEntropy;
     else
       coded.clear();
+  }
+  if (!codes && !(h.flags & kFlagEntropy)) {  // the CPU's codes, packed
+    packed = pack(e.quant.codes, bits, impl_);
+    codes = packed.data();
   }
   write_header(w, h, x.sizes());
   if (send_map) write_bit_map(w, bits);

@@ -40,16 +40,10 @@ at::Tensor gaussian(at::Generator& gen) {
 }
 
 at::Tensor heavy_tailed(at::Generator& gen) {
-  // Student-t(3) = N / sqrt(chi2_3 / 3).
-  at::Tensor n = at::randn({4, 64, 512}, gen), chi = at::randn({3, 4, 64, 512}, gen).pow(2).sum(0) / 3;
-  at::Tensor t = n / chi.sqrt();
+  const at::Tensor t = testing::student_t3({4, 64, 512}, gen);
   at::Tensor gain = at::ones({512});
   for (int64_t c : {3, 100, 257, 400, 511}) gain[c] = 50;
   return t * gain;
-}
-
-double nmse(const at::Tensor& x, const at::Tensor& y) {
-  return ((x - y).pow(2).sum() / x.pow(2).sum()).item<double>();
 }
 
 CodecSpec fixed_spec(int bits, Granularity g = Granularity::kGroup, Rounding r = Rounding::kNearest) {
@@ -67,7 +61,7 @@ TEST(Codec, FixedErrorBudgetsPerBitWidthAndMonotone) {
     double prev = 1e9;
     for (int b = 1; b <= 8; ++b) {
       Codec codec(fixed_spec(b));
-      double e = nmse(xs[d], codec.decode(codec.encode(xs[d]).packet));
+      double e = testing::nmse(codec.decode(codec.encode(xs[d]).packet), xs[d]);
       std::printf("  %s %d-bit NMSE %.3g\n", d ? "heavy" : "gauss", b, e);
       EXPECT_LT(e, budgets[d][b]) << (d ? "heavy-tailed" : "gaussian") << " at " << b << " bits";
       EXPECT_LT(e, prev) << "error must fall with every extra bit";
@@ -220,7 +214,7 @@ TEST(Codec, ScalesSurviveValuesOutsideFp16Range) {
   for (double mag : {1e-9, 1e6}) {
     at::Tensor x = at::randn({2, 16, 64}, gen) * mag;
     Codec c(CodecSpec::parse("fixed:bits=8,group=64"));
-    EXPECT_LT(nmse(x, c.decode(c.encode(x).packet)), kMaxNmseGaussian[8]) << mag;
+    EXPECT_LT(testing::nmse(c.decode(c.encode(x).packet), x), kMaxNmseGaussian[8]) << mag;
   }
 }
 

@@ -24,10 +24,6 @@ at::Tensor gaussian(int64_t rows, int64_t C, uint64_t seed) {
   return at::randn({rows, C}, gen);
 }
 
-double nmse(const at::Tensor& y, const at::Tensor& x) {
-  return ((y.to(at::kDouble) - x.to(at::kDouble)).pow(2).sum() / x.to(at::kDouble).pow(2).sum()).item<double>();
-}
-
 TEST(EntropyCoding, IsLosslessAndShrinksPeakedCodes) {
   SKIP_WITHOUT_ZSTD();
   auto gen = at::make_generator<at::CPUGeneratorImpl>(2);
@@ -95,7 +91,7 @@ TEST(EntropyCoding, ComesWithinATenthOfABitOfTheCodesEntropy) {
     const double n = static_cast<double>(x.numel());
     const double entropy = code_entropy_bits(e.quant.codes);
     const double coded = 8.0 * static_cast<double>(entropy_encode(e.quant.codes, e.bits).size()) / n;
-    const double total = e.bits_per_element(), err = nmse(e.decoded, x), bound = 0.5 * std::log2(1.0 / err);
+    const double total = e.bits_per_element(), err = testing::nmse(e.decoded, x), bound = 0.5 * std::log2(1.0 / err);
     std::printf(
         "[ %s ] entropy %.3f, coded %.3f bits/code; packet %.3f bits/element at NMSE %.5f, "
         "Gaussian bound %.3f (+%.3f)\n",

@@ -21,23 +21,15 @@ at::Tensor gaussian(int64_t rows, int64_t C, uint64_t seed) {
   return at::randn({rows, C}, gen);
 }
 
-// Student-t(3)-like values with every 37th channel 30x larger: the outliers real activations have.
 at::Tensor heavy_tailed(int64_t rows, int64_t C, uint64_t seed) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  at::Tensor n = at::randn({rows, C}, gen), chi = at::randn({3, rows, C}, gen).pow(2).sum(0) / 3;
-  at::Tensor x = n / chi.sqrt();
-  for (int64_t c = 1; c < C; c += 37) x.select(1, c).mul_(30);
-  return x;
+  return testing::with_outlier_channels(testing::student_t3({rows, C}, gen));
 }
 
 EncodeArgs with_map(const at::Tensor& bits) {
   EncodeArgs a;
   a.bits = bits;
   return a;
-}
-
-double nmse(const at::Tensor& y, const at::Tensor& x) {
-  return ((y.to(at::kDouble) - x.to(at::kDouble)).pow(2).sum() / x.to(at::kDouble).pow(2).sum()).item<double>();
 }
 
 TEST(BlockHadamard, MatchesSylvestersMatrixAndIsItsOwnInverse) {
@@ -87,7 +79,7 @@ TEST(BlockHadamard, PacketsDecodeToTheSendersCopy) {
       CodecSpec plain = spec;
       plain.hadamard = false;
       EXPECT_TRUE(at::equal(Codec(plain).decode(e.packet), e.decoded));
-      EXPECT_LT(nmse(e.decoded.to(at::kFloat), x.to(at::kFloat)), 0.05);
+      EXPECT_LT(testing::nmse(e.decoded.to(at::kFloat), x.to(at::kFloat)), 0.05);
     }
   }
 }
@@ -130,8 +122,8 @@ TEST(BlockHadamard, RotationCutsTheErrorOfOutlierChannelsAndKeepsGaussianError) 
     const std::string base = "fixed:bits=" + std::to_string(bits) + ",group=128";
     Codec plain(CodecSpec::parse(base)), rot(CodecSpec::parse(base + ",rot=hadamard"));
     const at::Tensor g = gaussian(1024, 1024, 7), h = heavy_tailed(1024, 1024, 8);
-    const double g0 = nmse(plain.encode(g).decoded, g), g1 = nmse(rot.encode(g).decoded, g);
-    const double h0 = nmse(plain.encode(h).decoded, h), h1 = nmse(rot.encode(h).decoded, h);
+    const double g0 = testing::nmse(plain.encode(g).decoded, g), g1 = testing::nmse(rot.encode(g).decoded, g);
+    const double h0 = testing::nmse(plain.encode(h).decoded, h), h1 = testing::nmse(rot.encode(h).decoded, h);
     std::printf(
         "[ rot=hadamard, %d bits, group 128 ] NMSE Gaussian %.5f -> %.5f, heavy-tailed with outliers %.5f -> %.5f\n",
         bits, g0, g1, h0, h1);

@@ -74,6 +74,19 @@ ServerConfig server_for(const ClientConfig& c, const SideOptions& side) {
   return s;
 }
 
+// An 8-step AMAQ run (the given forward and backward specs), evaluated every 4 steps on a 20%
+// validation split: where the device, CUDA-graph and report tests start.
+ClientConfig amaq_run_config(const testing::TempDir& tmp, const std::string& name, const std::string& fwd,
+                             const std::string& bwd) {
+  ClientConfig c = base_config(tmp, name);
+  c.schedule.steps = 8;
+  c.fwd_codec = quant::CodecSpec::parse(fwd);
+  c.bwd_codec = quant::CodecSpec::parse(bwd);
+  c.val_fraction = 0.2;
+  c.eval_every = 4;
+  return c;
+}
+
 // Runs `c` against `srv` in this process, one server thread per connection.
 RunResult run_in_process(TrainServer& srv, const ClientConfig& c) {
   std::vector<std::thread> sessions;
@@ -180,10 +193,8 @@ TEST(SplitRun, CpuClientWithCudaServerAndAllCudaTrainAsAllCpu) {
   testing::TempDir tmp;
   std::vector<RunResult> runs;
   for (const auto& [client, server] : {std::pair{"cpu", "cpu"}, std::pair{"cpu", "cuda"}, std::pair{"cuda", "cuda"}}) {
-    ClientConfig c = base_config(tmp, std::string(client) + "-" + server);
-    c.schedule.steps = 8;
-    c.fwd_codec = quant::CodecSpec::parse("amaq:budget=4,decay=4");
-    c.bwd_codec = quant::CodecSpec::parse("amaq:budget=6,decay=4");
+    ClientConfig c =
+        amaq_run_config(tmp, std::string(client) + "-" + server, "amaq:budget=4,decay=4", "amaq:budget=6,decay=4");
     c.side.device = client;
     SideOptions s = c.side;
     s.device = server;
@@ -203,12 +214,7 @@ TEST(SplitRun, CpuClientWithCudaServerAndAllCudaTrainAsAllCpu) {
 // does (2 micro-batches per step, AMAQ both ways, evaluation between). Refused on the CPU.
 TEST(SplitRun, ServerCudaGraphTrainsAsTheEagerServer) {
   testing::TempDir tmp;
-  ClientConfig c = base_config(tmp, "eager");
-  c.schedule.steps = 8;
-  c.fwd_codec = quant::CodecSpec::parse("amaq:budget=4,decay=4");
-  c.bwd_codec = quant::CodecSpec::parse("amaq:budget=6,decay=4");
-  c.val_fraction = 0.2;
-  c.eval_every = 4;
+  const ClientConfig c = amaq_run_config(tmp, "eager", "amaq:budget=4,decay=4", "amaq:budget=6,decay=4");
   SideOptions s = c.side;
   s.cuda_graph = true;
   if (!cuda_available()) {
@@ -312,12 +318,8 @@ TEST(SplitRun, ResumedRunEqualsUninterruptedRunWithAqsgd) {
 // cells are the logged widths; and for an AQ-SGD run.
 TEST(Report, ThePagesSeriesAreTheRunsMetricsAcrossAResume) {
   testing::TempDir tmp;
-  ClientConfig c = base_config(tmp, "amaq-run");
-  c.schedule.steps = 8;
-  c.fwd_codec = quant::CodecSpec::parse("amaq:budget=3,decay=6,gran=token");
-  c.bwd_codec = quant::CodecSpec::parse("amaq:budget=6,decay=6,gran=token");
-  c.val_fraction = 0.2;
-  c.eval_every = 4;
+  ClientConfig c =
+      amaq_run_config(tmp, "amaq-run", "amaq:budget=3,decay=6,gran=token", "amaq:budget=6,decay=6,gran=token");
   c.checkpoint_every = 2;
   c.stop_after = 5;
   {
