@@ -59,7 +59,12 @@ void BM_RoundTrip(benchmark::State& state, bool tls) {
 }
 
 BENCHMARK(BM_MemcpyPayload)->Arg(64 << 10)->Arg(16 << 20)->Unit(benchmark::kMicrosecond);
-BENCHMARK_CAPTURE(BM_RoundTrip, tcp, false)->Arg(64 << 10)->Arg(16 << 20)->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK_CAPTURE(BM_RoundTrip, tcp, false)
+    ->Arg(64 << 10)
+    ->Arg(2 << 20)
+    ->Arg(16 << 20)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
 BENCHMARK_CAPTURE(BM_RoundTrip, tls, true)->Arg(64 << 10)->Arg(16 << 20)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 }  // namespace

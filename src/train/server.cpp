@@ -68,6 +68,8 @@ class TrainServer::Session {
   wire::Status on_eval(const wire::Frame& f);
   wire::Status on_control(const wire::Frame& f);
   wire::Status on_step(const nlohmann::json& j);
+  /// On the compute thread: the optimizer step STEP asked for, if it has not been taken yet.
+  void take_pending_step();
   wire::Status on_checkpoint(const nlohmann::json& j);
   wire::Status on_bye();
   /// The server is stopping: tell the client at this step boundary, then serve its checkpoint and BYE.
@@ -92,7 +94,11 @@ class TrainServer::Session {
   GraphedBackward graphed_;  // --cuda-graph
   std::unique_ptr<quant::Link> link_;
   std::unique_ptr<JsonlLog> log_;
-  int64_t step_ = 0;  // optimizer steps completed
+  int64_t step_ = 0;  // optimizer steps completed (the last one perhaps still pending)
+  // STEP's lr and clip coefficient, applied when the next message needs the weights: while the
+  // client computes its own step and next forward, this process leaves the cores to it (on one
+  // machine, two processes computing at once oversubscribe them).
+  std::optional<std::pair<double, double>> pending_step_;
   double loss_sum_ = 0, seconds_ = 0;
   int micro_ = 0;
 };
@@ -326,6 +332,7 @@ wire::Status TrainServer::Session::on_forward(const wire::Frame& f) {
   double loss_v = 0;
   double codec_seconds = 0;
   wire::Status s = compute::run([&] {
+    take_pending_step();
     const auto d0 = Clock::now();
     wire::Status ds = decode_inputs(f, true, &in);
     codec_seconds += seconds_since(d0);
@@ -376,6 +383,7 @@ wire::Status TrainServer::Session::on_eval(const wire::Frame& f) {
   wire::HeartbeatScope alive(ch_, std::chrono::seconds(2));
   wire::EvalResultMsg res;
   wire::Status s = compute::run([&] {
+    take_pending_step();
     wire::Status ds = decode_inputs(f, false, &in);
     if (!ds.ok()) return ds;
     at::NoGradGuard no_grad;
@@ -416,7 +424,8 @@ wire::Status TrainServer::Session::on_control(const wire::Frame& f) {
   return fail(bad("CONTROL kind " + std::to_string(static_cast<int>(cm.kind)) + " is not expected during training"));
 }
 
-// STEP: clip by the client's global coefficient and step; one line in the run's server log.
+// STEP: clip by the client's global coefficient and step (taken when the next message needs the weights);
+// one line in the run's server log.
 wire::Status TrainServer::Session::on_step(const nlohmann::json& j) {
   int64_t step = 0;
   if (wire::Status s = read_step(j, &step); !s.ok()) return fail(s);
@@ -424,10 +433,7 @@ wire::Status TrainServer::Session::on_step(const nlohmann::json& j) {
   if (step != step_)
     return fail(bad("STEP " + std::to_string(step) + " but the server is at step " + std::to_string(step_)));
   if (!(coef > 0 && coef <= 1) || !(lr >= 0)) return fail(bad("STEP with lr or clip coefficient out of range"));
-  compute::run([&] {
-    side_.step(lr, coef);
-    side_.zero_grad();
-  });
+  pending_step_ = {lr, coef};
   log_->write({{"step", step},
                {"loss", micro_ ? loss_sum_ / micro_ : 0.0},
                {"lr", lr},
@@ -441,6 +447,13 @@ wire::Status TrainServer::Session::on_step(const nlohmann::json& j) {
   return wire::Status::Ok();
 }
 
+void TrainServer::Session::take_pending_step() {
+  if (!pending_step_) return;
+  side_.step(pending_step_->first, pending_step_->second);
+  side_.zero_grad();
+  pending_step_.reset();
+}
+
 // CHECKPOINT: the same step as the client's; the final one sends this side's options and LoRA.
 wire::Status TrainServer::Session::on_checkpoint(const nlohmann::json& j) {
   int64_t step = 0;
@@ -451,6 +464,7 @@ wire::Status TrainServer::Session::on_checkpoint(const nlohmann::json& j) {
         bad("CHECKPOINT at step " + std::to_string(step) + " but the server is at step " + std::to_string(step_)));
   std::string blob;
   compute::run([&] {
+    take_pending_step();
     save_side_checkpoint(root_, step, side_, *link_, {{"step", step}, {"run_id", run_id_}}, cfg_.keep_checkpoints);
     if (final && !side_.options.full) blob = safetensors_bytes(side_.state(), {{"format", "pt"}});
   });

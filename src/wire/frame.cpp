@@ -77,34 +77,100 @@ const char* error_name(ErrorCode c) {
   return "unknown error";
 }
 
+uint32_t crc32c_portable_extend(uint32_t crc, const void* data, size_t size) {
+  // Boost takes the starting remainder unreflected; the register of a finished CRC is ~crc, reflected.
+  uint32_t start = 0;
+  for (int bit = 0; bit < 32; ++bit)
+    if ((~crc >> bit) & 1u) start |= 1u << (31 - bit);
+  boost::crc_optimal<32, 0x1EDC6F41, 0xFFFFFFFF, 0xFFFFFFFF, true, true> c(start);
+  c.process_bytes(data, size);
+  return c.checksum();
+}
+
 uint32_t crc32c_portable(const void* data, size_t size) {
-  boost::crc_optimal<32, 0x1EDC6F41, 0xFFFFFFFF, 0xFFFFFFFF, true, true> crc;
-  crc.process_bytes(data, size);
-  return crc.checksum();
+  return crc32c_portable_extend(0, data, size);
 }
 
 #if defined(__x86_64__)
-// SSE4.2's crc32 instruction computes CRC32C 8 bytes at a time: ~20x Boost's table on this CPU.
-__attribute__((target("sse4.2"))) static uint32_t crc32c_sse42(const void* data, size_t size) {
-  const auto* p = static_cast<const uint8_t*>(data);
-  uint64_t crc = 0xFFFFFFFFu;
-  for (; size >= 8; size -= 8, p += 8) {
-    uint64_t v;
-    std::memcpy(&v, p, 8);
-    crc = __builtin_ia32_crc32di(crc, v);
+namespace {
+
+// CRC32C in the reflected register form the SSE4.2 instruction uses, where bit 31 stands for x^0.
+constexpr uint32_t kCrc32cPoly = 0x82F63B78u;
+
+// a * b mod P over GF(2), a != 0.
+uint32_t crc32c_multiply(uint32_t a, uint32_t b) {
+  uint32_t m = 1u << 31, p = 0;
+  for (;;) {
+    if (a & m) {
+      p ^= b;
+      if ((a & (m - 1)) == 0) return p;
+    }
+    m >>= 1;
+    b = (b & 1) ? (b >> 1) ^ kCrc32cPoly : b >> 1;
   }
+}
+
+// The register advanced over n zero bytes, s * x^(8n) mod P, as four byte tables (the map is linear in s).
+class Crc32cShift {
+ public:
+  explicit Crc32cShift(size_t n) {
+    uint32_t x8 = 1u << 23;  // x^8
+    uint32_t k = 1u << 31;   // x^0, then x^(8n) by square-and-multiply
+    for (size_t e = n; e > 0; e >>= 1, x8 = crc32c_multiply(x8, x8))
+      if (e & 1) k = crc32c_multiply(k, x8);
+    for (int byte = 0; byte < 4; ++byte)
+      for (uint32_t v = 0; v < 256; ++v) table_[byte][v] = crc32c_multiply(k, v << (8 * byte));
+  }
+  uint32_t operator()(uint32_t s) const {
+    return table_[0][s & 0xFF] ^ table_[1][(s >> 8) & 0xFF] ^ table_[2][(s >> 16) & 0xFF] ^ table_[3][s >> 24];
+  }
+
+ private:
+  uint32_t table_[4][256];
+};
+
+__attribute__((target("sse4.2"))) inline uint64_t crc32c_word(uint64_t crc, const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return __builtin_ia32_crc32di(crc, v);
+}
+
+// SSE4.2's crc32 instruction computes CRC32C 8 bytes at a time. It has a latency of 3 cycles and a
+// throughput of one a cycle, so blocks of three lanes run as three independent chains, joined with
+// CRC(A B C) = shift(CRC(A), |B C|) ^ shift(CRC0(B), |C|) ^ CRC0(C) (CRC0: from a zero register).
+__attribute__((target("sse4.2"))) uint32_t crc32c_sse42(uint32_t start, const void* data, size_t size) {
+  constexpr size_t kLane = 4096;
+  static const Crc32cShift shift_one(kLane), shift_two(2 * kLane);
+  const auto* p = static_cast<const uint8_t*>(data);
+  uint64_t crc = ~start;
+  for (; size >= 3 * kLane; size -= 3 * kLane, p += 3 * kLane) {
+    uint64_t a = crc, b = 0, c = 0;
+    for (size_t i = 0; i < kLane; i += 8) {
+      a = crc32c_word(a, p + i);
+      b = crc32c_word(b, p + kLane + i);
+      c = crc32c_word(c, p + 2 * kLane + i);
+    }
+    crc = shift_two(static_cast<uint32_t>(a)) ^ shift_one(static_cast<uint32_t>(b)) ^ static_cast<uint32_t>(c);
+  }
+  for (; size >= 8; size -= 8, p += 8) crc = crc32c_word(crc, p);
   uint32_t c = static_cast<uint32_t>(crc);
   for (; size > 0; --size, ++p) c = __builtin_ia32_crc32qi(c, *p);
   return c ^ 0xFFFFFFFFu;
 }
+
+}  // namespace
 #endif
 
-uint32_t crc32c(const void* data, size_t size) {
+uint32_t crc32c_extend(uint32_t crc, const void* data, size_t size) {
 #if defined(__x86_64__)
   static const bool hw = __builtin_cpu_supports("sse4.2");
-  if (hw) return crc32c_sse42(data, size);
+  if (hw) return crc32c_sse42(crc, data, size);
 #endif
-  return crc32c_portable(data, size);
+  return crc32c_portable_extend(crc, data, size);
+}
+
+uint32_t crc32c(const void* data, size_t size) {
+  return crc32c_extend(0, data, size);
 }
 
 FrameHeader frame_header(const Frame& f) {
@@ -170,7 +236,10 @@ Status FrameDecoder::commit(size_t n) {
     payload_.clear();
     payload_.reserve(static_cast<size_t>(std::min<uint64_t>(header_.length, kMaxReserve)));
     payload_have_ = 0;
+    payload_crc_ = 0;
   } else {
+    // Checked as the bytes arrive: a socket reader computes it while the rest is still in flight.
+    payload_crc_ = crc32c_extend(payload_crc_, payload_.data() + payload_have_, n);
     payload_have_ += n;
   }
   if (payload_have_ == header_.length) finish_frame();
@@ -180,7 +249,7 @@ Status FrameDecoder::commit(size_t n) {
 void FrameDecoder::finish_frame() {
   const auto type = static_cast<MessageType>(header_.type);
   payload_.resize(static_cast<size_t>(payload_have_));
-  if (crc32c(payload_.data(), payload_.size()) != header_.checksum) {
+  if (payload_crc_ != header_.checksum) {
     status_ =
         Status::Fail(ErrorCode::kBadChecksum, std::string(message_name(type)) + " frame payload fails its CRC32C");
     return;

@@ -88,8 +88,11 @@ struct Frame {
 
 /// CRC32C (Castagnoli): the SSE4.2 instruction where the CPU has it, else Boost.CRC.
 uint32_t crc32c(const void* data, size_t size);
+/// The CRC32C of bytes whose CRC32C is `crc`, followed by `data` (crc32c(d, n) == crc32c_extend(0, d, n)).
+uint32_t crc32c_extend(uint32_t crc, const void* data, size_t size);
 /// Boost.CRC's table-driven CRC32C: the portable path and the reference the fast one is tested against.
 uint32_t crc32c_portable(const void* data, size_t size);
+uint32_t crc32c_portable_extend(uint32_t crc, const void* data, size_t size);
 
 /// The header announcing `f` (checksum computed).
 FrameHeader frame_header(const Frame& f);
@@ -135,6 +138,7 @@ class FrameDecoder {
   FrameHeader header_{};
   std::string payload_;  // the payload being received: its first payload_have_ bytes are data
   uint64_t payload_have_ = 0;
+  uint32_t payload_crc_ = 0;  // CRC32C of the payload's bytes so far
   std::deque<Frame> ready_;
   Status status_;
 };

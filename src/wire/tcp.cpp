@@ -100,18 +100,19 @@ class Conn : public ConnBase, public std::enable_shared_from_this<Conn<Stream>> 
   auto executor() { return stream_.lowest_layer().get_executor(); }
 
   // The next whole frame: the decoder's buffer (the rest of the header, then of the payload) is
-  // read into in place, so a payload crosses from the socket into its frame without a copy.
+  // read into in place, so a payload crosses from the socket into its frame without a copy. Each
+  // read is committed as it lands, so the payload's checksum is computed while the rest arrives.
   void read_frame_async(FrameDone done) {
     Frame f;
     if (decoder_.next(&f)) return done(Status::Ok(), std::move(f));
     if (!decoder_.status().ok()) return done(decoder_.status(), {});
     const auto [at, room] = decoder_.buffer();
-    asio::async_read(stream_, asio::buffer(at, room),
-                     [self = this->shared_from_this(), done](const error_code& ec, size_t n) {
-                       self->decoder_.commit(n);  // bytes read before a cancellation are kept for the next receive
-                       if (ec) return done(io_status(ec), {});
-                       self->read_frame_async(done);
-                     });
+    stream_.async_read_some(
+        asio::buffer(at, room), [self = this->shared_from_this(), done](const error_code& ec, size_t n) {
+          self->decoder_.commit(n);  // bytes read before a cancellation are kept for the next receive
+          if (ec) return done(io_status(ec), {});
+          self->read_frame_async(done);
+        });
   }
   /// The frame limit from the next header on.
   void set_max_payload(uint64_t v) { decoder_.set_max_payload(v); }

@@ -21,14 +21,22 @@ TEST(Crc32c, KnownVector) {
   EXPECT_EQ(crc32c("123456789", 9), 0xE3069283u);
   EXPECT_EQ(crc32c("", 0), 0u);
   EXPECT_EQ(crc32c_portable("123456789", 9), 0xE3069283u);
-  // The hardware path equals the portable one at every length and alignment.
+  // The hardware path equals the portable one at every length and alignment, below, at and past the
+  // 3 x 4 KiB blocks it computes as three chains.
   std::mt19937_64 rng(3);
-  std::string data(4096 + 7, '\0');
+  std::string data(100000 + 7, '\0');
   for (auto& c : data) c = static_cast<char>(rng());
   for (size_t off = 0; off < 8; ++off) {
-    for (size_t len : {0, 1, 7, 8, 9, 63, 64, 1000, 4096}) {
+    for (size_t len : {0, 1, 7, 8, 9, 63, 64, 1000, 4096, 12287, 12288, 12289, 24576 + 13, 100000}) {
       EXPECT_EQ(crc32c(data.data() + off, len), crc32c_portable(data.data() + off, len)) << off << "+" << len;
     }
+  }
+  // Extending a CRC over the next bytes gives the CRC of the whole, on both paths (a decoder checks a
+  // payload piece by piece as it arrives).
+  for (size_t cut : {0, 1, 8, 5000, 12288, 40000, 100000}) {
+    const uint32_t whole = crc32c_portable(data.data(), 100000);
+    EXPECT_EQ(crc32c_extend(crc32c(data.data(), cut), data.data() + cut, 100000 - cut), whole) << cut;
+    EXPECT_EQ(crc32c_portable_extend(crc32c_portable(data.data(), cut), data.data() + cut, 100000 - cut), whole) << cut;
   }
 }
 
