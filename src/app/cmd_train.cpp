@@ -192,6 +192,9 @@ void add_server_options(CLI::App& app, ServerArgs* a) {
   app.add_flag("--insecure", a->insecure, "allow plain TCP on a non-loopback address");
   app.add_option("--token-file", a->token_file, "file with the shared token clients must prove they hold");
   add_codec_options(app, &a->codecs);
+  app.add_flag("--client-codecs", a->cfg.client_codecs,
+               "serve each run with the codecs its client asks for (any spec this build can serve) instead of "
+               "requiring the server's --fwd-codec/--bwd-codec");
   add_side_options(app, &a->cfg.side, "", "server");
   app.add_option("--keep-checkpoints", a->cfg.keep_checkpoints, "checkpoints kept per run")->check(CLI::Range(1, 1000));
   app.add_option("--max-sessions", a->max_sessions, "authenticated sessions served at once")

@@ -29,4 +29,8 @@ void configure_memory() {
   mallopt(M_TRIM_THRESHOLD, 1 << 30);   // and stay there when freed
 }
 
+void release_free_memory() {
+  malloc_trim(0);
+}
+
 }  // namespace amaq

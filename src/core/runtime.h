@@ -17,4 +17,8 @@ void exec_with_openmp_settings(char** argv);
 /// (glibc would unmap or trim it, and every reuse would fault its pages in and zero them again).
 void configure_memory();
 
+/// Hands the whole free pages of the heap back to the system (configure_memory keeps them): after
+/// one-off frees that later steps will not reuse, such as a part's weights replaced by shared ones.
+void release_free_memory();
+
 }  // namespace amaq

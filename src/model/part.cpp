@@ -173,6 +173,19 @@ void DecoderPartImpl::load_weights(const CheckpointReader& ckpt) {
   }
 }
 
+void DecoderPartImpl::share_base_weights(const std::map<std::string, at::Tensor>& weights) {
+  at::NoGradGuard no_grad;
+  for (auto& [name, param] : base_weights()) {
+    auto it = weights.find(name);
+    if (it == weights.end() || it->second.sizes() != param.sizes() || it->second.dtype() != param.dtype() ||
+        it->second.device() != param.device()) {
+      throw Error("shared base weight '" + name + "' is missing or differs from this part's",
+                  "share weights only between parts of the same model, split, dtype and device");
+    }
+    param.set_(it->second);
+  }
+}
+
 std::vector<std::pair<std::string, Linear>> DecoderPartImpl::linears() {
   std::vector<std::pair<std::string, Linear>> out;
   for (const auto& m : named_modules("", /*include_self=*/false)) {

@@ -56,6 +56,10 @@ class DecoderPartImpl : public torch::nn::Module {
   std::vector<std::pair<std::string, at::Tensor>> base_weights();
   /// Copies this part's weights, and only those, from the checkpoint.
   void load_weights(const CheckpointReader& ckpt);
+  /// Points every base weight at the tensor of the same checkpoint name in `weights` (same dtype,
+  /// device and shape): parts of many runs share one read-only copy of the frozen weights. Their
+  /// own memory is freed. Throws amaq::Error naming a weight that is missing or differs.
+  void share_base_weights(const std::map<std::string, at::Tensor>& weights);
   /// (HF module name such as "model.layers.3.mlp.up_proj", layer) for every linear layer.
   std::vector<std::pair<std::string, Linear>> linears();
   /// Makes every base weight trainable (full fine-tuning) or frozen. With tied embeddings split

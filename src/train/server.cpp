@@ -118,6 +118,16 @@ TrainServer::TrainServer(ServerConfig cfg) : cfg_(std::move(cfg)) {
 
 TrainServer::~TrainServer() = default;
 
+const std::map<std::string, at::Tensor>& TrainServer::shared_base() {
+  std::lock_guard<std::mutex> lock(base_mu_);
+  if (base_.empty()) {
+    DecoderPart part = server_part(model_, cfg_.split, compute_options(cfg_.side.device, cfg_.side.dtype));
+    part->load_weights(*ckpt_);
+    for (auto& [name, t] : part->base_weights()) base_.emplace(name, t);
+  }
+  return base_;
+}
+
 uint64_t TrainServer::max_payload() const {
   // Frames carry at most max(batch * seq) activations; allow 64K tokens of fp32 per micro-batch.
   return wire::max_payload_for(1, 65536, static_cast<uint64_t>(model_.hidden_size));
@@ -133,6 +143,17 @@ wire::ServerPolicy TrainServer::policy() const {
   p.split = cfg_.split;
   p.fwd_codec = cfg_.fwd_codec.to_string();
   p.bwd_codec = cfg_.bwd_codec.to_string();
+  if (cfg_.client_codecs) {
+    p.accept_codecs = [](const std::string& fwd, const std::string& bwd) {
+      try {
+        quant::Link::validate(quant::CodecSpec::parse(fwd), quant::CodecSpec::parse(bwd));
+      } catch (const Error& e) {
+        return wire::Status::Fail(wire::ErrorCode::kCodecMismatch,
+                                  std::string("codecs this server cannot serve: ") + e.what());
+      }
+      return wire::Status::Ok();
+    };
+  }
   p.token = cfg_.token;
   p.settings = {{"max_payload", max_payload()}};
   return p;
@@ -166,6 +187,7 @@ wire::Status TrainServer::Session::serve() {
       spdlog::warn("session {}: handshake failed: {} ({})", id_, s.message, wire::error_name(s.code));
       return s;
     }
+    hello_ = std::move(hello);
   }
   s = open_run();
   if (!s.ok()) return s;
@@ -283,9 +305,12 @@ wire::Status TrainServer::Session::build_run() {
   }
   compute::run([&] {
     side_ = Side::build(srv_.model_, *srv_.ckpt_, SideRole::kServer, cfg_.split, cfg_.side, schedule_.seed + 1,
-                        schedule_.weight_decay);
-    link_ = std::make_unique<quant::Link>(quant::LinkSide::kServer, cfg_.fwd_codec, cfg_.bwd_codec,
-                                          srv_.model_.hidden_size, schedule_.gate_lr);
+                        schedule_.weight_decay, cfg_.side.full ? nullptr : &srv_.shared_base());
+    // The handshake accepted the client's codecs: its own with --client-codecs, else the server's.
+    const quant::CodecSpec fwd = cfg_.client_codecs ? quant::CodecSpec::parse(hello_->fwd_codec) : cfg_.fwd_codec,
+                           bwd = cfg_.client_codecs ? quant::CodecSpec::parse(hello_->bwd_codec) : cfg_.bwd_codec;
+    link_ =
+        std::make_unique<quant::Link>(quant::LinkSide::kServer, fwd, bwd, srv_.model_.hidden_size, schedule_.gate_lr);
     if (resume_step_ >= 0) load_side_checkpoint(dir, side_, *link_);
   });
   if (resume_step_ >= 0) step_ = resume_step_;

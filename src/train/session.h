@@ -43,6 +43,7 @@ struct ServerConfig {
   std::string run_dir;  ///< one subdirectory per client run id (checkpoints, metrics)
   SideOptions side;
   quant::CodecSpec fwd_codec, bwd_codec;  ///< parsed by the app (none:fp32 by default)
+  bool client_codecs = false;             ///< serve each run with the codecs its client asks for
   std::string token;                      ///< empty: no authentication
   int keep_checkpoints = 3;
   std::chrono::milliseconds idle_timeout{std::chrono::minutes(10)};
@@ -76,6 +77,11 @@ class TrainServer {
   ModelConfig model_;
   std::unique_ptr<CheckpointReader> ckpt_;
   std::string fingerprint_;
+  /// The server part's frozen weights, loaded once (on the compute thread, by the first run that
+  /// needs them) and shared read-only by every LoRA run.
+  const std::map<std::string, at::Tensor>& shared_base();
+  std::mutex base_mu_;
+  std::map<std::string, at::Tensor> base_;
   std::mutex runs_mu_;
   std::map<std::string, std::shared_ptr<std::timed_mutex>> runs_;  // one session per run at a time
   std::atomic<uint64_t> steps_served_{0};

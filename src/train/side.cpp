@@ -6,6 +6,7 @@
 
 #include "core/device.h"
 #include "core/error.h"
+#include "core/runtime.h"
 #include "core/torch_io.h"
 #include "model/peft.h"
 
@@ -24,11 +25,17 @@ void check_cuda_graph(const SideOptions& options, at::Device device) {
 }
 
 Side Side::build(const ModelConfig& config, const CheckpointReader& ckpt, SideRole role, int64_t split,
-                 const SideOptions& options, uint64_t seed, double weight_decay) {
+                 const SideOptions& options, uint64_t seed, double weight_decay,
+                 const std::map<std::string, at::Tensor>* shared_base) {
   check_config_matches_weights(config, ckpt);  // before the part allocates anything
   const at::TensorOptions where = compute_options(options.device, options.dtype);
   DecoderPart part = role == SideRole::kClient ? client_part(config, split, where) : server_part(config, split, where);
-  part->load_weights(ckpt);
+  if (shared_base && !options.full) {
+    part->share_base_weights(*shared_base);
+    release_free_memory();  // the part's own allocation, never used
+  } else {
+    part->load_weights(ckpt);
+  }
   return around(part, options, seed, weight_decay);
 }
 

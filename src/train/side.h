@@ -27,8 +27,11 @@ struct Side {
 
   /// Loads this side's base weights, attaches LoRA (from options.init_adapter, or freshly drawn
   /// after seeding the generator with `seed`) or unfreezes the weights (full), and makes AdamW.
+  /// With `shared_base` (the part's frozen weights by checkpoint name, on the side's device and in its
+  /// dtype) a LoRA side points at those instead of loading its own; a full side still loads its own.
   static Side build(const ModelConfig& config, const CheckpointReader& ckpt, SideRole role, int64_t split,
-                    const SideOptions& options, uint64_t seed, double weight_decay);
+                    const SideOptions& options, uint64_t seed, double weight_decay,
+                    const std::map<std::string, at::Tensor>* shared_base = nullptr);
   /// The same around a part whose base weights are already in place (benchmarks draw them).
   static Side around(DecoderPart part, const SideOptions& options, uint64_t seed, double weight_decay);
 

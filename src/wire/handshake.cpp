@@ -149,7 +149,10 @@ ServerHandshake::Reply ServerHandshake::finish() {
     return refuse(Status::Fail(ErrorCode::kSplitMismatch, "different split: client " + std::to_string(hello_.split) +
                                                               ", server " + std::to_string(policy_.split)));
   }
-  if (hello_.fwd_codec != policy_.fwd_codec || hello_.bwd_codec != policy_.bwd_codec) {
+  if (policy_.accept_codecs) {
+    const Status s = policy_.accept_codecs(hello_.fwd_codec, hello_.bwd_codec);
+    if (!s.ok()) return refuse(Status::Fail(ErrorCode::kCodecMismatch, s.message));
+  } else if (hello_.fwd_codec != policy_.fwd_codec || hello_.bwd_codec != policy_.bwd_codec) {
     return refuse(Status::Fail(ErrorCode::kCodecMismatch, "different codecs: client fwd " + hello_.fwd_codec + " bwd " +
                                                               hello_.bwd_codec + ", server fwd " + policy_.fwd_codec +
                                                               " bwd " + policy_.bwd_codec));

@@ -11,6 +11,7 @@
 // never crosses the wire; the server proves itself too, so a client cannot be fooled by an
 // impostor that merely accepts everything.
 #pragma once
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -34,6 +35,9 @@ struct ServerPolicy {
   std::string model_fingerprint;
   int64_t split = 0;
   std::string fwd_codec, bwd_codec;
+  /// When set, decides which codecs a client may ask for (a server that serves each run with its
+  /// own); otherwise they must equal fwd_codec and bwd_codec.
+  std::function<Status(const std::string& fwd, const std::string& bwd)> accept_codecs;
   std::string token;  ///< empty: no authentication
   nlohmann::json settings = nlohmann::json::object();
 };

@@ -1,0 +1,88 @@
+// Helpers of the tests that run split training end to end in one process: a small run on the
+// llama-gqa fixture, the server that matches it, and the run against a server over in-process channels.
+#pragma once
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/fs.h"
+#include "quant/spec.h"
+#include "testing.h"
+#include "train/session.h"
+#include "wire/channel.h"
+
+namespace amaq::train {
+
+inline const std::string kModel = testing::data_path("hf/llama-gqa");
+
+// Some English text for the byte tokenizer (the fixtures' vocabulary has 1000 ids).
+inline std::string corpus() {
+  return testing::english_text(6000);
+}
+
+inline ClientConfig base_config(const testing::TempDir& tmp, const std::string& name) {
+  if (!file_exists(tmp.file("data.txt"))) testing::write_bytes(tmp.file("data.txt"), corpus());
+  ClientConfig c;
+  c.model = kModel;
+  c.split = 2;
+  c.run_dir = tmp.file(name);
+  c.data = tmp.file("data.txt");
+  c.tokenizer = "byte";
+  c.batch = 2;
+  c.seq_len = 32;
+  c.schedule.steps = 20;
+  c.schedule.micro_batches = 2;
+  c.schedule.lr = 1e-2;
+  c.schedule.warmup = 3;
+  c.schedule.weight_decay = 0.01;
+  c.schedule.clip = 0.5;
+  c.quiet = true;
+  return c;
+}
+
+inline ServerConfig server_for(const ClientConfig& c, const SideOptions& side) {
+  ServerConfig s;
+  s.model = c.model;
+  s.split = c.split;
+  s.run_dir = c.run_dir + "-server";
+  s.side = side;
+  s.fwd_codec = c.fwd_codec;
+  s.bwd_codec = c.bwd_codec;
+  return s;
+}
+
+// An 8-step AMAQ run (the given forward and backward specs), evaluated every 4 steps on a 20%
+// validation split: where the device, CUDA-graph and report tests start.
+inline ClientConfig amaq_run_config(const testing::TempDir& tmp, const std::string& name, const std::string& fwd,
+                                    const std::string& bwd) {
+  ClientConfig c = base_config(tmp, name);
+  c.schedule.steps = 8;
+  c.fwd_codec = quant::CodecSpec::parse(fwd);
+  c.bwd_codec = quant::CodecSpec::parse(bwd);
+  c.val_fraction = 0.2;
+  c.eval_every = 4;
+  return c;
+}
+
+// Runs `c` against `srv` in this process, one server thread per connection.
+inline RunResult run_in_process(TrainServer& srv, const ClientConfig& c) {
+  std::vector<std::thread> sessions;
+  RunResult r;
+  try {
+    r = ClientTrainer(c).run([&](std::unique_ptr<wire::Channel>* out) {
+      auto [a, b] = wire::make_in_process_pair(srv.max_payload());
+      sessions.emplace_back(
+          [&srv, ch = std::shared_ptr<wire::Channel>(std::move(b)), id = sessions.size()] { srv.serve(*ch, id); });
+      *out = std::move(a);
+      return wire::Status::Ok();
+    });
+  } catch (...) {
+    for (auto& t : sessions) t.join();
+    throw;
+  }
+  for (auto& t : sessions) t.join();
+  return r;
+}
+
+}  // namespace amaq::train

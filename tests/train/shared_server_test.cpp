@@ -1,0 +1,180 @@
+// One server, many runs: LoRA runs share one copy of the server part's frozen weights, and a run on
+// a shared server trains exactly as it does on a server of its own while others train beside it.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+#include <thread>
+#include <tuple>
+
+#include "core/fs.h"
+#include "core/safetensors.h"
+#include "model/config.h"
+#include "model/part.h"
+#include "testing.h"
+#include "train/checkpoint.h"
+#include "train/run_testing.h"
+#include "train/session.h"
+#include "wire/handshake.h"
+
+namespace amaq::train {
+namespace {
+
+TEST(SharedWeights, PartsPointAtOneCopyAndComputeAsWithTheirOwn) {
+  const ModelConfig config = ModelConfig::load(kModel);
+  const CheckpointReader ckpt(kModel);
+  DecoderPart owner = server_part(config, 2);
+  owner->load_weights(ckpt);
+  std::map<std::string, at::Tensor> shared;
+  for (auto& [name, t] : owner->base_weights()) shared.emplace(name, t);
+
+  DecoderPart own = server_part(config, 2), a = server_part(config, 2), b = server_part(config, 2);
+  own->load_weights(ckpt);
+  a->share_base_weights(shared);
+  b->share_base_weights(shared);
+  for (auto& [name, t] : a->base_weights()) EXPECT_EQ(t.data_ptr(), shared.at(name).data_ptr()) << name;
+
+  torch::manual_seed(5);
+  const at::Tensor h = at::randn({2, 8, config.hidden_size});
+  const at::Tensor expected = own->forward(h);
+  EXPECT_TRUE(at::equal(a->forward(h), expected));
+
+  // LoRA trains on `a`: the shared weights stay frozen, and `b` computes as before.
+  apply_lora(a, LoRAOptions(4), {"all-linear"});
+  for (auto& p : a->trainable_parameters()) p.data().normal_(0, 0.1);
+  a->forward(h).pow(2).mean().backward();
+  for (auto& [name, t] : a->base_weights()) {
+    EXPECT_FALSE(t.requires_grad()) << name;
+    EXPECT_FALSE(t.grad().defined()) << name;
+  }
+  EXPECT_TRUE(at::equal(b->forward(h), expected));
+
+  const ModelConfig other = ModelConfig::load(testing::data_path("hf/qwen2-tied"));
+  DecoderPart wrong = server_part(other, 1);
+  EXPECT_AMAQ_ERROR(wrong->share_base_weights(shared), "shared base weight", "same model, split");
+}
+
+// Four clients of different codecs, client ranks and seeds train at the same time against one server
+// that serves each with its own codecs; each run's losses, bits, evaluation and both sides' final
+// tensors equal, bit for bit, those of the same run alone on a server of its own.
+TEST(SharedServer, ConcurrentRunsOfDifferentCodecsAndRanksTrainAsOnDedicatedServers) {
+  struct Spec {
+    std::string name, fwd, bwd;
+    int64_t client_rank;
+    uint64_t seed;
+  };
+  const std::vector<Spec> specs = {
+      {"none", "none:fp32", "none:fp32", 8, 1},
+      {"fixed", "fixed:bits=4", "fixed:bits=8", 4, 2},
+      {"amaq", "amaq:budget=3,decay=6,gran=token", "amaq:budget=6,decay=6,gran=token", 16, 3},
+      {"aqsgd", "aqsgd:bits=3", "aqsgd:bits=8", 2, 4},
+  };
+  testing::TempDir tmp;
+  std::vector<ClientConfig> alone, together;
+  for (const Spec& sp : specs) {
+    ClientConfig c = base_config(tmp, sp.name + "-alone");
+    c.schedule.steps = 6;
+    c.schedule.seed = sp.seed;
+    c.side.lora_r = sp.client_rank;
+    c.fwd_codec = quant::CodecSpec::parse(sp.fwd);
+    c.bwd_codec = quant::CodecSpec::parse(sp.bwd);
+    c.val_fraction = 0.2;
+    c.eval_every = 3;
+    c.checkpoint_every = 3;
+    alone.push_back(c);
+    c.run_dir = tmp.file(sp.name + "-together");
+    together.push_back(c);
+  }
+  const SideOptions server_side = base_config(tmp, "x").side;
+
+  std::vector<RunResult> alone_results;
+  for (const ClientConfig& c : alone) {
+    TrainServer own(server_for(c, server_side));
+    alone_results.push_back(run_in_process(own, c));
+  }
+
+  ServerConfig sc = server_for(together[0], server_side);
+  sc.run_dir = tmp.file("shared-server");
+  sc.fwd_codec = sc.bwd_codec = quant::CodecSpec::parse("none:fp32");
+  sc.client_codecs = true;
+  TrainServer shared(sc);
+  std::vector<RunResult> together_results(specs.size());
+  std::vector<std::string> errors(specs.size());
+  {
+    std::vector<std::thread> clients;
+    for (size_t i = 0; i < specs.size(); ++i) {
+      clients.emplace_back([&, i] {
+        try {
+          together_results[i] = run_in_process(shared, together[i]);
+        } catch (const std::exception& e) {
+          errors[i] = e.what();
+        }
+      });
+    }
+    for (auto& t : clients) t.join();
+  }
+
+  auto run_id = [](const std::string& run_dir) {
+    return nlohmann::json::parse(read_file(join_path(run_dir, "run.json"))).at("run_id").get<std::string>();
+  };
+  auto final_state = [](const std::string& root) {
+    return load_safetensors(checkpoint_path(root, 6) + "/state.safetensors");
+  };
+  for (size_t i = 0; i < specs.size(); ++i) {
+    SCOPED_TRACE(specs[i].name);
+    ASSERT_EQ(errors[i], "");
+    const RunResult &a = alone_results[i], &b = together_results[i];
+    ASSERT_EQ(a.steps.size(), 6u);
+    ASSERT_EQ(b.steps.size(), 6u);
+    for (size_t s = 0; s < a.steps.size(); ++s) {
+      EXPECT_EQ(b.steps[s].loss, a.steps[s].loss) << "step " << s;
+      EXPECT_EQ(b.steps[s].grad_norm, a.steps[s].grad_norm) << "step " << s;
+      EXPECT_EQ(b.steps[s].fwd_bits.mean, a.steps[s].fwd_bits.mean) << "step " << s;
+      EXPECT_EQ(b.steps[s].bwd_bits.mean, a.steps[s].bwd_bits.mean) << "step " << s;
+    }
+    EXPECT_EQ(b.eval.dump(), a.eval.dump());
+    const std::string alone_server = join_path(alone[i].run_dir + "-server", run_id(alone[i].run_dir)),
+                      shared_server = join_path(sc.run_dir, run_id(together[i].run_dir));
+    for (const auto& [x_root, y_root] :
+         {std::pair{alone[i].run_dir + "/checkpoints", together[i].run_dir + "/checkpoints"},
+          std::pair{alone_server, shared_server}}) {
+      auto x = final_state(x_root), y = final_state(y_root);
+      ASSERT_EQ(x.size(), y.size()) << x_root;
+      for (auto& [k, t] : x) {
+        if (k != "rng") {
+          EXPECT_TRUE(at::equal(t, y.at(k))) << x_root << ": " << k;
+        }
+      }
+    }
+  }
+}
+
+// With --client-codecs the server still refuses, by name, codecs it cannot serve; a client of this
+// build never sends them, so the HELLO is written by hand.
+TEST(SharedServer, ACodecTheServerCannotServeIsRefusedByName) {
+  testing::TempDir tmp;
+  ServerConfig sc = server_for(base_config(tmp, "bad"), SideOptions{});
+  sc.client_codecs = true;
+  TrainServer srv(sc);
+  for (const auto& [fwd, bwd, why] :
+       {std::tuple{"fixed:bits=4", "amaq:budget=4", "an amaq backward codec needs"},
+        std::tuple{"fixed:bits=99", "none:fp32", "bits"}, std::tuple{"zip:level=9", "none:fp32", "zip"}}) {
+    SCOPED_TRACE(fwd + std::string(" / ") + bwd);
+    auto [client, server] = wire::make_in_process_pair(srv.max_payload());
+    std::thread session([&srv, ch = server.get()] { srv.serve(*ch, 1); });
+    wire::Hello hello;
+    hello.model_fingerprint = model_fingerprint(ModelConfig::load(kModel), CheckpointReader(kModel));
+    hello.split = sc.split;
+    hello.fwd_codec = fwd;
+    hello.bwd_codec = bwd;
+    hello.client_nonce = std::string(32, 'n');
+    wire::HelloAck ack;
+    const wire::Status s = wire::client_handshake(*client, hello, "", std::chrono::seconds(10), &ack);
+    session.join();
+    EXPECT_EQ(s.code, wire::ErrorCode::kCodecMismatch) << s.message;
+    EXPECT_NE(s.message.find("codecs this server cannot serve"), std::string::npos) << s.message;
+    EXPECT_NE(s.message.find(why), std::string::npos) << s.message;
+  }
+}
+
+}  // namespace
+}  // namespace amaq::train
