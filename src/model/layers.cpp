@@ -9,14 +9,28 @@
 
 namespace amaq {
 
+namespace {
+thread_local bool t_unfilled = false;
+}  // namespace
+
+UnfilledBaseWeights::UnfilledBaseWeights() : outer_(t_unfilled) {
+  t_unfilled = true;
+}
+UnfilledBaseWeights::~UnfilledBaseWeights() {
+  t_unfilled = outer_;
+}
+at::Tensor UnfilledBaseWeights::make(at::IntArrayRef sizes, double value, const at::TensorOptions& opt) {
+  return t_unfilled ? at::empty(sizes, opt) : at::full(sizes, value, opt);
+}
+
 double LoRAOptions::scale() const {
   return rslora_ ? alpha_ / std::sqrt(static_cast<double>(rank_)) : alpha_ / static_cast<double>(rank_);
 }
 
 LinearImpl::LinearImpl(int64_t in, int64_t out, bool with_bias, const at::TensorOptions& opt) {
   // Filled by the checkpoint loader; frozen unless full fine-tuning is asked for.
-  weight = register_parameter("weight", at::zeros({out, in}, opt), /*requires_grad=*/false);
-  if (with_bias) bias = register_parameter("bias", at::zeros({out}, opt), false);
+  weight = register_parameter("weight", UnfilledBaseWeights::make({out, in}, 0, opt), /*requires_grad=*/false);
+  if (with_bias) bias = register_parameter("bias", UnfilledBaseWeights::make({out}, 0, opt), false);
 }
 
 void LinearImpl::add_lora(const LoRAOptions& opt) {
@@ -54,7 +68,7 @@ at::Tensor LinearImpl::forward(const at::Tensor& x) {
 }
 
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, const at::TensorOptions& opt) : eps(eps_) {
-  weight = register_parameter("weight", at::ones({dim}, opt), false);
+  weight = register_parameter("weight", UnfilledBaseWeights::make({dim}, 1, opt), false);
 }
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {

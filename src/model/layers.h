@@ -26,6 +26,23 @@
 
 namespace amaq {
 
+/// While alive on this thread, the base weights of layers and parts built here are allocated but
+/// not filled (zeros and ones otherwise): for a caller that fills or shares every one of them next,
+/// so that the pages of a weight it replaces are never touched (a server part shared by many runs
+/// would otherwise cost a second, transient copy of its weights when each run starts).
+class UnfilledBaseWeights {
+ public:
+  UnfilledBaseWeights();
+  ~UnfilledBaseWeights();
+  UnfilledBaseWeights(const UnfilledBaseWeights&) = delete;
+  UnfilledBaseWeights& operator=(const UnfilledBaseWeights&) = delete;
+  /// A base weight of shape `sizes`, filled with `value` unless a scope above is alive.
+  static at::Tensor make(at::IntArrayRef sizes, double value, const at::TensorOptions& opt);
+
+ private:
+  bool outer_;
+};
+
 /// LoRA hyper-parameters (PEFT's names in comments).
 struct LoRAOptions {
   explicit LoRAOptions(int64_t rank) : rank_(rank) {}

@@ -43,7 +43,7 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
 }  // namespace
 
 EmbeddingImpl::EmbeddingImpl(int64_t vocab, int64_t dim, const at::TensorOptions& opt) {
-  weight = register_parameter("weight", at::zeros({vocab, dim}, opt), false);
+  weight = register_parameter("weight", UnfilledBaseWeights::make({vocab, dim}, 0, opt), false);
 }
 
 at::Tensor EmbeddingImpl::forward(const at::Tensor& ids) {

@@ -121,7 +121,11 @@ TrainServer::~TrainServer() = default;
 const std::map<std::string, at::Tensor>& TrainServer::shared_base() {
   std::lock_guard<std::mutex> lock(base_mu_);
   if (base_.empty()) {
-    DecoderPart part = server_part(model_, cfg_.split, compute_options(cfg_.side.device, cfg_.side.dtype));
+    DecoderPart part{nullptr};
+    {
+      UnfilledBaseWeights unfilled;  // loaded next
+      part = server_part(model_, cfg_.split, compute_options(cfg_.side.device, cfg_.side.dtype));
+    }
     part->load_weights(*ckpt_);
     for (auto& [name, t] : part->base_weights()) base_.emplace(name, t);
   }

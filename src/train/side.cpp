@@ -29,7 +29,11 @@ Side Side::build(const ModelConfig& config, const CheckpointReader& ckpt, SideRo
                  const std::map<std::string, at::Tensor>* shared_base) {
   check_config_matches_weights(config, ckpt);  // before the part allocates anything
   const at::TensorOptions where = compute_options(options.device, options.dtype);
-  DecoderPart part = role == SideRole::kClient ? client_part(config, split, where) : server_part(config, split, where);
+  DecoderPart part{nullptr};
+  {
+    UnfilledBaseWeights unfilled;  // every base weight is loaded or shared below
+    part = role == SideRole::kClient ? client_part(config, split, where) : server_part(config, split, where);
+  }
   if (shared_base && !options.full) {
     part->share_base_weights(*shared_base);
     release_free_memory();  // the part's own allocation, never used
