@@ -42,7 +42,7 @@ run_one() {
 }
 run_two() {
   rm -rf two srv && mkdir srv
-  "$AMAQ" --threads "$THREADS" server --model model --split 2 --listen 127.0.0.1:0 --run-dir srv --max-runs 1 >srv/out 2>srv/log &
+  "$AMAQ" --threads "$THREADS" server --model model --split 2 --listen 127.0.0.1:0 --run-dir srv --exit-after-runs 1 >srv/out 2>srv/log &
   local spid=$!
   for _ in $(seq 100); do grep -q listening srv/out 2>/dev/null && break; sleep 0.1; done
   local port

@@ -20,7 +20,7 @@ python3 "$ROOT/tools/ref/word_corpus.py" train.txt
 
 for n in $COUNTS; do
   rm -rf srv clients && mkdir -p srv clients
-  "$AMAQ" --threads 2 server --model model --split 2 --listen 127.0.0.1:0 --run-dir srv --max-runs "$n" \
+  "$AMAQ" --threads 2 server --model model --split 2 --listen 127.0.0.1:0 --run-dir srv --exit-after-runs "$n" --max-runs "$n" \
     --max-sessions "$n" >srv/out 2>srv/log &
   spid=$!
   for _ in $(seq 300); do grep -q listening srv/out 2>/dev/null && break; sleep 0.1; done

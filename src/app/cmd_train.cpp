@@ -139,6 +139,9 @@ void add_client_options(CLI::App& app, ClientConfig* c, CodecArgs* codecs) {
   app.add_option("--eval-batches", c->eval_batches, "batches per evaluation (0 = all)");
   app.add_flag("--resume", c->resume, "continue the run in --run-dir from its last checkpoint");
   app.add_option("--retries", c->retries, "reconnects after a dropped connection (resuming from the last checkpoint)");
+  app.add_option("--busy-wait", c->busy_wait,
+                 "seconds to keep asking a busy server again (with back-off) before giving up")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--stop-after", c->stop_after,
                  "leave after N steps as if interrupted (checkpointed; resume with --resume)");
   app.add_flag("--quiet", c->quiet, "no progress output");
@@ -176,7 +179,8 @@ struct ServerArgs {
   bool insecure = false;
   int max_sessions = 16;
   int max_unauthenticated = 64, max_unauthenticated_per_address = 8;
-  int64_t max_runs = 0;
+  int64_t exit_after_runs = 0;
+  double run_memory_budget_mb = 0;
   double idle_timeout = 600;
   double stop_grace = 10;
 };
@@ -205,7 +209,14 @@ void add_server_options(CLI::App& app, ServerArgs* a) {
   app.add_option("--max-unauthenticated-per-address", a->max_unauthenticated_per_address,
                  "connections still authenticating from one client address")
       ->check(CLI::Range(1, 65536));
-  app.add_option("--max-runs", a->max_runs,
+  app.add_option("--max-runs", a->cfg.max_runs,
+                 "runs trained at once; a client beyond it is told the server is busy and asks again (0 = no limit)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
+  app.add_option("--run-memory-budget", a->run_memory_budget_mb,
+                 "MB that all live runs may own together (LoRA, gradients, AdamW; a full run's own weights); "
+                 "a run that does not fit now waits, one that never fits is refused (0 = no limit)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--exit-after-runs", a->exit_after_runs,
                  "exit after this many runs ended with BYE (0 = serve until SIGINT/SIGTERM)");
   app.add_option("--idle-timeout", a->idle_timeout, "seconds of silence before a session is dropped");
   app.add_option("--stop-grace", a->stop_grace,
@@ -243,6 +254,7 @@ int run_server(ServerArgs& a, const CLI::App& app) {
   compute_options(a.cfg.side.device, a.cfg.side.dtype);  // refused at start, not when a client comes
   a.codecs.parse_into(&a.cfg.fwd_codec, &a.cfg.bwd_codec);
   a.cfg.token = read_token(a.token_file);
+  a.cfg.run_memory_budget = static_cast<uint64_t>(a.run_memory_budget_mb * (1 << 20));
   a.cfg.idle_timeout = std::chrono::milliseconds(static_cast<int64_t>(a.idle_timeout * 1000));
   auto [host, port] = host_port(a.listen, "--listen");
   if (a.tls_cert.empty() != a.tls_key.empty())
@@ -275,7 +287,7 @@ int run_server(ServerArgs& a, const CLI::App& app) {
   spdlog::info("amaq server: layers [{}, L) of {}, {} / {}, {}", a.cfg.split, a.cfg.model, a.codecs.fwd, a.codecs.bwd,
                a.tls_cert.empty() ? "plain TCP" : "TLS 1.3");
   timespec tick{0, 200 * 1000 * 1000};
-  while (a.max_runs <= 0 || finished < a.max_runs) {
+  while (a.exit_after_runs <= 0 || finished < a.exit_after_runs) {
     const int sig = sigtimedwait(&sigs, nullptr, &tick);
     if (sig == SIGINT || sig == SIGTERM) {
       stop_on_signal(sig, server, srv, a.stop_grace, sigs);

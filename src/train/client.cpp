@@ -7,6 +7,7 @@
 #include <cmath>
 #include <deque>
 #include <optional>
+#include <random>
 #include <thread>
 
 #include "core/compute.h"
@@ -147,10 +148,21 @@ RunResult ClientTrainer::run(const Connector& connect) {
   Run run(cfg_);
   int64_t attempts_left = cfg_.retries;
   bool resume = cfg_.resume;
+  const auto busy_deadline = Clock::now() + std::chrono::duration<double>(cfg_.busy_wait);
+  double busy_pause = 1;
   while (true) {
     run.restore(resume);
     std::unique_ptr<wire::Channel> ch;
     wire::Status s = run.connect(connect, &ch);
+    if (s.code == wire::ErrorCode::kBusy && Clock::now() < busy_deadline) {
+      // Load, not failure: asked again with back-off (1, 2, 4 ... 30 s, jittered) for --busy-wait seconds.
+      const double pause = busy_pause * (0.75 + 0.5 * static_cast<double>(std::random_device{}() % 1000) / 1000.0);
+      spdlog::warn("{}; asking again in {:.1f} s", s.message, pause);
+      std::this_thread::sleep_for(std::chrono::duration<double>(pause));
+      busy_pause = std::min(30.0, busy_pause * 2);
+      resume = run.has_checkpoint();
+      continue;
+    }
     if (!s.ok()) {
       if (!is_connect_failure(s)) refused(s);
       if (attempts_left-- <= 0)

@@ -50,6 +50,12 @@ class TrainServer::Session {
  public:
   Session(TrainServer& srv, wire::Channel& ch, uint64_t id, std::optional<wire::Hello> hello)
       : srv_(srv), cfg_(srv.cfg_), ch_(ch), id_(id), hello_(std::move(hello)) {}
+  ~Session() {
+    if (!admitted_) return;
+    std::lock_guard<std::mutex> lock(srv_.admit_mu_);
+    --srv_.live_runs_;
+    srv_.live_bytes_ -= owned_bytes_;
+  }
   /// Handshake, SCHEDULE, then one handler per message until BYE or a failure.
   wire::Status serve();
 
@@ -62,6 +68,8 @@ class TrainServer::Session {
   wire::Status open_run();
   wire::Status read_schedule();
   wire::Status lock_run();
+  /// Within --max-runs and the memory budget, or told to retry (kBusy) or that it never fits (kOverBudget).
+  wire::Status admit_run();
   wire::Status build_run();
   wire::Status decode_inputs(const wire::Frame& f, bool train, Inputs* in);
   wire::Status on_forward(const wire::Frame& f);
@@ -90,6 +98,8 @@ class TrainServer::Session {
   Schedule schedule_;
   int64_t batch_ = 0, seq_len_ = 0, resume_step_ = -1;
   std::unique_lock<std::timed_mutex> run_lock_;  // one session per run at a time
+  bool admitted_ = false;
+  uint64_t owned_bytes_ = 0;  // what this run owns, as admitted
   Side side_;
   GraphedBackward graphed_;  // --cuda-graph
   std::unique_ptr<quant::Link> link_;
@@ -130,6 +140,11 @@ const std::map<std::string, at::Tensor>& TrainServer::shared_base() {
     for (auto& [name, t] : part->base_weights()) base_.emplace(name, t);
   }
   return base_;
+}
+
+TrainServer::Admissions TrainServer::admissions() {
+  std::lock_guard<std::mutex> lock(admit_mu_);
+  return {live_runs_, peak_runs_, refused_busy_, refused_over_budget_, live_bytes_};
 }
 
 uint64_t TrainServer::max_payload() const {
@@ -238,6 +253,7 @@ wire::Status TrainServer::Session::dropped(wire::Status why) {
 wire::Status TrainServer::Session::open_run() {
   wire::Status s = read_schedule();
   if (s.ok()) s = lock_run();
+  if (s.ok()) s = admit_run();
   if (s.ok()) s = build_run();
   if (!s.ok()) return s;
   s = detail::send_control(ch_, wire::ControlKind::kSchedule,
@@ -285,6 +301,36 @@ wire::Status TrainServer::Session::lock_run() {
     return fail(
         wire::Status::Fail(wire::ErrorCode::kResume, "run " + run_id_ + " already has a live session on this server"));
   }
+  return wire::Status::Ok();
+}
+
+wire::Status TrainServer::Session::admit_run() {
+  const uint64_t need = owned_bytes_estimate(srv_.model_, SideRole::kServer, cfg_.split, cfg_.side);
+  auto mb = [](uint64_t b) { return std::to_string((b + (1 << 20) - 1) >> 20) + " MB"; };
+  std::lock_guard<std::mutex> lock(srv_.admit_mu_);
+  if (cfg_.run_memory_budget > 0 && need > cfg_.run_memory_budget) {
+    ++srv_.refused_over_budget_;
+    return fail(wire::Status::Fail(wire::ErrorCode::kOverBudget,
+                                   "this run's server side would own about " + mb(need) +
+                                       ", more than the server's --run-memory-budget of " + mb(cfg_.run_memory_budget) +
+                                       "\n  hint: train LoRA on the server side, or ask for a larger budget"));
+  }
+  std::string why;
+  if (cfg_.max_runs > 0 && srv_.live_runs_ >= cfg_.max_runs) {
+    why = std::to_string(srv_.live_runs_) + " runs are training (--max-runs " + std::to_string(cfg_.max_runs) + ")";
+  } else if (cfg_.run_memory_budget > 0 && srv_.live_bytes_ + need > cfg_.run_memory_budget) {
+    why = "live runs own " + mb(srv_.live_bytes_) + " of the " + mb(cfg_.run_memory_budget) +
+          " budget and this run needs " + mb(need);
+  }
+  if (!why.empty()) {
+    ++srv_.refused_busy_;
+    return fail(wire::Status::Fail(
+        wire::ErrorCode::kBusy, "server busy: " + why + "; try again when a run ends (the client retries by itself)"));
+  }
+  srv_.peak_runs_ = std::max(srv_.peak_runs_, ++srv_.live_runs_);
+  srv_.live_bytes_ += need;
+  owned_bytes_ = need;
+  admitted_ = true;
   return wire::Status::Ok();
 }
 

@@ -44,6 +44,8 @@ struct ServerConfig {
   SideOptions side;
   quant::CodecSpec fwd_codec, bwd_codec;  ///< parsed by the app (none:fp32 by default)
   bool client_codecs = false;             ///< serve each run with the codecs its client asks for
+  int64_t max_runs = 0;                   ///< runs trained at once; more are told to retry (0: no limit)
+  uint64_t run_memory_budget = 0;         ///< bytes all live runs may own together (0: no limit)
   std::string token;                      ///< empty: no authentication
   int keep_checkpoints = 3;
   std::chrono::milliseconds idle_timeout{std::chrono::minutes(10)};
@@ -66,6 +68,12 @@ class TrainServer {
   /// The frame limit for this model with the batch shapes a client may send.
   uint64_t max_payload() const;
   uint64_t steps_served() const { return steps_served_; }
+  /// Admission so far: the most runs live at once, and runs told to retry (busy) or refused (over budget).
+  struct Admissions {
+    int64_t live = 0, peak = 0, busy = 0, over_budget = 0;
+    uint64_t live_bytes = 0;
+  };
+  Admissions admissions();
   /// SIGTERM: every session stops at its next step boundary. The client is told (CONTROL kStop)
   /// instead of getting its next BACKWARD; it may still checkpoint that step and say BYE.
   void request_stop() { stopping_ = true; }
@@ -82,6 +90,10 @@ class TrainServer {
   const std::map<std::string, at::Tensor>& shared_base();
   std::mutex base_mu_;
   std::map<std::string, at::Tensor> base_;
+  // Admission: runs live now and the memory they own (estimated when each was admitted).
+  std::mutex admit_mu_;
+  int64_t live_runs_ = 0, peak_runs_ = 0, refused_busy_ = 0, refused_over_budget_ = 0;
+  uint64_t live_bytes_ = 0;
   std::mutex runs_mu_;
   std::map<std::string, std::shared_ptr<std::timed_mutex>> runs_;  // one session per run at a time
   std::atomic<uint64_t> steps_served_{0};
@@ -110,6 +122,7 @@ struct ClientConfig {
   bool resume = false;
   int64_t stop_after = -1;  ///< leave after this many steps as if interrupted (tests)
   int retries = 3;          ///< reconnects (resuming from the last checkpoint) after a dropped link
+  double busy_wait = 600;   ///< seconds a busy server is waited for, asking again with back-off
   bool quiet = false;
   bool progress_bar = false;                                  ///< force the bar even when stderr is not a terminal
   std::vector<std::pair<std::string, std::string>> resolved;  ///< the resolved options, for the table

@@ -76,6 +76,28 @@ Side Side::around(DecoderPart part, const SideOptions& options, uint64_t seed, d
   return s;
 }
 
+uint64_t owned_bytes_estimate(const ModelConfig& config, SideRole role, int64_t split, const SideOptions& options) {
+  const at::TensorOptions where = at::TensorOptions().dtype(parse_dtype(options.dtype));  // host: never touched
+  DecoderPart part{nullptr};
+  {
+    UnfilledBaseWeights unfilled;
+    part = role == SideRole::kClient ? client_part(config, split, where) : server_part(config, split, where);
+  }
+  const uint64_t adam = 2 * sizeof(float);
+  uint64_t bytes = 0;
+  if (options.full) {
+    for (auto& [name, t] : part->base_weights())
+      bytes += static_cast<uint64_t>(t.numel()) * (2 * t.element_size() + adam);
+    return bytes;
+  }
+  for (auto& [name, lin] : part->linears()) {
+    if (!lora_target_matches(name, options.targets)) continue;
+    const auto n = static_cast<uint64_t>(options.lora_r * (lin->weight.size(0) + lin->weight.size(1)));
+    bytes += n * (2 * sizeof(float) + adam);
+  }
+  return bytes;
+}
+
 NamedTensors Side::trained() {
   NamedTensors out;
   if (options.full) return part->base_weights();

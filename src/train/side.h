@@ -57,6 +57,11 @@ struct Side {
   std::vector<int64_t> fused_steps_host_;
 };
 
+/// What a side built with `options` owns beyond shared frozen weights, estimated before it is built
+/// (no weight is read or touched): the tensors it trains and their gradients (LoRA in fp32, a full
+/// side's own copy of the base weights in the compute dtype) and AdamW's two fp32 moments of each.
+uint64_t owned_bytes_estimate(const ModelConfig& config, SideRole role, int64_t split, const SideOptions& options);
+
 /// Refuses SideOptions::cuda_graph where a step cannot be captured (on the CPU, with LoRA dropout or
 /// activation checkpointing), naming the cause.
 void check_cuda_graph(const SideOptions& options, at::Device device);

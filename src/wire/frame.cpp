@@ -73,6 +73,8 @@ const char* error_name(ErrorCode c) {
       return "server busy";
     case ErrorCode::kShutdown:
       return "server stopping";
+    case ErrorCode::kOverBudget:
+      return "over the server's budget";
   }
   return "unknown error";
 }

@@ -65,9 +65,10 @@ enum class ErrorCode : uint16_t {
   kClosed = 13,
   kInternal = 14,
   kTls = 15,
-  kResume = 16,    ///< the server cannot resume the run at the step the client asks for
-  kBusy = 17,      ///< the server runs as many sessions as it may; try again later
-  kShutdown = 18,  ///< the server is stopping (SIGTERM); the run resumes from its last checkpoint
+  kResume = 16,      ///< the server cannot resume the run at the step the client asks for
+  kBusy = 17,        ///< the server runs as many sessions as it may; try again later
+  kShutdown = 18,    ///< the server is stopping (SIGTERM); the run resumes from its last checkpoint
+  kOverBudget = 19,  ///< the run alone needs more memory than the server allows all its runs
 };
 const char* error_name(ErrorCode c);
 

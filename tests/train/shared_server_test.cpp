@@ -14,6 +14,7 @@
 #include "train/checkpoint.h"
 #include "train/run_testing.h"
 #include "train/session.h"
+#include "train/side.h"
 #include "wire/handshake.h"
 
 namespace amaq::train {
@@ -146,6 +147,85 @@ TEST(SharedServer, ConcurrentRunsOfDifferentCodecsAndRanksTrainAsOnDedicatedServ
       }
     }
   }
+}
+
+// --max-runs 1: of two clients started together, one trains and the other is told the server is
+// busy, asks again with back-off and trains once the first has ended; both runs equal their runs on
+// servers of their own.
+TEST(SharedServer, ARunBeyondMaxRunsWaitsForOneToEndAndThenTrains) {
+  testing::TempDir tmp;
+  std::vector<ClientConfig> cfgs;
+  for (int i = 0; i < 2; ++i) {
+    ClientConfig c = base_config(tmp, "run" + std::to_string(i));
+    c.schedule.steps = 4;
+    c.schedule.seed = 10 + i;
+    cfgs.push_back(c);
+  }
+  ServerConfig sc = server_for(cfgs[0], cfgs[0].side);
+  sc.run_dir = tmp.file("shared-server");
+  sc.max_runs = 1;
+  TrainServer srv(sc);
+  std::vector<RunResult> results(2);
+  std::vector<std::string> errors(2);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < 2; ++i) {
+    clients.emplace_back([&, i] {
+      try {
+        results[i] = run_in_process(srv, cfgs[i]);
+      } catch (const std::exception& e) {
+        errors[i] = e.what();
+      }
+    });
+  }
+  for (auto& t : clients) t.join();
+  const TrainServer::Admissions a = srv.admissions();
+  EXPECT_EQ(a.peak, 1);
+  EXPECT_GE(a.busy, 1);
+  EXPECT_EQ(a.live, 0);
+  EXPECT_EQ(a.live_bytes, 0u);
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_EQ(errors[i], "");
+    ClientConfig alone = cfgs[i];
+    alone.run_dir = tmp.file("alone" + std::to_string(i));
+    TrainServer own(server_for(alone, alone.side));
+    const RunResult r = run_in_process(own, alone);
+    ASSERT_EQ(results[i].steps.size(), 4u);
+    for (size_t s = 0; s < 4; ++s) EXPECT_EQ(results[i].steps[s].loss, r.steps[s].loss) << i << " step " << s;
+  }
+}
+
+// A run that alone needs more than --run-memory-budget is refused by name (not told to retry); a
+// LoRA run within it trains. The estimate is the side's trained tensors, their gradients and AdamW's
+// moments: here a full server side's own weights.
+TEST(SharedServer, ARunOverTheMemoryBudgetIsRefusedByName) {
+  testing::TempDir tmp;
+  ClientConfig c = base_config(tmp, "run");
+  c.schedule.steps = 2;
+  c.schedule.warmup = 0;
+  c.busy_wait = 0;
+  SideOptions full = c.side;
+  full.full = true;
+  const ModelConfig mc = ModelConfig::load(kModel);
+  const uint64_t lora = owned_bytes_estimate(mc, SideRole::kServer, c.split, c.side),
+                 whole = owned_bytes_estimate(mc, SideRole::kServer, c.split, full);
+  uint64_t weights = 0;
+  DecoderPart part = server_part(mc, c.split);
+  for (auto& [name, t] : part->base_weights()) weights += static_cast<uint64_t>(t.numel()) * 4;
+  EXPECT_EQ(whole, 4 * weights);  // fp32 weights and gradients, two fp32 moments
+  ASSERT_LT(lora, whole / 2);
+
+  ServerConfig sc = server_for(c, full);
+  sc.run_memory_budget = whole / 2;
+  {
+    TrainServer srv(sc);
+    EXPECT_AMAQ_ERROR(run_in_process(srv, c), "--run-memory-budget", "train LoRA on the server side");
+    EXPECT_EQ(srv.admissions().over_budget, 1);
+  }
+  c.run_dir = tmp.file("lora");
+  sc = server_for(c, c.side);
+  sc.run_memory_budget = whole / 2;
+  TrainServer srv(sc);
+  EXPECT_EQ(run_in_process(srv, c).completed_steps, 2);
 }
 
 // With --client-codecs the server still refuses, by name, codecs it cannot serve; a client of this

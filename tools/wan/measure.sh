@@ -46,7 +46,7 @@ for link in $LINKS; do
     for k in $IN_FLIGHT; do
       run="run-${link//\//_}-${codec//[:=,]/_}-k$k"
       rm -rf "$run" srv && mkdir srv
-      "${SERVER[@]}" server --model model --split 2 --listen 127.0.0.1:0 --run-dir srv --max-runs 1 \
+      "${SERVER[@]}" server --model model --split 2 --listen 127.0.0.1:0 --run-dir srv --exit-after-runs 1 \
         --fwd-codec "$codec" --bwd-codec "$bwd" >srv/out 2>srv/log &
       spid=$!
       sport=$(wait_port srv/out)
