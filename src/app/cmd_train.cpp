@@ -17,6 +17,7 @@
 #include "core/hash.h"
 #include "train/export.h"
 #include "train/session.h"
+#include "train/status.h"
 #include "wire/link_emulator.h"
 #include "wire/tcp.h"
 
@@ -180,6 +181,7 @@ struct ServerArgs {
   int max_sessions = 16;
   int max_unauthenticated = 64, max_unauthenticated_per_address = 8;
   int64_t exit_after_runs = 0;
+  std::string status_listen;
   double run_memory_budget_mb = 0;
   double idle_timeout = 600;
   double stop_grace = 10;
@@ -216,6 +218,9 @@ void add_server_options(CLI::App& app, ServerArgs* a) {
                  "MB that all live runs may own together (LoRA, gradients, AdamW; a full run's own weights); "
                  "a run that does not fit now waits, one that never fits is refused (0 = no limit)")
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--status-listen", a->status_listen,
+                 "HOST:PORT for the status page (/metrics for Prometheus, / for people); off loopback it needs "
+                 "--token-file, sent as 'Authorization: Bearer <token>'");
   app.add_option("--exit-after-runs", a->exit_after_runs,
                  "exit after this many runs ended with BYE (0 = serve until SIGINT/SIGTERM)");
   app.add_option("--idle-timeout", a->idle_timeout, "seconds of silence before a session is dropped");
@@ -282,6 +287,14 @@ int run_server(ServerArgs& a, const CLI::App& app) {
     spdlog::info("session {} from {}", ctx.id, ctx.peer);
     if (srv.serve(ch, ctx).ok()) ++finished;
   });
+  std::unique_ptr<wire::StatusServer> status;
+  if (!a.status_listen.empty()) {
+    auto [status_host, status_port] = host_port(a.status_listen, "--status-listen");
+    status = std::make_unique<wire::StatusServer>(
+        wire::StatusServerOptions{status_host, status_port, wire::is_loopback(status_host) ? "" : a.cfg.token},
+        [&](const std::string& path) { return train::status_response(path, train::status_snapshot(srv, server)); });
+    std::fprintf(stdout, "status on http://%s:%u/\n", status_host.c_str(), status->port());
+  }
   std::fprintf(stdout, "listening on %s:%u\n", host.c_str(), server.port());
   std::fflush(stdout);
   spdlog::info("amaq server: layers [{}, L) of {}, {} / {}, {}", a.cfg.split, a.cfg.model, a.codecs.fwd, a.codecs.bwd,

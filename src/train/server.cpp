@@ -55,6 +55,7 @@ class TrainServer::Session {
     std::lock_guard<std::mutex> lock(srv_.admit_mu_);
     --srv_.live_runs_;
     srv_.live_bytes_ -= owned_bytes_;
+    srv_.run_status_.erase(id_);
   }
   /// Handshake, SCHEDULE, then one handler per message until BYE or a failure.
   wire::Status serve();
@@ -145,6 +146,20 @@ const std::map<std::string, at::Tensor>& TrainServer::shared_base() {
 TrainServer::Admissions TrainServer::admissions() {
   std::lock_guard<std::mutex> lock(admit_mu_);
   return {live_runs_, peak_runs_, refused_busy_, refused_over_budget_, live_bytes_};
+}
+
+TrainServer::Status TrainServer::status() {
+  Status s;
+  {
+    std::lock_guard<std::mutex> lock(base_mu_);
+    for (const auto& [name, t] : base_) s.shared_base_bytes += static_cast<uint64_t>(t.nbytes());
+  }
+  std::lock_guard<std::mutex> lock(admit_mu_);
+  s.admissions = {live_runs_, peak_runs_, refused_busy_, refused_over_budget_, live_bytes_};
+  for (const auto& [id, r] : run_status_) s.runs.push_back(r);
+  s.latency = latency_;
+  s.steps_served = steps_served_;
+  return s;
 }
 
 uint64_t TrainServer::max_payload() const {
@@ -329,6 +344,13 @@ wire::Status TrainServer::Session::admit_run() {
   }
   srv_.peak_runs_ = std::max(srv_.peak_runs_, ++srv_.live_runs_);
   srv_.live_bytes_ += need;
+  RunStatus& rs = srv_.run_status_[id_];
+  rs.run_id = run_id_;
+  rs.session = id_;
+  rs.steps = schedule_.steps;
+  rs.step = std::max<int64_t>(0, resume_step_);
+  rs.fwd_codec = hello_ ? hello_->fwd_codec : cfg_.fwd_codec.to_string();
+  rs.bwd_codec = hello_ ? hello_->bwd_codec : cfg_.bwd_codec.to_string();
   owned_bytes_ = need;
   admitted_ = true;
   return wire::Status::Ok();
@@ -444,6 +466,19 @@ wire::Status TrainServer::Session::on_forward(const wire::Frame& f) {
   bm.loss = static_cast<float>(loss_v);
   bm.server_seconds = static_cast<float>(seconds_since(t0));
   bm.server_codec_seconds = static_cast<float>(codec_seconds);
+  {
+    std::lock_guard<std::mutex> lock(srv_.admit_mu_);
+    Latency& l = srv_.latency_;
+    for (size_t i = 0; i < std::size(Latency::kBounds); ++i) l.counts[i] += bm.server_seconds <= Latency::kBounds[i];
+    ++l.count;
+    l.sum += bm.server_seconds;
+    RunStatus& rs = srv_.run_status_[id_];
+    const auto elements = static_cast<uint64_t>(in.h.numel());
+    rs.fwd_packet_bytes += fm.packet.size();
+    rs.bwd_packet_bytes += packet.size();
+    rs.fwd_elements += elements;
+    rs.bwd_elements += elements;
+  }
   bm.packet = packet;
   loss_sum_ += loss_v;
   seconds_ += bm.server_seconds;
@@ -518,6 +553,13 @@ wire::Status TrainServer::Session::on_step(const nlohmann::json& j) {
   loss_sum_ = seconds_ = 0;
   micro_ = 0;
   ++step_;
+  {
+    std::lock_guard<std::mutex> lock(srv_.admit_mu_);
+    RunStatus& rs = srv_.run_status_[id_];
+    rs.step = step_;
+    rs.bytes_in = ch_.accounting().bytes_received();
+    rs.bytes_out = ch_.accounting().bytes_sent();
+  }
   ++srv_.steps_served_;
   return wire::Status::Ok();
 }

@@ -20,6 +20,7 @@
 #include <atomic>
 #include <chrono>
 #include <functional>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -74,6 +75,30 @@ class TrainServer {
     uint64_t live_bytes = 0;
   };
   Admissions admissions();
+
+  /// A live run as the status page shows it (updated at each optimizer step).
+  struct RunStatus {
+    std::string run_id, fwd_codec, bwd_codec;
+    uint64_t session = 0;
+    int64_t step = 0, steps = 0;
+    uint64_t bytes_in = 0, bytes_out = 0;  ///< frames received and sent by its session, headers included
+    uint64_t fwd_packet_bytes = 0, bwd_packet_bytes = 0, fwd_elements = 0, bwd_elements = 0;
+  };
+  /// Server latency of a micro-batch (FORWARD received to BACKWARD ready, waiting for the compute
+  /// thread included), over all runs: counts per upper bound in seconds, as a Prometheus histogram.
+  struct Latency {
+    static constexpr double kBounds[] = {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
+    uint64_t counts[std::size(kBounds)] = {};  ///< observations <= each bound (cumulative)
+    uint64_t count = 0;
+    double sum = 0;
+  };
+  struct Status {
+    Admissions admissions;
+    std::vector<RunStatus> runs;
+    Latency latency;
+    uint64_t steps_served = 0, shared_base_bytes = 0;
+  };
+  Status status();
   /// SIGTERM: every session stops at its next step boundary. The client is told (CONTROL kStop)
   /// instead of getting its next BACKWARD; it may still checkpoint that step and say BYE.
   void request_stop() { stopping_ = true; }
@@ -91,9 +116,11 @@ class TrainServer {
   std::mutex base_mu_;
   std::map<std::string, at::Tensor> base_;
   // Admission: runs live now and the memory they own (estimated when each was admitted).
-  std::mutex admit_mu_;
+  std::mutex admit_mu_;  // guards what follows
   int64_t live_runs_ = 0, peak_runs_ = 0, refused_busy_ = 0, refused_over_budget_ = 0;
   uint64_t live_bytes_ = 0;
+  std::map<uint64_t, RunStatus> run_status_;  // by session id
+  Latency latency_;
   std::mutex runs_mu_;
   std::map<std::string, std::shared_ptr<std::timed_mutex>> runs_;  // one session per run at a time
   std::atomic<uint64_t> steps_served_{0};

@@ -386,6 +386,7 @@ struct Server::Impl {
   std::map<std::string, int> unauthenticated_by_address;
   std::vector<std::weak_ptr<ConnBase>> pending;  // connections not yet handed to a session
   std::atomic<int> active{0};                    // sessions holding a slot
+  std::map<std::string, uint64_t> refused;       // by cause (guarded by mu)
   std::atomic<uint64_t> next_id{1};
   LogLimiter refusals;
 
@@ -606,6 +607,10 @@ class Server::Impl::PreAuth : public std::enable_shared_from_this<Server::Impl::
   void refuse(const Status& why) {
     if (!finish()) return;
     srv_.owner->failed_++;
+    {
+      std::lock_guard<std::mutex> lock(srv_.mu);
+      ++srv_.refused[error_name(why.code)];
+    }
     srv_.refusals.warn(fmt::format("connection {} from {}: refused before authentication: {} ({})", sc_.id, sc_.peer,
                                    why.message, error_name(why.code)));
     auto out = std::make_shared<Frame>(Frame{MessageType::kError, 0, error_payload(why)});
@@ -621,6 +626,10 @@ class Server::Impl::PreAuth : public std::enable_shared_from_this<Server::Impl::
   void give_up(const std::string& why) {
     if (!finish()) return;
     srv_.owner->failed_++;
+    {
+      std::lock_guard<std::mutex> lock(srv_.mu);
+      ++srv_.refused["tls or connection"];
+    }
     srv_.refusals.warn(fmt::format("connection {} from {}: {}", sc_.id, sc_.peer, why));
     conn_->close();
   }
@@ -697,6 +706,11 @@ void Server::stop_accepting() {
   std::lock_guard<std::mutex> lock(s.mu);
   for (auto& w : s.pending)
     if (auto c = w.lock()) c->close_async();
+}
+
+std::map<std::string, uint64_t> Server::refusals() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->refused;
 }
 
 int Server::live_sessions() const {

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <chrono>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -157,6 +158,9 @@ class Server {
   /// Sessions holding a slot now (authenticated and not ended).
   int live_sessions() const;
   uint64_t sessions_failed() const { return failed_; }
+  /// Connections ended before a session by cause (an ERROR's name, such as "authentication failed" or
+  /// "server busy", or "tls or connection" for a peer that failed the TLS handshake or vanished).
+  std::map<std::string, uint64_t> refusals() const;
 
  private:
   struct Impl;
