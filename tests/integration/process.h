@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -32,8 +33,14 @@ class Process {
     std::vector<char*> argv;
     for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
     argv.push_back(nullptr);
-    EXPECT_EQ(posix_spawn(&pid_, argv[0], &fa, nullptr, argv.data(), environ), 0);
+    const int e = posix_spawn(&pid_, argv[0], &fa, nullptr, argv.data(), environ);
+    EXPECT_EQ(e, 0) << "cannot start " << args[0] << " (output to " << out << "): " << std::strerror(e);
     posix_spawn_file_actions_destroy(&fa);
+    if (e != 0) {  // as if it had exited with 127, and never waitpid(-1), which would reap another child
+      pid_ = -1;
+      exited_ = true;
+      status_ = 127 << 8;
+    }
   }
   ~Process() {
     if (pid_ > 0 && !exited_) {
@@ -55,6 +62,7 @@ class Process {
     return !exited_;
   }
   void signal(int sig) { ::kill(pid_, sig); }
+  int pid() const { return pid_; }
 
  private:
   pid_t pid_ = -1;
