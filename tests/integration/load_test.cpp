@@ -74,8 +74,7 @@ TEST(IntegrationLoad, SixteenClientsBesideHostilePeersAllCompleteInBoundedMemory
   const std::string model = testing::data_path("hf/llama-gqa"), bin = AMAQ_BINARY;
   Process server({bin, "server", "--model", model, "--split", "2", "--listen", "127.0.0.1:0", "--token-file",
                   tmp.file("token"), "--run-dir", tmp.file("server-runs"), "--client-codecs", "--max-sessions", "20",
-                  "--max-unauthenticated-per-address", "24",
-                  "--status-listen", "127.0.0.1:0"},
+                  "--max-unauthenticated-per-address", "24", "--status-listen", "127.0.0.1:0"},
                  tmp.file("server.out"), tmp.file("server.err"));
   const std::string port = testing::wait_for_port(tmp.file("server.out"));
   ASSERT_FALSE(port.empty()) << slurp(tmp.file("server.err"));
@@ -90,11 +89,34 @@ TEST(IntegrationLoad, SixteenClientsBesideHostilePeersAllCompleteInBoundedMemory
       {"--fwd-codec", "amaq:budget=3,decay=5,gran=token", "--bwd-codec", "amaq:budget=6,decay=5,gran=token"},
       {"--fwd-codec", "aqsgd:bits=3", "--bwd-codec", "aqsgd:bits=8"}};
   auto client = [&](const std::string& run_dir, const std::string& token, size_t family) {
-    std::vector<std::string> a{bin,       "--threads", "1",      "client",     "--model",    model,
-                               "--split", "2",         "--connect", "127.0.0.1:" + port, "--token-file", token,
-                               "--run-dir", run_dir,   "--data", tmp.file("data.txt"), "--tokenizer", "byte",
-                               "--batch", "2",         "--seq-len", "32",      "--steps",    "8",
-                               "--lr",    "1e-2",      "--retries", "0"};
+    std::vector<std::string> a{bin,
+                               "--threads",
+                               "1",
+                               "client",
+                               "--model",
+                               model,
+                               "--split",
+                               "2",
+                               "--connect",
+                               "127.0.0.1:" + port,
+                               "--token-file",
+                               token,
+                               "--run-dir",
+                               run_dir,
+                               "--data",
+                               tmp.file("data.txt"),
+                               "--tokenizer",
+                               "byte",
+                               "--batch",
+                               "2",
+                               "--seq-len",
+                               "32",
+                               "--steps",
+                               "8",
+                               "--lr",
+                               "1e-2",
+                               "--retries",
+                               "0"};
     a.insert(a.end(), codecs[family].begin(), codecs[family].end());
     return a;
   };
@@ -140,7 +162,8 @@ TEST(IntegrationLoad, SixteenClientsBesideHostilePeersAllCompleteInBoundedMemory
   });
   for (int i = 0; i < 6; ++i) {  // idle connections, held until the server cuts them
     threads.emplace_back([&, i] {
-      while (!stop) hostile(static_cast<uint16_t>(std::stoi(port)), i % 2 ? "127.0.0.2" : "127.0.0.3", "", 1, 0ms, stop);
+      while (!stop)
+        hostile(static_cast<uint16_t>(std::stoi(port)), i % 2 ? "127.0.0.2" : "127.0.0.3", "", 1, 0ms, stop);
     });
   }
   threads.emplace_back([&] {  // clients with the wrong token
@@ -183,7 +206,8 @@ TEST(IntegrationLoad, SixteenClientsBesideHostilePeersAllCompleteInBoundedMemory
       later = std::max(later, kb);
   }
   ASSERT_GT(warm, 0);
-  EXPECT_LT(static_cast<double>(later), 1.05 * static_cast<double>(warm)) << "RSS " << warm << " kB -> " << later << " kB";
+  EXPECT_LT(static_cast<double>(later), 1.05 * static_cast<double>(warm))
+      << "RSS " << warm << " kB -> " << later << " kB";
   // Threads: per session a thread and a heartbeat's, within --max-sessions 20, plus a fixed few
   // (I/O, compute, OpenMP, status, signals, spdlog).
   EXPECT_LE(max_threads, 2 * 20 + 16) << max_threads;
