@@ -5,6 +5,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "core/svg.h"
+
 namespace amaq::train {
 namespace {
 
@@ -20,29 +22,6 @@ std::string label(const std::string& v) {
       out += "\\n";
     else
       out += c;
-  }
-  return out;
-}
-
-std::string html(const std::string& v) {
-  std::string out;
-  for (char c : v) {
-    switch (c) {
-      case '&':
-        out += "&amp;";
-        break;
-      case '<':
-        out += "&lt;";
-        break;
-      case '>':
-        out += "&gt;";
-        break;
-      case '"':
-        out += "&quot;";
-        break;
-      default:
-        out += c;
-    }
   }
   return out;
 }
@@ -164,7 +143,7 @@ std::string status_html(const StatusSnapshot& s) {
     out += fmt::format(
         "<tr><td>{}</td><td>{}</td><td>{} / {}</td><td>{} / {}</td><td>{:.2f}</td><td>{:.2f}</td><td>{:.2f}</td>"
         "<td>{:.2f}</td></tr>",
-        html(r.run_id), r.session, r.step, r.steps, html(r.fwd_codec), html(r.bwd_codec),
+        svg::escape(r.run_id), r.session, r.step, r.steps, svg::escape(r.fwd_codec), svg::escape(r.bwd_codec),
         static_cast<double>(r.bytes_in) / 1e6, static_cast<double>(r.bytes_out) / 1e6,
         bits(r.fwd_packet_bytes, r.fwd_elements), bits(r.bwd_packet_bytes, r.bwd_elements));
   }
