@@ -478,6 +478,9 @@ wire::Status TrainServer::Session::on_forward(const wire::Frame& f) {
     rs.bwd_packet_bytes += packet.size();
     rs.fwd_elements += elements;
     rs.bwd_elements += elements;
+    ++rs.micro_batches;
+    rs.seconds_sum += bm.server_seconds;
+    rs.seconds_max = std::max<double>(rs.seconds_max, bm.server_seconds);
   }
   bm.packet = packet;
   loss_sum_ += loss_v;

@@ -83,6 +83,8 @@ class TrainServer {
     int64_t step = 0, steps = 0;
     uint64_t bytes_in = 0, bytes_out = 0;  ///< frames received and sent by its session, headers included
     uint64_t fwd_packet_bytes = 0, bwd_packet_bytes = 0, fwd_elements = 0, bwd_elements = 0;
+    uint64_t micro_batches = 0;               ///< served so far in this session
+    double seconds_sum = 0, seconds_max = 0;  ///< server time per micro-batch (as Latency measures it)
   };
   /// Server latency of a micro-batch (FORWARD received to BACKWARD ready, waiting for the compute
   /// thread included), over all runs: counts per upper bound in seconds, as a Prometheus histogram.

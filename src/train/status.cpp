@@ -110,6 +110,17 @@ std::string prometheus_text(const StatusSnapshot& s) {
     e.sample("amaq_run_effective_bits", bits(r.bwd_packet_bytes, r.bwd_elements),
              "run=\"" + label(r.run_id) + "\",direction=\"backward\"");
   }
+  e.family(
+      "amaq_run_microbatch_seconds", "summary",
+      "A live run's server time per micro-batch (waiting for the compute thread included): fairness between runs.");
+  for (const auto& r : s.train.runs) {
+    e.sample("amaq_run_microbatch_seconds_sum", r.seconds_sum, "run=\"" + label(r.run_id) + "\"");
+    e.sample("amaq_run_microbatch_seconds_count", static_cast<double>(r.micro_batches),
+             "run=\"" + label(r.run_id) + "\"");
+  }
+  e.family("amaq_run_microbatch_seconds_max", "gauge", "A live run's longest server time for one micro-batch.");
+  for (const auto& r : s.train.runs)
+    e.sample("amaq_run_microbatch_seconds_max", r.seconds_max, "run=\"" + label(r.run_id) + "\"");
   const TrainServer::Latency& l = s.train.latency;
   e.family("amaq_microbatch_seconds", "histogram",
            "Server time of a micro-batch, FORWARD received to BACKWARD ready (waiting for compute included).");
@@ -138,14 +149,15 @@ std::string status_html(const StatusSnapshot& s) {
       static_cast<double>(a.live_bytes) / 1e6);
   out +=
       "<table><tr><th>run</th><th>session</th><th>step</th><th>codecs (fwd / bwd)</th><th>MB in</th>"
-      "<th>MB out</th><th>bits fwd</th><th>bits bwd</th></tr>";
+      "<th>MB out</th><th>bits fwd</th><th>bits bwd</th><th>ms per micro-batch (mean / max)</th></tr>";
   for (const auto& r : s.train.runs) {
     out += fmt::format(
         "<tr><td>{}</td><td>{}</td><td>{} / {}</td><td>{} / {}</td><td>{:.2f}</td><td>{:.2f}</td><td>{:.2f}</td>"
-        "<td>{:.2f}</td></tr>",
+        "<td>{:.2f}</td><td>{:.1f} / {:.1f}</td></tr>",
         svg::escape(r.run_id), r.session, r.step, r.steps, svg::escape(r.fwd_codec), svg::escape(r.bwd_codec),
         static_cast<double>(r.bytes_in) / 1e6, static_cast<double>(r.bytes_out) / 1e6,
-        bits(r.fwd_packet_bytes, r.fwd_elements), bits(r.bwd_packet_bytes, r.bwd_elements));
+        bits(r.fwd_packet_bytes, r.fwd_elements), bits(r.bwd_packet_bytes, r.bwd_elements),
+        r.micro_batches ? 1e3 * r.seconds_sum / static_cast<double>(r.micro_batches) : 0.0, 1e3 * r.seconds_max);
   }
   out += "</table></body></html>\n";
   return out;

@@ -6,6 +6,7 @@
 // count what happened.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -126,6 +127,7 @@ TEST(IntegrationLoad, SixteenClientsBesideHostilePeersAllCompleteInBoundedMemory
   std::atomic<bool> stop{false};
   std::mutex mu;
   std::vector<std::string> failures;
+  std::vector<double> step_seconds;  // each completed run's mean step time
   std::atomic<int> completed{0}, refused_wrong_token{0};
   std::vector<std::thread> threads;
   for (int slot = 0; slot < 16; ++slot) {
@@ -141,6 +143,10 @@ TEST(IntegrationLoad, SixteenClientsBesideHostilePeersAllCompleteInBoundedMemory
                              " steps: " + slurp(run + ".err").substr(0, 2000));
         } else {
           ++completed;
+          double sum = 0;
+          for (const auto& l : lines_with(run + "/metrics.jsonl", "fwd_bits")) sum += l["step_seconds"].get<double>();
+          std::lock_guard<std::mutex> lock(mu);
+          step_seconds.push_back(sum / 8);
         }
       }
     });
@@ -192,6 +198,13 @@ TEST(IntegrationLoad, SixteenClientsBesideHostilePeersAllCompleteInBoundedMemory
   std::printf("load: %d runs of 8 steps completed in 45 s by 16 slots (%.1f steps/s), %d wrong-token clients refused\n",
               completed.load(), 8.0 * completed / 45.0, refused_wrong_token.load());
   for (const auto& f : failures) ADD_FAILURE() << f;
+  // Fairness: the compute thread takes micro-batches first come, first served, so no run starves.
+  ASSERT_FALSE(step_seconds.empty());
+  std::sort(step_seconds.begin(), step_seconds.end());
+  const double median = step_seconds[step_seconds.size() / 2];
+  std::printf("load: mean step time of a run: min %.3f s, median %.3f s, max %.3f s\n", step_seconds.front(), median,
+              step_seconds.back());
+  EXPECT_LT(step_seconds.back(), 3 * median) << "a run was starved";
   EXPECT_GE(completed, 32) << "fewer runs than two per slot completed";
   EXPECT_GE(refused_wrong_token, 1);
   ASSERT_TRUE(server.alive()) << slurp(tmp.file("server.err"));

@@ -109,6 +109,10 @@ TEST(StatusPage, ScrapedDuringARunItShowsTheRunsStepBytesBitsAndLatency) {
   const double count = sample(during, "amaq_microbatch_seconds_count");
   EXPECT_GE(count, step * static_cast<double>(c.schedule.micro_batches));
   EXPECT_EQ(sample(during, "amaq_microbatch_seconds_bucket", "le=\"+Inf\""), count);
+  EXPECT_EQ(sample(during, "amaq_run_microbatch_seconds_count", run), count);  // the only run
+  EXPECT_NEAR(sample(during, "amaq_run_microbatch_seconds_sum", run), sample(during, "amaq_microbatch_seconds_sum"),
+              1e-6);
+  EXPECT_GT(sample(during, "amaq_run_microbatch_seconds_max", run), 0);
   double last = 0;
   for (double b : TrainServer::Latency::kBounds) {
     const double v = sample(during, "amaq_microbatch_seconds_bucket", "le=\"" + fmt::format("{}", b) + "\"");
