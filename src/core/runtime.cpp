@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <fstream>
 #include <thread>
 
 #include "core/compute.h"
@@ -31,6 +32,15 @@ void configure_memory() {
 
 void release_free_memory() {
   malloc_trim(0);
+}
+
+int64_t proc_status_value(const std::string& key, int pid) {
+  std::ifstream in("/proc/" + (pid > 0 ? std::to_string(pid) : std::string("self")) + "/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(key + ":", 0) == 0) return std::stoll(line.substr(key.size() + 1));
+  }
+  return -1;
 }
 
 }  // namespace amaq

@@ -1,5 +1,7 @@
 // Process-wide runtime settings.
 #pragma once
+#include <cstdint>
+#include <string>
 
 namespace amaq {
 
@@ -20,5 +22,9 @@ void configure_memory();
 /// Hands the whole free pages of the heap back to the system (configure_memory keeps them): after
 /// one-off frees that later steps will not reuse, such as a part's weights replaced by shared ones.
 void release_free_memory();
+
+/// A number from /proc/PID/status (`pid` 0: this process), such as "VmRSS" or "VmHWM" in kB or
+/// "Threads"; -1 where the file or the key is missing.
+int64_t proc_status_value(const std::string& key, int pid = 0);
 
 }  // namespace amaq

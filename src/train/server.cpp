@@ -53,8 +53,8 @@ class TrainServer::Session {
   ~Session() {
     if (!admitted_) return;
     std::lock_guard<std::mutex> lock(srv_.admit_mu_);
-    --srv_.live_runs_;
-    srv_.live_bytes_ -= owned_bytes_;
+    --srv_.admissions_.live;
+    srv_.admissions_.live_bytes -= srv_.run_bytes_;
     srv_.run_status_.erase(id_);
   }
   /// Handshake, SCHEDULE, then one handler per message until BYE or a failure.
@@ -100,7 +100,6 @@ class TrainServer::Session {
   int64_t batch_ = 0, seq_len_ = 0, resume_step_ = -1;
   std::unique_lock<std::timed_mutex> run_lock_;  // one session per run at a time
   bool admitted_ = false;
-  uint64_t owned_bytes_ = 0;  // what this run owns, as admitted
   Side side_;
   GraphedBackward graphed_;  // --cuda-graph
   std::unique_ptr<quant::Link> link_;
@@ -124,6 +123,7 @@ TrainServer::TrainServer(ServerConfig cfg) : cfg_(std::move(cfg)) {
   }
   quant::Link::validate(cfg_.fwd_codec, cfg_.bwd_codec);
   check_cuda_graph(cfg_.side, parse_device(cfg_.side.device));
+  run_bytes_ = owned_bytes_estimate(model_, SideRole::kServer, cfg_.split, cfg_.side);
   make_dirs(cfg_.run_dir);
 }
 
@@ -138,24 +138,21 @@ const std::map<std::string, at::Tensor>& TrainServer::shared_base() {
       part = server_part(model_, cfg_.split, compute_options(cfg_.side.device, cfg_.side.dtype));
     }
     part->load_weights(*ckpt_);
-    for (auto& [name, t] : part->base_weights()) base_.emplace(name, t);
+    uint64_t bytes = 0;
+    for (auto& [name, t] : part->base_weights()) {
+      base_.emplace(name, t);
+      bytes += static_cast<uint64_t>(t.nbytes());
+    }
+    base_bytes_ = bytes;
   }
   return base_;
 }
 
-TrainServer::Admissions TrainServer::admissions() {
-  std::lock_guard<std::mutex> lock(admit_mu_);
-  return {live_runs_, peak_runs_, refused_busy_, refused_over_budget_, live_bytes_};
-}
-
 TrainServer::Status TrainServer::status() {
   Status s;
-  {
-    std::lock_guard<std::mutex> lock(base_mu_);
-    for (const auto& [name, t] : base_) s.shared_base_bytes += static_cast<uint64_t>(t.nbytes());
-  }
+  s.shared_base_bytes = base_bytes_;
   std::lock_guard<std::mutex> lock(admit_mu_);
-  s.admissions = {live_runs_, peak_runs_, refused_busy_, refused_over_budget_, live_bytes_};
+  s.admissions = admissions_;
   for (const auto& [id, r] : run_status_) s.runs.push_back(r);
   s.latency = latency_;
   s.steps_served = steps_served_;
@@ -320,30 +317,30 @@ wire::Status TrainServer::Session::lock_run() {
 }
 
 wire::Status TrainServer::Session::admit_run() {
-  const uint64_t need = owned_bytes_estimate(srv_.model_, SideRole::kServer, cfg_.split, cfg_.side);
+  const uint64_t need = srv_.run_bytes_, budget = cfg_.run_memory_budget;
   auto mb = [](uint64_t b) { return std::to_string((b + (1 << 20) - 1) >> 20) + " MB"; };
   std::lock_guard<std::mutex> lock(srv_.admit_mu_);
-  if (cfg_.run_memory_budget > 0 && need > cfg_.run_memory_budget) {
-    ++srv_.refused_over_budget_;
+  Admissions& a = srv_.admissions_;
+  if (budget > 0 && need > budget) {
+    ++a.over_budget;
     return fail(wire::Status::Fail(wire::ErrorCode::kOverBudget,
                                    "this run's server side would own about " + mb(need) +
-                                       ", more than the server's --run-memory-budget of " + mb(cfg_.run_memory_budget) +
+                                       ", more than the server's --run-memory-budget of " + mb(budget) +
                                        "\n  hint: train LoRA on the server side, or ask for a larger budget"));
   }
   std::string why;
-  if (cfg_.max_runs > 0 && srv_.live_runs_ >= cfg_.max_runs) {
-    why = std::to_string(srv_.live_runs_) + " runs are training (--max-runs " + std::to_string(cfg_.max_runs) + ")";
-  } else if (cfg_.run_memory_budget > 0 && srv_.live_bytes_ + need > cfg_.run_memory_budget) {
-    why = "live runs own " + mb(srv_.live_bytes_) + " of the " + mb(cfg_.run_memory_budget) +
-          " budget and this run needs " + mb(need);
+  if (cfg_.max_runs > 0 && a.live >= cfg_.max_runs) {
+    why = std::to_string(a.live) + " runs are training (--max-runs " + std::to_string(cfg_.max_runs) + ")";
+  } else if (budget > 0 && a.live_bytes + need > budget) {
+    why = "live runs own " + mb(a.live_bytes) + " of the " + mb(budget) + " budget and this run needs " + mb(need);
   }
   if (!why.empty()) {
-    ++srv_.refused_busy_;
+    ++a.busy;
     return fail(wire::Status::Fail(
         wire::ErrorCode::kBusy, "server busy: " + why + "; try again when a run ends (the client retries by itself)"));
   }
-  srv_.peak_runs_ = std::max(srv_.peak_runs_, ++srv_.live_runs_);
-  srv_.live_bytes_ += need;
+  a.peak = std::max(a.peak, ++a.live);
+  a.live_bytes += need;
   RunStatus& rs = srv_.run_status_[id_];
   rs.run_id = run_id_;
   rs.session = id_;
@@ -351,7 +348,6 @@ wire::Status TrainServer::Session::admit_run() {
   rs.step = std::max<int64_t>(0, resume_step_);
   rs.fwd_codec = hello_ ? hello_->fwd_codec : cfg_.fwd_codec.to_string();
   rs.bwd_codec = hello_ ? hello_->bwd_codec : cfg_.bwd_codec.to_string();
-  owned_bytes_ = need;
   admitted_ = true;
   return wire::Status::Ok();
 }
@@ -473,11 +469,9 @@ wire::Status TrainServer::Session::on_forward(const wire::Frame& f) {
     ++l.count;
     l.sum += bm.server_seconds;
     RunStatus& rs = srv_.run_status_[id_];
-    const auto elements = static_cast<uint64_t>(in.h.numel());
     rs.fwd_packet_bytes += fm.packet.size();
     rs.bwd_packet_bytes += packet.size();
-    rs.fwd_elements += elements;
-    rs.bwd_elements += elements;
+    rs.elements += static_cast<uint64_t>(in.h.numel());
     ++rs.micro_batches;
     rs.seconds_sum += bm.server_seconds;
     rs.seconds_max = std::max<double>(rs.seconds_max, bm.server_seconds);

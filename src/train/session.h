@@ -74,7 +74,6 @@ class TrainServer {
     int64_t live = 0, peak = 0, busy = 0, over_budget = 0;
     uint64_t live_bytes = 0;
   };
-  Admissions admissions();
 
   /// A live run as the status page shows it (updated at each optimizer step).
   struct RunStatus {
@@ -82,7 +81,8 @@ class TrainServer {
     uint64_t session = 0;
     int64_t step = 0, steps = 0;
     uint64_t bytes_in = 0, bytes_out = 0;  ///< frames received and sent by its session, headers included
-    uint64_t fwd_packet_bytes = 0, bwd_packet_bytes = 0, fwd_elements = 0, bwd_elements = 0;
+    uint64_t fwd_packet_bytes = 0, bwd_packet_bytes = 0;
+    uint64_t elements = 0;                    ///< of the activations sent so far (their gradients have as many)
     uint64_t micro_batches = 0;               ///< served so far in this session
     double seconds_sum = 0, seconds_max = 0;  ///< server time per micro-batch (as Latency measures it)
   };
@@ -117,10 +117,11 @@ class TrainServer {
   const std::map<std::string, at::Tensor>& shared_base();
   std::mutex base_mu_;
   std::map<std::string, at::Tensor> base_;
+  std::atomic<uint64_t> base_bytes_{0};  // of base_, once loaded (the status page does not wait for a load)
+  uint64_t run_bytes_ = 0;  // what one run's server side owns (owned_bytes_estimate: the same for every run)
   // Admission: runs live now and the memory they own (estimated when each was admitted).
   std::mutex admit_mu_;  // guards what follows
-  int64_t live_runs_ = 0, peak_runs_ = 0, refused_busy_ = 0, refused_over_budget_ = 0;
-  uint64_t live_bytes_ = 0;
+  Admissions admissions_;
   std::map<uint64_t, RunStatus> run_status_;  // by session id
   Latency latency_;
   std::mutex runs_mu_;

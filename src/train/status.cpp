@@ -2,9 +2,10 @@
 
 #include <fmt/format.h>
 
-#include <fstream>
+#include <algorithm>
 #include <sstream>
 
+#include "core/runtime.h"
 #include "core/svg.h"
 
 namespace amaq::train {
@@ -48,23 +49,13 @@ class Exposition {
 
 }  // namespace
 
-uint64_t resident_bytes() {
-  std::ifstream in("/proc/self/status");
-  std::string key;
-  while (in >> key) {
-    if (key == "VmRSS:") {
-      uint64_t kb = 0;
-      in >> kb;
-      return kb * 1024;
-    }
-    in.ignore(1 << 16, '\n');
-  }
-  return 0;
-}
-
 StatusSnapshot status_snapshot(TrainServer& srv, const wire::Server& server) {
-  return {srv.status(),           server.refusals(), server.sessions_started(), server.sessions_failed(),
-          server.live_sessions(), resident_bytes()};
+  return {srv.status(),
+          server.refusals(),
+          server.sessions_started(),
+          server.sessions_failed(),
+          server.live_sessions(),
+          static_cast<uint64_t>(std::max<int64_t>(0, proc_status_value("VmRSS"))) * 1024};
 }
 
 std::string prometheus_text(const StatusSnapshot& s) {
@@ -105,9 +96,9 @@ std::string prometheus_text(const StatusSnapshot& s) {
   e.family("amaq_run_effective_bits", "gauge",
            "Packet bits per activation (forward) or gradient (backward) element, a live run so far.");
   for (const auto& r : s.train.runs) {
-    e.sample("amaq_run_effective_bits", bits(r.fwd_packet_bytes, r.fwd_elements),
+    e.sample("amaq_run_effective_bits", bits(r.fwd_packet_bytes, r.elements),
              "run=\"" + label(r.run_id) + "\",direction=\"forward\"");
-    e.sample("amaq_run_effective_bits", bits(r.bwd_packet_bytes, r.bwd_elements),
+    e.sample("amaq_run_effective_bits", bits(r.bwd_packet_bytes, r.elements),
              "run=\"" + label(r.run_id) + "\",direction=\"backward\"");
   }
   e.family(
@@ -156,7 +147,7 @@ std::string status_html(const StatusSnapshot& s) {
         "<td>{:.2f}</td><td>{:.1f} / {:.1f}</td></tr>",
         svg::escape(r.run_id), r.session, r.step, r.steps, svg::escape(r.fwd_codec), svg::escape(r.bwd_codec),
         static_cast<double>(r.bytes_in) / 1e6, static_cast<double>(r.bytes_out) / 1e6,
-        bits(r.fwd_packet_bytes, r.fwd_elements), bits(r.bwd_packet_bytes, r.bwd_elements),
+        bits(r.fwd_packet_bytes, r.elements), bits(r.bwd_packet_bytes, r.elements),
         r.micro_batches ? 1e3 * r.seconds_sum / static_cast<double>(r.micro_batches) : 0.0, 1e3 * r.seconds_max);
   }
   out += "</table></body></html>\n";

@@ -18,8 +18,6 @@ struct StatusSnapshot {
   uint64_t resident_bytes = 0;  ///< the process's RSS
 };
 
-/// Resident memory of this process (VmRSS), 0 where /proc is not readable.
-uint64_t resident_bytes();
 /// What `srv` and the TCP server in front of it count now.
 StatusSnapshot status_snapshot(TrainServer& srv, const wire::Server& server);
 std::string prometheus_text(const StatusSnapshot& s);

@@ -150,8 +150,7 @@ ServerHandshake::Reply ServerHandshake::finish() {
                                                               ", server " + std::to_string(policy_.split)));
   }
   if (policy_.accept_codecs) {
-    const Status s = policy_.accept_codecs(hello_.fwd_codec, hello_.bwd_codec);
-    if (!s.ok()) return refuse(Status::Fail(ErrorCode::kCodecMismatch, s.message));
+    if (Status s = policy_.accept_codecs(hello_.fwd_codec, hello_.bwd_codec); !s.ok()) return refuse(s);
   } else if (hello_.fwd_codec != policy_.fwd_codec || hello_.bwd_codec != policy_.bwd_codec) {
     return refuse(Status::Fail(ErrorCode::kCodecMismatch, "different codecs: client fwd " + hello_.fwd_codec + " bwd " +
                                                               hello_.bwd_codec + ", server fwd " + policy_.fwd_codec +

@@ -36,7 +36,7 @@ struct ServerPolicy {
   int64_t split = 0;
   std::string fwd_codec, bwd_codec;
   /// When set, decides which codecs a client may ask for (a server that serves each run with its
-  /// own); otherwise they must equal fwd_codec and bwd_codec.
+  /// own; its refusal goes to the client as it is); otherwise they must equal fwd_codec and bwd_codec.
   std::function<Status(const std::string& fwd, const std::string& bwd)> accept_codecs;
   std::string token;  ///< empty: no authentication
   nlohmann::json settings = nlohmann::json::object();

@@ -17,6 +17,8 @@
 #include <random>
 
 #include "core/fs.h"
+#include "core/runtime.h"
+#include "http_testing.h"
 #include "integration/process.h"
 #include "testing.h"
 
@@ -30,21 +32,6 @@ using testing::slurp;
 namespace asio = boost::asio;
 using tcp = asio::ip::tcp;
 using Clock = std::chrono::steady_clock;
-
-// "VmRSS" (kB) or "Threads" from /proc/PID/status.
-int64_t proc_status(int pid, const std::string& key) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
-  std::string k;
-  while (in >> k) {
-    if (k == key + ":") {
-      int64_t v = 0;
-      in >> v;
-      return v;
-    }
-    in.ignore(1 << 16, '\n');
-  }
-  return -1;
-}
 
 // A connection from `source` (127.0.0.2 / .3: the per-address limit on unauthenticated connections
 // is then not the good clients'); `send` goes out `chunk` bytes at a time, `pause` apart; then it
@@ -187,8 +174,8 @@ TEST(IntegrationLoad, SixteenClientsBesideHostilePeersAllCompleteInBoundedMemory
   const int pid = server.pid();
   while (Clock::now() < deadline + 2s) {
     const double t = std::chrono::duration<double>(Clock::now() - t0).count();
-    rss.emplace_back(t, proc_status(pid, "VmRSS"));
-    max_threads = std::max(max_threads, proc_status(pid, "Threads"));
+    rss.emplace_back(t, proc_status_value("VmRSS", pid));
+    max_threads = std::max(max_threads, proc_status_value("Threads", pid));
     std::this_thread::sleep_for(250ms);
   }
   for (size_t i = 0; i < 16; ++i) threads[i].join();  // the slots finish their last runs
@@ -227,21 +214,13 @@ TEST(IntegrationLoad, SixteenClientsBesideHostilePeersAllCompleteInBoundedMemory
   std::printf("load: server RSS peak %ld kB at 10-15 s, %ld kB after; at most %ld threads\n", static_cast<long>(warm),
               static_cast<long>(later), static_cast<long>(max_threads));
 
-  std::string metrics;
-  {
-    asio::io_context io;
-    tcp::socket s(io);
-    s.connect({asio::ip::make_address("127.0.0.1"), status_port});
-    asio::write(s, asio::buffer(std::string("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")));
-    boost::system::error_code ec;
-    asio::read(s, asio::dynamic_buffer(metrics), ec);
-  }
-  EXPECT_NE(metrics.find("amaq_runs_live 0"), std::string::npos) << metrics;
-  EXPECT_NE(metrics.find("amaq_connections_refused_total{cause=\"bad magic\"}"), std::string::npos) << metrics;
-  EXPECT_NE(metrics.find("amaq_connections_refused_total{cause=\"authentication failed\"}"), std::string::npos)
+  const std::string metrics = testing::http_get(status_port, "/metrics");
+  EXPECT_EQ(testing::sample(metrics, "amaq_runs_live"), 0) << metrics;
+  EXPECT_GT(testing::sample(metrics, "amaq_connections_refused_total", "cause=\"bad magic\""), 0) << metrics;
+  EXPECT_GE(testing::sample(metrics, "amaq_connections_refused_total", "cause=\"authentication failed\""),
+            refused_wrong_token.load())
       << metrics;
-  EXPECT_NE(metrics.find("amaq_steps_served_total " + std::to_string(8 * completed.load())), std::string::npos)
-      << metrics;
+  EXPECT_EQ(testing::sample(metrics, "amaq_steps_served_total"), 8 * completed.load()) << metrics;
 
   server.signal(SIGTERM);
   EXPECT_EQ(server.wait(), 0) << slurp(tmp.file("server.err"));

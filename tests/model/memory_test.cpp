@@ -7,6 +7,7 @@
 #include <string>
 
 #include "core/fs.h"
+#include "core/runtime.h"
 #include "core/safetensors.h"
 #include "model/config.h"
 #include "model/part.h"
@@ -14,16 +15,6 @@
 
 namespace amaq {
 namespace {
-
-// kB from a /proc/self/status line such as "VmHWM:   123 kB".
-int64_t status_kb(const std::string& key) {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(key + ":", 0) == 0) return std::stoll(line.substr(key.size() + 1));
-  }
-  return -1;
-}
 
 bool reset_peak_rss() {
   std::ofstream f("/proc/self/clear_refs");
@@ -63,10 +54,10 @@ TEST(Memory, ClientPartLoadsOnlyItsShareOfTheCheckpoint) {
   auto peak_growth = [&](int64_t begin, int64_t end) -> int64_t {
     ::malloc_trim(0);
     if (!reset_peak_rss()) return -1;
-    const int64_t before_kb = status_kb("VmRSS");
+    const int64_t before_kb = proc_status_value("VmRSS");
     DecoderPart part(ModelConfig::load(tmp.path()), begin, end);
     part->load_weights(CheckpointReader(tmp.path()));
-    return (status_kb("VmHWM") - before_kb) * 1024;
+    return (proc_status_value("VmHWM") - before_kb) * 1024;
   };
   const int64_t full_grew = peak_growth(0, config.num_layers);
   if (full_grew < 0) GTEST_SKIP() << "/proc/self/clear_refs is not writable here";

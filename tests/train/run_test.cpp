@@ -205,34 +205,15 @@ void expect_resume_matches(const std::string& fwd, const std::string& bwd, int64
   TrainServer srv2(sc);  // a new server process: only the disk carries over
   RunResult resumed = run_in_process(srv2, second);
   ASSERT_EQ(whole.steps.size(), 10u);
-  ASSERT_EQ(resumed.steps.size(), 10u);
-  for (size_t s = 0; s < 10; ++s) {
-    EXPECT_EQ(resumed.steps[s].loss, whole.steps[s].loss) << "step " << s;
-    EXPECT_EQ(resumed.steps[s].task_loss, whole.steps[s].task_loss) << "step " << s;
-    EXPECT_EQ(resumed.steps[s].grad_norm, whole.steps[s].grad_norm) << "step " << s;
-    EXPECT_EQ(resumed.steps[s].fwd_bits.mean, whole.steps[s].fwd_bits.mean) << "step " << s;
-    EXPECT_EQ(resumed.steps[s].bwd_bits.mean, whole.steps[s].bwd_bits.mean) << "step " << s;
-  }
-  EXPECT_EQ(resumed.eval.dump(), whole.eval.dump());
+  expect_same_steps(whole, resumed);
   // Both sides' tensors at the last step (the server's under its run id).
-  auto last_state = [](const std::string& root) {
-    return load_safetensors(checkpoint_path(root, 10) + "/state.safetensors");
-  };
   const std::vector<std::string> whole_runs = list_subdirs(c.run_dir + "-server"),
                                  part_runs = list_subdirs(first.run_dir + "-server");
   ASSERT_EQ(whole_runs.size(), 1u);
   ASSERT_EQ(part_runs.size(), 1u);
-  for (const auto& [a_root, b_root] : {std::pair{c.run_dir + "/checkpoints", second.run_dir + "/checkpoints"},
-                                       std::pair{join_path(c.run_dir + "-server", whole_runs[0]),
-                                                 join_path(first.run_dir + "-server", part_runs[0])}}) {
-    auto a = last_state(a_root), b = last_state(b_root);
-    ASSERT_EQ(a.size(), b.size()) << a_root;
-    for (auto& [k, t] : a) {
-      if (k != "rng") {
-        EXPECT_TRUE(at::equal(t, b.at(k))) << a_root << ": " << k;
-      }
-    }
-  }
+  expect_same_checkpoint(c.run_dir + "/checkpoints", second.run_dir + "/checkpoints", 10);
+  expect_same_checkpoint(join_path(c.run_dir + "-server", whole_runs[0]),
+                         join_path(first.run_dir + "-server", part_runs[0]), 10);
 }
 
 TEST(SplitRun, ResumedRunEqualsUninterruptedRunWithAmaq) {

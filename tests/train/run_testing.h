@@ -2,13 +2,16 @@
 // llama-gqa fixture, the server that matches it, and the run against a server over in-process channels.
 #pragma once
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "core/fs.h"
+#include "core/safetensors.h"
 #include "quant/spec.h"
 #include "testing.h"
+#include "train/checkpoint.h"
 #include "train/session.h"
 #include "wire/channel.h"
 
@@ -83,6 +86,57 @@ inline RunResult run_in_process(TrainServer& srv, const ClientConfig& c) {
   }
   for (auto& t : sessions) t.join();
   return r;
+}
+
+// Runs every config against `srv` at once, a thread each. errors[i] is run i's exception message, or "".
+inline std::vector<RunResult> run_concurrently(TrainServer& srv, const std::vector<ClientConfig>& cfgs,
+                                               std::vector<std::string>* errors) {
+  std::vector<RunResult> results(cfgs.size());
+  errors->assign(cfgs.size(), "");
+  std::vector<std::thread> clients;
+  for (size_t i = 0; i < cfgs.size(); ++i) {
+    clients.emplace_back([&, i] {
+      try {
+        results[i] = run_in_process(srv, cfgs[i]);
+      } catch (const std::exception& e) {
+        (*errors)[i] = e.what();
+      }
+    });
+  }
+  for (auto& t : clients) t.join();
+  return results;
+}
+
+// Two runs equal step for step (losses, gradient norm, bits each way: bit for bit) and in their
+// final evaluation.
+inline void expect_same_steps(const RunResult& a, const RunResult& b) {
+  ASSERT_EQ(a.steps.size(), b.steps.size());
+  for (size_t s = 0; s < a.steps.size(); ++s) {
+    EXPECT_EQ(b.steps[s].loss, a.steps[s].loss) << "step " << s;
+    EXPECT_EQ(b.steps[s].task_loss, a.steps[s].task_loss) << "step " << s;
+    EXPECT_EQ(b.steps[s].grad_norm, a.steps[s].grad_norm) << "step " << s;
+    EXPECT_EQ(b.steps[s].fwd_bits.mean, a.steps[s].fwd_bits.mean) << "step " << s;
+    EXPECT_EQ(b.steps[s].bwd_bits.mean, a.steps[s].bwd_bits.mean) << "step " << s;
+  }
+  EXPECT_EQ(b.eval.dump(), a.eval.dump());
+}
+
+// The run id a client's run directory holds.
+inline std::string run_id_of(const std::string& run_dir) {
+  return nlohmann::json::parse(read_file(join_path(run_dir, "run.json"))).at("run_id").get<std::string>();
+}
+
+// Every tensor of the checkpoints at `step` under two roots (a client's `RUN/checkpoints`, or a
+// server's `SERVER_RUN/<run id>`) equal, the RNG state aside.
+inline void expect_same_checkpoint(const std::string& a_root, const std::string& b_root, int64_t step) {
+  auto a = load_safetensors(checkpoint_path(a_root, step) + "/state.safetensors"),
+       b = load_safetensors(checkpoint_path(b_root, step) + "/state.safetensors");
+  ASSERT_EQ(a.size(), b.size()) << a_root;
+  for (auto& [k, t] : a) {
+    if (k != "rng") {
+      EXPECT_TRUE(at::equal(t, b.at(k))) << a_root << ": " << k;
+    }
+  }
 }
 
 }  // namespace amaq::train

@@ -98,54 +98,16 @@ TEST(SharedServer, ConcurrentRunsOfDifferentCodecsAndRanksTrainAsOnDedicatedServ
   sc.fwd_codec = sc.bwd_codec = quant::CodecSpec::parse("none:fp32");
   sc.client_codecs = true;
   TrainServer shared(sc);
-  std::vector<RunResult> together_results(specs.size());
-  std::vector<std::string> errors(specs.size());
-  {
-    std::vector<std::thread> clients;
-    for (size_t i = 0; i < specs.size(); ++i) {
-      clients.emplace_back([&, i] {
-        try {
-          together_results[i] = run_in_process(shared, together[i]);
-        } catch (const std::exception& e) {
-          errors[i] = e.what();
-        }
-      });
-    }
-    for (auto& t : clients) t.join();
-  }
-
-  auto run_id = [](const std::string& run_dir) {
-    return nlohmann::json::parse(read_file(join_path(run_dir, "run.json"))).at("run_id").get<std::string>();
-  };
-  auto final_state = [](const std::string& root) {
-    return load_safetensors(checkpoint_path(root, 6) + "/state.safetensors");
-  };
+  std::vector<std::string> errors;
+  const std::vector<RunResult> together_results = run_concurrently(shared, together, &errors);
   for (size_t i = 0; i < specs.size(); ++i) {
     SCOPED_TRACE(specs[i].name);
     ASSERT_EQ(errors[i], "");
-    const RunResult &a = alone_results[i], &b = together_results[i];
-    ASSERT_EQ(a.steps.size(), 6u);
-    ASSERT_EQ(b.steps.size(), 6u);
-    for (size_t s = 0; s < a.steps.size(); ++s) {
-      EXPECT_EQ(b.steps[s].loss, a.steps[s].loss) << "step " << s;
-      EXPECT_EQ(b.steps[s].grad_norm, a.steps[s].grad_norm) << "step " << s;
-      EXPECT_EQ(b.steps[s].fwd_bits.mean, a.steps[s].fwd_bits.mean) << "step " << s;
-      EXPECT_EQ(b.steps[s].bwd_bits.mean, a.steps[s].bwd_bits.mean) << "step " << s;
-    }
-    EXPECT_EQ(b.eval.dump(), a.eval.dump());
-    const std::string alone_server = join_path(alone[i].run_dir + "-server", run_id(alone[i].run_dir)),
-                      shared_server = join_path(sc.run_dir, run_id(together[i].run_dir));
-    for (const auto& [x_root, y_root] :
-         {std::pair{alone[i].run_dir + "/checkpoints", together[i].run_dir + "/checkpoints"},
-          std::pair{alone_server, shared_server}}) {
-      auto x = final_state(x_root), y = final_state(y_root);
-      ASSERT_EQ(x.size(), y.size()) << x_root;
-      for (auto& [k, t] : x) {
-        if (k != "rng") {
-          EXPECT_TRUE(at::equal(t, y.at(k))) << x_root << ": " << k;
-        }
-      }
-    }
+    ASSERT_EQ(alone_results[i].steps.size(), 6u);
+    expect_same_steps(alone_results[i], together_results[i]);
+    expect_same_checkpoint(alone[i].run_dir + "/checkpoints", together[i].run_dir + "/checkpoints", 6);
+    expect_same_checkpoint(join_path(alone[i].run_dir + "-server", run_id_of(alone[i].run_dir)),
+                           join_path(sc.run_dir, run_id_of(together[i].run_dir)), 6);
   }
 }
 
@@ -165,20 +127,9 @@ TEST(SharedServer, ARunBeyondMaxRunsWaitsForOneToEndAndThenTrains) {
   sc.run_dir = tmp.file("shared-server");
   sc.max_runs = 1;
   TrainServer srv(sc);
-  std::vector<RunResult> results(2);
-  std::vector<std::string> errors(2);
-  std::vector<std::thread> clients;
-  for (int i = 0; i < 2; ++i) {
-    clients.emplace_back([&, i] {
-      try {
-        results[i] = run_in_process(srv, cfgs[i]);
-      } catch (const std::exception& e) {
-        errors[i] = e.what();
-      }
-    });
-  }
-  for (auto& t : clients) t.join();
-  const TrainServer::Admissions a = srv.admissions();
+  std::vector<std::string> errors;
+  const std::vector<RunResult> results = run_concurrently(srv, cfgs, &errors);
+  const TrainServer::Admissions a = srv.status().admissions;
   EXPECT_EQ(a.peak, 1);
   EXPECT_GE(a.busy, 1);
   EXPECT_EQ(a.live, 0);
@@ -189,8 +140,8 @@ TEST(SharedServer, ARunBeyondMaxRunsWaitsForOneToEndAndThenTrains) {
     alone.run_dir = tmp.file("alone" + std::to_string(i));
     TrainServer own(server_for(alone, alone.side));
     const RunResult r = run_in_process(own, alone);
-    ASSERT_EQ(results[i].steps.size(), 4u);
-    for (size_t s = 0; s < 4; ++s) EXPECT_EQ(results[i].steps[s].loss, r.steps[s].loss) << i << " step " << s;
+    ASSERT_EQ(r.steps.size(), 4u);
+    expect_same_steps(r, results[i]);
   }
 }
 
@@ -219,7 +170,7 @@ TEST(SharedServer, ARunOverTheMemoryBudgetIsRefusedByName) {
   {
     TrainServer srv(sc);
     EXPECT_AMAQ_ERROR(run_in_process(srv, c), "--run-memory-budget", "train LoRA on the server side");
-    EXPECT_EQ(srv.admissions().over_budget, 1);
+    EXPECT_EQ(srv.status().admissions.over_budget, 1);
   }
   c.run_dir = tmp.file("lora");
   sc = server_for(c, c.side);

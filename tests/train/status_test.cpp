@@ -6,14 +6,11 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
-#include <boost/asio/connect.hpp>
-#include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/read.hpp>
-#include <boost/asio/write.hpp>
 #include <chrono>
-#include <regex>
 #include <thread>
 
+#include "http_testing.h"
 #include "testing.h"
 #include "train/run_testing.h"
 #include "train/session.h"
@@ -25,36 +22,9 @@ namespace {
 
 namespace asio = boost::asio;
 using tcp = asio::ip::tcp;
-
-// A plain HTTP exchange over a socket (not Beast: the server's own parser is under test). Returns the
-// whole response, "" when the server closed without one.
-std::string http_raw(uint16_t port, const std::string& request) {
-  asio::io_context io;
-  tcp::socket s(io);
-  boost::system::error_code ec;
-  s.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port), ec);
-  if (!ec) asio::write(s, asio::buffer(request), ec);  // a server that closed at once may reset it
-  std::string out;
-  asio::read(s, asio::dynamic_buffer(out), ec);  // until the server closes
-  return out;
-}
-std::string get(uint16_t port, const std::string& path, const std::string& extra = "") {
-  return http_raw(port, "GET " + path + " HTTP/1.1\r\nHost: x\r\n" + extra + "\r\n");
-}
-int status_code(const std::string& response) {
-  return response.size() > 12 && response.compare(0, 5, "HTTP/") == 0 ? std::stoi(response.substr(9, 3)) : 0;
-}
-// The value of the first sample of `metric` whose labels contain `labels`, or -1.
-double sample(const std::string& text, const std::string& metric, const std::string& labels = "") {
-  std::istringstream in(text);
-  for (std::string line; std::getline(in, line);) {
-    if (line.rfind(metric, 0) != 0 || line.find(labels) == std::string::npos) continue;
-    const char next = line[metric.size()];
-    if (next != ' ' && next != '{') continue;
-    return std::stod(line.substr(line.rfind(' ') + 1));
-  }
-  return -1;
-}
+using testing::http_raw;
+using testing::sample;
+using testing::status_code;
 
 TEST(StatusPage, ScrapedDuringARunItShowsTheRunsStepBytesBitsAndLatency) {
   testing::TempDir tmp;
@@ -75,11 +45,11 @@ TEST(StatusPage, ScrapedDuringARunItShowsTheRunsStepBytesBitsAndLatency) {
   });
   std::string during, html;
   for (int i = 0; i < 2000 && during.empty(); ++i) {
-    const std::string m = get(page.port(), "/metrics");
+    const std::string m = testing::http_get(page.port(), "/metrics");
     ASSERT_EQ(status_code(m), 200) << m;
     if (sample(m, "amaq_run_step") >= 3 && sample(m, "amaq_runs_live") == 1) {
       during = m;
-      html = get(page.port(), "/");
+      html = testing::http_get(page.port(), "/");
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
@@ -124,12 +94,12 @@ TEST(StatusPage, ScrapedDuringARunItShowsTheRunsStepBytesBitsAndLatency) {
   EXPECT_NE(html.find(id), std::string::npos);
   EXPECT_NE(html.find("fixed"), std::string::npos);
 
-  const std::string after = get(page.port(), "/metrics");
+  const std::string after = testing::http_get(page.port(), "/metrics");
   EXPECT_EQ(sample(after, "amaq_runs_live"), 0);
   EXPECT_EQ(sample(after, "amaq_runs_peak"), 1);
   EXPECT_EQ(sample(after, "amaq_steps_served_total"), 40);
   EXPECT_EQ(sample(after, "amaq_run_step", run), -1);  // the run has left the list
-  EXPECT_EQ(status_code(get(page.port(), "/nothing")), 404);
+  EXPECT_EQ(status_code(testing::http_get(page.port(), "/nothing")), 404);
 }
 
 TEST(StatusPage, TokenGarbageOversizedAndSilentPeersDoNotStopIt) {
@@ -139,11 +109,11 @@ TEST(StatusPage, TokenGarbageOversizedAndSilentPeersDoNotStopIt) {
     return wire::HttpResponse{200, "text/plain", "page " + path + "\n"};
   });
   const uint16_t port = page.port();
-  EXPECT_EQ(status_code(get(port, "/metrics")), 401);
-  EXPECT_EQ(status_code(get(port, "/metrics", "Authorization: Bearer wrong!\r\n")), 401);
-  EXPECT_EQ(status_code(get(port, "/metrics", "Authorization: Bearer s3cret\r\n")), 200);
+  EXPECT_EQ(status_code(testing::http_get(port, "/metrics")), 401);
+  EXPECT_EQ(status_code(testing::http_get(port, "/metrics", "Authorization: Bearer wrong!\r\n")), 401);
+  EXPECT_EQ(status_code(testing::http_get(port, "/metrics", "Authorization: Bearer s3cret\r\n")), 200);
   EXPECT_EQ(status_code(http_raw(port, "GARBAGE\r\n\r\n")), 400);
-  EXPECT_EQ(status_code(get(port, "/", "X-Big: " + std::string(20000, 'a') + "\r\n")), 400);
+  EXPECT_EQ(status_code(testing::http_get(port, "/", "X-Big: " + std::string(20000, 'a') + "\r\n")), 400);
   EXPECT_EQ(status_code(http_raw(port, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")), 400);
   EXPECT_EQ(served, 1);
 
@@ -155,7 +125,7 @@ TEST(StatusPage, TokenGarbageOversizedAndSilentPeersDoNotStopIt) {
     silent.back().connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port));
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  EXPECT_EQ(get(port, "/", "Authorization: Bearer s3cret\r\n"), "");  // over the cap
+  EXPECT_EQ(testing::http_get(port, "/", "Authorization: Bearer s3cret\r\n"), "");  // over the cap
   const auto t0 = std::chrono::steady_clock::now();
   for (auto& s : silent) {
     std::string out;
@@ -164,7 +134,7 @@ TEST(StatusPage, TokenGarbageOversizedAndSilentPeersDoNotStopIt) {
     EXPECT_TRUE(ec) << "a silent connection was answered";
   }
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(3));
-  EXPECT_EQ(status_code(get(port, "/", "Authorization: Bearer s3cret\r\n")), 200);
+  EXPECT_EQ(status_code(testing::http_get(port, "/", "Authorization: Bearer s3cret\r\n")), 200);
   EXPECT_EQ(served, 2);
 
   EXPECT_AMAQ_ERROR(
