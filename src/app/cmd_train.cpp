@@ -418,6 +418,12 @@ Run add_client(CLI::App& app) {
   app.add_option("--tls-cert", a->tls_cert, "client certificate for mutual TLS");
   app.add_option("--tls-key", a->tls_key, "client key for mutual TLS");
   app.add_option("--token-file", a->token_file, "file with the token the server was given");
+  app.add_option("--federation", a->cfg.federation,
+                 "SplitFed: share the server side with this federation's runs and average the client sides");
+  app.add_option("--fed-every", a->cfg.fed_every, "average the client side with the federation every N steps")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
+  app.add_option("--fed-clients", a->cfg.fed_clients, "members the federation waits for before its first step")
+      ->check(CLI::Range(1, 1024));
   auto config = use_toml_config(app);
   return [a, &app, config] {
     config();

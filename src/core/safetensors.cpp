@@ -58,6 +58,95 @@ std::string dtype_to_safetensors(at::ScalarType t) {
   TORCH_CHECK(false, "safetensors cannot store dtype ", t);
 }
 
+namespace {
+
+// The header length that a file or buffer of `size` bytes starts with (`first8`), checked against its size.
+uint64_t header_length(const std::string& path, const char* first8, uint64_t size) {
+  if (size < 8) bad_file(path, std::to_string(size) + " bytes, shorter than its 8-byte header length");
+  uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | static_cast<uint8_t>(first8[i]);
+  if (header_len > kMaxHeaderBytes) bad_file(path, "header length " + std::to_string(header_len) + " exceeds 100 MiB");
+  if (8 + header_len > size) {
+    bad_file(path, "header length " + std::to_string(header_len) + " runs past the end of the " + std::to_string(size) +
+                       " bytes");
+  }
+  return header_len;
+}
+
+// The JSON header of a safetensors file or buffer (`path` names it in errors): every dtype known,
+// every shape consistent with its byte range, every range inside the `data_size` bytes that follow
+// the header, no two ranges overlapping.
+void parse_header(const std::string& path, const std::string& header, uint64_t data_size,
+                  std::map<std::string, TensorInfo>* tensors, std::map<std::string, std::string>* metadata) {
+  nlohmann::json j = nlohmann::json::parse(header, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) bad_file(path, "header is not a JSON object");
+
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string& name = it.key();
+    const auto& v = it.value();
+    if (name == "__metadata__") {
+      if (!v.is_object()) bad_file(path, "__metadata__ is not an object");
+      for (auto m = v.begin(); m != v.end(); ++m) {
+        if (!m.value().is_string()) bad_file(path, "__metadata__ value '" + m.key() + "' is not a string");
+        (*metadata)[m.key()] = m.value().get<std::string>();
+      }
+      continue;
+    }
+    auto where = "tensor '" + name + "': ";
+    if (!v.is_object() || !v.contains("dtype") || !v.contains("shape") || !v.contains("data_offsets")) {
+      bad_file(path, where + "entry needs dtype, shape and data_offsets");
+    }
+    TensorInfo info;
+    info.name = name;
+    if (!v["dtype"].is_string()) bad_file(path, where + "dtype is not a string");
+    info.dtype_name = v["dtype"].get<std::string>();
+    bool ok = false;
+    info.dtype = dtype_from_safetensors(info.dtype_name, &ok);
+    if (!ok) {
+      throw Error("tensor '" + name + "' in " + path + " has unsupported dtype " + info.dtype_name,
+                  "amaq reads F64, F32, F16, BF16 and integer tensors; convert the checkpoint to bf16 or fp32");
+    }
+    const auto& shape = v["shape"];
+    if (!shape.is_array()) bad_file(path, where + "shape is not an array");
+    uint64_t numel = 1;
+    for (const auto& d : shape) {
+      if (!d.is_number_unsigned()) bad_file(path, where + "shape has a negative or non-integer dimension");
+      uint64_t dim = d.get<uint64_t>();
+      if (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / 16 / dim)
+        bad_file(path, where + "shape product overflows");
+      numel *= dim;
+      info.shape.push_back(static_cast<int64_t>(dim));
+    }
+    const auto& off = v["data_offsets"];
+    if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned()) {
+      bad_file(path, where + "data_offsets must be two non-negative integers");
+    }
+    info.begin = off[0].get<uint64_t>();
+    info.end = off[1].get<uint64_t>();
+    if (info.begin > info.end) bad_file(path, where + "data_offsets begin > end");
+    if (info.end > data_size) {
+      bad_file(path, where + "data_offsets end " + std::to_string(info.end) + " is past the end of the data (" +
+                         std::to_string(data_size) + " bytes)");
+    }
+    uint64_t expect = numel * at::elementSize(info.dtype);
+    if (info.end - info.begin != expect) {
+      bad_file(path, where + "shape " + shape_str(info.shape) + " of " + info.dtype_name + " needs " +
+                         std::to_string(expect) + " bytes, data_offsets span " + std::to_string(info.end - info.begin));
+    }
+    tensors->emplace(name, std::move(info));
+  }
+  std::vector<const TensorInfo*> by_offset;
+  for (const auto& kv : *tensors) by_offset.push_back(&kv.second);
+  std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
+  for (size_t i = 1; i < by_offset.size(); ++i) {
+    if (by_offset[i]->begin < by_offset[i - 1]->end) {
+      bad_file(path, "tensors '" + by_offset[i - 1]->name + "' and '" + by_offset[i]->name + "' overlap");
+    }
+  }
+}
+
+}  // namespace
+
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd_ < 0) {
@@ -67,90 +156,14 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   ::fstat(fd_, &st);
   file_size_ = static_cast<uint64_t>(st.st_size);
   try {
-    if (file_size_ < 8)
-      bad_file(path, "file is " + std::to_string(file_size_) + " bytes, shorter than its 8-byte header length");
-    uint8_t len_bytes[8];
-    if (::pread(fd_, len_bytes, 8, 0) != 8) bad_file(path, "cannot read the header length");
-    uint64_t header_len = 0;
-    for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | len_bytes[i];
-    if (header_len > kMaxHeaderBytes)
-      bad_file(path, "header length " + std::to_string(header_len) + " exceeds 100 MiB");
-    if (8 + header_len > file_size_) {
-      bad_file(path, "header length " + std::to_string(header_len) + " runs past the end of the " +
-                         std::to_string(file_size_) + "-byte file");
-    }
+    char len_bytes[8] = {};
+    if (file_size_ >= 8 && ::pread(fd_, len_bytes, 8, 0) != 8) bad_file(path, "cannot read the header length");
+    const uint64_t header_len = header_length(path, len_bytes, file_size_);
     std::string header(header_len, '\0');
     if (::pread(fd_, header.data(), header_len, 8) != static_cast<ssize_t>(header_len))
       bad_file(path, "short read of header");
     data_start_ = 8 + header_len;
-    const uint64_t data_size = file_size_ - data_start_;
-
-    nlohmann::json j = nlohmann::json::parse(header, nullptr, /*allow_exceptions=*/false);
-    if (j.is_discarded() || !j.is_object()) bad_file(path, "header is not a JSON object");
-
-    for (auto it = j.begin(); it != j.end(); ++it) {
-      const std::string& name = it.key();
-      const auto& v = it.value();
-      if (name == "__metadata__") {
-        if (!v.is_object()) bad_file(path, "__metadata__ is not an object");
-        for (auto m = v.begin(); m != v.end(); ++m) {
-          if (!m.value().is_string()) bad_file(path, "__metadata__ value '" + m.key() + "' is not a string");
-          metadata_[m.key()] = m.value().get<std::string>();
-        }
-        continue;
-      }
-      auto where = "tensor '" + name + "': ";
-      if (!v.is_object() || !v.contains("dtype") || !v.contains("shape") || !v.contains("data_offsets")) {
-        bad_file(path, where + "entry needs dtype, shape and data_offsets");
-      }
-      TensorInfo info;
-      info.name = name;
-      if (!v["dtype"].is_string()) bad_file(path, where + "dtype is not a string");
-      info.dtype_name = v["dtype"].get<std::string>();
-      bool ok = false;
-      info.dtype = dtype_from_safetensors(info.dtype_name, &ok);
-      if (!ok) {
-        throw Error("tensor '" + name + "' in " + path + " has unsupported dtype " + info.dtype_name,
-                    "amaq reads F64, F32, F16, BF16 and integer tensors; convert the checkpoint to bf16 or fp32");
-      }
-      const auto& shape = v["shape"];
-      if (!shape.is_array()) bad_file(path, where + "shape is not an array");
-      uint64_t numel = 1;
-      for (const auto& d : shape) {
-        if (!d.is_number_unsigned()) bad_file(path, where + "shape has a negative or non-integer dimension");
-        uint64_t dim = d.get<uint64_t>();
-        if (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / 16 / dim)
-          bad_file(path, where + "shape product overflows");
-        numel *= dim;
-        info.shape.push_back(static_cast<int64_t>(dim));
-      }
-      const auto& off = v["data_offsets"];
-      if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned()) {
-        bad_file(path, where + "data_offsets must be two non-negative integers");
-      }
-      info.begin = off[0].get<uint64_t>();
-      info.end = off[1].get<uint64_t>();
-      if (info.begin > info.end) bad_file(path, where + "data_offsets begin > end");
-      if (info.end > data_size) {
-        bad_file(path, where + "data_offsets end " + std::to_string(info.end) + " is past the end of the data (" +
-                           std::to_string(data_size) + " bytes)");
-      }
-      uint64_t expect = numel * at::elementSize(info.dtype);
-      if (info.end - info.begin != expect) {
-        bad_file(path, where + "shape " + shape_str(info.shape) + " of " + info.dtype_name + " needs " +
-                           std::to_string(expect) + " bytes, data_offsets span " +
-                           std::to_string(info.end - info.begin));
-      }
-      tensors_.emplace(name, std::move(info));
-    }
-    std::vector<const TensorInfo*> by_offset;
-    for (const auto& kv : tensors_) by_offset.push_back(&kv.second);
-    std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
-    for (size_t i = 1; i < by_offset.size(); ++i) {
-      if (by_offset[i]->begin < by_offset[i - 1]->end) {
-        bad_file(path, "tensors '" + by_offset[i - 1]->name + "' and '" + by_offset[i]->name + "' overlap");
-      }
-    }
+    parse_header(path, header, file_size_ - data_start_, &tensors_, &metadata_);
   } catch (...) {
     ::close(fd_);
     throw;
@@ -225,6 +238,21 @@ std::string safetensors_bytes(const NamedTensors& tensors, const std::map<std::s
 void save_safetensors(const std::string& path, const NamedTensors& tensors,
                       const std::map<std::string, std::string>& metadata) {
   write_file_atomic(path, safetensors_bytes(tensors, metadata));
+}
+
+std::map<std::string, at::Tensor> safetensors_from_bytes(const std::string& bytes, const std::string& what) {
+  const uint64_t header_len = header_length(what, bytes.data(), bytes.size());
+  std::map<std::string, TensorInfo> infos;
+  std::map<std::string, std::string> metadata;
+  parse_header(what, bytes.substr(8, header_len), bytes.size() - 8 - header_len, &infos, &metadata);
+  const char* data = bytes.data() + 8 + header_len;
+  std::map<std::string, at::Tensor> out;
+  for (const auto& [name, ti] : infos) {
+    at::Tensor t = at::empty(ti.shape, at::TensorOptions().dtype(ti.dtype));
+    if (ti.end > ti.begin) std::memcpy(t.data_ptr(), data + ti.begin, ti.end - ti.begin);
+    out.emplace(name, std::move(t));
+  }
+  return out;
 }
 
 std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {

@@ -59,6 +59,8 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
                       const std::map<std::string, std::string>& metadata = {});
 /// Reads every tensor of a file.
 std::map<std::string, at::Tensor> load_safetensors(const std::string& path);
+/// Every tensor of safetensors bytes (a peer's message), validated as a file is; `what` names them in errors.
+std::map<std::string, at::Tensor> safetensors_from_bytes(const std::string& bytes, const std::string& what);
 
 /// The weights of an HF checkpoint directory: `model.safetensors`, or shards listed in
 /// `model.safetensors.index.json`. Shards are opened only when one of their tensors is asked for.

@@ -81,12 +81,14 @@ void save_side_checkpoint(const std::string& root, int64_t step, Side& side, qua
   prune_checkpoints(root, keep);
 }
 
-nlohmann::json load_side_checkpoint(const std::string& dir, Side& side, quant::Link& link) {
+nlohmann::json load_side_checkpoint(const std::string& dir, Side* side, quant::Link& link) {
   const std::string state_file = join_path(dir, "state.json");
   nlohmann::json fields = parse_state_file(read_file(state_file), state_file);
   auto tensors = load_safetensors(join_path(dir, "state.safetensors"));
-  side.load_state(tensors, dir);
-  load_optimizer(*side.opt, read_file(join_path(dir, "optim.pt")), dir);
+  if (side) {
+    side->load_state(tensors, dir);
+    load_optimizer(*side->opt, read_file(join_path(dir, "optim.pt")), dir);
+  }
   const quant::Link::FileReader read = [&](const std::string& name) -> std::optional<std::string> {
     const std::string path = join_path(dir, name);
     if (!file_exists(path)) return std::nullopt;

@@ -36,8 +36,8 @@ int remove_stale_temps(const std::string& root);
 /// state.json), then keeps only the newest `keep`.
 void save_side_checkpoint(const std::string& root, int64_t step, Side& side, quant::Link& link, nlohmann::json fields,
                           int keep);
-/// Restores a side, its link and the CPU generator from checkpoint directory `dir`; returns state.json.
-/// A damaged file throws amaq::Error naming it.
-nlohmann::json load_side_checkpoint(const std::string& dir, Side& side, quant::Link& link);
+/// Restores a side (unless null), its link and the CPU generator from checkpoint directory `dir`;
+/// returns state.json. A damaged file throws amaq::Error naming it.
+nlohmann::json load_side_checkpoint(const std::string& dir, Side* side, quant::Link& link);
 
 }  // namespace amaq::train

@@ -50,6 +50,8 @@ bool is_connect_failure(const wire::Status& s) {
   std::string hint = "check that both sides run the same model, split and codecs";
   if (s.code == wire::ErrorCode::kBadAuth) hint = "use the token file the server was started with";
   if (s.code == wire::ErrorCode::kResume) hint = "start a new run directory, or resume from a step the server has";
+  if (s.code == wire::ErrorCode::kFederation)
+    hint = "start every member of the federation with the same --fed-clients, and all of them";
   if (s.code == wire::ErrorCode::kInternal)
     hint = "the server's side failed to set up: fix what the message names there";
   throw Error(std::string("server refused the run: ") + s.message + " (" + wire::error_name(s.code) + ")", hint);
@@ -119,6 +121,8 @@ class ClientTrainer::Run {
   wire::Status evaluate(wire::Channel& ch);
   wire::Status score_remote(wire::Channel& ch, const Dataset& d, int64_t limit, std::vector<RowScore>* out);
   wire::Status checkpoint(wire::Channel& ch, bool final);
+  /// --federation: this side's trained tensors averaged with the other members' through the server.
+  wire::Status fed_average(wire::Channel& ch);
 
   const ClientConfig& c_;
   const std::string ckpt_root_, run_file_;
@@ -139,6 +143,7 @@ class ClientTrainer::Run {
   int64_t step_ = 0;      // optimizer steps completed
   int64_t position_ = 0;  // training examples consumed
   int64_t resume_step_ = -1;
+  int64_t fed_tokens_ = 0;  // trained on since the last federated average (this session)
 };
 
 ClientTrainer::ClientTrainer(ClientConfig cfg) : cfg_(std::move(cfg)) {}
@@ -202,6 +207,17 @@ ClientTrainer::Run::Run(const ClientConfig& c)
   quant::Link::validate(c.fwd_codec, c.bwd_codec);
   Schedule::from_json(c_.schedule.to_json());  // validates
   if (c_.batch < 1) throw Error("--batch must be at least 1", "sequences per micro-batch, e.g. --batch 8");
+  if (!c_.federation.empty()) {
+    if (!valid_federation_name(c_.federation))
+      throw Error("--federation '" + c_.federation + "' is not a federation name",
+                  "use 1-64 characters of A-Z a-z 0-9 . _ -");
+    if (c_.fed_every < 1 || c_.fed_clients < 1 || c_.fed_clients > 1024)
+      throw Error("--fed-every must be at least 1 and --fed-clients in [1, 1024]",
+                  "e.g. --fed-every 10 --fed-clients 2");
+    if (c_.side.full)
+      throw Error("--federation averages the client sides' LoRA; this client trains full weights (--full)",
+                  "train LoRA on the client side, or leave the federation");
+  }
   if (c_.seq_len > model_.max_position_embeddings && !c_.beyond_positions) {
     throw Error("--seq-len " + std::to_string(c_.seq_len) + " is longer than the model's max_position_embeddings (" +
                     std::to_string(model_.max_position_embeddings) + ")",
@@ -274,7 +290,7 @@ void ClientTrainer::Run::open_run_dir() {
 }
 
 void ClientTrainer::Run::restore(bool resume) {
-  step_ = position_ = 0;
+  step_ = position_ = fed_tokens_ = 0;
   resume_step_ = -1;
   const auto have = list_checkpoints(ckpt_root_);
   if (resume && have.empty()) {
@@ -295,7 +311,7 @@ void ClientTrainer::Run::restore(bool resume) {
     try {
       compute::run([&] {
         fresh();
-        const nlohmann::json state = load_side_checkpoint(dir, side_, *link_);
+        const nlohmann::json state = load_side_checkpoint(dir, &side_, *link_);
         if (!state.contains("position") || !state["position"].is_number_integer()) {
           throw Error(join_path(dir, "state.json") + " has no integer \"position\"",
                       "resume from an earlier checkpoint (--resume skips damaged ones)");
@@ -329,8 +345,10 @@ wire::Status ClientTrainer::Run::connect(const Connector& connect, std::unique_p
     s = wire::client_handshake(**ch, hello, c_.token, std::chrono::seconds(30), &ack);
   }
   if (s.ok()) {
-    s = detail::send_control(**ch, wire::ControlKind::kSchedule,
-                             ScheduleRequest{run_id_, resume_step_, c_.batch, c_.seq_len, c_.schedule}.to_json());
+    s = detail::send_control(
+        **ch, wire::ControlKind::kSchedule,
+        ScheduleRequest{run_id_, resume_step_, c_.batch, c_.seq_len, c_.schedule, c_.federation, c_.fed_clients}
+            .to_json());
   }
   wire::Frame f;
   nlohmann::json reply;
@@ -355,7 +373,9 @@ wire::Status ClientTrainer::Run::train(wire::Channel& ch) {
     if (!s.ok()) break;
     log_step(&rec, ch, before, t_step, &progress);
     const bool done = step_ == c_.schedule.steps;
-    if (c_.eval_every > 0 && step_ % c_.eval_every == 0 && !done) s = evaluate(ch);
+    fed_tokens_ += rec.tokens;
+    if (!c_.federation.empty() && (done || step_ % c_.fed_every == 0)) s = fed_average(ch);
+    if (s.ok() && c_.eval_every > 0 && step_ % c_.eval_every == 0 && !done) s = evaluate(ch);
     if (s.ok() && (done || step_ == last || (c_.checkpoint_every > 0 && step_ % c_.checkpoint_every == 0)))
       s = checkpoint(ch, done);
   }
@@ -587,6 +607,28 @@ wire::Status ClientTrainer::Run::checkpoint(wire::Channel& ch, bool final) {
     if (!blob.empty()) write_file_atomic(join_path(dir, "adapter_model.safetensors"), blob);
     write_file_atomic(join_path(dir, "side.json"), reply.at("side").dump(2) + "\n");
   }
+  return wire::Status::Ok();
+}
+
+wire::Status ClientTrainer::Run::fed_average(wire::Channel& ch) {
+  std::string blob = compute::run([&] { return safetensors_bytes(side_.state()); });
+  wire::Status s =
+      detail::send_control(ch, wire::ControlKind::kFedAvg, {{"step", step_}, {"tokens", fed_tokens_}}, std::move(blob));
+  wire::Frame f;
+  nlohmann::json reply;
+  std::string averaged;
+  if (s.ok()) s = detail::expect(ch, wire::MessageType::kControl, std::chrono::minutes(10), &f);
+  if (s.ok()) s = detail::parse_control(f, wire::ControlKind::kFedAvg, &reply, &averaged);
+  if (!s.ok()) return s;
+  try {
+    const auto tensors = safetensors_from_bytes(averaged, "the federation's average");
+    compute::run([&] { side_.load_state(tensors, "the federation's average"); });
+  } catch (const Error& e) {
+    return wire::Status::Fail(wire::ErrorCode::kBadMessage, e.what());
+  }
+  spdlog::debug("run {}: client side averaged with federation {} at step {} ({} members)", run_id_, c_.federation,
+                step_, reply.value("members", 0));
+  fed_tokens_ = 0;
   return wire::Status::Ok();
 }
 

@@ -86,11 +86,13 @@ bool valid_run_id(const std::string& id) {
 }
 
 nlohmann::json ScheduleRequest::to_json() const {
-  return {{"run_id", run_id},
-          {"resume_step", resume_step},
-          {"schedule", schedule.to_json()},
-          {"batch", batch},
-          {"seq_len", seq_len}};
+  nlohmann::json j{{"run_id", run_id},
+                   {"resume_step", resume_step},
+                   {"schedule", schedule.to_json()},
+                   {"batch", batch},
+                   {"seq_len", seq_len}};
+  if (!federation.empty()) j["federation"] = {{"name", federation}, {"clients", fed_clients}};
+  return j;
 }
 
 ScheduleRequest ScheduleRequest::from_json(const nlohmann::json& j) {
@@ -101,9 +103,17 @@ ScheduleRequest ScheduleRequest::from_json(const nlohmann::json& j) {
     r.batch = json_int<int64_t>(j, "batch");
     r.seq_len = json_int<int64_t>(j, "seq_len");
     r.schedule = Schedule::from_json(j.at("schedule"));
+    if (j.contains("federation")) {
+      r.federation = j.at("federation").at("name").get<std::string>();
+      r.fed_clients = json_int<int64_t>(j.at("federation"), "clients");
+    }
   } catch (const nlohmann::json::exception& e) {
     throw Error(std::string("SCHEDULE: ") + e.what(), "both sides must run the same amaq version");
   }
+  if (j.contains("federation") && !valid_federation_name(r.federation))
+    throw Error("SCHEDULE: federation name must be 1-64 characters of A-Z a-z 0-9 . _ -", "rename --federation");
+  if (r.fed_clients < 1 || r.fed_clients > 1024)
+    throw Error("SCHEDULE: federation clients outside [1, 1024]", "set --fed-clients to the number of members");
   if (!valid_run_id(r.run_id))
     throw Error("SCHEDULE: run_id must be 8-64 lowercase hex characters", "a damaged run.json on the client?");
   if (r.resume_step < -1 || r.resume_step > r.schedule.steps)
@@ -112,6 +122,16 @@ ScheduleRequest ScheduleRequest::from_json(const nlohmann::json& j) {
       r.batch * r.seq_len > 65536)  // no overflow
     throw Error("SCHEDULE: batch x seq_len must be in [2, 65536] tokens per micro-batch", "lower --batch or --seq-len");
   return r;
+}
+
+bool valid_federation_name(const std::string& name) {
+  if (name.empty() || name.size() > 64) return false;
+  for (char ch : name) {
+    const bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '.' ||
+                    ch == '_' || ch == '-';
+    if (!ok) return false;
+  }
+  return true;
 }
 
 std::string parse_run_file(const std::string& text, const std::string& path) {

@@ -51,6 +51,8 @@ struct Schedule {
 
 /// Run ids name directories: 8-64 lowercase hex characters.
 bool valid_run_id(const std::string& id);
+/// Federation names: 1-64 characters of [A-Za-z0-9._-].
+bool valid_federation_name(const std::string& name);
 
 /// The client's SCHEDULE: which run, from which step, with what shapes and schedule.
 struct ScheduleRequest {
@@ -58,6 +60,8 @@ struct ScheduleRequest {
   int64_t resume_step = -1;  ///< -1: a fresh run
   int64_t batch = 0, seq_len = 0;
   Schedule schedule;
+  std::string federation;   ///< SplitFed: the federation this run joins (train/federation.h); "" for none
+  int64_t fed_clients = 1;  ///< members the federation waits for before its first step
 
   nlohmann::json to_json() const;
   /// Every field checked, batch x seq_len without overflow; throws amaq::Error naming the field.

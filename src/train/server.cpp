@@ -16,6 +16,7 @@
 #include "train/checkpoint.h"
 #include "train/data.h"
 #include "train/eval.h"
+#include "train/federation.h"
 #include "train/session.h"
 #include "train/session_util.h"
 #include "train/side.h"
@@ -51,6 +52,7 @@ class TrainServer::Session {
   Session(TrainServer& srv, wire::Channel& ch, uint64_t id, std::optional<wire::Hello> hello)
       : srv_(srv), cfg_(srv.cfg_), ch_(ch), id_(id), hello_(std::move(hello)) {}
   ~Session() {
+    if (fed_) srv_.leave_federation(fed_, run_id_);
     if (!admitted_) return;
     std::lock_guard<std::mutex> lock(srv_.admit_mu_);
     --srv_.admissions_.live;
@@ -77,8 +79,14 @@ class TrainServer::Session {
   wire::Status on_eval(const wire::Frame& f);
   wire::Status on_control(const wire::Frame& f);
   wire::Status on_step(const nlohmann::json& j);
-  /// On the compute thread: the optimizer step STEP asked for, if it has not been taken yet.
+  /// A federation member whose last STEP is not yet part of a complete round waits for it (its
+  /// weights are the round's); false when the wait failed (`*s` says why).
+  bool wait_for_round(wire::Status* s);
+  /// On the compute thread: the optimizer step STEP asked for (a federation's: its completed rounds'),
+  /// if it has not been taken yet.
   void take_pending_step();
+  /// FED_AVG: this client's trained tensors in, the federation's token-weighted average back.
+  wire::Status on_fed_avg(const nlohmann::json& j, const std::string& blob);
   wire::Status on_checkpoint(const nlohmann::json& j);
   wire::Status on_bye();
   /// The server is stopping: tell the client at this step boundary, then serve its checkpoint and BYE.
@@ -97,10 +105,14 @@ class TrainServer::Session {
   // The run this session serves.
   std::string run_id_, root_;
   Schedule schedule_;
+  std::string federation_;  // "" : none
+  int64_t fed_clients_ = 1;
   int64_t batch_ = 0, seq_len_ = 0, resume_step_ = -1;
   std::unique_lock<std::timed_mutex> run_lock_;  // one session per run at a time
   bool admitted_ = false;
-  Side side_;
+  Side own_side_;                    // the run's own side; a federation member trains the federation's
+  std::shared_ptr<Federation> fed_;  // --federation: the federation this run is a member of
+  Side& side() { return fed_ ? fed_->side : own_side_; }
   GraphedBackward graphed_;  // --cuda-graph
   std::unique_ptr<quant::Link> link_;
   std::unique_ptr<JsonlLog> log_;
@@ -146,6 +158,24 @@ const std::map<std::string, at::Tensor>& TrainServer::shared_base() {
     base_bytes_ = bytes;
   }
   return base_;
+}
+
+wire::Status TrainServer::join_federation(const std::string& name, int64_t clients, const std::string& run_id,
+                                          std::shared_ptr<Federation>* out) {
+  std::lock_guard<std::mutex> lock(fed_mu_);
+  auto& fed = federations_[name];
+  if (!fed) fed = std::make_shared<Federation>(name, clients);
+  wire::Status s = fed->join(run_id, clients);
+  if (s.ok()) *out = fed;
+  if (!s.ok() && fed->members() == 0) federations_.erase(name);
+  return s;
+}
+
+void TrainServer::leave_federation(const std::shared_ptr<Federation>& fed, const std::string& run_id) {
+  std::lock_guard<std::mutex> lock(fed_mu_);
+  if (fed->leave(run_id) > 0) return;
+  auto it = federations_.find(fed->name());
+  if (it != federations_.end() && it->second == fed) federations_.erase(it);
 }
 
 TrainServer::Status TrainServer::status() {
@@ -270,7 +300,7 @@ wire::Status TrainServer::Session::open_run() {
   if (!s.ok()) return s;
   s = detail::send_control(ch_, wire::ControlKind::kSchedule,
                            {{"resume_step", resume_step_},
-                            {"side", side_.options.to_json()},
+                            {"side", side().options.to_json()},
                             {"layers", {cfg_.split, srv_.model_.num_layers}}});
   if (!s.ok()) return s;
   spdlog::info("session {}: run {} {} at step {} ({} steps, {} x {} tokens x {} micro-batches)", id_, run_id_,
@@ -293,6 +323,8 @@ wire::Status TrainServer::Session::read_schedule() {
     batch_ = r.batch;
     seq_len_ = r.seq_len;
     schedule_ = r.schedule;
+    federation_ = r.federation;
+    fed_clients_ = r.fed_clients;
   } catch (const Error& e) {
     return fail(bad(e.what()));
   }
@@ -371,15 +403,32 @@ wire::Status TrainServer::Session::build_run() {
                                        " already has checkpoints on the server\n  hint: resume it (--resume) "
                                        "instead of starting it again"));
   }
+  if (!federation_.empty()) {
+    if (cfg_.side.cuda_graph) {
+      return fail(
+          wire::Status::Fail(wire::ErrorCode::kFederation,
+                             "this server captures CUDA graphs (--cuda-graph), which a federation cannot use"
+                             "\n  hint: train without --federation, or restart the server without --cuda-graph"));
+    }
+    wire::Status s = srv_.join_federation(federation_, fed_clients_, run_id_, &fed_);
+    if (!s.ok()) return fail(s);
+  }
+  bool own_state = true;  // whether a resumed run restores the server side from its checkpoint
   compute::run([&] {
-    side_ = Side::build(srv_.model_, *srv_.ckpt_, SideRole::kServer, cfg_.split, cfg_.side, schedule_.seed + 1,
-                        schedule_.weight_decay, cfg_.side.full ? nullptr : &srv_.shared_base());
+    if (!fed_ || !fed_->built) {
+      Side built = Side::build(srv_.model_, *srv_.ckpt_, SideRole::kServer, cfg_.split, cfg_.side, schedule_.seed + 1,
+                               schedule_.weight_decay, cfg_.side.full ? nullptr : &srv_.shared_base());
+      (fed_ ? fed_->side : own_side_) = std::move(built);
+      if (fed_) fed_->built = true;
+    } else {
+      own_state = false;  // a live federation's shared side is newer than any one member's checkpoint
+    }
     // The handshake accepted the client's codecs: its own with --client-codecs, else the server's.
     const quant::CodecSpec fwd = cfg_.client_codecs ? quant::CodecSpec::parse(hello_->fwd_codec) : cfg_.fwd_codec,
                            bwd = cfg_.client_codecs ? quant::CodecSpec::parse(hello_->bwd_codec) : cfg_.bwd_codec;
     link_ =
         std::make_unique<quant::Link>(quant::LinkSide::kServer, fwd, bwd, srv_.model_.hidden_size, schedule_.gate_lr);
-    if (resume_step_ >= 0) load_side_checkpoint(dir, side_, *link_);
+    if (resume_step_ >= 0) load_side_checkpoint(dir, own_state ? &side() : nullptr, *link_);
   });
   if (resume_step_ >= 0) step_ = resume_step_;
   make_dirs(root_);
@@ -396,8 +445,8 @@ wire::Status TrainServer::Session::decode_inputs(const wire::Frame& f, bool trai
   const int64_t B = fm.batch, T = fm.seq, C = srv_.model_.hidden_size;
   if (fm.label_type == wire::LabelType::kNone) return bad("FORWARD/EVAL without labels");
   try {
-    in->h =
-        train ? link_->receive_activations(fm.packet, side_.device()) : link_->receive_eval(fm.packet, side_.device());
+    in->h = train ? link_->receive_activations(fm.packet, side().device())
+                  : link_->receive_eval(fm.packet, side().device());
   } catch (const Error& e) {
     return bad(e.what());
   }
@@ -410,7 +459,7 @@ wire::Status TrainServer::Session::decode_inputs(const wire::Frame& f, bool trai
   if (!valid.all().item<bool>()) {
     return bad("labels outside [0, " + std::to_string(srv_.model_.vocab_size) + ") other than the ignore label -100");
   }
-  in->labels = in->labels.to(side_.device());  // the mask stays on the CPU: the part reads it there
+  in->labels = in->labels.to(side().device());  // the mask stays on the CPU: the part reads it there
   if (!fm.mask.empty()) in->mask = at::from_blob(const_cast<char*>(fm.mask.data()), {B, T}, at::kByte).to(at::kLong);
   return wire::Status::Ok();
 }
@@ -424,27 +473,39 @@ wire::Status TrainServer::Session::on_forward(const wire::Frame& f) {
   std::string packet;
   double loss_v = 0;
   double codec_seconds = 0;
-  wire::Status s = compute::run([&] {
+  wire::Status s;
+  if (!wait_for_round(&s)) return s;
+  s = compute::run([&] {
     take_pending_step();
     const auto d0 = Clock::now();
     wire::Status ds = decode_inputs(f, true, &in);
     codec_seconds += seconds_since(d0);
     if (!ds.ok()) return ds;
     const wire::ForwardMsg& fm = in.msg;
+    // A federation member accumulates into its own gradients, in the shared parameters while it computes.
+    struct Installed {
+      Federation* fed;
+      const std::string& run_id;
+      int64_t tokens;
+      ~Installed() {
+        if (fed) fed->uninstall(run_id, tokens);
+      }
+    } installed{fed_.get(), run_id_, fed_ ? (in.labels != kIgnoreLabel).sum().item<int64_t>() : 0};
+    if (fed_) fed_->install(run_id_);
     // Eagerly the loss is checked before backward; a captured step (--cuda-graph) checks it after.
     at::Tensor h, loss, h_grad;
-    if (side_.options.cuda_graph) {
-      loss = graphed_.run(side_, in.h, in.mask, in.labels, schedule_.micro_batches, &h_grad);
+    if (side().options.cuda_graph) {
+      loss = graphed_.run(side(), in.h, in.mask, in.labels, schedule_.micro_batches, &h_grad);
     } else {
-      h = in.h.to(side_.part->dtype()).requires_grad_(true);
-      loss = causal_lm_loss(side_.part->forward(h, in.mask), in.labels);
+      h = in.h.to(side().part->dtype()).requires_grad_(true);
+      loss = causal_lm_loss(side().part->forward(h, in.mask), in.labels);
     }
     loss_v = loss.item<double>();
     if (!std::isfinite(loss_v)) {
       return bad("the loss at step " + std::to_string(fm.step) +
                  " is not finite: training diverged (lower --lr or enable --clip)");
     }
-    if (!side_.options.cuda_graph) {
+    if (!side().options.cuda_graph) {
       (loss / static_cast<double>(schedule_.micro_batches)).backward();
       h_grad = h.grad();
     }
@@ -452,7 +513,7 @@ wire::Status TrainServer::Session::on_forward(const wire::Frame& f) {
     packet = link_->send_gradients(h_grad, static_cast<int64_t>(fm.step), fm.micro_batch);
     codec_seconds += seconds_since(e0);
     const bool last = fm.micro_batch + 1 == static_cast<uint64_t>(schedule_.micro_batches);
-    bm.grad_sq_norm = last ? side_.grad_sq_norm() : 0.0;
+    bm.grad_sq_norm = last ? side().grad_sq_norm() : 0.0;
     return wire::Status::Ok();
   });
   if (!s.ok()) return fail(s);
@@ -489,12 +550,14 @@ wire::Status TrainServer::Session::on_eval(const wire::Frame& f) {
   Inputs in;
   wire::HeartbeatScope alive(ch_, std::chrono::seconds(2));
   wire::EvalResultMsg res;
-  wire::Status s = compute::run([&] {
+  wire::Status s;
+  if (!wait_for_round(&s)) return s;
+  s = compute::run([&] {
     take_pending_step();
     wire::Status ds = decode_inputs(f, false, &in);
     if (!ds.ok()) return ds;
     at::NoGradGuard no_grad;
-    for (const RowScore& r : score_rows(side_.part->forward(in.h.to(side_.part->dtype()), in.mask), in.labels)) {
+    for (const RowScore& r : score_rows(side().part->forward(in.h.to(side().part->dtype()), in.mask), in.labels)) {
       res.rows.push_back({r.nll_sum, r.tokens, r.correct});
     }
     return wire::Status::Ok();
@@ -520,6 +583,8 @@ wire::Status TrainServer::Session::on_control(const wire::Frame& f) {
         return on_step(j);
       case wire::ControlKind::kCheckpoint:
         return on_checkpoint(j);
+      case wire::ControlKind::kFedAvg:
+        return on_fed_avg(j, cm.blob);
       case wire::ControlKind::kSchedule:
       case wire::ControlKind::kResume:
       case wire::ControlKind::kStop:
@@ -540,7 +605,10 @@ wire::Status TrainServer::Session::on_step(const nlohmann::json& j) {
   if (step != step_)
     return fail(bad("STEP " + std::to_string(step) + " but the server is at step " + std::to_string(step_)));
   if (!(coef > 0 && coef <= 1) || !(lr >= 0)) return fail(bad("STEP with lr or clip coefficient out of range"));
-  pending_step_ = {lr, coef};
+  if (fed_)
+    fed_->submit_step(run_id_, lr, coef);
+  else
+    pending_step_ = {lr, coef};
   log_->write({{"step", step},
                {"loss", micro_ ? loss_sum_ / micro_ : 0.0},
                {"lr", lr},
@@ -561,10 +629,19 @@ wire::Status TrainServer::Session::on_step(const nlohmann::json& j) {
   return wire::Status::Ok();
 }
 
+bool TrainServer::Session::wait_for_round(wire::Status* s) {
+  if (!fed_) return true;
+  *s = fed_->wait_step(run_id_, cfg_.idle_timeout, srv_.stopping_);
+  if (s->ok()) return true;
+  *s = s->code == wire::ErrorCode::kShutdown ? stop() : fail(*s);
+  return false;
+}
+
 void TrainServer::Session::take_pending_step() {
+  if (fed_) return fed_->take_pending_steps();
   if (!pending_step_) return;
-  side_.step(pending_step_->first, pending_step_->second);
-  side_.zero_grad();
+  side().step(pending_step_->first, pending_step_->second);
+  side().zero_grad();
   pending_step_.reset();
 }
 
@@ -577,13 +654,42 @@ wire::Status TrainServer::Session::on_checkpoint(const nlohmann::json& j) {
     return fail(
         bad("CHECKPOINT at step " + std::to_string(step) + " but the server is at step " + std::to_string(step_)));
   std::string blob;
+  wire::Status s;
+  if (!wait_for_round(&s)) return s;
   compute::run([&] {
     take_pending_step();
-    save_side_checkpoint(root_, step, side_, *link_, {{"step", step}, {"run_id", run_id_}}, cfg_.keep_checkpoints);
-    if (final && !side_.options.full) blob = safetensors_bytes(side_.state(), {{"format", "pt"}});
+    save_side_checkpoint(root_, step, side(), *link_, {{"step", step}, {"run_id", run_id_}}, cfg_.keep_checkpoints);
+    if (final && !side().options.full) blob = safetensors_bytes(side().state(), {{"format", "pt"}});
   });
-  const nlohmann::json reply{{"step", step}, {"ok", true}, {"side", side_.options.to_json()}};
-  wire::Status s = detail::send_control(ch_, wire::ControlKind::kCheckpoint, reply, std::move(blob));
+  const nlohmann::json reply{{"step", step}, {"ok", true}, {"side", side().options.to_json()}};
+  s = detail::send_control(ch_, wire::ControlKind::kCheckpoint, reply, std::move(blob));
+  return s.ok() ? s : dropped(s);
+}
+
+wire::Status TrainServer::Session::on_fed_avg(const nlohmann::json& j, const std::string& blob) {
+  if (!fed_) return fail(bad("FED_AVG from a run that is in no federation"));
+  int64_t step = 0, tokens = 0;
+  if (wire::Status s = read_step(j, &step); !s.ok()) return fail(s);
+  try {
+    tokens = json_int<int64_t>(j, "tokens");
+  } catch (const Error& e) {
+    return fail(bad(std::string("FED_AVG: ") + e.what()));
+  }
+  if (step != step_ || tokens < 0)
+    return fail(bad("FED_AVG at step " + std::to_string(step) + " with " + std::to_string(tokens) +
+                    " tokens, but the server is at step " + std::to_string(step_)));
+  std::map<std::string, at::Tensor> tensors;
+  try {
+    tensors = safetensors_from_bytes(blob, "FED_AVG of run " + run_id_);
+  } catch (const Error& e) {
+    return fail(bad(e.what()));
+  }
+  wire::HeartbeatScope alive(ch_, std::chrono::seconds(2));
+  std::shared_ptr<const std::string> averaged;
+  wire::Status s = fed_->average(run_id_, std::move(tensors), tokens, cfg_.idle_timeout, srv_.stopping_, &averaged);
+  if (s.code == wire::ErrorCode::kShutdown) return stop();
+  if (!s.ok()) return fail(s);
+  s = detail::send_control(ch_, wire::ControlKind::kFedAvg, {{"step", step}, {"members", fed_->members()}}, *averaged);
   return s.ok() ? s : dropped(s);
 }
 
@@ -614,9 +720,9 @@ wire::Status TrainServer::Session::on_bye() {
       {{"session",
         {{"bytes_sent", ch_.accounting().bytes_sent()}, {"bytes_received", ch_.accounting().bytes_received()}}}});
   spdlog::info("session {}: run {} ended by the client after step {}", id_, run_id_, step_);
-  if (side_.part && side_.device().is_cuda()) {
-    spdlog::info("session {}: peak GPU memory of this process on {}: {:.2f} GB", id_, side_.device().str(),
-                 static_cast<double>(peak_memory_bytes(side_.device())) / 1e9);
+  if (side().part && side().device().is_cuda()) {
+    spdlog::info("session {}: peak GPU memory of this process on {}: {:.2f} GB", id_, side().device().str(),
+                 static_cast<double>(peak_memory_bytes(side().device())) / 1e9);
   }
   return wire::Status::Ok();
 }

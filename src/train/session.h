@@ -38,6 +38,8 @@
 
 namespace amaq::train {
 
+class Federation;
+
 struct ServerConfig {
   std::string model;  ///< HF model directory
   int64_t split = 0;
@@ -126,6 +128,12 @@ class TrainServer {
   Latency latency_;
   std::mutex runs_mu_;
   std::map<std::string, std::shared_ptr<std::timed_mutex>> runs_;  // one session per run at a time
+  // SplitFed: the federations with members, by name (train/federation.h).
+  wire::Status join_federation(const std::string& name, int64_t clients, const std::string& run_id,
+                               std::shared_ptr<Federation>* out);
+  void leave_federation(const std::shared_ptr<Federation>& fed, const std::string& run_id);
+  std::mutex fed_mu_;
+  std::map<std::string, std::shared_ptr<Federation>> federations_;
   std::atomic<uint64_t> steps_served_{0};
   std::atomic<bool> stopping_{false};
 };
@@ -151,6 +159,9 @@ struct ClientConfig {
   int64_t eval_batches = 0;  ///< 0: the whole validation set
   bool resume = false;
   int64_t stop_after = -1;  ///< leave after this many steps as if interrupted (tests)
+  std::string federation;   ///< SplitFed: share the server side with the runs of this federation ("" : none)
+  int64_t fed_every = 1;    ///< average the client side with the federation every this many steps (and at the end)
+  int64_t fed_clients = 1;  ///< members the federation waits for before its first step
   int retries = 3;          ///< reconnects (resuming from the last checkpoint) after a dropped link
   double busy_wait = 600;   ///< seconds a busy server is waited for, asking again with back-off
   bool quiet = false;

@@ -75,6 +75,8 @@ const char* error_name(ErrorCode c) {
       return "server stopping";
     case ErrorCode::kOverBudget:
       return "over the server's budget";
+    case ErrorCode::kFederation:
+      return "federation failed";
   }
   return "unknown error";
 }

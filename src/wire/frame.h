@@ -69,6 +69,7 @@ enum class ErrorCode : uint16_t {
   kBusy = 17,        ///< the server runs as many sessions as it may; try again later
   kShutdown = 18,    ///< the server is stopping (SIGTERM); the run resumes from its last checkpoint
   kOverBudget = 19,  ///< the run alone needs more memory than the server allows all its runs
+  kFederation = 20,  ///< the run's federation refused it or its other members did not come
 };
 const char* error_name(ErrorCode c);
 

@@ -63,8 +63,16 @@ struct BackwardMsg {
 /// in the SCHEDULE exchange.
 /// kStop (server -> client, {step}): the server is stopping; it answered no FORWARD of this step and
 /// serves only CHECKPOINT at this step and BYE from now on.
-enum class ControlKind : uint16_t { kCheckpoint = 1, kBitSync = 2, kSchedule = 3, kResume = 4, kStep = 5, kStop = 6 };
-constexpr uint16_t kMaxControlKind = 6;
+enum class ControlKind : uint16_t {
+  kCheckpoint = 1,
+  kBitSync = 2,
+  kSchedule = 3,
+  kResume = 4,
+  kStep = 5,
+  kStop = 6,
+  kFedAvg = 7,
+};
+constexpr uint16_t kMaxControlKind = 7;
 
 struct ControlMsg {
   ControlKind kind = ControlKind::kCheckpoint;

@@ -116,7 +116,30 @@ TEST(Safetensors, MalformedHeadersAreRefused) {
   for (const auto& c : cases) {
     write_bytes(tmp.file("m.safetensors"), raw_file(c.header, c.data));
     EXPECT_AMAQ_ERROR(SafetensorsFile(tmp.file("m.safetensors")), c.expect);
+    EXPECT_AMAQ_ERROR(safetensors_from_bytes(raw_file(c.header, c.data), "a peer's tensors"), "a peer's tensors",
+                      c.expect);
   }
+}
+
+TEST(Safetensors, BytesReadBackAsTheFileReadsThem) {
+  TempDir tmp;
+  const NamedTensors tensors{{"a", at::randn({3, 5})},
+                             {"b", at::arange(7, at::kLong)},
+                             {"c", at::randn({2, 2}).to(at::kBFloat16)},
+                             {"empty", at::empty({0, 4})}};
+  const std::string bytes = safetensors_bytes(tensors, {{"format", "pt"}});
+  write_bytes(tmp.file("t.safetensors"), bytes);
+  const auto from_file = load_safetensors(tmp.file("t.safetensors"));
+  const auto from_bytes = safetensors_from_bytes(bytes, "t");
+  ASSERT_EQ(from_bytes.size(), tensors.size());
+  for (const auto& [name, t] : tensors) {
+    EXPECT_TRUE(at::equal(from_bytes.at(name), t)) << name;
+    EXPECT_TRUE(at::equal(from_bytes.at(name), from_file.at(name))) << name;
+    EXPECT_EQ(from_bytes.at(name).scalar_type(), t.scalar_type()) << name;
+  }
+  EXPECT_AMAQ_ERROR(safetensors_from_bytes(bytes.substr(0, bytes.size() - 1), "a cut message"), "a cut message",
+                    "past the end");
+  EXPECT_AMAQ_ERROR(safetensors_from_bytes("abc", "three bytes"), "shorter than its 8-byte header length");
 }
 
 TEST(Safetensors, UnknownDtypeIsNamed) {
