@@ -375,6 +375,7 @@ wire::Status TrainServer::Session::admit_run() {
   a.live_bytes += need;
   RunStatus& rs = srv_.run_status_[id_];
   rs.run_id = run_id_;
+  rs.federation = federation_;
   rs.session = id_;
   rs.steps = schedule_.steps;
   rs.step = std::max<int64_t>(0, resume_step_);

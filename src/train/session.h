@@ -80,6 +80,7 @@ class TrainServer {
   /// A live run as the status page shows it (updated at each optimizer step).
   struct RunStatus {
     std::string run_id, fwd_codec, bwd_codec;
+    std::string federation;  ///< "" : none
     uint64_t session = 0;
     int64_t step = 0, steps = 0;
     uint64_t bytes_in = 0, bytes_out = 0;  ///< frames received and sent by its session, headers included

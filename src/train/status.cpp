@@ -139,15 +139,16 @@ std::string status_html(const StatusSnapshot& s) {
       static_cast<double>(s.resident_bytes) / 1e6, static_cast<double>(s.train.shared_base_bytes) / 1e6,
       static_cast<double>(a.live_bytes) / 1e6);
   out +=
-      "<table><tr><th>run</th><th>session</th><th>step</th><th>codecs (fwd / bwd)</th><th>MB in</th>"
+      "<table><tr><th>run</th><th>federation</th><th>session</th><th>step</th><th>codecs (fwd / bwd)</th><th>MB in</th>"
       "<th>MB out</th><th>bits fwd</th><th>bits bwd</th><th>ms per micro-batch (mean / max)</th></tr>";
   for (const auto& r : s.train.runs) {
     out += fmt::format(
-        "<tr><td>{}</td><td>{}</td><td>{} / {}</td><td>{} / {}</td><td>{:.2f}</td><td>{:.2f}</td><td>{:.2f}</td>"
-        "<td>{:.2f}</td><td>{:.1f} / {:.1f}</td></tr>",
-        svg::escape(r.run_id), r.session, r.step, r.steps, svg::escape(r.fwd_codec), svg::escape(r.bwd_codec),
-        static_cast<double>(r.bytes_in) / 1e6, static_cast<double>(r.bytes_out) / 1e6,
-        bits(r.fwd_packet_bytes, r.elements), bits(r.bwd_packet_bytes, r.elements),
+        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td><td>{} / {}</td><td>{:.2f}</td><td>{:.2f}</td>"
+        "<td>{:.2f}</td><td>{:.2f}</td><td>{:.1f} / {:.1f}</td></tr>",
+        svg::escape(r.run_id), r.federation.empty() ? "-" : svg::escape(r.federation), r.session, r.step, r.steps,
+        svg::escape(r.fwd_codec), svg::escape(r.bwd_codec), static_cast<double>(r.bytes_in) / 1e6,
+        static_cast<double>(r.bytes_out) / 1e6, bits(r.fwd_packet_bytes, r.elements),
+        bits(r.bwd_packet_bytes, r.elements),
         r.micro_batches ? 1e3 * r.seconds_sum / static_cast<double>(r.micro_batches) : 0.0, 1e3 * r.seconds_max);
   }
   out += "</table></body></html>\n";

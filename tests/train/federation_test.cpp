@@ -241,6 +241,7 @@ TEST(Federation, DisagreementsAndAbsentMembersAreRefusedByName) {
   // Once the first member computes, it has joined.
   while (server.status().runs.empty() || server.status().runs[0].micro_batches == 0)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(server.status().runs[0].federation, "trio");  // as the status page shows it
   EXPECT_AMAQ_ERROR(run_in_process(server, wrong), "federation trio waits for 3 clients, this run for 2",
                     "same --fed-clients");
   first.join();
