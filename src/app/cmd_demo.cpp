@@ -112,8 +112,8 @@ int run_demo(const DemoArgs& a) {
     for (const auto& s : r.steps) b += fwd ? s.fwd_wire_bytes : s.bwd_wire_bytes;
     return b;
   };
-  const double bf16_total =
-      std::max(1.0, static_cast<double>(total_bytes(results[1], true) + total_bytes(results[1], false)));
+  // Bytes against the bf16 run's; "-" when --only left it out.
+  const double bf16_total = static_cast<double>(total_bytes(results[1], true) + total_bytes(results[1], false));
   for (size_t i = 0; i < variants.size(); ++i) {
     const auto& r = results[i];
     if (r.steps.empty()) continue;  // left out with --only
@@ -125,8 +125,8 @@ int run_demo(const DemoArgs& a) {
     table.push_back({variants[i].name, fmt::format("{:.1f}%", 100 * r.eval.value("exact_match", 0.0)),
                      fmt::format("{:.4f}", r.eval.value("loss", 0.0)), fmt::format("{:.2f}", f / 1e6),
                      fmt::format("{:.2f}", b / 1e6), fmt::format("{:.2f}", (f + b) / 1e6),
-                     fmt::format("{:.1f}%", 100.0 * static_cast<double>(f + b) / bf16_total), fmt::format("{:.2f}", fb),
-                     fmt::format("{:.2f}", bb), fmt::format("{:.0f}", seconds[i])});
+                     bf16_total > 0 ? fmt::format("{:.1f}%", 100.0 * static_cast<double>(f + b) / bf16_total) : "-",
+                     fmt::format("{:.2f}", fb), fmt::format("{:.2f}", bb), fmt::format("{:.0f}", seconds[i])});
   }
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   fmt::print("\n{} validation problems, exact match of the whole answer (greedy = argmax at every answer position)\n",

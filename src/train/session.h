@@ -9,6 +9,8 @@
 //     [client -> CONTROL BIT_SYNC {step, budget}]            backward AMAQ budget, when it changes
 //     per micro-batch m: client -> FORWARD, server -> BACKWARD {loss, grad_sq_norm, server_seconds}
 //     client -> CONTROL STEP {step, lr, coef}                 both sides clip by `coef` and step
+//     [client -> CONTROL FED_AVG {step, tokens} + client tensors, server -> CONTROL FED_AVG + average]
+//                                                             --federation, every --fed-every steps
 //     [client -> EVAL, server -> EVAL result]                 periodic evaluation
 //     [client -> CONTROL CHECKPOINT {step, final}, server -> CONTROL CHECKPOINT {ok} (+ adapter blob)]
 //   client -> BYE

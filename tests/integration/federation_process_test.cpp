@@ -31,40 +31,9 @@ TEST(IntegrationFederation, TwoClientProcessesOnTheirOwnDataEndWithTheSameAdapte
   const std::string port = testing::wait_for_port(tmp.file("server.out"));
   ASSERT_FALSE(port.empty()) << slurp(tmp.file("server.err"));
   auto client = [&](const std::string& name, const std::string& data) {
-    return std::vector<std::string>{bin,
-                                    "--threads",
-                                    "1",
-                                    "client",
-                                    "--model",
-                                    model,
-                                    "--split",
-                                    "2",
-                                    "--connect",
-                                    "127.0.0.1:" + port,
-                                    "--run-dir",
-                                    tmp.file(name),
-                                    "--data",
-                                    data,
-                                    "--tokenizer",
-                                    "byte",
-                                    "--batch",
-                                    "2",
-                                    "--seq-len",
-                                    "32",
-                                    "--steps",
-                                    "5",
-                                    "--lr",
-                                    "1e-2",
-                                    "--fwd-codec",
-                                    "fixed:bits=4",
-                                    "--bwd-codec",
-                                    "fixed:bits=8",
-                                    "--federation",
-                                    "team",
-                                    "--fed-clients",
-                                    "2",
-                                    "--fed-every",
-                                    "2"};
+    return testing::small_client_args(bin, model, port, tmp.file(name), data,
+                                      {"--steps", "5", "--fwd-codec", "fixed:bits=4", "--bwd-codec", "fixed:bits=8",
+                                       "--federation", "team", "--fed-clients", "2", "--fed-every", "2"});
   };
   Process a(client("a", tmp.file("a.txt")), tmp.file("a.out"), tmp.file("a.err"));
   Process b(client("b", tmp.file("b.txt")), tmp.file("b.out"), tmp.file("b.err"));

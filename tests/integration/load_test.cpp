@@ -77,36 +77,9 @@ TEST(IntegrationLoad, SixteenClientsBesideHostilePeersAllCompleteInBoundedMemory
       {"--fwd-codec", "amaq:budget=3,decay=5,gran=token", "--bwd-codec", "amaq:budget=6,decay=5,gran=token"},
       {"--fwd-codec", "aqsgd:bits=3", "--bwd-codec", "aqsgd:bits=8"}};
   auto client = [&](const std::string& run_dir, const std::string& token, size_t family) {
-    std::vector<std::string> a{bin,
-                               "--threads",
-                               "1",
-                               "client",
-                               "--model",
-                               model,
-                               "--split",
-                               "2",
-                               "--connect",
-                               "127.0.0.1:" + port,
-                               "--token-file",
-                               token,
-                               "--run-dir",
-                               run_dir,
-                               "--data",
-                               tmp.file("data.txt"),
-                               "--tokenizer",
-                               "byte",
-                               "--batch",
-                               "2",
-                               "--seq-len",
-                               "32",
-                               "--steps",
-                               "8",
-                               "--lr",
-                               "1e-2",
-                               "--retries",
-                               "0"};
-    a.insert(a.end(), codecs[family].begin(), codecs[family].end());
-    return a;
+    std::vector<std::string> extra{"--token-file", token, "--steps", "8", "--retries", "0"};
+    extra.insert(extra.end(), codecs[family].begin(), codecs[family].end());
+    return testing::small_client_args(bin, model, port, run_dir, tmp.file("data.txt"), extra);
   };
 
   const auto t0 = Clock::now();

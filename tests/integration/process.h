@@ -85,6 +85,20 @@ inline std::vector<nlohmann::json> lines_with(const std::string& path, const cha
   return out;
 }
 
+// An `amaq client` on one thread, of the llama-gqa fixture split after layer 2, against 127.0.0.1:PORT:
+// the byte tokenizer, 2 x 32 tokens per micro-batch, learning rate 1e-2, then `extra`.
+inline std::vector<std::string> small_client_args(const std::string& bin, const std::string& model,
+                                                  const std::string& port, const std::string& run_dir,
+                                                  const std::string& data, const std::vector<std::string>& extra) {
+  std::vector<std::string> a{bin,         "--threads", "1",      "client",    "--model",
+                             model,       "--split",   "2",      "--connect", "127.0.0.1:" + port,
+                             "--run-dir", run_dir,     "--data", data,        "--tokenizer",
+                             "byte",      "--batch",   "2",      "--seq-len", "32",
+                             "--lr",      "1e-2"};
+  a.insert(a.end(), extra.begin(), extra.end());
+  return a;
+}
+
 // The port an `amaq server` writing "listening on 127.0.0.1:PORT" to `out_file` took; empty
 // after 30 s without it.
 inline std::string wait_for_port(const std::string& out_file) {
