@@ -22,5 +22,6 @@ Run add_study(CLI::App& app);
 Run add_emulate_link(CLI::App& app);
 Run add_bench_train(CLI::App& app);
 Run add_report(CLI::App& app);
+Run add_outliers(CLI::App& app);
 
 }  // namespace amaq::app

@@ -36,6 +36,8 @@ int main(int argc, char** argv) {
       {"emulate-link", "relay TCP through an emulated slow link (rate, round-trip time) for measurements",
        amaq::app::add_emulate_link},
       {"report", "a run's metrics as one self-contained HTML page; several runs overlaid", amaq::app::add_report},
+      {"outliers", "outlier activation channels at every layer boundary: where a split is hardest to quantize",
+       amaq::app::add_outliers},
       {"bench-train", "time full LoRA training steps of the unsplit model (JSON line), as the HF+PEFT peer does",
        amaq::app::add_bench_train},
   };

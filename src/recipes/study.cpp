@@ -24,6 +24,7 @@
 #include "core/svg.h"
 #include "model/config.h"
 #include "model/part.h"
+#include "recipes/outliers.h"
 #include "train/data.h"
 #include "train/metrics.h"
 #include "train/report.h"
@@ -376,38 +377,6 @@ int run_jobs(std::vector<Job>& jobs, const StudyOptions& opt, int cores, JsonlLo
     }
   }
   return failed;
-}
-
-// ---- outlier channels of the split activation ----
-
-struct OutlierStats {
-  double ratio = 0;      ///< largest channel mean |h| / median channel mean |h|
-  double max_ratio = 0;  ///< largest channel max |h| / median channel max |h|
-  std::vector<int64_t> top;
-};
-
-OutlierStats outlier_stats(const std::string& model_dir, int64_t split, const std::string& text_path, int64_t seq_len,
-                           int64_t rows) {
-  const ModelConfig config = ModelConfig::load(model_dir);
-  DecoderPart part = client_part(config, split);
-  part->load_weights(CheckpointReader(model_dir));
-  part->eval();
-  ByteTokenizer tok;
-  const Dataset d = Dataset::load(text_path, tok, seq_len);
-  std::vector<int64_t> idx;
-  for (int64_t i = 0; i < std::min<int64_t>(rows, static_cast<int64_t>(d.examples.size())); ++i) idx.push_back(i);
-  const Batch b = make_batch(d, idx, ByteTokenizer::kPad);
-  at::NoGradGuard ng;
-  const at::Tensor h = part->forward(b.ids, b.mask).abs().reshape({-1, config.hidden_size});
-  const at::Tensor keep = b.mask.reshape({-1}).to(at::kBool);
-  const at::Tensor hk = h.index({keep});
-  const at::Tensor mean = hk.mean(0), mx = std::get<0>(hk.max(0));
-  OutlierStats s;
-  s.ratio = (mean.max() / mean.median()).item<double>();
-  s.max_ratio = (mx.max() / mx.median()).item<double>();
-  const at::Tensor top = std::get<1>(mean.topk(std::min<int64_t>(3, config.hidden_size)));
-  for (int64_t i = 0; i < top.numel(); ++i) s.top.push_back(top[i].item<int64_t>());
-  return s;
 }
 
 // ---- report ----
@@ -921,16 +890,23 @@ int run_study(const StudyPlan& plan, const StudyOptions& opt) {
                       : "",
           ps.diverged ? ", **the loss did not fall**" : "");
       const std::string val = plan.pretrain.value("val_data", plan.pretrain.value("data", std::string()));
-      const OutlierStats before = outlier_stats(join_path(opt.out, "base/init"), plan.split, val, 128, 64);
-      const OutlierStats after = outlier_stats(base_model, plan.split, val, 128, 64);
+      const ByteTokenizer tok;
+      const std::vector<ChannelOutliers> before = boundary_outliers(join_path(opt.out, "base/init"), val, tok, 128, 64),
+                                         after = boundary_outliers(base_model, val, tok, 128, 64);
+      const ChannelOutliers &b = before.at(plan.split - 1), &a = after.at(plan.split - 1);
       text += fmt::format(
           "- Outlier channels of the split activation (the hidden state after layer {}, 64 × 128 bytes of `{}`): the "
-          "largest "
-          "channel's mean |h| is {:.1f}× the median channel's ({:.1f}× for the per-channel maxima), channels {}; "
-          "before "
-          "pretraining {:.1f}× ({:.1f}×).\n",
-          plan.split, val, after.ratio, after.max_ratio, nlohmann::json(after.top).dump(), before.ratio,
-          before.max_ratio);
+          "largest channel's mean |h| is {:.1f}× the median channel's ({:.1f}× for the per-channel maxima), channels "
+          "{}; before pretraining {:.1f}× ({:.1f}×).\n",
+          plan.split, val, a.mean_ratio, a.max_ratio, nlohmann::json(a.top).dump(), b.mean_ratio, b.max_ratio);
+      std::string all;
+      for (size_t i = 0; i < after.size(); ++i) {
+        all += fmt::format("{}after layer {}: {:.1f}× ({:.1f}×; before pretraining {:.1f}×)", i ? ", " : "",
+                           after[i].split, after[i].mean_ratio, after[i].max_ratio, before[i].mean_ratio);
+      }
+      text += fmt::format(
+          "- The same at every layer boundary (`amaq outliers`): {}. Hardest to quantize: after layer {}.\n", all,
+          hardest_split(after));
     }
   }
   in.base["text"] = text;

@@ -165,7 +165,8 @@ TEST(IntegrationStudy, TinyPlanRunsEndToEndResumesAndReports) {
   }
   const std::string md = read_file(join_path(opt.out, "report/results.md"));
   for (const char* s : {"| bf16 |", "| fixed-4-token |", "| amaq-3 |", "| amaq-3-random |", "wp-pareto.svg",
-                        "Outlier channels", "commit `test`"}) {
+                        "Outlier channels", "at every layer boundary (`amaq outliers`): after layer 1:",
+                        "Hardest to quantize: after layer", "commit `test`"}) {
     EXPECT_NE(md.find(s), std::string::npos) << s;
   }
   for (const char* f :
