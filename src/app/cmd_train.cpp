@@ -19,6 +19,7 @@
 #include "train/session.h"
 #include "train/status.h"
 #include "wire/link_emulator.h"
+#include "wire/packet_link.h"
 #include "wire/tcp.h"
 
 namespace amaq::app {
@@ -382,24 +383,47 @@ Run add_emulate_link(CLI::App& app) {
   auto listen = std::make_shared<uint16_t>(0);
   auto to = std::make_shared<std::string>();
   auto link = std::make_shared<std::string>("100mbit/20ms");
+  auto netns = std::make_shared<std::string>();
+  auto loss = std::make_shared<double>(0.0);
   app.add_option("--listen-port", *listen, "port on 127.0.0.1 the client connects to (0 = any free one)");
-  app.add_option("--to", *to, "the server, HOST:PORT")->required();
+  app.add_option("--to", *to, "the server, HOST:PORT (the TCP relay)");
   app.add_option("--link", *link, "rate and round-trip time, e.g. 100mbit/20ms, 1gbit/2ms, 10mbit/40ms")
       ->capture_default_str();
+  app.add_option("--netns", *netns,
+                 "instead of the relay, a packet-level link between network namespaces NAME-a (client, " +
+                     std::string(wire::PacketLink::kAddressA) + ") and NAME-b (server, " + wire::PacketLink::kAddressB +
+                     "); needs root");
+  app.add_option("--loss", *loss, "packet loss each way, with --netns (e.g. 0.01)")->check(CLI::Range(0.0, 0.5));
   return [=] {
     const wire::LinkSpec spec = wire::LinkSpec::parse(*link);
-    auto [host, port] = host_port(*to, "--to");
+    if (netns->empty() == to->empty())
+      throw Error("give either --to (the TCP relay) or --netns (the packet-level link)",
+                  "see amaq emulate-link --help");
+    if (*loss > 0 && netns->empty())
+      throw Error("--loss needs --netns: the relay carries a byte stream, which TCP has already made lossless", "");
     sigset_t sigs;
     sigemptyset(&sigs);
     sigaddset(&sigs, SIGINT);
     sigaddset(&sigs, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+    int sig = 0;
+    if (!netns->empty()) {
+      wire::PacketLink packets(*netns, {spec, *loss, 1});
+      std::fprintf(stdout, "namespaces %s (%s) and %s (%s) ready\n", packets.netns(wire::PacketLink::End::kA).c_str(),
+                   wire::PacketLink::kAddressA, packets.netns(wire::PacketLink::End::kB).c_str(),
+                   wire::PacketLink::kAddressB);
+      std::fflush(stdout);
+      spdlog::info("emulating a {} link with {:.2f}% loss each way at the packet level", spec.to_string(), 100 * *loss);
+      sigwait(&sigs, &sig);
+      spdlog::info("signal {}: {} packets delivered, {} dropped", sig, packets.delivered(), packets.dropped());
+      return 0;
+    }
+    auto [host, port] = host_port(*to, "--to");
     wire::LinkEmulator emulator(*listen, host, port, spec);
     std::fprintf(stdout, "listening on 127.0.0.1:%u\n", emulator.port());
     std::fflush(stdout);
     spdlog::info("emulating a {} link (one-way delay {} us, queue {} bytes) to {}", spec.to_string(),
                  spec.one_way_delay.count(), spec.queue_limit(), *to);
-    int sig = 0;
     sigwait(&sigs, &sig);
     spdlog::info("signal {}: relayed {} bytes to the server and {} back", sig, emulator.bytes_forward(),
                  emulator.bytes_backward());

@@ -7,6 +7,9 @@
 #
 # Usage: tools/wan/measure.sh [BUILD_DIR] [STEPS] [LINKS] [CODECS] [IN_FLIGHT]
 #   LINKS  e.g. "100mbit/20ms 1gbit/2ms 10mbit/40ms"; CODECS e.g. "none:bf16 fixed:bits=4 amaq:budget=4"
+# LOSS=0.01 runs each link at the packet level instead (amaq emulate-link --netns: two network
+# namespaces joined by TUN devices, the kernels' own TCP, random loss each way; needs root): the
+# server in one namespace, the client in the other.
 # PIN=1 (default) gives the server core 1 and the client core 0, one thread each: two machines, as
 # far as one 2-core machine can be. PIN=0 lets both use both cores with 2 threads each (then their
 # compute contends whenever it overlaps, which micro-batches in flight make it do).
@@ -18,6 +21,7 @@ CODECS=${4:-"none:bf16 fixed:bits=4 amaq:budget=4 aqsgd:bits=4"}
 IN_FLIGHT=${5:-"1 2"}
 MICRO=${MICRO:-4}
 PIN=${PIN:-1}
+LOSS=${LOSS:-}
 BATCH=${BATCH:-2}  # sequences per micro-batch: 4 x 2 = the issue's 8 x 128 per step
 AMAQ=$(realpath "$BUILD/amaq")
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -46,25 +50,39 @@ for link in $LINKS; do
     for k in $IN_FLIGHT; do
       run="run-${link//\//_}-${codec//[:=,]/_}-k$k"
       rm -rf "$run" srv && mkdir srv
-      "${SERVER[@]}" server --model model --split 2 --listen 127.0.0.1:0 --run-dir srv --exit-after-runs 1 \
-        --fwd-codec "$codec" --bwd-codec "$bwd" >srv/out 2>srv/log &
-      spid=$!
-      sport=$(wait_port srv/out)
-      "$AMAQ" emulate-link --to "127.0.0.1:$sport" --link "$link" >link.out 2>link.log &
-      lpid=$!
-      lport=$(wait_port link.out)
-      "${CLIENT[@]}" client --model model --split 2 --data train.txt --tokenizer byte --steps "$STEPS" \
+      if [ -n "$LOSS" ]; then
+        ns=amaq-wan-$$
+        "$AMAQ" emulate-link --netns "$ns" --link "$link" --loss "$LOSS" >link.out 2>link.log &
+        lpid=$!
+        for _ in $(seq 200); do grep -q ready link.out 2>/dev/null && break; sleep 0.05; done
+        ip netns exec "$ns-b" "${SERVER[@]}" server --model model --split 2 --listen 10.211.0.2:0 --insecure \
+          --run-dir srv --exit-after-runs 1 --fwd-codec "$codec" --bwd-codec "$bwd" >srv/out 2>srv/log &
+        spid=$!
+        for _ in $(seq 200); do grep -q listening srv/out 2>/dev/null && break; sleep 0.05; done
+        target="10.211.0.2:$(sed -n 's/.*10.211.0.2:\([0-9]*\).*/\1/p' srv/out)"
+        client=(ip netns exec "$ns-a" "${CLIENT[@]}")
+      else
+        "${SERVER[@]}" server --model model --split 2 --listen 127.0.0.1:0 --run-dir srv --exit-after-runs 1 \
+          --fwd-codec "$codec" --bwd-codec "$bwd" >srv/out 2>srv/log &
+        spid=$!
+        sport=$(wait_port srv/out)
+        "$AMAQ" emulate-link --to "127.0.0.1:$sport" --link "$link" >link.out 2>link.log &
+        lpid=$!
+        target="127.0.0.1:$(wait_port link.out)"
+        client=("${CLIENT[@]}")
+      fi
+      "${client[@]}" client --model model --split 2 --data train.txt --tokenizer byte --steps "$STEPS" \
         --batch "$BATCH" --seq-len 128 --micro-batches "$MICRO" --lr 1e-3 --lora-r 8 --clip 1 --quiet --retries 0 \
-        --fwd-codec "$codec" --bwd-codec "$bwd" --in-flight "$k" --run-dir "$run" --connect "127.0.0.1:$lport"
+        --fwd-codec "$codec" --bwd-codec "$bwd" --in-flight "$k" --run-dir "$run" --connect "$target" 2>client.log
       wait $spid
       kill $lpid && wait $lpid || true
-      $PY - "$run" "$link" "$codec" "$k" "$MICRO" "$PIN" <<'PY'
+      $PY - "$run" "$link" "$codec" "$k" "$MICRO" "$PIN" "${LOSS:-0}" <<'PY'
 import json, statistics, sys
-run, link, codec, k, micro, pin = sys.argv[1:]
+run, link, codec, k, micro, pin, loss = sys.argv[1:]
 rows = [json.loads(l) for l in open(run + "/metrics.jsonl") if '"fwd_bits"' in l][2:]
 med = statistics.median
 step = med(r["tokens"] / r["tokens_per_second"] for r in rows)
-print(json.dumps({"link": link, "codec": codec, "in_flight": int(k), "micro_batches": int(micro), "pinned": pin == "1",
+print(json.dumps({"link": link, "loss": float(loss), "codec": codec, "in_flight": int(k), "micro_batches": int(micro), "pinned": pin == "1",
                   "fwd_bits": round(med(r["fwd_bits"]["mean"] for r in rows), 2),
                   "step_s": round(step, 4),
                   "network_share": round(med(r["network_seconds"] for r in rows) / step, 3),
