@@ -13,6 +13,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   clang libclang-rt-14-dev clang-format
   python3  # the study data script (tools/study/prepare_data.py, standard library only)
+  iproute2  # `ip netns`: the packet-level link's tests and tools/wan/measure.sh LOSS=... (wire/packet_link.h)
 )
 # `setup.sh --bench`: also Debian's python3-torch, for the plain PyTorch loop that
 # tools/cpu_step_bench.sh (make cpu-bench) measures amaq against.

@@ -3,7 +3,8 @@
 // one-way propagation delay, and a bounded queue (a full queue stops reading, so the sender's TCP
 // window closes as it would behind a real bottleneck). The kernel here has no netem; this is what
 // `amaq emulate-link` runs and what the WAN measurements (docs/wan.md) go through. Packet loss is
-// not modelled: the relay carries a byte stream, below which TCP has already recovered any loss.
+// not modelled: the relay carries a byte stream, below which TCP has already recovered any loss
+// (packet_link.h models it, at the packet level, where it can run).
 #pragma once
 #include <chrono>
 #include <cstdint>
