@@ -1,14 +1,22 @@
 #include "core/runtime.h"
 
 #include <ATen/Parallel.h>
+#include <fcntl.h>
 #include <malloc.h>
+#include <spawn.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <thread>
 
 #include "core/compute.h"
+#include "core/error.h"
+
+extern char** environ;
 
 namespace amaq {
 
@@ -41,6 +49,31 @@ int64_t proc_status_value(const std::string& key, int pid) {
     if (line.rfind(key + ":", 0) == 0) return std::stoll(line.substr(key.size() + 1));
   }
   return -1;
+}
+
+int spawn_process(const std::vector<std::string>& argv, const std::string& output) {
+  std::vector<std::string> args = argv;
+  std::vector<char*> ptrs;
+  for (auto& a : args) ptrs.push_back(a.data());
+  ptrs.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 1, output.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_adddup2(&fa, 1, 2);
+  pid_t pid = -1;
+  const int rc = posix_spawnp(&pid, ptrs[0], &fa, nullptr, ptrs.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0)
+    throw Error("cannot start " + argv.at(0) + ": " + std::strerror(rc), "check that it is installed and on the path");
+  return pid;
+}
+
+int wait_process(int pid) {
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0) {
+    if (errno != EINTR) return 128;
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
 }  // namespace amaq

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace amaq {
 
@@ -26,5 +27,11 @@ void release_free_memory();
 /// A number from /proc/PID/status (`pid` 0: this process), such as "VmRSS" or "VmHWM" in kB or
 /// "Threads"; -1 where the file or the key is missing.
 int64_t proc_status_value(const std::string& key, int pid = 0);
+
+/// Starts argv[0] (looked up in PATH when it holds no '/') with stdout and stderr into `output`
+/// (created or truncated). Throws amaq::Error naming the program when it cannot start.
+int spawn_process(const std::vector<std::string>& argv, const std::string& output);
+/// Waits for a spawned process: its exit code, or 128 + the signal that ended it.
+int wait_process(int pid);
 
 }  // namespace amaq

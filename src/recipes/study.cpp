@@ -2,7 +2,6 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
-#include <spawn.h>
 #include <spdlog/spdlog.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -20,6 +19,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/runtime.h"
 #include "core/safetensors.h"
 #include "core/svg.h"
 #include "model/config.h"
@@ -29,8 +29,6 @@
 #include "train/metrics.h"
 #include "train/report.h"
 #include "train/session.h"
-
-extern char** environ;
 
 namespace amaq::recipes {
 
@@ -288,18 +286,7 @@ std::string shell_quote(const std::string& s) {
 pid_t spawn(const std::string& exe, const std::vector<std::string>& args, const std::string& log) {
   std::vector<std::string> all{exe};
   all.insert(all.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (auto& a : all) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_adddup2(&fa, 1, 2);
-  pid_t pid = -1;
-  const int rc = posix_spawn(&pid, exe.c_str(), &fa, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&fa);
-  if (rc != 0) throw Error("cannot start " + exe + ": " + std::strerror(rc), "check the amaq executable's path");
-  return pid;
+  return spawn_process(all, log);
 }
 
 std::string duration_text(double s) {

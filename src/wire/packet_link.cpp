@@ -5,9 +5,7 @@
 #include <linux/if_tun.h>
 #include <poll.h>
 #include <sched.h>
-#include <spawn.h>
 #include <sys/ioctl.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -21,8 +19,7 @@
 #include <vector>
 
 #include "core/error.h"
-
-extern char** environ;
+#include "core/runtime.h"
 
 namespace amaq::wire {
 namespace {
@@ -34,20 +31,11 @@ constexpr const char* kDevice = "amaq0";
 int run_ip(const std::vector<std::string>& args) {
   std::vector<std::string> all{"ip"};
   all.insert(all.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (auto& a : all) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
-  posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
-  pid_t pid = -1;
-  const int e = posix_spawnp(&pid, "ip", &fa, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&fa);
-  if (e != 0) return 127;
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+  try {
+    return wait_process(spawn_process(all, "/dev/null"));
+  } catch (const Error&) {
+    return 127;
+  }
 }
 
 void ip_or_throw(const std::vector<std::string>& args) {
