@@ -22,6 +22,9 @@ IN_FLIGHT=${5:-"1 2"}
 MICRO=${MICRO:-4}
 PIN=${PIN:-1}
 LOSS=${LOSS:-}
+# EVAL=N: hold out 5% of the data and evaluate every N steps; each line then carries the validation
+# loss against the training time spent to reach it (steps' own seconds, evaluations not counted).
+EVAL=${EVAL:-0}
 BATCH=${BATCH:-2}  # sequences per micro-batch: 4 x 2 = the issue's 8 x 128 per step
 AMAQ=$(realpath "$BUILD/amaq")
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -73,13 +76,23 @@ for link in $LINKS; do
       fi
       "${client[@]}" client --model model --split 2 --data train.txt --tokenizer byte --steps "$STEPS" \
         --batch "$BATCH" --seq-len 128 --micro-batches "$MICRO" --lr 1e-3 --lora-r 8 --clip 1 --quiet --retries 0 \
-        --fwd-codec "$codec" --bwd-codec "$bwd" --in-flight "$k" --run-dir "$run" --connect "$target" 2>client.log
+        --fwd-codec "$codec" --bwd-codec "$bwd" --in-flight "$k" --run-dir "$run" --connect "$target" \
+        $([ "$EVAL" -gt 0 ] && echo "--val-fraction 0.05 --eval-every $EVAL --eval-batches 4") 2>client.log
       wait $spid
       kill $lpid && wait $lpid || true
       $PY - "$run" "$link" "$codec" "$k" "$MICRO" "$PIN" "${LOSS:-0}" <<'PY'
 import json, statistics, sys
 run, link, codec, k, micro, pin, loss = sys.argv[1:]
-rows = [json.loads(l) for l in open(run + "/metrics.jsonl") if '"fwd_bits"' in l][2:]
+lines = [json.loads(l) for l in open(run + "/metrics.jsonl")]
+all_rows = [r for r in lines if "fwd_bits" in r]
+elapsed = {}  # step -> training seconds until it completed
+t = 0.0
+for r in all_rows:
+    t += r["step_seconds"]
+    elapsed[r["step"] + 1] = t
+evals = [[r["eval"]["step"], round(elapsed.get(r["eval"]["step"], 0.0), 3), round(r["eval"]["loss"], 4)]
+         for r in lines if "eval" in r and "loss" in r["eval"]]
+rows = all_rows[2:]
 med = statistics.median
 step = med(r["tokens"] / r["tokens_per_second"] for r in rows)
 print(json.dumps({"link": link, "loss": float(loss), "codec": codec, "in_flight": int(k), "micro_batches": int(micro), "pinned": pin == "1",
@@ -90,7 +103,8 @@ print(json.dumps({"link": link, "loss": float(loss), "codec": codec, "in_flight"
                   "server_s": round(med(r["server_seconds"] for r in rows), 4),
                   "fwd_bytes": int(med(r["fwd_wire_bytes"] for r in rows)),
                   "bwd_bytes": int(med(r["bwd_wire_bytes"] for r in rows)),
-                  "loss_last": round(rows[-1]["loss"], 4)}))
+                  "loss_last": round(rows[-1]["loss"], 4),
+                  "evals": evals}))
 PY
     done
   done
