@@ -51,7 +51,7 @@ bool is_connect_failure(const wire::Status& s) {
   if (s.code == wire::ErrorCode::kBadAuth) hint = "use the token file the server was started with";
   if (s.code == wire::ErrorCode::kResume) hint = "start a new run directory, or resume from a step the server has";
   if (s.code == wire::ErrorCode::kFederation)
-    hint = "start every member of the federation with the same --fed-clients, and all of them";
+    hint = "give every member of the federation the same --fed-clients, and start all of them";
   if (s.code == wire::ErrorCode::kInternal)
     hint = "the server's side failed to set up: fix what the message names there";
   throw Error(std::string("server refused the run: ") + s.message + " (" + wire::error_name(s.code) + ")", hint);
