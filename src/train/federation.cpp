@@ -246,9 +246,4 @@ size_t Federation::members() {
   return members_.size();
 }
 
-int64_t Federation::rounds() {
-  std::lock_guard<std::mutex> lock(mu_);
-  return rounds_;
-}
-
 }  // namespace amaq::train

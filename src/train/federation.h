@@ -83,7 +83,6 @@ class Federation {
                        std::shared_ptr<const std::string>* averaged);
 
   size_t members();
-  int64_t rounds();
 
  private:
   struct Member {
