@@ -15,6 +15,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/hash.h"
+#include "core/runtime.h"
 #include "train/export.h"
 #include "train/session.h"
 #include "train/status.h"
@@ -278,6 +279,7 @@ int run_server(ServerArgs& a, const CLI::App& app) {
   sigaddset(&sigs, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
 
+  limit_malloc_arenas(2);  // measured: 8 concurrent runs 1.06 -> 1.03 x (weights + 8 x owned), 16 runs 1.135 -> 1.034
   train::TrainServer srv(a.cfg);
   wire::ServerOptions opt = srv.tcp_options(port);
   opt.host(host).insecure(a.insecure).max_sessions(a.max_sessions);
@@ -300,6 +302,9 @@ int run_server(ServerArgs& a, const CLI::App& app) {
   std::fflush(stdout);
   spdlog::info("amaq server: layers [{}, L) of {}, {} / {}, {}", a.cfg.split, a.cfg.model, a.codecs.fwd, a.codecs.bwd,
                a.tls_cert.empty() ? "plain TCP" : "TLS 1.3");
+  spdlog::info("each run owns about {:.1f} MB here ({}), beside the weights all runs share",
+               static_cast<double>(srv.run_bytes()) / 1e6,
+               a.cfg.side.full ? "its weights, gradients and AdamW state" : "its adapter, gradients and AdamW state");
   timespec tick{0, 200 * 1000 * 1000};
   while (a.exit_after_runs <= 0 || finished < a.exit_after_runs) {
     const int sig = sigtimedwait(&sigs, nullptr, &tick);

@@ -38,8 +38,8 @@ void configure_memory() {
   mallopt(M_TRIM_THRESHOLD, 1 << 30);   // and stay there when freed
 }
 
-void release_free_memory() {
-  malloc_trim(0);
+void limit_malloc_arenas(int arenas) {
+  mallopt(M_ARENA_MAX, arenas);
 }
 
 int64_t proc_status_value(const std::string& key, int pid) {

@@ -20,9 +20,10 @@ void exec_with_openmp_settings(char** argv);
 /// (glibc would unmap or trim it, and every reuse would fault its pages in and zero them again).
 void configure_memory();
 
-/// Hands the whole free pages of the heap back to the system (configure_memory keeps them): after
-/// one-off frees that later steps will not reuse, such as a part's weights replaced by shared ones.
-void release_free_memory();
+/// At most `arenas` malloc arenas from here on (glibc gives each new thread its own, up to 8 per
+/// core, and configure_memory keeps what each one frees): for a server whose session threads come
+/// and go, so that every one does not leave an arena of kept pages behind.
+void limit_malloc_arenas(int arenas);
 
 /// A number from /proc/PID/status (`pid` 0: this process), such as "VmRSS" or "VmHWM" in kB or
 /// "Threads"; -1 where the file or the key is missing.

@@ -10,17 +10,20 @@
 namespace amaq {
 
 namespace {
-thread_local bool t_unfilled = false;
+// 0: filled; otherwise 1 + the UnfilledBaseWeights::Storage of the innermost scope alive.
+thread_local int t_unfilled = 0;
 }  // namespace
 
-UnfilledBaseWeights::UnfilledBaseWeights() : outer_(t_unfilled) {
-  t_unfilled = true;
+UnfilledBaseWeights::UnfilledBaseWeights(Storage storage) : outer_(t_unfilled) {
+  t_unfilled = 1 + static_cast<int>(storage);
 }
 UnfilledBaseWeights::~UnfilledBaseWeights() {
   t_unfilled = outer_;
 }
 at::Tensor UnfilledBaseWeights::make(at::IntArrayRef sizes, double value, const at::TensorOptions& opt) {
-  return t_unfilled ? at::empty(sizes, opt) : at::full(sizes, value, opt);
+  if (t_unfilled == 0) return at::full(sizes, value, opt);
+  if (t_unfilled == 1 + static_cast<int>(Storage::kAllocated)) return at::empty(sizes, opt);
+  return at::empty_strided(sizes, std::vector<int64_t>(sizes.size(), 0), opt);
 }
 
 double LoRAOptions::scale() const {

@@ -26,13 +26,16 @@
 
 namespace amaq {
 
-/// While alive on this thread, the base weights of layers and parts built here are allocated but
-/// not filled (zeros and ones otherwise): for a caller that fills or shares every one of them next,
-/// so that the pages of a weight it replaces are never touched (a server part shared by many runs
-/// would otherwise cost a second, transient copy of its weights when each run starts).
+/// While alive on this thread, the base weights of layers and parts built here are not filled (zeros
+/// and ones otherwise): for a caller that fills or shares every one of them next, so that the pages
+/// of a weight it replaces are never touched. `kAllocated` gives each weight its own storage, to be
+/// loaded into; `kPlaceholder` gives it none (one element broadcast to its shape), for a part whose
+/// base weights are all shared next: a server part shared by many runs then costs each new run
+/// neither a transient second copy of its weights nor the heap fragmentation such a copy leaves.
 class UnfilledBaseWeights {
  public:
-  UnfilledBaseWeights();
+  enum class Storage { kAllocated, kPlaceholder };
+  explicit UnfilledBaseWeights(Storage storage = Storage::kAllocated);
   ~UnfilledBaseWeights();
   UnfilledBaseWeights(const UnfilledBaseWeights&) = delete;
   UnfilledBaseWeights& operator=(const UnfilledBaseWeights&) = delete;
@@ -40,7 +43,7 @@ class UnfilledBaseWeights {
   static at::Tensor make(at::IntArrayRef sizes, double value, const at::TensorOptions& opt);
 
  private:
-  bool outer_;
+  int outer_;
 };
 
 /// LoRA hyper-parameters (PEFT's names in comments).

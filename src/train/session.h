@@ -73,6 +73,8 @@ class TrainServer {
   /// The frame limit for this model with the batch shapes a client may send.
   uint64_t max_payload() const;
   uint64_t steps_served() const { return steps_served_; }
+  /// What one run's server side owns (its adapter, their gradients, AdamW's moments), estimated.
+  uint64_t run_bytes() const { return run_bytes_; }
   /// Admission so far: the most runs live at once, and runs told to retry (busy) or refused (over budget).
   struct Admissions {
     int64_t live = 0, peak = 0, busy = 0, over_budget = 0;

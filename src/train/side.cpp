@@ -6,7 +6,6 @@
 
 #include "core/device.h"
 #include "core/error.h"
-#include "core/runtime.h"
 #include "core/torch_io.h"
 #include "model/peft.h"
 
@@ -29,14 +28,16 @@ Side Side::build(const ModelConfig& config, const CheckpointReader& ckpt, SideRo
                  const std::map<std::string, at::Tensor>* shared_base) {
   check_config_matches_weights(config, ckpt);  // before the part allocates anything
   const at::TensorOptions where = compute_options(options.device, options.dtype);
+  const bool share = shared_base && !options.full;
   DecoderPart part{nullptr};
   {
-    UnfilledBaseWeights unfilled;  // every base weight is loaded or shared below
+    // Every base weight is loaded or shared below: a shared one needs no storage of its own.
+    UnfilledBaseWeights unfilled(share ? UnfilledBaseWeights::Storage::kPlaceholder
+                                       : UnfilledBaseWeights::Storage::kAllocated);
     part = role == SideRole::kClient ? client_part(config, split, where) : server_part(config, split, where);
   }
-  if (shared_base && !options.full) {
+  if (share) {
     part->share_base_weights(*shared_base);
-    release_free_memory();  // the part's own allocation, never used
   } else {
     part->load_weights(ckpt);
   }
@@ -77,10 +78,10 @@ Side Side::around(DecoderPart part, const SideOptions& options, uint64_t seed, d
 }
 
 uint64_t owned_bytes_estimate(const ModelConfig& config, SideRole role, int64_t split, const SideOptions& options) {
-  const at::TensorOptions where = at::TensorOptions().dtype(parse_dtype(options.dtype));  // host: never touched
+  const at::TensorOptions where = at::TensorOptions().dtype(parse_dtype(options.dtype));
   DecoderPart part{nullptr};
   {
-    UnfilledBaseWeights unfilled;
+    UnfilledBaseWeights unfilled(UnfilledBaseWeights::Storage::kPlaceholder);  // only shapes are read
     part = role == SideRole::kClient ? client_part(config, split, where) : server_part(config, split, where);
   }
   const uint64_t adam = 2 * sizeof(float);

@@ -28,8 +28,18 @@ TEST(SharedWeights, PartsPointAtOneCopyAndComputeAsWithTheirOwn) {
   std::map<std::string, at::Tensor> shared;
   for (auto& [name, t] : owner->base_weights()) shared.emplace(name, t);
 
-  DecoderPart own = server_part(config, 2), a = server_part(config, 2), b = server_part(config, 2);
+  DecoderPart own = server_part(config, 2), a{nullptr}, b{nullptr};
   own->load_weights(ckpt);
+  {
+    // What a server run builds: parts whose base weights have no storage of their own until shared.
+    UnfilledBaseWeights placeholders(UnfilledBaseWeights::Storage::kPlaceholder);
+    a = server_part(config, 2);
+    b = server_part(config, 2);
+  }
+  for (auto& [name, t] : a->base_weights()) {
+    EXPECT_EQ(t.sizes(), shared.at(name).sizes()) << name;
+    EXPECT_LE(t.storage().nbytes(), t.element_size()) << name;
+  }
   a->share_base_weights(shared);
   b->share_base_weights(shared);
   for (auto& [name, t] : a->base_weights()) EXPECT_EQ(t.data_ptr(), shared.at(name).data_ptr()) << name;
