@@ -33,6 +33,8 @@ class AmaqGatesImpl : public torch::nn::Module {
 
   at::Tensor gates;  // (C,)
   const CodecSpec& spec() const { return spec_; }
+  /// budget=auto: the budget the schedule walks to from here on.
+  void set_budget(double budget) { spec_.budget = budget; }
 
  private:
   CodecSpec spec_;

@@ -153,6 +153,22 @@ std::vector<int64_t> Link::learned_map() const {
   return {m.data_ptr<int64_t>(), m.data_ptr<int64_t>() + m.numel()};
 }
 
+void Link::set_auto_budgets(double fwd, double bwd) {
+  if (fwd_spec_.auto_budget && gates_) {
+    fwd_spec_.budget = fwd;
+    gates_->set_budget(fwd);
+  }
+  if (bwd_spec_.auto_budget) bwd_spec_.budget = bwd;
+}
+
+double Link::forward_target() const {
+  return learns_map(fwd_spec_) ? fwd_spec_.budget : 0.0;
+}
+
+double Link::backward_target() const {
+  return learns_map(bwd_spec_) ? bwd_spec_.budget : 0.0;
+}
+
 void Link::set_backward_budget(double budget) {
   bwd_budget_ = budget, bwd_map_step_ = -1;
 }
@@ -190,6 +206,8 @@ LinkState Link::state() {
     for (int64_t id : buf->ids()) s.tensors.emplace_back(kMemoryPrefix + std::to_string(id), buf->get(id).clone());
   }
   if (side_ == LinkSide::kServer && learns_map(bwd_spec_)) s.fields["bwd_budget"] = bwd_budget_;
+  if (side_ == LinkSide::kClient && fwd_spec_.auto_budget) s.fields["fwd_auto_budget"] = fwd_spec_.budget;
+  if (side_ == LinkSide::kClient && bwd_spec_.auto_budget) s.fields["bwd_auto_budget"] = bwd_spec_.budget;
   return s;
 }
 
@@ -216,6 +234,9 @@ void Link::load_state(const std::map<std::string, at::Tensor>& tensors, const Fi
       throw Error(dir + " holds no backward budget", "the checkpoint is from a run with another backward codec");
     set_backward_budget(fields.at("bwd_budget").get<double>());
   }
+  // budget=auto: the budgets chosen last, until the resumed run measures the link again.
+  set_auto_budgets(fields.value("fwd_auto_budget", fwd_spec_.budget),
+                   fields.value("bwd_auto_budget", bwd_spec_.budget));
 }
 
 }  // namespace amaq::quant

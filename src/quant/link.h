@@ -87,6 +87,15 @@ class Link {
   std::string encode_eval(const at::Tensor& h);
   /// The forward bit map the gates learned, one width per channel; empty without gates.
   std::vector<int64_t> learned_map() const;
+  /// budget=auto: whether the forward / the backward codec has its budget chosen while training.
+  bool forward_budget_auto() const { return fwd_spec_.auto_budget; }
+  bool backward_budget_auto() const { return bwd_spec_.auto_budget; }
+  /// budget=auto: the budgets the codecs walk to from here on (each applies only to a codec with
+  /// budget=auto; the backward one reaches the server by backward_budget_to_sync).
+  void set_auto_budgets(double fwd, double bwd);
+  /// The budgets the codecs walk to now (their specs' budget); 0 for a codec without one.
+  double forward_target() const;
+  double backward_target() const;
 
   // ---- server ----
   /// BIT_SYNC from the client.

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -18,7 +19,8 @@ namespace {
 const char* kSpecHint =
     "codecs are none:fp32|bf16|fp16, "
     "fixed:bits=B|map=FILE[,shuffle=SEED][,gran=token|channel|group][,group=G][,round=nearest|stochastic], "
-    "amaq:budget=B[,bmin=,bmax=,init=,alpha=,beta=,mode=guaranteed|penalty|stop,decay=N,gran=,group=], aqsgd:bits=B";
+    "amaq:budget=B|auto[,floor=F,bmin=,bmax=,init=,alpha=,beta=,mode=guaranteed|penalty|stop,decay=N,gran=,group=], "
+    "aqsgd:bits=B";
 
 [[noreturn]] void bad(const std::string& text, const std::string& why) {
   throw Error("codec '" + text + "': " + why, kSpecHint);
@@ -121,6 +123,7 @@ CodecSpec CodecSpec::parse(const std::string& text) {
   }
   std::stringstream ss(rest);
   std::string item;
+  bool floor_given = false;
   while (std::getline(ss, item, ',')) {
     if (item.empty()) continue;
     auto eq = item.find('=');
@@ -149,7 +152,11 @@ CodecSpec CodecSpec::parse(const std::string& text) {
       s.entropy = one_of<bool>(text, k, v, {{"none", false}, {"zstd", true}});
       if (s.entropy && !entropy_coding_built()) bad(text, "ec=zstd needs a build with libzstd (libzstd-dev)");
     } else if (k == "budget" && amaq) {
-      s.budget = number(text, k, v);
+      s.auto_budget = v == "auto";
+      if (!s.auto_budget) s.budget = number(text, k, v);
+    } else if (k == "floor" && amaq) {
+      s.budget_floor = number(text, k, v);
+      floor_given = true;
     } else if (k == "bmin" && amaq) {
       s.bits_min = integer_in(text, k, v, 1, 8);
     } else if (k == "bmax" && amaq) {
@@ -179,6 +186,13 @@ CodecSpec CodecSpec::parse(const std::string& text) {
   }
   if (s.codec == CodecId::kAmaq) {
     if (s.bits_min > s.bits_max) bad(text, "bmin must not exceed bmax");
+    if (floor_given && !s.auto_budget) bad(text, "floor is the lowest budget=auto may choose: give budget=auto");
+    if (s.auto_budget) {
+      if (!floor_given) s.budget_floor = std::clamp(3.0, static_cast<double>(s.bits_min), s.bits_init);
+      if (s.budget_floor < s.bits_min || s.budget_floor > s.bits_init)
+        bad(text, fmt::format("floor {} outside [bmin, init] = [{}, {}]", s.budget_floor, s.bits_min, s.bits_init));
+      s.budget = s.bits_init;  // until the link and the compute are measured
+    }
     if (s.budget < s.bits_min || s.budget > s.bits_max)
       bad(text, fmt::format("budget {} outside [bmin, bmax] = [{}, {}]", s.budget, s.bits_min, s.bits_max));
     if (s.bits_init < s.budget || s.bits_init > s.bits_max) bad(text, "init must lie in [budget, bmax]");
@@ -209,8 +223,9 @@ std::string CodecSpec::to_string() const {
       return fmt::format("fixed:{},{},round={}", widths, g, rounding == Rounding::kNearest ? "nearest" : "stochastic");
     }
     case CodecId::kAmaq:
-      return fmt::format("amaq:budget={},bmin={},bmax={},init={},alpha={},beta={},mode={},decay={},{}", budget,
-                         bits_min, bits_max, bits_init, alpha, beta,
+      return fmt::format("amaq:budget={},bmin={},bmax={},init={},alpha={},beta={},mode={},decay={},{}",
+                         auto_budget ? fmt::format("auto,floor={}", budget_floor) : fmt::format("{}", budget), bits_min,
+                         bits_max, bits_init, alpha, beta,
                          mode == BudgetMode::kPenalty ? "penalty"
                          : mode == BudgetMode::kStop  ? "stop"
                                                       : "guaranteed",
@@ -235,7 +250,7 @@ double CodecSpec::nominal_bits() const {
     case CodecId::kAqsgd:
       return bits;
     case CodecId::kAmaq:
-      return budget;
+      return budget;  // budget=auto: the one chosen last
   }
   return 0;
 }

@@ -4,6 +4,8 @@
 //   fixed:map=FILE[,shuffle=SEED],...   one width per channel from FILE (a JSON array), optionally
 //                                       permuted by SEED: the same histogram on random channels
 //   amaq:budget=4,bmin=2,bmax=8,init=8,gran=group,group=128,alpha=1,beta=1,mode=guaranteed|penalty|stop,decay=200
+//   amaq:budget=auto[,floor=3],...   the budget chosen from the measured link and compute (train/auto_budget.h),
+//                                    never below the floor
 //   rot=hadamard (fixed, amaq): each range group of channels Hadamard-rotated first (quant/rotation.h);
 //                               needs gran=group with a power-of-two group
 //   ec=zstd (fixed, amaq): the codes entropy-coded (quant/entropy.h) where that makes the packet smaller
@@ -41,6 +43,9 @@ struct CodecSpec {
   bool entropy = false;   ///< ec=zstd: entropy-code the codes
   // amaq
   double budget = 4.0;  ///< target mean bits per element (fractional allowed)
+  /// budget=auto: `budget` is chosen while training (starting at bits_init), never below budget_floor.
+  bool auto_budget = false;
+  double budget_floor = 3.0;
   int bits_min = 2;
   int bits_max = 8;
   double bits_init = 8.0;  ///< initial bit-width of every channel

@@ -18,6 +18,7 @@
 #include "core/json.h"
 #include "model/part.h"
 #include "quant/link.h"
+#include "train/auto_budget.h"
 #include "train/checkpoint.h"
 #include "train/data.h"
 #include "train/eval.h"
@@ -112,7 +113,8 @@ class ClientTrainer::Run {
   // value in the graph the gradient goes into (its packet is already on the wire).
   struct InFlight {
     int64_t m = 0;
-    at::Tensor value;  // (B, T, C)
+    at::Tensor value;              // (B, T, C)
+    uint64_t forward_payload = 0;  // bytes of its FORWARD frame's payload
   };
   wire::Status send_micro_batch(wire::Channel& ch, int64_t m, StepRecord* rec, InFlight* in);
   wire::Status finish_micro_batch(wire::Channel& ch, InFlight& in, StepRecord* rec, double* server_sq_norm);
@@ -140,6 +142,9 @@ class ClientTrainer::Run {
   // What a checkpoint restores.
   Side side_;
   std::unique_ptr<quant::Link> link_;
+  // budget=auto: the budgets chosen from the link and compute measured this session, and this step's measurements.
+  std::optional<AutoBudget> auto_budget_;
+  LinkSample link_sample_;
   int64_t step_ = 0;      // optimizer steps completed
   int64_t position_ = 0;  // training examples consumed
   int64_t resume_step_ = -1;
@@ -363,6 +368,15 @@ wire::Status ClientTrainer::Run::connect(const Connector& connect, std::unique_p
 
 wire::Status ClientTrainer::Run::train(wire::Channel& ch) {
   Progress progress(step_, c_.schedule.steps, c_.progress_bar);
+  if (link_->forward_budget_auto() || link_->backward_budget_auto()) {
+    // Measured again on every connection: a reconnect may take another path.
+    const quant::CodecSpec &f = link_->forward_spec(), &b = link_->backward_spec();
+    AutoBudgetOptions o;
+    o.fwd_floor = f.budget_floor, o.fwd_max = f.bits_max;
+    o.bwd_floor = b.budget_floor, o.bwd_max = b.bits_max;
+    auto_budget_.emplace(o, link_->forward_target(), link_->backward_target());
+    link_sample_ = {};
+  }
   const int64_t last = c_.stop_after >= 0 ? std::min<int64_t>(c_.stop_after, c_.schedule.steps) : c_.schedule.steps;
   wire::Status s;
   while (s.ok() && step_ < last) {
@@ -465,6 +479,7 @@ wire::Status ClientTrainer::Run::send_micro_batch(wire::Channel& ch, int64_t m, 
   wire::ForwardMsg fm = bytes->message(step, m, sent.packet);
   if (link_->needs_sample_ids()) fm.sample_ids = b.sample_ids;
   std::string payload = fm.encode();
+  out->forward_payload = payload.size();
   rec->client_codec_seconds += seconds_since(e0);
   rec->client_seconds += seconds_since(t0);
   const auto s0 = Clock::now();
@@ -485,6 +500,8 @@ wire::Status ClientTrainer::Run::finish_micro_batch(wire::Channel& ch, InFlight&
   if (bm.step != static_cast<uint64_t>(step) || bm.micro_batch != static_cast<uint32_t>(in.m)) {
     return wire::Status::Fail(wire::ErrorCode::kBadMessage, "BACKWARD for another step or micro-batch");
   }
+  link_sample_.add_down(f.payload.size(), f.arrival_seconds);
+  link_sample_.add_up(in.forward_payload, bm.forward_arrival_seconds);
   const auto t0 = Clock::now();
   rec->bwd_packet_bytes += bm.packet.size();
   compute::run([&] {
@@ -530,6 +547,18 @@ void ClientTrainer::Run::log_step(StepRecord* rec, const wire::Channel& ch, cons
       std::max(0.0, now.seconds_blocked - before.seconds_blocked - rec->server_seconds) + rec->send_seconds;
   rec->step_seconds = seconds_since(t_step);
   rec->tokens_per_second = static_cast<double>(rec->tokens) / std::max(1e-9, rec->step_seconds);
+  if (auto_budget_) {
+    LinkSample& l = link_sample_;
+    l.compute_seconds = std::max(rec->client_seconds, rec->server_seconds);
+    l.elements = rec->elements;
+    l.fwd_bits = rec->fwd_bits.mean, l.bwd_bits = rec->bwd_bits.mean;
+    l.fwd_bytes = rec->fwd_wire_bytes, l.bwd_bytes = rec->bwd_wire_bytes;
+    if (auto_budget_->observe(l)) link_->set_auto_budgets(auto_budget_->forward(), auto_budget_->backward());
+    l = {};
+    rec->auto_budget = StepRecord::AutoBudgetRecord{
+        link_->forward_target(), link_->backward_target(), auto_budget_->up_bytes_per_second(),
+        auto_budget_->down_bytes_per_second(), auto_budget_->compute_seconds()};
+  }
   metrics_->write(rec->to_json());
   if (!c_.quiet) progress->update(*rec, now.bytes_sent() + now.bytes_received());
 }

@@ -50,6 +50,14 @@ nlohmann::json StepRecord::to_json() const {
                    {"tokens", tokens},
                    {"tokens_per_second", tokens_per_second}};
   if (!fwd_map.empty()) j["fwd_map"] = fwd_map;
+  if (auto_budget) {
+    const AutoBudgetRecord& a = *auto_budget;
+    j["auto_budget"] = {{"fwd", a.fwd},
+                        {"bwd", a.bwd},
+                        {"up_mbit_per_s", a.up_bytes_per_second * 8e-6},
+                        {"down_mbit_per_s", a.down_bytes_per_second * 8e-6},
+                        {"compute_seconds", a.compute_seconds}};
+  }
   return j;
 }
 

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -35,6 +36,13 @@ struct StepRecord {
   double send_seconds = 0;  ///< handing frames to the socket: counted as network
   int64_t tokens = 0;
   double tokens_per_second = 0;
+  /// budget=auto (train/auto_budget.h): the budgets chosen after this step and what they were chosen
+  /// from (rates 0: not measured, the link kept up).
+  struct AutoBudgetRecord {
+    double fwd = 0, bwd = 0;
+    double up_bytes_per_second = 0, down_bytes_per_second = 0, compute_seconds = 0;
+  };
+  std::optional<AutoBudgetRecord> auto_budget;
   /// AMAQ: the forward bit map this step's activations travelled with, one base-36 digit per channel
   /// (empty for other codecs).
   std::string fwd_map;

@@ -524,6 +524,7 @@ wire::Status TrainServer::Session::on_forward(const wire::Frame& f) {
   bm.loss = static_cast<float>(loss_v);
   bm.server_seconds = static_cast<float>(seconds_since(t0));
   bm.server_codec_seconds = static_cast<float>(codec_seconds);
+  bm.forward_arrival_seconds = static_cast<float>(f.arrival_seconds);
   {
     std::lock_guard<std::mutex> lock(srv_.admit_mu_);
     Latency& l = srv_.latency_;

@@ -15,7 +15,8 @@
 namespace amaq::wire {
 
 constexpr uint32_t kFrameMagic = 0x46514D41;  // "AMQF"
-constexpr uint16_t kProtocolVersion = 3;      // 2: FORWARD labels in the narrowest integer type; 3: BACKWARD codec time
+// 2: FORWARD labels in the narrowest integer type; 3: BACKWARD codec time; 4: BACKWARD the FORWARD's arrival time
+constexpr uint16_t kProtocolVersion = 4;
 
 /// Message types. Values only ever grow; a reader refuses those it does not know.
 enum class MessageType : uint8_t {
@@ -86,6 +87,10 @@ struct Frame {
   MessageType type = MessageType::kHeartbeat;
   uint8_t flags = 0;
   std::string payload;
+  /// Received over a socket: the seconds the whole frame took to cross the link, at the rate its
+  /// bytes arrived after the first ones, when the receiver was already waiting for it (so the rate
+  /// is the link's, not a buffer's); -1 otherwise. Not part of the frame's bytes.
+  double arrival_seconds = -1;
 };
 
 /// CRC32C (Castagnoli): the SSE4.2 instruction where the CPU has it, else Boost.CRC.
@@ -129,6 +134,8 @@ class FrameDecoder {
   bool next(Frame* out);
   /// Bytes the decoder still needs before it can finish the frame in progress (at least 1).
   uint64_t wanted() const;
+  /// Holds no byte of a frame not yet popped by next().
+  bool empty() const { return header_have_ == 0 && ready_.empty(); }
   const Status& status() const { return status_; }
 
  private:

@@ -169,6 +169,7 @@ std::string BackwardMsg::encode() const {
   w.put(grad_sq_norm);
   w.put(server_seconds);
   w.put(server_codec_seconds);
+  w.put(forward_arrival_seconds);
   w.put<uint64_t>(packet.size());
   w.bytes(packet.data(), packet.size());
   return w.take();
@@ -183,6 +184,7 @@ Status BackwardMsg::decode(const std::string& payload, BackwardMsg* m) {
   m->grad_sq_norm = r.get<double>("grad_sq_norm");
   m->server_seconds = r.get<float>("server_seconds");
   m->server_codec_seconds = r.get<float>("server_codec_seconds");
+  m->forward_arrival_seconds = r.get<float>("forward_arrival_seconds");
   m->packet = r.blob("packet");
   return r.status();
 }

@@ -52,7 +52,10 @@ struct BackwardMsg {
   double grad_sq_norm = 0;         ///< squared L2 norm of the server's accumulated gradients (global clipping)
   float server_seconds = 0;        ///< the server's time for this micro-batch, its codec's included
   float server_codec_seconds = 0;  ///< of which decoding the activations and encoding the gradients
-  std::string_view packet;         ///< compressed gradients
+  /// The FORWARD frame's wire::Frame::arrival_seconds at the server (-1: not measured): the client's
+  /// measure of its upstream link (train/auto_budget.h).
+  float forward_arrival_seconds = -1;
+  std::string_view packet;  ///< compressed gradients
 
   std::string encode() const;
   /// The packet points into `payload`.

@@ -103,16 +103,8 @@ class Conn : public ConnBase, public std::enable_shared_from_this<Conn<Stream>> 
   // read into in place, so a payload crosses from the socket into its frame without a copy. Each
   // read is committed as it lands, so the payload's checksum is computed while the rest arrives.
   void read_frame_async(FrameDone done) {
-    Frame f;
-    if (decoder_.next(&f)) return done(Status::Ok(), std::move(f));
-    if (!decoder_.status().ok()) return done(decoder_.status(), {});
-    const auto [at, room] = decoder_.buffer();
-    stream_.async_read_some(
-        asio::buffer(at, room), [self = this->shared_from_this(), done](const error_code& ec, size_t n) {
-          self->decoder_.commit(n);  // bytes read before a cancellation are kept for the next receive
-          if (ec) return done(io_status(ec), {});
-          self->read_frame_async(done);
-        });
+    if (decoder_.empty() && !arrival_.waiting) arrival_ = {true, Clock::now(), {}};
+    read_more(std::move(done));
   }
   /// The frame limit from the next header on.
   void set_max_payload(uint64_t v) { decoder_.set_max_payload(v); }
@@ -148,6 +140,39 @@ class Conn : public ConnBase, public std::enable_shared_from_this<Conn<Stream>> 
   }
 
  private:
+  void read_more(FrameDone done) {
+    Frame f;
+    if (decoder_.next(&f)) {
+      f.arrival_seconds = take_arrival_seconds(sizeof(FrameHeader) + f.payload.size());
+      return done(Status::Ok(), std::move(f));
+    }
+    if (!decoder_.status().ok()) return done(decoder_.status(), {});
+    const auto [at, room] = decoder_.buffer();
+    stream_.async_read_some(
+        asio::buffer(at, room), [self = this->shared_from_this(), done](const error_code& ec, size_t n) {
+          if (n > 0 && self->arrival_.waiting && self->arrival_.first == Clock::time_point{}) {
+            self->arrival_.first = Clock::now();
+            error_code ignored;  // what came with the first bytes (a packet, a relay's chunk) arrived at once
+            self->arrival_.at_once = n + self->stream_.lowest_layer().available(ignored);
+          }
+          self->decoder_.commit(n);  // bytes read before a cancellation are kept for the next receive
+          if (ec) return done(io_status(ec), {});
+          self->read_more(done);
+        });
+  }
+  // Frame::arrival_seconds of the frame of `bytes` just completed: only for a frame none of whose
+  // bytes were here when it was asked for, and whose first bytes came later (not at once, from the
+  // socket's buffer). The bytes that came with the first ones arrived together, so the rate is
+  // timed on the rest (at least a quarter of the frame), and the whole frame's time is given at it.
+  double take_arrival_seconds(uint64_t bytes) {
+    const Arrival a = arrival_;
+    arrival_ = {};
+    if (!a.waiting || a.first == Clock::time_point{} || a.first - a.asked < std::chrono::microseconds(200)) return -1;
+    const double spread = std::chrono::duration<double>(Clock::now() - a.first).count();
+    if (a.at_once >= bytes || 4 * (bytes - a.at_once) < bytes || spread <= 0) return -1;
+    return spread * static_cast<double>(bytes) / static_cast<double>(bytes - a.at_once);
+  }
+
   void drain_rest(std::shared_ptr<std::array<char, 4096>> scratch) {
     tcp::socket& raw = [this]() -> tcp::socket& {  // the bytes are dropped unread: below TLS, if there is one
       if constexpr (std::is_same_v<Stream, TlsStream>)
@@ -163,7 +188,12 @@ class Conn : public ConnBase, public std::enable_shared_from_this<Conn<Stream>> 
   }
 
   Stream stream_;
-  FrameDecoder decoder_;  // the frame being read, kept across a timed-out receive
+  FrameDecoder decoder_;
+  struct Arrival {
+    bool waiting = false;  // a frame was asked for while the decoder held none of its bytes
+    Clock::time_point asked, first;
+    uint64_t at_once = 0;  // bytes here when the first ones were read
+  } arrival_;              // the frame being read, kept across a timed-out receive
 };
 
 template <typename Stream>

@@ -108,7 +108,7 @@ TEST(Integration, TwoProcessesOverTlsWithTokenTrainResumeAndRefuse) {
     // mask.
     EXPECT_EQ(s["forward_frame_bytes"].get<uint64_t>(),
               s["fwd_packet_bytes"].get<uint64_t>() + 64 + (label_bytes + 1) * s["cells"].get<uint64_t>());
-    EXPECT_EQ(s["backward_frame_bytes"].get<uint64_t>(), s["bwd_packet_bytes"].get<uint64_t>() + 64);
+    EXPECT_EQ(s["backward_frame_bytes"].get<uint64_t>(), s["bwd_packet_bytes"].get<uint64_t>() + 68);
   }
   auto client_session = lines_with(run + "/metrics.jsonl", "session");
   const std::string run_id = nlohmann::json::parse(read_file(run + "/run.json"))["run_id"];

@@ -227,6 +227,19 @@ TEST(CodecSpec, ParsesAndRefuses) {
   EXPECT_AMAQ_ERROR(CodecSpec::parse("amaq:budget=1,bmin=2"), "budget 1");
   EXPECT_AMAQ_ERROR(CodecSpec::parse("amaq:bits=4"), "'bits' is not an option of amaq");
   EXPECT_AMAQ_ERROR(CodecSpec::parse("aqsgd:bits=1"), "bits=1");
+
+  // budget=auto starts at init, with a floor of 3 unless given, and keeps "auto" in its canonical form.
+  const CodecSpec a = CodecSpec::parse("amaq:budget=auto,init=7");
+  EXPECT_TRUE(a.auto_budget);
+  EXPECT_EQ(a.budget, 7);
+  EXPECT_EQ(a.budget_floor, 3);
+  const CodecSpec f = CodecSpec::parse(CodecSpec::parse("amaq:budget=auto,floor=4.5,bmin=4").to_string());
+  EXPECT_TRUE(f.auto_budget);
+  EXPECT_EQ(f.budget_floor, 4.5);
+  EXPECT_NE(f.to_string().find("budget=auto,floor=4.5"), std::string::npos) << f.to_string();
+  EXPECT_EQ(CodecSpec::parse("amaq:budget=auto,bmin=5").budget_floor, 5);
+  EXPECT_AMAQ_ERROR(CodecSpec::parse("amaq:budget=4,floor=3"), "floor", "budget=auto");
+  EXPECT_AMAQ_ERROR(CodecSpec::parse("amaq:budget=auto,floor=1,bmin=2"), "floor 1");
 }
 
 // fixed:map=FILE (the random-map ablation): widths per channel from a file, optionally shuffled with

@@ -336,7 +336,7 @@ TEST(SplitRun, AmaqLearnsWhileSendingAFractionOfTheBytes) {
   for (const StepRecord& r : a) {
     EXPECT_EQ(r.forward_frame_bytes, r.fwd_packet_bytes + 2 * (24 + 24 + 8 + 8) + (label_bytes + 1) * r.cells)
         << r.step;
-    EXPECT_EQ(r.backward_frame_bytes, r.bwd_packet_bytes + 2 * (24 + 8 + 4 + 4 + 8 + 4 + 4 + 8)) << r.step;
+    EXPECT_EQ(r.backward_frame_bytes, r.bwd_packet_bytes + 2 * (24 + 8 + 4 + 4 + 8 + 4 + 4 + 4 + 8)) << r.step;
     // Besides the FORWARD frames the client sends one CONTROL STEP per step (and a BIT_SYNC when the
     // backward budget moves): each a 24-byte frame header, an 8-byte control header and a short JSON.
     const uint64_t control = r.fwd_wire_bytes - r.forward_frame_bytes;

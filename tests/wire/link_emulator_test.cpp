@@ -7,9 +7,11 @@
 
 #include <algorithm>
 #include <boost/asio.hpp>
+#include <future>
 #include <thread>
 
 #include "testing.h"
+#include "wire/tcp.h"
 
 namespace amaq::wire {
 namespace {
@@ -101,6 +103,48 @@ TEST(LinkEmulator, RoundTripAndRateAreTheLinksAndBytesArriveInOrder) {
   EXPECT_EQ(link.bytes_forward(), n + 5 * sizeof byte);
   EXPECT_EQ(link.bytes_backward(), n + 5 * sizeof byte);
   s.shutdown(tcp::socket::shutdown_send);
+}
+
+// What budget=auto measures the link with (wire::Frame::arrival_seconds): a frame its receiver was
+// waiting for arrives over the frame's serialisation at the link's rate, each way; a frame already
+// in the socket's buffer when asked for is not timed.
+TEST(LinkEmulator, AFrameWaitedForArrivesOverItsSerialisationTime) {
+  using namespace std::chrono_literals;
+  const size_t n = 1'000'000;
+  const LinkSpec spec = LinkSpec::parse("100mbit/2ms");
+  const double serialisation = (n + sizeof(FrameHeader)) * 8 / spec.rate_bits_per_second;  // 80 ms
+  std::promise<double> at_server;
+  Server server(ServerOptions(0), [&](Channel& ch, const SessionContext&) {
+    Frame f;
+    if (!ch.receive(&f, 10s).ok()) return at_server.set_value(-2);
+    at_server.set_value(f.arrival_seconds);
+    std::this_thread::sleep_for(50ms);  // the client is waiting by now
+    ch.send({MessageType::kBackward, 0, std::string(n, 'b')});
+    // Two more back to back, read only once both are in the client's buffer.
+    ch.send({MessageType::kBackward, 0, std::string(n, 'c')});
+    ch.send({MessageType::kBackward, 0, std::string(n, 'd')});
+    ch.receive(&f, 10s);
+  });
+  LinkEmulator link(0, "127.0.0.1", server.port(), spec);
+  std::unique_ptr<Channel> ch;
+  ASSERT_TRUE(connect(ClientOptions("127.0.0.1", link.port()), &ch).ok());
+  std::this_thread::sleep_for(50ms);  // the server is waiting by now
+  ASSERT_TRUE(ch->send({MessageType::kForward, 0, std::string(n, 'a')}).ok());
+  const double up = at_server.get_future().get();
+  EXPECT_GT(up, serialisation * 0.95) << up;
+  EXPECT_LT(up, serialisation * 1.10) << up;
+
+  Frame f;
+  ASSERT_TRUE(ch->receive(&f, 10s).ok());
+  EXPECT_GT(f.arrival_seconds, serialisation * 0.95) << f.arrival_seconds;
+  EXPECT_LT(f.arrival_seconds, serialisation * 1.10) << f.arrival_seconds;
+  std::this_thread::sleep_for(500ms);  // both are here
+  for (char c : {'c', 'd'}) {
+    ASSERT_TRUE(ch->receive(&f, 10s).ok());
+    EXPECT_EQ(f.payload[0], c);
+    EXPECT_EQ(f.arrival_seconds, -1) << c;
+  }
+  ch->send({MessageType::kBye, 0, ""});
 }
 
 }  // namespace

@@ -50,7 +50,7 @@ TEST(Messages, RoundTrip) {
   EXPECT_EQ(g.label_type, LabelType::kNone);
 
   const std::string grad = "gradient bytes";
-  BackwardMsg b{99, 1, 2.5f, 0.125, 0.5f, 0.25f, grad}, b2;
+  BackwardMsg b{99, 1, 2.5f, 0.125, 0.5f, 0.25f, 0.0625f, grad}, b2;
   const std::string bb = b.encode();
   ASSERT_TRUE(BackwardMsg::decode(bb, &b2).ok());
   EXPECT_EQ(b2.step, 99u);
@@ -58,6 +58,7 @@ TEST(Messages, RoundTrip) {
   EXPECT_EQ(b2.grad_sq_norm, 0.125);
   EXPECT_EQ(b2.server_seconds, 0.5f);
   EXPECT_EQ(b2.server_codec_seconds, 0.25f);
+  EXPECT_EQ(b2.forward_arrival_seconds, 0.0625f);
   EXPECT_EQ(b2.packet, b.packet);
   ControlMsg c{ControlKind::kBitSync, R"({"budget":3.5})", ""}, c2;
   ASSERT_TRUE(ControlMsg::decode(c.encode(), &c2).ok());

@@ -49,7 +49,11 @@ wait_port() {  # FILE -> the port printed as "listening on 127.0.0.1:PORT"
 for link in $LINKS; do
   for codec in $CODECS; do
     bwd=$codec
-    case $codec in amaq:*) bwd="amaq:budget=6,bmin=4" ;; aqsgd:*) bwd="fixed:bits=8" ;; esac
+    case $codec in
+      amaq:*budget=auto*) bwd="amaq:budget=auto,bmin=4,floor=4${codec##*budget=auto}" ;;  # its own floor, the same decay
+      amaq:*) bwd="amaq:budget=6,bmin=4" ;;
+      aqsgd:*) bwd="fixed:bits=8" ;;
+    esac
     for k in $IN_FLIGHT; do
       run="run-${link//\//_}-${codec//[:=,]/_}-k$k"
       rm -rf "$run" srv && mkdir srv
@@ -103,8 +107,12 @@ print(json.dumps({"link": link, "loss": float(loss), "codec": codec, "in_flight"
                   "server_s": round(med(r["server_seconds"] for r in rows), 4),
                   "fwd_bytes": int(med(r["fwd_wire_bytes"] for r in rows)),
                   "bwd_bytes": int(med(r["bwd_wire_bytes"] for r in rows)),
+                  "bwd_bits": round(med(r["bwd_bits"]["mean"] for r in rows), 2),
                   "loss_last": round(rows[-1]["loss"], 4),
-                  "evals": evals}))
+                  "evals": evals,
+                  # budget=auto: the budgets chosen after each step, and the last step's estimates
+                  **({"auto_budgets": [[r["auto_budget"]["fwd"], r["auto_budget"]["bwd"]] for r in all_rows],
+                      "auto_last": all_rows[-1]["auto_budget"]} if "auto_budget" in all_rows[-1] else {})}))
 PY
     done
   done
