@@ -10,8 +10,8 @@
 //   - the bytes per element a direction sends beyond its map's bits (range metadata, frame headers,
 //     labels), from the step's frames.
 // Rates and compute are smoothed over steps (exponentially; a value more than 2x away from the
-// running one replaces it), so jitter is smoothed and a link that changes is followed at once. A direction whose frames were never waited for keeps up with the compute:
-// its budget is the codec's bmax.
+// running one replaces it), so jitter is smoothed and a link that changes is followed at once. A direction whose frames
+// were never waited for keeps up with the compute: its budget is the codec's bmax.
 //
 // The choice: bits = 8 * margin * compute * rate / elements - overhead, rounded down to a quarter
 // bit and clamped to [floor, bmax]; nothing changes during the first warm-up steps.
@@ -22,7 +22,7 @@ namespace amaq::train {
 
 /// One optimizer step as the client saw it.
 struct LinkSample {
-  uint64_t up_bytes = 0, down_bytes = 0;  ///< payload bytes of the timed frames (waited for, >= kMinSampleBytes)
+  uint64_t up_bytes = 0, down_bytes = 0;    ///< payload bytes of the timed frames (waited for, >= kMinSampleBytes)
   double up_seconds = 0, down_seconds = 0;  ///< their arrival seconds
   double compute_seconds = 0;               ///< max(client, server) busy seconds of the step
   uint64_t elements = 0;                    ///< activation elements sent (as many gradient elements came back)

@@ -193,6 +193,12 @@ std::vector<StepRecord> read_metrics(const std::string& path) {
     r.tokens = j["tokens"];
     r.tokens_per_second = j["tokens_per_second"];
     r.fwd_map = j.value("fwd_map", std::string());
+    if (j.contains("auto_budget") && j["auto_budget"].is_object()) {
+      const nlohmann::json& a = j["auto_budget"];
+      r.auto_budget =
+          StepRecord::AutoBudgetRecord{a.value("fwd", 0.0), a.value("bwd", 0.0), a.value("up_mbit_per_s", 0.0) / 8e-6,
+                                       a.value("down_mbit_per_s", 0.0) / 8e-6, a.value("compute_seconds", 0.0)};
+    }
     by_step[r.step] = r;
   }
   std::vector<StepRecord> out;

@@ -461,6 +461,55 @@ TEST(SplitRun, StepTimeIsTheSumOfClientServerAndNetworkOnLoopbackAndOverASlowLin
   }
 }
 
+// amaq:budget=auto over a 2 Mbit/s link measures the link's rate each way within 15% and, as this
+// model's compute hides almost nothing, walks both budgets to their floors, which the packets then
+// keep; over loopback (every frame here at once) the budgets stay at bmax.
+TEST(SplitRun, AutoBudgetMeasuresTheLinkAndTakesTheFloorOnASlowOne) {
+  testing::TempDir tmp;
+  ClientConfig c = base_config(tmp, "slow");
+  c.batch = 8;
+  c.seq_len = 64;  // 32K elements per micro-batch: 32 KB at 8 bits, long enough to time
+  c.schedule.steps = 6;
+  c.schedule.warmup = 0;
+  c.in_flight = 1;
+  c.fwd_codec = quant::CodecSpec::parse("amaq:budget=auto,decay=2");
+  c.bwd_codec = quant::CodecSpec::parse("amaq:budget=auto,bmin=4,floor=4,decay=2");
+  TrainServer srv(server_for(c, c.side));
+  wire::Server server(srv.tcp_options(0),
+                      [&](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx); });
+  const wire::LinkSpec spec = wire::LinkSpec::parse("2mbit/4ms");
+  wire::LinkEmulator link(0, "127.0.0.1", server.port(), spec);
+  for (const uint16_t port : {link.port(), server.port()}) {
+    RunResult r = ClientTrainer(c).run([&](std::unique_ptr<wire::Channel>* out) {
+      return wire::connect(wire::ClientOptions("127.0.0.1", port), out);
+    });
+    ASSERT_EQ(r.steps.size(), 6u);
+    for (const StepRecord& s : r.steps) {
+      ASSERT_TRUE(s.auto_budget.has_value()) << s.step;
+      const StepRecord::AutoBudgetRecord& a = *s.auto_budget;
+      if (s.step < 2) {  // warm-up: measured only
+        EXPECT_EQ(a.fwd, 8);
+        EXPECT_EQ(a.bwd, 8);
+        continue;
+      }
+      if (port == link.port()) {
+        EXPECT_EQ(a.fwd, 3) << s.step;
+        EXPECT_EQ(a.bwd, 4) << s.step;
+        EXPECT_NEAR(a.up_bytes_per_second * 8, spec.rate_bits_per_second, 0.15 * spec.rate_bits_per_second);
+        EXPECT_NEAR(a.down_bytes_per_second * 8, spec.rate_bits_per_second, 0.15 * spec.rate_bits_per_second);
+      } else {
+        EXPECT_EQ(a.fwd, 8) << s.step;
+        EXPECT_EQ(a.bwd, 8) << s.step;
+      }
+      EXPECT_GT(a.compute_seconds, 0);
+    }
+    const StepRecord& last = r.steps.back();
+    EXPECT_LE(last.fwd_bits.mean, port == link.port() ? 3 : 8);
+    EXPECT_LE(last.bwd_bits.mean, port == link.port() ? 4 : 8);
+    c.run_dir = tmp.file("loopback");
+  }
+}
+
 TEST(SplitRun, AServerSideThatFailsToBuildIsNamedNotBlamedOnTheLink) {
   testing::TempDir tmp;
   ClientConfig c = base_config(tmp, "run");
