@@ -8,7 +8,12 @@
 #include <vector>
 
 #include "core/error.h"
+#include "quant/multiversion.h"
 
+// The hot loops (AMAQ_MULTIVERSION) keep the reference's arithmetic operation for operation: IEEE
+// division, no reciprocal, no fused multiply-add, so every version writes the same bytes. Every
+// value is computed, then selected (-fno-trapping-math lets the compiler do that for a select of
+// trapping operations; the values are the same IEEE results).
 namespace amaq::quant {
 
 uint16_t half_bits_rounded(float v, bool up) {
@@ -42,6 +47,108 @@ void throw_non_finite(int64_t bad, int64_t n, int64_t first) {
               "training diverged: lower the learning rate, enable gradient clipping, or check the input data");
 }
 
+namespace {
+
+constexpr int kLanes = 16;  // independent accumulators: the compiler maps them onto vector lanes
+
+// max |p[i]| over [0, n) (NaN and Inf ignored) and how many are NaN or Inf.
+AMAQ_MULTIVERSION float max_abs_run(const float* p, int64_t n, int64_t* non_finite) {
+  float m[kLanes] = {};
+  int32_t bad[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float a = std::fabs(p[i + j]);
+      m[j] = a > m[j] ? a : m[j];
+      bad[j] += !(a <= std::numeric_limits<float>::max());
+    }
+  }
+  float r = 0.0f;
+  int64_t nb = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    r = m[j] > r ? m[j] : r;
+    nb += bad[j];
+  }
+  for (; i < n; ++i) {
+    const float a = std::fabs(p[i]);
+    r = a > r ? a : r;
+    nb += !(a <= std::numeric_limits<float>::max());
+  }
+  *non_finite = nb;
+  return r;
+}
+
+// min and max of p[0, n) (finite values), exactly as the sequential `v < mn ? v : mn` and
+// `v > mx ? v : mx` from +-inf find them: lane by lane, then, where the result is a zero (whose
+// sign depends on which zero came first), again in order.
+AMAQ_MULTIVERSION void range_run(const float* p, int64_t n, float* lo, float* hi) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  float mn[kLanes], mx[kLanes];
+  for (int j = 0; j < kLanes; ++j) mn[j] = inf, mx[j] = -inf;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      mn[j] = p[i + j] < mn[j] ? p[i + j] : mn[j];
+      mx[j] = p[i + j] > mx[j] ? p[i + j] : mx[j];
+    }
+  }
+  float a = inf, b = -inf;
+  for (int j = 0; j < kLanes; ++j) {
+    a = mn[j] < a ? mn[j] : a;
+    b = mx[j] > b ? mx[j] : b;
+  }
+  for (; i < n; ++i) {
+    a = p[i] < a ? p[i] : a;
+    b = p[i] > b ? p[i] : b;
+  }
+  if (a == 0.0f || b == 0.0f) {
+    a = inf, b = -inf;
+    for (i = 0; i < n; ++i) {
+      a = p[i] < a ? p[i] : a;
+      b = p[i] > b ? p[i] : b;
+    }
+  }
+  *lo = a, *hi = b;
+}
+
+// Nearest-rounding codes of p[0, n), channel i with levels[i] = 2^bits - 1, all in range [lo, hi]:
+// quantize_one's arithmetic; and, when `decoded` is given, dequantize_one's of each code.
+AMAQ_MULTIVERSION void quantize_run(const float* p, const float* levels, int64_t n, float lo, float hi, uint8_t* codes,
+                                    float* decoded) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float step = (hi - lo) / levels[i];
+    const float u = (p[i] - lo) / step;
+    const float below = u < 0.0f ? 0.0f : u;
+    const float v = levels[i] < below ? levels[i] : below;
+    const float rounded = (v + 12582912.0f) - 12582912.0f;  // round_half_even
+    const float r = step > 0 ? rounded : 0.0f;
+    codes[i] = static_cast<uint8_t>(static_cast<int32_t>(r));
+  }
+  if (!decoded) return;
+  for (int64_t i = 0; i < n; ++i) {
+    const float step = (hi - lo) / levels[i];
+    decoded[i] = lo + static_cast<float>(codes[i]) * step;
+  }
+}
+
+// dequantize_one of codes[0, n) in range [lo, hi].
+AMAQ_MULTIVERSION void dequantize_run(const uint8_t* codes, const float* levels, int64_t n, float lo, float hi,
+                                      float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float step = (hi - lo) / levels[i];
+    out[i] = lo + static_cast<float>(codes[i]) * step;
+  }
+}
+
+// 2^bits - 1 per channel, as step_of divides by it.
+std::vector<float> levels_of(const uint8_t* b, int64_t cols) {
+  std::vector<float> l(static_cast<size_t>(cols));
+  for (int64_t c = 0; c < cols; ++c) l[c] = static_cast<float>((1 << b[c]) - 1);
+  return l;
+}
+
+}  // namespace
+
 float checked_max_abs(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "checked_max_abs takes contiguous fp32");
   const float* p = x.data_ptr<float>();
@@ -52,14 +159,8 @@ float checked_max_abs(const at::Tensor& x) {
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t i0 = c * chunk, i1 = std::min(n, i0 + chunk);
-      float m = 0.0f;
       int64_t nb = 0;
-      for (int64_t i = i0; i < i1; ++i) {
-        const float a = std::fabs(p[i]);
-        m = a > m ? a : m;
-        nb += !(a <= std::numeric_limits<float>::max());  // NaN and Inf
-      }
-      part[c] = m;
+      part[c] = max_abs_run(p + i0, i1 - i0, &nb);
       bad[c] = nb;
       if (nb) {
         for (int64_t i = i0; i < i1 && first[c] < 0; ++i)
@@ -170,7 +271,7 @@ inline void for_row_groups(const AffineLayout& L, int64_t r, const F& f) {
 }  // namespace
 
 AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
-                            uint64_t seed) {
+                            uint64_t seed, at::Tensor* decoded) {
   check_input(x, bits, layout);
   const int64_t rows = layout.rows, cols = layout.cols, G = layout.num_groups();
   const float* xp = x.data_ptr<float>();
@@ -182,6 +283,33 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
   q.hi = at::empty({G}, at::kHalf);
   auto* lo16 = reinterpret_cast<uint16_t*>(q.lo.data_ptr());
   auto* hi16 = reinterpret_cast<uint16_t*>(q.hi.data_ptr());
+  q.codes = at::empty({rows, cols}, at::kByte);
+  uint8_t* out = q.codes.data_ptr<uint8_t>();
+
+  if (rounding == Rounding::kNearest && layout.granularity != Granularity::kChannel) {
+    // One pass: each group's range, codes and decoded values while it is in cache.
+    const std::vector<float> levels = levels_of(b, cols);
+    float* dp = nullptr;
+    if (decoded) {
+      *decoded = at::empty({rows, cols}, at::kFloat);
+      dp = decoded->data_ptr<float>();
+    }
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for_row_groups(layout, r, [&](int64_t row, int64_t c0, int64_t c1, int64_t g) {
+          const float* p = xp + row * cols + c0;
+          float mn, mx;
+          range_run(p, c1 - c0, &mn, &mx);
+          lo16[g] = half_bits_rounded(mn / scale, false);
+          hi16[g] = half_bits_rounded(mx / scale, true);
+          const float lo = half_bits_to_float(lo16[g]) * scale, hi = half_bits_to_float(hi16[g]) * scale;
+          quantize_run(p, levels.data() + c0, c1 - c0, lo, hi, out + row * cols + c0,
+                       dp ? dp + row * cols + c0 : nullptr);
+        });
+      }
+    });
+    return q;
+  }
 
   // Ranges.
   if (layout.granularity == Granularity::kChannel) {
@@ -212,8 +340,6 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
   decoded_ranges(q, lo, hi);
 
   // Codes.
-  q.codes = at::empty({rows, cols}, at::kByte);
-  uint8_t* out = q.codes.data_ptr<uint8_t>();
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       for_row_groups(layout, r, [&](int64_t row, int64_t c0, int64_t c1, int64_t g) {
@@ -227,6 +353,7 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
       });
     }
   });
+  if (decoded) *decoded = affine_dequantize(q, bits, layout);
   return q;
 }
 
@@ -238,13 +365,16 @@ at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const
   const uint8_t* b = bits.data_ptr<uint8_t>();
   std::vector<float> lo, hi;
   decoded_ranges(q, lo, hi);
+  const std::vector<float> levels = levels_of(b, cols);
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       for_row_groups(layout, r, [&](int64_t row, int64_t c0, int64_t c1, int64_t g) {
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t gg = g < 0 ? c : g;
-          o[row * cols + c] = dequantize_one(codes[row * cols + c], lo[gg], step_of(lo[gg], hi[gg], b[c]));
+        if (g >= 0) {
+          dequantize_run(codes + row * cols + c0, levels.data() + c0, c1 - c0, lo[g], hi[g], o + row * cols + c0);
+          return;
         }
+        for (int64_t c = c0; c < c1; ++c)  // a range per channel
+          o[row * cols + c] = dequantize_one(codes[row * cols + c], lo[c], step_of(lo[c], hi[c], b[c]));
       });
     }
   });

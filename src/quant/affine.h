@@ -51,8 +51,12 @@ AffineQuant affine_quantize_ref(const at::Tensor& x, const at::Tensor& bits, con
 at::Tensor affine_dequantize_ref(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout);
 
 /// Fast CPU path: the same arithmetic, multi-threaded over rows (or columns for per-channel ranges).
+/// With nearest rounding and range groups along rows (token, group), one pass per group computes
+/// its range, its codes and, when `decoded` is given, the decoded values (what
+/// affine_dequantize returns), while the group is in cache; the inner loops are compiled for
+/// AVX-512, AVX2 and plain x86-64 and chosen at run time.
 AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
-                            uint64_t seed);
+                            uint64_t seed, at::Tensor* decoded = nullptr);
 at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout);
 
 /// Per-element range start and step (rows, cols) fp32, from the stored ranges: what the gates'

@@ -5,6 +5,8 @@
 #include <cstring>
 #include <numeric>
 
+#include "quant/multiversion.h"
+
 namespace amaq::quant {
 namespace {
 
@@ -31,6 +33,78 @@ void for_row_blocks(int64_t rows, const F& f) {
     for (int64_t blk = b0; blk < b1; ++blk) f(blk * per_block, std::min(rows, (blk + 1) * per_block));
   });
 }
+
+// One width b in {1, 2, 4, 8} for every channel: the stream is then the n codes in order, 8 / b to
+// a byte, whatever the rows. Bytes [k0, k1) of it.
+AMAQ_MULTIVERSION void pack_flat(const uint8_t* v, int64_t n, int b, int64_t k0, int64_t k1, uint8_t* out) {
+  const int per = 8 / b;
+  const uint8_t mask = static_cast<uint8_t>((1u << b) - 1);
+  const int64_t whole = std::min(k1, n / per);
+  switch (b) {
+    case 8:
+      if (whole > k0) std::memcpy(out + k0, v + k0, static_cast<size_t>(whole - k0));
+      break;
+    case 4:
+      for (int64_t k = k0; k < whole; ++k) out[k] = static_cast<uint8_t>((v[2 * k] & 15) | (v[2 * k + 1] & 15) << 4);
+      break;
+    case 2:
+      for (int64_t k = k0; k < whole; ++k)
+        out[k] = static_cast<uint8_t>((v[4 * k] & 3) | (v[4 * k + 1] & 3) << 2 | (v[4 * k + 2] & 3) << 4 |
+                                      (v[4 * k + 3] & 3) << 6);
+      break;
+    default:
+      for (int64_t k = k0; k < whole; ++k) {
+        uint8_t byte = 0;
+        for (int j = 0; j < 8; ++j) byte = static_cast<uint8_t>(byte | (v[8 * k + j] & 1) << j);
+        out[k] = byte;
+      }
+  }
+  if (whole < k1) {  // the last byte, zero-padded
+    uint8_t byte = 0;
+    for (int64_t i = whole * per; i < n; ++i)
+      byte = static_cast<uint8_t>(byte | (v[i] & mask) << ((i - whole * per) * b));
+    out[whole] = byte;
+  }
+}
+
+AMAQ_MULTIVERSION void unpack_flat(const uint8_t* in, int64_t n, int b, int64_t k0, int64_t k1, uint8_t* v) {
+  const int per = 8 / b;
+  const uint8_t mask = static_cast<uint8_t>((1u << b) - 1);
+  const int64_t whole = std::min(k1, n / per);
+  switch (b) {
+    case 8:
+      if (whole > k0) std::memcpy(v + k0, in + k0, static_cast<size_t>(whole - k0));
+      break;
+    case 4:
+      for (int64_t k = k0; k < whole; ++k) {
+        v[2 * k] = in[k] & 15;
+        v[2 * k + 1] = static_cast<uint8_t>(in[k] >> 4);
+      }
+      break;
+    case 2:
+      for (int64_t k = k0; k < whole; ++k)
+        for (int j = 0; j < 4; ++j) v[4 * k + j] = (in[k] >> (2 * j)) & 3;
+      break;
+    default:
+      for (int64_t k = k0; k < whole; ++k)
+        for (int j = 0; j < 8; ++j) v[8 * k + j] = (in[k] >> j) & 1;
+  }
+  if (whole < k1) {
+    for (int64_t i = whole * per; i < n; ++i) v[i] = (in[whole] >> ((i - whole * per) * b)) & mask;
+  }
+}
+
+// The one width of every channel when it is 1, 2, 4 or 8; 0 otherwise.
+int flat_width(const at::Tensor& bits) {
+  const uint8_t* b = bits.data_ptr<uint8_t>();
+  const int64_t n = bits.size(0);
+  if (n == 0 || (b[0] != 1 && b[0] != 2 && b[0] != 4 && b[0] != 8)) return 0;
+  for (int64_t c = 1; c < n; ++c)
+    if (b[c] != b[0]) return 0;
+  return b[0];
+}
+
+constexpr int64_t kFlatGrain = 1 << 16;  // bytes per task
 
 }  // namespace
 
@@ -86,6 +160,10 @@ void pack_fast(const at::Tensor& codes, const at::Tensor& bits, uint8_t* out) {
   const uint8_t* v = codes.data_ptr<uint8_t>();
   const uint8_t* b = bits.data_ptr<uint8_t>();
   const int64_t total = packed_bytes(rows, bits);
+  if (const int w = flat_width(bits)) {
+    at::parallel_for(0, total, kFlatGrain, [&](int64_t k0, int64_t k1) { pack_flat(v, rows * cols, w, k0, k1, out); });
+    return;
+  }
   for_row_blocks(rows, [&](int64_t r0, int64_t r1) {
     // r0 is a multiple of 8, so this block starts at byte (r0 * rb) / 8 exactly.
     uint8_t* dst = out + (r0 * rb) / 8;
@@ -122,6 +200,11 @@ at::Tensor unpack_fast(const uint8_t* data, int64_t size, int64_t rows, const at
   uint8_t* v = out.data_ptr<uint8_t>();
   const uint8_t* b = bits.data_ptr<uint8_t>();
   const int64_t total = packed_bytes(rows, bits);
+  if (const int w = flat_width(bits)) {
+    at::parallel_for(0, total, kFlatGrain,
+                     [&](int64_t k0, int64_t k1) { unpack_flat(data, rows * cols, w, k0, k1, v); });
+    return out;
+  }
   for_row_blocks(rows, [&](int64_t r0, int64_t r1) {
     const uint8_t* src = data + (r0 * rb) / 8;
     const uint8_t* end = data + total;

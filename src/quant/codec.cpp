@@ -215,13 +215,14 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
 #endif
   } else {
     at::Tensor x2 = x.to(at::kFloat).reshape({e.layout.rows, C}).contiguous();
-    e.quant = impl_ == Impl::kRef ? affine_quantize_ref(x2, bits, e.layout, spec_.rounding, args.seed)
-                                  : affine_quantize(x2, bits, e.layout, spec_.rounding, args.seed);
-    if (args.want_decoded) {
-      at::Tensor deq = impl_ == Impl::kRef ? affine_dequantize_ref(e.quant, bits, e.layout)
-                                           : affine_dequantize(e.quant, bits, e.layout);
-      e.decoded = deq.view(x.sizes()).to(x.scalar_type());
+    at::Tensor deq;
+    if (impl_ == Impl::kRef) {
+      e.quant = affine_quantize_ref(x2, bits, e.layout, spec_.rounding, args.seed);
+      if (args.want_decoded) deq = affine_dequantize_ref(e.quant, bits, e.layout);
+    } else {
+      e.quant = affine_quantize(x2, bits, e.layout, spec_.rounding, args.seed, args.want_decoded ? &deq : nullptr);
     }
+    if (args.want_decoded) e.decoded = deq.view(x.sizes()).to(x.scalar_type());
     pairs = at::stack({e.quant.lo, e.quant.hi}, 1).contiguous();
     ranges = static_cast<const char*>(pairs.data_ptr());
     code_bytes = packed_bytes(e.layout.rows, bits);  // packed below, unless entropy coding wins

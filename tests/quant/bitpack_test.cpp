@@ -30,7 +30,7 @@ TEST(BitPack, HandWorkedExample) {
 
 TEST(BitPack, FastEqualsRefForEveryWidthAndMixedMaps) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
-  for (int64_t rows : {1, 3, 7, 8, 9, 63, 64, 65, 257, 1000}) {
+  for (int64_t rows : {1, 3, 7, 8, 9, 63, 64, 65, 257, 1000, 4099}) {
     for (int64_t cols : {1, 3, 5, 17, 130}) {
       std::vector<at::Tensor> maps;
       for (int b = 1; b <= 8; ++b) maps.push_back(at::full({cols}, b, at::kByte));
