@@ -4,6 +4,7 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -49,19 +50,29 @@ void throw_non_finite(int64_t bad, int64_t n, int64_t first) {
 
 namespace {
 
-constexpr int kLanes = 16;  // independent accumulators: the compiler maps them onto vector lanes
+// 16 lanes as GCC vector types: each target version maps them onto its widest registers. A lane
+// computes exactly what the scalar code computes on its share of the elements.
+typedef float F16 __attribute__((vector_size(64)));
+typedef int32_t I16 __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+
+inline __attribute__((always_inline)) F16 load16(const float* p) {
+  F16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
 
 // max |p[i]| over [0, n) (NaN and Inf ignored) and how many are NaN or Inf.
 AMAQ_MULTIVERSION float max_abs_run(const float* p, int64_t n, int64_t* non_finite) {
-  float m[kLanes] = {};
-  int32_t bad[kLanes] = {};
+  const I16 magnitude = I16{} + 0x7fffffff;
+  const F16 largest = F16{} + std::numeric_limits<float>::max();
+  F16 m = {};
+  I16 bad = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const float a = std::fabs(p[i + j]);
-      m[j] = a > m[j] ? a : m[j];
-      bad[j] += !(a <= std::numeric_limits<float>::max());
-    }
+    const F16 a = reinterpret_cast<F16>(reinterpret_cast<I16>(load16(p + i)) & magnitude);  // |v|
+    m = a > m ? a : m;
+    bad -= ~(a <= largest);  // +1 where NaN or Inf (a comparison is -1 where true)
   }
   float r = 0.0f;
   int64_t nb = 0;
@@ -83,14 +94,12 @@ AMAQ_MULTIVERSION float max_abs_run(const float* p, int64_t n, int64_t* non_fini
 // sign depends on which zero came first), again in order.
 AMAQ_MULTIVERSION void range_run(const float* p, int64_t n, float* lo, float* hi) {
   constexpr float inf = std::numeric_limits<float>::infinity();
-  float mn[kLanes], mx[kLanes];
-  for (int j = 0; j < kLanes; ++j) mn[j] = inf, mx[j] = -inf;
+  F16 mn = F16{} + inf, mx = F16{} - inf;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      mn[j] = p[i + j] < mn[j] ? p[i + j] : mn[j];
-      mx[j] = p[i + j] > mx[j] ? p[i + j] : mx[j];
-    }
+    const F16 v = load16(p + i);
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
   }
   float a = inf, b = -inf;
   for (int j = 0; j < kLanes; ++j) {

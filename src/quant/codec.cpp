@@ -196,7 +196,6 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
   const char* codes = nullptr;
   int64_t code_bytes = 0;
   at::Tensor pairs;
-  std::string packed;
 #if AMAQ_HAVE_CUDA
   cuda::AffineEncoded g;
 #endif
@@ -264,18 +263,20 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
     else
       coded.clear();
   }
-  if (!codes && !(h.flags & kFlagEntropy)) {  // the CPU's codes, packed
-    packed = pack(e.quant.codes, bits, impl_);
-    codes = packed.data();
-  }
+  w.str().reserve(static_cast<size_t>(256 + x.size(-1) + 4 * e.layout.num_groups() + code_bytes));
   write_header(w, h, x.sizes());
   if (send_map) write_bit_map(w, bits);
   w.append(ranges, static_cast<size_t>(4 * e.layout.num_groups()));
   if (h.flags & kFlagEntropy) {
     w.put(static_cast<uint32_t>(coded.size()));
     w.append(coded.data(), coded.size());
-  } else {
+  } else if (codes) {  // packed on the device
     w.append(codes, static_cast<size_t>(code_bytes));
+  } else if (impl_ == Impl::kRef) {
+    const std::string packed = pack_ref(e.quant.codes, bits);
+    w.append(packed.data(), packed.size());
+  } else {  // the CPU's codes, packed in place
+    pack_fast(e.quant.codes, bits, reinterpret_cast<uint8_t*>(w.grow(static_cast<size_t>(code_bytes))));
   }
   e.packet = std::move(w.str());
   return e;

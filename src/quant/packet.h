@@ -69,6 +69,12 @@ class ByteWriter {
     append(&v, sizeof(T));
   }
   void append(const void* p, size_t n) { out_.append(static_cast<const char*>(p), n); }
+  /// Room for n more bytes at the end, to be written in place.
+  char* grow(size_t n) {
+    const size_t at = out_.size();
+    out_.resize(at + n);
+    return out_.data() + at;
+  }
   std::string& str() { return out_; }
 
  private:
