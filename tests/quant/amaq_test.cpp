@@ -6,6 +6,7 @@
 #include <torch/optim/adam.h>
 
 #include "quant/codec.h"
+#include "quant/link.h"
 
 namespace amaq::quant {
 namespace {
@@ -150,6 +151,39 @@ TEST(Amaq, BackwardMapShiftsTheForwardRankingToItsBudget) {
     }
   }
   EXPECT_EQ(shift_bit_map(fwd, 8.0, 2, 8).min().item<int>(), 8);
+}
+
+// budget=auto: the budgets the client chose are where the schedule walks to (the forward gates'
+// budget_at, the backward budget sent to the server) and come back from a checkpoint; a codec with
+// a set budget is not moved.
+TEST(Amaq, AutoBudgetsSteerTheScheduleAndSurviveACheckpoint) {
+  const CodecSpec fwd = CodecSpec::parse("amaq:budget=auto,decay=4"),
+                  bwd = CodecSpec::parse("amaq:budget=auto,bmin=4,floor=4,decay=4");
+  Link link(LinkSide::kClient, fwd, bwd, 32, 0.01);
+  EXPECT_TRUE(link.forward_budget_auto() && link.backward_budget_auto());
+  EXPECT_EQ(link.forward_target(), 8);
+  EXPECT_EQ(link.backward_budget_to_sync(0), 8.0);
+  link.set_auto_budgets(3.5, 5);
+  EXPECT_EQ(link.forward_target(), 3.5);
+  EXPECT_EQ(budget_at(link.forward_spec(), 2), 8 + (3.5 - 8) * 0.5);
+  EXPECT_EQ(link.backward_budget_to_sync(4), 5.0);  // reaches the server
+  const LinkState st = link.state();
+  Link resumed(LinkSide::kClient, fwd, bwd, 32, 0.01);
+  std::map<std::string, at::Tensor> tensors(st.tensors.begin(), st.tensors.end());
+  resumed.load_state(
+      tensors,
+      [&](const std::string& name) -> std::optional<std::string> {
+        auto it = st.files.find(name);
+        return it == st.files.end() ? std::nullopt : std::optional<std::string>(it->second);
+      },
+      st.fields, "ckpt");
+  EXPECT_EQ(resumed.forward_target(), 3.5);
+  EXPECT_EQ(resumed.backward_target(), 5);
+
+  Link fixed_budget(LinkSide::kClient, CodecSpec::parse("amaq:budget=4"), CodecSpec::parse("fixed:bits=8"), 32, 0.01);
+  fixed_budget.set_auto_budgets(3, 3);
+  EXPECT_EQ(fixed_budget.forward_target(), 4);
+  EXPECT_FALSE(fixed_budget.forward_budget_auto());
 }
 
 }  // namespace
