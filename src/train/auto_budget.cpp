@@ -7,7 +7,7 @@ namespace amaq::train {
 namespace {
 
 bool timed(uint64_t payload_bytes, double arrival_seconds) {
-  return arrival_seconds > 0 && payload_bytes >= AutoBudget::kMinSampleBytes;
+  return arrival_seconds >= 0 && payload_bytes >= AutoBudget::kMinSampleBytes;
 }
 
 // Exponential smoothing that starts at the first value, and starts again at a value more than 2x
@@ -22,13 +22,13 @@ double smooth(double running, double value, double weight) {
 void LinkSample::add_up(uint64_t payload_bytes, double arrival_seconds) {
   if (!timed(payload_bytes, arrival_seconds)) return;
   up_bytes += payload_bytes;
-  up_seconds += arrival_seconds;
+  up_seconds += std::max(arrival_seconds, AutoBudget::kResolutionSeconds);
 }
 
 void LinkSample::add_down(uint64_t payload_bytes, double arrival_seconds) {
   if (!timed(payload_bytes, arrival_seconds)) return;
   down_bytes += payload_bytes;
-  down_seconds += arrival_seconds;
+  down_seconds += std::max(arrival_seconds, AutoBudget::kResolutionSeconds);
 }
 
 AutoBudget::AutoBudget(const AutoBudgetOptions& options, double fwd_start, double bwd_start)

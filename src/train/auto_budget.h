@@ -5,7 +5,9 @@
 //   - the link's rate per direction, from frames whose receiver was already waiting for them
 //     (wire::Frame::arrival_seconds: first byte to last, so the spread is the link's, not a
 //     buffer's): BACKWARD frames at the client (down), FORWARD frames at the server, which reports
-//     their spread in each BACKWARD (up). Frames under kMinSampleBytes are too short to time;
+//     their spread in each BACKWARD (up). Frames under kMinSampleBytes are too short to time; one
+//     that came whole at once counts as taking kResolutionSeconds (the link is at least that fast),
+//     so a link that became fast is seen even when the budgets made the frames small;
 //   - the step's compute: the busier side's seconds (client or server), codecs included;
 //   - the bytes per element a direction sends beyond its map's bits (range metadata, frame headers,
 //     labels), from the step's frames.
@@ -44,7 +46,10 @@ struct AutoBudgetOptions {
 
 class AutoBudget {
  public:
-  static constexpr uint64_t kMinSampleBytes = 16 * 1024;
+  /// Frames shorter than this are not timed; a frame that came whole at once (arrival 0) counts as
+  /// taking kResolutionSeconds, so it still says the link is at least that fast.
+  static constexpr uint64_t kMinSampleBytes = 4 * 1024;
+  static constexpr double kResolutionSeconds = 0.5e-3;
 
   explicit AutoBudget(const AutoBudgetOptions& options, double fwd_start, double bwd_start);
   /// Feeds one step; true when the chosen budgets changed.

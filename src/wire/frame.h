@@ -89,7 +89,8 @@ struct Frame {
   std::string payload;
   /// Received over a socket: the seconds the whole frame took to cross the link, at the rate its
   /// bytes arrived after the first ones, when the receiver was already waiting for it (so the rate
-  /// is the link's, not a buffer's); -1 otherwise. Not part of the frame's bytes.
+  /// is the link's, not a buffer's); 0 when most of it came with its first bytes (faster than can
+  /// be timed); -1 when not measured. Not part of the frame's bytes.
   double arrival_seconds = -1;
 };
 

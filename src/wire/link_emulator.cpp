@@ -64,8 +64,9 @@ void wake(int fd) {
 // it, and a writer that hands it on at that time.
 class Pipe {
  public:
-  Pipe(tcp::socket& from, tcp::socket& to, const LinkSpec& spec, std::atomic<uint64_t>& delivered)
-      : from_(from), to_(to), spec_(spec), delivered_(delivered) {}
+  Pipe(tcp::socket& from, tcp::socket& to, const LinkSpec& spec, const std::atomic<double>& rate,
+       std::atomic<uint64_t>& delivered)
+      : from_(from), to_(to), spec_(spec), rate_(rate), delivered_(delivered) {}
 
   void read_loop() {
     std::vector<char> buf(16 << 10);
@@ -75,17 +76,25 @@ class Pipe {
       error_code ec;
       const size_t n = from_.read_some(asio::buffer(buf), ec);
       if (ec || n == 0) break;
-      // Serialisation: the link is busy with earlier bytes until link_free; these take n*8/rate more.
-      const auto start = std::max(Clock::now(), link_free);
-      link_free = start + std::chrono::duration_cast<Clock::duration>(
-                              std::chrono::duration<double>(static_cast<double>(n) * 8 / spec_.rate_bits_per_second));
-      Chunk c{std::vector<char>(buf.begin(), buf.begin() + static_cast<std::ptrdiff_t>(n)),
-              link_free + spec_.one_way_delay};
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return queued_ + n <= limit || queue_.empty(); });  // a full queue stops reading
-      queued_ += n;
-      queue_.push_back(std::move(c));
-      cv_.notify_all();
+      // Serialisation: the link is busy with earlier bytes until link_free; each piece takes its
+      // bytes * 8 / rate more and is delivered when it is through. Pieces are a packet or 1 ms of
+      // the link, whichever is larger, so a receiver sees bytes arrive at the link's pace.
+      const double rate = rate_.load();
+      const size_t piece = std::max<size_t>(1448, static_cast<size_t>(rate / 8 * 1e-3));
+      for (size_t at = 0; at < n; at += piece) {
+        const size_t len = std::min(piece, n - at);
+        const auto start = std::max(Clock::now(), link_free);
+        link_free = start + std::chrono::duration_cast<Clock::duration>(
+                                std::chrono::duration<double>(static_cast<double>(len) * 8 / rate));
+        Chunk c{std::vector<char>(buf.begin() + static_cast<std::ptrdiff_t>(at),
+                                  buf.begin() + static_cast<std::ptrdiff_t>(at + len)),
+                link_free + spec_.one_way_delay};
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return queued_ + len <= limit || queue_.empty(); });  // a full queue stops reading
+        queued_ += len;
+        queue_.push_back(std::move(c));
+        cv_.notify_all();
+      }
     }
     std::lock_guard<std::mutex> lock(mu_);
     ended_ = true;
@@ -125,6 +134,7 @@ class Pipe {
   tcp::socket& from_;
   tcp::socket& to_;
   const LinkSpec& spec_;
+  const std::atomic<double>& rate_;  // bits per second, now (LinkEmulator::set_rate)
   std::atomic<uint64_t>& delivered_;
   std::mutex mu_;
   std::condition_variable cv_;
@@ -135,8 +145,9 @@ class Pipe {
 
 // A relayed connection: the accepted socket, the one to the target, and a pipe each way.
 struct Relay {
-  Relay(asio::io_context& io, const LinkSpec& spec, std::atomic<uint64_t>& fwd, std::atomic<uint64_t>& bwd)
-      : client(io), target(io), forward(client, target, spec, fwd), backward(target, client, spec, bwd) {}
+  Relay(asio::io_context& io, const LinkSpec& spec, const std::atomic<double>& rate, std::atomic<uint64_t>& fwd,
+        std::atomic<uint64_t>& bwd)
+      : client(io), target(io), forward(client, target, spec, rate, fwd), backward(target, client, spec, rate, bwd) {}
   void start() {
     for (Pipe* p : {&forward, &backward}) {
       threads.emplace_back([p] { p->read_loop(); });
@@ -157,6 +168,7 @@ struct Relay {
 
 struct LinkEmulator::Impl {
   LinkSpec spec;
+  std::atomic<double> rate{0};
   std::string host;
   uint16_t target_port;
   asio::io_context io;
@@ -169,7 +181,7 @@ struct LinkEmulator::Impl {
 
   void accept_loop() {
     while (!stopping) {
-      auto r = std::make_unique<Relay>(io, spec, forward, backward);
+      auto r = std::make_unique<Relay>(io, spec, rate, forward, backward);
       error_code ec;
       acceptor.accept(r->client, ec);
       if (ec || stopping) return;
@@ -190,6 +202,7 @@ LinkEmulator::LinkEmulator(uint16_t listen_port, const std::string& target_host,
     : impl_(std::make_unique<Impl>()) {
   Impl& s = *impl_;
   s.spec = spec;
+  s.rate = spec.rate_bits_per_second;
   s.host = target_host;
   s.target_port = target_port;
   error_code ec;
@@ -215,6 +228,11 @@ LinkEmulator::~LinkEmulator() {
 
 uint16_t LinkEmulator::port() const {
   return impl_->acceptor.local_endpoint().port();
+}
+
+void LinkEmulator::set_rate(double bits_per_second) {
+  if (!(bits_per_second > 0)) throw Error("a link's rate must be positive", "give bits per second, e.g. 100e6");
+  impl_->rate = bits_per_second;
 }
 
 uint64_t LinkEmulator::bytes_forward() const {

@@ -35,6 +35,9 @@ class LinkEmulator {
   LinkEmulator(const LinkEmulator&) = delete;
   LinkEmulator& operator=(const LinkEmulator&) = delete;
   uint16_t port() const;
+  /// The link's rate from now on, both directions (bytes already queued keep their times): a link
+  /// that changes under a run.
+  void set_rate(double bits_per_second);
   /// Bytes delivered so far, client to target and back.
   uint64_t bytes_forward() const;
   uint64_t bytes_backward() const;

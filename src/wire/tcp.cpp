@@ -163,13 +163,14 @@ class Conn : public ConnBase, public std::enable_shared_from_this<Conn<Stream>> 
   // Frame::arrival_seconds of the frame of `bytes` just completed: only for a frame none of whose
   // bytes were here when it was asked for, and whose first bytes came later (not at once, from the
   // socket's buffer). The bytes that came with the first ones arrived together, so the rate is
-  // timed on the rest (at least a quarter of the frame), and the whole frame's time is given at it.
+  // timed on the rest, and the whole frame's time is given at it. A frame of which more than three
+  // quarters came with its first bytes was faster than can be timed: 0.
   double take_arrival_seconds(uint64_t bytes) {
     const Arrival a = arrival_;
     arrival_ = {};
     if (!a.waiting || a.first == Clock::time_point{} || a.first - a.asked < std::chrono::microseconds(200)) return -1;
     const double spread = std::chrono::duration<double>(Clock::now() - a.first).count();
-    if (a.at_once >= bytes || 4 * (bytes - a.at_once) < bytes || spread <= 0) return -1;
+    if (a.at_once >= bytes || 4 * (bytes - a.at_once) < bytes || spread <= 0) return 0;
     return spread * static_cast<double>(bytes) / static_cast<double>(bytes - a.at_once);
   }
 

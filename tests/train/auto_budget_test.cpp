@@ -87,6 +87,9 @@ TEST(AutoBudget, ADirectionNeverWaitedForKeepsBmaxAndShortFramesAreNotTimed) {
   s.add_down(1 << 20, 0.25);
   EXPECT_EQ(s.down_bytes, 1u << 20);
   EXPECT_EQ(s.down_seconds, 0.25);
+  s.add_up(AutoBudget::kMinSampleBytes, 0);  // came whole at once: at least this fast
+  EXPECT_EQ(s.up_bytes, AutoBudget::kMinSampleBytes);
+  EXPECT_EQ(s.up_seconds, AutoBudget::kResolutionSeconds);
 
   AutoBudgetOptions o;
   AutoBudget ab(o, 8, 8);

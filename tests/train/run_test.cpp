@@ -8,6 +8,7 @@
 #include <torch/nn/utils/clip_grad.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <thread>
@@ -507,6 +508,55 @@ TEST(SplitRun, AutoBudgetMeasuresTheLinkAndTakesTheFloorOnASlowOne) {
     EXPECT_LE(last.fwd_bits.mean, port == link.port() ? 3 : 8);
     EXPECT_LE(last.bwd_bits.mean, port == link.port() ? 4 : 8);
     c.run_dir = tmp.file("loopback");
+  }
+}
+
+// budget=auto follows a link that changes under a run: on 2 Mbit/s it takes the floors; once the
+// link becomes 1 Gbit/s (after step 5), it measures that and goes back to bmax within three steps.
+TEST(SplitRun, AutoBudgetFollowsALinkThatChangesUnderTheRun) {
+  testing::TempDir tmp;
+  ClientConfig c = base_config(tmp, "changing");
+  c.batch = 8;
+  c.seq_len = 64;
+  c.schedule.steps = 12;
+  c.schedule.warmup = 0;
+  c.in_flight = 1;
+  c.fwd_codec = quant::CodecSpec::parse("amaq:budget=auto,decay=2");
+  c.bwd_codec = quant::CodecSpec::parse("amaq:budget=auto,bmin=4,floor=4,decay=2");
+  TrainServer srv(server_for(c, c.side));
+  wire::Server server(srv.tcp_options(0),
+                      [&](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx); });
+  wire::LinkEmulator link(0, "127.0.0.1", server.port(), wire::LinkSpec::parse("2mbit/4ms"));
+  std::atomic<int64_t> switched_after{-1};
+  std::thread changer([&] {  // once 5 steps are logged
+    const std::string log = join_path(c.run_dir, "metrics.jsonl");
+    for (int i = 0; i < 600; ++i) {
+      if (file_exists(log) && read_metrics(log).size() >= 5) {
+        link.set_rate(1e9);
+        switched_after = static_cast<int64_t>(read_metrics(log).size());
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  });
+  RunResult r = ClientTrainer(c).run([&](std::unique_ptr<wire::Channel>* out) {
+    return wire::connect(wire::ClientOptions("127.0.0.1", link.port()), out);
+  });
+  changer.join();
+  ASSERT_EQ(r.steps.size(), 12u);
+  ASSERT_GE(switched_after, 5);
+  ASSERT_LE(switched_after, 9);
+  for (const StepRecord& s : r.steps) {
+    ASSERT_TRUE(s.auto_budget.has_value());
+    if (s.step >= 2 && s.step < 5) {
+      EXPECT_EQ(s.auto_budget->fwd, 3) << s.step;
+      EXPECT_EQ(s.auto_budget->bwd, 4) << s.step;
+    }
+    if (s.step >= switched_after + 3) {
+      EXPECT_EQ(s.auto_budget->fwd, 8) << s.step << ", link switched after step " << switched_after;
+      EXPECT_EQ(s.auto_budget->bwd, 8) << s.step;
+      EXPECT_GT(s.auto_budget->up_bytes_per_second * 8, 100e6) << s.step;
+    }
   }
 }
 
