@@ -70,22 +70,28 @@ class Pipe {
 
   void read_loop() {
     std::vector<char> buf(16 << 10);
-    Clock::time_point link_free{};
+    Clock::time_point link_free{}, looked = Clock::now();  // looked: when this thread last read
     const uint64_t limit = spec_.queue_limit();
     while (true) {
       error_code ec;
+      const auto asked = Clock::now();
       const size_t n = from_.read_some(asio::buffer(buf), ec);
       if (ec || n == 0) break;
       // Serialisation: the link is busy with earlier bytes until link_free; each piece takes its
       // bytes * 8 / rate more and is delivered when it is through. Pieces are a packet or 1 ms of
-      // the link, whichever is larger, so a receiver sees bytes arrive at the link's pace.
+      // the link, whichever is larger, so a receiver sees bytes arrive at the link's pace. Bytes
+      // that were already waiting when this thread came to read (it was not running, or waited on
+      // a full queue) reached the link no later than its previous read: the link would not have
+      // idled for this thread's absence.
+      const auto now = Clock::now();
+      const bool were_waiting = now - asked < std::chrono::microseconds(50);
+      if (link_free < now) link_free = were_waiting ? std::max(link_free, looked) : now;
       const double rate = rate_.load();
       const size_t piece = std::max<size_t>(1448, static_cast<size_t>(rate / 8 * 1e-3));
       for (size_t at = 0; at < n; at += piece) {
         const size_t len = std::min(piece, n - at);
-        const auto start = std::max(Clock::now(), link_free);
-        link_free = start + std::chrono::duration_cast<Clock::duration>(
-                                std::chrono::duration<double>(static_cast<double>(len) * 8 / rate));
+        link_free += std::chrono::duration_cast<Clock::duration>(
+            std::chrono::duration<double>(static_cast<double>(len) * 8 / rate));
         Chunk c{std::vector<char>(buf.begin() + static_cast<std::ptrdiff_t>(at),
                                   buf.begin() + static_cast<std::ptrdiff_t>(at + len)),
                 link_free + spec_.one_way_delay};
@@ -95,6 +101,7 @@ class Pipe {
         queue_.push_back(std::move(c));
         cv_.notify_all();
       }
+      looked = Clock::now();
     }
     std::lock_guard<std::mutex> lock(mu_);
     ended_ = true;
@@ -112,6 +119,14 @@ class Pipe {
         queue_.pop_front();
       }
       std::this_thread::sleep_until(c.deliver_at);
+      {  // pieces that are due by now too go in the same write (a thread that woke late catches up)
+        std::lock_guard<std::mutex> lock(mu_);
+        const auto now = Clock::now();
+        while (!queue_.empty() && queue_.front().deliver_at <= now) {
+          c.bytes.insert(c.bytes.end(), queue_.front().bytes.begin(), queue_.front().bytes.end());
+          queue_.pop_front();
+        }
+      }
       delivered_ += c.bytes.size();  // counted as it leaves the link, before the reader can see it
       error_code ec;
       asio::write(to_, asio::buffer(c.bytes), ec);

@@ -75,12 +75,10 @@ TEST(SplitRun, UncompressedSplitOverTcpReproducesUnsplitTraining) {
   testing::TempDir tmp;
   ClientConfig c = base_config(tmp, "run");
   c.side.init_adapter = kModel + "/adapter";
-  TrainServer srv(server_for(c, c.side));
-  wire::Server server(srv.tcp_options(0),
-                      [&](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx); });
-  RunResult r = ClientTrainer(c).run([&](std::unique_ptr<wire::Channel>* out) {
-    return wire::connect(wire::ClientOptions("127.0.0.1", server.port()), out);
-  });
+  TcpTrainServer tcp(server_for(c, c.side));
+  TrainServer& srv = tcp.srv;
+  const uint16_t server_port = tcp.server.port();
+  RunResult r = run_over_tcp(c, server_port);
   std::vector<double> ref = unsplit_losses(c);
   ASSERT_EQ(r.steps.size(), ref.size());
   for (size_t s = 0; s < ref.size(); ++s) EXPECT_NEAR(r.steps[s].task_loss, ref[s], 1e-6) << "step " << s;
@@ -429,20 +427,19 @@ TEST(SplitRun, MismatchedCodecOrSplitIsRefusedByName) {
 TEST(SplitRun, StepTimeIsTheSumOfClientServerAndNetworkOnLoopbackAndOverASlowLink) {
   testing::TempDir tmp;
   ClientConfig c = base_config(tmp, "loopback");
+  c.batch = 8;  // steps of tens of ms on loopback, so that "within 3%" is not a millisecond of scheduling
+  c.seq_len = 64;
   c.schedule.steps = 4;
   c.schedule.micro_batches = 2;
   c.schedule.warmup = 0;
   c.in_flight = 1;
   c.fwd_codec = quant::CodecSpec::parse("amaq:budget=4");
   c.bwd_codec = quant::CodecSpec::parse("fixed:bits=8");
-  TrainServer srv(server_for(c, c.side));
-  wire::Server server(srv.tcp_options(0),
-                      [&](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx); });
-  wire::LinkEmulator link(0, "127.0.0.1", server.port(), wire::LinkSpec::parse("100mbit/20ms"));
-  for (const uint16_t port : {server.port(), link.port()}) {
-    RunResult r = ClientTrainer(c).run([&](std::unique_ptr<wire::Channel>* out) {
-      return wire::connect(wire::ClientOptions("127.0.0.1", port), out);
-    });
+  TcpTrainServer tcp(server_for(c, c.side));
+  const uint16_t server_port = tcp.server.port();
+  wire::LinkEmulator link(0, "127.0.0.1", server_port, wire::LinkSpec::parse("100mbit/20ms"));
+  for (const uint16_t port : {server_port, link.port()}) {
+    RunResult r = run_over_tcp(c, port);
     ASSERT_EQ(r.steps.size(), 4u);
     for (const StepRecord& s : r.steps) {
       const double parts = s.client_seconds + s.server_seconds + s.network_seconds;
@@ -475,15 +472,12 @@ TEST(SplitRun, AutoBudgetMeasuresTheLinkAndTakesTheFloorOnASlowOne) {
   c.in_flight = 1;
   c.fwd_codec = quant::CodecSpec::parse("amaq:budget=auto,decay=2");
   c.bwd_codec = quant::CodecSpec::parse("amaq:budget=auto,bmin=4,floor=4,decay=2");
-  TrainServer srv(server_for(c, c.side));
-  wire::Server server(srv.tcp_options(0),
-                      [&](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx); });
+  TcpTrainServer tcp(server_for(c, c.side));
+  const uint16_t server_port = tcp.server.port();
   const wire::LinkSpec spec = wire::LinkSpec::parse("2mbit/4ms");
-  wire::LinkEmulator link(0, "127.0.0.1", server.port(), spec);
-  for (const uint16_t port : {link.port(), server.port()}) {
-    RunResult r = ClientTrainer(c).run([&](std::unique_ptr<wire::Channel>* out) {
-      return wire::connect(wire::ClientOptions("127.0.0.1", port), out);
-    });
+  wire::LinkEmulator link(0, "127.0.0.1", server_port, spec);
+  for (const uint16_t port : {link.port(), server_port}) {
+    RunResult r = run_over_tcp(c, port);
     ASSERT_EQ(r.steps.size(), 6u);
     for (const StepRecord& s : r.steps) {
       ASSERT_TRUE(s.auto_budget.has_value()) << s.step;
@@ -523,10 +517,9 @@ TEST(SplitRun, AutoBudgetFollowsALinkThatChangesUnderTheRun) {
   c.in_flight = 1;
   c.fwd_codec = quant::CodecSpec::parse("amaq:budget=auto,decay=2");
   c.bwd_codec = quant::CodecSpec::parse("amaq:budget=auto,bmin=4,floor=4,decay=2");
-  TrainServer srv(server_for(c, c.side));
-  wire::Server server(srv.tcp_options(0),
-                      [&](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx); });
-  wire::LinkEmulator link(0, "127.0.0.1", server.port(), wire::LinkSpec::parse("2mbit/4ms"));
+  TcpTrainServer tcp(server_for(c, c.side));
+  const uint16_t server_port = tcp.server.port();
+  wire::LinkEmulator link(0, "127.0.0.1", server_port, wire::LinkSpec::parse("2mbit/4ms"));
   std::atomic<int64_t> switched_after{-1};
   std::thread changer([&] {  // once 5 steps are logged
     const std::string log = join_path(c.run_dir, "metrics.jsonl");
@@ -539,9 +532,7 @@ TEST(SplitRun, AutoBudgetFollowsALinkThatChangesUnderTheRun) {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
   });
-  RunResult r = ClientTrainer(c).run([&](std::unique_ptr<wire::Channel>* out) {
-    return wire::connect(wire::ClientOptions("127.0.0.1", link.port()), out);
-  });
+  RunResult r = run_over_tcp(c, link.port());
   changer.join();
   ASSERT_EQ(r.steps.size(), 12u);
   ASSERT_GE(switched_after, 5);

@@ -14,6 +14,7 @@
 #include "train/checkpoint.h"
 #include "train/session.h"
 #include "wire/channel.h"
+#include "wire/tcp.h"
 
 namespace amaq::train {
 
@@ -66,6 +67,22 @@ inline ClientConfig amaq_run_config(const testing::TempDir& tmp, const std::stri
   c.val_fraction = 0.2;
   c.eval_every = 4;
   return c;
+}
+
+// A TrainServer behind a TCP server on 127.0.0.1 (a free port), each session on its own thread.
+struct TcpTrainServer {
+  explicit TcpTrainServer(const ServerConfig& cfg)
+      : srv(cfg),
+        server(srv.tcp_options(0), [this](wire::Channel& ch, const wire::SessionContext& ctx) { srv.serve(ch, ctx); }) {
+  }
+  TrainServer srv;
+  wire::Server server;
+};
+
+// Runs `c` against 127.0.0.1:port over plain TCP.
+inline RunResult run_over_tcp(const ClientConfig& c, uint16_t port) {
+  return ClientTrainer(c).run(
+      [&](std::unique_ptr<wire::Channel>* out) { return wire::connect(wire::ClientOptions("127.0.0.1", port), out); });
 }
 
 // Runs `c` against `srv` in this process, one server thread per connection.
