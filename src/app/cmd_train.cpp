@@ -279,7 +279,9 @@ int run_server(ServerArgs& a, const CLI::App& app) {
   sigaddset(&sigs, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
 
-  limit_malloc_arenas(2);  // measured: 8 concurrent runs 1.06 -> 1.03 x (weights + 8 x owned), 16 runs 1.135 -> 1.034
+  // Session threads come and go; measured (tools/shared_server_memory.sh): peak over (weights + N x
+  // what a run owns) 1.060 -> 1.026 with 8 runs, 1.135 -> 1.065 with 16.
+  limit_malloc_arenas(2);
   train::TrainServer srv(a.cfg);
   wire::ServerOptions opt = srv.tcp_options(port);
   opt.host(host).insecure(a.insecure).max_sessions(a.max_sessions);

@@ -4,25 +4,25 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 
 #include "model/gemm.h"
 
 namespace amaq {
 
 namespace {
-// 0: filled; otherwise 1 + the UnfilledBaseWeights::Storage of the innermost scope alive.
-thread_local int t_unfilled = 0;
+thread_local std::optional<UnfilledBaseWeights::Storage> t_unfilled;  // the innermost scope alive; none: filled
 }  // namespace
 
 UnfilledBaseWeights::UnfilledBaseWeights(Storage storage) : outer_(t_unfilled) {
-  t_unfilled = 1 + static_cast<int>(storage);
+  t_unfilled = storage;
 }
 UnfilledBaseWeights::~UnfilledBaseWeights() {
   t_unfilled = outer_;
 }
 at::Tensor UnfilledBaseWeights::make(at::IntArrayRef sizes, double value, const at::TensorOptions& opt) {
-  if (t_unfilled == 0) return at::full(sizes, value, opt);
-  if (t_unfilled == 1 + static_cast<int>(Storage::kAllocated)) return at::empty(sizes, opt);
+  if (!t_unfilled) return at::full(sizes, value, opt);
+  if (*t_unfilled == Storage::kAllocated) return at::empty(sizes, opt);
   return at::empty_strided(sizes, std::vector<int64_t>(sizes.size(), 0), opt);
 }
 

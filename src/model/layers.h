@@ -6,6 +6,7 @@
 #include <torch/nn/pimpl.h>
 #include <torch/version.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -43,7 +44,7 @@ class UnfilledBaseWeights {
   static at::Tensor make(at::IntArrayRef sizes, double value, const at::TensorOptions& opt);
 
  private:
-  int outer_;
+  std::optional<Storage> outer_;
 };
 
 /// LoRA hyper-parameters (PEFT's names in comments).

@@ -56,12 +56,6 @@ typedef float F16 __attribute__((vector_size(64)));
 typedef int32_t I16 __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
 
-inline __attribute__((always_inline)) F16 load16(const float* p) {
-  F16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
 // max |p[i]| over [0, n) (NaN and Inf ignored) and how many are NaN or Inf.
 AMAQ_MULTIVERSION float max_abs_run(const float* p, int64_t n, int64_t* non_finite) {
   const I16 magnitude = I16{} + 0x7fffffff;
@@ -70,7 +64,9 @@ AMAQ_MULTIVERSION float max_abs_run(const float* p, int64_t n, int64_t* non_fini
   I16 bad = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    const F16 a = reinterpret_cast<F16>(reinterpret_cast<I16>(load16(p + i)) & magnitude);  // |v|
+    I16 v;
+    std::memcpy(&v, p + i, sizeof v);
+    const F16 a = reinterpret_cast<F16>(v & magnitude);  // |v|
     m = a > m ? a : m;
     bad -= ~(a <= largest);  // +1 where NaN or Inf (a comparison is -1 where true)
   }
@@ -97,7 +93,8 @@ AMAQ_MULTIVERSION void range_run(const float* p, int64_t n, float* lo, float* hi
   F16 mn = F16{} + inf, mx = F16{} - inf;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    const F16 v = load16(p + i);
+    F16 v;
+    std::memcpy(&v, p + i, sizeof v);
     mn = v < mn ? v : mn;
     mx = v > mx ? v : mx;
   }
@@ -120,6 +117,15 @@ AMAQ_MULTIVERSION void range_run(const float* p, int64_t n, float* lo, float* hi
   *lo = a, *hi = b;
 }
 
+// dequantize_one of codes[0, n) in range [lo, hi].
+AMAQ_MULTIVERSION void dequantize_run(const uint8_t* codes, const float* levels, int64_t n, float lo, float hi,
+                                      float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float step = (hi - lo) / levels[i];
+    out[i] = lo + static_cast<float>(codes[i]) * step;
+  }
+}
+
 // Nearest-rounding codes of p[0, n), channel i with levels[i] = 2^bits - 1, all in range [lo, hi]:
 // quantize_one's arithmetic; and, when `decoded` is given, dequantize_one's of each code.
 AMAQ_MULTIVERSION void quantize_run(const float* p, const float* levels, int64_t n, float lo, float hi, uint8_t* codes,
@@ -133,20 +139,7 @@ AMAQ_MULTIVERSION void quantize_run(const float* p, const float* levels, int64_t
     const float r = step > 0 ? rounded : 0.0f;
     codes[i] = static_cast<uint8_t>(static_cast<int32_t>(r));
   }
-  if (!decoded) return;
-  for (int64_t i = 0; i < n; ++i) {
-    const float step = (hi - lo) / levels[i];
-    decoded[i] = lo + static_cast<float>(codes[i]) * step;
-  }
-}
-
-// dequantize_one of codes[0, n) in range [lo, hi].
-AMAQ_MULTIVERSION void dequantize_run(const uint8_t* codes, const float* levels, int64_t n, float lo, float hi,
-                                      float* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float step = (hi - lo) / levels[i];
-    out[i] = lo + static_cast<float>(codes[i]) * step;
-  }
+  if (decoded) dequantize_run(codes, levels, n, lo, hi, decoded);
 }
 
 // 2^bits - 1 per channel, as step_of divides by it.

@@ -273,7 +273,7 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
   } else if (codes) {  // packed on the device
     w.append(codes, static_cast<size_t>(code_bytes));
   } else if (impl_ == Impl::kRef) {
-    const std::string packed = pack_ref(e.quant.codes, bits);
+    const std::string packed = pack(e.quant.codes, bits, impl_);
     w.append(packed.data(), packed.size());
   } else {  // the CPU's codes, packed in place
     pack_fast(e.quant.codes, bits, reinterpret_cast<uint8_t*>(w.grow(static_cast<size_t>(code_bytes))));

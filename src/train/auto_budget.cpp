@@ -6,8 +6,12 @@
 namespace amaq::train {
 namespace {
 
-bool timed(uint64_t payload_bytes, double arrival_seconds) {
-  return arrival_seconds >= 0 && payload_bytes >= AutoBudget::kMinSampleBytes;
+// Adds a received frame's timing to a direction's sums, unless it was not timed or is too short to
+// time; a frame that came whole at once counts as kResolutionSeconds.
+void add_timed(uint64_t payload_bytes, double arrival_seconds, uint64_t* bytes, double* seconds) {
+  if (arrival_seconds < 0 || payload_bytes < AutoBudget::kMinSampleBytes) return;
+  *bytes += payload_bytes;
+  *seconds += std::max(arrival_seconds, AutoBudget::kResolutionSeconds);
 }
 
 // Exponential smoothing that starts at the first value, and starts again at a value more than 2x
@@ -20,15 +24,11 @@ double smooth(double running, double value, double weight) {
 }  // namespace
 
 void LinkSample::add_up(uint64_t payload_bytes, double arrival_seconds) {
-  if (!timed(payload_bytes, arrival_seconds)) return;
-  up_bytes += payload_bytes;
-  up_seconds += std::max(arrival_seconds, AutoBudget::kResolutionSeconds);
+  add_timed(payload_bytes, arrival_seconds, &up_bytes, &up_seconds);
 }
 
 void LinkSample::add_down(uint64_t payload_bytes, double arrival_seconds) {
-  if (!timed(payload_bytes, arrival_seconds)) return;
-  down_bytes += payload_bytes;
-  down_seconds += std::max(arrival_seconds, AutoBudget::kResolutionSeconds);
+  add_timed(payload_bytes, arrival_seconds, &down_bytes, &down_seconds);
 }
 
 AutoBudget::AutoBudget(const AutoBudgetOptions& options, double fwd_start, double bwd_start)

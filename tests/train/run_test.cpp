@@ -459,19 +459,26 @@ TEST(SplitRun, StepTimeIsTheSumOfClientServerAndNetworkOnLoopbackAndOverASlowLin
   }
 }
 
+// A serial run with budget=auto both ways (backward floor 4, budgets reached in 2 steps) and 32K
+// elements per micro-batch: 32 KB at 8 bits, long enough to time.
+ClientConfig auto_budget_config(const testing::TempDir& tmp, const std::string& name, int64_t steps) {
+  ClientConfig c = base_config(tmp, name);
+  c.batch = 8;
+  c.seq_len = 64;
+  c.schedule.steps = steps;
+  c.schedule.warmup = 0;
+  c.in_flight = 1;
+  c.fwd_codec = quant::CodecSpec::parse("amaq:budget=auto,decay=2");
+  c.bwd_codec = quant::CodecSpec::parse("amaq:budget=auto,bmin=4,floor=4,decay=2");
+  return c;
+}
+
 // amaq:budget=auto over a 2 Mbit/s link measures the link's rate each way within 15% and, as this
 // model's compute hides almost nothing, walks both budgets to their floors, which the packets then
 // keep; over loopback (every frame here at once) the budgets stay at bmax.
 TEST(SplitRun, AutoBudgetMeasuresTheLinkAndTakesTheFloorOnASlowOne) {
   testing::TempDir tmp;
-  ClientConfig c = base_config(tmp, "slow");
-  c.batch = 8;
-  c.seq_len = 64;  // 32K elements per micro-batch: 32 KB at 8 bits, long enough to time
-  c.schedule.steps = 6;
-  c.schedule.warmup = 0;
-  c.in_flight = 1;
-  c.fwd_codec = quant::CodecSpec::parse("amaq:budget=auto,decay=2");
-  c.bwd_codec = quant::CodecSpec::parse("amaq:budget=auto,bmin=4,floor=4,decay=2");
+  ClientConfig c = auto_budget_config(tmp, "slow", 6);
   TcpTrainServer tcp(server_for(c, c.side));
   const uint16_t server_port = tcp.server.port();
   const wire::LinkSpec spec = wire::LinkSpec::parse("2mbit/4ms");
@@ -509,14 +516,7 @@ TEST(SplitRun, AutoBudgetMeasuresTheLinkAndTakesTheFloorOnASlowOne) {
 // link becomes 1 Gbit/s (after step 5), it measures that and goes back to bmax within three steps.
 TEST(SplitRun, AutoBudgetFollowsALinkThatChangesUnderTheRun) {
   testing::TempDir tmp;
-  ClientConfig c = base_config(tmp, "changing");
-  c.batch = 8;
-  c.seq_len = 64;
-  c.schedule.steps = 12;
-  c.schedule.warmup = 0;
-  c.in_flight = 1;
-  c.fwd_codec = quant::CodecSpec::parse("amaq:budget=auto,decay=2");
-  c.bwd_codec = quant::CodecSpec::parse("amaq:budget=auto,bmin=4,floor=4,decay=2");
+  ClientConfig c = auto_budget_config(tmp, "changing", 12);
   TcpTrainServer tcp(server_for(c, c.side));
   const uint16_t server_port = tcp.server.port();
   wire::LinkEmulator link(0, "127.0.0.1", server_port, wire::LinkSpec::parse("2mbit/4ms"));
