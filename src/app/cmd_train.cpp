@@ -92,17 +92,28 @@ void add_side_options(CLI::App& app, SideOptions* side, const std::string& prefi
 
 // The codec flags as written; parsed (map files read, errors named) before anything starts.
 struct CodecArgs {
-  std::string fwd = "none:fp32", bwd = "none:fp32";
-  void parse_into(quant::CodecSpec* fwd_spec, quant::CodecSpec* bwd_spec) const {
+  std::string fwd = "none:fp32", bwd = "none:fp32", tail_fwd = "none:fp32", tail_bwd = "none:fp32";
+  /// The codecs at the split, and at the tail split when `tail_split` is set (else left as they are).
+  void parse_into(quant::CodecSpec* fwd_spec, quant::CodecSpec* bwd_spec, int64_t tail_split = 0,
+                  quant::CodecSpec* tail_fwd_spec = nullptr, quant::CodecSpec* tail_bwd_spec = nullptr) const {
     *fwd_spec = quant::CodecSpec::parse(fwd);
     *bwd_spec = quant::CodecSpec::parse(bwd);
+    if (tail_split == 0) return;
+    *tail_fwd_spec = quant::CodecSpec::parse(tail_fwd);
+    *tail_bwd_spec = quant::CodecSpec::parse(tail_bwd);
   }
 };
 
-void add_codec_options(CLI::App& app, CodecArgs* a) {
+void add_codec_options(CLI::App& app, CodecArgs* a, int64_t* tail_split) {
   app.add_option("--fwd-codec", a->fwd,
                  "activation codec: none:fp32|none:bf16, fixed:bits=4,gran=group, amaq:budget=4, aqsgd:bits=4");
   app.add_option("--bwd-codec", a->bwd, "gradient codec (aqsgd here means direct quantization)");
+  app.add_option("--tail-split", *tail_split,
+                 "U-shaped split: the client also keeps layers [M, L), the head and the loss, so labels never "
+                 "leave it; the server keeps [K, M) (0 = no tail)");
+  app.add_option("--tail-fwd-codec", a->tail_fwd,
+                 "with --tail-split: codec of the activations at M (server -> client)");
+  app.add_option("--tail-bwd-codec", a->tail_bwd, "with --tail-split: codec of their gradient (client -> server)");
 }
 
 struct ClientArgs {
@@ -134,7 +145,7 @@ void add_client_options(CLI::App& app, ClientConfig* c, CodecArgs* codecs) {
   app.add_option("--clip", c->schedule.clip, "global gradient-norm clip over both sides (0 = off)");
   app.add_option("--gate-lr", c->schedule.gate_lr, "learning rate of the AMAQ bit gates");
   app.add_option("--seed", c->schedule.seed, "seed of data order and LoRA init");
-  add_codec_options(app, codecs);
+  add_codec_options(app, codecs, &c->tail_split);
   add_side_options(app, &c->side, "", "client");
   app.add_option("--checkpoint-every", c->checkpoint_every, "checkpoint every N steps (and always at the end)");
   app.add_option("--keep-checkpoints", c->keep_checkpoints, "checkpoints kept per side")->check(CLI::Range(1, 1000));
@@ -162,7 +173,7 @@ int run_client(ClientArgs& a, const CLI::App& app) {
   ClientConfig& c = a.cfg;
   compute_options(c.side.device, c.side.dtype);  // refused here, before anything loads
   c.resolved = resolved_options(app);
-  a.codecs.parse_into(&c.fwd_codec, &c.bwd_codec);
+  a.codecs.parse_into(&c.fwd_codec, &c.bwd_codec, c.tail_split, &c.tail_fwd_codec, &c.tail_bwd_codec);
   c.token = read_token(a.token_file);
   auto [host, port] = host_port(a.connect, "--connect");
   wire::ClientOptions opt(host, port);
@@ -199,7 +210,7 @@ void add_server_options(CLI::App& app, ServerArgs* a) {
   app.add_option("--tls-ca", a->tls_ca, "require client certificates signed by this CA (mutual TLS)");
   app.add_flag("--insecure", a->insecure, "allow plain TCP on a non-loopback address");
   app.add_option("--token-file", a->token_file, "file with the shared token clients must prove they hold");
-  add_codec_options(app, &a->codecs);
+  add_codec_options(app, &a->codecs, &a->cfg.tail_split);
   app.add_flag("--client-codecs", a->cfg.client_codecs,
                "serve each run with the codecs its client asks for (any spec this build can serve) instead of "
                "requiring the server's --fwd-codec/--bwd-codec");
@@ -259,7 +270,8 @@ void stop_on_signal(int sig, wire::Server& server, train::TrainServer& srv, doub
 
 int run_server(ServerArgs& a, const CLI::App& app) {
   compute_options(a.cfg.side.device, a.cfg.side.dtype);  // refused at start, not when a client comes
-  a.codecs.parse_into(&a.cfg.fwd_codec, &a.cfg.bwd_codec);
+  a.codecs.parse_into(&a.cfg.fwd_codec, &a.cfg.bwd_codec, a.cfg.tail_split, &a.cfg.tail_fwd_codec,
+                      &a.cfg.tail_bwd_codec);
   a.cfg.token = read_token(a.token_file);
   a.cfg.run_memory_budget = static_cast<uint64_t>(a.run_memory_budget_mb * (1 << 20));
   a.cfg.idle_timeout = std::chrono::milliseconds(static_cast<int64_t>(a.idle_timeout * 1000));
@@ -302,7 +314,11 @@ int run_server(ServerArgs& a, const CLI::App& app) {
   }
   std::fprintf(stdout, "listening on %s:%u\n", host.c_str(), server.port());
   std::fflush(stdout);
-  spdlog::info("amaq server: layers [{}, L) of {}, {} / {}, {}", a.cfg.split, a.cfg.model, a.codecs.fwd, a.codecs.bwd,
+  spdlog::info("amaq server: layers [{}, {}) of {}, {} / {}{}, {}", a.cfg.split,
+               a.cfg.tail_split ? std::to_string(a.cfg.tail_split) : "L", a.cfg.model, a.codecs.fwd, a.codecs.bwd,
+               a.cfg.tail_split
+                   ? ", tail " + a.codecs.tail_fwd + " / " + a.codecs.tail_bwd + " (labels stay on the client)"
+                   : "",
                a.tls_cert.empty() ? "plain TCP" : "TLS 1.3");
   spdlog::info("each run owns about {:.1f} MB here ({}), beside the weights all runs share",
                static_cast<double>(srv.run_bytes()) / 1e6,
@@ -334,7 +350,7 @@ int run_train(TrainArgs& a, const CLI::App& app) {
   compute_options(c.side.device, c.side.dtype);  // refused here, before anything loads
   compute_options(a.server_side.device, a.server_side.dtype);
   c.resolved = resolved_options(app);
-  a.codecs.parse_into(&c.fwd_codec, &c.bwd_codec);
+  a.codecs.parse_into(&c.fwd_codec, &c.bwd_codec, c.tail_split, &c.tail_fwd_codec, &c.tail_bwd_codec);
   ServerConfig s;
   s.model = c.model;
   s.split = c.split;
@@ -342,6 +358,9 @@ int run_train(TrainArgs& a, const CLI::App& app) {
   s.side = a.server_side;
   s.fwd_codec = c.fwd_codec;
   s.bwd_codec = c.bwd_codec;
+  s.tail_split = c.tail_split;
+  s.tail_fwd_codec = c.tail_fwd_codec;
+  s.tail_bwd_codec = c.tail_bwd_codec;
   s.keep_checkpoints = c.keep_checkpoints;
   if (a.transport == "tcp") s.token = c.token = random_hex(32);
   train::TrainServer srv(s);

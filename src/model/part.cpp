@@ -51,10 +51,11 @@ at::Tensor EmbeddingImpl::forward(const at::Tensor& ids) {
 }
 
 DecoderPartImpl::DecoderPartImpl(const ModelConfig& config, int64_t layer_begin, int64_t layer_end,
-                                 const at::TensorOptions& opt)
+                                 const at::TensorOptions& opt, bool head)
     : config_(config),
       layer_begin_(layer_begin),
       layer_end_(layer_end),
+      head_(head && layer_end == config.num_layers),
       dtype_(at::typeMetaToScalarType(opt.dtype())),
       device_(opt.device()) {
   TORCH_CHECK(0 <= layer_begin && layer_begin <= layer_end && layer_end <= config.num_layers, "layer range [",
@@ -238,6 +239,26 @@ DecoderPart client_part(const ModelConfig& config, int64_t split, const at::Tens
 DecoderPart server_part(const ModelConfig& config, int64_t split, const at::TensorOptions& opt) {
   check_split(config, split);
   return DecoderPart(config, split, config.num_layers, opt);
+}
+
+void check_tail_split(const ModelConfig& config, int64_t split, int64_t tail_split) {
+  check_split(config, split);
+  if (tail_split <= split || tail_split > config.num_layers) {
+    throw Error("tail split " + std::to_string(tail_split) + " is outside [" + std::to_string(split + 1) + ", " +
+                    std::to_string(config.num_layers) + "] for split " + std::to_string(split) + " of a model with " +
+                    std::to_string(config.num_layers) + " layers",
+                "the server keeps layers [k, m) and the client [m, L) with the head and the loss: pick k < m <= L");
+  }
+}
+
+DecoderPart middle_part(const ModelConfig& config, int64_t split, int64_t tail_split, const at::TensorOptions& opt) {
+  check_tail_split(config, split, tail_split);
+  return DecoderPart(config, split, tail_split, opt, /*head=*/false);
+}
+
+DecoderPart tail_part(const ModelConfig& config, int64_t split, int64_t tail_split, const at::TensorOptions& opt) {
+  check_tail_split(config, split, tail_split);
+  return DecoderPart(config, tail_split, config.num_layers, opt);
 }
 
 DecoderPart full_model(const ModelConfig& config, const at::TensorOptions& opt) {

@@ -27,9 +27,10 @@ TORCH_MODULE(Embedding);
 class DecoderPartImpl : public torch::nn::Module {
  public:
   /// Layers [layer_begin, layer_end); the embeddings come with layer_begin == 0, the final norm and
-  /// LM head with layer_end == L. `opt`: the base weights' dtype (the compute dtype) and device.
+  /// LM head with layer_end == L unless `head` is false (a U-shaped split's middle ending at L).
+  /// `opt`: the base weights' dtype (the compute dtype) and device.
   DecoderPartImpl(const ModelConfig& config, int64_t layer_begin, int64_t layer_end,
-                  const at::TensorOptions& opt = at::kFloat);
+                  const at::TensorOptions& opt = at::kFloat, bool head = true);
 
   /// input: token ids (B, T) if has_embedding(), else the hidden state (B, T, C) from the part before,
   /// on any device (moved to this part's).
@@ -45,7 +46,7 @@ class DecoderPartImpl : public torch::nn::Module {
   at::Tensor forward_cached(const at::Tensor& input, std::vector<KvEntry>* cache);
 
   bool has_embedding() const { return layer_begin_ == 0; }
-  bool has_head() const { return layer_end_ == config_.num_layers; }
+  bool has_head() const { return head_; }
   int64_t layer_begin() const { return layer_begin_; }
   int64_t layer_end() const { return layer_end_; }
   const ModelConfig& config() const { return config_; }
@@ -81,6 +82,7 @@ class DecoderPartImpl : public torch::nn::Module {
  private:
   ModelConfig config_;
   int64_t layer_begin_, layer_end_;
+  bool head_;
   at::ScalarType dtype_;
   at::Device device_;
   at::Tensor inv_freq_;  // (head_dim / 2,) on device_
@@ -92,6 +94,14 @@ TORCH_MODULE(DecoderPart);
 DecoderPart client_part(const ModelConfig& config, int64_t split, const at::TensorOptions& opt = at::kFloat);
 /// Layers [k, L) + final norm + LM head. Refuses k outside [1, L).
 DecoderPart server_part(const ModelConfig& config, int64_t split, const at::TensorOptions& opt = at::kFloat);
+/// U-shaped split (the client keeps the loss): checks 1 <= split < tail_split <= L, naming the bound.
+void check_tail_split(const ModelConfig& config, int64_t split, int64_t tail_split);
+/// The server's layers [k, m) of a U-shaped split: neither embeddings nor head.
+DecoderPart middle_part(const ModelConfig& config, int64_t split, int64_t tail_split,
+                        const at::TensorOptions& opt = at::kFloat);
+/// The client's tail of a U-shaped split: layers [m, L) + final norm + LM head (m = L: only those).
+DecoderPart tail_part(const ModelConfig& config, int64_t split, int64_t tail_split,
+                      const at::TensorOptions& opt = at::kFloat);
 /// The unsplit model.
 DecoderPart full_model(const ModelConfig& config, const at::TensorOptions& opt = at::kFloat);
 

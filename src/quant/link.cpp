@@ -92,6 +92,12 @@ std::optional<double> Link::backward_budget_to_sync(int64_t step) {
   return b;
 }
 
+void Link::follow_backward_schedule(int64_t step) {
+  if (!learns_map(bwd_spec_)) return;
+  const double b = budget_at(bwd_spec_, step);
+  if (b != bwd_budget_) set_backward_budget(b);
+}
+
 void Link::begin_step() {
   if (gate_opt_) gate_opt_->zero_grad();
 }

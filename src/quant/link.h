@@ -100,6 +100,9 @@ class Link {
   // ---- server ----
   /// BIT_SYNC from the client.
   void set_backward_budget(double budget);
+  /// The receiving end of a U-shaped split's tail link (the client): both ends know the step, so
+  /// the backward budget follows the codec's schedule without a BIT_SYNC (budget=auto is refused there).
+  void follow_backward_schedule(int64_t step);
   double backward_budget() const { return bwd_budget_; }
   /// Decodes a training (or evaluation) activation packet onto `device`.
   at::Tensor receive_activations(std::string_view packet, at::Device device = at::kCPU);

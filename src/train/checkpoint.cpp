@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
 #include <sstream>
 
 #include "core/error.h"
@@ -63,8 +64,12 @@ int remove_stale_temps(const std::string& root) {
   return removed;
 }
 
+namespace {
+constexpr const char* kTailPrefix = "tail.";
+}  // namespace
+
 void save_side_checkpoint(const std::string& root, int64_t step, Side& side, quant::Link& link, nlohmann::json fields,
-                          int keep) {
+                          int keep, quant::Link* tail_link) {
   quant::LinkState ls = link.state();
   NamedTensors tensors = side.state();
   tensors.insert(tensors.end(), ls.tensors.begin(), ls.tensors.end());
@@ -74,6 +79,12 @@ void save_side_checkpoint(const std::string& root, int64_t step, Side& side, qua
   }
   fields.update(ls.fields);
   CheckpointFiles files = std::move(ls.files);
+  if (tail_link) {
+    quant::LinkState tail = tail_link->state();
+    for (auto& [name, t] : tail.tensors) tensors.emplace_back(kTailPrefix + name, t);
+    for (auto& [name, bytes] : tail.files) files[kTailPrefix + name] = std::move(bytes);
+    fields["tail_link"] = tail.fields;
+  }
   files["state.safetensors"] = safetensors_bytes(tensors);
   files["optim.pt"] = optimizer_bytes(*side.opt);
   files["state.json"] = fields.dump(2);
@@ -81,7 +92,7 @@ void save_side_checkpoint(const std::string& root, int64_t step, Side& side, qua
   prune_checkpoints(root, keep);
 }
 
-nlohmann::json load_side_checkpoint(const std::string& dir, Side* side, quant::Link& link) {
+nlohmann::json load_side_checkpoint(const std::string& dir, Side* side, quant::Link& link, quant::Link* tail_link) {
   const std::string state_file = join_path(dir, "state.json");
   nlohmann::json fields = parse_state_file(read_file(state_file), state_file);
   auto tensors = load_safetensors(join_path(dir, "state.safetensors"));
@@ -95,6 +106,17 @@ nlohmann::json load_side_checkpoint(const std::string& dir, Side* side, quant::L
     return read_file(path);
   };
   link.load_state(tensors, read, fields, dir);
+  if (tail_link) {
+    if (!fields.contains("tail_link") || !fields["tail_link"].is_object()) {
+      throw Error(join_path(dir, "state.json") + " holds no \"tail_link\"",
+                  "the checkpoint is from a run without a tail split: resume it without --tail-split");
+    }
+    std::map<std::string, at::Tensor> tail;
+    for (const auto& [name, t] : tensors)
+      if (name.rfind(kTailPrefix, 0) == 0) tail.emplace(name.substr(std::strlen(kTailPrefix)), t);
+    const quant::Link::FileReader read_tail = [&](const std::string& name) { return read(kTailPrefix + name); };
+    tail_link->load_state(tail, read_tail, fields["tail_link"], dir);
+  }
   auto rng = tensors.find("rng");
   if (rng == tensors.end()) {
     throw Error(dir + " holds no generator state", "the checkpoint is incomplete: resume from an earlier one");

@@ -33,11 +33,13 @@ void prune_checkpoints(const std::string& root, int keep);
 int remove_stale_temps(const std::string& root);
 
 /// Writes one side's checkpoint of `step` under `root` (`fields` and the link's go into
-/// state.json), then keeps only the newest `keep`.
+/// state.json), then keeps only the newest `keep`. A U-shaped split's second link, at the tail
+/// split, keeps its tensors and files under "tail." and its fields under "tail_link".
 void save_side_checkpoint(const std::string& root, int64_t step, Side& side, quant::Link& link, nlohmann::json fields,
-                          int keep);
-/// Restores a side (unless null), its link and the CPU generator from checkpoint directory `dir`;
+                          int keep, quant::Link* tail_link = nullptr);
+/// Restores a side (unless null), its links and the CPU generator from checkpoint directory `dir`;
 /// returns state.json. A damaged file throws amaq::Error naming it.
-nlohmann::json load_side_checkpoint(const std::string& dir, Side* side, quant::Link& link);
+nlohmann::json load_side_checkpoint(const std::string& dir, Side* side, quant::Link& link,
+                                    quant::Link* tail_link = nullptr);
 
 }  // namespace amaq::train

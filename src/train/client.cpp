@@ -63,16 +63,19 @@ bool is_connect_failure(const wire::Status& s) {
 struct BatchBytes {
   wire::LabelType type;
   at::Tensor labels, mask;
+  /// t = kNone (a U-shaped split): the labels stay here.
   BatchBytes(const Batch& b, wire::LabelType t)
-      : type(t), labels(b.labels.to(detail::label_scalar(t)).contiguous()), mask(b.mask.to(at::kByte).contiguous()) {}
+      : type(t),
+        labels(t == wire::LabelType::kNone ? at::Tensor() : b.labels.to(detail::label_scalar(t)).contiguous()),
+        mask(b.mask.to(at::kByte).contiguous()) {}
   wire::ForwardMsg message(int64_t step, int64_t micro_batch, std::string_view packet) const {
     wire::ForwardMsg fm;
     fm.step = static_cast<uint64_t>(step);
     fm.micro_batch = static_cast<uint32_t>(micro_batch);
-    fm.batch = static_cast<uint32_t>(labels.size(0));
-    fm.seq = static_cast<uint32_t>(labels.size(1));
+    fm.batch = static_cast<uint32_t>(mask.size(0));
+    fm.seq = static_cast<uint32_t>(mask.size(1));
     fm.label_type = type;
-    fm.labels = std::string_view(static_cast<const char*>(labels.data_ptr()), labels.nbytes());
+    if (labels.defined()) fm.labels = std::string_view(static_cast<const char*>(labels.data_ptr()), labels.nbytes());
     fm.mask = std::string_view(static_cast<const char*>(mask.data_ptr()), mask.nbytes());
     fm.packet = packet;
     return fm;
@@ -115,12 +118,20 @@ class ClientTrainer::Run {
     int64_t m = 0;
     at::Tensor value;              // (B, T, C)
     uint64_t forward_payload = 0;  // bytes of its FORWARD frame's payload
+    at::Tensor labels, mask;       // U-shaped split: the tail computes the loss here
   };
   wire::Status send_micro_batch(wire::Channel& ch, int64_t m, StepRecord* rec, InFlight* in);
   wire::Status finish_micro_batch(wire::Channel& ch, InFlight& in, StepRecord* rec, double* server_sq_norm);
+  /// U-shaped split: the server's TAIL_FORWARD through the tail and the loss, its gradient back.
+  wire::Status run_tail(wire::Channel& ch, InFlight& in, StepRecord* rec);
+  /// The label type FORWARD and EVAL carry: none when the labels stay here (U-shaped split).
+  wire::LabelType sent_label_type() const { return tail_link_ ? wire::LabelType::kNone : label_type_; }
+  bool needs_sample_ids() const { return link_->needs_sample_ids() || (tail_link_ && tail_link_->needs_sample_ids()); }
   void log_step(StepRecord* rec, const wire::Channel& ch, const wire::Accounting& before, Clock::time_point t_step,
                 Progress* progress);
   wire::Status evaluate(wire::Channel& ch);
+  /// U-shaped split: the server's TAIL_FORWARD for an EVAL batch, scored by the tail here.
+  wire::Status score_tail(const wire::Frame& f, const Batch& b, wire::EvalResultMsg* out);
   wire::Status score_remote(wire::Channel& ch, const Dataset& d, int64_t limit, std::vector<RowScore>* out);
   wire::Status checkpoint(wire::Channel& ch, bool final);
   /// --federation: this side's trained tensors averaged with the other members' through the server.
@@ -142,6 +153,7 @@ class ClientTrainer::Run {
   // What a checkpoint restores.
   Side side_;
   std::unique_ptr<quant::Link> link_;
+  std::unique_ptr<quant::Link> tail_link_;  // U-shaped split: this side receives the activations at the tail split
   // budget=auto: the budgets chosen from the link and compute measured this session, and this step's measurements.
   std::optional<AutoBudget> auto_budget_;
   LinkSample link_sample_;
@@ -223,6 +235,14 @@ ClientTrainer::Run::Run(const ClientConfig& c)
       throw Error("--federation averages the client sides' LoRA; this client trains full weights (--full)",
                   "train LoRA on the client side, or leave the federation");
   }
+  if (c_.tail_split != 0) {
+    check_tail_split(model_, c_.split, c_.tail_split);
+    check_tail_codecs(c_.fwd_codec, c_.bwd_codec, c_.tail_fwd_codec, c_.tail_bwd_codec);
+    if (!c_.federation.empty()) throw Error("--federation with --tail-split is not supported", "leave out one of them");
+    if (c_.in_flight > 1)
+      throw Error("--in-flight " + std::to_string(c_.in_flight) + " with --tail-split is not supported yet",
+                  "use --in-flight 1 with a U-shaped split");
+  }
   if (c_.seq_len > model_.max_position_embeddings && !c_.beyond_positions) {
     throw Error("--seq-len " + std::to_string(c_.seq_len) + " is longer than the model's max_position_embeddings (" +
                     std::to_string(model_.max_position_embeddings) + ")",
@@ -279,7 +299,10 @@ void ClientTrainer::Run::open_run_dir() {
                                                 {"split", c_.split},
                                                 {"side", c_.side.to_json()},
                                                 {"fwd_codec", c_.fwd_codec.to_string()},
-                                                {"bwd_codec", c_.bwd_codec.to_string()}}
+                                                {"bwd_codec", c_.bwd_codec.to_string()},
+                                                {"tail_split", c_.tail_split},
+                                                {"tail_fwd_codec", c_.tail_fwd_codec.to_string()},
+                                                {"tail_bwd_codec", c_.tail_bwd_codec.to_string()}}
                                          .dump(2) +
                                      "\n");
   }
@@ -303,10 +326,15 @@ void ClientTrainer::Run::restore(bool resume) {
                 "the run stopped before its first checkpoint: start it again");
   }
   auto fresh = [&] {
-    side_ =
-        Side::build(model_, weights_, SideRole::kClient, c_.split, c_.side, c_.schedule.seed, c_.schedule.weight_decay);
+    side_ = Side::build(model_, weights_, SideRole::kClient, c_.split, c_.side, c_.schedule.seed,
+                        c_.schedule.weight_decay, nullptr, c_.tail_split);
     link_ = std::make_unique<quant::Link>(quant::LinkSide::kClient, c_.fwd_codec, c_.bwd_codec, model_.hidden_size,
                                           c_.schedule.gate_lr);
+    // At the tail split this side receives the activations: the link's receiving end.
+    if (c_.tail_split != 0) {
+      tail_link_ = std::make_unique<quant::Link>(quant::LinkSide::kServer, c_.tail_fwd_codec, c_.tail_bwd_codec,
+                                                 model_.hidden_size, c_.schedule.gate_lr);
+    }
   };
   if (!resume) return compute::run(fresh);
   // The newest checkpoint that loads; a damaged one is skipped with its reason.
@@ -316,7 +344,7 @@ void ClientTrainer::Run::restore(bool resume) {
     try {
       compute::run([&] {
         fresh();
-        const nlohmann::json state = load_side_checkpoint(dir, &side_, *link_);
+        const nlohmann::json state = load_side_checkpoint(dir, &side_, *link_, tail_link_.get());
         if (!state.contains("position") || !state["position"].is_number_integer()) {
           throw Error(join_path(dir, "state.json") + " has no integer \"position\"",
                       "resume from an earlier checkpoint (--resume skips damaged ones)");
@@ -347,6 +375,11 @@ wire::Status ClientTrainer::Run::connect(const Connector& connect, std::unique_p
     hello.fwd_codec = c_.fwd_codec.to_string();
     hello.bwd_codec = c_.bwd_codec.to_string();
     hello.resume_step = resume_step_;
+    if (c_.tail_split != 0) {
+      hello.tail_split = c_.tail_split;
+      hello.tail_fwd_codec = c_.tail_fwd_codec.to_string();
+      hello.tail_bwd_codec = c_.tail_bwd_codec.to_string();
+    }
     s = wire::client_handshake(**ch, hello, c_.token, std::chrono::seconds(30), &ack);
   }
   if (s.ok()) {
@@ -408,6 +441,7 @@ wire::Status ClientTrainer::Run::train_step(wire::Channel& ch, StepRecord* rec) 
     wire::Status s = detail::send_control(ch, wire::ControlKind::kBitSync, {{"step", step}, {"budget", *budget}});
     if (!s.ok()) return s;
   }
+  if (tail_link_) tail_link_->follow_backward_schedule(step);
   const auto t_begin = Clock::now();
   compute::run([&] {
     side_.zero_grad();
@@ -457,7 +491,7 @@ wire::Status ClientTrainer::Run::send_micro_batch(wire::Channel& ch, int64_t m, 
   const auto t0 = Clock::now();
   std::vector<int64_t> idx;
   for (int64_t i = 0; i < c_.batch; ++i) idx.push_back(sampler_->at(position_ + m * c_.batch + i));
-  const Batch b = make_batch(train_, idx, pad_id_, link_->needs_fixed_length() ? c_.seq_len : 0);
+  const Batch b = make_batch(train_, idx, pad_id_, needs_sample_ids() ? c_.seq_len : 0);
   quant::SentActivations sent;
   std::optional<BatchBytes> bytes;
   compute::run([&] {
@@ -466,10 +500,11 @@ wire::Status ClientTrainer::Run::send_micro_batch(wire::Channel& ch, int64_t m, 
     sent = link_->send_activations(h, step, m, b.sample_ids);
     rec->client_codec_seconds += seconds_since(c0);
     rec->tokens += b.mask.sum().item<int64_t>();
-    bytes.emplace(b, label_type_);
+    bytes.emplace(b, sent_label_type());
   });
   out->m = m;
   out->value = sent.value;
+  if (tail_link_) out->labels = b.labels, out->mask = b.mask;
   rec->fwd_bits = sent.bits;
   rec->fwd_packet_bytes += sent.packet.size();
   rec->elements += static_cast<uint64_t>(sent.value.numel());
@@ -477,7 +512,7 @@ wire::Status ClientTrainer::Run::send_micro_batch(wire::Channel& ch, int64_t m, 
   rec->cells += static_cast<uint64_t>(b.ids.numel());
   const auto e0 = Clock::now();
   wire::ForwardMsg fm = bytes->message(step, m, sent.packet);
-  if (link_->needs_sample_ids()) fm.sample_ids = b.sample_ids;
+  if (needs_sample_ids()) fm.sample_ids = b.sample_ids;
   std::string payload = fm.encode();
   out->forward_payload = payload.size();
   rec->client_codec_seconds += seconds_since(e0);
@@ -492,6 +527,9 @@ wire::Status ClientTrainer::Run::send_micro_batch(wire::Channel& ch, int64_t m, 
 wire::Status ClientTrainer::Run::finish_micro_batch(wire::Channel& ch, InFlight& in, StepRecord* rec,
                                                     double* server_sq_norm) {
   const int64_t step = step_, M = c_.schedule.micro_batches;
+  if (tail_link_) {
+    if (wire::Status ts = run_tail(ch, in, rec); !ts.ok()) return ts;
+  }
   wire::Frame f;
   wire::Status s = detail::expect(ch, wire::MessageType::kBackward, std::chrono::minutes(10), &f);
   wire::BackwardMsg bm;
@@ -526,11 +564,62 @@ wire::Status ClientTrainer::Run::finish_micro_batch(wire::Channel& ch, InFlight&
   });
   if (!s.ok()) return s;
   rec->client_seconds += seconds_since(t0);
-  rec->task_loss += bm.loss / static_cast<double>(M);
+  if (!tail_link_) rec->task_loss += bm.loss / static_cast<double>(M);
   rec->server_seconds += bm.server_seconds;
   rec->server_codec_seconds += bm.server_codec_seconds;
   *server_sq_norm = bm.grad_sq_norm;
   return wire::Status::Ok();
+}
+
+wire::Status ClientTrainer::Run::run_tail(wire::Channel& ch, InFlight& in, StepRecord* rec) {
+  const int64_t step = step_, M = c_.schedule.micro_batches;
+  wire::Frame f;
+  wire::Status s = detail::expect(ch, wire::MessageType::kTailForward, std::chrono::minutes(10), &f);
+  wire::BackwardMsg tm;
+  if (s.ok()) s = wire::BackwardMsg::decode(f.payload, &tm);
+  if (!s.ok()) return s;
+  if (tm.step != static_cast<uint64_t>(step) || tm.micro_batch != static_cast<uint32_t>(in.m))
+    return wire::Status::Fail(wire::ErrorCode::kBadMessage, "TAIL_FORWARD for another step or micro-batch");
+  const auto t0 = Clock::now();
+  std::string payload;
+  compute::run([&] {
+    at::Tensor h;
+    const auto c0 = Clock::now();
+    try {
+      h = tail_link_->receive_activations(tm.packet, side_.device());
+    } catch (const Error& err) {
+      s = wire::Status::Fail(wire::ErrorCode::kBadMessage, err.what());
+      return;
+    }
+    rec->client_codec_seconds += seconds_since(c0);
+    if (h.sizes() != in.value.sizes()) {
+      s = wire::Status::Fail(wire::ErrorCode::kBadMessage, "TAIL_FORWARD activation shape differs from the batch's");
+      return;
+    }
+    h = h.to(side_.tail->dtype()).requires_grad_(true);
+    const at::Tensor loss = causal_lm_loss(side_.tail->forward(h, in.mask), in.labels);
+    const double loss_v = loss.item<double>();
+    if (!std::isfinite(loss_v)) {
+      throw Error("the loss at step " + std::to_string(step) + " is not finite: training diverged",
+                  "lower --lr or enable --clip");
+    }
+    (loss / static_cast<double>(M)).backward();
+    rec->task_loss += loss_v / static_cast<double>(M);
+    const auto e0 = Clock::now();
+    wire::BackwardMsg gm;
+    gm.step = tm.step;
+    gm.micro_batch = tm.micro_batch;
+    const std::string packet = tail_link_->send_gradients(h.grad(), step, in.m);
+    gm.packet = packet;
+    payload = gm.encode();
+    rec->client_codec_seconds += seconds_since(e0);
+  });
+  if (!s.ok()) return s;
+  rec->client_seconds += seconds_since(t0);
+  const auto s0 = Clock::now();
+  s = ch.send({wire::MessageType::kTailBackward, 0, std::move(payload)});
+  rec->send_seconds += seconds_since(s0);
+  return s;
 }
 
 void ClientTrainer::Run::log_step(StepRecord* rec, const wire::Channel& ch, const wire::Accounting& before,
@@ -574,19 +663,45 @@ wire::Status ClientTrainer::Run::score_remote(wire::Channel& ch, const Dataset& 
     compute::run([&] {
       at::NoGradGuard no_grad;
       packet = link_->encode_eval(side_.part->forward(b.ids, b.mask));
-      bytes.emplace(b, label_type_);
+      bytes.emplace(b, sent_label_type());
     });
     wire::Status s = ch.send({wire::MessageType::kEval, 0, bytes->message(step_, 0, packet).encode()});
     wire::Frame f;
-    if (s.ok()) s = detail::expect(ch, wire::MessageType::kEval, std::chrono::minutes(10), &f);
+    if (s.ok())
+      s = detail::expect(ch, tail_link_ ? wire::MessageType::kTailForward : wire::MessageType::kEval,
+                         std::chrono::minutes(10), &f);
     wire::EvalResultMsg res;
-    if (s.ok()) s = wire::EvalResultMsg::decode(f.payload, &res);
+    if (s.ok() && tail_link_) s = score_tail(f, b, &res);
+    if (s.ok() && !tail_link_) s = wire::EvalResultMsg::decode(f.payload, &res);
     if (!s.ok()) return s;
     if (res.rows.size() != idx.size())
       return wire::Status::Fail(wire::ErrorCode::kBadMessage, "EVAL result with the wrong row count");
     for (const auto& r : res.rows) out->push_back({r.nll_sum, r.tokens, r.correct});
   }
   return wire::Status::Ok();
+}
+
+wire::Status ClientTrainer::Run::score_tail(const wire::Frame& f, const Batch& b, wire::EvalResultMsg* out) {
+  wire::BackwardMsg tm;
+  wire::Status s = wire::BackwardMsg::decode(f.payload, &tm);
+  if (!s.ok()) return s;
+  compute::run([&] {
+    at::NoGradGuard no_grad;
+    at::Tensor h;
+    try {
+      h = tail_link_->receive_eval(tm.packet, side_.device());
+    } catch (const Error& err) {
+      s = wire::Status::Fail(wire::ErrorCode::kBadMessage, err.what());
+      return;
+    }
+    if (h.dim() != 3 || h.size(0) != b.ids.size(0) || h.size(1) != b.ids.size(1) || h.size(2) != model_.hidden_size) {
+      s = wire::Status::Fail(wire::ErrorCode::kBadMessage, "TAIL_FORWARD activation shape differs from the batch's");
+      return;
+    }
+    for (const RowScore& r : score_rows(side_.tail->forward(h.to(side_.tail->dtype()), b.mask), b.labels))
+      out->rows.push_back({r.nll_sum, r.tokens, r.correct});
+  });
+  return s;
 }
 
 wire::Status ClientTrainer::Run::evaluate(wire::Channel& ch) {
@@ -628,7 +743,7 @@ wire::Status ClientTrainer::Run::checkpoint(wire::Channel& ch, bool final) {
     save_side_checkpoint(
         ckpt_root_, step_, side_, *link_,
         {{"step", step_}, {"position", position_}, {"run_id", run_id_}, {"side", side_.options.to_json()}},
-        c_.keep_checkpoints);
+        c_.keep_checkpoints, tail_link_.get());
   });
   if (final) {
     const std::string dir = join_path(c_.run_dir, "server_adapter");
@@ -666,7 +781,7 @@ void ClientTrainer::Run::server_stopped(wire::Channel& ch, const wire::Status& w
   const bool saved = !steps.empty() && steps.back() == step_;
   // AQ-SGD's sender memories already hold the FORWARDs the server left unanswered: a checkpoint now
   // would not match the server's, so the run goes on from the last one both sides made.
-  const bool save_now = !saved && !link_->needs_sample_ids() && checkpoint(ch, false).ok();
+  const bool save_now = !saved && !needs_sample_ids() && checkpoint(ch, false).ok();
   ch.send({wire::MessageType::kBye, 0, {}});
   ch.close();
   const std::string at = why.message + " at step " + std::to_string(step_) + "; ";

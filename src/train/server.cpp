@@ -76,7 +76,11 @@ class TrainServer::Session {
   wire::Status build_run();
   wire::Status decode_inputs(const wire::Frame& f, bool train, Inputs* in);
   wire::Status on_forward(const wire::Frame& f);
+  /// U-shaped split: the middle layers out to the client and its gradient back in, then BACKWARD.
+  wire::Status on_forward_tail(const wire::Frame& f);
   wire::Status on_eval(const wire::Frame& f);
+  /// Status page and latency histogram: one micro-batch served in `seconds`.
+  void record_micro_batch(uint64_t fwd_packet_bytes, uint64_t bwd_packet_bytes, uint64_t elements, double seconds);
   wire::Status on_control(const wire::Frame& f);
   wire::Status on_step(const nlohmann::json& j);
   /// A federation member whose last STEP is not yet part of a complete round waits for it (its
@@ -115,6 +119,7 @@ class TrainServer::Session {
   Side& side() { return fed_ ? fed_->side : own_side_; }
   GraphedBackward graphed_;  // --cuda-graph
   std::unique_ptr<quant::Link> link_;
+  std::unique_ptr<quant::Link> tail_link_;  // U-shaped split: this side sends the activations at the tail split
   std::unique_ptr<JsonlLog> log_;
   int64_t step_ = 0;  // optimizer steps completed (the last one perhaps still pending)
   // STEP's lr and clip coefficient, applied when the next message needs the weights: while the
@@ -135,7 +140,15 @@ TrainServer::TrainServer(ServerConfig cfg) : cfg_(std::move(cfg)) {
   }
   quant::Link::validate(cfg_.fwd_codec, cfg_.bwd_codec);
   check_cuda_graph(cfg_.side, parse_device(cfg_.side.device));
-  run_bytes_ = owned_bytes_estimate(model_, SideRole::kServer, cfg_.split, cfg_.side);
+  if (cfg_.tail_split != 0) {
+    check_tail_split(model_, cfg_.split, cfg_.tail_split);
+    check_tail_codecs(cfg_.fwd_codec, cfg_.bwd_codec, cfg_.tail_fwd_codec, cfg_.tail_bwd_codec);
+    if (cfg_.side.cuda_graph) {
+      throw Error("--cuda-graph captures a step that ends in the loss; with a tail split the loss is on the client",
+                  "leave out --cuda-graph or --tail-split");
+    }
+  }
+  run_bytes_ = owned_bytes_estimate(model_, SideRole::kServer, cfg_.split, cfg_.side, cfg_.tail_split);
   make_dirs(cfg_.run_dir);
 }
 
@@ -147,7 +160,8 @@ const std::map<std::string, at::Tensor>& TrainServer::shared_base() {
     DecoderPart part{nullptr};
     {
       UnfilledBaseWeights unfilled;  // loaded next
-      part = server_part(model_, cfg_.split, compute_options(cfg_.side.device, cfg_.side.dtype));
+      part = side_parts(model_, SideRole::kServer, cfg_.split, cfg_.tail_split,
+                        compute_options(cfg_.side.device, cfg_.side.dtype))[0];
     }
     part->load_weights(*ckpt_);
     uint64_t bytes = 0;
@@ -204,10 +218,17 @@ wire::ServerPolicy TrainServer::policy() const {
   p.split = cfg_.split;
   p.fwd_codec = cfg_.fwd_codec.to_string();
   p.bwd_codec = cfg_.bwd_codec.to_string();
+  p.tail_split = cfg_.tail_split;
+  if (cfg_.tail_split != 0) {
+    p.tail_fwd_codec = cfg_.tail_fwd_codec.to_string();
+    p.tail_bwd_codec = cfg_.tail_bwd_codec.to_string();
+  }
   if (cfg_.client_codecs) {
-    p.accept_codecs = [](const std::string& fwd, const std::string& bwd) {
+    p.accept_codecs = [tail = cfg_.tail_split != 0](const std::string& fwd, const std::string& bwd) {
       try {
-        quant::Link::validate(quant::CodecSpec::parse(fwd), quant::CodecSpec::parse(bwd));
+        const quant::CodecSpec f = quant::CodecSpec::parse(fwd), b = quant::CodecSpec::parse(bwd);
+        quant::Link::validate(f, b);
+        if (tail) check_tail_codecs(f, b, f, b);
       } catch (const Error& e) {
         return wire::Status::Fail(wire::ErrorCode::kCodecMismatch,
                                   std::string("codecs this server cannot serve: ") + e.what());
@@ -301,7 +322,7 @@ wire::Status TrainServer::Session::open_run() {
   s = detail::send_control(ch_, wire::ControlKind::kSchedule,
                            {{"resume_step", resume_step_},
                             {"side", side().options.to_json()},
-                            {"layers", {cfg_.split, srv_.model_.num_layers}}});
+                            {"layers", {cfg_.split, cfg_.tail_split != 0 ? cfg_.tail_split : srv_.model_.num_layers}}});
   if (!s.ok()) return s;
   spdlog::info("session {}: run {} {} at step {} ({} steps, {} x {} tokens x {} micro-batches)", id_, run_id_,
                resume_step_ >= 0 ? "resumed" : "started", step_, schedule_.steps, batch_, seq_len_,
@@ -404,6 +425,11 @@ wire::Status TrainServer::Session::build_run() {
                                        " already has checkpoints on the server\n  hint: resume it (--resume) "
                                        "instead of starting it again"));
   }
+  if (!federation_.empty() && cfg_.tail_split != 0) {
+    return fail(wire::Status::Fail(wire::ErrorCode::kFederation,
+                                   "this server runs a U-shaped split (--tail-split), which a federation cannot use"
+                                   "\n  hint: train without --federation"));
+  }
   if (!federation_.empty()) {
     if (cfg_.side.cuda_graph) {
       return fail(
@@ -418,7 +444,7 @@ wire::Status TrainServer::Session::build_run() {
   compute::run([&] {
     if (!fed_ || !fed_->built) {
       Side built = Side::build(srv_.model_, *srv_.ckpt_, SideRole::kServer, cfg_.split, cfg_.side, schedule_.seed + 1,
-                               schedule_.weight_decay, cfg_.side.full ? nullptr : &srv_.shared_base());
+                               schedule_.weight_decay, cfg_.side.full ? nullptr : &srv_.shared_base(), cfg_.tail_split);
       (fed_ ? fed_->side : own_side_) = std::move(built);
       if (fed_) fed_->built = true;
     } else {
@@ -429,7 +455,16 @@ wire::Status TrainServer::Session::build_run() {
                            bwd = cfg_.client_codecs ? quant::CodecSpec::parse(hello_->bwd_codec) : cfg_.bwd_codec;
     link_ =
         std::make_unique<quant::Link>(quant::LinkSide::kServer, fwd, bwd, srv_.model_.hidden_size, schedule_.gate_lr);
-    if (resume_step_ >= 0) load_side_checkpoint(dir, own_state ? &side() : nullptr, *link_);
+    if (cfg_.tail_split != 0) {
+      // At the tail split this side sends the activations: the link's sending end (its gates, if AMAQ).
+      const quant::CodecSpec tf = cfg_.client_codecs ? quant::CodecSpec::parse(hello_->tail_fwd_codec)
+                                                     : cfg_.tail_fwd_codec,
+                             tb = cfg_.client_codecs ? quant::CodecSpec::parse(hello_->tail_bwd_codec)
+                                                     : cfg_.tail_bwd_codec;
+      tail_link_ =
+          std::make_unique<quant::Link>(quant::LinkSide::kClient, tf, tb, srv_.model_.hidden_size, schedule_.gate_lr);
+    }
+    if (resume_step_ >= 0) load_side_checkpoint(dir, own_state ? &side() : nullptr, *link_, tail_link_.get());
   });
   if (resume_step_ >= 0) step_ = resume_step_;
   make_dirs(root_);
@@ -444,7 +479,10 @@ wire::Status TrainServer::Session::decode_inputs(const wire::Frame& f, bool trai
   if (!s.ok()) return s;
   const wire::ForwardMsg& fm = in->msg;
   const int64_t B = fm.batch, T = fm.seq, C = srv_.model_.hidden_size;
-  if (fm.label_type == wire::LabelType::kNone) return bad("FORWARD/EVAL without labels");
+  const bool tail = cfg_.tail_split != 0;
+  if (!tail && fm.label_type == wire::LabelType::kNone) return bad("FORWARD/EVAL without labels");
+  if (tail && fm.label_type != wire::LabelType::kNone)
+    return bad("FORWARD/EVAL with labels in a U-shaped split: the labels stay on the client");
   try {
     in->h = train ? link_->receive_activations(fm.packet, side().device())
                   : link_->receive_eval(fm.packet, side().device());
@@ -454,6 +492,8 @@ wire::Status TrainServer::Session::decode_inputs(const wire::Frame& f, bool trai
   if (in->h.dim() != 3 || in->h.size(0) != B || in->h.size(1) != T || in->h.size(2) != C) {
     return bad("activation shape does not match (batch, seq, hidden)");
   }
+  if (!fm.mask.empty()) in->mask = at::from_blob(const_cast<char*>(fm.mask.data()), {B, T}, at::kByte).to(at::kLong);
+  if (tail) return wire::Status::Ok();
   in->labels = at::from_blob(const_cast<char*>(fm.labels.data()), {B, T}, detail::label_scalar(fm.label_type))
                    .to(at::kLong, false, true);
   const at::Tensor valid = (in->labels == kIgnoreLabel) | ((in->labels >= 0) & (in->labels < srv_.model_.vocab_size));
@@ -461,12 +501,12 @@ wire::Status TrainServer::Session::decode_inputs(const wire::Frame& f, bool trai
     return bad("labels outside [0, " + std::to_string(srv_.model_.vocab_size) + ") other than the ignore label -100");
   }
   in->labels = in->labels.to(side().device());  // the mask stays on the CPU: the part reads it there
-  if (!fm.mask.empty()) in->mask = at::from_blob(const_cast<char*>(fm.mask.data()), {B, T}, at::kByte).to(at::kLong);
   return wire::Status::Ok();
 }
 
 // FORWARD: the server's layers and the loss, backward to the activations, their gradient back.
 wire::Status TrainServer::Session::on_forward(const wire::Frame& f) {
+  if (tail_link_) return on_forward_tail(f);
   Inputs in;
   wire::HeartbeatScope alive(ch_, std::chrono::seconds(2));
   const auto t0 = Clock::now();
@@ -525,24 +565,113 @@ wire::Status TrainServer::Session::on_forward(const wire::Frame& f) {
   bm.server_seconds = static_cast<float>(seconds_since(t0));
   bm.server_codec_seconds = static_cast<float>(codec_seconds);
   bm.forward_arrival_seconds = static_cast<float>(f.arrival_seconds);
+  record_micro_batch(fm.packet.size(), packet.size(), static_cast<uint64_t>(in.h.numel()), bm.server_seconds);
+  bm.packet = packet;
+  loss_sum_ += loss_v;
+  s = ch_.send({wire::MessageType::kBackward, 0, bm.encode()});
+  return s.ok() ? s : dropped(s);
+}
+
+void TrainServer::Session::record_micro_batch(uint64_t fwd_packet_bytes, uint64_t bwd_packet_bytes, uint64_t elements,
+                                              double seconds) {
   {
     std::lock_guard<std::mutex> lock(srv_.admit_mu_);
     Latency& l = srv_.latency_;
-    for (size_t i = 0; i < std::size(Latency::kBounds); ++i) l.counts[i] += bm.server_seconds <= Latency::kBounds[i];
+    for (size_t i = 0; i < std::size(Latency::kBounds); ++i) l.counts[i] += seconds <= Latency::kBounds[i];
     ++l.count;
-    l.sum += bm.server_seconds;
+    l.sum += seconds;
     RunStatus& rs = srv_.run_status_[id_];
-    rs.fwd_packet_bytes += fm.packet.size();
-    rs.bwd_packet_bytes += packet.size();
-    rs.elements += static_cast<uint64_t>(in.h.numel());
+    rs.fwd_packet_bytes += fwd_packet_bytes;
+    rs.bwd_packet_bytes += bwd_packet_bytes;
+    rs.elements += elements;
     ++rs.micro_batches;
-    rs.seconds_sum += bm.server_seconds;
-    rs.seconds_max = std::max<double>(rs.seconds_max, bm.server_seconds);
+    rs.seconds_sum += seconds;
+    rs.seconds_max = std::max<double>(rs.seconds_max, seconds);
   }
-  bm.packet = packet;
-  loss_sum_ += loss_v;
-  seconds_ += bm.server_seconds;
+  seconds_ += seconds;
   ++micro_;
+}
+
+// U-shaped split, FORWARD (no labels): layers [k, m) forward, their output to the client as
+// TAIL_FORWARD; the client's TAIL_BACKWARD brings its gradient, which goes back through the layers
+// (and into the tail link's gates); the gradient at k goes back as BACKWARD. The server's time
+// excludes the wait for the client's tail.
+wire::Status TrainServer::Session::on_forward_tail(const wire::Frame& f) {
+  Inputs in;
+  wire::HeartbeatScope alive(ch_, std::chrono::seconds(2));
+  auto t0 = Clock::now();
+  double codec_seconds = 0, seconds = 0;
+  at::Tensor h;
+  quant::SentActivations sent;
+  std::string tail_payload;
+  wire::Status s = compute::run([&] {
+    take_pending_step();
+    const auto d0 = Clock::now();
+    wire::Status ds = decode_inputs(f, true, &in);
+    codec_seconds += seconds_since(d0);
+    if (!ds.ok()) return ds;
+    h = in.h.to(side().part->dtype()).requires_grad_(true);
+    const at::Tensor out = side().part->forward(h, in.mask);
+    const auto e0 = Clock::now();
+    sent = tail_link_->send_activations(out, static_cast<int64_t>(in.msg.step), in.msg.micro_batch, in.msg.sample_ids);
+    codec_seconds += seconds_since(e0);
+    wire::BackwardMsg tm;
+    tm.step = in.msg.step;
+    tm.micro_batch = in.msg.micro_batch;
+    tm.forward_arrival_seconds = static_cast<float>(f.arrival_seconds);
+    tm.packet = sent.packet;
+    tail_payload = tm.encode();
+    return wire::Status::Ok();
+  });
+  if (!s.ok()) return fail(s);
+  seconds += seconds_since(t0);
+  s = ch_.send({wire::MessageType::kTailForward, 0, std::move(tail_payload)});
+  if (!s.ok()) return dropped(s);
+  wire::Frame g;
+  s = detail::expect(ch_, wire::MessageType::kTailBackward, cfg_.idle_timeout, &g);
+  if (s.code == wire::ErrorCode::kBadMessage) return fail(s);
+  if (!s.ok()) return dropped(s);
+  t0 = Clock::now();
+  const wire::ForwardMsg& fm = in.msg;
+  wire::BackwardMsg tb, bm;
+  std::string packet;
+  s = wire::BackwardMsg::decode(g.payload, &tb);
+  if (s.ok() && (tb.step != fm.step || tb.micro_batch != fm.micro_batch))
+    s = bad("TAIL_BACKWARD for another step or micro-batch");
+  if (s.ok()) {
+    s = compute::run([&] {
+      const auto d0 = Clock::now();
+      at::Tensor dh;
+      try {
+        dh = tail_link_->receive_gradients(tb.packet, nullptr, side().device());
+      } catch (const Error& e) {
+        return bad(e.what());
+      }
+      if (dh.sizes() != sent.value.sizes()) return bad("TAIL_BACKWARD gradient shape differs from the activation's");
+      codec_seconds += seconds_since(d0);
+      // d(sum(value * dh))/dvalue = dh: the client's gradient enters this side's graph unchanged.
+      at::Tensor surrogate = (sent.value * dh.to(sent.value.scalar_type())).sum();
+      at::Tensor reg = tail_link_->regularizer(static_cast<int64_t>(fm.step), schedule_.micro_batches, nullptr);
+      if (reg.defined()) surrogate = surrogate + reg;
+      surrogate.backward();
+      const auto e0 = Clock::now();
+      packet = link_->send_gradients(h.grad(), static_cast<int64_t>(fm.step), fm.micro_batch);
+      codec_seconds += seconds_since(e0);
+      const bool last = fm.micro_batch + 1 == static_cast<uint64_t>(schedule_.micro_batches);
+      bm.grad_sq_norm = last ? side().grad_sq_norm() : 0.0;
+      return wire::Status::Ok();
+    });
+  }
+  if (!s.ok()) return fail(s);
+  seconds += seconds_since(t0);
+  bm.step = fm.step;
+  bm.micro_batch = fm.micro_batch;
+  bm.server_seconds = static_cast<float>(seconds);
+  bm.server_codec_seconds = static_cast<float>(codec_seconds);
+  bm.forward_arrival_seconds = static_cast<float>(f.arrival_seconds);
+  record_micro_batch(fm.packet.size() + tb.packet.size(), packet.size() + sent.packet.size(),
+                     static_cast<uint64_t>(in.h.numel()), seconds);
+  bm.packet = packet;
   s = ch_.send({wire::MessageType::kBackward, 0, bm.encode()});
   return s.ok() ? s : dropped(s);
 }
@@ -552,6 +681,7 @@ wire::Status TrainServer::Session::on_eval(const wire::Frame& f) {
   Inputs in;
   wire::HeartbeatScope alive(ch_, std::chrono::seconds(2));
   wire::EvalResultMsg res;
+  std::string payload;
   wire::Status s;
   if (!wait_for_round(&s)) return s;
   s = compute::run([&] {
@@ -559,14 +689,22 @@ wire::Status TrainServer::Session::on_eval(const wire::Frame& f) {
     wire::Status ds = decode_inputs(f, false, &in);
     if (!ds.ok()) return ds;
     at::NoGradGuard no_grad;
-    for (const RowScore& r : score_rows(side().part->forward(in.h.to(side().part->dtype()), in.mask), in.labels)) {
-      res.rows.push_back({r.nll_sum, r.tokens, r.correct});
+    const at::Tensor out = side().part->forward(in.h.to(side().part->dtype()), in.mask);
+    if (tail_link_) {  // U-shaped: the client scores
+      wire::BackwardMsg tm;
+      tm.step = in.msg.step;
+      const std::string packet = tail_link_->encode_eval(out);
+      tm.packet = packet;
+      payload = tm.encode();
+      return wire::Status::Ok();
     }
+    for (const RowScore& r : score_rows(out, in.labels)) res.rows.push_back({r.nll_sum, r.tokens, r.correct});
+    res.step = in.msg.step;
+    payload = res.encode();
     return wire::Status::Ok();
   });
   if (!s.ok()) return fail(s);
-  res.step = in.msg.step;
-  s = ch_.send({wire::MessageType::kEval, 0, res.encode()});
+  s = ch_.send({tail_link_ ? wire::MessageType::kTailForward : wire::MessageType::kEval, 0, std::move(payload)});
   return s.ok() ? s : dropped(s);
 }
 
@@ -611,12 +749,13 @@ wire::Status TrainServer::Session::on_step(const nlohmann::json& j) {
     fed_->submit_step(run_id_, lr, coef);
   else
     pending_step_ = {lr, coef};
-  log_->write({{"step", step},
-               {"loss", micro_ ? loss_sum_ / micro_ : 0.0},
-               {"lr", lr},
-               {"coef", coef},
-               {"server_seconds", seconds_},
-               {"bwd_budget", link_->backward_budget()}});
+  nlohmann::json line{{"step", step},
+                      {"lr", lr},
+                      {"coef", coef},
+                      {"server_seconds", seconds_},
+                      {"bwd_budget", link_->backward_budget()}};
+  if (!tail_link_) line["loss"] = micro_ ? loss_sum_ / micro_ : 0.0;  // U-shaped: the loss stays on the client
+  log_->write(line);
   loss_sum_ = seconds_ = 0;
   micro_ = 0;
   ++step_;
@@ -645,6 +784,10 @@ void TrainServer::Session::take_pending_step() {
   side().step(pending_step_->first, pending_step_->second);
   side().zero_grad();
   pending_step_.reset();
+  if (tail_link_) {  // the gates of the activations this side sends at the tail split
+    tail_link_->end_step(step_ - 1);
+    tail_link_->begin_step();
+  }
 }
 
 // CHECKPOINT: the same step as the client's; the final one sends this side's options and LoRA.
@@ -660,7 +803,8 @@ wire::Status TrainServer::Session::on_checkpoint(const nlohmann::json& j) {
   if (!wait_for_round(&s)) return s;
   compute::run([&] {
     take_pending_step();
-    save_side_checkpoint(root_, step, side(), *link_, {{"step", step}, {"run_id", run_id_}}, cfg_.keep_checkpoints);
+    save_side_checkpoint(root_, step, side(), *link_, {{"step", step}, {"run_id", run_id_}}, cfg_.keep_checkpoints,
+                         tail_link_.get());
     if (final && !side().options.full) blob = safetensors_bytes(side().state(), {{"format", "pt"}});
   });
   const nlohmann::json reply{{"step", step}, {"ok", true}, {"side", side().options.to_json()}};

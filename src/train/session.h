@@ -8,10 +8,13 @@
 //   per optimizer step s:
 //     [client -> CONTROL BIT_SYNC {step, budget}]            backward AMAQ budget, when it changes
 //     per micro-batch m: client -> FORWARD, server -> BACKWARD {loss, grad_sq_norm, server_seconds}
+//       U-shaped split (--tail-split): client -> FORWARD (no labels), server -> TAIL_FORWARD,
+//       client -> TAIL_BACKWARD, server -> BACKWARD {grad_sq_norm, server_seconds} (loss 0)
 //     client -> CONTROL STEP {step, lr, coef}                 both sides clip by `coef` and step
 //     [client -> CONTROL FED_AVG {step, tokens} + client tensors, server -> CONTROL FED_AVG + average]
 //                                                             --federation, every --fed-every steps
 //     [client -> EVAL, server -> EVAL result]                 periodic evaluation
+//                                                             (U-shaped: server -> TAIL_FORWARD, scored by the client)
 //     [client -> CONTROL CHECKPOINT {step, final}, server -> CONTROL CHECKPOINT {ok} (+ adapter blob)]
 //   client -> BYE
 //
@@ -45,7 +48,11 @@ class Federation;
 struct ServerConfig {
   std::string model;  ///< HF model directory
   int64_t split = 0;
-  std::string run_dir;  ///< one subdirectory per client run id (checkpoints, metrics)
+  /// U-shaped split: this server holds layers [split, tail_split) and never sees labels or the loss;
+  /// the client holds [0, split) and [tail_split, L) with the head (0: the server holds [split, L)).
+  int64_t tail_split = 0;
+  quant::CodecSpec tail_fwd_codec, tail_bwd_codec;  ///< at the tail split: activations to the client, gradients back
+  std::string run_dir;                              ///< one subdirectory per client run id (checkpoints, metrics)
   SideOptions side;
   quant::CodecSpec fwd_codec, bwd_codec;  ///< parsed by the app (none:fp32 by default)
   bool client_codecs = false;             ///< serve each run with the codecs its client asks for
@@ -146,6 +153,8 @@ class TrainServer {
 struct ClientConfig {
   std::string model;
   int64_t split = 0;
+  int64_t tail_split = 0;  ///< U-shaped split: this side also holds [tail_split, L), the head and the loss
+  quant::CodecSpec tail_fwd_codec, tail_bwd_codec;  ///< at the tail split: activations from the server, gradients back
   std::string run_dir;
   std::string data, val_data;
   std::string tokenizer = "auto";  ///< "auto": the model directory's tokenizer
@@ -181,6 +190,11 @@ struct RunResult {
   std::string run_dir;
   std::string summary;  ///< the summary table printed at the end
 };
+
+/// U-shaped split: the codecs at the tail split go together (quant::Link::validate), and no codec of
+/// the run has budget=auto (it measures one link's two directions). Throws amaq::Error naming the codec.
+void check_tail_codecs(const quant::CodecSpec& fwd, const quant::CodecSpec& bwd, const quant::CodecSpec& tail_fwd,
+                       const quant::CodecSpec& tail_bwd);
 
 /// Opens a channel to the server (TCP/TLS or in-process).
 using Connector = std::function<wire::Status(std::unique_ptr<wire::Channel>*)>;

@@ -1,5 +1,9 @@
 #include "train/session_util.h"
 
+#include "core/error.h"
+#include "quant/link.h"
+#include "train/session.h"
+
 namespace amaq::train::detail {
 
 wire::Status send_control(wire::Channel& ch, wire::ControlKind kind, const nlohmann::json& j, std::string blob) {
@@ -70,3 +74,20 @@ at::ScalarType label_scalar(wire::LabelType t) {
 }
 
 }  // namespace amaq::train::detail
+
+namespace amaq::train {
+
+void check_tail_codecs(const quant::CodecSpec& fwd, const quant::CodecSpec& bwd, const quant::CodecSpec& tail_fwd,
+                       const quant::CodecSpec& tail_bwd) {
+  quant::Link::validate(tail_fwd, tail_bwd);
+  for (const quant::CodecSpec* c : {&fwd, &bwd, &tail_fwd, &tail_bwd}) {
+    if (c->auto_budget) {
+      throw Error("codec " + c->to_string() +
+                      " picks its budget from the link (budget=auto), which a U-shaped split "
+                      "does not measure yet",
+                  "give a fixed budget (e.g. amaq:budget=4), or leave out --tail-split");
+    }
+  }
+}
+
+}  // namespace amaq::train

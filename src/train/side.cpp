@@ -23,36 +23,56 @@ void check_cuda_graph(const SideOptions& options, at::Device device) {
   }
 }
 
+std::vector<DecoderPart> side_parts(const ModelConfig& config, SideRole role, int64_t split, int64_t tail_split,
+                                    const at::TensorOptions& where) {
+  if (role == SideRole::kServer) {
+    return {tail_split > 0 ? middle_part(config, split, tail_split, where) : server_part(config, split, where)};
+  }
+  std::vector<DecoderPart> parts{client_part(config, split, where)};
+  if (tail_split > 0) parts.push_back(tail_part(config, split, tail_split, where));
+  return parts;
+}
+
 Side Side::build(const ModelConfig& config, const CheckpointReader& ckpt, SideRole role, int64_t split,
                  const SideOptions& options, uint64_t seed, double weight_decay,
-                 const std::map<std::string, at::Tensor>* shared_base) {
+                 const std::map<std::string, at::Tensor>* shared_base, int64_t tail_split) {
   check_config_matches_weights(config, ckpt);  // before the part allocates anything
+  if (role == SideRole::kClient && tail_split > 0 && options.full && config.tie_word_embeddings) {
+    throw Error(
+        "--full with a tail split on a model with tied embeddings is not supported: the client would train "
+        "the embedding and the head as two copies of one matrix",
+        "train LoRA (the default), or leave out --tail-split");
+  }
   const at::TensorOptions where = compute_options(options.device, options.dtype);
   const bool share = shared_base && !options.full;
-  DecoderPart part{nullptr};
+  std::vector<DecoderPart> parts;
   {
     // Every base weight is loaded or shared below: a shared one needs no storage of its own.
     UnfilledBaseWeights unfilled(share ? UnfilledBaseWeights::Storage::kPlaceholder
                                        : UnfilledBaseWeights::Storage::kAllocated);
-    part = role == SideRole::kClient ? client_part(config, split, where) : server_part(config, split, where);
+    parts = side_parts(config, role, split, tail_split, where);
   }
-  if (share) {
-    part->share_base_weights(*shared_base);
-  } else {
-    part->load_weights(ckpt);
+  for (DecoderPart& part : parts) {
+    if (share) {
+      part->share_base_weights(*shared_base);
+    } else {
+      part->load_weights(ckpt);
+    }
   }
-  return around(part, options, seed, weight_decay);
+  return around(parts[0], options, seed, weight_decay, parts.size() > 1 ? parts[1] : nullptr);
 }
 
-Side Side::around(DecoderPart part, const SideOptions& options, uint64_t seed, double weight_decay) {
+Side Side::around(DecoderPart part, const SideOptions& options, uint64_t seed, double weight_decay, DecoderPart tail) {
   Side s;
   s.options = options;
   s.part = part;
+  s.tail = tail;
   if (options.full) {
-    s.part->set_base_trainable(true);
+    for (DecoderPart& p : s.parts()) p->set_base_trainable(true);
   } else if (!options.init_adapter.empty()) {
     // The adapter's own hyper-parameters are what this side trains with from here on.
-    const AdapterConfig a = load_peft_adapter(s.part, options.init_adapter);
+    AdapterConfig a;
+    for (DecoderPart& p : s.parts()) a = load_peft_adapter(p, options.init_adapter);
     s.options.lora_r = a.r;
     s.options.lora_alpha = a.lora_alpha;
     s.options.lora_dropout = a.lora_dropout;
@@ -61,51 +81,71 @@ Side Side::around(DecoderPart part, const SideOptions& options, uint64_t seed, d
   } else {
     std::lock_guard<std::mutex> lock(rng_mutex());
     at::manual_seed(seed);
-    if (apply_lora(
-            s.part,
-            LoRAOptions(options.lora_r).alpha(options.lora_alpha).dropout(options.lora_dropout).rslora(options.rslora),
-            options.targets) == 0) {
+    int64_t adapted = 0;
+    for (DecoderPart& p : s.parts()) {
+      adapted += apply_lora(
+          p, LoRAOptions(options.lora_r).alpha(options.lora_alpha).dropout(options.lora_dropout).rslora(options.rslora),
+          options.targets);
+    }
+    if (adapted == 0) {
       throw Error("LoRA targets match no linear layer of this side",
                   "check --lora-targets (e.g. all-linear, q_proj,v_proj)");
     }
   }
-  s.part->set_activation_checkpointing(options.activation_checkpointing);
+  std::vector<at::Tensor> params;
+  for (DecoderPart& p : s.parts()) {
+    p->set_activation_checkpointing(options.activation_checkpointing);
+    for (const at::Tensor& t : p->trainable_parameters()) params.push_back(t);
+  }
   check_cuda_graph(s.options, s.part->device());
-  auto params = s.part->trainable_parameters();
   if (params.empty()) throw Error("this side has nothing to train", "set LoRA targets or --full");
   s.opt = std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(1e-3).weight_decay(weight_decay));
   return s;
 }
 
-uint64_t owned_bytes_estimate(const ModelConfig& config, SideRole role, int64_t split, const SideOptions& options) {
+std::vector<DecoderPart> Side::parts() const {
+  std::vector<DecoderPart> out{part};
+  if (tail) out.push_back(tail);
+  return out;
+}
+
+uint64_t owned_bytes_estimate(const ModelConfig& config, SideRole role, int64_t split, const SideOptions& options,
+                              int64_t tail_split) {
   const at::TensorOptions where = at::TensorOptions().dtype(parse_dtype(options.dtype));
-  DecoderPart part{nullptr};
+  std::vector<DecoderPart> parts;
   {
     UnfilledBaseWeights unfilled(UnfilledBaseWeights::Storage::kPlaceholder);  // only shapes are read
-    part = role == SideRole::kClient ? client_part(config, split, where) : server_part(config, split, where);
+    parts = side_parts(config, role, split, tail_split, where);
   }
   const uint64_t adam = 2 * sizeof(float);
   uint64_t bytes = 0;
-  if (options.full) {
-    for (auto& [name, t] : part->base_weights())
-      bytes += static_cast<uint64_t>(t.numel()) * (2 * t.element_size() + adam);
-    return bytes;
-  }
-  for (auto& [name, lin] : part->linears()) {
-    if (!lora_target_matches(name, options.targets)) continue;
-    const auto n = static_cast<uint64_t>(options.lora_r * (lin->weight.size(0) + lin->weight.size(1)));
-    bytes += n * (2 * sizeof(float) + adam);
+  for (DecoderPart& part : parts) {
+    if (options.full) {
+      for (auto& [name, t] : part->base_weights())
+        bytes += static_cast<uint64_t>(t.numel()) * (2 * t.element_size() + adam);
+      continue;
+    }
+    for (auto& [name, lin] : part->linears()) {
+      if (!lora_target_matches(name, options.targets)) continue;
+      const auto n = static_cast<uint64_t>(options.lora_r * (lin->weight.size(0) + lin->weight.size(1)));
+      bytes += n * (2 * sizeof(float) + adam);
+    }
   }
   return bytes;
 }
 
 NamedTensors Side::trained() {
   NamedTensors out;
-  if (options.full) return part->base_weights();
-  for (auto& [name, lin] : part->linears()) {
-    if (!lin->has_lora()) continue;
-    out.emplace_back(peft_key(name, "lora_A"), lin->lora_a);
-    out.emplace_back(peft_key(name, "lora_B"), lin->lora_b);
+  for (DecoderPart& p : parts()) {
+    if (options.full) {
+      for (auto& named : p->base_weights()) out.push_back(std::move(named));
+      continue;
+    }
+    for (auto& [name, lin] : p->linears()) {
+      if (!lin->has_lora()) continue;
+      out.emplace_back(peft_key(name, "lora_A"), lin->lora_a);
+      out.emplace_back(peft_key(name, "lora_B"), lin->lora_b);
+    }
   }
   return out;
 }

@@ -22,6 +22,9 @@ enum class SideRole { kClient, kServer };
 
 struct Side {
   DecoderPart part{nullptr};
+  /// U-shaped split, client: layers [tail_split, L) with the head and the loss (else null). One AdamW
+  /// steps both parts, as the unsplit model's one AdamW steps all its parameters.
+  DecoderPart tail{nullptr};
   SideOptions options;
   std::unique_ptr<torch::optim::AdamW> opt;
 
@@ -29,11 +32,16 @@ struct Side {
   /// after seeding the generator with `seed`) or unfreezes the weights (full), and makes AdamW.
   /// With `shared_base` (the part's frozen weights by checkpoint name, on the side's device and in its
   /// dtype) a LoRA side points at those instead of loading its own; a full side still loads its own.
+  /// With `tail_split` m > 0 (U-shaped split) the server holds layers [split, m) and the client also
+  /// the tail [m, L).
   static Side build(const ModelConfig& config, const CheckpointReader& ckpt, SideRole role, int64_t split,
                     const SideOptions& options, uint64_t seed, double weight_decay,
-                    const std::map<std::string, at::Tensor>* shared_base = nullptr);
-  /// The same around a part whose base weights are already in place (benchmarks draw them).
-  static Side around(DecoderPart part, const SideOptions& options, uint64_t seed, double weight_decay);
+                    const std::map<std::string, at::Tensor>* shared_base = nullptr, int64_t tail_split = 0);
+  /// The same around parts whose base weights are already in place (benchmarks draw them).
+  static Side around(DecoderPart part, const SideOptions& options, uint64_t seed, double weight_decay,
+                     DecoderPart tail = nullptr);
+  /// The part, then the tail when there is one.
+  std::vector<DecoderPart> parts() const;
 
   at::Device device() const { return part->device(); }
 
@@ -60,7 +68,13 @@ struct Side {
 /// What a side built with `options` owns beyond shared frozen weights, estimated before it is built
 /// (no weight is read or touched): the tensors it trains and their gradients (LoRA in fp32, a full
 /// side's own copy of the base weights in the compute dtype) and AdamW's two fp32 moments of each.
-uint64_t owned_bytes_estimate(const ModelConfig& config, SideRole role, int64_t split, const SideOptions& options);
+uint64_t owned_bytes_estimate(const ModelConfig& config, SideRole role, int64_t split, const SideOptions& options,
+                              int64_t tail_split = 0);
+
+/// The parts a side of this role holds (placeholders or allocated as UnfilledBaseWeights says):
+/// client [0, split) (+ tail [tail_split, L)), server [split, L) or [split, tail_split).
+std::vector<DecoderPart> side_parts(const ModelConfig& config, SideRole role, int64_t split, int64_t tail_split,
+                                    const at::TensorOptions& where);
 
 /// Refuses SideOptions::cuda_graph where a step cannot be captured (on the CPU, with LoRA dropout or
 /// activation checkpointing), naming the cause.

@@ -27,6 +27,10 @@ const char* message_name(MessageType t) {
       return "HEARTBEAT";
     case MessageType::kError:
       return "ERROR";
+    case MessageType::kTailForward:
+      return "TAIL_FORWARD";
+    case MessageType::kTailBackward:
+      return "TAIL_BACKWARD";
     case MessageType::kBye:
       return "BYE";
   }

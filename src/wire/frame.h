@@ -16,7 +16,7 @@ namespace amaq::wire {
 
 constexpr uint32_t kFrameMagic = 0x46514D41;  // "AMQF"
 // 2: FORWARD labels in the narrowest integer type; 3: BACKWARD codec time; 4: BACKWARD the FORWARD's arrival time
-constexpr uint16_t kProtocolVersion = 4;
+constexpr uint16_t kProtocolVersion = 5;
 
 /// Message types. Values only ever grow; a reader refuses those it does not know.
 enum class MessageType : uint8_t {
@@ -31,8 +31,10 @@ enum class MessageType : uint8_t {
   kHeartbeat = 9,
   kError = 10,  ///< code + text, then the sender closes
   kBye = 11,
+  kTailForward = 12,   ///< U-shaped split, server -> client: the activations at the tail split
+  kTailBackward = 13,  ///< U-shaped split, client -> server: their gradient
 };
-constexpr uint8_t kMaxMessageType = 11;
+constexpr uint8_t kMaxMessageType = 13;
 const char* message_name(MessageType t);
 
 #pragma pack(push, 1)

@@ -38,7 +38,10 @@ std::string Hello::to_payload() const {
                         {"fwd_codec", fwd_codec},
                         {"bwd_codec", bwd_codec},
                         {"client_nonce", client_nonce},
-                        {"resume_step", resume_step}}
+                        {"resume_step", resume_step},
+                        {"tail_split", tail_split},
+                        {"tail_fwd_codec", tail_fwd_codec},
+                        {"tail_bwd_codec", tail_bwd_codec}}
       .dump();
 }
 
@@ -53,6 +56,11 @@ Status Hello::parse(const std::string& payload, Hello* out) {
     out->bwd_codec = j.at("bwd_codec").get<std::string>();
     out->client_nonce = j.at("client_nonce").get<std::string>();
     out->resume_step = j.contains("resume_step") ? json_int<int64_t>(j, "resume_step") : -1;
+    out->tail_split = j.contains("tail_split") ? json_int<int64_t>(j, "tail_split") : 0;
+    if (out->tail_split != 0) {
+      out->tail_fwd_codec = j.at("tail_fwd_codec").get<std::string>();
+      out->tail_bwd_codec = j.at("tail_bwd_codec").get<std::string>();
+    }
   } catch (const nlohmann::json::exception& e) {
     return bad(std::string("HELLO field missing or of the wrong type: ") + e.what());
   } catch (const Error& e) {
@@ -149,12 +157,25 @@ ServerHandshake::Reply ServerHandshake::finish() {
     return refuse(Status::Fail(ErrorCode::kSplitMismatch, "different split: client " + std::to_string(hello_.split) +
                                                               ", server " + std::to_string(policy_.split)));
   }
+  if (hello_.tail_split != policy_.tail_split) {
+    auto name = [](int64_t m) { return m == 0 ? std::string("none") : std::to_string(m); };
+    return refuse(Status::Fail(ErrorCode::kSplitMismatch, "different tail split: client " + name(hello_.tail_split) +
+                                                              ", server " + name(policy_.tail_split)));
+  }
   if (policy_.accept_codecs) {
     if (Status s = policy_.accept_codecs(hello_.fwd_codec, hello_.bwd_codec); !s.ok()) return refuse(s);
+    if (hello_.tail_split != 0) {
+      if (Status s = policy_.accept_codecs(hello_.tail_fwd_codec, hello_.tail_bwd_codec); !s.ok()) return refuse(s);
+    }
   } else if (hello_.fwd_codec != policy_.fwd_codec || hello_.bwd_codec != policy_.bwd_codec) {
     return refuse(Status::Fail(ErrorCode::kCodecMismatch, "different codecs: client fwd " + hello_.fwd_codec + " bwd " +
                                                               hello_.bwd_codec + ", server fwd " + policy_.fwd_codec +
                                                               " bwd " + policy_.bwd_codec));
+  } else if (hello_.tail_fwd_codec != policy_.tail_fwd_codec || hello_.tail_bwd_codec != policy_.tail_bwd_codec) {
+    return refuse(Status::Fail(ErrorCode::kCodecMismatch, "different codecs at the tail split: client fwd " +
+                                                              hello_.tail_fwd_codec + " bwd " + hello_.tail_bwd_codec +
+                                                              ", server fwd " + policy_.tail_fwd_codec + " bwd " +
+                                                              policy_.tail_bwd_codec));
   }
   nlohmann::json ack = {{"session_id", session_id_}, {"settings", policy_.settings}};
   if (!policy_.token.empty()) {

@@ -1,7 +1,8 @@
 // The handshake. Nothing is trained before both sides agree on the protocol, the model, the split
 // and the codecs, and (with a token) have proved to each other that they hold it:
 //
-//   client -> HELLO      {protocol, model_fingerprint, split, fwd_codec, bwd_codec, client_nonce, resume_step}
+//   client -> HELLO      {protocol, model_fingerprint, split, fwd_codec, bwd_codec, client_nonce, resume_step,
+//                         tail_split, tail_fwd_codec, tail_bwd_codec}
 //   server -> CHALLENGE  {server_nonce}                           only when the server has a token
 //   client -> AUTH       {mac: HMAC-SHA256(token, "client" | transcript)}
 //   server -> HELLO_ACK  {session_id, settings, proof: HMAC-SHA256(token, "server" | transcript)}
@@ -26,6 +27,10 @@ struct Hello {
   std::string fwd_codec, bwd_codec;
   std::string client_nonce;
   int64_t resume_step = -1;  ///< step to resume from, -1 for a fresh run
+  /// U-shaped split: the client also holds layers [tail_split, L) and the loss (0: no tail), and
+  /// the codecs of the activations coming back to it and of their gradient.
+  int64_t tail_split = 0;
+  std::string tail_fwd_codec, tail_bwd_codec;
 
   std::string to_payload() const;
   static Status parse(const std::string& payload, Hello* out);
@@ -33,10 +38,11 @@ struct Hello {
 
 struct ServerPolicy {
   std::string model_fingerprint;
-  int64_t split = 0;
-  std::string fwd_codec, bwd_codec;
+  int64_t split = 0, tail_split = 0;
+  std::string fwd_codec, bwd_codec, tail_fwd_codec, tail_bwd_codec;
   /// When set, decides which codecs a client may ask for (a server that serves each run with its
-  /// own; its refusal goes to the client as it is); otherwise they must equal fwd_codec and bwd_codec.
+  /// own; its refusal goes to the client as it is), called for the pair at the split and, with a
+  /// tail split, for the pair at the tail; otherwise they must equal the policy's.
   std::function<Status(const std::string& fwd, const std::string& bwd)> accept_codecs;
   std::string token;  ///< empty: no authentication
   nlohmann::json settings = nlohmann::json::object();

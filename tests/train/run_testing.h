@@ -1,17 +1,26 @@
 // Helpers of the tests that run split training end to end in one process: a small run on the
 // llama-gqa fixture, the server that matches it, and the run against a server over in-process channels.
 #pragma once
+#include <torch/nn/utils/clip_grad.h>
+#include <torch/optim/adamw.h>
+
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "core/device.h"
 #include "core/fs.h"
 #include "core/safetensors.h"
+#include "model/config.h"
+#include "model/part.h"
+#include "model/peft.h"
 #include "quant/spec.h"
 #include "testing.h"
+#include "tokenizer/tokenizer.h"
 #include "train/checkpoint.h"
+#include "train/data.h"
 #include "train/session.h"
 #include "wire/channel.h"
 #include "wire/tcp.h"
@@ -78,6 +87,39 @@ struct TcpTrainServer {
   TrainServer srv;
   wire::Server server;
 };
+
+// The unsplit model trained with the same data order, accumulation, clipping (torch's
+// clip_grad_norm_ over all parameters) and schedule.
+inline std::vector<double> unsplit_losses(const ClientConfig& c) {
+  ModelConfig mc = ModelConfig::load(kModel);
+  DecoderPart full = full_model(mc, compute_options(c.side.device, c.side.dtype));
+  full->load_weights(CheckpointReader(kModel));
+  load_peft_adapter(full, c.side.init_adapter);
+  auto params = full->trainable_parameters();
+  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(c.schedule.lr).weight_decay(c.schedule.weight_decay));
+  ByteTokenizer tok;
+  Dataset data = Dataset::load(c.data, tok, c.seq_len);
+  Sampler sampler(static_cast<int64_t>(data.examples.size()), c.schedule.seed);
+  std::vector<double> out;
+  int64_t pos = 0;
+  for (int64_t s = 0; s < c.schedule.steps; ++s) {
+    opt.zero_grad();
+    double loss_sum = 0;
+    for (int64_t m = 0; m < c.schedule.micro_batches; ++m) {
+      std::vector<int64_t> idx;
+      for (int64_t i = 0; i < c.batch; ++i) idx.push_back(sampler.at(pos++));
+      Batch b = make_batch(data, idx, tok.eos_id());
+      at::Tensor loss = causal_lm_loss(full->forward(b.ids, b.mask), b.labels);
+      (loss / static_cast<double>(c.schedule.micro_batches)).backward();
+      loss_sum += loss.item<double>();
+    }
+    if (c.schedule.clip > 0) torch::nn::utils::clip_grad_norm_(params, c.schedule.clip);
+    for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(c.schedule.lr_at(s));
+    opt.step();
+    out.push_back(loss_sum / static_cast<double>(c.schedule.micro_batches));
+  }
+  return out;
+}
 
 // Runs `c` against 127.0.0.1:port over plain TCP.
 inline RunResult run_over_tcp(const ClientConfig& c, uint16_t port) {

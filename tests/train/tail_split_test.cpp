@@ -1,0 +1,268 @@
+// The U-shaped split (--tail-split M): the client holds layers [0, K) and [M, L) with the head and the
+// loss, the server [K, M). Uncompressed, it trains as the unsplit model; the server never receives a
+// label or the loss mask; resume, export, evaluation and the handshake work as for the two-part split.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "core/fs.h"
+#include "model/part.h"
+#include "model/peft.h"
+#include "testing.h"
+#include "train/eval.h"
+#include "train/export.h"
+#include "train/run_testing.h"
+#include "train/session.h"
+#include "wire/channel.h"
+#include "wire/handshake.h"
+#include "wire/messages.h"
+
+namespace amaq::train {
+namespace {
+
+ClientConfig tail_config(const testing::TempDir& tmp, const std::string& name, int64_t tail_split = 3) {
+  ClientConfig c = base_config(tmp, name);
+  c.split = 1;
+  c.tail_split = tail_split;
+  return c;
+}
+
+ServerConfig tail_server_for(const ClientConfig& c) {
+  ServerConfig s = server_for(c, c.side);
+  s.tail_split = c.tail_split;
+  s.tail_fwd_codec = c.tail_fwd_codec;
+  s.tail_bwd_codec = c.tail_bwd_codec;
+  return s;
+}
+
+TEST(TailSplit, UncompressedUShapedRunReproducesUnsplitTraining) {
+  testing::TempDir tmp;
+  for (const int64_t m : {3, 4}) {  // the server holds [1, 3); or [1, 4) with only norm and head on the client
+    SCOPED_TRACE("tail split " + std::to_string(m));
+    ClientConfig c = tail_config(tmp, "run" + std::to_string(m), m);
+    c.side.init_adapter = kModel + "/adapter";
+    TcpTrainServer tcp(tail_server_for(c));
+    const RunResult r = run_over_tcp(c, tcp.server.port());
+    const std::vector<double> ref = unsplit_losses(c);
+    ASSERT_EQ(r.steps.size(), ref.size());
+    for (size_t s = 0; s < ref.size(); ++s) EXPECT_NEAR(r.steps[s].task_loss, ref[s], 1e-6) << "step " << s;
+    EXPECT_LT(ref.back(), ref.front() - 0.1);
+    EXPECT_GT(r.steps.front().grad_norm, c.schedule.clip);  // clipping over the three parts was active
+  }
+}
+
+// A channel that keeps a copy of every frame it receives (the server's end of the link).
+class RecordingChannel : public wire::Channel {
+ public:
+  explicit RecordingChannel(std::unique_ptr<wire::Channel> inner) : inner_(std::move(inner)) {}
+  void close() override { inner_->close(); }
+  std::vector<wire::Frame> frames() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return frames_;
+  }
+
+ protected:
+  wire::Status send_frame(const wire::Frame& f) override { return inner_->send(f); }
+  wire::Status receive_frame(wire::Frame* f, std::chrono::milliseconds timeout) override {
+    wire::Status s = inner_->receive(f, timeout);
+    if (s.ok()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      frames_.push_back(*f);
+    }
+    return s;
+  }
+
+ private:
+  std::unique_ptr<wire::Channel> inner_;
+  std::mutex mu_;
+  std::vector<wire::Frame> frames_;
+};
+
+// Every frame the server receives, from HELLO to BYE, training and evaluation: no FORWARD or EVAL
+// carries labels; the mask it gets is the attention mask (ones, then padding), never the loss mask,
+// which here hides every prompt token; and no payload holds any row's label ids as bytes.
+TEST(TailSplit, TheServerNeverReceivesLabelsOrTheLossMask) {
+  testing::TempDir tmp;
+  std::string jsonl;
+  for (int i = 0; i < 48; ++i) {
+    jsonl += nlohmann::json{{"prompt",
+                             "Question " + std::to_string(i) + ": what follows " + std::to_string(i * 3) + "? Answer:"},
+                            {"completion", " " + std::to_string(i * 3 + 1) + " and then some more words"}}
+                 .dump() +
+             "\n";
+  }
+  testing::write_bytes(tmp.file("qa.jsonl"), jsonl);
+  ClientConfig c = tail_config(tmp, "private");
+  c.data = tmp.file("qa.jsonl");
+  c.val_fraction = 0.25;
+  c.eval_every = 2;
+  c.schedule.steps = 4;
+  c.fwd_codec = quant::CodecSpec::parse("amaq:budget=4,decay=4");
+  c.bwd_codec = quant::CodecSpec::parse("fixed:bits=6");
+  c.tail_fwd_codec = quant::CodecSpec::parse("fixed:bits=6");
+  c.tail_bwd_codec = quant::CodecSpec::parse("fixed:bits=6");
+  TrainServer srv(tail_server_for(c));
+  std::vector<std::shared_ptr<RecordingChannel>> seen;
+  std::vector<std::thread> sessions;
+  const RunResult r = ClientTrainer(c).run([&](std::unique_ptr<wire::Channel>* out) {
+    auto [a, b] = wire::make_in_process_pair(srv.max_payload());
+    seen.push_back(std::make_shared<RecordingChannel>(std::move(b)));
+    sessions.emplace_back([&srv, ch = seen.back()] { srv.serve(*ch, 1); });
+    *out = std::move(a);
+    return wire::Status::Ok();
+  });
+  for (auto& t : sessions) t.join();
+  ASSERT_EQ(r.completed_steps, 4);
+  ASSERT_TRUE(r.eval.contains("loss"));
+
+  // The label rows of every batch the client trained and evaluated on (the byte tokenizer: ids < 256).
+  ByteTokenizer tok;
+  const Dataset data = Dataset::load(c.data, tok, c.seq_len);
+  std::vector<std::string> needles;
+  for (const Example& e : data.examples) {
+    std::vector<int64_t> answer;
+    for (size_t i = 0; i < e.ids.size(); ++i)
+      if (e.labels[i] != kIgnoreLabel) answer.push_back(e.labels[i]);
+    ASSERT_GE(answer.size(), 8u);
+    for (const size_t width : {2, 8}) {  // as the i16 FORWARD labels would carry them, and as i64
+      std::string bytes;
+      for (size_t i = 0; i < 8; ++i) bytes.append(reinterpret_cast<const char*>(&answer[i]), width);
+      needles.push_back(bytes);
+    }
+  }
+  size_t forwards = 0, evals = 0, tails = 0;
+  for (const auto& ch : seen) {
+    for (const wire::Frame& f : ch->frames()) {
+      for (const std::string& n : needles)
+        ASSERT_EQ(f.payload.find(n), std::string::npos) << wire::message_name(f.type);
+      ASSERT_TRUE(f.type == wire::MessageType::kHello || f.type == wire::MessageType::kControl ||
+                  f.type == wire::MessageType::kForward || f.type == wire::MessageType::kEval ||
+                  f.type == wire::MessageType::kTailBackward || f.type == wire::MessageType::kBye)
+          << wire::message_name(f.type);
+      tails += f.type == wire::MessageType::kTailBackward;
+      if (f.type != wire::MessageType::kForward && f.type != wire::MessageType::kEval) continue;
+      (f.type == wire::MessageType::kForward ? forwards : evals)++;
+      wire::ForwardMsg fm;
+      ASSERT_TRUE(wire::ForwardMsg::decode(f.payload, &fm).ok());
+      EXPECT_EQ(fm.label_type, wire::LabelType::kNone);
+      EXPECT_TRUE(fm.labels.empty());
+      // Each row's mask: ones, then padding zeros; a loss mask would start with the prompt's zeros.
+      ASSERT_EQ(fm.mask.size(), size_t{fm.batch} * fm.seq);
+      for (uint32_t row = 0; row < fm.batch; ++row) {
+        const std::string_view m = fm.mask.substr(size_t{row} * fm.seq, fm.seq);
+        EXPECT_EQ(m[0], 1);
+        const size_t ones = m.find('\0') == std::string_view::npos ? m.size() : m.find('\0');
+        for (size_t i = ones; i < m.size(); ++i) EXPECT_EQ(m[i], 0);
+      }
+    }
+  }
+  EXPECT_EQ(forwards, 4u * 2);  // 4 steps x 2 micro-batches
+  EXPECT_EQ(tails, forwards);
+  EXPECT_GT(evals, 0u);
+}
+
+// Interrupted after step 4 and resumed in a new server: the uninterrupted run's losses, bits,
+// evaluation and both sides' checkpoints, with AMAQ at both cuts (the server's tail gates in its
+// checkpoint, the client's tail budget following the schedule).
+TEST(TailSplit, ResumedRunEqualsTheUninterruptedOneWithAmaqAtBothCuts) {
+  testing::TempDir tmp;
+  ClientConfig c = tail_config(tmp, "whole");
+  c.schedule.steps = 8;
+  c.fwd_codec = quant::CodecSpec::parse("amaq:budget=3,decay=6,gran=token");
+  c.bwd_codec = quant::CodecSpec::parse("amaq:budget=6,decay=6,gran=token");
+  c.tail_fwd_codec = quant::CodecSpec::parse("amaq:budget=4,decay=6,gran=token");
+  c.tail_bwd_codec = quant::CodecSpec::parse("amaq:budget=6,decay=6,gran=token");
+  c.checkpoint_every = 3;
+  c.val_fraction = 0.2;
+  c.eval_every = 4;
+  TrainServer srv(tail_server_for(c));
+  const RunResult whole = run_in_process(srv, c);
+  ClientConfig first = c;
+  first.run_dir = tmp.file("parts");
+  first.stop_after = 4;
+  const ServerConfig sc = tail_server_for(first);
+  {
+    TrainServer srv1(sc);
+    EXPECT_EQ(run_in_process(srv1, first).completed_steps, 4);
+  }
+  ClientConfig second = first;
+  second.stop_after = -1;
+  second.resume = true;
+  TrainServer srv2(sc);
+  const RunResult resumed = run_in_process(srv2, second);
+  ASSERT_EQ(whole.steps.size(), 8u);
+  expect_same_steps(whole, resumed);
+  expect_same_checkpoint(c.run_dir + "/checkpoints", second.run_dir + "/checkpoints", 8);
+  const auto whole_runs = list_subdirs(c.run_dir + "-server"), part_runs = list_subdirs(first.run_dir + "-server");
+  ASSERT_EQ(whole_runs.size(), 1u);
+  ASSERT_EQ(part_runs.size(), 1u);
+  const std::string server_ckpt = join_path(c.run_dir + "-server", whole_runs[0]);
+  expect_same_checkpoint(server_ckpt, join_path(first.run_dir + "-server", part_runs[0]), 8);
+  // The server's checkpoint holds the tail link's gates; the client's the tail budget it follows.
+  EXPECT_TRUE(
+      load_safetensors(join_path(checkpoint_path(server_ckpt, 8), "state.safetensors")).count("tail.amaq.gates"));
+}
+
+// `amaq export`: one PEFT adapter for the whole model (client head and tail, server middle), which
+// loaded into the unsplit model gives the run's final evaluation.
+TEST(TailSplit, ExportIsOneAdapterThatEvaluatesAsTheRunDid) {
+  testing::TempDir tmp;
+  ClientConfig c = tail_config(tmp, "export");
+  c.schedule.steps = 4;
+  c.val_fraction = 0.2;
+  TrainServer srv(tail_server_for(c));
+  const RunResult r = run_in_process(srv, c);
+  export_adapter(c.run_dir, tmp.file("adapter"));
+  const auto tensors = load_safetensors(join_path(tmp.file("adapter"), "adapter_model.safetensors"));
+  for (int layer = 0; layer < 4; ++layer) {
+    EXPECT_TRUE(
+        tensors.count("base_model.model.model.layers." + std::to_string(layer) + ".self_attn.q_proj.lora_A.weight"))
+        << layer;
+  }
+  DecoderPart m = full_model(ModelConfig::load(kModel));
+  m->load_weights(CheckpointReader(kModel));
+  load_peft_adapter(m, tmp.file("adapter"));
+  ByteTokenizer tok;
+  Dataset val = Dataset::load(c.data, tok, c.seq_len).split_off(c.val_fraction, c.schedule.seed);
+  const auto local = evaluate_model(m, val, tok, c.batch, 4);
+  EXPECT_NEAR(r.eval["loss"].get<double>(), local["loss"].get<double>(), 1e-5);
+}
+
+// The handshake refuses a client whose tail split differs from the server's (or that has none), and
+// options a U-shaped run cannot serve are refused by name before anything trains.
+TEST(TailSplit, MismatchesAndUnsupportedOptionsAreRefusedByName) {
+  testing::TempDir tmp;
+  ClientConfig c = tail_config(tmp, "mismatch");
+  c.schedule.steps = 1;
+  c.schedule.warmup = 0;
+  c.retries = 0;
+  ServerConfig other = tail_server_for(c);
+  other.tail_split = 2;
+  TrainServer srv(other);
+  EXPECT_AMAQ_ERROR(run_in_process(srv, c), "different tail split: client 3, server 2");
+  ClientConfig two_part = c;
+  two_part.tail_split = 0;
+  two_part.run_dir = tmp.file("two-part");
+  EXPECT_AMAQ_ERROR(run_in_process(srv, two_part), "different tail split: client none, server 2");
+
+  ClientConfig bad = c;
+  bad.run_dir = tmp.file("bad");
+  bad.tail_split = 1;
+  EXPECT_AMAQ_ERROR(ClientTrainer(bad).run({}), "tail split 1 is outside [2, 4]");
+  bad.tail_split = 3;
+  bad.in_flight = 2;
+  EXPECT_AMAQ_ERROR(ClientTrainer(bad).run({}), "--in-flight 2 with --tail-split");
+  bad.in_flight = 1;
+  bad.tail_fwd_codec = quant::CodecSpec::parse("amaq:budget=auto");
+  EXPECT_AMAQ_ERROR(ClientTrainer(bad).run({}), "budget=auto");
+  ServerConfig graphs = tail_server_for(c);
+  graphs.side.cuda_graph = true;
+  EXPECT_AMAQ_ERROR(TrainServer{graphs}, "--cuda-graph");
+}
+
+}  // namespace
+}  // namespace amaq::train
