@@ -613,6 +613,10 @@ wire::Status ClientTrainer::Run::run_tail(wire::Channel& ch, InFlight& in, StepR
     gm.packet = packet;
     payload = gm.encode();
     rec->client_codec_seconds += seconds_since(e0);
+    // Each direction carries both cuts' tensors: the gradient at M goes up, the activations at M came down.
+    rec->elements += static_cast<uint64_t>(h.numel());
+    rec->fwd_packet_bytes += packet.size();
+    rec->bwd_packet_bytes += tm.packet.size();
   });
   if (!s.ok()) return s;
   rec->client_seconds += seconds_since(t0);

@@ -27,8 +27,8 @@ struct StepRecord {
   uint64_t fwd_wire_bytes = 0, bwd_wire_bytes = 0;             ///< whole frames, headers included
   uint64_t fwd_packet_bytes = 0, bwd_packet_bytes = 0;         ///< the codecs' packets (their headers included)
   uint64_t forward_frame_bytes = 0, backward_frame_bytes = 0;  ///< the FORWARD / BACKWARD frames alone
-  uint64_t elements = 0;                                       ///< activation elements sent (= gradient elements back)
-  uint64_t rows = 0, cells = 0;                                ///< sequences and (padded) token positions sent
+  uint64_t elements = 0;  ///< values sent each way (activations up = gradients down; a U-shaped split counts both cuts)
+  uint64_t rows = 0, cells = 0;  ///< sequences and (padded) token positions sent
   /// Where the step's time went: client_seconds + server_seconds + network_seconds = step_seconds
   /// for a serial step (--in-flight 1); each side's codec time is part of its seconds.
   double client_seconds = 0, server_seconds = 0, network_seconds = 0, step_seconds = 0;
