@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "quant/bitpack.h"
+#include "quant/ecsq.h"
 #include "quant/entropy.h"
 #include "quant/rotation.h"
 #if AMAQ_HAVE_CUDA
@@ -174,6 +175,8 @@ Encoded Codec::encode_dispatch(const at::Tensor& x, const EncodeArgs& args) {
       return encode_affine(x, args.bits.to(at::kByte).contiguous(), args);
     case CodecId::kAqsgd:
       return encode_aqsgd(x, args);
+    case CodecId::kEcsq:
+      return encode_ecsq(x, args);
   }
   TORCH_CHECK(false, "unknown codec");
 }
@@ -184,11 +187,7 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
   e.layout = AffineLayout{x_in.numel() / C, C, spec_.granularity, spec_.group};
   e.bits = bits;
   // rot=hadamard: what is quantized is each range group rotated (fp32); what is decoded is rotated back.
-  if (spec_.hadamard && C % spec_.group != 0) {
-    throw Error("rot=hadamard with group=" + std::to_string(spec_.group) + " needs a multiple of " +
-                    std::to_string(spec_.group) + " channels, the tensor has " + std::to_string(C),
-                "choose a power-of-two group that divides the hidden size, or leave out rot=hadamard");
-  }
+  check_rotation_fits(C);
   if (spec_.hadamard) e.rotation_block = spec_.group;
   const at::Tensor x = spec_.hadamard ? block_hadamard(x_in, spec_.group) : x_in;
   // What follows the header and map: the interleaved fp16 (lo, hi) pairs, then the packed codes.
@@ -401,7 +400,7 @@ std::string Codec::quantize_sym_cpu(const at::Tensor& deltas, const std::vector<
   return pack(codes, at::full({C}, spec_.bits, at::kByte), impl_);
 }
 
-at::Tensor Codec::decode(std::string_view packet, at::Device device) {
+at::Tensor Codec::decode(std::string_view packet, at::Device device, int64_t max_elements) {
   ByteReader r(packet);
   auto h = r.get<PacketHeader>("header");
   if (h.magic != kPacketMagic) throw PacketError("bad magic (not an amaq packet)");
@@ -417,8 +416,9 @@ at::Tensor Codec::decode(std::string_view packet, at::Device device) {
   }
   if (h.ndim < 1 || h.ndim > 4) throw PacketError("ndim " + std::to_string(h.ndim) + " not in 1..4");
   const bool affine = spec_.codec == CodecId::kFixed || spec_.codec == CodecId::kAmaq;
-  if (h.flags & ~(kFlagBitMap | kFlagHadamard | kFlagEntropy) ||
-      (!affine && (h.flags & (kFlagHadamard | kFlagEntropy))))
+  const bool ecsq = spec_.codec == CodecId::kEcsq;
+  if (h.flags & ~(kFlagBitMap | kFlagHadamard | kFlagEntropy) || (!affine && (h.flags & kFlagEntropy)) ||
+      (!affine && !ecsq && (h.flags & kFlagHadamard)) || (ecsq && (h.flags & kFlagBitMap)))
     throw PacketError("flags " + std::to_string(h.flags) + " are not defined for " + codec_name(spec_.codec));
   if (!std::isfinite(h.scale) || !(h.scale > 0)) throw PacketError("scale is not a positive finite number");
   std::vector<int64_t> shape;
@@ -429,6 +429,9 @@ at::Tensor Codec::decode(std::string_view packet, at::Device device) {
     numel *= d;
     shape.push_back(d);
   }
+  if (numel > max_elements)
+    throw PacketError("it declares " + std::to_string(numel) + " values, more than the " +
+                      std::to_string(max_elements) + " this side expects");
   at::Tensor out = decode_dispatch(r, h, shape, numel, device);
   r.expect_end();
   return out;
@@ -453,6 +456,8 @@ at::Tensor Codec::decode_dispatch(ByteReader& r, const PacketHeader& h, const st
       return decode_affine(r, h, shape, device);
     case CodecId::kAqsgd:
       return decode_aqsgd(r, h, shape, device);
+    case CodecId::kEcsq:
+      return decode_ecsq(r, h, shape, device);
   }
   throw PacketError("codec id " + std::to_string(h.codec) + " has no decoder");
 }
@@ -588,6 +593,56 @@ at::Tensor Codec::decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::
     out[delta_rows[i]].copy_(m);
   }
   return out.to(out_type);
+}
+
+void Codec::check_rotation_fits(int64_t channels) const {
+  if (spec_.hadamard && channels % spec_.group != 0) {
+    throw Error("rot=hadamard with group=" + std::to_string(spec_.group) + " needs a multiple of " +
+                    std::to_string(spec_.group) + " channels, the tensor has " + std::to_string(channels),
+                "choose a power-of-two group that divides the hidden size, or leave out rot=hadamard");
+  }
+}
+
+// ecsq: one step from the tensor's RMS (of the rotated groups with rot=hadamard: the same RMS), the
+// codes and their levels from ecsq.h; on a GPU through the host.
+Encoded Codec::encode_ecsq(const at::Tensor& x_in, const EncodeArgs& args) {
+  Encoded e;
+  const int64_t C = x_in.size(-1);
+  check_rotation_fits(C);
+  at::Tensor x = x_in.to(at::kCPU, at::kFloat);
+  if (spec_.hadamard) x = block_hadamard(x, spec_.group);
+  x = x.contiguous();
+  const double rms = x.numel() ? std::sqrt(x.to(at::kDouble).pow(2).mean().item<double>()) : 0.0;
+  PacketHeader h;
+  h.codec = static_cast<uint8_t>(CodecId::kEcsq);
+  h.dtype = static_cast<uint8_t>(to_wire(x_in.scalar_type()));
+  h.flags = spec_.hadamard ? kFlagHadamard : 0;
+  h.group = spec_.hadamard ? static_cast<uint32_t>(spec_.group) : 0;
+  h.bits = static_cast<uint8_t>(spec_.bits);
+  h.scale = ecsq_step(rms, spec_.bits);
+  ByteWriter w;
+  write_header(w, h, x_in.sizes());
+  at::Tensor deq = at::empty(x.sizes(), at::kFloat);
+  ecsq_encode(x.data_ptr<float>(), x.numel(), h.scale, spec_.bits, &w.str(), deq.data_ptr<float>());
+  e.packet = std::move(w.str());
+  if (spec_.hadamard) deq = block_hadamard(deq, spec_.group);
+  if (args.want_decoded) e.decoded = deq.to(x_in.device(), x_in.scalar_type()).view(x_in.sizes());
+  e.bits = at::full({C}, spec_.bits, at::kByte);
+  if (spec_.hadamard) e.rotation_block = spec_.group;
+  return e;
+}
+
+at::Tensor Codec::decode_ecsq(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape,
+                              at::Device device) {
+  const int64_t C = shape.back();
+  const bool rotated = h.flags & kFlagHadamard;
+  if (rotated && (!is_power_of_two(h.group) || C % h.group != 0))
+    throw PacketError("rotation group " + std::to_string(h.group) + " is not a power of two dividing " +
+                      std::to_string(C));
+  at::Tensor out = at::empty(shape, at::kFloat);
+  ecsq_decode(r, out.numel(), h.scale, h.bits, out.data_ptr<float>());
+  if (rotated) out = block_hadamard(out, h.group);
+  return out.to(device, to_scalar(static_cast<WireDtype>(h.dtype)));
 }
 
 }  // namespace amaq::quant

@@ -54,8 +54,10 @@ class Codec {
   /// x (..., C) fp32/bf16/fp16, finite. Refuses NaN/Inf with an error naming the count.
   Encoded encode(const at::Tensor& x, const EncodeArgs& args = {});
   /// Validates every field before use; throws PacketError naming the problem. The result lands on
-  /// `device`; a CUDA device decodes with the CUDA kernels.
-  at::Tensor decode(std::string_view packet, at::Device device = at::kCPU);
+  /// `device`; a CUDA device decodes with the CUDA kernels. A packet declaring more than
+  /// `max_elements` values is refused before anything is allocated (a receiver that knows the shape it
+  /// expects passes its size: entropy-coded packets can be tiny for any shape).
+  at::Tensor decode(std::string_view packet, at::Device device = at::kCPU, int64_t max_elements = kMaxPacketElements);
 
   const CodecSpec& spec() const { return spec_; }
   /// amaq receiver: the bit map of the last packet decoded (undefined before the first).
@@ -74,6 +76,10 @@ class Codec {
                                std::vector<at::Tensor>& memory, int levels);
   at::Tensor decode_affine(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device);
   at::Tensor decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device);
+  Encoded encode_ecsq(const at::Tensor& x, const EncodeArgs& args);
+  /// rot=hadamard: refuses a channel count that is not a multiple of the group, naming both.
+  void check_rotation_fits(int64_t channels) const;
+  at::Tensor decode_ecsq(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device);
 
   CodecSpec spec_;
   Impl impl_;

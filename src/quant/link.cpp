@@ -30,6 +30,7 @@ Traits traits(const CodecSpec& s) {
   switch (s.codec) {
     case CodecId::kNone:
     case CodecId::kFixed:
+    case CodecId::kEcsq:
       return {};
     case CodecId::kAmaq:
       return {false, true};
@@ -120,8 +121,8 @@ SentActivations Link::send_activations(const at::Tensor& h, int64_t step, int64_
   return out;
 }
 
-at::Tensor Link::receive_gradients(std::string_view packet, BitsStats* bits, at::Device device) {
-  at::Tensor dh = bwd_->decode(packet, device);
+at::Tensor Link::receive_gradients(std::string_view packet, BitsStats* bits, at::Device device, int64_t max_elements) {
+  at::Tensor dh = bwd_->decode(packet, device, max_elements);
   if (bits) *bits = stats_of(learns_map(bwd_spec_) ? bwd_->received_map() : at::Tensor(), bwd_spec_.nominal_bits());
   return dh;
 }
@@ -179,12 +180,12 @@ void Link::set_backward_budget(double budget) {
   bwd_budget_ = budget, bwd_map_step_ = -1;
 }
 
-at::Tensor Link::receive_activations(std::string_view packet, at::Device device) {
-  return fwd_->decode(packet, device);
+at::Tensor Link::receive_activations(std::string_view packet, at::Device device, int64_t max_elements) {
+  return fwd_->decode(packet, device, max_elements);
 }
 
-at::Tensor Link::receive_eval(std::string_view packet, at::Device device) {
-  return eval_codec().decode(packet, device);
+at::Tensor Link::receive_eval(std::string_view packet, at::Device device, int64_t max_elements) {
+  return eval_codec().decode(packet, device, max_elements);
 }
 
 std::string Link::send_gradients(const at::Tensor& dh, int64_t step, int64_t micro) {

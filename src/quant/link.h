@@ -75,7 +75,9 @@ class Link {
                                    const std::vector<int64_t>& sample_ids);
   /// Decodes the server's gradient packet (B, T, C) onto `device`; `bits` gets the widths it
   /// travelled with.
-  at::Tensor receive_gradients(std::string_view packet, BitsStats* bits, at::Device device = at::kCPU);
+  /// `max_elements`: the size the receiver expects (a packet declaring more is refused unread).
+  at::Tensor receive_gradients(std::string_view packet, BitsStats* bits, at::Device device = at::kCPU,
+                               int64_t max_elements = kMaxPacketElements);
   /// The gates' bit regulariser for one micro-batch, weighted for `micro_batches` per step
   /// (undefined without gates); `value` gets the unweighted regulariser.
   at::Tensor regularizer(int64_t step, int64_t micro_batches, double* value);
@@ -105,8 +107,10 @@ class Link {
   void follow_backward_schedule(int64_t step);
   double backward_budget() const { return bwd_budget_; }
   /// Decodes a training (or evaluation) activation packet onto `device`.
-  at::Tensor receive_activations(std::string_view packet, at::Device device = at::kCPU);
-  at::Tensor receive_eval(std::string_view packet, at::Device device = at::kCPU);
+  at::Tensor receive_activations(std::string_view packet, at::Device device = at::kCPU,
+                                 int64_t max_elements = kMaxPacketElements);
+  at::Tensor receive_eval(std::string_view packet, at::Device device = at::kCPU,
+                          int64_t max_elements = kMaxPacketElements);
   /// Encodes the gradient dh (B, T, C) of micro-batch `micro` of step `step`; the backward map (AMAQ)
   /// is computed once per optimizer step.
   std::string send_gradients(const at::Tensor& dh, int64_t step, int64_t micro);

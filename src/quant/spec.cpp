@@ -90,6 +90,8 @@ const char* codec_name(CodecId id) {
       return "amaq";
     case CodecId::kAqsgd:
       return "aqsgd";
+    case CodecId::kEcsq:
+      return "ecsq";
   }
   return "?";
 }
@@ -118,6 +120,8 @@ CodecSpec CodecSpec::parse(const std::string& text) {
   } else if (name == "aqsgd") {
     s.codec = CodecId::kAqsgd;
     s.granularity = Granularity::kChannel;
+  } else if (name == "ecsq") {
+    s.codec = CodecId::kEcsq;
   } else {
     bad(text, "unknown codec '" + name + "'");
   }
@@ -129,7 +133,8 @@ CodecSpec CodecSpec::parse(const std::string& text) {
     auto eq = item.find('=');
     if (eq == std::string::npos) bad(text, "'" + item + "' is not key=value");
     std::string k = item.substr(0, eq), v = item.substr(eq + 1);
-    const bool amaq = s.codec == CodecId::kAmaq, affine = s.codec != CodecId::kAqsgd;
+    const bool amaq = s.codec == CodecId::kAmaq, ecsq = s.codec == CodecId::kEcsq,
+               affine = s.codec == CodecId::kFixed || amaq;
     if (k == "bits" && !amaq) {
       s.bits = integer_in(text, k, v, s.codec == CodecId::kAqsgd ? 2 : 1, 8);
     } else if (k == "map" && s.codec == CodecId::kFixed) {
@@ -140,13 +145,13 @@ CodecSpec CodecSpec::parse(const std::string& text) {
       s.granularity = one_of<Granularity>(
           text, k, v,
           {{"token", Granularity::kToken}, {"channel", Granularity::kChannel}, {"group", Granularity::kGroup}});
-    } else if (k == "group" && affine) {
+    } else if (k == "group" && (affine || ecsq)) {
       s.group = integer_in(text, k, v, 1, 1 << 20);
       s.granularity = Granularity::kGroup;
     } else if (k == "round" && !amaq && affine) {
       s.rounding =
           one_of<Rounding>(text, k, v, {{"nearest", Rounding::kNearest}, {"stochastic", Rounding::kStochastic}});
-    } else if (k == "rot" && affine) {
+    } else if (k == "rot" && (affine || ecsq)) {
       s.hadamard = one_of<bool>(text, k, v, {{"none", false}, {"hadamard", true}});
     } else if (k == "ec" && affine) {
       s.entropy = one_of<bool>(text, k, v, {{"none", false}, {"zstd", true}});
@@ -232,6 +237,8 @@ std::string CodecSpec::to_string() const {
                          decay_steps, g);
     case CodecId::kAqsgd:
       return fmt::format("aqsgd:bits={}", bits);
+    case CodecId::kEcsq:
+      return fmt::format("ecsq:bits={}", bits) + (hadamard ? fmt::format(",group={},rot=hadamard", group) : "");
   }
   return "?";
 }
@@ -248,6 +255,7 @@ double CodecSpec::nominal_bits() const {
       }
       return bits;
     case CodecId::kAqsgd:
+    case CodecId::kEcsq:
       return bits;
     case CodecId::kAmaq:
       return budget;  // budget=auto: the one chosen last

@@ -10,6 +10,8 @@
 //                               needs gran=group with a power-of-two group
 //   ec=zstd (fixed, amaq): the codes entropy-coded (quant/entropy.h) where that makes the packet smaller
 //   aqsgd:bits=4
+//   ecsq:bits=4[,rot=hadamard,group=128]   entropy-coded scalar quantization at about `bits` bits per
+//                                         element on Gaussian data (quant/ecsq.h)
 #pragma once
 #include <cstdint>
 #include <string>
@@ -19,7 +21,7 @@
 
 namespace amaq::quant {
 
-enum class CodecId : uint8_t { kNone = 0, kFixed = 1, kAmaq = 2, kAqsgd = 3 };
+enum class CodecId : uint8_t { kNone = 0, kFixed = 1, kAmaq = 2, kAqsgd = 3, kEcsq = 4 };
 enum class WireDtype : uint8_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 /// How AMAQ meets its bit budget.
 enum class BudgetMode : uint8_t {
@@ -31,7 +33,7 @@ enum class BudgetMode : uint8_t {
 struct CodecSpec {
   CodecId codec = CodecId::kNone;
   WireDtype dtype = WireDtype::kF32;  ///< none: the wire dtype
-  int bits = 4;                       ///< fixed, aqsgd
+  int bits = 4;                       ///< fixed, aqsgd; ecsq: the rate aimed at
   // fixed with a per-channel map: the widths (1..8) read from map_path when the spec is parsed.
   std::string map_path;
   int64_t shuffle = -1;  ///< >= 0: the map's widths permuted over the channels with this seed

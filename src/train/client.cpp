@@ -546,7 +546,7 @@ wire::Status ClientTrainer::Run::finish_micro_batch(wire::Channel& ch, InFlight&
     at::Tensor dh;  // (B, T, C)
     const auto c0 = Clock::now();
     try {
-      dh = link_->receive_gradients(bm.packet, &rec->bwd_bits, side_.device());
+      dh = link_->receive_gradients(bm.packet, &rec->bwd_bits, side_.device(), in.value.numel());
       rec->client_codec_seconds += seconds_since(c0);
     } catch (const Error& err) {
       s = wire::Status::Fail(wire::ErrorCode::kBadMessage, err.what());
@@ -586,7 +586,7 @@ wire::Status ClientTrainer::Run::run_tail(wire::Channel& ch, InFlight& in, StepR
     at::Tensor h;
     const auto c0 = Clock::now();
     try {
-      h = tail_link_->receive_activations(tm.packet, side_.device());
+      h = tail_link_->receive_activations(tm.packet, side_.device(), in.value.numel());
     } catch (const Error& err) {
       s = wire::Status::Fail(wire::ErrorCode::kBadMessage, err.what());
       return;
@@ -693,7 +693,7 @@ wire::Status ClientTrainer::Run::score_tail(const wire::Frame& f, const Batch& b
     at::NoGradGuard no_grad;
     at::Tensor h;
     try {
-      h = tail_link_->receive_eval(tm.packet, side_.device());
+      h = tail_link_->receive_eval(tm.packet, side_.device(), b.ids.numel() * model_.hidden_size);
     } catch (const Error& err) {
       s = wire::Status::Fail(wire::ErrorCode::kBadMessage, err.what());
       return;

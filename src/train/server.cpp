@@ -483,9 +483,17 @@ wire::Status TrainServer::Session::decode_inputs(const wire::Frame& f, bool trai
   if (!tail && fm.label_type == wire::LabelType::kNone) return bad("FORWARD/EVAL without labels");
   if (tail && fm.label_type != wire::LabelType::kNone)
     return bad("FORWARD/EVAL with labels in a U-shaped split: the labels stay on the client");
+  // The shape the packet must have, bounded by the run's before anything is decoded (evaluation rows
+  // may be longer: a classification prompt plus its label word).
+  const int64_t max_seq = train ? seq_len_ : std::max<int64_t>(seq_len_, srv_.model_.max_position_embeddings);
+  if (B < 1 || B > batch_ || T < 1 || T > max_seq) {
+    return bad("FORWARD/EVAL of " + std::to_string(B) + " x " + std::to_string(T) + " tokens, beyond the run's " +
+               std::to_string(batch_) + " x " + std::to_string(max_seq));
+  }
   try {
-    in->h = train ? link_->receive_activations(fm.packet, side().device())
-                  : link_->receive_eval(fm.packet, side().device());
+    const int64_t expected = B * T * C;  // ScheduleRequest bounds batch x seq_len; FORWARD's within them
+    in->h = train ? link_->receive_activations(fm.packet, side().device(), expected)
+                  : link_->receive_eval(fm.packet, side().device(), expected);
   } catch (const Error& e) {
     return bad(e.what());
   }
@@ -643,7 +651,7 @@ wire::Status TrainServer::Session::on_forward_tail(const wire::Frame& f) {
       const auto d0 = Clock::now();
       at::Tensor dh;
       try {
-        dh = tail_link_->receive_gradients(tb.packet, nullptr, side().device());
+        dh = tail_link_->receive_gradients(tb.packet, nullptr, side().device(), sent.value.numel());
       } catch (const Error& e) {
         return bad(e.what());
       }

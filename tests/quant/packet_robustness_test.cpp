@@ -35,6 +35,12 @@ std::vector<Case> valid_packets() {
     out.push_back({s, c.encode(y, a).packet});
     EXPECT_TRUE(out.back().packet[7] & kFlagEntropy) << s;
   }
+  // Entropy-coded scalar quantization, plain and rotated.
+  for (const auto& [s, t] :
+       {std::pair<std::string, at::Tensor>{"ecsq:bits=3", x}, {"ecsq:bits=4,rot=hadamard,group=8", y}}) {
+    Codec c(CodecSpec::parse(s));
+    out.push_back({s, c.encode(t).packet});
+  }
   Codec aq(CodecSpec::parse("aqsgd:bits=3"));
   EncodeArgs a;
   a.sample_ids = {1, 2};
@@ -100,6 +106,7 @@ TEST(PacketRobustness, RandomMutationsNeverCrash) {
   std::mt19937_64 rng(1234);
   int refused = 0, accepted = 0;
   for (const auto& [spec, packet] : valid_packets()) {
+    const int64_t elements = Codec(CodecSpec::parse(spec)).decode(packet).numel();
     for (int trial = 0; trial < 400; ++trial) {
       std::string p = packet;
       const int flips = 1 + static_cast<int>(rng() % 4);
@@ -107,8 +114,8 @@ TEST(PacketRobustness, RandomMutationsNeverCrash) {
       if (rng() % 4 == 0) p.resize(rng() % (p.size() + 1));
       Codec c(CodecSpec::parse(spec));
       try {
-        at::Tensor t = c.decode(p);
-        ++accepted;  // a flip in the codes or a range is a different valid packet
+        at::Tensor t = c.decode(p, at::kCPU, elements);  // what a receiver expects
+        ++accepted;                                      // a flip in the codes or a range is a different valid packet
       } catch (const PacketError&) {
         ++refused;
       } catch (const c10::Error& e) {

@@ -1,0 +1,163 @@
+#include "quant/ecsq.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "core/error.h"
+#include "quant/rans.h"
+
+namespace amaq::quant {
+namespace {
+
+constexpr int64_t kChunk = int64_t{1} << 16;  // elements per rANS stream: 8 bytes of overhead each
+constexpr int64_t kMaxCode = int64_t{1} << 24;
+
+int64_t half_table(int bits) {
+  return int64_t{1} << (bits + 1);
+}
+
+// What one chunk of the encoder found: per symbol its count and summed distance from its code (in
+// steps), and the codes it escaped.
+struct ChunkStats {
+  std::vector<uint64_t> counts;
+  std::vector<double> residual;
+  std::vector<int32_t> escapes;
+};
+
+}  // namespace
+
+float ecsq_step(double rms, int bits) {
+  if (!(rms > 0)) return 1.0f;
+  return static_cast<float>(std::sqrt(2 * M_PI * M_E) * rms * std::ldexp(1.0, -bits));
+}
+
+void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* out, float* decoded) {
+  const int64_t K = half_table(bits), symbols = 2 * K + 2, escape = 2 * K + 1;
+  ByteWriter w;
+  w.put<uint32_t>(static_cast<uint32_t>(K));
+  if (n == 0) {
+    out->append(w.str());
+    return;
+  }
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<uint16_t> sym(static_cast<size_t>(n));
+  std::vector<ChunkStats> stats(static_cast<size_t>(chunks));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      ChunkStats& st = stats[c];
+      st.counts.assign(symbols, 0);
+      st.residual.assign(symbols - 1, 0.0);
+      for (int64_t i = c * kChunk, end = std::min(n, (c + 1) * kChunk); i < end; ++i) {
+        const float q = x[i] / step;
+        const float r = std::nearbyint(q);  // half to even
+        if (!(std::fabs(r) <= static_cast<float>(kMaxCode)))
+          throw Error("ecsq: a value is " + std::to_string(q) + " steps from zero", "the step is far too small for this tensor");
+        const auto k = static_cast<int64_t>(r);
+        if (k < -K || k > K) {
+          sym[i] = static_cast<uint16_t>(escape);
+          st.escapes.push_back(static_cast<int32_t>(k));
+        } else {
+          sym[i] = static_cast<uint16_t>(k + K);
+          st.residual[k + K] += static_cast<double>(q) - static_cast<double>(k);
+        }
+        ++st.counts[sym[i]];
+      }
+    }
+  });
+  std::vector<uint64_t> counts(symbols, 0);
+  std::vector<double> residual(symbols - 1, 0.0);
+  for (const ChunkStats& st : stats) {
+    for (int64_t s = 0; s < symbols; ++s) counts[s] += st.counts[s];
+    for (int64_t s = 0; s + 1 < symbols; ++s) residual[s] += st.residual[s];
+  }
+  // Each code's level: the mean of what rounded to it (within half a step of the code by construction;
+  // clamped so that float rounding of x / step cannot put it outside).
+  std::vector<float> level(symbols - 1);
+  for (int64_t s = 0; s + 1 < symbols; ++s) {
+    const double k = static_cast<double>(s - K);
+    const double mean = counts[s] ? residual[s] / static_cast<double>(counts[s]) : 0.0;
+    level[s] = static_cast<float>(k + std::clamp(mean, -0.5, 0.5));
+  }
+  const std::vector<uint16_t> freqs = rans::normalize(counts);
+  std::vector<std::string> streams(static_cast<size_t>(chunks));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t begin = c * kChunk, end = std::min(n, (c + 1) * kChunk);
+      rans::encode(sym.data() + begin, static_cast<size_t>(end - begin), freqs, &streams[c]);
+      if (!decoded) continue;
+      size_t e = 0;
+      for (int64_t i = begin; i < end; ++i) {
+        decoded[i] = sym[i] == escape ? step * static_cast<float>(stats[c].escapes[e++]) : step * level[sym[i]];
+      }
+    }
+  });
+  w.append(level.data(), level.size() * sizeof(float));
+  w.append(freqs.data(), freqs.size() * sizeof(uint16_t));
+  w.put<uint32_t>(static_cast<uint32_t>(kChunk));
+  for (int64_t c = 0; c < chunks; ++c) {
+    w.put<uint32_t>(static_cast<uint32_t>(stats[c].escapes.size()));
+    w.put<uint32_t>(static_cast<uint32_t>(streams[c].size()));
+  }
+  for (const ChunkStats& st : stats) w.append(st.escapes.data(), st.escapes.size() * sizeof(int32_t));
+  for (const std::string& s : streams) w.append(s.data(), s.size());
+  out->append(w.str());
+}
+
+void ecsq_decode(ByteReader& r, int64_t n, float step, int bits, float* out) {
+  if (bits < 1 || bits > 8) throw PacketError("ecsq target of " + std::to_string(bits) + " bits, not 1..8");
+  const int64_t K = r.get<uint32_t>("ecsq table size");
+  if (K != half_table(bits))
+    throw PacketError("ecsq table of " + std::to_string(K) + " codes a side, expected " + std::to_string(half_table(bits)));
+  if (n == 0) return;
+  const int64_t symbols = 2 * K + 2, escape = 2 * K + 1;
+  std::vector<float> level(symbols - 1);
+  std::memcpy(level.data(), r.take(level.size() * sizeof(float), "ecsq levels"), level.size() * sizeof(float));
+  for (int64_t s = 0; s + 1 < symbols; ++s) {
+    const float k = static_cast<float>(s - K);
+    if (!(std::fabs(level[s] - k) <= 0.5f)) throw PacketError("ecsq level of code " + std::to_string(s - K) + " is not within half a step of it");
+  }
+  std::vector<uint16_t> freqs(symbols);
+  std::memcpy(freqs.data(), r.take(freqs.size() * sizeof(uint16_t), "ecsq frequencies"), freqs.size() * sizeof(uint16_t));
+  const rans::Decoder dec(freqs);
+  const int64_t chunk = r.get<uint32_t>("ecsq chunk");
+  if (chunk < 1) throw PacketError("ecsq chunk of 0 elements");
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  // Where each chunk's escapes and stream start (the sizes are checked against what is there).
+  std::vector<uint64_t> esc_at(chunks + 1, 0), bytes_at(chunks + 1, 0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    esc_at[c + 1] = esc_at[c] + r.get<uint32_t>("ecsq chunk escapes");
+    bytes_at[c + 1] = bytes_at[c] + r.get<uint32_t>("ecsq chunk bytes");
+  }
+  if (esc_at[chunks] > static_cast<uint64_t>(n)) throw PacketError("more ecsq escapes than elements");
+  std::vector<int32_t> esc(esc_at[chunks]);
+  std::memcpy(esc.data(), r.take(esc.size() * sizeof(int32_t), "ecsq escapes"), esc.size() * sizeof(int32_t));
+  for (int32_t k : esc) {
+    if ((k >= -K && k <= K) || k < -kMaxCode || k > kMaxCode)
+      throw PacketError("escaped ecsq code " + std::to_string(k) + " is in the table or too large");
+  }
+  const auto* streams = reinterpret_cast<const char*>(r.take(bytes_at[chunks], "ecsq streams"));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<uint16_t> sym(static_cast<size_t>(std::min(chunk, n)));
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t begin = c * chunk, len = std::min(n, begin + chunk) - begin;
+      dec.decode(std::string_view(streams + bytes_at[c], bytes_at[c + 1] - bytes_at[c]), sym.data(),
+                 static_cast<size_t>(len));
+      uint64_t e = esc_at[c];
+      for (int64_t i = 0; i < len; ++i) {
+        if (sym[i] == escape) {
+          if (e == esc_at[c + 1]) throw PacketError("an ecsq chunk has more escapes than it declares");
+          out[begin + i] = step * static_cast<float>(esc[e++]);
+        } else {
+          out[begin + i] = step * level[sym[i]];
+        }
+      }
+      if (e != esc_at[c + 1]) throw PacketError("an ecsq chunk has fewer escapes than it declares");
+    }
+  });
+}
+
+}  // namespace amaq::quant

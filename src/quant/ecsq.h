@@ -1,0 +1,39 @@
+// Entropy-coded scalar quantization (`ecsq:bits=B[,rot=hadamard,group=G]`): the codec that comes
+// closest to the rate-distortion bound. One uniform step for the whole tensor, no range: a Gaussian
+// costs about B bits per element after entropy coding. Tokens of other scales need no range of
+// their own: entropy-coded, a uniform step gives every element the same error and spends the bits
+// where the values are large, which at high rate minimises the mean squared error for the rate
+// (Gish and Pierce). Each level is reconstructed at the mean of the values
+// that rounded to it (MSE-optimal, non-uniform reconstruction points: Lloyd's centroid condition for
+// these cells), and the codes are range-ANS coded (rans.h) with one table per packet. What is left
+// above the Gaussian bound is the uniform quantizer's own 0.25 bit (docs/amaq.md).
+//
+// Body (after the packet header, whose `scale` is the step and `bits` the target, and the dims):
+//   u32 K = 2^(bits+1)                      codes in [-K, K] are table symbols, others escaped
+//   (2K + 1) x f32 levels                   in steps, for codes -K..K; within half a step of the code
+//   (2K + 2) x u16 frequencies              rANS table (the last symbol is the escape), summing to 2^15
+//   u32 chunk                               elements per independently coded chunk
+//   chunks x (u32 escapes, u32 bytes)       per chunk
+//   escapes x i32                           the escaped codes, in order
+//   the chunks' rANS streams, one after another
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "quant/packet.h"
+
+namespace amaq::quant {
+
+/// The step at which N(0, rms^2) costs about `bits` bits per element: sqrt(2 pi e) * rms * 2^-bits
+/// (1 for rms 0).
+float ecsq_step(double rms, int bits);
+
+/// Quantizes x[0, n) with `step` (codes round-half-even of x / step), appends the body to `out` and,
+/// unless null, writes to `decoded` exactly what ecsq_decode will return. Multi-threaded.
+void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* out, float* decoded);
+
+/// Reads a body of n elements coded with `step` and `bits` into out[0, n); every field is checked
+/// first (PacketError names what is wrong).
+void ecsq_decode(ByteReader& r, int64_t n, float step, int bits, float* out);
+
+}  // namespace amaq::quant
