@@ -193,7 +193,9 @@ const char* kCodecs[] = {"none:bf16",
                          "fixed:bits=4,group=128,ec=zstd",
                          "fixed:bits=4,gran=token",
                          "amaq:budget=4,group=128",
-                         "aqsgd:bits=4"};
+                         "aqsgd:bits=4",
+                         "ecsq:bits=4",
+                         "ecsq:bits=3"};
 
 int register_all() {
   benchmark::RegisterBenchmark("memcpy", BM_Memcpy)->Unit(benchmark::kMillisecond)->UseRealTime();

@@ -227,7 +227,8 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
   }
 
   if (spec_.hadamard && e.decoded.defined())
-    e.decoded = block_hadamard(e.decoded, spec_.group).to(x_in.scalar_type()).view(x_in.sizes());
+    block_hadamard_(e.decoded, spec_.group);  // in place where it can: this copy is the codec's own
+  e.decoded = e.decoded.to(x_in.scalar_type()).view(x_in.sizes());
 
   ByteWriter w;
   PacketHeader h;
@@ -496,8 +497,10 @@ at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std:
   const bool rotated = h.flags & kFlagHadamard;
   if (rotated && (layout.granularity != Granularity::kGroup || !is_power_of_two(layout.group) || C % layout.group))
     throw PacketError("a Hadamard-rotated packet needs power-of-two range groups that divide the channels");
-  const auto unrotate = [&](const at::Tensor& t) {
-    return rotated ? block_hadamard(t, layout.group).to(out_type).view(shape) : t.view(shape);
+  const auto unrotate = [&](at::Tensor t) {  // t: this decode's own tensor, rotated back in place
+    if (!rotated) return t.view(shape);
+    block_hadamard_(t, layout.group);
+    return t.to(out_type).view(shape);
   };
   const bool coded = h.flags & kFlagEntropy;
   if (device.is_cuda() && !coded) {
@@ -612,7 +615,7 @@ Encoded Codec::encode_ecsq(const at::Tensor& x_in, const EncodeArgs& args) {
   at::Tensor x = x_in.to(at::kCPU, at::kFloat);
   if (spec_.hadamard) x = block_hadamard(x, spec_.group);
   x = x.contiguous();
-  const double rms = x.numel() ? std::sqrt(x.to(at::kDouble).pow(2).mean().item<double>()) : 0.0;
+  const double rms = ecsq_rms(x.data_ptr<float>(), x.numel());
   PacketHeader h;
   h.codec = static_cast<uint8_t>(CodecId::kEcsq);
   h.dtype = static_cast<uint8_t>(to_wire(x_in.scalar_type()));
@@ -625,7 +628,7 @@ Encoded Codec::encode_ecsq(const at::Tensor& x_in, const EncodeArgs& args) {
   at::Tensor deq = at::empty(x.sizes(), at::kFloat);
   ecsq_encode(x.data_ptr<float>(), x.numel(), h.scale, spec_.bits, &w.str(), deq.data_ptr<float>());
   e.packet = std::move(w.str());
-  if (spec_.hadamard) deq = block_hadamard(deq, spec_.group);
+  if (spec_.hadamard) block_hadamard_(deq, spec_.group);
   if (args.want_decoded) e.decoded = deq.to(x_in.device(), x_in.scalar_type()).view(x_in.sizes());
   e.bits = at::full({C}, spec_.bits, at::kByte);
   if (spec_.hadamard) e.rotation_block = spec_.group;
@@ -641,7 +644,7 @@ at::Tensor Codec::decode_ecsq(ByteReader& r, const PacketHeader& h, const std::v
                       std::to_string(C));
   at::Tensor out = at::empty(shape, at::kFloat);
   ecsq_decode(r, out.numel(), h.scale, h.bits, out.data_ptr<float>());
-  if (rotated) out = block_hadamard(out, h.group);
+  if (rotated) block_hadamard_(out, h.group);
   return out.to(device, to_scalar(static_cast<WireDtype>(h.dtype)));
 }
 

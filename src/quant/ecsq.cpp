@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "core/error.h"
@@ -35,36 +36,56 @@ float ecsq_step(double rms, int bits) {
   return static_cast<float>(std::sqrt(2 * M_PI * M_E) * rms * std::ldexp(1.0, -bits));
 }
 
+double ecsq_rms(const float* x, int64_t n) {
+  if (n == 0) return 0;
+  const double sum = at::parallel_reduce(
+      0, n, kChunk, 0.0,
+      [&](int64_t b, int64_t e, double acc) {
+        float part = 0;  // a chunk's squares in fp32 (vectorised), chunks summed in fp64
+        for (int64_t i = b; i < e; ++i) part += x[i] * x[i];
+        return acc + part;
+      },
+      std::plus<double>());
+  return std::sqrt(sum / static_cast<double>(n));
+}
+
 void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* out, float* decoded) {
   const int64_t K = half_table(bits), symbols = 2 * K + 2, escape = 2 * K + 1;
+  const size_t at = out->size();
   ByteWriter w;
   w.put<uint32_t>(static_cast<uint32_t>(K));
   if (n == 0) {
     out->append(w.str());
     return;
   }
+  // The codes of a chunk: round half to even of x / step, a table symbol or the escape. Computed once
+  // for the statistics and again, chunk by chunk in cache, while coding.
+  auto codes = [&](int64_t c, uint16_t* sym, std::vector<int32_t>* escapes) {
+    for (int64_t i = c * kChunk, end = std::min(n, (c + 1) * kChunk), j = 0; i < end; ++i, ++j) {
+      const float r = std::nearbyint(x[i] / step);
+      if (!(std::fabs(r) <= static_cast<float>(kMaxCode)))
+        throw Error("ecsq: a value is " + std::to_string(x[i] / step) + " steps from zero",
+                    "the step is far too small for this tensor");
+      const auto k = static_cast<int64_t>(r);
+      const bool escaped = k < -K || k > K;
+      sym[j] = static_cast<uint16_t>(escaped ? escape : k + K);
+      if (escaped && escapes) escapes->push_back(static_cast<int32_t>(k));
+    }
+  };
   const int64_t chunks = (n + kChunk - 1) / kChunk;
-  std::vector<uint16_t> sym(static_cast<size_t>(n));
   std::vector<ChunkStats> stats(static_cast<size_t>(chunks));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<uint16_t> sym(static_cast<size_t>(std::min(kChunk, n)));
     for (int64_t c = c0; c < c1; ++c) {
       ChunkStats& st = stats[c];
       st.counts.assign(symbols, 0);
       st.residual.assign(symbols - 1, 0.0);
-      for (int64_t i = c * kChunk, end = std::min(n, (c + 1) * kChunk); i < end; ++i) {
-        const float q = x[i] / step;
-        const float r = std::nearbyint(q);  // half to even
-        if (!(std::fabs(r) <= static_cast<float>(kMaxCode)))
-          throw Error("ecsq: a value is " + std::to_string(q) + " steps from zero", "the step is far too small for this tensor");
-        const auto k = static_cast<int64_t>(r);
-        if (k < -K || k > K) {
-          sym[i] = static_cast<uint16_t>(escape);
-          st.escapes.push_back(static_cast<int32_t>(k));
-        } else {
-          sym[i] = static_cast<uint16_t>(k + K);
-          st.residual[k + K] += static_cast<double>(q) - static_cast<double>(k);
-        }
-        ++st.counts[sym[i]];
+      codes(c, sym.data(), &st.escapes);
+      const float* xc = x + c * kChunk;
+      for (int64_t j = 0, len = std::min(n - c * kChunk, kChunk); j < len; ++j) {
+        ++st.counts[sym[j]];
+        if (sym[j] != escape)
+          st.residual[sym[j]] += static_cast<double>(xc[j] / step) - static_cast<double>(sym[j] - K);
       }
     }
   });
@@ -85,43 +106,52 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
   const std::vector<uint16_t> freqs = rans::normalize(counts);
   std::vector<std::string> streams(static_cast<size_t>(chunks));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<uint16_t> sym(static_cast<size_t>(std::min(kChunk, n)));
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t begin = c * kChunk, end = std::min(n, (c + 1) * kChunk);
-      rans::encode(sym.data() + begin, static_cast<size_t>(end - begin), freqs, &streams[c]);
+      const int64_t begin = c * kChunk, len = std::min(n - begin, kChunk);
+      codes(c, sym.data(), nullptr);
+      rans::encode(sym.data(), static_cast<size_t>(len), freqs, &streams[c]);
       if (!decoded) continue;
       size_t e = 0;
-      for (int64_t i = begin; i < end; ++i) {
-        decoded[i] = sym[i] == escape ? step * static_cast<float>(stats[c].escapes[e++]) : step * level[sym[i]];
+      for (int64_t j = 0; j < len; ++j) {
+        decoded[begin + j] = sym[j] == escape ? step * static_cast<float>(stats[c].escapes[e++]) : step * level[sym[j]];
       }
     }
   });
   w.append(level.data(), level.size() * sizeof(float));
   w.append(freqs.data(), freqs.size() * sizeof(uint16_t));
   w.put<uint32_t>(static_cast<uint32_t>(kChunk));
+  size_t total = 0;
   for (int64_t c = 0; c < chunks; ++c) {
     w.put<uint32_t>(static_cast<uint32_t>(stats[c].escapes.size()));
     w.put<uint32_t>(static_cast<uint32_t>(streams[c].size()));
+    total += streams[c].size() + stats[c].escapes.size() * sizeof(int32_t);
   }
-  for (const ChunkStats& st : stats) w.append(st.escapes.data(), st.escapes.size() * sizeof(int32_t));
-  for (const std::string& s : streams) w.append(s.data(), s.size());
+  out->reserve(at + w.str().size() + total);
   out->append(w.str());
+  for (const ChunkStats& st : stats)
+    out->append(reinterpret_cast<const char*>(st.escapes.data()), st.escapes.size() * sizeof(int32_t));
+  for (const std::string& s : streams) out->append(s);
 }
 
 void ecsq_decode(ByteReader& r, int64_t n, float step, int bits, float* out) {
   if (bits < 1 || bits > 8) throw PacketError("ecsq target of " + std::to_string(bits) + " bits, not 1..8");
   const int64_t K = r.get<uint32_t>("ecsq table size");
   if (K != half_table(bits))
-    throw PacketError("ecsq table of " + std::to_string(K) + " codes a side, expected " + std::to_string(half_table(bits)));
+    throw PacketError("ecsq table of " + std::to_string(K) + " codes a side, expected " +
+                      std::to_string(half_table(bits)));
   if (n == 0) return;
   const int64_t symbols = 2 * K + 2, escape = 2 * K + 1;
   std::vector<float> level(symbols - 1);
   std::memcpy(level.data(), r.take(level.size() * sizeof(float), "ecsq levels"), level.size() * sizeof(float));
   for (int64_t s = 0; s + 1 < symbols; ++s) {
     const float k = static_cast<float>(s - K);
-    if (!(std::fabs(level[s] - k) <= 0.5f)) throw PacketError("ecsq level of code " + std::to_string(s - K) + " is not within half a step of it");
+    if (!(std::fabs(level[s] - k) <= 0.5f))
+      throw PacketError("ecsq level of code " + std::to_string(s - K) + " is not within half a step of it");
   }
   std::vector<uint16_t> freqs(symbols);
-  std::memcpy(freqs.data(), r.take(freqs.size() * sizeof(uint16_t), "ecsq frequencies"), freqs.size() * sizeof(uint16_t));
+  std::memcpy(freqs.data(), r.take(freqs.size() * sizeof(uint16_t), "ecsq frequencies"),
+              freqs.size() * sizeof(uint16_t));
   const rans::Decoder dec(freqs);
   const int64_t chunk = r.get<uint32_t>("ecsq chunk");
   if (chunk < 1) throw PacketError("ecsq chunk of 0 elements");
@@ -134,7 +164,8 @@ void ecsq_decode(ByteReader& r, int64_t n, float step, int bits, float* out) {
   }
   if (esc_at[chunks] > static_cast<uint64_t>(n)) throw PacketError("more ecsq escapes than elements");
   std::vector<int32_t> esc(esc_at[chunks]);
-  std::memcpy(esc.data(), r.take(esc.size() * sizeof(int32_t), "ecsq escapes"), esc.size() * sizeof(int32_t));
+  const uint8_t* esc_bytes = r.take(esc.size() * sizeof(int32_t), "ecsq escapes");
+  if (!esc.empty()) std::memcpy(esc.data(), esc_bytes, esc.size() * sizeof(int32_t));
   for (int32_t k : esc) {
     if ((k >= -K && k <= K) || k < -kMaxCode || k > kMaxCode)
       throw PacketError("escaped ecsq code " + std::to_string(k) + " is in the table or too large");

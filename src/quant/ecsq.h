@@ -28,6 +28,9 @@ namespace amaq::quant {
 /// (1 for rms 0).
 float ecsq_step(double rms, int bits);
 
+/// The root mean square of x[0, n) (0 for none). Multi-threaded.
+double ecsq_rms(const float* x, int64_t n);
+
 /// Quantizes x[0, n) with `step` (codes round-half-even of x / step), appends the body to `out` and,
 /// unless null, writes to `decoded` exactly what ecsq_decode will return. Multi-threaded.
 void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* out, float* decoded);

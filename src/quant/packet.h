@@ -12,6 +12,7 @@
 //                   or, with kFlagEntropy: u32 size, then per width present a u32 size and a zstd
 //                   frame of that width's codes (entropy.h)
 //   raw values      numel in `dtype`                    none
+//   [ecsq body]     levels, rANS table and streams       ecsq (ecsq.h; `scale` is its step)
 //
 // A reader distrusts every field: magic, version, codec, dtype, dims (product bounded), bit-widths
 // in 1..8, finite scales, and a total length that must equal what the fields imply.

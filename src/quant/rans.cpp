@@ -1,6 +1,7 @@
 #include "quant/rans.h"
 
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 
 #include "quant/packet.h"
@@ -8,7 +9,8 @@
 namespace amaq::quant::rans {
 namespace {
 
-constexpr uint32_t kLow = 1u << 23;  // the state stays in [kLow, 256 * kLow) between symbols
+constexpr uint32_t kLow = 1u << 23;  // a state stays in [kLow, 256 * kLow) between symbols
+constexpr int kStates = 4;           // interleaved states (symbol i uses state i % 4)
 
 }  // namespace
 
@@ -48,31 +50,88 @@ std::vector<uint16_t> normalize(const std::vector<uint64_t>& counts) {
 }
 
 void check_frequencies(const std::vector<uint16_t>& freqs) {
-  if (freqs.empty() || freqs.size() > 65535) throw PacketError("entropy table of " + std::to_string(freqs.size()) + " symbols");
+  if (freqs.empty() || freqs.size() > 65535)
+    throw PacketError("entropy table of " + std::to_string(freqs.size()) + " symbols");
   uint64_t sum = 0;
   for (uint16_t f : freqs) sum += f;
   if (sum != kProbScale)
     throw PacketError("entropy table sums to " + std::to_string(sum) + ", not " + std::to_string(kProbScale));
 }
 
-void encode(const uint16_t* symbols, size_t n, const std::vector<uint16_t>& freqs, std::string* out) {
-  std::vector<uint32_t> start(freqs.size() + 1, 0);
-  for (size_t s = 0; s < freqs.size(); ++s) start[s + 1] = start[s] + freqs[s];
-  // Written back to front (the decoder reads front to back), then reversed into place.
-  std::string rev;
-  rev.reserve(n / 2 + 16);
-  uint32_t x = kLow;
-  for (size_t i = n; i-- > 0;) {
-    const uint32_t f = freqs[symbols[i]], c = start[symbols[i]];
-    const uint32_t x_max = ((kLow >> kProbBits) << 8) * f;
-    while (x >= x_max) {
-      rev.push_back(static_cast<char>(x & 0xff));
-      x >>= 8;
-    }
-    x = ((x / f) << kProbBits) + (x % f) + c;
+namespace {
+
+// Dividing the state by a symbol's frequency is the encoder's cost: it multiplies by a rounded-up
+// reciprocal instead (Alverson's exact integer division by an invariant), which gives x / f exactly
+// for every 32-bit x. A frequency of 1 (the reciprocal would need 33 bits) folds the division into
+// the bias: x / 1 = x, x % 1 = 0.
+struct EncSymbol {
+  uint32_t x_max = 0, rcp = 0, bias = 0, cmpl = 0;
+  int shift = 0;
+};
+
+EncSymbol enc_symbol(uint32_t start, uint32_t freq) {
+  EncSymbol e;
+  e.x_max = ((kLow >> kProbBits) << 8) * freq;
+  e.cmpl = kProbScale - freq;
+  if (freq == 1) {
+    e.rcp = ~0u;
+    e.shift = 0;
+    e.bias = start + kProbScale - 1;
+    return e;
   }
-  for (int shift = 24; shift >= 0; shift -= 8) rev.push_back(static_cast<char>((x >> shift) & 0xff));
-  out->append(rev.rbegin(), rev.rend());
+  int shift = 0;
+  while (freq > (1u << shift)) ++shift;
+  e.rcp = static_cast<uint32_t>(((uint64_t{1} << (shift + 31)) + freq - 1) / freq);
+  e.shift = shift - 1;
+  e.bias = start;
+  return e;
+}
+
+}  // namespace
+
+void encode(const uint16_t* symbols, size_t n, const std::vector<uint16_t>& freqs, std::string* out) {
+  std::vector<EncSymbol> table(freqs.size());
+  for (uint32_t s = 0, c = 0; s < freqs.size(); c += freqs[s], ++s)
+    if (freqs[s]) table[s] = enc_symbol(c, freqs[s]);
+  // Written back to front into room for the worst case (two bytes a symbol: a state grows by at most
+  // 15 bits per symbol), since the decoder reads front to back. Symbol i goes through state
+  // i % kStates: independent chains the decoder can overlap.
+  const size_t room = 2 * n + 4 * kStates;
+  const size_t at = out->size();
+  out->resize(at + room);
+  auto* const first = reinterpret_cast<uint8_t*>(out->data() + at);
+  uint8_t* p = first + room;
+  auto put = [&](uint32_t & xs, uint16_t sym) __attribute__((always_inline)) {
+    const EncSymbol& e = table[sym];
+    while (xs >= e.x_max) {
+      *--p = static_cast<uint8_t>(xs & 0xff);
+      xs >>= 8;
+    }
+    const auto q = static_cast<uint32_t>((static_cast<uint64_t>(xs) * e.rcp) >> 32) >> e.shift;
+    xs += e.bias + q * e.cmpl;
+  };
+  uint32_t x[kStates] = {kLow, kLow, kLow, kLow};
+  static_assert(kStates == 4, "the loops below are written for four states");
+  size_t i = n;
+  while (i % kStates != 0) {  // the last, incomplete group first: backwards, as everything
+    --i;
+    put(x[i % kStates], symbols[i]);
+  }
+  uint32_t x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
+  for (; i >= 4; i -= 4) {
+    put(x3, symbols[i - 1]);
+    put(x2, symbols[i - 2]);
+    put(x1, symbols[i - 3]);
+    put(x0, symbols[i - 4]);
+  }
+  x[0] = x0, x[1] = x1, x[2] = x2, x[3] = x3;
+  for (int k = kStates - 1; k >= 0; --k) {
+    p -= 4;
+    for (int b = 0; b < 4; ++b) p[b] = static_cast<uint8_t>(x[k] >> (8 * b));
+  }
+  const auto used = static_cast<size_t>(first + room - p);
+  std::memmove(first, p, used);
+  out->resize(at + used);
 }
 
 Decoder::Decoder(const std::vector<uint16_t>& freqs) : freq_(freqs), start_(freqs.size()), symbol_of_slot_(kProbScale) {
@@ -86,22 +145,42 @@ Decoder::Decoder(const std::vector<uint16_t>& freqs) : freq_(freqs), start_(freq
 }
 
 void Decoder::decode(std::string_view bytes, uint16_t* out, size_t n) const {
-  if (bytes.size() < 4) throw PacketError("entropy-coded stream of " + std::to_string(bytes.size()) + " bytes");
+  if (bytes.size() < 4 * kStates)
+    throw PacketError("entropy-coded stream of " + std::to_string(bytes.size()) + " bytes");
   const auto* p = reinterpret_cast<const uint8_t*>(bytes.data());
   const uint8_t* end = p + bytes.size();
-  uint32_t x = uint32_t{p[0]} | uint32_t{p[1]} << 8 | uint32_t{p[2]} << 16 | uint32_t{p[3]} << 24;
-  p += 4;
-  for (size_t i = 0; i < n; ++i) {
-    const uint32_t slot = x & (kProbScale - 1);
-    const uint16_t s = symbol_of_slot_[slot];
+  uint32_t x[kStates];
+  for (int k = 0; k < kStates; ++k, p += 4)
+    x[k] = uint32_t{p[0]} | uint32_t{p[1]} << 8 | uint32_t{p[2]} << 16 | uint32_t{p[3]} << 24;
+  const uint16_t* sym_of = symbol_of_slot_.data();
+  const uint16_t *freq = freq_.data(), *start = start_.data();
+  // One symbol through one state. The four states are separate locals (not x[i % 4], which the
+  // compiler keeps in memory) so their dependency chains overlap.
+  auto step = [&](uint32_t & xs, size_t i) __attribute__((always_inline)) {
+    const uint32_t slot = xs & (kProbScale - 1);
+    const uint16_t s = sym_of[slot];
     out[i] = s;
-    x = freq_[s] * (x >> kProbBits) + slot - start_[s];
-    while (x < kLow) {
+    xs = freq[s] * (xs >> kProbBits) + slot - start[s];
+    while (xs < kLow) {
       if (p == end) throw PacketError("entropy-coded stream ends early");
-      x = (x << 8) | *p++;
+      xs = (xs << 8) | *p++;
     }
+  };
+  uint32_t x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    step(x0, i);
+    step(x1, i + 1);
+    step(x2, i + 2);
+    step(x3, i + 3);
   }
-  if (p != end || x != kLow) throw PacketError("entropy-coded stream does not end where it should (corrupted?)");
+  if (i < n) step(x0, i++);
+  if (i < n) step(x1, i++);
+  if (i < n) step(x2, i++);
+  x[0] = x0, x[1] = x1, x[2] = x2, x[3] = x3;
+  for (int k = 0; k < kStates; ++k)
+    if (x[k] != kLow) throw PacketError("entropy-coded stream does not end where it should (corrupted?)");
+  if (p != end) throw PacketError("entropy-coded stream does not end where it should (corrupted?)");
 }
 
 }  // namespace amaq::quant::rans

@@ -23,18 +23,27 @@ float norm_of(int64_t block) {
 
 }  // namespace
 
-at::Tensor block_hadamard(const at::Tensor& x, int64_t block) {
-  if (!x.device().is_cpu()) return block_hadamard_ops(x, block);
-  check_block(x, block);
-  // On the CPU each block is transformed where it sits, all its passes while it is in cache: the same
-  // additions in the same order as block_hadamard_ops, so the same bits.
-  at::Tensor y = x.to(at::kFloat).contiguous().clone();
-  float* p = y.data_ptr<float>();
+namespace {
+
+// The transform of `blocks` runs of `block` floats from src into dst (which may be src), each block's
+// passes while it is in cache: the first pass reads src, the others work in place. The same
+// additions in the same order as block_hadamard_ops, so the same bits.
+void hadamard_blocks(const float* src, float* dst, int64_t blocks, int64_t block) {
   const float norm = norm_of(block);
-  at::parallel_for(0, y.numel() / block, 64, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      float* v = p + b * block;
-      for (int64_t h = 1; h < block; h *= 2) {
+      const float* s = src + b * block;
+      float* v = dst + b * block;
+      if (block == 1) {
+        v[0] = s[0] * norm;
+        continue;
+      }
+      for (int64_t j = 0; j < block; j += 2) {
+        const float a = s[j], c = s[j + 1];
+        v[j] = a + c;
+        v[j + 1] = a - c;
+      }
+      for (int64_t h = 2; h < block; h *= 2) {
         for (int64_t i = 0; i < block; i += 2 * h) {
           for (int64_t j = i; j < i + h; ++j) {
             const float a = v[j], c = v[j + h];
@@ -46,7 +55,26 @@ at::Tensor block_hadamard(const at::Tensor& x, int64_t block) {
       for (int64_t j = 0; j < block; ++j) v[j] *= norm;
     }
   });
+}
+
+}  // namespace
+
+at::Tensor block_hadamard(const at::Tensor& x, int64_t block) {
+  if (!x.device().is_cpu()) return block_hadamard_ops(x, block);
+  check_block(x, block);
+  const at::Tensor src = x.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty(src.sizes(), src.options());
+  hadamard_blocks(src.data_ptr<float>(), y.data_ptr<float>(), y.numel() / block, block);
   return y.view(x.sizes());
+}
+
+void block_hadamard_(at::Tensor& y, int64_t block) {
+  if (!y.device().is_cpu() || y.scalar_type() != at::kFloat || !y.is_contiguous()) {
+    y = block_hadamard(y, block);
+    return;
+  }
+  check_block(y, block);
+  hadamard_blocks(y.data_ptr<float>(), y.data_ptr<float>(), y.numel() / block, block);
 }
 
 at::Tensor block_hadamard_ops(const at::Tensor& x, int64_t block) {

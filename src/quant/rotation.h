@@ -14,6 +14,10 @@ namespace amaq::quant {
 /// keeps each block in cache; elsewhere block_hadamard_ops. Both give the same bits.
 at::Tensor block_hadamard(const at::Tensor& x, int64_t block);
 
+/// The same in place where y is contiguous fp32 on the CPU (else y becomes block_hadamard(y)): for a
+/// tensor the caller owns, such as a decoded one, without a copy.
+void block_hadamard_(at::Tensor& y, int64_t block);
+
 /// The same as log2(block) butterfly passes of tensor ops (any device; CUDA uses it).
 at::Tensor block_hadamard_ops(const at::Tensor& x, int64_t block);
 
