@@ -226,9 +226,10 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
     code_bytes = packed_bytes(e.layout.rows, bits);  // packed below, unless entropy coding wins
   }
 
-  if (spec_.hadamard && e.decoded.defined())
+  if (spec_.hadamard && e.decoded.defined()) {
     block_hadamard_(e.decoded, spec_.group);  // in place where it can: this copy is the codec's own
-  e.decoded = e.decoded.to(x_in.scalar_type()).view(x_in.sizes());
+    e.decoded = e.decoded.to(x_in.scalar_type()).view(x_in.sizes());
+  }
 
   ByteWriter w;
   PacketHeader h;

@@ -1,6 +1,7 @@
 #include "quant/ecsq.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -16,6 +17,11 @@ namespace {
 
 constexpr int64_t kChunk = int64_t{1} << 16;  // elements per rANS stream: 8 bytes of overhead each
 constexpr int64_t kMaxCode = int64_t{1} << 24;
+
+// A code's reconstruction: the code plus its offset (fp16, within half a step), in steps.
+float level_of(int64_t code, c10::Half offset) {
+  return static_cast<float>(code) + static_cast<float>(offset);
+}
 
 int64_t half_table(int bits) {
   return int64_t{1} << (bits + 1);
@@ -97,13 +103,19 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
   }
   // Each code's level: the mean of what rounded to it (within half a step of the code by construction;
   // clamped so that float rounding of x / step cannot put it outside).
-  std::vector<float> level(symbols - 1);
-  for (int64_t s = 0; s + 1 < symbols; ++s) {
-    const double k = static_cast<double>(s - K);
-    const double mean = counts[s] ? residual[s] / static_cast<double>(counts[s]) : 0.0;
-    level[s] = static_cast<float>(k + std::clamp(mean, -0.5, 0.5));
-  }
+  // The offsets travel as fp16, so the sender decodes with the rounded ones too.
   const std::vector<uint16_t> freqs = rans::normalize(counts);
+  std::vector<float> level(symbols - 1);
+  std::vector<c10::Half> offset(symbols - 1, c10::Half(0.0f));
+  int64_t lo = 0, hi = -1;  // the table symbols in use: [lo, hi]
+  for (int64_t s = 0; s + 1 < symbols; ++s) {
+    const double mean = counts[s] ? residual[s] / static_cast<double>(counts[s]) : 0.0;
+    offset[s] = c10::Half(static_cast<float>(std::clamp(mean, -0.5, 0.5)));
+    level[s] = level_of(s - K, offset[s]);
+    if (freqs[s] == 0) continue;
+    if (hi < lo) lo = s;
+    hi = s;
+  }
   std::vector<std::string> streams(static_cast<size_t>(chunks));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<uint16_t> sym(static_cast<size_t>(std::min(kChunk, n)));
@@ -118,8 +130,12 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
       }
     }
   });
-  w.append(level.data(), level.size() * sizeof(float));
-  w.append(freqs.data(), freqs.size() * sizeof(uint16_t));
+  w.put<uint16_t>(static_cast<uint16_t>(lo));
+  w.put<uint16_t>(static_cast<uint16_t>(hi + 1));
+  w.append(freqs.data() + lo, static_cast<size_t>(hi + 1 - lo) * sizeof(uint16_t));
+  w.put<uint16_t>(freqs[escape]);
+  for (int64_t s = lo; s <= hi; ++s)
+    if (freqs[s]) w.put(offset[s]);
   w.put<uint32_t>(static_cast<uint32_t>(kChunk));
   size_t total = 0;
   for (int64_t c = 0; c < chunks; ++c) {
@@ -142,17 +158,22 @@ void ecsq_decode(ByteReader& r, int64_t n, float step, int bits, float* out) {
                       std::to_string(half_table(bits)));
   if (n == 0) return;
   const int64_t symbols = 2 * K + 2, escape = 2 * K + 1;
-  std::vector<float> level(symbols - 1);
-  std::memcpy(level.data(), r.take(level.size() * sizeof(float), "ecsq levels"), level.size() * sizeof(float));
-  for (int64_t s = 0; s + 1 < symbols; ++s) {
-    const float k = static_cast<float>(s - K);
-    if (!(std::fabs(level[s] - k) <= 0.5f))
-      throw PacketError("ecsq level of code " + std::to_string(s - K) + " is not within half a step of it");
-  }
-  std::vector<uint16_t> freqs(symbols);
-  std::memcpy(freqs.data(), r.take(freqs.size() * sizeof(uint16_t), "ecsq frequencies"),
-              freqs.size() * sizeof(uint16_t));
+  const int64_t lo = r.get<uint16_t>("ecsq first symbol"), end_sym = r.get<uint16_t>("ecsq symbols end");
+  if (lo > end_sym || end_sym > escape)
+    throw PacketError("ecsq symbols [" + std::to_string(lo) + ", " + std::to_string(end_sym) + ") outside the table");
+  std::vector<uint16_t> freqs(symbols, 0);
+  const uint8_t* f = r.take(static_cast<uint64_t>(end_sym - lo) * sizeof(uint16_t), "ecsq frequencies");
+  if (end_sym > lo) std::memcpy(freqs.data() + lo, f, static_cast<size_t>(end_sym - lo) * sizeof(uint16_t));
+  freqs[escape] = r.get<uint16_t>("ecsq escape frequency");
   const rans::Decoder dec(freqs);
+  std::vector<float> level(symbols - 1, 0.0f);
+  for (int64_t s = lo; s < end_sym; ++s) {
+    if (!freqs[s]) continue;
+    const auto off = r.get<c10::Half>("ecsq levels");
+    if (!(std::fabs(static_cast<float>(off)) <= 0.5f))
+      throw PacketError("ecsq level of code " + std::to_string(s - K) + " is not within half a step of it");
+    level[s] = level_of(s - K, off);
+  }
   const int64_t chunk = r.get<uint32_t>("ecsq chunk");
   if (chunk < 1) throw PacketError("ecsq chunk of 0 elements");
   const int64_t chunks = (n + chunk - 1) / chunk;

@@ -9,9 +9,12 @@
 // above the Gaussian bound is the uniform quantizer's own 0.25 bit (docs/amaq.md).
 //
 // Body (after the packet header, whose `scale` is the step and `bits` the target, and the dims):
-//   u32 K = 2^(bits+1)                      codes in [-K, K] are table symbols, others escaped
-//   (2K + 1) x f32 levels                   in steps, for codes -K..K; within half a step of the code
-//   (2K + 2) x u16 frequencies              rANS table (the last symbol is the escape), summing to 2^15
+//   u32 K = 2^(bits+1)                      codes in [-K, K] are table symbols (symbol = code + K),
+//                                           others escaped (symbol 2K + 1)
+//   u16 lo, u16 end                         the table symbols that may occur: [lo, end)
+//   (end - lo) x u16 frequencies, u16 escape frequency    the rANS table, summing to 2^15
+//   per symbol in [lo, end) with a nonzero frequency: its level's offset from its code, in steps,
+//   as fp16 (within half a step); the level is the code plus the offset
 //   u32 chunk                               elements per independently coded chunk
 //   chunks x (u32 escapes, u32 bytes)       per chunk
 //   escapes x i32                           the escaped codes, in order

@@ -5,6 +5,7 @@
 // ec=zstd; malformed streams are refused by name.
 #include "quant/ecsq.h"
 
+#include <c10/util/Half.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -201,8 +202,14 @@ TEST(Ecsq, NamedRefusals) {
     return q;
   };
   EXPECT_AMAQ_ERROR(c.decode(with(body, uint32_t{8})), "table of 8 codes a side, expected 16");
-  EXPECT_AMAQ_ERROR(c.decode(with(body + 4, 0.75f)), "not within half a step");
-  EXPECT_AMAQ_ERROR(c.decode(with(body + 4 + 33 * 4, uint16_t{1})), "sums to");
+  uint16_t lo = 0, end = 0;  // the table symbols in use
+  std::memcpy(&lo, p.data() + body + 4, 2);
+  std::memcpy(&end, p.data() + body + 6, 2);
+  ASSERT_LT(lo, end);
+  EXPECT_AMAQ_ERROR(c.decode(with(body + 6, uint16_t{40})), "ecsq symbols [");
+  EXPECT_AMAQ_ERROR(c.decode(with(body + 8, uint16_t{1})), "sums to");
+  const size_t levels = body + 8 + 2 * (end - lo) + 2;  // after the frequencies and the escape's
+  EXPECT_AMAQ_ERROR(c.decode(with(levels, c10::Half(0.75f))), "not within half a step");
   EXPECT_AMAQ_ERROR(Codec(CodecSpec::parse("ecsq:bits=3,rot=hadamard,group=64")).encode(at::randn({2, 96}, gen)),
                     "multiple of 64");
 }

@@ -39,6 +39,9 @@ TEST(BlockHadamard, MatchesSylvestersMatrixAndIsItsOwnInverse) {
     const at::Tensor fast = block_hadamard(x, block), ref = block_hadamard_ref(x, block);
     EXPECT_EQ(fast.sizes(), x.sizes());
     EXPECT_TRUE(at::equal(fast, block_hadamard_ops(x, block)));  // the CPU loop and the device path agree
+    at::Tensor in_place = x.clone();
+    block_hadamard_(in_place, block);
+    EXPECT_TRUE(at::equal(in_place, fast));
     EXPECT_LT((fast - ref).abs().max().item<double>(), 1e-5 * x.abs().max().item<double>());
     EXPECT_LT((block_hadamard(fast, block) - x).abs().max().item<double>(), 1e-5 * x.abs().max().item<double>());
     EXPECT_NEAR(fast.pow(2).sum().item<double>(), x.pow(2).sum().item<double>(), 1e-4 * x.pow(2).sum().item<double>());
@@ -64,7 +67,8 @@ TEST(BlockHadamard, SpecsAndShapesThatCannotRotateAreRefusedByName) {
 // makes the packet self-describing (a receiver configured without rotation decodes it too).
 TEST(BlockHadamard, PacketsDecodeToTheSendersCopy) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
-  for (const char* text : {"fixed:bits=4,group=64,rot=hadamard", "amaq:budget=4,group=32,rot=hadamard"}) {
+  for (const char* text : {"fixed:bits=4,group=64,rot=hadamard", "amaq:budget=4,group=32,rot=hadamard",
+                           "ecsq:bits=4,group=64,rot=hadamard"}) {
     for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
       SCOPED_TRACE(std::string(text) + " " + c10::toString(dtype));
       const CodecSpec spec = CodecSpec::parse(text);
@@ -76,6 +80,12 @@ TEST(BlockHadamard, PacketsDecodeToTheSendersCopy) {
       EXPECT_EQ(e.decoded.scalar_type(), dtype);
       EXPECT_TRUE(at::equal(Codec(spec).decode(e.packet), e.decoded));
       EXPECT_TRUE(at::equal(Codec(spec, Impl::kRef).decode(e.packet), e.decoded));
+      // Without the sender's copy (how gradients are sent): the same packet, nothing decoded.
+      EncodeArgs bare = args;
+      bare.want_decoded = false;
+      const Encoded b = Codec(spec).encode(x, bare);
+      EXPECT_EQ(b.packet, e.packet);
+      EXPECT_FALSE(b.decoded.defined());
       CodecSpec plain = spec;
       plain.hadamard = false;
       EXPECT_TRUE(at::equal(Codec(plain).decode(e.packet), e.decoded));

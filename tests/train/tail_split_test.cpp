@@ -266,3 +266,35 @@ TEST(TailSplit, MismatchesAndUnsupportedOptionsAreRefusedByName) {
 
 }  // namespace
 }  // namespace amaq::train
+
+namespace amaq::train {
+namespace {
+
+// ecsq at every crossing of a U-shaped run: it trains as the uncompressed run does to within the
+// quantization's effect, and each step's packets weigh what its bits say.
+TEST(TailSplit, EcsqAtBothCutsTrainsCloseToTheUncompressedRun) {
+  testing::TempDir tmp;
+  ClientConfig exact = tail_config(tmp, "exact");
+  exact.side.init_adapter = kModel + "/adapter";
+  exact.schedule.steps = 10;
+  TrainServer srv(tail_server_for(exact));
+  const RunResult ref = run_in_process(srv, exact);
+  ClientConfig c = exact;
+  c.run_dir = tmp.file("ecsq");
+  c.fwd_codec = c.tail_fwd_codec = quant::CodecSpec::parse("ecsq:bits=5");
+  c.bwd_codec = c.tail_bwd_codec = quant::CodecSpec::parse("ecsq:bits=6");
+  TrainServer srv_c(tail_server_for(c));
+  const RunResult r = run_in_process(srv_c, c);
+  ASSERT_EQ(r.steps.size(), ref.steps.size());
+  for (size_t s = 0; s < r.steps.size(); ++s) {
+    EXPECT_NEAR(r.steps[s].task_loss, ref.steps[s].task_loss, 0.02 * ref.steps[s].task_loss) << s;
+    // Both cuts each way: packets of 5 (up: activations at K, gradients at M) and 6 bits (down), about.
+    const double up = 8.0 * static_cast<double>(r.steps[s].fwd_packet_bytes) / static_cast<double>(r.steps[s].elements);
+    EXPECT_GT(up, 4.0) << s;
+    EXPECT_LT(up, 7.5) << s;
+  }
+  EXPECT_LT(r.steps.back().task_loss, r.steps.front().task_loss - 0.1);
+}
+
+}  // namespace
+}  // namespace amaq::train
