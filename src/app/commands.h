@@ -23,5 +23,6 @@ Run add_emulate_link(CLI::App& app);
 Run add_bench_train(CLI::App& app);
 Run add_report(CLI::App& app);
 Run add_outliers(CLI::App& app);
+Run add_codec_curve(CLI::App& app);
 
 }  // namespace amaq::app

@@ -38,6 +38,8 @@ int main(int argc, char** argv) {
       {"report", "a run's metrics as one self-contained HTML page; several runs overlaid", amaq::app::add_report},
       {"outliers", "outlier activation channels at every layer boundary: where a split is hardest to quantize",
        amaq::app::add_outliers},
+      {"codec-curve", "codecs on a model's real split activations and gradients: bits per element against error",
+       amaq::app::add_codec_curve},
       {"bench-train", "time full LoRA training steps of the unsplit model (JSON line), as the HF+PEFT peer does",
        amaq::app::add_bench_train},
   };

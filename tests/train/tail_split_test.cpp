@@ -264,12 +264,6 @@ TEST(TailSplit, MismatchesAndUnsupportedOptionsAreRefusedByName) {
   EXPECT_AMAQ_ERROR(TrainServer{graphs}, "--cuda-graph");
 }
 
-}  // namespace
-}  // namespace amaq::train
-
-namespace amaq::train {
-namespace {
-
 // ecsq at every crossing of a U-shaped run: it trains as the uncompressed run does to within the
 // quantization's effect, and each step's packets weigh what its bits say.
 TEST(TailSplit, EcsqAtBothCutsTrainsCloseToTheUncompressedRun) {
