@@ -7,6 +7,7 @@
 // tools/ref/codec_peer.py times the same codec written in PyTorch.
 #include <benchmark/benchmark.h>
 
+#include <cmath>
 #include <cstring>
 
 #include "core/device.h"
@@ -69,6 +70,25 @@ void BM_Encode(benchmark::State& state, const std::string& text) {
   size_t bytes = codec.encode(activation(), args).packet.size();  // AQ-SGD: later passes send deltas
   for (auto _ : state) bytes = codec.encode(activation(), args).packet.size();
   set_counters(state, bytes);
+}
+
+// Rate against distortion on N(0, 1) (4096 x 1024): the measured bits per element (every packet
+// byte), the NMSE, and how far the bits sit above the Gaussian bound 0.5 log2(1 / NMSE) at that NMSE
+// (issue 17's goal: within 0.3 bit at 3 and 4 bits).
+void BM_RateDistortion(benchmark::State& state, const std::string& text) {
+  static const at::Tensor x = [] {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(4);
+    return at::randn({4096, 1024}, gen);
+  }();
+  const CodecSpec spec = CodecSpec::parse(text);
+  Codec codec(spec);
+  const EncodeArgs args = args_for(spec);
+  Encoded e;
+  for (auto _ : state) e = codec.encode(x, args);
+  const double nmse = (e.decoded - x).pow(2).sum().item<double>() / x.pow(2).sum().item<double>();
+  state.counters["bits_per_element"] = e.bits_per_element();
+  state.counters["nmse"] = nmse;
+  state.counters["above_gaussian_bound"] = e.bits_per_element() - 0.5 * std::log2(1.0 / nmse);
 }
 
 void BM_Decode(benchmark::State& state, const std::string& text) {
@@ -207,6 +227,13 @@ int register_all() {
     benchmark::RegisterBenchmark((std::string("decode/") + c).c_str(), BM_Decode, std::string(c))
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
+  }
+  for (const char* c :
+       {"fixed:bits=3,group=128", "fixed:bits=4,group=128", "fixed:bits=4,group=128,ec=zstd",
+        "fixed:bits=3,gran=token,ec=zstd", "fixed:bits=4,gran=token,ec=zstd", "ecsq:bits=3", "ecsq:bits=4"}) {
+    benchmark::RegisterBenchmark((std::string("rd/") + c).c_str(), BM_RateDistortion, std::string(c))
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(1);
   }
   register_cuda({"fixed:bits=4,group=128", "fixed:bits=4,gran=token", "amaq:budget=4,group=128", "aqsgd:bits=4"});
   return 0;

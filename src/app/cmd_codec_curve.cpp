@@ -15,8 +15,12 @@ Run add_codec_curve(CLI::App& app) {
   struct Args {
     std::string model, data, tokenizer = "auto";
     int64_t split = 0, seq_len = 128, rows = 64;
-    std::vector<std::string> codecs{"fixed:bits=4,group=128", "fixed:bits=4,gran=token", "fixed:bits=3,gran=token",
-                                    "ecsq:bits=4", "ecsq:bits=3", "ecsq:bits=2"};
+    std::vector<std::string> codecs{"fixed:bits=4,group=128",
+                                    "fixed:bits=4,gran=token",
+                                    "fixed:bits=3,gran=token",
+                                    "ecsq:bits=4",
+                                    "ecsq:bits=3",
+                                    "ecsq:bits=2"};
   };
   auto a = std::make_shared<Args>();
   app.add_option("--model", a->model, "HF model directory (config.json + safetensors)")->required();
@@ -40,11 +44,10 @@ Run add_codec_curve(CLI::App& app) {
       lines.push_back(p.to_json());
     }
     fmt::print("{}", train::format_table(table));
-    fmt::print("{}\n", nlohmann::json{{"model", a->model},
-                                      {"split", a->split},
-                                      {"elements", t.activations.numel()},
-                                      {"points", lines}}
-                           .dump());
+    fmt::print(
+        "{}\n",
+        nlohmann::json{{"model", a->model}, {"split", a->split}, {"elements", t.activations.numel()}, {"points", lines}}
+            .dump());
     return 0;
   };
 }
