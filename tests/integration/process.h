@@ -111,4 +111,13 @@ inline std::string wait_for_port(const std::string& out_file) {
   return {};
 }
 
+// Whether `file` contains `text` within 10 s (a log line a process writes when it gets somewhere).
+inline bool wait_for_text(const std::string& file, const std::string& text) {
+  for (int i = 0; i < 200; ++i) {
+    if (slurp(file).find(text) != std::string::npos) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
+}
+
 }  // namespace amaq::testing

@@ -153,6 +153,8 @@ TEST_F(IntegrationStop, IdleSessionsAreCutAfterTheGraceAndASecondSignalExitsAtOn
     const std::string port = testing::wait_for_port(tmp_.file("s1.out"));
     ASSERT_FALSE(port.empty()) << slurp(tmp_.file("s1.err"));
     auto idle = idle_session(port);
+    // The client's handshake ends before the server's session thread starts: signal a live session.
+    ASSERT_TRUE(testing::wait_for_text(tmp_.file("s1.err"), "session 1 from")) << slurp(tmp_.file("s1.err"));
     server.signal(SIGTERM);
     EXPECT_EQ(wait_within(server, 5s), 0) << slurp(tmp_.file("s1.err"));
     EXPECT_NE(slurp(tmp_.file("s1.err")).find("still open after 1 s"), std::string::npos) << slurp(tmp_.file("s1.err"));
@@ -161,6 +163,7 @@ TEST_F(IntegrationStop, IdleSessionsAreCutAfterTheGraceAndASecondSignalExitsAtOn
   const std::string port = testing::wait_for_port(tmp_.file("s2.out"));
   ASSERT_FALSE(port.empty()) << slurp(tmp_.file("s2.err"));
   auto idle = idle_session(port);
+  ASSERT_TRUE(testing::wait_for_text(tmp_.file("s2.err"), "session 1 from")) << slurp(tmp_.file("s2.err"));
   server.signal(SIGTERM);
   std::this_thread::sleep_for(500ms);
   EXPECT_TRUE(server.alive()) << "the first signal waits for the session (grace 60 s)";
