@@ -5,6 +5,7 @@
 
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -12,6 +13,7 @@
 #include "core/fs.h"
 #include "model/part.h"
 #include "model/peft.h"
+#include "quant/codec.h"
 #include "testing.h"
 #include "train/eval.h"
 #include "train/export.h"
@@ -262,6 +264,93 @@ TEST(TailSplit, MismatchesAndUnsupportedOptionsAreRefusedByName) {
   ServerConfig graphs = tail_server_for(c);
   graphs.side.cuda_graph = true;
   EXPECT_AMAQ_ERROR(TrainServer{graphs}, "--cuda-graph");
+}
+
+// A hostile peer of a U-shaped server: labels in a FORWARD, a TAIL_BACKWARD larger than the
+// activations it answers, and one for another micro-batch are each refused by name, and the server
+// then trains an honest client's run as if nothing had happened.
+TEST(TailSplit, HostileTailMessagesAreRefusedByNameAndTheServerKeepsServing) {
+  testing::TempDir tmp;
+  ClientConfig c = tail_config(tmp, "honest");
+  c.schedule.steps = 2;
+  c.schedule.warmup = 0;
+  TrainServer srv(tail_server_for(c));
+  const ModelConfig model = ModelConfig::load(kModel);
+  const int64_t C = model.hidden_size;
+  // Handshake and SCHEDULE as a U-shaped client would, then `then` on the channel.
+  auto session = [&](const std::string& run_id, const std::function<wire::Status(wire::Channel&)>& then) {
+    auto [a, b] = wire::make_in_process_pair(srv.max_payload());
+    std::thread server([&srv, ch = std::shared_ptr<wire::Channel>(std::move(b))] { srv.serve(*ch, 1); });
+    wire::Hello hello;
+    hello.model_fingerprint = model_fingerprint(model, CheckpointReader(kModel));
+    hello.split = c.split;
+    hello.fwd_codec = hello.bwd_codec = hello.tail_fwd_codec = hello.tail_bwd_codec = c.fwd_codec.to_string();
+    hello.tail_split = c.tail_split;
+    wire::HelloAck ack;
+    wire::Status s = wire::client_handshake(*a, hello, "", std::chrono::seconds(10), &ack);
+    ScheduleRequest req{run_id, -1, 1, 4, c.schedule, "", 1};
+    if (s.ok())
+      s = a->send({wire::MessageType::kControl, 0,
+                   wire::ControlMsg{wire::ControlKind::kSchedule, req.to_json().dump(), ""}.encode()});
+    wire::Frame f;
+    if (s.ok()) s = a->receive(&f, std::chrono::seconds(30));
+    if (s.ok()) s = then(*a);
+    a->close();
+    server.join();
+    return s;
+  };
+  // Sends a FORWARD of (1, 4, C) zeros (with labels when given); returns the server's reply.
+  quant::Codec codec(c.fwd_codec);
+  const std::string packet = codec.encode(at::zeros({1, 4, C})).packet;
+  const uint8_t mask[4] = {1, 1, 1, 1};
+  auto forward = [&](wire::Channel& ch, bool with_labels, wire::Frame* reply) {
+    const int16_t labels[4] = {1, 2, 3, 4};
+    wire::ForwardMsg fm;
+    fm.batch = 1;
+    fm.seq = 4;
+    fm.mask = std::string_view(reinterpret_cast<const char*>(mask), sizeof mask);
+    if (with_labels) {
+      fm.label_type = wire::LabelType::kI16;
+      fm.labels = std::string_view(reinterpret_cast<const char*>(labels), sizeof labels);
+    }
+    fm.packet = packet;
+    wire::Status s = ch.send({wire::MessageType::kForward, 0, fm.encode()});
+    if (s.ok()) s = ch.receive(reply, std::chrono::seconds(30));
+    if (s.ok() && reply->type == wire::MessageType::kError) return wire::parse_error_payload(reply->payload);
+    return s;
+  };
+  wire::Status s = session("0123456789abcdef", [&](wire::Channel& ch) {
+    wire::Frame reply;
+    return forward(ch, true, &reply);
+  });
+  EXPECT_EQ(s.code, wire::ErrorCode::kBadMessage) << s.message;
+  EXPECT_NE(s.message.find("labels stay on the client"), std::string::npos) << s.message;
+
+  // After a proper FORWARD, a TAIL_BACKWARD of `rows` x 4 x C values for micro-batch `micro`.
+  auto tail_backward = [&](int64_t rows, uint32_t micro) {
+    return [&, rows, micro](wire::Channel& ch) {
+      wire::Frame reply;
+      wire::Status fs = forward(ch, false, &reply);
+      if (!fs.ok()) return fs;
+      EXPECT_EQ(reply.type, wire::MessageType::kTailForward);
+      const std::string big = codec.encode(at::zeros({rows, 4, C})).packet;
+      wire::BackwardMsg gm;
+      gm.micro_batch = micro;
+      gm.packet = big;
+      fs = ch.send({wire::MessageType::kTailBackward, 0, gm.encode()});
+      if (fs.ok()) fs = ch.receive(&reply, std::chrono::seconds(30));
+      if (fs.ok() && reply.type == wire::MessageType::kError) return wire::parse_error_payload(reply.payload);
+      return fs.ok() ? wire::Status::Fail(wire::ErrorCode::kInternal, "the server took it") : fs;
+    };
+  };
+  s = session("1123456789abcdef", tail_backward(3, 0));
+  EXPECT_EQ(s.code, wire::ErrorCode::kBadMessage) << s.message;
+  EXPECT_NE(s.message.find("more than the " + std::to_string(4 * C)), std::string::npos) << s.message;
+  s = session("2123456789abcdef", tail_backward(1, 1));
+  EXPECT_EQ(s.code, wire::ErrorCode::kBadMessage) << s.message;
+  EXPECT_NE(s.message.find("TAIL_BACKWARD for another step or micro-batch"), std::string::npos) << s.message;
+
+  EXPECT_EQ(run_in_process(srv, c).completed_steps, 2);
 }
 
 // ecsq at every crossing of a U-shaped run: it trains as the uncompressed run does to within the
