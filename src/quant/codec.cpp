@@ -626,11 +626,15 @@ Encoded Codec::encode_ecsq(const at::Tensor& x_in, const EncodeArgs& args) {
   h.scale = ecsq_step(rms, spec_.bits);
   ByteWriter w;
   write_header(w, h, x_in.sizes());
-  at::Tensor deq = at::empty(x.sizes(), at::kFloat);
-  ecsq_encode(x.data_ptr<float>(), x.numel(), h.scale, spec_.bits, &w.str(), deq.data_ptr<float>());
+  // The sender's copy only when asked for (gradients go without one).
+  at::Tensor deq = args.want_decoded ? at::empty(x.sizes(), at::kFloat) : at::Tensor();
+  ecsq_encode(x.data_ptr<float>(), x.numel(), h.scale, spec_.bits, &w.str(),
+              deq.defined() ? deq.data_ptr<float>() : nullptr);
   e.packet = std::move(w.str());
-  if (spec_.hadamard) block_hadamard_(deq, spec_.group);
-  if (args.want_decoded) e.decoded = deq.to(x_in.device(), x_in.scalar_type()).view(x_in.sizes());
+  if (deq.defined()) {
+    if (spec_.hadamard) block_hadamard_(deq, spec_.group);
+    e.decoded = deq.to(x_in.device(), x_in.scalar_type()).view(x_in.sizes());
+  }
   e.bits = at::full({C}, spec_.bits, at::kByte);
   if (spec_.hadamard) e.rotation_block = spec_.group;
   return e;

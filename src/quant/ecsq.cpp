@@ -64,18 +64,18 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
     out->append(w.str());
     return;
   }
-  // The codes of a chunk: round half to even of x / step, a table symbol or the escape. Computed once
-  // for the statistics and again, chunk by chunk in cache, while coding.
-  auto codes = [&](int64_t c, uint16_t* sym, std::vector<int32_t>* escapes) {
+  // The codes of a chunk: round half to even of q = x / step, a table symbol or the escape. Computed
+  // once for the statistics and again, chunk by chunk in cache, while coding; `visit(symbol, q, code)`
+  // sees each element's.
+  auto codes = [&](int64_t c, uint16_t* sym, auto&& visit) {
     for (int64_t i = c * kChunk, end = std::min(n, (c + 1) * kChunk), j = 0; i < end; ++i, ++j) {
-      const float r = std::nearbyint(x[i] / step);
+      const float q = x[i] / step, r = std::nearbyint(q);
       if (!(std::fabs(r) <= static_cast<float>(kMaxCode)))
-        throw Error("ecsq: a value is " + std::to_string(x[i] / step) + " steps from zero",
+        throw Error("ecsq: a value is " + std::to_string(q) + " steps from zero",
                     "the step is far too small for this tensor");
       const auto k = static_cast<int64_t>(r);
-      const bool escaped = k < -K || k > K;
-      sym[j] = static_cast<uint16_t>(escaped ? escape : k + K);
-      if (escaped && escapes) escapes->push_back(static_cast<int32_t>(k));
+      sym[j] = static_cast<uint16_t>(k < -K || k > K ? escape : k + K);
+      visit(sym[j], q, k);
     }
   };
   const int64_t chunks = (n + kChunk - 1) / kChunk;
@@ -86,13 +86,13 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
       ChunkStats& st = stats[c];
       st.counts.assign(symbols, 0);
       st.residual.assign(symbols - 1, 0.0);
-      codes(c, sym.data(), &st.escapes);
-      const float* xc = x + c * kChunk;
-      for (int64_t j = 0, len = std::min(n - c * kChunk, kChunk); j < len; ++j) {
-        ++st.counts[sym[j]];
-        if (sym[j] != escape)
-          st.residual[sym[j]] += static_cast<double>(xc[j] / step) - static_cast<double>(sym[j] - K);
-      }
+      codes(c, sym.data(), [&](uint16_t s, float q, int64_t k) {
+        ++st.counts[s];
+        if (s == escape)
+          st.escapes.push_back(static_cast<int32_t>(k));
+        else
+          st.residual[s] += static_cast<double>(q) - static_cast<double>(k);
+      });
     }
   });
   std::vector<uint64_t> counts(symbols, 0);
@@ -121,7 +121,7 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
     std::vector<uint16_t> sym(static_cast<size_t>(std::min(kChunk, n)));
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * kChunk, len = std::min(n - begin, kChunk);
-      codes(c, sym.data(), nullptr);
+      codes(c, sym.data(), [](uint16_t, float, int64_t) {});
       rans::encode(sym.data(), static_cast<size_t>(len), freqs, &streams[c]);
       if (!decoded) continue;
       size_t e = 0;

@@ -12,6 +12,33 @@ namespace {
 constexpr uint32_t kLow = 1u << 23;  // a state stays in [kLow, 256 * kLow) between symbols
 constexpr int kStates = 4;           // interleaved states (symbol i uses state i % 4)
 
+// Dividing the state by a symbol's frequency is the encoder's cost: it multiplies by a rounded-up
+// reciprocal instead (Alverson's exact integer division by an invariant), which gives x / f exactly
+// for every 32-bit x. A frequency of 1 (the reciprocal would need 33 bits) folds the division into
+// the bias: x / 1 = x, x % 1 = 0.
+struct EncSymbol {
+  uint32_t x_max = 0, rcp = 0, bias = 0, cmpl = 0;
+  int shift = 0;
+};
+
+EncSymbol enc_symbol(uint32_t start, uint32_t freq) {
+  EncSymbol e;
+  e.x_max = ((kLow >> kProbBits) << 8) * freq;
+  e.cmpl = kProbScale - freq;
+  if (freq == 1) {
+    e.rcp = ~0u;
+    e.shift = 0;
+    e.bias = start + kProbScale - 1;
+    return e;
+  }
+  int shift = 0;
+  while (freq > (1u << shift)) ++shift;
+  e.rcp = static_cast<uint32_t>(((uint64_t{1} << (shift + 31)) + freq - 1) / freq);
+  e.shift = shift - 1;
+  e.bias = start;
+  return e;
+}
+
 }  // namespace
 
 std::vector<uint16_t> normalize(const std::vector<uint64_t>& counts) {
@@ -57,37 +84,6 @@ void check_frequencies(const std::vector<uint16_t>& freqs) {
   if (sum != kProbScale)
     throw PacketError("entropy table sums to " + std::to_string(sum) + ", not " + std::to_string(kProbScale));
 }
-
-namespace {
-
-// Dividing the state by a symbol's frequency is the encoder's cost: it multiplies by a rounded-up
-// reciprocal instead (Alverson's exact integer division by an invariant), which gives x / f exactly
-// for every 32-bit x. A frequency of 1 (the reciprocal would need 33 bits) folds the division into
-// the bias: x / 1 = x, x % 1 = 0.
-struct EncSymbol {
-  uint32_t x_max = 0, rcp = 0, bias = 0, cmpl = 0;
-  int shift = 0;
-};
-
-EncSymbol enc_symbol(uint32_t start, uint32_t freq) {
-  EncSymbol e;
-  e.x_max = ((kLow >> kProbBits) << 8) * freq;
-  e.cmpl = kProbScale - freq;
-  if (freq == 1) {
-    e.rcp = ~0u;
-    e.shift = 0;
-    e.bias = start + kProbScale - 1;
-    return e;
-  }
-  int shift = 0;
-  while (freq > (1u << shift)) ++shift;
-  e.rcp = static_cast<uint32_t>(((uint64_t{1} << (shift + 31)) + freq - 1) / freq);
-  e.shift = shift - 1;
-  e.bias = start;
-  return e;
-}
-
-}  // namespace
 
 void encode(const uint16_t* symbols, size_t n, const std::vector<uint16_t>& freqs, std::string* out) {
   std::vector<EncSymbol> table(freqs.size());

@@ -21,10 +21,6 @@ float norm_of(int64_t block) {
   return static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
 }
 
-}  // namespace
-
-namespace {
-
 // The transform of `blocks` runs of `block` floats from src into dst (which may be src), each block's
 // passes while it is in cache: the first pass reads src, the others work in place. The same
 // additions in the same order as block_hadamard_ops, so the same bits.
