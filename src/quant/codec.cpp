@@ -8,6 +8,7 @@
 #include "quant/bitpack.h"
 #include "quant/ecsq.h"
 #include "quant/entropy.h"
+#include "quant/levels.h"
 #include "quant/rotation.h"
 #if AMAQ_HAVE_CUDA
 #include "quant/cuda/codec_cuda.h"
@@ -98,6 +99,34 @@ at::Tensor unpack(ByteReader& r, int64_t rows, const at::Tensor& bits, Impl impl
   return impl == Impl::kRef ? unpack_ref(p, n, rows, bits) : unpack_fast(p, n, rows, bits);
 }
 
+// ec=zstd: the codes entropy-coded (entropy.h), or nothing where that is not smaller than the
+// `code_bytes` they take packed.
+std::string entropy_if_smaller(const at::Tensor& codes, const at::Tensor& bits, int64_t code_bytes) {
+  std::string coded = entropy_encode(codes, bits);
+  if (static_cast<int64_t>(coded.size()) + 4 < code_bytes && coded.size() <= UINT32_MAX) return coded;
+  return {};
+}
+
+// The codes of a CPU encoding: `coded` (entropy-coded, with its u32 size) where it is not empty, else packed.
+void append_codes(ByteWriter& w, const std::string& coded, const at::Tensor& codes, const at::Tensor& bits, Impl impl) {
+  if (!coded.empty()) {
+    w.put(static_cast<uint32_t>(coded.size()));
+    w.append(coded.data(), coded.size());
+  } else if (impl == Impl::kRef) {
+    const std::string packed = pack(codes, bits, impl);
+    w.append(packed.data(), packed.size());
+  } else {  // packed in place
+    pack_fast(codes, bits, reinterpret_cast<uint8_t*>(w.grow(static_cast<size_t>(packed_bytes(codes.size(0), bits)))));
+  }
+}
+
+// The codes that follow the ranges or steps: entropy-coded (kFlagEntropy) or packed.
+at::Tensor read_codes(ByteReader& r, const PacketHeader& h, int64_t rows, const at::Tensor& bits, Impl impl) {
+  if (!(h.flags & kFlagEntropy)) return unpack(r, rows, bits, impl);
+  const auto n = r.get<uint32_t>("entropy-coded size");
+  return entropy_decode(r.take(n, "entropy-coded codes"), n, rows, bits);
+}
+
 // True for tensors on a GPU, which go through the CUDA kernels; refuses them in a build without.
 bool on_gpu(const at::Tensor& x) {
   if (!x.is_cuda()) return false;
@@ -132,7 +161,9 @@ Encoded Codec::encode(const at::Tensor& x_in, const EncodeArgs& args) {
   at::Tensor x = gpu ? x_in.detach().contiguous() : x_in.detach().to(at::kCPU).contiguous();
   // Refuse NaN/Inf before anything goes out (the fast affine quantizers check in their own max pass).
   // (A rotation would spread one NaN over its group: check before it.)
-  const bool affine = spec_.codec == CodecId::kFixed || spec_.codec == CodecId::kAmaq;
+  // (Non-uniform levels take their own path, which does not check.)
+  const bool affine =
+      (spec_.codec == CodecId::kFixed || spec_.codec == CodecId::kAmaq) && spec_.levels == LevelKind::kUniform;
   if (gpu && (!affine || spec_.hadamard)) {
     if (!at::isfinite(x).all().item<bool>()) checked_max_abs(x.to(at::kCPU, at::kFloat).contiguous());  // names them
   } else if (!affine || impl_ == Impl::kRef || spec_.hadamard) {
@@ -160,6 +191,7 @@ Encoded Codec::encode_dispatch(const at::Tensor& x, const EncodeArgs& args) {
       return e;
     }
     case CodecId::kFixed: {
+      if (spec_.levels != LevelKind::kUniform) return encode_levels(x, args);
       if (spec_.map.empty()) return encode_affine(x, at::full({x.size(-1)}, spec_.bits, at::kByte), args);
       const int64_t C = x.size(-1);
       if (static_cast<int64_t>(spec_.map.size()) != C) {
@@ -252,32 +284,22 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
   } else {
     h.bits = static_cast<uint8_t>(spec_.bits);
   }
-  // ec=zstd: the codes entropy-coded (entropy.h), kept only where that is smaller than packing them.
   std::string coded;
   if (spec_.entropy) {
-    const at::Tensor c = e.quant.codes.defined()
-                             ? e.quant.codes
-                             : unpack_fast(reinterpret_cast<const uint8_t*>(codes), code_bytes, e.layout.rows, bits);
-    coded = entropy_encode(c, bits);
-    if (static_cast<int64_t>(coded.size()) + 4 < code_bytes && coded.size() <= UINT32_MAX)
-      h.flags |= kFlagEntropy;
-    else
-      coded.clear();
+    coded = entropy_if_smaller(
+        e.quant.codes.defined() ? e.quant.codes
+                                : unpack_fast(reinterpret_cast<const uint8_t*>(codes), code_bytes, e.layout.rows, bits),
+        bits, code_bytes);
+    if (!coded.empty()) h.flags |= kFlagEntropy;
   }
   w.str().reserve(static_cast<size_t>(256 + x.size(-1) + 4 * e.layout.num_groups() + code_bytes));
   write_header(w, h, x.sizes());
   if (send_map) write_bit_map(w, bits);
   w.append(ranges, static_cast<size_t>(4 * e.layout.num_groups()));
-  if (h.flags & kFlagEntropy) {
-    w.put(static_cast<uint32_t>(coded.size()));
-    w.append(coded.data(), coded.size());
-  } else if (codes) {  // packed on the device
+  if (codes && !(h.flags & kFlagEntropy)) {  // packed on the device
     w.append(codes, static_cast<size_t>(code_bytes));
-  } else if (impl_ == Impl::kRef) {
-    const std::string packed = pack(e.quant.codes, bits, impl_);
-    w.append(packed.data(), packed.size());
-  } else {  // the CPU's codes, packed in place
-    pack_fast(e.quant.codes, bits, reinterpret_cast<uint8_t*>(w.grow(static_cast<size_t>(code_bytes))));
+  } else {
+    append_codes(w, coded, e.quant.codes, bits, impl_);
   }
   e.packet = std::move(w.str());
   return e;
@@ -419,8 +441,10 @@ at::Tensor Codec::decode(std::string_view packet, at::Device device, int64_t max
   if (h.ndim < 1 || h.ndim > 4) throw PacketError("ndim " + std::to_string(h.ndim) + " not in 1..4");
   const bool affine = spec_.codec == CodecId::kFixed || spec_.codec == CodecId::kAmaq;
   const bool ecsq = spec_.codec == CodecId::kEcsq;
-  if (h.flags & ~(kFlagBitMap | kFlagHadamard | kFlagEntropy) || (!affine && (h.flags & kFlagEntropy)) ||
-      (!affine && !ecsq && (h.flags & kFlagHadamard)) || (ecsq && (h.flags & kFlagBitMap)))
+  const bool levels = h.flags & kFlagLevels;
+  if (h.flags & ~(kFlagBitMap | kFlagHadamard | kFlagEntropy | kFlagLevels) || (!affine && (h.flags & kFlagEntropy)) ||
+      (!affine && !ecsq && (h.flags & kFlagHadamard)) || (ecsq && (h.flags & kFlagBitMap)) ||
+      (levels && (spec_.codec != CodecId::kFixed || (h.flags & kFlagBitMap))))
     throw PacketError("flags " + std::to_string(h.flags) + " are not defined for " + codec_name(spec_.codec));
   if (!std::isfinite(h.scale) || !(h.scale > 0)) throw PacketError("scale is not a positive finite number");
   std::vector<int64_t> shape;
@@ -454,6 +478,8 @@ at::Tensor Codec::decode_dispatch(ByteReader& r, const PacketHeader& h, const st
       return out.to(device, to_scalar(static_cast<WireDtype>(h.dtype)));
     }
     case CodecId::kFixed:
+      if (h.flags & kFlagLevels) return decode_levels(r, h, shape, device);
+      return decode_affine(r, h, shape, device);
     case CodecId::kAmaq:
       return decode_affine(r, h, shape, device);
     case CodecId::kAqsgd:
@@ -516,12 +542,7 @@ at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std:
   if (G > 0) std::memcpy(pairs.data_ptr(), ranges, static_cast<size_t>(4 * G));
   q.lo = pairs.select(1, 0).contiguous();
   q.hi = pairs.select(1, 1).contiguous();
-  if (coded) {  // entropy-coded codes decode on the CPU
-    const auto n = r.get<uint32_t>("entropy-coded size");
-    q.codes = entropy_decode(r.take(n, "entropy-coded codes"), n, layout.rows, bits);
-  } else {
-    q.codes = unpack(r, layout.rows, bits, impl_);
-  }
+  q.codes = read_codes(r, h, layout.rows, bits, impl_);  // entropy-coded codes decode on the CPU
   at::Tensor deq = impl_ == Impl::kRef ? affine_dequantize_ref(q, bits, layout) : affine_dequantize(q, bits, layout);
   return (rotated ? unrotate(deq) : deq.view(shape).to(out_type)).to(device);
 }
@@ -651,6 +672,76 @@ at::Tensor Codec::decode_ecsq(ByteReader& r, const PacketHeader& h, const std::v
   ecsq_decode(r, out.numel(), h.scale, h.bits, out.data_ptr<float>());
   if (rotated) block_hadamard_(out, h.group);
   return out.to(device, to_scalar(static_cast<WireDtype>(h.dtype)));
+}
+
+Encoded Codec::encode_levels(const at::Tensor& x_in, const EncodeArgs& args) {
+  Encoded e;
+  const int64_t C = x_in.size(-1);
+  check_rotation_fits(C);
+  at::Tensor x = x_in.to(at::kCPU, at::kFloat);  // CPU kernels: a GPU tensor goes through the host
+  if (spec_.hadamard) x = block_hadamard(x, spec_.group);
+  x = x.reshape({-1, C}).contiguous();
+  e.layout = AffineLayout{x.size(0), C, spec_.granularity, spec_.group};
+  e.bits = at::full({C}, spec_.bits, at::kByte);
+  at::Tensor deq;
+  const LevelQuant q =
+      level_quantize(x, e.layout, spec_.levels, spec_.bits, impl_ == Impl::kFast, args.want_decoded ? &deq : nullptr);
+  PacketHeader h;
+  h.codec = static_cast<uint8_t>(CodecId::kFixed);
+  h.dtype = static_cast<uint8_t>(to_wire(x_in.scalar_type()));
+  h.flags = kFlagLevels | (spec_.hadamard ? kFlagHadamard : 0);
+  h.granularity = static_cast<uint8_t>(spec_.granularity);
+  h.group = static_cast<uint32_t>(spec_.group);
+  h.bits = static_cast<uint8_t>(spec_.bits);
+  h.scale = q.scale;
+  const std::string coded = spec_.entropy ? entropy_if_smaller(q.codes, e.bits, packed_bytes(x.size(0), e.bits)) : "";
+  if (!coded.empty()) h.flags |= kFlagEntropy;
+  ByteWriter w;
+  write_header(w, h, x_in.sizes());
+  w.append(q.levels.data(), q.levels.size() * sizeof(float));
+  w.append(q.step.data(), q.step.size() * sizeof(uint16_t));
+  append_codes(w, coded, q.codes, e.bits, impl_);
+  e.packet = std::move(w.str());
+  if (deq.defined()) {
+    if (spec_.hadamard) block_hadamard_(deq, spec_.group);
+    e.decoded = deq.to(x_in.device(), x_in.scalar_type()).view(x_in.sizes());
+  }
+  if (spec_.hadamard) e.rotation_block = spec_.group;
+  return e;
+}
+
+at::Tensor Codec::decode_levels(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape,
+                                at::Device device) {
+  const int64_t C = shape.back();
+  int64_t numel = 1;
+  for (auto d : shape) numel *= d;
+  if (h.granularity != static_cast<uint8_t>(Granularity::kToken) &&
+      h.granularity != static_cast<uint8_t>(Granularity::kGroup))
+    throw PacketError("non-uniform levels need token or group ranges, granularity is " + std::to_string(h.granularity));
+  const AffineLayout layout{numel / C, C, static_cast<Granularity>(h.granularity), static_cast<int64_t>(h.group)};
+  if (layout.granularity == Granularity::kGroup && layout.group == 0) throw PacketError("group size 0");
+  if (h.bits < 1 || h.bits > 8) throw PacketError("bit-width " + std::to_string(h.bits) + " not in 1..8");
+  const bool rotated = h.flags & kFlagHadamard;
+  if (rotated && (layout.granularity != Granularity::kGroup || !is_power_of_two(layout.group) || C % layout.group))
+    throw PacketError("a Hadamard-rotated packet needs power-of-two range groups that divide the channels");
+  LevelQuant q;
+  q.scale = h.scale;
+  const int K = 1 << h.bits;
+  q.levels.resize(K);
+  std::memcpy(q.levels.data(), r.take(static_cast<uint64_t>(K) * sizeof(float), "levels"), K * sizeof(float));
+  for (float l : q.levels)
+    if (!std::isfinite(l)) throw PacketError("levels contain NaN or Inf");
+  const int64_t G = layout.num_groups();
+  const uint8_t* steps = r.take(static_cast<uint64_t>(G) * 2, "steps");
+  q.step.resize(G);
+  if (G > 0) std::memcpy(q.step.data(), steps, static_cast<size_t>(G) * 2);
+  for (uint16_t s : q.step)
+    if ((s & 0x7c00) == 0x7c00 || (s & 0x8000)) throw PacketError("a step is negative, NaN or Inf");
+  const at::Tensor bits = at::full({C}, static_cast<int>(h.bits), at::kByte);
+  q.codes = read_codes(r, h, layout.rows, bits, impl_);
+  at::Tensor out = level_dequantize(q, layout);
+  if (rotated) block_hadamard_(out, layout.group);
+  return out.view(shape).to(device, to_scalar(static_cast<WireDtype>(h.dtype)));
 }
 
 }  // namespace amaq::quant

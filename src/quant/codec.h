@@ -77,6 +77,8 @@ class Codec {
   at::Tensor decode_affine(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device);
   at::Tensor decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device);
   Encoded encode_ecsq(const at::Tensor& x, const EncodeArgs& args);
+  Encoded encode_levels(const at::Tensor& x, const EncodeArgs& args);
+  at::Tensor decode_levels(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device);
   /// rot=hadamard: refuses a channel count that is not a multiple of the group, naming both.
   void check_rotation_fits(int64_t channels) const;
   at::Tensor decode_ecsq(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device);

@@ -6,6 +6,7 @@
 //   [sample kinds]  B x u8 (0 delta, 1 full)            aqsgd
 //   [bit map]       ceil(C / 2) bytes, 4 bits/channel   amaq, when kFlagBitMap (else the map of packet map_id)
 //   [ranges]        groups x (lo, hi) fp16              fixed, amaq (relative to `scale`)
+//   [levels, steps] 2^bits x f32, groups x fp16         fixed with kFlagLevels, instead of ranges (levels.h)
 //   [scales]        delta samples x C fp16              aqsgd (relative to `scale`)
 //   [full samples]  full samples x T x C in `dtype`     aqsgd
 //   codes           densely bit-packed (bitpack.h)      fixed, amaq, aqsgd
@@ -35,6 +36,7 @@ enum PacketFlags : uint8_t {
   kFlagBitMap = 1,    ///< the per-channel bit map follows (it changed since the last packet)
   kFlagHadamard = 2,  ///< fixed, amaq: codes are of each range group Hadamard-rotated (quant/rotation.h)
   kFlagEntropy = 4,   ///< fixed, amaq: entropy-coded codes (quant/entropy.h) replace the packed codes
+  kFlagLevels = 8,    ///< fixed: non-uniform levels (quant/levels.h): levels and steps replace the ranges
 };
 
 #pragma pack(push, 1)

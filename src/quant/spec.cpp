@@ -18,9 +18,10 @@ namespace {
 
 const char* kSpecHint =
     "codecs are none:fp32|bf16|fp16, "
-    "fixed:bits=B|map=FILE[,shuffle=SEED][,gran=token|channel|group][,group=G][,round=nearest|stochastic], "
+    "fixed:bits=B|map=FILE[,shuffle=SEED][,gran=token|channel|group][,group=G][,round=nearest|stochastic]"
+    "[,levels=uniform|nf|lloyd][,rot=hadamard][,ec=zstd], "
     "amaq:budget=B|auto[,floor=F,bmin=,bmax=,init=,alpha=,beta=,mode=guaranteed|penalty|stop,decay=N,gran=,group=], "
-    "aqsgd:bits=B";
+    "aqsgd:bits=B, ecsq:bits=B[,rot=hadamard,group=G]";
 
 [[noreturn]] void bad(const std::string& text, const std::string& why) {
   throw Error("codec '" + text + "': " + why, kSpecHint);
@@ -153,6 +154,10 @@ CodecSpec CodecSpec::parse(const std::string& text) {
           one_of<Rounding>(text, k, v, {{"nearest", Rounding::kNearest}, {"stochastic", Rounding::kStochastic}});
     } else if (k == "rot" && (affine || ecsq)) {
       s.hadamard = one_of<bool>(text, k, v, {{"none", false}, {"hadamard", true}});
+    } else if (k == "levels" && s.codec == CodecId::kFixed) {
+      s.levels = one_of<LevelKind>(
+          text, k, v,
+          {{"uniform", LevelKind::kUniform}, {"nf", LevelKind::kNormalFloat}, {"lloyd", LevelKind::kLloyd}});
     } else if (k == "ec" && affine) {
       s.entropy = one_of<bool>(text, k, v, {{"none", false}, {"zstd", true}});
       if (s.entropy && !entropy_coding_built()) bad(text, "ec=zstd needs a build with libzstd (libzstd-dev)");
@@ -185,6 +190,13 @@ CodecSpec CodecSpec::parse(const std::string& text) {
   if (s.shuffle >= 0 && s.map_path.empty()) bad(text, "shuffle needs map=FILE");
   if (s.hadamard && (s.granularity != Granularity::kGroup || !is_power_of_two(s.group)))
     bad(text, "rot=hadamard rotates range groups: it needs gran=group with a power-of-two group (e.g. group=128)");
+  if (s.levels != LevelKind::kUniform) {
+    if (!s.map_path.empty()) bad(text, "levels= takes one width for every channel: give bits=B, not map=");
+    if (s.rounding != Rounding::kNearest) bad(text, "levels= rounds to the nearest level: drop round=stochastic");
+    if (s.granularity == Granularity::kChannel)
+      bad(text, "levels= needs gran=token or gran=group (one step per token or group)");
+    if (s.levels == LevelKind::kNormalFloat && s.bits < 2) bad(text, "levels=nf needs bits=2 or more");
+  }
   if (!s.map_path.empty()) {
     s.map = read_map(text, s.map_path);
     if (s.shuffle >= 0) shuffle_map(s.map, static_cast<uint64_t>(s.shuffle));
@@ -225,7 +237,11 @@ std::string CodecSpec::to_string() const {
               ? fmt::format("bits={}", bits)
               : "map=sha256:" +
                     sha256_hex(std::string_view(reinterpret_cast<const char*>(map.data()), map.size())).substr(0, 16);
-      return fmt::format("fixed:{},{},round={}", widths, g, rounding == Rounding::kNearest ? "nearest" : "stochastic");
+      const char* lv = levels == LevelKind::kNormalFloat ? ",levels=nf"
+                       : levels == LevelKind::kLloyd     ? ",levels=lloyd"
+                                                         : "";
+      return fmt::format("fixed:{},{},round={}{}", widths, g, rounding == Rounding::kNearest ? "nearest" : "stochastic",
+                         lv);
     }
     case CodecId::kAmaq:
       return fmt::format("amaq:budget={},bmin={},bmax={},init={},alpha={},beta={},mode={},decay={},{}",

@@ -9,6 +9,9 @@
 //   rot=hadamard (fixed, amaq): each range group of channels Hadamard-rotated first (quant/rotation.h);
 //                               needs gran=group with a power-of-two group
 //   ec=zstd (fixed, amaq): the codes entropy-coded (quant/entropy.h) where that makes the packet smaller
+//   levels=nf|lloyd (fixed): non-uniform levels, one step per range group (quant/levels.h): QLoRA's
+//                            NormalFloat over the group's max |x|, or Lloyd-Max levels fitted to the
+//                            tensor over the group's root mean square; needs gran=token or group
 //   aqsgd:bits=4
 //   ecsq:bits=4[,rot=hadamard,group=128]   entropy-coded scalar quantization at about `bits` bits per
 //                                         element on Gaussian data (quant/ecsq.h)
@@ -18,6 +21,7 @@
 #include <vector>
 
 #include "quant/affine.h"
+#include "quant/levels.h"
 
 namespace amaq::quant {
 
@@ -41,8 +45,9 @@ struct CodecSpec {
   Granularity granularity = Granularity::kGroup;
   int64_t group = 128;
   Rounding rounding = Rounding::kNearest;
-  bool hadamard = false;  ///< rot=hadamard: rotate each range group before quantizing
-  bool entropy = false;   ///< ec=zstd: entropy-code the codes
+  bool hadamard = false;                   ///< rot=hadamard: rotate each range group before quantizing
+  bool entropy = false;                    ///< ec=zstd: entropy-code the codes
+  LevelKind levels = LevelKind::kUniform;  ///< fixed: levels=nf|lloyd
   // amaq
   double budget = 4.0;  ///< target mean bits per element (fractional allowed)
   /// budget=auto: `budget` is chosen while training (starting at bits_init), never below budget_floor.

@@ -1,0 +1,244 @@
+#include "quant/levels.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "quant/multiversion.h"
+
+// Like affine.cpp, the loops marked AMAQ_MULTIVERSION compute lane by lane what the scalar code
+// computes (no fused multiply-add, no reassociation), so every version and the reference write the
+// same bytes.
+namespace amaq::quant {
+namespace {
+
+constexpr int kMaxBits = 8;
+
+double normal_cdf(double x) {
+  return 0.5 * std::erfc(-x / std::sqrt(2.0));
+}
+// The p-quantile of N(0, 1), 0 < p < 1, by bisection: slow, exact to double precision, the same everywhere.
+double normal_quantile(double p) {
+  double lo = -40, hi = 40;
+  for (int i = 0; i < 200 && hi - lo > 0; ++i) {
+    const double mid = 0.5 * (lo + hi);
+    (normal_cdf(mid) < p ? lo : hi) = mid;
+  }
+  return 0.5 * (lo + hi);
+}
+
+// Midpoints between neighbouring levels: an element's code is the number of them below it.
+std::vector<float> thresholds_of(const std::vector<float>& levels) {
+  std::vector<float> t(levels.size() - 1);
+  for (size_t i = 0; i + 1 < levels.size(); ++i) t[i] = (levels[i] + levels[i + 1]) * 0.5f;
+  return t;
+}
+
+typedef float F16 __attribute__((vector_size(64)));
+typedef int32_t I16 __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+
+// max |p[i]| over [0, n): 16 lanes, then in order (the same value whatever the order).
+AMAQ_MULTIVERSION float group_absmax(const float* p, int64_t n) {
+  F16 acc = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    F16 v;
+    std::memcpy(&v, p + i, sizeof v);
+    const F16 a = v < 0 ? -v : v;
+    acc = a > acc ? a : acc;
+  }
+  float r = 0.0f;
+  for (int j = 0; j < kLanes; ++j) r = acc[j] > r ? acc[j] : r;
+  for (; i < n; ++i) r = std::fabs(p[i]) > r ? std::fabs(p[i]) : r;
+  return r;
+}
+
+// The codes of p[0, n) * inv against the K - 1 ascending thresholds t: how many lie below each value.
+AMAQ_MULTIVERSION void code_run(const float* p, int64_t n, float inv, const float* t, int K, uint8_t* codes) {
+  int64_t i = 0;
+  if (K <= 16) {
+    for (; i + kLanes <= n; i += kLanes) {
+      F16 v;
+      std::memcpy(&v, p + i, sizeof v);
+      const F16 u = v * inv;
+      I16 c = {};
+      for (int j = 0; j + 1 < K; ++j) c -= (u > t[j]);  // a true comparison is -1
+      for (int l = 0; l < kLanes; ++l) codes[i + l] = static_cast<uint8_t>(c[l]);
+    }
+    for (; i < n; ++i) {
+      const float u = p[i] * inv;
+      int c = 0;
+      for (int j = 0; j + 1 < K; ++j) c += u > t[j];
+      codes[i] = static_cast<uint8_t>(c);
+    }
+    return;
+  }
+  for (; i < n; ++i) {  // a branch-free binary search over the K - 1 thresholds
+    const float u = p[i] * inv;
+    int c = 0;
+    for (int s = K / 2; s >= 1; s /= 2) c += (u > t[c + s - 1]) ? s : 0;
+    codes[i] = static_cast<uint8_t>(c);
+  }
+}
+
+AMAQ_MULTIVERSION void decode_run(const uint8_t* codes, int64_t n, const float* levels, float step, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = levels[codes[i]] * step;
+}
+
+// The reference's code search: walk up the thresholds.
+uint8_t code_ref(float u, const std::vector<float>& t) {
+  size_t c = 0;
+  while (c < t.size() && u > t[c]) ++c;
+  return static_cast<uint8_t>(c);
+}
+
+struct Groups {
+  int64_t rows, cols, size, per_row;
+  int64_t count() const { return rows * per_row; }
+  int64_t start(int64_t g) const { return (g / per_row) * cols + (g % per_row) * size; }
+  int64_t length(int64_t g) const { return std::min(size, cols - (g % per_row) * size); }
+  int64_t of(int64_t i) const { return (i / cols) * per_row + (i % cols) / size; }
+};
+
+Groups groups_of(const AffineLayout& layout) {
+  TORCH_CHECK(layout.granularity != Granularity::kChannel, "non-uniform levels take token or group ranges");
+  const int64_t size = layout.granularity == Granularity::kToken ? std::max<int64_t>(layout.cols, 1) : layout.group;
+  TORCH_CHECK(size > 0, "group size must be positive");
+  return Groups{layout.rows, layout.cols, size, (layout.cols + size - 1) / size};
+}
+
+// Lloyd's algorithm on a fixed sample of the normalised elements u, weighted by their groups' squared
+// steps, from `levels`: the codebook that (locally) minimises the sample's squared error in x. At
+// most 30 rounds: from NormalFloat, on Gaussian data the error is within 1% of the fixed point.
+std::vector<float> fit_levels(const float* x, int64_t n, const Groups& gs, const std::vector<float>& step,
+                              const std::vector<float>& inv, std::vector<float> levels, bool fast) {
+  const int64_t S = std::min<int64_t>(n, int64_t{1} << 16);
+  std::vector<float> u(S);
+  std::vector<double> w(S);
+  for (int64_t k = 0; k < S; ++k) {
+    const int64_t i = k * n / S, g = gs.of(i);
+    u[k] = x[i] * inv[g];
+    w[k] = static_cast<double>(step[g]) * static_cast<double>(step[g]);
+  }
+  const int K = static_cast<int>(levels.size());
+  std::vector<uint8_t> codes(S);
+  for (int it = 0; it < 30; ++it) {
+    const std::vector<float> t = thresholds_of(levels);
+    if (fast) {
+      code_run(u.data(), S, 1.0f, t.data(), K, codes.data());
+    } else {
+      for (int64_t k = 0; k < S; ++k) codes[k] = code_ref(u[k], t);
+    }
+    std::vector<double> sum(K, 0.0), weight(K, 0.0);
+    for (int64_t k = 0; k < S; ++k) {
+      sum[codes[k]] += w[k] * static_cast<double>(u[k]);
+      weight[codes[k]] += w[k];
+    }
+    bool moved = false;
+    for (int c = 0; c < K; ++c) {
+      if (!(weight[c] > 0)) continue;  // an empty cell keeps its level (it lies between its neighbours)
+      const auto l = static_cast<float>(sum[c] / weight[c]);
+      moved |= l != levels[c];
+      levels[c] = l;
+    }
+    if (!moved) break;
+  }
+  return levels;
+}
+
+}  // namespace
+
+std::vector<float> normal_float_levels(int bits) {
+  TORCH_CHECK(bits >= 2 && bits <= kMaxBits, "NormalFloat levels take 2 to 8 bits, got ", bits);
+  const int K = 1 << bits, P = K / 2, N = K / 2 - 1;  // P above zero, N below, and zero
+  const double offset = 1.0 - 0.5 * (1.0 / (2.0 * K) + 1.0 / (2.0 * (K - 1)));
+  std::vector<double> v{0.0};
+  for (int i = 0; i < P; ++i) v.push_back(normal_quantile(offset + (0.5 - offset) * i / P));
+  for (int i = 0; i < N; ++i) v.push_back(-normal_quantile(offset + (0.5 - offset) * i / N));
+  std::sort(v.begin(), v.end());
+  std::vector<float> levels;
+  for (double d : v) levels.push_back(static_cast<float>(d / v.back()));
+  return levels;
+}
+
+LevelQuant level_quantize(const at::Tensor& x, const AffineLayout& layout, LevelKind kind, int bits, bool fast,
+                          at::Tensor* decoded) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "expected contiguous fp32 (rows, cols)");
+  TORCH_CHECK(kind != LevelKind::kUniform, "uniform levels are the affine quantizer's (affine.h)");
+  TORCH_CHECK(bits >= 1 && bits <= kMaxBits && (bits >= 2 || kind == LevelKind::kLloyd), "no ", bits, "-bit levels");
+  const Groups gs = groups_of(layout);
+  const int64_t G = gs.count(), n = x.numel();
+  const float* xp = x.data_ptr<float>();
+  LevelQuant q;
+  // NormalFloat, where lloyd starts too (1 bit: the two halves' midpoints).
+  q.levels = bits >= 2 ? normal_float_levels(bits) : std::vector<float>{-0.5f, 0.5f};
+  const auto per_group = [&](const auto& f) {  // f(g) for every group; threads over rows when fast
+    if (!fast) {
+      for (int64_t g = 0; g < G; ++g) f(g);
+      return;
+    }
+    at::parallel_for(0, gs.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(gs.cols, 1)),
+                     [&](int64_t r0, int64_t r1) {
+                       for (int64_t g = r0 * gs.per_row; g < r1 * gs.per_row; ++g) f(g);
+                     });
+  };
+
+  // Each group's step: its max |x| or root mean square, as fp16 relative to the largest.
+  std::vector<float> stat(G), step(G), inv(G);
+  per_group([&](int64_t g) { stat[g] = group_absmax(xp + gs.start(g), gs.length(g)); });
+  float largest = 0.0f;
+  for (float s : stat) largest = s > largest ? s : largest;
+  q.scale = largest > 0 ? largest : 1.0f;
+  q.step.resize(G);
+  for (int64_t g = 0; g < G; ++g) {
+    q.step[g] = half_bits_rounded(stat[g] / q.scale, /*up=*/true);
+    step[g] = half_bits_to_float(q.step[g]) * q.scale;
+    inv[g] = step[g] > 0 ? 1.0f / step[g] : 0.0f;
+  }
+  if (kind == LevelKind::kLloyd && n > 0) q.levels = fit_levels(xp, n, gs, step, inv, q.levels, fast);
+
+  const std::vector<float> t = thresholds_of(q.levels);
+  const int K = static_cast<int>(q.levels.size());
+  q.codes = at::empty({gs.rows, gs.cols}, at::kByte);
+  uint8_t* cp = q.codes.data_ptr<uint8_t>();
+  float* dp = nullptr;
+  if (decoded) {
+    *decoded = at::empty({gs.rows, gs.cols}, at::kFloat);
+    dp = decoded->data_ptr<float>();
+  }
+  per_group([&](int64_t g) {
+    const int64_t s = gs.start(g), len = gs.length(g);
+    if (fast) {
+      code_run(xp + s, len, inv[g], t.data(), K, cp + s);
+      if (dp) decode_run(cp + s, len, q.levels.data(), step[g], dp + s);
+      return;
+    }
+    for (int64_t i = s; i < s + len; ++i) {
+      cp[i] = code_ref(xp[i] * inv[g], t);
+      if (dp) dp[i] = q.levels[cp[i]] * step[g];
+    }
+  });
+  return q;
+}
+
+at::Tensor level_dequantize(const LevelQuant& q, const AffineLayout& layout) {
+  const Groups gs = groups_of(layout);
+  TORCH_CHECK(static_cast<int64_t>(q.step.size()) == gs.count(), "one step per range group");
+  at::Tensor out = at::empty({gs.rows, gs.cols}, at::kFloat);
+  const uint8_t* cp = q.codes.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, gs.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(gs.cols, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t g = r0 * gs.per_row; g < r1 * gs.per_row; ++g) {
+                       const float step = half_bits_to_float(q.step[g]) * q.scale;
+                       decode_run(cp + gs.start(g), gs.length(g), q.levels.data(), step, op + gs.start(g));
+                     }
+                   });
+  return out;
+}
+
+}  // namespace amaq::quant
