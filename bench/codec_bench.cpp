@@ -211,6 +211,8 @@ const char* kCodecs[] = {"none:bf16",
                          "fixed:bits=4,group=128",
                          "fixed:bits=4,group=128,rot=hadamard",
                          "fixed:bits=4,group=128,ec=zstd",
+                         "fixed:bits=4,group=128,levels=nf",
+                         "fixed:bits=4,group=128,levels=lloyd",
                          "fixed:bits=4,gran=token",
                          "amaq:budget=4,group=128",
                          "aqsgd:bits=4",
@@ -228,9 +230,11 @@ int register_all() {
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
   }
-  for (const char* c :
-       {"fixed:bits=3,group=128", "fixed:bits=4,group=128", "fixed:bits=4,group=128,ec=zstd",
-        "fixed:bits=3,gran=token,ec=zstd", "fixed:bits=4,gran=token,ec=zstd", "ecsq:bits=3", "ecsq:bits=4"}) {
+  for (const char* c : {"fixed:bits=3,group=128", "fixed:bits=4,group=128", "fixed:bits=4,group=128,ec=zstd",
+                        "fixed:bits=3,gran=token,ec=zstd", "fixed:bits=4,gran=token,ec=zstd",
+                        "fixed:bits=2,group=128,levels=lloyd", "fixed:bits=3,group=128,levels=lloyd",
+                        "fixed:bits=4,group=128,levels=lloyd", "fixed:bits=4,group=128,levels=lloyd,ec=zstd",
+                        "fixed:bits=4,group=128,levels=nf", "ecsq:bits=3", "ecsq:bits=4"}) {
     benchmark::RegisterBenchmark((std::string("rd/") + c).c_str(), BM_RateDistortion, std::string(c))
         ->Unit(benchmark::kMillisecond)
         ->Iterations(1);

@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "quant/multiversion.h"
+#include "quant/rotation.h"
 
 // The hot loops (AMAQ_MULTIVERSION) keep the reference's arithmetic operation for operation: IEEE
 // division, no reciprocal, no fused multiply-add, so every version writes the same bytes. Every
@@ -272,14 +273,45 @@ inline void for_row_groups(const AffineLayout& L, int64_t r, const F& f) {
 
 }  // namespace
 
+namespace {
+
+// max |H x| over x's rotated groups of `block` channels (x checked finite): the scale that
+// block_hadamard then checked_max_abs give, without the rotated copy.
+float rotated_max_abs(const float* xp, int64_t rows, int64_t cols, int64_t block) {
+  std::vector<float> row_max(static_cast<size_t>(rows), 0.0f);
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(static_cast<size_t>(block));
+    int64_t bad = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c0 = 0; c0 < cols; c0 += block) {
+        hadamard_block(xp + r * cols + c0, buf.data(), block);
+        row_max[r] = std::max(row_max[r], max_abs_run(buf.data(), block, &bad));
+      }
+    }
+  });
+  float m = 0.0f;
+  for (float v : row_max) m = std::max(m, v);
+  return m;
+}
+
+}  // namespace
+
 AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
-                            uint64_t seed, at::Tensor* decoded) {
+                            uint64_t seed, at::Tensor* decoded, int64_t rotation_block) {
   check_input(x, bits, layout);
   const int64_t rows = layout.rows, cols = layout.cols, G = layout.num_groups();
   const float* xp = x.data_ptr<float>();
   const uint8_t* b = bits.data_ptr<uint8_t>();
   AffineQuant q;
-  q.scale = tensor_scale(checked_max_abs(x));
+  if (rotation_block > 0) {
+    TORCH_CHECK(rounding == Rounding::kNearest && layout.granularity == Granularity::kGroup &&
+                    layout.group == rotation_block && is_power_of_two(rotation_block) && cols % rotation_block == 0,
+                "a rotated encoding needs nearest rounding and power-of-two groups of the rotation's size");
+    checked_max_abs(x);  // NaN/Inf named where they are in x, not spread over a rotated group
+    q.scale = tensor_scale(rotated_max_abs(xp, rows, cols, rotation_block));
+  } else {
+    q.scale = tensor_scale(checked_max_abs(x));
+  }
   const float scale = q.scale;
   q.lo = at::empty({G}, at::kHalf);
   q.hi = at::empty({G}, at::kHalf);
@@ -288,7 +320,7 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
   q.codes = at::empty({rows, cols}, at::kByte);
   uint8_t* out = q.codes.data_ptr<uint8_t>();
 
-  if (rounding == Rounding::kNearest && layout.granularity != Granularity::kChannel) {
+  if (rotation_block > 0 || (rounding == Rounding::kNearest && layout.granularity != Granularity::kChannel)) {
     // One pass: each group's range, codes and decoded values while it is in cache.
     const std::vector<float> levels = levels_of(b, cols);
     float* dp = nullptr;
@@ -297,16 +329,22 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
       dp = decoded->data_ptr<float>();
     }
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      std::vector<float> rotated(static_cast<size_t>(rotation_block));
       for (int64_t r = r0; r < r1; ++r) {
         for_row_groups(layout, r, [&](int64_t row, int64_t c0, int64_t c1, int64_t g) {
           const float* p = xp + row * cols + c0;
+          if (rotation_block > 0) {  // the group rotated, in cache
+            hadamard_block(p, rotated.data(), rotation_block);
+            p = rotated.data();
+          }
           float mn, mx;
           range_run(p, c1 - c0, &mn, &mx);
           lo16[g] = half_bits_rounded(mn / scale, false);
           hi16[g] = half_bits_rounded(mx / scale, true);
           const float lo = half_bits_to_float(lo16[g]) * scale, hi = half_bits_to_float(hi16[g]) * scale;
-          quantize_run(p, levels.data() + c0, c1 - c0, lo, hi, out + row * cols + c0,
-                       dp ? dp + row * cols + c0 : nullptr);
+          float* d = dp ? dp + row * cols + c0 : nullptr;
+          quantize_run(p, levels.data() + c0, c1 - c0, lo, hi, out + row * cols + c0, d);
+          if (d && rotation_block > 0) hadamard_block(d, d, rotation_block);  // rotated back
         });
       }
     });

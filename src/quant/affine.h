@@ -55,8 +55,12 @@ at::Tensor affine_dequantize_ref(const AffineQuant& q, const at::Tensor& bits, c
 /// its range, its codes and, when `decoded` is given, the decoded values (what
 /// affine_dequantize returns), while the group is in cache; the inner loops are compiled for
 /// AVX-512, AVX2 and plain x86-64 and chosen at run time.
+/// rotation_block > 0 (nearest rounding, group ranges of that size, a power of two): each group is
+/// Hadamard-rotated in cache (rotation.h) before its range and codes, and `decoded` is rotated back:
+/// bit for bit what block_hadamard, this function and block_hadamard_ of the decoded copy give,
+/// without the rotated copy (and NaN/Inf are named where they are in x).
 AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
-                            uint64_t seed, at::Tensor* decoded = nullptr);
+                            uint64_t seed, at::Tensor* decoded = nullptr, int64_t rotation_block = 0);
 at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout);
 
 /// Per-element range start and step (rows, cols) fp32, from the stored ranges: what the gates'

@@ -166,7 +166,7 @@ Encoded Codec::encode(const at::Tensor& x_in, const EncodeArgs& args) {
       (spec_.codec == CodecId::kFixed || spec_.codec == CodecId::kAmaq) && spec_.levels == LevelKind::kUniform;
   if (gpu && (!affine || spec_.hadamard)) {
     if (!at::isfinite(x).all().item<bool>()) checked_max_abs(x.to(at::kCPU, at::kFloat).contiguous());  // names them
-  } else if (!affine || impl_ == Impl::kRef || spec_.hadamard) {
+  } else if (!affine || impl_ == Impl::kRef || (spec_.hadamard && spec_.rounding != Rounding::kNearest)) {
     checked_max_abs(x.scalar_type() == at::kFloat ? x : x.to(at::kFloat));
   }
   Encoded e = encode_dispatch(x, args);
@@ -219,9 +219,12 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
   e.layout = AffineLayout{x_in.numel() / C, C, spec_.granularity, spec_.group};
   e.bits = bits;
   // rot=hadamard: what is quantized is each range group rotated (fp32); what is decoded is rotated back.
+  // The fast CPU quantizer rotates each group in cache; the other paths rotate a copy first.
   check_rotation_fits(C);
   if (spec_.hadamard) e.rotation_block = spec_.group;
-  const at::Tensor x = spec_.hadamard ? block_hadamard(x_in, spec_.group) : x_in;
+  const bool fused_rotation =
+      spec_.hadamard && !x_in.is_cuda() && impl_ == Impl::kFast && spec_.rounding == Rounding::kNearest;
+  const at::Tensor x = spec_.hadamard && !fused_rotation ? block_hadamard(x_in, spec_.group) : x_in;
   // What follows the header and map: the interleaved fp16 (lo, hi) pairs, then the packed codes.
   const char* ranges = nullptr;
   const char* codes = nullptr;
@@ -250,7 +253,8 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
       e.quant = affine_quantize_ref(x2, bits, e.layout, spec_.rounding, args.seed);
       if (args.want_decoded) deq = affine_dequantize_ref(e.quant, bits, e.layout);
     } else {
-      e.quant = affine_quantize(x2, bits, e.layout, spec_.rounding, args.seed, args.want_decoded ? &deq : nullptr);
+      e.quant = affine_quantize(x2, bits, e.layout, spec_.rounding, args.seed, args.want_decoded ? &deq : nullptr,
+                                fused_rotation ? spec_.group : 0);
     }
     if (args.want_decoded) e.decoded = deq.view(x.sizes()).to(x.scalar_type());
     pairs = at::stack({e.quant.lo, e.quant.hi}, 1).contiguous();
@@ -258,7 +262,7 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
     code_bytes = packed_bytes(e.layout.rows, bits);  // packed below, unless entropy coding wins
   }
 
-  if (spec_.hadamard && e.decoded.defined()) {
+  if (spec_.hadamard && !fused_rotation && e.decoded.defined()) {
     block_hadamard_(e.decoded, spec_.group);  // in place where it can: this copy is the codec's own
     e.decoded = e.decoded.to(x_in.scalar_type()).view(x_in.sizes());
   }

@@ -4,8 +4,12 @@
 #include <zstd.h>
 #endif
 
+#include <ATen/Parallel.h>
+
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "core/error.h"
 #include "quant/packet.h"
@@ -34,84 +38,155 @@ namespace {
 // which quantized activations hardly have, for several times the time.
 constexpr int kLevel = 1;
 
-// What zstd sees: one frame per width present (each with its own Huffman table: codes of different
-// widths follow different distributions, and one table for all of them costs more than packing),
-// holding that width's channels one after another (a channel's codes share one distribution); where
-// the width is at most 4, two consecutive codes of a channel share a byte (Huffman spends at least a
-// bit per symbol: on 3-bit codes alone it wastes ~0.4 bit, on pairs far less). Each frame is preceded
-// by its size (u32).
+// What zstd sees: per width present, one stream (its own Huffman tables: codes of different widths
+// follow different distributions, and one table for all of them costs more than packing), holding
+// that width's channels one after another (a channel's codes share one distribution); where the width
+// is at most 4, two consecutive codes of a channel share a byte (Huffman spends at least a bit per
+// symbol: on 3-bit codes alone it wastes ~0.4 bit, on pairs far less). The stream goes as
+// independent zstd frames of kChunk bytes (the last shorter), compressed and decompressed in
+// parallel, preceded by their total size (u32). The chunking does not depend on the thread count.
+constexpr int64_t kChunk = int64_t{1} << 20;
+
 int64_t stream_bytes(int64_t channels, int64_t rows, int width) {
   return channels * (width <= 4 ? (rows + 1) / 2 : rows);
+}
+
+// The channels of width w, in order.
+std::vector<int64_t> channels_of(const uint8_t* bits, int64_t C, int w) {
+  std::vector<int64_t> idx;
+  for (int64_t c = 0; c < C; ++c)
+    if (bits[c] == w) idx.push_back(c);
+  return idx;
 }
 
 }  // namespace
 
 std::string entropy_encode(const at::Tensor& codes_in, const at::Tensor& bits_in) {
-  const at::Tensor codes = codes_in.to(at::kByte).contiguous(), bits = bits_in.to(at::kCPU, at::kLong);
-  const int64_t rows = codes.size(0);
+  const at::Tensor codes = codes_in.to(at::kByte).contiguous(), bits = bits_in.to(at::kCPU, at::kByte).contiguous();
+  const int64_t rows = codes.size(0), C = codes.size(1);
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
   std::string out;
   for (int w = 1; w <= 8; ++w) {
-    const at::Tensor idx = (bits == w).nonzero().reshape({-1});
-    if (idx.numel() == 0) continue;
-    at::Tensor stream = codes.index_select(1, idx).t();  // (channels, rows)
-    if (w <= 4) {
-      if (rows % 2) stream = at::constant_pad_nd(stream, {0, 1});
-      stream = stream.reshape({-1, 2});
-      stream = stream.select(1, 0) + stream.select(1, 1) * 16;  // no carry: both are < 16
+    const std::vector<int64_t> idx = channels_of(bits.data_ptr<uint8_t>(), C, w);
+    if (idx.empty()) continue;
+    const int64_t K = static_cast<int64_t>(idx.size()), per = w <= 4 ? (rows + 1) / 2 : rows;
+    std::vector<uint8_t> stream(static_cast<size_t>(K * per));
+    at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {  // channel by channel, two codes a byte
+      for (int64_t k = k0; k < k1; ++k) {
+        const uint8_t* col = cp + idx[k];
+        uint8_t* s = stream.data() + k * per;
+        if (w > 4) {
+          for (int64_t r = 0; r < rows; ++r) s[r] = col[r * C];
+          continue;
+        }
+        for (int64_t r = 0; r + 1 < rows; r += 2) s[r / 2] = static_cast<uint8_t>(col[r * C] | col[(r + 1) * C] << 4);
+        if (rows % 2) s[rows / 2] = col[(rows - 1) * C];
+      }
+    });
+    const int64_t n = K * per, chunks = (n + kChunk - 1) / kChunk;
+    std::vector<std::string> frames(static_cast<size_t>(chunks));
+    at::parallel_for(0, chunks, 1, [&](int64_t f0, int64_t f1) {
+      for (int64_t f = f0; f < f1; ++f) {
+        const size_t len = static_cast<size_t>(std::min(kChunk, n - f * kChunk));
+        std::string& frame = frames[f];
+        frame.resize(ZSTD_compressBound(len));
+        const size_t got = ZSTD_compress(frame.data(), frame.size(), stream.data() + f * kChunk, len, kLevel);
+        if (ZSTD_isError(got)) {  // only for lack of memory
+          frame.clear();
+          continue;
+        }
+        frame.resize(got);
+      }
+    });
+    size_t total = 0;
+    for (const std::string& f : frames) {
+      if (f.empty()) throw Error("zstd could not compress the codes", "the machine may be out of memory");
+      total += f.size();
     }
-    stream = stream.contiguous();
-    std::string frame(ZSTD_compressBound(static_cast<size_t>(stream.numel())), '\0');
-    const size_t n =
-        ZSTD_compress(frame.data(), frame.size(), stream.data_ptr(), static_cast<size_t>(stream.numel()), kLevel);
-    if (ZSTD_isError(n)) throw Error(std::string("zstd could not compress the codes: ") + ZSTD_getErrorName(n), "");
-    const auto size = static_cast<uint32_t>(n);
+    if (total > UINT32_MAX) throw Error("the entropy-coded codes of one width exceed 4 GiB", "send smaller tensors");
+    const auto size = static_cast<uint32_t>(total);
     out.append(reinterpret_cast<const char*>(&size), sizeof size);
-    out.append(frame.data(), n);
+    for (const std::string& f : frames) out += f;
   }
   return out;
 }
 
 at::Tensor entropy_decode(const uint8_t* data, int64_t size, int64_t rows, const at::Tensor& bits_in) {
-  const at::Tensor bits = bits_in.to(at::kCPU, at::kLong);
-  at::Tensor codes = at::empty({rows, bits.numel()}, at::kByte);
+  const at::Tensor bits = bits_in.to(at::kCPU, at::kByte).contiguous();
+  const int64_t C = bits.numel();
+  at::Tensor codes = at::empty({rows, C}, at::kByte);
+  uint8_t* cp = codes.data_ptr<uint8_t>();
   int64_t at_byte = 0;
   for (int w = 1; w <= 8; ++w) {
-    const at::Tensor idx = (bits == w).nonzero().reshape({-1});
-    if (idx.numel() == 0) continue;
+    const std::vector<int64_t> idx = channels_of(bits.data_ptr<uint8_t>(), C, w);
+    if (idx.empty()) continue;
     uint32_t n = 0;
     if (at_byte + 4 > size)
-      throw PacketError("the entropy-coded codes end before the frame of width " + std::to_string(w));
+      throw PacketError("the entropy-coded codes end before the frames of width " + std::to_string(w));
     std::memcpy(&n, data + at_byte, 4);
     at_byte += 4;
     if (n > size - at_byte) throw PacketError("an entropy-coded frame runs past the packet");
-    const int64_t expect = stream_bytes(idx.numel(), rows, w);
-    const unsigned long long content = ZSTD_getFrameContentSize(data + at_byte, n);
-    if (content == ZSTD_CONTENTSIZE_ERROR || content == ZSTD_CONTENTSIZE_UNKNOWN ||
-        content != static_cast<unsigned long long>(expect)) {
-      throw PacketError("the entropy-coded codes of width " + std::to_string(w) + " are not a zstd frame of " +
-                        std::to_string(expect) + " bytes");
-    }
-    at::Tensor stream = at::empty({expect}, at::kByte);
-    const size_t got = ZSTD_decompress(stream.data_ptr(), static_cast<size_t>(expect), data + at_byte, n);
-    if (ZSTD_isError(got) || got != static_cast<size_t>(expect))
-      throw PacketError(std::string("the entropy-coded codes do not decompress: ") +
-                        (ZSTD_isError(got) ? ZSTD_getErrorName(got) : "short"));
-    at_byte += n;
-    at::Tensor col;  // (channels, rows)
-    if (w <= 4) {
-      const at::Tensor pairs = stream.view({idx.numel(), (rows + 1) / 2});
-      col = at::stack({pairs.remainder(16), pairs.div(16, "floor")}, 2).view({idx.numel(), -1});
-      if (rows % 2) {
-        if (col.select(1, rows).ne(0).any().item<bool>())
-          throw PacketError("an entropy-coded padding code is not zero");
-        col = col.narrow(1, 0, rows);
+    const int64_t K = static_cast<int64_t>(idx.size()), per = w <= 4 ? (rows + 1) / 2 : rows;
+    const int64_t expect = stream_bytes(K, rows, w), chunks = (expect + kChunk - 1) / kChunk;
+    // The frames: each must hold its chunk of the stream, and together they must fill the n bytes.
+    std::vector<std::pair<int64_t, int64_t>> frames;  // (offset, compressed size)
+    for (int64_t f = 0, off = at_byte; f < chunks; ++f) {
+      const int64_t left = at_byte + n - off, want = std::min(kChunk, expect - f * kChunk);
+      const size_t len = left > 0 ? ZSTD_findFrameCompressedSize(data + off, static_cast<size_t>(left)) : 0;
+      const unsigned long long content = left > 0 && !ZSTD_isError(len) ? ZSTD_getFrameContentSize(data + off, len) : 0;
+      if (left <= 0 || ZSTD_isError(len) || content != static_cast<unsigned long long>(want)) {
+        throw PacketError("the entropy-coded codes of width " + std::to_string(w) + " are not " +
+                          std::to_string(chunks) + " zstd frames of " + std::to_string(expect) + " bytes in all");
       }
-    } else {
-      col = stream.view({idx.numel(), rows});
+      frames.emplace_back(off, static_cast<int64_t>(len));
+      off += static_cast<int64_t>(len);
+      if (f + 1 == chunks && off != at_byte + n) throw PacketError("bytes left after the entropy-coded frames");
     }
-    // Every code must fit its width, as unpacking a bit stream guarantees by construction.
-    if (col.gt((1 << w) - 1).any().item<bool>()) throw PacketError("an entropy-coded code exceeds its width");
-    codes.index_copy_(1, idx, col.t());
+    std::vector<uint8_t> stream(static_cast<size_t>(expect));
+    std::vector<const char*> failed(frames.size(), nullptr);  // zstd's reason, per frame
+    at::parallel_for(0, chunks, 1, [&](int64_t f0, int64_t f1) {
+      for (int64_t f = f0; f < f1; ++f) {
+        const size_t want = static_cast<size_t>(std::min(kChunk, expect - f * kChunk));
+        const size_t got = ZSTD_decompress(stream.data() + f * kChunk, want, data + frames[f].first,
+                                           static_cast<size_t>(frames[f].second));
+        if (ZSTD_isError(got) || got != want) failed[f] = ZSTD_isError(got) ? ZSTD_getErrorName(got) : "short";
+      }
+    });
+    for (const char* why : failed)
+      if (why) throw PacketError(std::string("the entropy-coded codes do not decompress: ") + why);
+    at_byte += n;
+    // Back to (rows, C), checking what unpacking a bit stream guarantees by construction: every code
+    // fits its width, and an odd row count's padding code is zero.
+    const uint8_t top = static_cast<uint8_t>((1 << w) - 1);
+    std::atomic<bool> too_wide{false}, padding{false};
+    at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
+      bool wide = false;
+      for (int64_t k = k0; k < k1; ++k) {
+        uint8_t* col = cp + idx[k];
+        const uint8_t* s = stream.data() + k * per;
+        if (w > 4) {
+          for (int64_t r = 0; r < rows; ++r) {
+            col[r * C] = s[r];
+            wide |= s[r] > top;
+          }
+          continue;
+        }
+        for (int64_t r = 0; r + 1 < rows; r += 2) {
+          const uint8_t lo = s[r / 2] & 15, hi = s[r / 2] >> 4;
+          col[r * C] = lo;
+          col[(r + 1) * C] = hi;
+          wide |= (lo > top) | (hi > top);
+        }
+        if (rows % 2) {
+          col[(rows - 1) * C] = s[rows / 2] & 15;
+          wide |= (s[rows / 2] & 15) > top;
+          if (s[rows / 2] >> 4) padding = true;
+        }
+      }
+      if (wide) too_wide = true;
+    });
+    if (padding) throw PacketError("an entropy-coded padding code is not zero");
+    if (too_wide) throw PacketError("an entropy-coded code exceeds its width");
   }
   if (at_byte != size) throw PacketError("bytes left after the entropy-coded codes");
   return codes;

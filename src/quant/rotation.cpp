@@ -4,6 +4,8 @@
 
 #include <cmath>
 
+#include "quant/multiversion.h"
+
 namespace amaq::quant {
 
 bool is_power_of_two(int64_t n) {
@@ -21,39 +23,39 @@ float norm_of(int64_t block) {
   return static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
 }
 
-// The transform of `blocks` runs of `block` floats from src into dst (which may be src), each block's
-// passes while it is in cache: the first pass reads src, the others work in place. The same
-// additions in the same order as block_hadamard_ops, so the same bits.
+// The transform of `blocks` runs of `block` floats from src into dst (which may be src), each in cache.
 void hadamard_blocks(const float* src, float* dst, int64_t blocks, int64_t block) {
-  const float norm = norm_of(block);
   at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* s = src + b * block;
-      float* v = dst + b * block;
-      if (block == 1) {
-        v[0] = s[0] * norm;
-        continue;
-      }
-      for (int64_t j = 0; j < block; j += 2) {
-        const float a = s[j], c = s[j + 1];
-        v[j] = a + c;
-        v[j + 1] = a - c;
-      }
-      for (int64_t h = 2; h < block; h *= 2) {
-        for (int64_t i = 0; i < block; i += 2 * h) {
-          for (int64_t j = i; j < i + h; ++j) {
-            const float a = v[j], c = v[j + h];
-            v[j] = a + c;
-            v[j + h] = a - c;
-          }
-        }
-      }
-      for (int64_t j = 0; j < block; ++j) v[j] *= norm;
-    }
+    for (int64_t b = b0; b < b1; ++b) hadamard_block(src + b * block, dst + b * block, block);
   });
 }
 
 }  // namespace
+
+// The first pass reads src, the others work in place: the same additions in the same order as
+// block_hadamard_ops, so the same bits (and in every AMAQ_MULTIVERSION version: lane-wise the same).
+AMAQ_MULTIVERSION void hadamard_block(const float* s, float* v, int64_t block) {
+  const float norm = norm_of(block);
+  if (block == 1) {
+    v[0] = s[0] * norm;
+    return;
+  }
+  for (int64_t j = 0; j < block; j += 2) {
+    const float a = s[j], c = s[j + 1];
+    v[j] = a + c;
+    v[j + 1] = a - c;
+  }
+  for (int64_t h = 2; h < block; h *= 2) {
+    for (int64_t i = 0; i < block; i += 2 * h) {
+      for (int64_t j = i; j < i + h; ++j) {
+        const float a = v[j], c = v[j + h];
+        v[j] = a + c;
+        v[j + h] = a - c;
+      }
+    }
+  }
+  for (int64_t j = 0; j < block; ++j) v[j] *= norm;
+}
 
 at::Tensor block_hadamard(const at::Tensor& x, int64_t block) {
   if (!x.device().is_cpu()) return block_hadamard_ops(x, block);

@@ -16,7 +16,7 @@ namespace amaq::wire {
 
 constexpr uint32_t kFrameMagic = 0x46514D41;  // "AMQF"
 // 2: FORWARD labels in the narrowest integer type; 3: BACKWARD codec time; 4: BACKWARD the FORWARD's arrival time
-constexpr uint16_t kProtocolVersion = 5;
+constexpr uint16_t kProtocolVersion = 6;
 
 /// Message types. Values only ever grow; a reader refuses those it does not know.
 enum class MessageType : uint8_t {

@@ -5,6 +5,9 @@
 #include "quant/entropy.h"
 
 #include <gtest/gtest.h>
+#if AMAQ_HAVE_ZSTD
+#include <zstd.h>
+#endif
 
 #include <cmath>
 #include <cstdio>
@@ -76,6 +79,38 @@ TEST(EntropyCoding, MalformedFramesAreRefused) {
       entropy_decode(reinterpret_cast<const uint8_t*>(wide.data()), static_cast<int64_t>(wide.size()), 4, bits),
       "exceeds its width");
 }
+
+#if AMAQ_HAVE_ZSTD
+// A width's stream longer than a chunk (1 MiB) goes as several frames, coded and decoded in parallel;
+// one frame fewer, or one more, is refused; codes of widths above 4 (a byte each) round-trip too.
+TEST(EntropyCoding, LongStreamsGoAsSeveralFramesAndRoundTrip) {
+  SKIP_WITHOUT_ZSTD();
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  at::Tensor bits = at::full({2048}, 4, at::kByte);
+  bits.narrow(0, 0, 600).fill_(6);  // 600 channels of 6 bits: 1.2 MiB, two frames; the rest 1.4 MiB, two
+  const at::Tensor codes = at::minimum(at::randn({2001, 2048}, gen).abs().mul(3), bits.to(at::kFloat).exp2() - 1)
+                               .to(at::kByte);  // peaked, as quantized activations are
+  const std::string coded = entropy_encode(codes, bits);
+  const auto* p = reinterpret_cast<const uint8_t*>(coded.data());
+  EXPECT_TRUE(at::equal(entropy_decode(p, static_cast<int64_t>(coded.size()), 2001, bits), codes));
+  EXPECT_LT(coded.size(), static_cast<size_t>(2001 * (600 * 6 + 1448 * 4) / 8));
+  // The 4-bit channels' frames (the first width present), with their last frame dropped.
+  uint32_t n4 = 0;
+  std::memcpy(&n4, p, 4);
+  const size_t first = ZSTD_findFrameCompressedSize(p + 4, n4);
+  ASSERT_LT(first, n4);  // more than one frame
+  std::string one_frame = coded.substr(0, 4 + first);
+  const auto len = static_cast<uint32_t>(first);
+  std::memcpy(one_frame.data(), &len, 4);
+  EXPECT_AMAQ_ERROR(entropy_decode(reinterpret_cast<const uint8_t*>(one_frame.data()),
+                                   static_cast<int64_t>(one_frame.size()), 2001, at::full({2048}, 4, at::kByte)),
+                    "are not 2 zstd frames of 2050048 bytes");
+  const std::string wide = entropy_encode(at::full({4, 8}, 40, at::kByte), at::full({8}, 5, at::kByte));
+  EXPECT_AMAQ_ERROR(entropy_decode(reinterpret_cast<const uint8_t*>(wide.data()), static_cast<int64_t>(wide.size()), 4,
+                                   at::full({8}, 5, at::kByte)),
+                    "exceeds its width");
+}
+#endif
 
 // Bits per element after coding against the codes' empirical entropy, and the whole packet against the
 // Gaussian rate-distortion bound 0.5 * log2(1 / NMSE) at the NMSE it reached.

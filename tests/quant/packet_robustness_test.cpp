@@ -41,6 +41,13 @@ std::vector<Case> valid_packets() {
     Codec c(CodecSpec::parse(s));
     out.push_back({s, c.encode(t).packet});
   }
+  // Non-uniform levels: NormalFloat on tokens, a fitted codebook on rotated groups with zstd.
+  for (const auto& [s, t] : {std::pair<std::string, at::Tensor>{"fixed:bits=3,levels=nf,gran=token", x},
+                             {"fixed:bits=4,levels=lloyd,group=8,rot=hadamard,ec=zstd", y}}) {
+    if (s.find("ec=zstd") != std::string::npos && !entropy_coding_built()) continue;
+    Codec c(CodecSpec::parse(s));
+    out.push_back({s, c.encode(t).packet});
+  }
   Codec aq(CodecSpec::parse("aqsgd:bits=3"));
   EncodeArgs a;
   a.sample_ids = {1, 2};

@@ -77,6 +77,10 @@ TEST(BlockHadamard, PacketsDecodeToTheSendersCopy) {
       args.bits = at::randint(2, 7, {256}, gen, at::kByte);
       const Encoded e = Codec(spec).encode(x, args);
       EXPECT_EQ(e.rotation_block, spec.group);
+      // The fast quantizer rotates each group in cache, the reference a rotated copy: the same bytes.
+      const Encoded r = Codec(spec, Impl::kRef).encode(x, args);
+      EXPECT_EQ(r.packet, e.packet);
+      EXPECT_TRUE(at::equal(r.decoded, e.decoded));
       EXPECT_EQ(e.decoded.scalar_type(), dtype);
       EXPECT_TRUE(at::equal(Codec(spec).decode(e.packet), e.decoded));
       EXPECT_TRUE(at::equal(Codec(spec, Impl::kRef).decode(e.packet), e.decoded));
