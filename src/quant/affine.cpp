@@ -275,22 +275,36 @@ inline void for_row_groups(const AffineLayout& L, int64_t r, const F& f) {
 
 namespace {
 
-// max |H x| over x's rotated groups of `block` channels (x checked finite): the scale that
-// block_hadamard then checked_max_abs give, without the rotated copy.
-float rotated_max_abs(const float* xp, int64_t rows, int64_t cols, int64_t block) {
+// max |H x| over x's rotated groups of `block` channels: the scale that block_hadamard then
+// checked_max_abs give, without the rotated copy. Where a rotated value is NaN or Inf, x's own are
+// named (checked_max_abs), or, all finite, the rotation overflowed.
+float rotated_max_abs(const at::Tensor& x, int64_t block) {
+  const float* xp = x.data_ptr<float>();
+  const int64_t rows = x.size(0), cols = x.size(1);
   std::vector<float> row_max(static_cast<size_t>(rows), 0.0f);
+  std::vector<int64_t> row_bad(static_cast<size_t>(rows), 0);
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(static_cast<size_t>(block));
-    int64_t bad = 0;
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t c0 = 0; c0 < cols; c0 += block) {
+        int64_t bad = 0;
         hadamard_block(xp + r * cols + c0, buf.data(), block);
         row_max[r] = std::max(row_max[r], max_abs_run(buf.data(), block, &bad));
+        row_bad[r] += bad;
       }
     }
   });
   float m = 0.0f;
-  for (float v : row_max) m = std::max(m, v);
+  int64_t bad = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    m = std::max(m, row_max[r]);
+    bad += row_bad[r];
+  }
+  if (bad > 0) {
+    checked_max_abs(x);
+    throw Error("rotating the tensor's channel groups overflowed fp32 (values near 3.4e38)",
+                "scale the activations down, or drop rot=hadamard");
+  }
   return m;
 }
 
@@ -307,8 +321,7 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
     TORCH_CHECK(rounding == Rounding::kNearest && layout.granularity == Granularity::kGroup &&
                     layout.group == rotation_block && is_power_of_two(rotation_block) && cols % rotation_block == 0,
                 "a rotated encoding needs nearest rounding and power-of-two groups of the rotation's size");
-    checked_max_abs(x);  // NaN/Inf named where they are in x, not spread over a rotated group
-    q.scale = tensor_scale(rotated_max_abs(xp, rows, cols, rotation_block));
+    q.scale = tensor_scale(rotated_max_abs(x, rotation_block));  // NaN/Inf named where they are in x
   } else {
     q.scale = tensor_scale(checked_max_abs(x));
   }
@@ -397,7 +410,11 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
   return q;
 }
 
-at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout) {
+at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout,
+                             int64_t rotation_block) {
+  TORCH_CHECK(rotation_block == 0 || (layout.granularity == Granularity::kGroup && layout.group == rotation_block &&
+                                      is_power_of_two(rotation_block) && layout.cols % rotation_block == 0),
+              "a rotated decode needs power-of-two groups of the rotation's size");
   const int64_t rows = layout.rows, cols = layout.cols;
   at::Tensor out = at::empty({rows, cols}, at::kFloat);
   float* o = out.data_ptr<float>();
@@ -410,7 +427,9 @@ at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const
     for (int64_t r = r0; r < r1; ++r) {
       for_row_groups(layout, r, [&](int64_t row, int64_t c0, int64_t c1, int64_t g) {
         if (g >= 0) {
-          dequantize_run(codes + row * cols + c0, levels.data() + c0, c1 - c0, lo[g], hi[g], o + row * cols + c0);
+          float* d = o + row * cols + c0;
+          dequantize_run(codes + row * cols + c0, levels.data() + c0, c1 - c0, lo[g], hi[g], d);
+          if (rotation_block > 0) hadamard_block(d, d, rotation_block);  // rotated back while in cache
           return;
         }
         for (int64_t c = c0; c < c1; ++c)  // a range per channel

@@ -61,7 +61,10 @@ at::Tensor affine_dequantize_ref(const AffineQuant& q, const at::Tensor& bits, c
 /// without the rotated copy (and NaN/Inf are named where they are in x).
 AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
                             uint64_t seed, at::Tensor* decoded = nullptr, int64_t rotation_block = 0);
-at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout);
+/// rotation_block > 0 (group ranges of that size): each group rotated back in cache, bit for bit
+/// block_hadamard_ of the plain result.
+at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout,
+                             int64_t rotation_block = 0);
 
 /// Per-element range start and step (rows, cols) fp32, from the stored ranges: what the gates'
 /// gradient needs.

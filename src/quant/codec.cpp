@@ -547,7 +547,9 @@ at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std:
   q.lo = pairs.select(1, 0).contiguous();
   q.hi = pairs.select(1, 1).contiguous();
   q.codes = read_codes(r, h, layout.rows, bits, impl_);  // entropy-coded codes decode on the CPU
-  at::Tensor deq = impl_ == Impl::kRef ? affine_dequantize_ref(q, bits, layout) : affine_dequantize(q, bits, layout);
+  if (impl_ == Impl::kFast)                              // a rotation undone group by group, in cache
+    return affine_dequantize(q, bits, layout, rotated ? layout.group : 0).view(shape).to(device, out_type);
+  at::Tensor deq = affine_dequantize_ref(q, bits, layout);
   return (rotated ? unrotate(deq) : deq.view(shape).to(out_type)).to(device);
 }
 

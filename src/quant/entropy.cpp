@@ -39,16 +39,16 @@ namespace {
 constexpr int kLevel = 1;
 
 // What zstd sees: per width present, one stream (its own Huffman tables: codes of different widths
-// follow different distributions, and one table for all of them costs more than packing), holding
-// that width's channels one after another (a channel's codes share one distribution); where the width
-// is at most 4, two consecutive codes of a channel share a byte (Huffman spends at least a bit per
-// symbol: on 3-bit codes alone it wastes ~0.4 bit, on pairs far less). The stream goes as
+// follow different distributions, and one table for all of them costs more than packing) of that
+// width's codes, row by row; where the width is at most 4, two consecutive codes of the stream share
+// a byte (Huffman spends at least a bit per symbol: on 3-bit codes alone it wastes ~0.4 bit, on
+// pairs far less), the last code's partner a zero where their count is odd. The stream goes as
 // independent zstd frames of kChunk bytes (the last shorter), compressed and decompressed in
 // parallel, preceded by their total size (u32). The chunking does not depend on the thread count.
 constexpr int64_t kChunk = int64_t{1} << 20;
 
-int64_t stream_bytes(int64_t channels, int64_t rows, int width) {
-  return channels * (width <= 4 ? (rows + 1) / 2 : rows);
+int64_t stream_bytes(int64_t codes, int width) {
+  return width <= 4 ? (codes + 1) / 2 : codes;
 }
 
 // The channels of width w, in order.
@@ -59,31 +59,51 @@ std::vector<int64_t> channels_of(const uint8_t* bits, int64_t C, int w) {
   return idx;
 }
 
+// The codes of the channels idx, row by row, from codes (rows, C) into out (rows, K), or back (to_codes).
+void gather(uint8_t* codes, int64_t rows, int64_t C, const std::vector<int64_t>& idx, uint8_t* out, bool to_codes) {
+  const int64_t K = static_cast<int64_t>(idx.size());
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t k = 0; k < K; ++k) {
+        if (to_codes) {
+          codes[r * C + idx[k]] = out[r * K + k];
+        } else {
+          out[r * K + k] = codes[r * C + idx[k]];
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 std::string entropy_encode(const at::Tensor& codes_in, const at::Tensor& bits_in) {
   const at::Tensor codes = codes_in.to(at::kByte).contiguous(), bits = bits_in.to(at::kCPU, at::kByte).contiguous();
   const int64_t rows = codes.size(0), C = codes.size(1);
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
   std::string out;
   for (int w = 1; w <= 8; ++w) {
     const std::vector<int64_t> idx = channels_of(bits.data_ptr<uint8_t>(), C, w);
     if (idx.empty()) continue;
-    const int64_t K = static_cast<int64_t>(idx.size()), per = w <= 4 ? (rows + 1) / 2 : rows;
-    std::vector<uint8_t> stream(static_cast<size_t>(K * per));
-    at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {  // channel by channel, two codes a byte
-      for (int64_t k = k0; k < k1; ++k) {
-        const uint8_t* col = cp + idx[k];
-        uint8_t* s = stream.data() + k * per;
-        if (w > 4) {
-          for (int64_t r = 0; r < rows; ++r) s[r] = col[r * C];
-          continue;
-        }
-        for (int64_t r = 0; r + 1 < rows; r += 2) s[r / 2] = static_cast<uint8_t>(col[r * C] | col[(r + 1) * C] << 4);
-        if (rows % 2) s[rows / 2] = col[(rows - 1) * C];
+    const int64_t K = static_cast<int64_t>(idx.size()), count = rows * K, n = stream_bytes(count, w);
+    // Where every channel has this width, the rows are the stream's codes.
+    std::vector<uint8_t> picked;
+    const uint8_t* flat = codes.data_ptr<uint8_t>();
+    if (K < C) {
+      picked.resize(static_cast<size_t>(count));
+      gather(codes.data_ptr<uint8_t>(), rows, C, idx, picked.data(), false);
+      flat = picked.data();
+    }
+    std::vector<uint8_t> stream(static_cast<size_t>(n));
+    at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+      if (w > 4) {
+        std::memcpy(stream.data() + i0, flat + i0, static_cast<size_t>(i1 - i0));
+        return;
       }
+      for (int64_t i = i0; i < std::min(i1, count / 2); ++i)
+        stream[i] = static_cast<uint8_t>(flat[2 * i] | flat[2 * i + 1] << 4);
+      if (count % 2 && i1 == n) stream[n - 1] = flat[count - 1];
     });
-    const int64_t n = K * per, chunks = (n + kChunk - 1) / kChunk;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
     std::vector<std::string> frames(static_cast<size_t>(chunks));
     at::parallel_for(0, chunks, 1, [&](int64_t f0, int64_t f1) {
       for (int64_t f = f0; f < f1; ++f) {
@@ -115,7 +135,6 @@ at::Tensor entropy_decode(const uint8_t* data, int64_t size, int64_t rows, const
   const at::Tensor bits = bits_in.to(at::kCPU, at::kByte).contiguous();
   const int64_t C = bits.numel();
   at::Tensor codes = at::empty({rows, C}, at::kByte);
-  uint8_t* cp = codes.data_ptr<uint8_t>();
   int64_t at_byte = 0;
   for (int w = 1; w <= 8; ++w) {
     const std::vector<int64_t> idx = channels_of(bits.data_ptr<uint8_t>(), C, w);
@@ -126,8 +145,8 @@ at::Tensor entropy_decode(const uint8_t* data, int64_t size, int64_t rows, const
     std::memcpy(&n, data + at_byte, 4);
     at_byte += 4;
     if (n > size - at_byte) throw PacketError("an entropy-coded frame runs past the packet");
-    const int64_t K = static_cast<int64_t>(idx.size()), per = w <= 4 ? (rows + 1) / 2 : rows;
-    const int64_t expect = stream_bytes(K, rows, w), chunks = (expect + kChunk - 1) / kChunk;
+    const int64_t K = static_cast<int64_t>(idx.size()), count = rows * K;
+    const int64_t expect = stream_bytes(count, w), chunks = (expect + kChunk - 1) / kChunk;
     // The frames: each must hold its chunk of the stream, and together they must fill the n bytes.
     std::vector<std::pair<int64_t, int64_t>> frames;  // (offset, compressed size)
     for (int64_t f = 0, off = at_byte; f < chunks; ++f) {
@@ -156,37 +175,31 @@ at::Tensor entropy_decode(const uint8_t* data, int64_t size, int64_t rows, const
       if (why) throw PacketError(std::string("the entropy-coded codes do not decompress: ") + why);
     at_byte += n;
     // Back to (rows, C), checking what unpacking a bit stream guarantees by construction: every code
-    // fits its width, and an odd row count's padding code is zero.
+    // fits its width, and an odd count's padding code is zero.
+    std::vector<uint8_t> picked(K < C ? static_cast<size_t>(count) : 0);
+    uint8_t* flat = K < C ? picked.data() : codes.data_ptr<uint8_t>();
     const uint8_t top = static_cast<uint8_t>((1 << w) - 1);
-    std::atomic<bool> too_wide{false}, padding{false};
-    at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
-      bool wide = false;
-      for (int64_t k = k0; k < k1; ++k) {
-        uint8_t* col = cp + idx[k];
-        const uint8_t* s = stream.data() + k * per;
-        if (w > 4) {
-          for (int64_t r = 0; r < rows; ++r) {
-            col[r * C] = s[r];
-            wide |= s[r] > top;
-          }
-          continue;
-        }
-        for (int64_t r = 0; r + 1 < rows; r += 2) {
-          const uint8_t lo = s[r / 2] & 15, hi = s[r / 2] >> 4;
-          col[r * C] = lo;
-          col[(r + 1) * C] = hi;
-          wide |= (lo > top) | (hi > top);
-        }
-        if (rows % 2) {
-          col[(rows - 1) * C] = s[rows / 2] & 15;
-          wide |= (s[rows / 2] & 15) > top;
-          if (s[rows / 2] >> 4) padding = true;
-        }
+    const auto over_mask = static_cast<uint8_t>(w > 4 ? ~top : ~(top | top << 4));
+    std::atomic<bool> too_wide{false};
+    at::parallel_for(0, expect, 1 << 16, [&](int64_t i0, int64_t i1) {
+      uint8_t over = 0;  // any bit above the width
+      for (int64_t i = i0; i < i1; ++i) over |= stream[i] & over_mask;
+      if (over) too_wide = true;
+      if (w > 4) {
+        std::memcpy(flat + i0, stream.data() + i0, static_cast<size_t>(i1 - i0));
+        return;
       }
-      if (wide) too_wide = true;
+      for (int64_t i = i0; i < std::min(i1, count / 2); ++i) {
+        flat[2 * i] = stream[i] & 15;
+        flat[2 * i + 1] = stream[i] >> 4;
+      }
     });
-    if (padding) throw PacketError("an entropy-coded padding code is not zero");
+    if (w <= 4 && count % 2) {
+      if (stream[expect - 1] >> 4) throw PacketError("an entropy-coded padding code is not zero");
+      flat[count - 1] = stream[expect - 1] & 15;
+    }
     if (too_wide) throw PacketError("an entropy-coded code exceeds its width");
+    if (K < C) gather(codes.data_ptr<uint8_t>(), rows, C, idx, flat, true);
   }
   if (at_byte != size) throw PacketError("bytes left after the entropy-coded codes");
   return codes;

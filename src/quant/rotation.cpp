@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "quant/multiversion.h"
 
@@ -32,20 +33,62 @@ void hadamard_blocks(const float* src, float* dst, int64_t blocks, int64_t block
 
 }  // namespace
 
+namespace {
+
+typedef float V16 __attribute__((vector_size(64)));
+typedef int32_t M16 __attribute__((vector_size(64)));
+
+// One butterfly pass h < 16 inside 16 lanes: lanes l and l ^ h, (a, c) -> (a + c, a - c), where a
+// is the lane without bit h; the same two IEEE operations the scalar pass does for each pair. (A
+// macro: a function taking or returning a 64-byte vector would have another ABI per target.)
+#define AMAQ_PARTNER(H)                                                                                           \
+  M16 {                                                                                                           \
+    0 ^ H, 1 ^ H, 2 ^ H, 3 ^ H, 4 ^ H, 5 ^ H, 6 ^ H, 7 ^ H, 8 ^ H, 9 ^ H, 10 ^ H, 11 ^ H, 12 ^ H, 13 ^ H, 14 ^ H, \
+        15 ^ H                                                                                                    \
+  }
+#define AMAQ_UPPER(H)                                                                                             \
+  M16 {                                                                                                           \
+    0 & H, 1 & H, 2 & H, 3 & H, 4 & H, 5 & H, 6 & H, 7 & H, 8 & H, 9 & H, 10 & H, 11 & H, 12 & H, 13 & H, 14 & H, \
+        15 & H                                                                                                    \
+  }
+#define AMAQ_BUTTERFLY_IN_LANES(x, H)                           \
+  do {                                                          \
+    const V16 partner_ = __builtin_shuffle(x, AMAQ_PARTNER(H)); \
+    x = AMAQ_UPPER(H) ? partner_ - x : x + partner_;            \
+  } while (0)
+
+}  // namespace
+
 // The first pass reads src, the others work in place: the same additions in the same order as
 // block_hadamard_ops, so the same bits (and in every AMAQ_MULTIVERSION version: lane-wise the same).
+// From 16 channels on, the passes h < 16 run inside 16-lane vectors (lane shuffles), the others
+// between them.
 AMAQ_MULTIVERSION void hadamard_block(const float* s, float* v, int64_t block) {
   const float norm = norm_of(block);
   if (block == 1) {
     v[0] = s[0] * norm;
     return;
   }
-  for (int64_t j = 0; j < block; j += 2) {
-    const float a = s[j], c = s[j + 1];
-    v[j] = a + c;
-    v[j + 1] = a - c;
+  int64_t h = 2;
+  if (block >= 16) {
+    for (int64_t k = 0; k < block; k += 16) {
+      V16 x;
+      std::memcpy(&x, s + k, sizeof x);
+      AMAQ_BUTTERFLY_IN_LANES(x, 1);
+      AMAQ_BUTTERFLY_IN_LANES(x, 2);
+      AMAQ_BUTTERFLY_IN_LANES(x, 4);
+      AMAQ_BUTTERFLY_IN_LANES(x, 8);
+      std::memcpy(v + k, &x, sizeof x);
+    }
+    h = 16;
+  } else {
+    for (int64_t j = 0; j < block; j += 2) {
+      const float a = s[j], c = s[j + 1];
+      v[j] = a + c;
+      v[j + 1] = a - c;
+    }
   }
-  for (int64_t h = 2; h < block; h *= 2) {
+  for (; h < block; h *= 2) {
     for (int64_t i = 0; i < block; i += 2 * h) {
       for (int64_t j = i; j < i + h; ++j) {
         const float a = v[j], c = v[j + h];

@@ -34,7 +34,7 @@ EncodeArgs with_map(const at::Tensor& bits) {
 
 TEST(BlockHadamard, MatchesSylvestersMatrixAndIsItsOwnInverse) {
   const at::Tensor x = gaussian(6, 256, 1).view({2, 3, 256}) * 3;
-  for (int64_t block : {1, 2, 8, 128, 256}) {
+  for (int64_t block : {1, 2, 8, 16, 32, 64, 128, 256}) {
     SCOPED_TRACE(block);
     const at::Tensor fast = block_hadamard(x, block), ref = block_hadamard_ref(x, block);
     EXPECT_EQ(fast.sizes(), x.sizes());
