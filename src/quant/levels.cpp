@@ -2,6 +2,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -110,32 +111,36 @@ Groups groups_of(const AffineLayout& layout) {
   return Groups{layout.rows, layout.cols, size, (layout.cols + size - 1) / size};
 }
 
-// Lloyd's algorithm on a fixed sample of the normalised elements u, weighted by their groups' squared
-// steps, from `levels`: the codebook that (locally) minimises the sample's squared error in x. At
-// most 30 rounds: from NormalFloat, on Gaussian data the error is within 1% of the fixed point.
+// Lloyd's algorithm on a fixed sample of the normalised elements u (in [-1, 1]), weighted by their
+// groups' squared steps, from `levels`: the codebook that (locally) minimises the sample's squared
+// error in x. The sample goes into kBins bins of width 2 / kBins, each keeping the sum of w and of
+// w u of its elements: a round then costs kBins steps (a bin joins the cell of its mean, a level
+// becomes its cell's mean), not a pass over the sample. At most 40 rounds: from NormalFloat, on
+// Gaussian data the error is within 1% of the fixed point.
+constexpr int kBins = 4096;
+
 std::vector<float> fit_levels(const float* x, int64_t n, const Groups& gs, const std::vector<float>& step,
-                              const std::vector<float>& inv, std::vector<float> levels, bool fast) {
+                              const std::vector<float>& inv, std::vector<float> levels) {
   const int64_t S = std::min<int64_t>(n, int64_t{1} << 16);
-  std::vector<float> u(S);
-  std::vector<double> w(S);
+  std::vector<double> bin_w(kBins, 0.0), bin_wu(kBins, 0.0);
   for (int64_t k = 0; k < S; ++k) {
     const int64_t i = k * n / S, g = gs.of(i);
-    u[k] = x[i] * inv[g];
-    w[k] = static_cast<double>(step[g]) * static_cast<double>(step[g]);
+    const float u = x[i] * inv[g];
+    const double w = static_cast<double>(step[g]) * static_cast<double>(step[g]);
+    const int b = std::clamp(static_cast<int>((u + 1.0f) * (kBins / 2.0f)), 0, kBins - 1);
+    bin_w[b] += w;
+    bin_wu[b] += w * static_cast<double>(u);
   }
   const int K = static_cast<int>(levels.size());
-  std::vector<uint8_t> codes(S);
-  for (int it = 0; it < 30; ++it) {
+  for (int it = 0; it < 40; ++it) {
     const std::vector<float> t = thresholds_of(levels);
-    if (fast) {
-      code_run(u.data(), S, 1.0f, t.data(), K, codes.data());
-    } else {
-      for (int64_t k = 0; k < S; ++k) codes[k] = code_ref(u[k], t);
-    }
     std::vector<double> sum(K, 0.0), weight(K, 0.0);
-    for (int64_t k = 0; k < S; ++k) {
-      sum[codes[k]] += w[k] * static_cast<double>(u[k]);
-      weight[codes[k]] += w[k];
+    for (int b = 0, c = 0; b < kBins; ++b) {
+      if (!(bin_w[b] > 0)) continue;
+      const auto mean = static_cast<float>(bin_wu[b] / bin_w[b]);
+      while (c < K - 1 && mean > t[c]) ++c;  // bins ascend: so do their cells
+      sum[c] += bin_wu[b];
+      weight[c] += bin_w[b];
     }
     bool moved = false;
     for (int c = 0; c < K; ++c) {
@@ -199,7 +204,7 @@ LevelQuant level_quantize(const at::Tensor& x, const AffineLayout& layout, Level
     step[g] = half_bits_to_float(q.step[g]) * q.scale;
     inv[g] = step[g] > 0 ? 1.0f / step[g] : 0.0f;
   }
-  if (kind == LevelKind::kLloyd && n > 0) q.levels = fit_levels(xp, n, gs, step, inv, q.levels, fast);
+  if (kind == LevelKind::kLloyd && n > 0) q.levels = fit_levels(xp, n, gs, step, inv, q.levels);
 
   const std::vector<float> t = thresholds_of(q.levels);
   const int K = static_cast<int>(q.levels.size());
