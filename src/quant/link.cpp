@@ -113,9 +113,10 @@ SentActivations Link::send_activations(const at::Tensor& h, int64_t step, int64_
   // round-to-nearest; stochastic rounding's codes exist only inside the fused CUDA encoder, so with
   // it a CUDA activation is encoded on the CPU (the same packet; slower).
   const bool host = gates_ && h.is_cuda() && fwd_spec_.rounding != Rounding::kNearest;
+  args.want_decoded = static_cast<bool>(gates_);  // only the gates' gradient reads the decoded values
   Encoded e = fwd_->encode(host ? h.detach().to(at::kCPU) : h, args);
   SentActivations out;
-  out.value = fake_quant(h, e, gates_ ? gates_->bits_continuous() : at::Tensor());
+  out.value = gates_ ? fake_quant(h, e, gates_->bits_continuous()) : h;
   out.bits = stats_of(e.bits, fwd_spec_.nominal_bits());
   out.packet = std::move(e.packet);
   return out;

@@ -36,7 +36,10 @@ enum class LinkSide { kClient, kServer };
 /// client's graph (decode(packet), straight-through; AMAQ's gates receive their gradient through it).
 struct SentActivations {
   std::string packet;
-  at::Tensor value;  // (B, T, C)
+  /// (B, T, C), in the graph of the activations sent: what the peer's gradient is applied to. With
+  /// AMAQ gates, the decoded activations (the gates' gradient flows through them); otherwise the
+  /// activations themselves, as every other codec's gradient passes straight through (no decoded copy).
+  at::Tensor value;
   BitsStats bits;
 };
 
