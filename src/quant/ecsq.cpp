@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "quant/multiversion.h"
 #include "quant/rans.h"
 
 namespace amaq::quant {
@@ -29,6 +30,22 @@ int64_t half_table(int bits) {
 
 // What one chunk of the encoder found: per symbol its count and summed distance from its code (in
 // steps), and the codes it escaped.
+// The symbols of x[0, n) at `step`: round half to even of q = x / step (adding 1.5 * 2^23 rounds
+// exactly while |q| < 2^22, and anything larger lands outside the table), code + K for |code| <= K,
+// else the escape 2K + 1; resid[i] = q - code for table symbols. Vectorised (AMAQ_MULTIVERSION).
+AMAQ_MULTIVERSION void symbols_run(const float* x, int64_t n, float step, int32_t K, uint16_t* sym, float* resid) {
+  const int32_t escape = 2 * K + 1;
+  const auto limit = static_cast<float>(K);
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = x[i] / step;
+    const float r = (q + 12582912.0f) - 12582912.0f;
+    const bool in = (r < 0 ? -r : r) <= limit;
+    const float code = in ? r : 0.0f;
+    sym[i] = static_cast<uint16_t>(in ? static_cast<int32_t>(code) + K : escape);
+    resid[i] = q - code;
+  }
+}
+
 struct ChunkStats {
   std::vector<uint64_t> counts;
   std::vector<double> residual;
@@ -64,35 +81,34 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
     out->append(w.str());
     return;
   }
-  // The codes of a chunk: round half to even of q = x / step, a table symbol or the escape. Computed
-  // once for the statistics and again, chunk by chunk in cache, while coding; `visit(symbol, q, code)`
-  // sees each element's.
-  auto codes = [&](int64_t c, uint16_t* sym, auto&& visit) {
-    for (int64_t i = c * kChunk, end = std::min(n, (c + 1) * kChunk), j = 0; i < end; ++i, ++j) {
-      const float q = x[i] / step, r = std::nearbyint(q);
+  // The symbols of chunk c (symbols_run), and each escape's code, exact, into `escapes` when given.
+  auto codes = [&](int64_t c, uint16_t* sym, float* resid, std::vector<int32_t>* escapes) {
+    const int64_t begin = c * kChunk, len = std::min(n - begin, kChunk);
+    symbols_run(x + begin, len, step, static_cast<int32_t>(K), sym, resid);
+    if (!escapes) return;
+    for (int64_t j = 0; j < len; ++j) {
+      if (sym[j] != escape) continue;
+      const float q = x[begin + j] / step, r = std::nearbyint(q);
       if (!(std::fabs(r) <= static_cast<float>(kMaxCode)))
         throw Error("ecsq: a value is " + std::to_string(q) + " steps from zero",
                     "the step is far too small for this tensor");
-      const auto k = static_cast<int64_t>(r);
-      sym[j] = static_cast<uint16_t>(k < -K || k > K ? escape : k + K);
-      visit(sym[j], q, k);
+      escapes->push_back(static_cast<int32_t>(r));
     }
   };
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<ChunkStats> stats(static_cast<size_t>(chunks));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<uint16_t> sym(static_cast<size_t>(std::min(kChunk, n)));
+    std::vector<float> resid(sym.size());
     for (int64_t c = c0; c < c1; ++c) {
       ChunkStats& st = stats[c];
       st.counts.assign(symbols, 0);
-      st.residual.assign(symbols - 1, 0.0);
-      codes(c, sym.data(), [&](uint16_t s, float q, int64_t k) {
-        ++st.counts[s];
-        if (s == escape)
-          st.escapes.push_back(static_cast<int32_t>(k));
-        else
-          st.residual[s] += static_cast<double>(q) - static_cast<double>(k);
-      });
+      st.residual.assign(symbols, 0.0);  // the escape's stays 0
+      codes(c, sym.data(), resid.data(), &st.escapes);
+      for (int64_t j = 0, len = std::min(n - c * kChunk, kChunk); j < len; ++j) {
+        ++st.counts[sym[j]];
+        st.residual[sym[j]] += static_cast<double>(resid[j]);
+      }
     }
   });
   std::vector<uint64_t> counts(symbols, 0);
@@ -119,9 +135,10 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
   std::vector<std::string> streams(static_cast<size_t>(chunks));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<uint16_t> sym(static_cast<size_t>(std::min(kChunk, n)));
+    std::vector<float> resid(sym.size());
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * kChunk, len = std::min(n - begin, kChunk);
-      codes(c, sym.data(), [](uint16_t, float, int64_t) {});
+      codes(c, sym.data(), resid.data(), nullptr);
       rans::encode(sym.data(), static_cast<size_t>(len), freqs, &streams[c]);
       if (!decoded) continue;
       size_t e = 0;

@@ -9,34 +9,42 @@
 namespace amaq::quant::rans {
 namespace {
 
-constexpr uint32_t kLow = 1u << 23;  // a state stays in [kLow, 256 * kLow) between symbols
-constexpr int kStates = 4;           // interleaved states (symbol i uses state i % 4)
+// 64-bit states renormalised 32 bits at a time: a state stays in [kLow, 2^32 kLow) between symbols,
+// so at most one word moves per symbol (one branch, no loop), and kLow / kProbScale = 2^16 keeps
+// the coder's loss far below a thousandth of a bit.
+constexpr uint64_t kLow = uint64_t{1} << 31;
+constexpr int kStates = 4;  // interleaved states (symbol i uses state i % 4)
 
 // Dividing the state by a symbol's frequency is the encoder's cost: it multiplies by a rounded-up
-// reciprocal instead (Alverson's exact integer division by an invariant), which gives x / f exactly
-// for every 32-bit x. A frequency of 1 (the reciprocal would need 33 bits) folds the division into
-// the bias: x / 1 = x, x % 1 = 0.
+// reciprocal instead (Alverson's exact integer division by an invariant, the high half of a 64 x 64
+// product), which gives x / f exactly for every 64-bit x. A frequency of 1 (the reciprocal would need
+// 65 bits) folds the division into the bias: x / 1 = x, x % 1 = 0.
 struct EncSymbol {
-  uint32_t x_max = 0, rcp = 0, bias = 0, cmpl = 0;
+  uint64_t x_max = 0, rcp = 0;
+  uint32_t bias = 0, cmpl = 0;
   int shift = 0;
 };
 
 EncSymbol enc_symbol(uint32_t start, uint32_t freq) {
   EncSymbol e;
-  e.x_max = ((kLow >> kProbBits) << 8) * freq;
+  e.x_max = ((kLow >> kProbBits) << 32) * freq;
   e.cmpl = kProbScale - freq;
   if (freq == 1) {
-    e.rcp = ~0u;
+    e.rcp = ~uint64_t{0};
     e.shift = 0;
     e.bias = start + kProbScale - 1;
     return e;
   }
   int shift = 0;
   while (freq > (1u << shift)) ++shift;
-  e.rcp = static_cast<uint32_t>(((uint64_t{1} << (shift + 31)) + freq - 1) / freq);
+  e.rcp = static_cast<uint64_t>(((static_cast<unsigned __int128>(1) << (shift + 63)) + freq - 1) / freq);
   e.shift = shift - 1;
   e.bias = start;
   return e;
+}
+
+uint64_t mul_hi(uint64_t a, uint64_t b) {
+  return static_cast<uint64_t>((static_cast<unsigned __int128>(a) * b) >> 64);
 }
 
 }  // namespace
@@ -89,31 +97,33 @@ void encode(const uint16_t* symbols, size_t n, const std::vector<uint16_t>& freq
   std::vector<EncSymbol> table(freqs.size());
   for (uint32_t s = 0, c = 0; s < freqs.size(); c += freqs[s], ++s)
     if (freqs[s]) table[s] = enc_symbol(c, freqs[s]);
-  // Written back to front into room for the worst case (two bytes a symbol: a state grows by at most
-  // 15 bits per symbol), since the decoder reads front to back. Symbol i goes through state
-  // i % kStates: independent chains the decoder can overlap.
-  const size_t room = 2 * n + 4 * kStates;
+  // Written back to front into room for the worst case (4 bytes a symbol: a state grows by at most
+  // 15 bits per symbol, so a 32-bit word leaves at most once), since the decoder reads front to back.
+  // Symbol i goes through state i % kStates: independent chains the decoder can overlap.
+  const size_t room = 4 * n + 8 * kStates;
   const size_t at = out->size();
   out->resize(at + room);
   auto* const first = reinterpret_cast<uint8_t*>(out->data() + at);
   uint8_t* p = first + room;
-  auto put = [&](uint32_t & xs, uint16_t sym) __attribute__((always_inline)) {
+  auto put = [&](uint64_t & xs, uint16_t sym) __attribute__((always_inline)) {
     const EncSymbol& e = table[sym];
-    while (xs >= e.x_max) {
-      *--p = static_cast<uint8_t>(xs & 0xff);
-      xs >>= 8;
+    if (xs >= e.x_max) {
+      p -= 4;
+      const auto word = static_cast<uint32_t>(xs);
+      std::memcpy(p, &word, 4);  // little-endian, as the whole format
+      xs >>= 32;
     }
-    const auto q = static_cast<uint32_t>((static_cast<uint64_t>(xs) * e.rcp) >> 32) >> e.shift;
+    const uint64_t q = mul_hi(xs, e.rcp) >> e.shift;
     xs += e.bias + q * e.cmpl;
   };
-  uint32_t x[kStates] = {kLow, kLow, kLow, kLow};
+  uint64_t x[kStates] = {kLow, kLow, kLow, kLow};
   static_assert(kStates == 4, "the loops below are written for four states");
   size_t i = n;
   while (i % kStates != 0) {  // the last, incomplete group first: backwards, as everything
     --i;
     put(x[i % kStates], symbols[i]);
   }
-  uint32_t x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
+  uint64_t x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
   for (; i >= 4; i -= 4) {
     put(x3, symbols[i - 1]);
     put(x2, symbols[i - 2]);
@@ -122,8 +132,8 @@ void encode(const uint16_t* symbols, size_t n, const std::vector<uint16_t>& freq
   }
   x[0] = x0, x[1] = x1, x[2] = x2, x[3] = x3;
   for (int k = kStates - 1; k >= 0; --k) {
-    p -= 4;
-    for (int b = 0; b < 4; ++b) p[b] = static_cast<uint8_t>(x[k] >> (8 * b));
+    p -= 8;
+    std::memcpy(p, &x[k], 8);
   }
   const auto used = static_cast<size_t>(first + room - p);
   std::memmove(first, p, used);
@@ -141,28 +151,30 @@ Decoder::Decoder(const std::vector<uint16_t>& freqs) : freq_(freqs), start_(freq
 }
 
 void Decoder::decode(std::string_view bytes, uint16_t* out, size_t n) const {
-  if (bytes.size() < 4 * kStates)
+  if (bytes.size() < 8 * kStates)
     throw PacketError("entropy-coded stream of " + std::to_string(bytes.size()) + " bytes");
   const auto* p = reinterpret_cast<const uint8_t*>(bytes.data());
   const uint8_t* end = p + bytes.size();
-  uint32_t x[kStates];
-  for (int k = 0; k < kStates; ++k, p += 4)
-    x[k] = uint32_t{p[0]} | uint32_t{p[1]} << 8 | uint32_t{p[2]} << 16 | uint32_t{p[3]} << 24;
+  uint64_t x[kStates];
+  for (int k = 0; k < kStates; ++k, p += 8) std::memcpy(&x[k], p, 8);
   const uint16_t* sym_of = symbol_of_slot_.data();
   const uint16_t *freq = freq_.data(), *start = start_.data();
   // One symbol through one state. The four states are separate locals (not x[i % 4], which the
   // compiler keeps in memory) so their dependency chains overlap.
-  auto step = [&](uint32_t & xs, size_t i) __attribute__((always_inline)) {
-    const uint32_t slot = xs & (kProbScale - 1);
+  auto step = [&](uint64_t & xs, size_t i) __attribute__((always_inline)) {
+    const auto slot = static_cast<uint32_t>(xs & (kProbScale - 1));
     const uint16_t s = sym_of[slot];
     out[i] = s;
     xs = freq[s] * (xs >> kProbBits) + slot - start[s];
-    while (xs < kLow) {
-      if (p == end) throw PacketError("entropy-coded stream ends early");
-      xs = (xs << 8) | *p++;
+    if (xs < kLow) {
+      if (end - p < 4) throw PacketError("entropy-coded stream ends early");
+      uint32_t word;
+      std::memcpy(&word, p, 4);
+      p += 4;
+      xs = (xs << 32) | word;
     }
   };
-  uint32_t x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
+  uint64_t x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
   size_t i = 0;
   for (; i + 4 <= n; i += 4) {
     step(x0, i);

@@ -1,6 +1,6 @@
-// A static order-0 range-ANS coder (Duda's asymmetric numeral systems, byte-wise renormalised
-// 32-bit state) for the entropy-coded scalar quantizer (ecsq.h). It codes within a few thousandths
-// of a bit of the symbols' empirical entropy, plus its table.
+// A static order-0 range-ANS coder (Duda's asymmetric numeral systems, 64-bit states renormalised
+// a 32-bit word at a time, four interleaved) for the entropy-coded scalar quantizer (ecsq.h). It
+// codes within a thousandth of a bit of the symbols' empirical entropy, plus its table.
 //
 // Why not a library: Debian's libzstd exposes only its LZ + Huffman format (ec=zstd), whose
 // Huffman stage spends 0.03-0.05 bit per code above the entropy on quantized codes (docs/amaq.md),
