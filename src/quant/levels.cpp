@@ -192,7 +192,7 @@ LevelQuant level_quantize(const at::Tensor& x, const AffineLayout& layout, Level
                      });
   };
 
-  // Each group's step: its max |x| or root mean square, as fp16 relative to the largest.
+  // Each group's step: its max |x|, as fp16 relative to the largest.
   std::vector<float> stat(G), step(G), inv(G);
   per_group([&](int64_t g) { stat[g] = group_absmax(xp + gs.start(g), gs.length(g)); });
   float largest = 0.0f;
