@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "core/error.h"
@@ -51,6 +52,17 @@ int64_t stream_bytes(int64_t codes, int width) {
   return width <= 4 ? (codes + 1) / 2 : codes;
 }
 
+// One compression and one decompression context per thread, kept: a context per frame would allocate
+// (and fault in) zstd's tables for every frame of every packet.
+ZSTD_CCtx* thread_cctx() {
+  thread_local const std::unique_ptr<ZSTD_CCtx, size_t (*)(ZSTD_CCtx*)> ctx(ZSTD_createCCtx(), ZSTD_freeCCtx);
+  return ctx.get();
+}
+ZSTD_DCtx* thread_dctx() {
+  thread_local const std::unique_ptr<ZSTD_DCtx, size_t (*)(ZSTD_DCtx*)> ctx(ZSTD_createDCtx(), ZSTD_freeDCtx);
+  return ctx.get();
+}
+
 // The channels of width w, in order.
 std::vector<int64_t> channels_of(const uint8_t* bits, int64_t C, int w) {
   std::vector<int64_t> idx;
@@ -62,7 +74,8 @@ std::vector<int64_t> channels_of(const uint8_t* bits, int64_t C, int w) {
 // The codes of the channels idx, row by row, from codes (rows, C) into out (rows, K), or back (to_codes).
 void gather(uint8_t* codes, int64_t rows, int64_t C, const std::vector<int64_t>& idx, uint8_t* out, bool to_codes) {
   const int64_t K = static_cast<int64_t>(idx.size());
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+  // Captured by value: byte stores may alias anything, so values behind references are reloaded each time.
+  at::parallel_for(0, rows, 64, [&, K, C, to_codes, codes, out](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t k = 0; k < K; ++k) {
         if (to_codes) {
@@ -95,13 +108,16 @@ std::string entropy_encode(const at::Tensor& codes_in, const at::Tensor& bits_in
     }
     std::vector<uint8_t> stream(static_cast<size_t>(n));
     at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+      uint8_t* __restrict s = stream.data();
+      const uint8_t* __restrict c = flat;
       if (w > 4) {
-        std::memcpy(stream.data() + i0, flat + i0, static_cast<size_t>(i1 - i0));
+        std::memcpy(s + i0, c + i0, static_cast<size_t>(i1 - i0));
         return;
       }
-      for (int64_t i = i0; i < std::min(i1, count / 2); ++i)
-        stream[i] = static_cast<uint8_t>(flat[2 * i] | flat[2 * i + 1] << 4);
-      if (count % 2 && i1 == n) stream[n - 1] = flat[count - 1];
+      // (Bounds in locals: byte stores may alias anything, so captured ones would be reloaded each time.)
+      const int64_t pairs_end = std::min(i1, count / 2);
+      for (int64_t i = i0; i < pairs_end; ++i) s[i] = static_cast<uint8_t>(c[2 * i] | c[2 * i + 1] << 4);
+      if (count % 2 && i1 == n) s[n - 1] = c[count - 1];
     });
     const int64_t chunks = (n + kChunk - 1) / kChunk;
     std::vector<std::string> frames(static_cast<size_t>(chunks));
@@ -110,7 +126,10 @@ std::string entropy_encode(const at::Tensor& codes_in, const at::Tensor& bits_in
         const size_t len = static_cast<size_t>(std::min(kChunk, n - f * kChunk));
         std::string& frame = frames[f];
         frame.resize(ZSTD_compressBound(len));
-        const size_t got = ZSTD_compress(frame.data(), frame.size(), stream.data() + f * kChunk, len, kLevel);
+        ZSTD_CCtx* ctx = thread_cctx();
+        const uint8_t* src = stream.data() + f * kChunk;
+        const size_t got = ctx ? ZSTD_compressCCtx(ctx, frame.data(), frame.size(), src, len, kLevel)
+                               : ZSTD_compress(frame.data(), frame.size(), src, len, kLevel);
         if (ZSTD_isError(got)) {  // only for lack of memory
           frame.clear();
           continue;
@@ -166,8 +185,11 @@ at::Tensor entropy_decode(const uint8_t* data, int64_t size, int64_t rows, const
     at::parallel_for(0, chunks, 1, [&](int64_t f0, int64_t f1) {
       for (int64_t f = f0; f < f1; ++f) {
         const size_t want = static_cast<size_t>(std::min(kChunk, expect - f * kChunk));
-        const size_t got = ZSTD_decompress(stream.data() + f * kChunk, want, data + frames[f].first,
-                                           static_cast<size_t>(frames[f].second));
+        ZSTD_DCtx* ctx = thread_dctx();
+        uint8_t* dst = stream.data() + f * kChunk;
+        const uint8_t* src = data + frames[f].first;
+        const auto len = static_cast<size_t>(frames[f].second);
+        const size_t got = ctx ? ZSTD_decompressDCtx(ctx, dst, want, src, len) : ZSTD_decompress(dst, want, src, len);
         if (ZSTD_isError(got) || got != want) failed[f] = ZSTD_isError(got) ? ZSTD_getErrorName(got) : "short";
       }
     });
@@ -182,16 +204,19 @@ at::Tensor entropy_decode(const uint8_t* data, int64_t size, int64_t rows, const
     const auto over_mask = static_cast<uint8_t>(w > 4 ? ~top : ~(top | top << 4));
     std::atomic<bool> too_wide{false};
     at::parallel_for(0, expect, 1 << 16, [&](int64_t i0, int64_t i1) {
+      const uint8_t* __restrict s = stream.data();
+      uint8_t* __restrict c = flat;
       uint8_t over = 0;  // any bit above the width
-      for (int64_t i = i0; i < i1; ++i) over |= stream[i] & over_mask;
+      for (int64_t i = i0; i < i1; ++i) over |= s[i] & over_mask;
       if (over) too_wide = true;
       if (w > 4) {
-        std::memcpy(flat + i0, stream.data() + i0, static_cast<size_t>(i1 - i0));
+        std::memcpy(c + i0, s + i0, static_cast<size_t>(i1 - i0));
         return;
       }
-      for (int64_t i = i0; i < std::min(i1, count / 2); ++i) {
-        flat[2 * i] = stream[i] & 15;
-        flat[2 * i + 1] = stream[i] >> 4;
+      const int64_t pairs_end = std::min(i1, count / 2);  // a local: see entropy_encode
+      for (int64_t i = i0; i < pairs_end; ++i) {
+        c[2 * i] = s[i] & 15;
+        c[2 * i + 1] = s[i] >> 4;
       }
     });
     if (w <= 4 && count % 2) {
