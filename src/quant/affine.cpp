@@ -275,6 +275,13 @@ inline void for_row_groups(const AffineLayout& L, int64_t r, const F& f) {
 
 namespace {
 
+// Rotating in place needs range groups of the rotation's size, a power of two dividing the channels.
+void check_rotation_layout(const AffineLayout& layout, int64_t block) {
+  TORCH_CHECK(layout.granularity == Granularity::kGroup && layout.group == block && is_power_of_two(block) &&
+                  layout.cols % block == 0,
+              "a rotated encoding or decoding needs power-of-two groups of the rotation's size");
+}
+
 // max |H x| over x's rotated groups of `block` channels: the scale that block_hadamard then
 // checked_max_abs give, without the rotated copy. Where a rotated value is NaN or Inf, x's own are
 // named (checked_max_abs), or, all finite, the rotation overflowed.
@@ -318,9 +325,8 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
   const uint8_t* b = bits.data_ptr<uint8_t>();
   AffineQuant q;
   if (rotation_block > 0) {
-    TORCH_CHECK(rounding == Rounding::kNearest && layout.granularity == Granularity::kGroup &&
-                    layout.group == rotation_block && is_power_of_two(rotation_block) && cols % rotation_block == 0,
-                "a rotated encoding needs nearest rounding and power-of-two groups of the rotation's size");
+    check_rotation_layout(layout, rotation_block);
+    TORCH_CHECK(rounding == Rounding::kNearest, "a rotated encoding rounds to nearest");
     q.scale = tensor_scale(rotated_max_abs(x, rotation_block));  // NaN/Inf named where they are in x
   } else {
     q.scale = tensor_scale(checked_max_abs(x));
@@ -412,9 +418,7 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
 
 at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout,
                              int64_t rotation_block) {
-  TORCH_CHECK(rotation_block == 0 || (layout.granularity == Granularity::kGroup && layout.group == rotation_block &&
-                                      is_power_of_two(rotation_block) && layout.cols % rotation_block == 0),
-              "a rotated decode needs power-of-two groups of the rotation's size");
+  if (rotation_block > 0) check_rotation_layout(layout, rotation_block);
   const int64_t rows = layout.rows, cols = layout.cols;
   at::Tensor out = at::empty({rows, cols}, at::kFloat);
   float* o = out.data_ptr<float>();

@@ -127,6 +127,22 @@ at::Tensor read_codes(ByteReader& r, const PacketHeader& h, int64_t rows, const 
   return entropy_decode(r.take(n, "entropy-coded codes"), n, rows, bits);
 }
 
+// The range layout a fixed or amaq packet declares for `shape`, checked: a known granularity, a group
+// size, and, for a Hadamard-rotated packet, power-of-two groups that divide the channels.
+AffineLayout packet_layout(const PacketHeader& h, const std::vector<int64_t>& shape) {
+  const int64_t C = shape.back();
+  int64_t numel = 1;
+  for (auto d : shape) numel *= d;
+  if (h.granularity < 1 || h.granularity > 3)
+    throw PacketError("granularity " + std::to_string(h.granularity) + " unknown");
+  const AffineLayout layout{numel / C, C, static_cast<Granularity>(h.granularity), static_cast<int64_t>(h.group)};
+  if (layout.granularity == Granularity::kGroup && layout.group == 0) throw PacketError("group size 0");
+  if ((h.flags & kFlagHadamard) &&
+      (layout.granularity != Granularity::kGroup || !is_power_of_two(layout.group) || C % layout.group))
+    throw PacketError("a Hadamard-rotated packet needs power-of-two range groups that divide the channels");
+  return layout;
+}
+
 // True for tensors on a GPU, which go through the CUDA kernels; refuses them in a build without.
 bool on_gpu(const at::Tensor& x) {
   if (!x.is_cuda()) return false;
@@ -497,12 +513,7 @@ at::Tensor Codec::decode_dispatch(ByteReader& r, const PacketHeader& h, const st
 at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape,
                                 at::Device device) {
   const int64_t C = shape.back();
-  int64_t numel = 1;
-  for (auto d : shape) numel *= d;
-  if (h.granularity < 1 || h.granularity > 3)
-    throw PacketError("granularity " + std::to_string(h.granularity) + " unknown");
-  AffineLayout layout{numel / C, C, static_cast<Granularity>(h.granularity), static_cast<int64_t>(h.group)};
-  if (layout.granularity == Granularity::kGroup && layout.group == 0) throw PacketError("group size 0");
+  const AffineLayout layout = packet_layout(h, shape);
   at::Tensor bits;
   if (spec_.codec == CodecId::kFixed && spec_.map.empty()) {
     if (h.bits < 1 || h.bits > 8) throw PacketError("bit-width " + std::to_string(h.bits) + " not in 1..8");
@@ -526,8 +537,6 @@ at::Tensor Codec::decode_affine(ByteReader& r, const PacketHeader& h, const std:
   const at::ScalarType out_type = to_scalar(static_cast<WireDtype>(h.dtype));
   // rot=hadamard: the codes are of rotated groups; dequantized in fp32, rotated back, then cast.
   const bool rotated = h.flags & kFlagHadamard;
-  if (rotated && (layout.granularity != Granularity::kGroup || !is_power_of_two(layout.group) || C % layout.group))
-    throw PacketError("a Hadamard-rotated packet needs power-of-two range groups that divide the channels");
   const auto unrotate = [&](at::Tensor t) {  // t: this decode's own tensor, rotated back in place
     if (!rotated) return t.view(shape);
     block_hadamard_(t, layout.group);
@@ -634,15 +643,26 @@ void Codec::check_rotation_fits(int64_t channels) const {
   }
 }
 
+at::Tensor Codec::host_input(const at::Tensor& x) const {
+  check_rotation_fits(x.size(-1));
+  const at::Tensor h = x.to(at::kCPU, at::kFloat);
+  return (spec_.hadamard ? block_hadamard(h, spec_.group) : h).contiguous();
+}
+
+void Codec::finish_host_encoding(Encoded& e, at::Tensor& decoded, const at::Tensor& x) const {
+  if (decoded.defined()) {
+    if (spec_.hadamard) block_hadamard_(decoded, spec_.group);
+    e.decoded = decoded.to(x.device(), x.scalar_type()).view(x.sizes());
+  }
+  e.bits = at::full({x.size(-1)}, spec_.bits, at::kByte);
+  if (spec_.hadamard) e.rotation_block = spec_.group;
+}
+
 // ecsq: one step from the tensor's RMS (of the rotated groups with rot=hadamard: the same RMS), the
 // codes and their levels from ecsq.h; on a GPU through the host.
 Encoded Codec::encode_ecsq(const at::Tensor& x_in, const EncodeArgs& args) {
   Encoded e;
-  const int64_t C = x_in.size(-1);
-  check_rotation_fits(C);
-  at::Tensor x = x_in.to(at::kCPU, at::kFloat);
-  if (spec_.hadamard) x = block_hadamard(x, spec_.group);
-  x = x.contiguous();
+  const at::Tensor x = host_input(x_in);
   const double rms = ecsq_rms(x.data_ptr<float>(), x.numel());
   PacketHeader h;
   h.codec = static_cast<uint8_t>(CodecId::kEcsq);
@@ -658,12 +678,7 @@ Encoded Codec::encode_ecsq(const at::Tensor& x_in, const EncodeArgs& args) {
   ecsq_encode(x.data_ptr<float>(), x.numel(), h.scale, spec_.bits, &w.str(),
               deq.defined() ? deq.data_ptr<float>() : nullptr);
   e.packet = std::move(w.str());
-  if (deq.defined()) {
-    if (spec_.hadamard) block_hadamard_(deq, spec_.group);
-    e.decoded = deq.to(x_in.device(), x_in.scalar_type()).view(x_in.sizes());
-  }
-  e.bits = at::full({C}, spec_.bits, at::kByte);
-  if (spec_.hadamard) e.rotation_block = spec_.group;
+  finish_host_encoding(e, deq, x_in);
   return e;
 }
 
@@ -683,10 +698,7 @@ at::Tensor Codec::decode_ecsq(ByteReader& r, const PacketHeader& h, const std::v
 Encoded Codec::encode_levels(const at::Tensor& x_in, const EncodeArgs& args) {
   Encoded e;
   const int64_t C = x_in.size(-1);
-  check_rotation_fits(C);
-  at::Tensor x = x_in.to(at::kCPU, at::kFloat);  // CPU kernels: a GPU tensor goes through the host
-  if (spec_.hadamard) x = block_hadamard(x, spec_.group);
-  x = x.reshape({-1, C}).contiguous();
+  const at::Tensor x = host_input(x_in).view({-1, C});
   e.layout = AffineLayout{x.size(0), C, spec_.granularity, spec_.group};
   e.bits = at::full({C}, spec_.bits, at::kByte);
   at::Tensor deq;
@@ -708,28 +720,18 @@ Encoded Codec::encode_levels(const at::Tensor& x_in, const EncodeArgs& args) {
   w.append(q.step.data(), q.step.size() * sizeof(uint16_t));
   append_codes(w, coded, q.codes, e.bits, impl_);
   e.packet = std::move(w.str());
-  if (deq.defined()) {
-    if (spec_.hadamard) block_hadamard_(deq, spec_.group);
-    e.decoded = deq.to(x_in.device(), x_in.scalar_type()).view(x_in.sizes());
-  }
-  if (spec_.hadamard) e.rotation_block = spec_.group;
+  finish_host_encoding(e, deq, x_in);
   return e;
 }
 
 at::Tensor Codec::decode_levels(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape,
                                 at::Device device) {
   const int64_t C = shape.back();
-  int64_t numel = 1;
-  for (auto d : shape) numel *= d;
-  if (h.granularity != static_cast<uint8_t>(Granularity::kToken) &&
-      h.granularity != static_cast<uint8_t>(Granularity::kGroup))
+  const AffineLayout layout = packet_layout(h, shape);
+  if (layout.granularity == Granularity::kChannel)
     throw PacketError("non-uniform levels need token or group ranges, granularity is " + std::to_string(h.granularity));
-  const AffineLayout layout{numel / C, C, static_cast<Granularity>(h.granularity), static_cast<int64_t>(h.group)};
-  if (layout.granularity == Granularity::kGroup && layout.group == 0) throw PacketError("group size 0");
   if (h.bits < 1 || h.bits > 8) throw PacketError("bit-width " + std::to_string(h.bits) + " not in 1..8");
   const bool rotated = h.flags & kFlagHadamard;
-  if (rotated && (layout.granularity != Granularity::kGroup || !is_power_of_two(layout.group) || C % layout.group))
-    throw PacketError("a Hadamard-rotated packet needs power-of-two range groups that divide the channels");
   LevelQuant q;
   q.scale = h.scale;
   const int K = 1 << h.bits;

@@ -78,6 +78,11 @@ class Codec {
   at::Tensor decode_aqsgd(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device);
   Encoded encode_ecsq(const at::Tensor& x, const EncodeArgs& args);
   Encoded encode_levels(const at::Tensor& x, const EncodeArgs& args);
+  /// The host-side codecs (ecsq, levels): x as contiguous fp32 on the CPU, its groups rotated with rot=hadamard.
+  at::Tensor host_input(const at::Tensor& x) const;
+  /// Their sender's copy (when `decoded` is defined) rotated back and cast to x's device and dtype,
+  /// and the packet's uniform width and rotation.
+  void finish_host_encoding(Encoded& e, at::Tensor& decoded, const at::Tensor& x) const;
   at::Tensor decode_levels(ByteReader& r, const PacketHeader& h, const std::vector<int64_t>& shape, at::Device device);
   /// rot=hadamard: refuses a channel count that is not a multiple of the group, naming both.
   void check_rotation_fits(int64_t channels) const;

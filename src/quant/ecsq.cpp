@@ -47,6 +47,7 @@ AMAQ_MULTIVERSION void symbols_run(const float* x, int64_t n, float step, int32_
 }
 
 struct ChunkStats {
+  std::vector<uint16_t> symbols;  // kept for the coding pass: 2 bytes an element, not a second division
   std::vector<uint64_t> counts;
   std::vector<double> residual;
   std::vector<int32_t> escapes;
@@ -81,11 +82,10 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
     out->append(w.str());
     return;
   }
-  // The symbols of chunk c (symbols_run), and each escape's code, exact, into `escapes` when given.
+  // The symbols of chunk c (symbols_run), and each escape's code, exact.
   auto codes = [&](int64_t c, uint16_t* sym, float* resid, std::vector<int32_t>* escapes) {
     const int64_t begin = c * kChunk, len = std::min(n - begin, kChunk);
     symbols_run(x + begin, len, step, static_cast<int32_t>(K), sym, resid);
-    if (!escapes) return;
     for (int64_t j = 0; j < len; ++j) {
       if (sym[j] != escape) continue;
       const float q = x[begin + j] / step, r = std::nearbyint(q);
@@ -98,14 +98,16 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<ChunkStats> stats(static_cast<size_t>(chunks));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<uint16_t> sym(static_cast<size_t>(std::min(kChunk, n)));
-    std::vector<float> resid(sym.size());
+    std::vector<float> resid(static_cast<size_t>(std::min(kChunk, n)));
     for (int64_t c = c0; c < c1; ++c) {
       ChunkStats& st = stats[c];
       st.counts.assign(symbols, 0);
       st.residual.assign(symbols, 0.0);  // the escape's stays 0
-      codes(c, sym.data(), resid.data(), &st.escapes);
-      for (int64_t j = 0, len = std::min(n - c * kChunk, kChunk); j < len; ++j) {
+      const int64_t len = std::min(n - c * kChunk, kChunk);
+      st.symbols.resize(static_cast<size_t>(len));
+      const uint16_t* sym = st.symbols.data();
+      codes(c, st.symbols.data(), resid.data(), &st.escapes);
+      for (int64_t j = 0; j < len; ++j) {
         ++st.counts[sym[j]];
         st.residual[sym[j]] += static_cast<double>(resid[j]);
       }
@@ -134,12 +136,10 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
   }
   std::vector<std::string> streams(static_cast<size_t>(chunks));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<uint16_t> sym(static_cast<size_t>(std::min(kChunk, n)));
-    std::vector<float> resid(sym.size());
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * kChunk, len = std::min(n - begin, kChunk);
-      codes(c, sym.data(), resid.data(), nullptr);
-      rans::encode(sym.data(), static_cast<size_t>(len), freqs, &streams[c]);
+      const uint16_t* sym = stats[c].symbols.data();
+      rans::encode(sym, static_cast<size_t>(len), freqs, &streams[c]);
       if (!decoded) continue;
       size_t e = 0;
       for (int64_t j = 0; j < len; ++j) {

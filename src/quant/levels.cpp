@@ -96,19 +96,33 @@ uint8_t code_ref(float u, const std::vector<float>& t) {
   return static_cast<uint8_t>(c);
 }
 
-struct Groups {
-  int64_t rows, cols, size, per_row;
-  int64_t count() const { return rows * per_row; }
-  int64_t start(int64_t g) const { return (g / per_row) * cols + (g % per_row) * size; }
-  int64_t length(int64_t g) const { return std::min(size, cols - (g % per_row) * size); }
-  int64_t of(int64_t i) const { return (i / cols) * per_row + (i % cols) / size; }
-};
+// Range group g of a token or group layout lies at [group_start, + group_length) of the flat tensor.
+int64_t group_width(const AffineLayout& L) {
+  return L.granularity == Granularity::kToken ? std::max<int64_t>(L.cols, 1) : L.group;
+}
+int64_t group_start(const AffineLayout& L, int64_t g) {
+  return (g / L.groups_per_row()) * L.cols + (g % L.groups_per_row()) * group_width(L);
+}
+int64_t group_length(const AffineLayout& L, int64_t g) {
+  return std::min(group_width(L), L.cols - (g % L.groups_per_row()) * group_width(L));
+}
 
-Groups groups_of(const AffineLayout& layout) {
-  TORCH_CHECK(layout.granularity != Granularity::kChannel, "non-uniform levels take token or group ranges");
-  const int64_t size = layout.granularity == Granularity::kToken ? std::max<int64_t>(layout.cols, 1) : layout.group;
-  TORCH_CHECK(size > 0, "group size must be positive");
-  return Groups{layout.rows, layout.cols, size, (layout.cols + size - 1) / size};
+void check_layout(const AffineLayout& L) {
+  TORCH_CHECK(L.granularity != Granularity::kChannel, "non-uniform levels take token or group ranges");
+  TORCH_CHECK(group_width(L) > 0, "group size must be positive");
+}
+
+// f(g) for every range group; `parallel`: threads over rows.
+template <typename F>
+void for_each_group(const AffineLayout& L, bool parallel, const F& f) {
+  const int64_t per = L.groups_per_row();
+  if (!parallel) {
+    for (int64_t g = 0; g < L.num_groups(); ++g) f(g);
+    return;
+  }
+  at::parallel_for(0, L.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(L.cols, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t g = r0 * per; g < r1 * per; ++g) f(g);
+  });
 }
 
 // Lloyd's algorithm on a fixed sample of the normalised elements u (in [-1, 1]), weighted by their
@@ -119,12 +133,12 @@ Groups groups_of(const AffineLayout& layout) {
 // Gaussian data the error is within 1% of the fixed point.
 constexpr int kBins = 4096;
 
-std::vector<float> fit_levels(const float* x, int64_t n, const Groups& gs, const std::vector<float>& step,
+std::vector<float> fit_levels(const float* x, int64_t n, const AffineLayout& L, const std::vector<float>& step,
                               const std::vector<float>& inv, std::vector<float> levels) {
   const int64_t S = std::min<int64_t>(n, int64_t{1} << 16);
   std::vector<double> bin_w(kBins, 0.0), bin_wu(kBins, 0.0);
   for (int64_t k = 0; k < S; ++k) {
-    const int64_t i = k * n / S, g = gs.of(i);
+    const int64_t i = k * n / S, g = L.group_of(i / L.cols, i % L.cols);
     const float u = x[i] * inv[g];
     const double w = static_cast<double>(step[g]) * static_cast<double>(step[g]);
     const int b = std::clamp(static_cast<int>((u + 1.0f) * (kBins / 2.0f)), 0, kBins - 1);
@@ -175,26 +189,17 @@ LevelQuant level_quantize(const at::Tensor& x, const AffineLayout& layout, Level
               "expected contiguous fp32 (rows, cols)");
   TORCH_CHECK(kind != LevelKind::kUniform, "uniform levels are the affine quantizer's (affine.h)");
   TORCH_CHECK(bits >= 1 && bits <= kMaxBits && (bits >= 2 || kind == LevelKind::kLloyd), "no ", bits, "-bit levels");
-  const Groups gs = groups_of(layout);
-  const int64_t G = gs.count(), n = x.numel();
+  check_layout(layout);
+  const int64_t G = layout.num_groups(), n = x.numel();
   const float* xp = x.data_ptr<float>();
   LevelQuant q;
   // NormalFloat, where lloyd starts too (1 bit: the two halves' midpoints).
   q.levels = bits >= 2 ? normal_float_levels(bits) : std::vector<float>{-0.5f, 0.5f};
-  const auto per_group = [&](const auto& f) {  // f(g) for every group; threads over rows when fast
-    if (!fast) {
-      for (int64_t g = 0; g < G; ++g) f(g);
-      return;
-    }
-    at::parallel_for(0, gs.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(gs.cols, 1)),
-                     [&](int64_t r0, int64_t r1) {
-                       for (int64_t g = r0 * gs.per_row; g < r1 * gs.per_row; ++g) f(g);
-                     });
-  };
 
   // Each group's step: its max |x|, as fp16 relative to the largest.
   std::vector<float> stat(G), step(G), inv(G);
-  per_group([&](int64_t g) { stat[g] = group_absmax(xp + gs.start(g), gs.length(g)); });
+  for_each_group(layout, fast,
+                 [&](int64_t g) { stat[g] = group_absmax(xp + group_start(layout, g), group_length(layout, g)); });
   float largest = 0.0f;
   for (float s : stat) largest = s > largest ? s : largest;
   q.scale = largest > 0 ? largest : 1.0f;
@@ -204,19 +209,19 @@ LevelQuant level_quantize(const at::Tensor& x, const AffineLayout& layout, Level
     step[g] = half_bits_to_float(q.step[g]) * q.scale;
     inv[g] = step[g] > 0 ? 1.0f / step[g] : 0.0f;
   }
-  if (kind == LevelKind::kLloyd && n > 0) q.levels = fit_levels(xp, n, gs, step, inv, q.levels);
+  if (kind == LevelKind::kLloyd && n > 0) q.levels = fit_levels(xp, n, layout, step, inv, q.levels);
 
   const std::vector<float> t = thresholds_of(q.levels);
   const int K = static_cast<int>(q.levels.size());
-  q.codes = at::empty({gs.rows, gs.cols}, at::kByte);
+  q.codes = at::empty({layout.rows, layout.cols}, at::kByte);
   uint8_t* cp = q.codes.data_ptr<uint8_t>();
   float* dp = nullptr;
   if (decoded) {
-    *decoded = at::empty({gs.rows, gs.cols}, at::kFloat);
+    *decoded = at::empty({layout.rows, layout.cols}, at::kFloat);
     dp = decoded->data_ptr<float>();
   }
-  per_group([&](int64_t g) {
-    const int64_t s = gs.start(g), len = gs.length(g);
+  for_each_group(layout, fast, [&](int64_t g) {
+    const int64_t s = group_start(layout, g), len = group_length(layout, g);
     if (fast) {
       code_run(xp + s, len, inv[g], t.data(), K, cp + s);
       if (dp) decode_run(cp + s, len, q.levels.data(), step[g], dp + s);
@@ -231,18 +236,15 @@ LevelQuant level_quantize(const at::Tensor& x, const AffineLayout& layout, Level
 }
 
 at::Tensor level_dequantize(const LevelQuant& q, const AffineLayout& layout) {
-  const Groups gs = groups_of(layout);
-  TORCH_CHECK(static_cast<int64_t>(q.step.size()) == gs.count(), "one step per range group");
-  at::Tensor out = at::empty({gs.rows, gs.cols}, at::kFloat);
+  check_layout(layout);
+  TORCH_CHECK(static_cast<int64_t>(q.step.size()) == layout.num_groups(), "one step per range group");
+  at::Tensor out = at::empty({layout.rows, layout.cols}, at::kFloat);
   const uint8_t* cp = q.codes.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, gs.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(gs.cols, 1)),
-                   [&](int64_t r0, int64_t r1) {
-                     for (int64_t g = r0 * gs.per_row; g < r1 * gs.per_row; ++g) {
-                       const float step = half_bits_to_float(q.step[g]) * q.scale;
-                       decode_run(cp + gs.start(g), gs.length(g), q.levels.data(), step, op + gs.start(g));
-                     }
-                   });
+  for_each_group(layout, true, [&](int64_t g) {
+    const int64_t s = group_start(layout, g);
+    decode_run(cp + s, group_length(layout, g), q.levels.data(), half_bits_to_float(q.step[g]) * q.scale, op + s);
+  });
   return out;
 }
 

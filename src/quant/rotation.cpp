@@ -31,10 +31,6 @@ void hadamard_blocks(const float* src, float* dst, int64_t blocks, int64_t block
   });
 }
 
-}  // namespace
-
-namespace {
-
 typedef float V16 __attribute__((vector_size(64)));
 typedef int32_t M16 __attribute__((vector_size(64)));
 

@@ -628,25 +628,7 @@ TEST(SplitRun, ServerRefusesOverflowingScheduleAndLabelsOutsideTheVocabulary) {
   const ModelConfig model = ModelConfig::load(kModel);
   // Handshake as a client would, then `schedule` and (when it is accepted) `then`.
   auto session = [&](const nlohmann::json& schedule, const std::function<wire::Status(wire::Channel&)>& then) {
-    auto [a, b] = wire::make_in_process_pair(srv.max_payload());
-    std::thread server([&srv, ch = std::shared_ptr<wire::Channel>(std::move(b))] { srv.serve(*ch, 1); });
-    wire::Hello hello;
-    hello.model_fingerprint = model_fingerprint(model, CheckpointReader(kModel));
-    hello.split = c.split;
-    hello.fwd_codec = c.fwd_codec.to_string();
-    hello.bwd_codec = c.bwd_codec.to_string();
-    wire::HelloAck ack;
-    wire::Status s = wire::client_handshake(*a, hello, "", std::chrono::seconds(10), &ack);
-    if (s.ok())
-      s = a->send({wire::MessageType::kControl, 0,
-                   wire::ControlMsg{wire::ControlKind::kSchedule, schedule.dump(), ""}.encode()});
-    wire::Frame f;
-    if (s.ok()) s = a->receive(&f, std::chrono::seconds(30));
-    if (s.ok() && f.type == wire::MessageType::kError) s = wire::parse_error_payload(f.payload);
-    if (s.ok() && then) s = then(*a);
-    a->close();
-    server.join();
-    return s;
+    return scripted_session(srv, hello_for(c), schedule.dump(), then);
   };
   nlohmann::json schedule{{"run_id", "0123456789abcdef"},
                           {"resume_step", -1},
@@ -670,10 +652,8 @@ TEST(SplitRun, ServerRefusesOverflowingScheduleAndLabelsOutsideTheVocabulary) {
     fm.label_type = wire::LabelType::kI16;
     fm.labels = std::string_view(reinterpret_cast<const char*>(labels), sizeof labels);
     fm.packet = packet;
-    wire::Status fs = ch.send({wire::MessageType::kForward, 0, fm.encode()});
     wire::Frame reply;
-    if (fs.ok()) fs = ch.receive(&reply, std::chrono::seconds(30));
-    if (fs.ok() && reply.type == wire::MessageType::kError) return wire::parse_error_payload(reply.payload);
+    const wire::Status fs = exchange(ch, {wire::MessageType::kForward, 0, fm.encode()}, &reply);
     return fs.ok() ? wire::Status::Fail(wire::ErrorCode::kInternal, "the server accepted the labels") : fs;
   });
   EXPECT_EQ(s.code, wire::ErrorCode::kBadMessage) << s.message;

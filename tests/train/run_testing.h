@@ -4,6 +4,7 @@
 #include <torch/nn/utils/clip_grad.h>
 #include <torch/optim/adamw.h>
 
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -23,6 +24,8 @@
 #include "train/data.h"
 #include "train/session.h"
 #include "wire/channel.h"
+#include "wire/handshake.h"
+#include "wire/messages.h"
 #include "wire/tcp.h"
 
 namespace amaq::train {
@@ -196,6 +199,49 @@ inline void expect_same_checkpoint(const std::string& a_root, const std::string&
       EXPECT_TRUE(at::equal(t, b.at(k))) << a_root << ": " << k;
     }
   }
+}
+
+// The HELLO a client of run `c` sends (codecs from c; a U-shaped run's tail codecs too).
+inline wire::Hello hello_for(const ClientConfig& c) {
+  const ModelConfig model = ModelConfig::load(c.model);
+  wire::Hello hello;
+  hello.model_fingerprint = model_fingerprint(model, CheckpointReader(c.model));
+  hello.split = c.split;
+  hello.fwd_codec = c.fwd_codec.to_string();
+  hello.bwd_codec = c.bwd_codec.to_string();
+  if (c.tail_split > 0) {  // as the client sends it
+    hello.tail_split = c.tail_split;
+    hello.tail_fwd_codec = c.tail_fwd_codec.to_string();
+    hello.tail_bwd_codec = c.tail_bwd_codec.to_string();
+  }
+  return hello;
+}
+
+// Sends `frame` and waits for the reply: an ERROR reply becomes the status.
+inline wire::Status exchange(wire::Channel& ch, const wire::Frame& frame, wire::Frame* reply) {
+  wire::Status s = ch.send(frame);
+  if (s.ok()) s = ch.receive(reply, std::chrono::seconds(30));
+  if (s.ok() && reply->type == wire::MessageType::kError) return wire::parse_error_payload(reply->payload);
+  return s;
+}
+
+// A scripted (or hostile) client in this process: handshakes with `srv` as `hello`, sends the
+// SCHEDULE `schedule`, then runs `then` (when given) on the channel; the server's session ends with it.
+inline wire::Status scripted_session(TrainServer& srv, const wire::Hello& hello, const std::string& schedule,
+                                     const std::function<wire::Status(wire::Channel&)>& then) {
+  auto [a, b] = wire::make_in_process_pair(srv.max_payload());
+  std::thread server([&srv, ch = std::shared_ptr<wire::Channel>(std::move(b))] { srv.serve(*ch, 1); });
+  wire::HelloAck ack;
+  wire::Status s = wire::client_handshake(*a, hello, "", std::chrono::seconds(10), &ack);
+  wire::Frame reply;
+  if (s.ok())
+    s = exchange(
+        *a, {wire::MessageType::kControl, 0, wire::ControlMsg{wire::ControlKind::kSchedule, schedule, ""}.encode()},
+        &reply);
+  if (s.ok() && then) s = then(*a);
+  a->close();
+  server.join();
+  return s;
 }
 
 }  // namespace amaq::train

@@ -279,25 +279,8 @@ TEST(TailSplit, HostileTailMessagesAreRefusedByNameAndTheServerKeepsServing) {
   const int64_t C = model.hidden_size;
   // Handshake and SCHEDULE as a U-shaped client would, then `then` on the channel.
   auto session = [&](const std::string& run_id, const std::function<wire::Status(wire::Channel&)>& then) {
-    auto [a, b] = wire::make_in_process_pair(srv.max_payload());
-    std::thread server([&srv, ch = std::shared_ptr<wire::Channel>(std::move(b))] { srv.serve(*ch, 1); });
-    wire::Hello hello;
-    hello.model_fingerprint = model_fingerprint(model, CheckpointReader(kModel));
-    hello.split = c.split;
-    hello.fwd_codec = hello.bwd_codec = hello.tail_fwd_codec = hello.tail_bwd_codec = c.fwd_codec.to_string();
-    hello.tail_split = c.tail_split;
-    wire::HelloAck ack;
-    wire::Status s = wire::client_handshake(*a, hello, "", std::chrono::seconds(10), &ack);
-    ScheduleRequest req{run_id, -1, 1, 4, c.schedule, "", 1};
-    if (s.ok())
-      s = a->send({wire::MessageType::kControl, 0,
-                   wire::ControlMsg{wire::ControlKind::kSchedule, req.to_json().dump(), ""}.encode()});
-    wire::Frame f;
-    if (s.ok()) s = a->receive(&f, std::chrono::seconds(30));
-    if (s.ok()) s = then(*a);
-    a->close();
-    server.join();
-    return s;
+    return scripted_session(srv, hello_for(c), ScheduleRequest{run_id, -1, 1, 4, c.schedule, "", 1}.to_json().dump(),
+                            then);
   };
   // Sends a FORWARD of (1, 4, C) zeros (with labels when given); returns the server's reply.
   quant::Codec codec(c.fwd_codec);
@@ -314,10 +297,7 @@ TEST(TailSplit, HostileTailMessagesAreRefusedByNameAndTheServerKeepsServing) {
       fm.labels = std::string_view(reinterpret_cast<const char*>(labels), sizeof labels);
     }
     fm.packet = packet;
-    wire::Status s = ch.send({wire::MessageType::kForward, 0, fm.encode()});
-    if (s.ok()) s = ch.receive(reply, std::chrono::seconds(30));
-    if (s.ok() && reply->type == wire::MessageType::kError) return wire::parse_error_payload(reply->payload);
-    return s;
+    return exchange(ch, {wire::MessageType::kForward, 0, fm.encode()}, reply);
   };
   wire::Status s = session("0123456789abcdef", [&](wire::Channel& ch) {
     wire::Frame reply;
@@ -337,9 +317,7 @@ TEST(TailSplit, HostileTailMessagesAreRefusedByNameAndTheServerKeepsServing) {
       wire::BackwardMsg gm;
       gm.micro_batch = micro;
       gm.packet = big;
-      fs = ch.send({wire::MessageType::kTailBackward, 0, gm.encode()});
-      if (fs.ok()) fs = ch.receive(&reply, std::chrono::seconds(30));
-      if (fs.ok() && reply.type == wire::MessageType::kError) return wire::parse_error_payload(reply.payload);
+      fs = exchange(ch, {wire::MessageType::kTailBackward, 0, gm.encode()}, &reply);
       return fs.ok() ? wire::Status::Fail(wire::ErrorCode::kInternal, "the server took it") : fs;
     };
   };
