@@ -50,7 +50,9 @@ std::vector<CodecPoint> codec_points(const SplitTensors& t, const std::vector<st
     }
     for (const auto& [name, x] : {std::pair{"activations", t.activations}, std::pair{"gradients", t.gradients}}) {
       quant::Codec tx(spec), rx(spec);
-      const quant::Encoded e = tx.encode(x);
+      quant::EncodeArgs args;
+      args.want_decoded = false;  // the receiver's decode is what is measured
+      const quant::Encoded e = tx.encode(x, args);
       const at::Tensor d = rx.decode(e.packet).to(at::kDouble), xd = x.to(at::kDouble);
       CodecPoint p;
       p.codec = spec.to_string();
