@@ -51,29 +51,29 @@ void throw_non_finite(int64_t bad, int64_t n, int64_t first) {
 
 namespace {
 
-// 16 lanes as GCC vector types: each target version maps them onto its widest registers. A lane
-// computes exactly what the scalar code computes on its share of the elements.
-typedef float F16 __attribute__((vector_size(64)));
-typedef int32_t I16 __attribute__((vector_size(64)));
-constexpr int kLanes = 16;
+// L lanes as GCC vector types (multiversion.h): each version runs as many as its registers hold. A
+// lane computes exactly what the scalar code computes on its share of the elements.
 
 // max |p[i]| over [0, n) (NaN and Inf ignored) and how many are NaN or Inf.
-AMAQ_MULTIVERSION float max_abs_run(const float* p, int64_t n, int64_t* non_finite) {
-  const I16 magnitude = I16{} + 0x7fffffff;
-  const F16 largest = F16{} + std::numeric_limits<float>::max();
-  F16 m = {};
-  I16 bad = {};
+template <int L>
+AMAQ_LANES_INLINE float max_abs_run_lanes(const float* p, int64_t n, int64_t* non_finite) {
+  using F = typename Lanes<L>::F;
+  using I = typename Lanes<L>::I;
+  const I magnitude = I{} + 0x7fffffff;
+  const F largest = F{} + std::numeric_limits<float>::max();
+  F m = {};
+  I bad = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    I16 v;
+  for (; i + L <= n; i += L) {
+    I v;
     std::memcpy(&v, p + i, sizeof v);
-    const F16 a = reinterpret_cast<F16>(v & magnitude);  // |v|
+    const F a = reinterpret_cast<F>(v & magnitude);  // |v|
     m = a > m ? a : m;
     bad -= ~(a <= largest);  // +1 where NaN or Inf (a comparison is -1 where true)
   }
   float r = 0.0f;
   int64_t nb = 0;
-  for (int j = 0; j < kLanes; ++j) {
+  for (int j = 0; j < L; ++j) {
     r = m[j] > r ? m[j] : r;
     nb += bad[j];
   }
@@ -85,22 +85,25 @@ AMAQ_MULTIVERSION float max_abs_run(const float* p, int64_t n, int64_t* non_fini
   *non_finite = nb;
   return r;
 }
+AMAQ_LANE_VERSIONS(float, max_abs_run, (const float* p, int64_t n, int64_t* non_finite), (p, n, non_finite))
 
 // min and max of p[0, n) (finite values), exactly as the sequential `v < mn ? v : mn` and
 // `v > mx ? v : mx` from +-inf find them: lane by lane, then, where the result is a zero (whose
 // sign depends on which zero came first), again in order.
-AMAQ_MULTIVERSION void range_run(const float* p, int64_t n, float* lo, float* hi) {
+template <int L>
+AMAQ_LANES_INLINE void range_run_lanes(const float* p, int64_t n, float* lo, float* hi) {
+  using F = typename Lanes<L>::F;
   constexpr float inf = std::numeric_limits<float>::infinity();
-  F16 mn = F16{} + inf, mx = F16{} - inf;
+  F mn = F{} + inf, mx = F{} - inf;
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    F16 v;
+  for (; i + L <= n; i += L) {
+    F v;
     std::memcpy(&v, p + i, sizeof v);
     mn = v < mn ? v : mn;
     mx = v > mx ? v : mx;
   }
   float a = inf, b = -inf;
-  for (int j = 0; j < kLanes; ++j) {
+  for (int j = 0; j < L; ++j) {
     a = mn[j] < a ? mn[j] : a;
     b = mx[j] > b ? mx[j] : b;
   }
@@ -117,6 +120,7 @@ AMAQ_MULTIVERSION void range_run(const float* p, int64_t n, float* lo, float* hi
   }
   *lo = a, *hi = b;
 }
+AMAQ_LANE_VERSIONS(void, range_run, (const float* p, int64_t n, float* lo, float* hi), (p, n, lo, hi))
 
 // dequantize_one of codes[0, n) in range [lo, hi].
 AMAQ_MULTIVERSION void dequantize_run(const uint8_t* codes, const float* levels, int64_t n, float lo, float hi,

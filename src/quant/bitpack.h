@@ -19,9 +19,16 @@ int64_t packed_bytes(int64_t rows, const at::Tensor& bits);
 std::string pack_ref(const at::Tensor& codes, const at::Tensor& bits);
 at::Tensor unpack_ref(const uint8_t* data, int64_t size, int64_t rows, const at::Tensor& bits);
 
-/// Fast packer: 64-bit accumulators, rows split across threads at byte-aligned row blocks.
-/// Writes exactly the bytes pack_ref writes. `out` must hold packed_bytes(rows, bits) bytes.
+/// Fast packer: rows split across threads at byte-aligned row blocks; one width of 1, 2, 4 or 8
+/// bits as a flat stream, mixed widths eight channels at a time with BMI2's pext/pdep where the CPU
+/// runs them fast (else pack_portable). Writes exactly the bytes pack_ref writes. `out` must hold
+/// packed_bytes(rows, bits) bytes.
 void pack_fast(const at::Tensor& codes, const at::Tensor& bits, uint8_t* out);
 at::Tensor unpack_fast(const uint8_t* data, int64_t size, int64_t rows, const at::Tensor& bits);
+
+/// What pack_fast and unpack_fast run for mixed widths without fast BMI2: one code at a time
+/// through a 64-bit accumulator.
+void pack_portable(const at::Tensor& codes, const at::Tensor& bits, uint8_t* out);
+at::Tensor unpack_portable(const uint8_t* data, int64_t size, int64_t rows, const at::Tensor& bits);
 
 }  // namespace amaq::quant

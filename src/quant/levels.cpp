@@ -37,37 +37,39 @@ std::vector<float> thresholds_of(const std::vector<float>& levels) {
   return t;
 }
 
-typedef float F16 __attribute__((vector_size(64)));
-typedef int32_t I16 __attribute__((vector_size(64)));
-constexpr int kLanes = 16;
-
-// max |p[i]| over [0, n): 16 lanes, then in order (the same value whatever the order).
-AMAQ_MULTIVERSION float group_absmax(const float* p, int64_t n) {
-  F16 acc = {};
+// max |p[i]| over [0, n): L lanes (multiversion.h), then in order (the same value whatever the order).
+template <int L>
+AMAQ_LANES_INLINE float group_absmax_lanes(const float* p, int64_t n) {
+  using F = typename Lanes<L>::F;
+  F acc = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    F16 v;
+  for (; i + L <= n; i += L) {
+    F v;
     std::memcpy(&v, p + i, sizeof v);
-    const F16 a = v < 0 ? -v : v;
+    const F a = v < 0 ? -v : v;
     acc = a > acc ? a : acc;
   }
   float r = 0.0f;
-  for (int j = 0; j < kLanes; ++j) r = acc[j] > r ? acc[j] : r;
+  for (int j = 0; j < L; ++j) r = acc[j] > r ? acc[j] : r;
   for (; i < n; ++i) r = std::fabs(p[i]) > r ? std::fabs(p[i]) : r;
   return r;
 }
+AMAQ_LANE_VERSIONS(float, group_absmax, (const float* p, int64_t n), (p, n))
 
 // The codes of p[0, n) * inv against the K - 1 ascending thresholds t: how many lie below each value.
-AMAQ_MULTIVERSION void code_run(const float* p, int64_t n, float inv, const float* t, int K, uint8_t* codes) {
+template <int L>
+AMAQ_LANES_INLINE void code_run_lanes(const float* p, int64_t n, float inv, const float* t, int K, uint8_t* codes) {
+  using F = typename Lanes<L>::F;
+  using I = typename Lanes<L>::I;
   int64_t i = 0;
   if (K <= 16) {
-    for (; i + kLanes <= n; i += kLanes) {
-      F16 v;
+    for (; i + L <= n; i += L) {
+      F v;
       std::memcpy(&v, p + i, sizeof v);
-      const F16 u = v * inv;
-      I16 c = {};
+      const F u = v * inv;
+      I c = {};
       for (int j = 0; j + 1 < K; ++j) c -= (u > t[j]);  // a true comparison is -1
-      for (int l = 0; l < kLanes; ++l) codes[i + l] = static_cast<uint8_t>(c[l]);
+      for (int l = 0; l < L; ++l) codes[i + l] = static_cast<uint8_t>(c[l]);
     }
     for (; i < n; ++i) {
       const float u = p[i] * inv;
@@ -84,6 +86,8 @@ AMAQ_MULTIVERSION void code_run(const float* p, int64_t n, float inv, const floa
     codes[i] = static_cast<uint8_t>(c);
   }
 }
+AMAQ_LANE_VERSIONS(void, code_run, (const float* p, int64_t n, float inv, const float* t, int K, uint8_t* codes),
+                   (p, n, inv, t, K, codes))
 
 AMAQ_MULTIVERSION void decode_run(const uint8_t* codes, int64_t n, const float* levels, float step, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = levels[codes[i]] * step;

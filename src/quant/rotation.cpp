@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "quant/multiversion.h"
 
@@ -31,52 +32,48 @@ void hadamard_blocks(const float* src, float* dst, int64_t blocks, int64_t block
   });
 }
 
-typedef float V16 __attribute__((vector_size(64)));
-typedef int32_t M16 __attribute__((vector_size(64)));
+// One butterfly pass h < L inside L lanes: lanes l and l ^ h, (a, c) -> (a + c, a - c), where a is
+// the lane without bit h; the same two IEEE operations the scalar pass does for each pair.
+template <int L, int H, typename = std::make_index_sequence<L>>
+struct InLanes;
+template <int L, int H, size_t... l>
+struct InLanes<L, H, std::index_sequence<l...>> {
+  using I = typename Lanes<L>::I;
+  static constexpr I partner{static_cast<int32_t>(l ^ H)...};
+  static constexpr I upper{static_cast<int32_t>(l & H)...};
+};
 
-// One butterfly pass h < 16 inside 16 lanes: lanes l and l ^ h, (a, c) -> (a + c, a - c), where a
-// is the lane without bit h; the same two IEEE operations the scalar pass does for each pair. (A
-// macro: a function taking or returning a 64-byte vector would have another ABI per target.)
-#define AMAQ_PARTNER(H)                                                                                           \
-  M16 {                                                                                                           \
-    0 ^ H, 1 ^ H, 2 ^ H, 3 ^ H, 4 ^ H, 5 ^ H, 6 ^ H, 7 ^ H, 8 ^ H, 9 ^ H, 10 ^ H, 11 ^ H, 12 ^ H, 13 ^ H, 14 ^ H, \
-        15 ^ H                                                                                                    \
+template <int L, int H>
+AMAQ_LANES_INLINE void butterfly_in_lanes(typename Lanes<L>::F& x) {
+  if constexpr (H < L) {
+    using M = InLanes<L, H>;
+    const typename Lanes<L>::F partner = __builtin_shuffle(x, M::partner);
+    x = M::upper ? partner - x : x + partner;
   }
-#define AMAQ_UPPER(H)                                                                                             \
-  M16 {                                                                                                           \
-    0 & H, 1 & H, 2 & H, 3 & H, 4 & H, 5 & H, 6 & H, 7 & H, 8 & H, 9 & H, 10 & H, 11 & H, 12 & H, 13 & H, 14 & H, \
-        15 & H                                                                                                    \
-  }
-#define AMAQ_BUTTERFLY_IN_LANES(x, H)                           \
-  do {                                                          \
-    const V16 partner_ = __builtin_shuffle(x, AMAQ_PARTNER(H)); \
-    x = AMAQ_UPPER(H) ? partner_ - x : x + partner_;            \
-  } while (0)
-
-}  // namespace
+}
 
 // The first pass reads src, the others work in place: the same additions in the same order as
-// block_hadamard_ops, so the same bits (and in every AMAQ_MULTIVERSION version: lane-wise the same).
-// From 16 channels on, the passes h < 16 run inside 16-lane vectors (lane shuffles), the others
-// between them.
-AMAQ_MULTIVERSION void hadamard_block(const float* s, float* v, int64_t block) {
+// block_hadamard_ops, so the same bits (and with any lane count: lane-wise the same). From L
+// channels on, the passes h < L run inside L-lane vectors (lane shuffles), the others between them.
+template <int L>
+AMAQ_LANES_INLINE void hadamard_block_lanes(const float* s, float* v, int64_t block) {
   const float norm = norm_of(block);
   if (block == 1) {
     v[0] = s[0] * norm;
     return;
   }
   int64_t h = 2;
-  if (block >= 16) {
-    for (int64_t k = 0; k < block; k += 16) {
-      V16 x;
+  if (block >= L) {
+    for (int64_t k = 0; k < block; k += L) {
+      typename Lanes<L>::F x;
       std::memcpy(&x, s + k, sizeof x);
-      AMAQ_BUTTERFLY_IN_LANES(x, 1);
-      AMAQ_BUTTERFLY_IN_LANES(x, 2);
-      AMAQ_BUTTERFLY_IN_LANES(x, 4);
-      AMAQ_BUTTERFLY_IN_LANES(x, 8);
+      butterfly_in_lanes<L, 1>(x);
+      butterfly_in_lanes<L, 2>(x);
+      butterfly_in_lanes<L, 4>(x);
+      butterfly_in_lanes<L, 8>(x);
       std::memcpy(v + k, &x, sizeof x);
     }
-    h = 16;
+    h = L;
   } else {
     for (int64_t j = 0; j < block; j += 2) {
       const float a = s[j], c = s[j + 1];
@@ -95,6 +92,10 @@ AMAQ_MULTIVERSION void hadamard_block(const float* s, float* v, int64_t block) {
   }
   for (int64_t j = 0; j < block; ++j) v[j] *= norm;
 }
+
+}  // namespace
+
+AMAQ_LANE_VERSIONS(void, hadamard_block, (const float* s, float* v, int64_t block), (s, v, block))
 
 at::Tensor block_hadamard(const at::Tensor& x, int64_t block) {
   if (!x.device().is_cpu()) return block_hadamard_ops(x, block);

@@ -1,0 +1,106 @@
+// Every lane version of the explicit-vector loops (AMAQ_LANE_VERSIONS: 4 lanes for SSE2, 8 for
+// AVX2, 16 for AVX-512, as far as this CPU runs them) writes the reference path's bytes: ranges
+// that end at a signed zero, constant ranges, NaN counts, rotations of every block size, and the
+// codebook search of non-uniform levels on both sides of its 16-level switch.
+#include "quant/multiversion.h"
+
+#include <gtest/gtest.h>
+
+#include <limits>
+
+#include "quant/affine.h"
+#include "quant/codec.h"
+#include "quant/rotation.h"
+#include "testing.h"
+
+namespace amaq::quant {
+namespace {
+
+// Runs f once per lane width this CPU has, forced, and restores the CPU's own.
+template <typename F>
+void for_each_lane_width(const F& f) {
+  struct Restore {
+    ~Restore() { force_lane_width(0); }
+  } restore;
+  const int own = lane_width();
+  for (int lanes : {4, 8, 16}) {
+    if (lanes > own) break;
+    force_lane_width(lanes);
+    SCOPED_TRACE("lanes " + std::to_string(lanes));
+    f();
+  }
+}
+
+TEST(LaneVersions, TheCpuRunsAtLeastFourAndNoMoreIsForced) {
+  const int own = lane_width();
+  EXPECT_TRUE(own == 4 || own == 8 || own == 16) << own;
+  if (own < 16) {
+    EXPECT_THROW(force_lane_width(16), c10::Error);
+  }
+  EXPECT_THROW(force_lane_width(5), c10::Error);
+  force_lane_width(4);
+  EXPECT_EQ(lane_width(), 4);
+  force_lane_width(0);
+  EXPECT_EQ(lane_width(), own);
+}
+
+TEST(LaneVersions, EveryVersionWritesTheReferencesPackets) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(11);
+  // Heavy tails with outlier channels, an odd channel count (tails of every lane width), zeros of
+  // both signs, a constant token and a negated one.
+  at::Tensor x = testing::with_outlier_channels(testing::student_t3({3, 40, 301}, gen)).contiguous();
+  float* p = x.data_ptr<float>();
+  for (int64_t i = 0; i < x.numel(); i += 7) p[i] = (i / 7) % 3 ? -0.0f : 0.0f;
+  x[1][3].fill_(0.25f);
+  x[2].neg_();
+  const at::Tensor x256 = testing::with_outlier_channels(testing::student_t3({2, 33, 256}, gen));
+  for_each_lane_width([&] {
+    for (const char* text : {"fixed:bits=4,group=64", "fixed:bits=3,gran=token", "fixed:bits=1,group=64",
+                             "fixed:bits=8,group=64", "fixed:bits=4,levels=lloyd,group=64",
+                             "fixed:bits=3,levels=nf,gran=token", "fixed:bits=6,levels=lloyd,group=64",
+                             "fixed:bits=4,group=8,rot=hadamard", "fixed:bits=4,group=128,rot=hadamard",
+                             "fixed:bits=3,levels=nf,group=128,rot=hadamard", "amaq:budget=4,group=32"}) {
+      const std::string spec(text);
+      const at::Tensor& in = spec.find("rot=") != std::string::npos ? x256 : x;
+      EncodeArgs args;
+      if (spec.rfind("amaq", 0) == 0) args.bits = at::randint(2, 9, {in.size(-1)}, gen, at::kByte);
+      const Encoded fast = Codec(CodecSpec::parse(spec)).encode(in, args);
+      const Encoded ref = Codec(CodecSpec::parse(spec), Impl::kRef).encode(in, args);
+      EXPECT_EQ(fast.packet, ref.packet) << spec;
+      EXPECT_TRUE(at::equal(fast.decoded, ref.decoded)) << spec;
+      EXPECT_TRUE(at::equal(Codec(CodecSpec::parse(spec)).decode(fast.packet), ref.decoded)) << spec;
+    }
+  });
+}
+
+TEST(LaneVersions, EveryVersionRotatesAsTheTensorOpsDo) {
+  const at::Tensor x = at::randn({5, 256}, at::make_generator<at::CPUGeneratorImpl>(12)) * 3;
+  for_each_lane_width([&] {
+    for (int64_t block : {1, 2, 4, 8, 16, 32, 256}) {
+      EXPECT_TRUE(at::equal(block_hadamard(x, block), block_hadamard_ops(x, block))) << block;
+    }
+  });
+}
+
+TEST(LaneVersions, EveryVersionCountsNonFiniteValuesAndFindsTheMax) {
+  at::Tensor x = at::randn({1000, 37}, at::make_generator<at::CPUGeneratorImpl>(13));
+  x[999][36] = -77.0f;  // the last element, in every version's scalar tail
+  const float expected = x.abs().max().item<float>();
+  for_each_lane_width([&] {
+    EXPECT_EQ(checked_max_abs(x), expected);
+    at::Tensor bad = x.clone();
+    bad[3][1] = std::numeric_limits<float>::quiet_NaN();
+    bad[500][0] = std::numeric_limits<float>::infinity();
+    bad[999][35] = -std::numeric_limits<float>::infinity();
+    try {
+      checked_max_abs(bad);
+      ADD_FAILURE() << "NaN/Inf not refused";
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find("3 NaN/Inf values"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("flat index 112"), std::string::npos) << e.what();
+    }
+  });
+}
+
+}  // namespace
+}  // namespace amaq::quant
