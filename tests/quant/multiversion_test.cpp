@@ -1,15 +1,21 @@
 // Every lane version of the explicit-vector loops (AMAQ_LANE_VERSIONS: 4 lanes for SSE2, 8 for
 // AVX2, 16 for AVX-512, as far as this CPU runs them) writes the reference path's bytes: ranges
 // that end at a signed zero, constant ranges, NaN counts, rotations of every block size, and the
-// codebook search of non-uniform levels on both sides of its 16-level switch.
+// codebook search of non-uniform levels on both sides of its 16-level switch; and fp16 range
+// bounds converted as c10::Half converts them.
 #include "quant/multiversion.h"
 
+#include <c10/util/Half.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstring>
 #include <limits>
+#include <vector>
 
 #include "quant/affine.h"
 #include "quant/codec.h"
+#include "quant/quant_math.h"
 #include "quant/rotation.h"
 #include "testing.h"
 
@@ -100,6 +106,29 @@ TEST(LaneVersions, EveryVersionCountsNonFiniteValuesAndFindsTheMax) {
       EXPECT_NE(std::string(e.what()).find("flat index 112"), std::string::npos) << e.what();
     }
   });
+}
+
+TEST(HalfRanges, TheFastPathsFp16BoundsAreC10HalfsBitForBit) {
+  // Token ranges of two values each, relative to the tensor's scale: every exponent of fp32 that
+  // fp16 reaches and far below it (fp16 subnormals and zero), both signs, against the reference,
+  // whose bounds c10::Half's bit arithmetic rounds (the fast path uses F16C where the CPU has it).
+  std::vector<float> values;
+  for (uint32_t bits = 0x00000000; bits < 0x3f800000; bits += 12347) {
+    float v;
+    std::memcpy(&v, &bits, 4);
+    values.push_back(v);
+  }
+  const int64_t n = static_cast<int64_t>(values.size()) / 2 * 2;
+  at::Tensor x = at::from_blob(values.data(), {n / 2, 2}, at::kFloat).clone();
+  x.select(1, 0).neg_();
+  x[0][1] = 1.0f;  // the scale
+  const at::Tensor bits = at::full({2}, 4, at::kByte);
+  const AffineLayout layout{n / 2, 2, Granularity::kToken, 0};
+  const AffineQuant fast = affine_quantize(x, bits, layout, Rounding::kNearest, 0);
+  const AffineQuant ref = affine_quantize_ref(x, bits, layout, Rounding::kNearest, 0);
+  EXPECT_TRUE(at::equal(fast.lo.view(at::kShort), ref.lo.view(at::kShort)));
+  EXPECT_TRUE(at::equal(fast.hi.view(at::kShort), ref.hi.view(at::kShort)));
+  EXPECT_TRUE(at::equal(fast.codes, ref.codes));
 }
 
 }  // namespace
