@@ -54,15 +54,8 @@ __attribute__((target("f16c"))) HalfRange half_range_f16c(float mn, float mx, fl
   r.hi = _cvtsh_ss(r.hi16) * scale;
   return r;
 }
-bool have_f16c() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("f16c") != 0;
-  }();
-  return ok;
-}
-HalfRange half_range(float mn, float mx, float scale) {
-  return have_f16c() ? half_range_f16c(mn, mx, scale) : half_range_generic(mn, mx, scale);
+HalfRange half_range(float mn, float mx, float scale) {  // 8 lanes or more: an x86-64-v3 CPU, with F16C
+  return lane_width() >= 8 ? half_range_f16c(mn, mx, scale) : half_range_generic(mn, mx, scale);
 }
 #else
 HalfRange half_range(float mn, float mx, float scale) {
@@ -192,19 +185,20 @@ AMAQ_MULTIVERSION void dequantize_run_uniform(const uint8_t* codes, float level,
   for (int64_t i = 0; i < n; ++i) out[i] = lo + static_cast<float>(codes[i]) * step;
 }
 
+// quantize_one's nearest rounding of x into [lo, lo + level * step] (inlined into the loops below).
+inline uint8_t nearest_code(float x, float lo, float step, float level) {
+  const float u = (x - lo) / step;
+  const float below = u < 0.0f ? 0.0f : u;
+  const float v = level < below ? level : below;
+  const float rounded = (v + 12582912.0f) - 12582912.0f;  // round_half_even
+  return static_cast<uint8_t>(static_cast<int32_t>(step > 0 ? rounded : 0.0f));
+}
+
 // Nearest-rounding codes of p[0, n), channel i with levels[i] = 2^bits - 1, all in range [lo, hi]:
 // quantize_one's arithmetic; and, when `decoded` is given, dequantize_one's of each code.
 AMAQ_MULTIVERSION void quantize_run(const float* p, const float* levels, int64_t n, float lo, float hi, uint8_t* codes,
                                     float* decoded) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float step = (hi - lo) / levels[i];
-    const float u = (p[i] - lo) / step;
-    const float below = u < 0.0f ? 0.0f : u;
-    const float v = levels[i] < below ? levels[i] : below;
-    const float rounded = (v + 12582912.0f) - 12582912.0f;  // round_half_even
-    const float r = step > 0 ? rounded : 0.0f;
-    codes[i] = static_cast<uint8_t>(static_cast<int32_t>(r));
-  }
+  for (int64_t i = 0; i < n; ++i) codes[i] = nearest_code(p[i], lo, (hi - lo) / levels[i], levels[i]);
   if (decoded) dequantize_run(codes, levels, n, lo, hi, decoded);
 }
 
@@ -213,14 +207,7 @@ AMAQ_MULTIVERSION void quantize_run(const float* p, const float* levels, int64_t
 AMAQ_MULTIVERSION void quantize_run_uniform(const float* p, float level, int64_t n, float lo, float hi, uint8_t* codes,
                                             float* decoded) {
   const float step = (hi - lo) / level;
-  for (int64_t i = 0; i < n; ++i) {
-    const float u = (p[i] - lo) / step;
-    const float below = u < 0.0f ? 0.0f : u;
-    const float v = level < below ? level : below;
-    const float rounded = (v + 12582912.0f) - 12582912.0f;  // round_half_even
-    const float r = step > 0 ? rounded : 0.0f;
-    codes[i] = static_cast<uint8_t>(static_cast<int32_t>(r));
-  }
+  for (int64_t i = 0; i < n; ++i) codes[i] = nearest_code(p[i], lo, step, level);
   if (decoded) dequantize_run_uniform(codes, level, n, lo, hi, decoded);
 }
 

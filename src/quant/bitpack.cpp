@@ -23,6 +23,18 @@ void check_args(const at::Tensor& bits, int64_t cols) {
     TORCH_CHECK(b[c] >= 1 && b[c] <= 8, "bit-width ", int(b[c]), " of channel ", c, " not in 1..8");
 }
 
+void check_codes(const at::Tensor& codes, const at::Tensor& bits) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(),
+              "codes must be contiguous uint8");
+  check_args(bits, codes.size(1));
+}
+
+void check_size(int64_t size, int64_t rows, const at::Tensor& bits) {
+  check_args(bits, bits.size(0));
+  const int64_t needed = packed_bytes(rows, bits);
+  TORCH_CHECK(size >= needed, "packed data has ", size, " bytes, needs ", needed);
+}
+
 int64_t row_bits(const at::Tensor& bits) {
   const uint8_t* b = bits.data_ptr<uint8_t>();
   return std::accumulate(b, b + bits.size(0), int64_t{0});
@@ -139,9 +151,8 @@ std::string pack_ref(const at::Tensor& codes, const at::Tensor& bits) {
 }
 
 at::Tensor unpack_ref(const uint8_t* data, int64_t size, int64_t rows, const at::Tensor& bits) {
-  check_args(bits, bits.size(0));
+  check_size(size, rows, bits);
   const int64_t cols = bits.size(0);
-  TORCH_CHECK(size >= packed_bytes(rows, bits), "packed data has ", size, " bytes, needs ", packed_bytes(rows, bits));
   at::Tensor out = at::zeros({rows, cols}, at::kByte);
   uint8_t* v = out.data_ptr<uint8_t>();
   const uint8_t* b = bits.data_ptr<uint8_t>();
@@ -303,20 +314,15 @@ bool fast_bmi2() {
   }();
   return ok;
 }
-#else
-bool fast_bmi2() {
-  return false;
-}
 #endif
 
 }  // namespace
 
-void pack_portable(const at::Tensor& codes, const at::Tensor& bits, uint8_t* out) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(),
-              "codes must be contiguous uint8");
-  check_args(bits, codes.size(1));
-  const int64_t rows = codes.size(0), cols = codes.size(1), rb = row_bits(bits), total = packed_bytes(rows, bits);
-  const uint8_t* v = codes.data_ptr<uint8_t>();
+namespace {
+
+// The portable paths over checked arguments.
+void pack_portable_checked(const uint8_t* v, const at::Tensor& bits, int64_t rows, int64_t cols, uint8_t* out) {
+  const int64_t rb = row_bits(bits), total = packed_bytes(rows, bits);
   const uint8_t* b = bits.data_ptr<uint8_t>();
   for_row_blocks(rows, [&](int64_t r0, int64_t r1) {
     // r0 is a multiple of 8, so this block starts at byte (r0 * rb) / 8 exactly.
@@ -324,10 +330,8 @@ void pack_portable(const at::Tensor& codes, const at::Tensor& bits, uint8_t* out
   });
 }
 
-at::Tensor unpack_portable(const uint8_t* data, int64_t size, int64_t rows, const at::Tensor& bits) {
-  check_args(bits, bits.size(0));
+at::Tensor unpack_portable_checked(const uint8_t* data, int64_t rows, const at::Tensor& bits) {
   const int64_t cols = bits.size(0), rb = row_bits(bits), total = packed_bytes(rows, bits);
-  TORCH_CHECK(size >= total, "packed data has ", size, " bytes, needs ", total);
   at::Tensor out = at::empty({rows, cols}, at::kByte);
   uint8_t* v = out.data_ptr<uint8_t>();
   const uint8_t* b = bits.data_ptr<uint8_t>();
@@ -337,10 +341,20 @@ at::Tensor unpack_portable(const uint8_t* data, int64_t size, int64_t rows, cons
   return out;
 }
 
+}  // namespace
+
+void pack_portable(const at::Tensor& codes, const at::Tensor& bits, uint8_t* out) {
+  check_codes(codes, bits);
+  pack_portable_checked(codes.data_ptr<uint8_t>(), bits, codes.size(0), codes.size(1), out);
+}
+
+at::Tensor unpack_portable(const uint8_t* data, int64_t size, int64_t rows, const at::Tensor& bits) {
+  check_size(size, rows, bits);
+  return unpack_portable_checked(data, rows, bits);
+}
+
 void pack_fast(const at::Tensor& codes, const at::Tensor& bits, uint8_t* out) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(),
-              "codes must be contiguous uint8");
-  check_args(bits, codes.size(1));
+  check_codes(codes, bits);
   const int64_t rows = codes.size(0), cols = codes.size(1);
   const uint8_t* v = codes.data_ptr<uint8_t>();
   const int64_t total = packed_bytes(rows, bits);
@@ -358,13 +372,12 @@ void pack_fast(const at::Tensor& codes, const at::Tensor& bits, uint8_t* out) {
     return;
   }
 #endif
-  pack_portable(codes, bits, out);
+  pack_portable_checked(v, bits, rows, cols, out);
 }
 
 at::Tensor unpack_fast(const uint8_t* data, int64_t size, int64_t rows, const at::Tensor& bits) {
-  check_args(bits, bits.size(0));
+  check_size(size, rows, bits);
   const int64_t cols = bits.size(0), rb = row_bits(bits), total = packed_bytes(rows, bits);
-  TORCH_CHECK(size >= total, "packed data has ", size, " bytes, needs ", total);
   if (const int w = flat_width(bits)) {
     at::Tensor out = at::empty({rows, cols}, at::kByte);
     uint8_t* v = out.data_ptr<uint8_t>();
@@ -393,7 +406,7 @@ at::Tensor unpack_fast(const uint8_t* data, int64_t size, int64_t rows, const at
     return out;
   }
 #endif
-  return unpack_portable(data, size, rows, bits);
+  return unpack_portable_checked(data, rows, bits);
 }
 
 }  // namespace amaq::quant

@@ -11,6 +11,7 @@
 // 16 lanes on AVX-512, 8 on AVX2 and 4 (SSE2) otherwise.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <utility>
@@ -23,9 +24,18 @@ struct Lanes {
   typedef int32_t I __attribute__((vector_size(4 * L)));
 };
 
+namespace detail {
+extern std::atomic<int> lanes_in_use;  // 0 until the CPU is asked
+int detect_lane_width();
+}  // namespace detail
+
 /// 16, 8 or 4: the lanes of the widest float vectors this CPU runs (AVX-512, AVX2, SSE2); 4
-/// where the code is not multiversioned.
-int lane_width();
+/// where the code is not multiversioned. One load after the first call (the dispatchers run it per
+/// range group). 8 or more also means x86-64-v3's F16C and BMI2.
+inline int lane_width() {
+  const int w = detail::lanes_in_use.load(std::memory_order_relaxed);
+  return w ? w : detail::detect_lane_width();
+}
 /// The lanes AMAQ_LANE_VERSIONS run with from now on, for tests of the narrower versions: at most
 /// what the CPU runs (a wider request throws); 0 restores the CPU's own. Not thread-safe.
 void force_lane_width(int lanes);

@@ -111,7 +111,7 @@ TEST(LaneVersions, EveryVersionCountsNonFiniteValuesAndFindsTheMax) {
 TEST(HalfRanges, TheFastPathsFp16BoundsAreC10HalfsBitForBit) {
   // Token ranges of two values each, relative to the tensor's scale: every exponent of fp32 that
   // fp16 reaches and far below it (fp16 subnormals and zero), both signs, against the reference,
-  // whose bounds c10::Half's bit arithmetic rounds (the fast path uses F16C where the CPU has it).
+  // whose bounds c10::Half's bit arithmetic rounds (the fast path uses F16C on x86-64-v3 CPUs).
   std::vector<float> values;
   for (uint32_t bits = 0x00000000; bits < 0x3f800000; bits += 12347) {
     float v;
@@ -124,11 +124,13 @@ TEST(HalfRanges, TheFastPathsFp16BoundsAreC10HalfsBitForBit) {
   x[0][1] = 1.0f;  // the scale
   const at::Tensor bits = at::full({2}, 4, at::kByte);
   const AffineLayout layout{n / 2, 2, Granularity::kToken, 0};
-  const AffineQuant fast = affine_quantize(x, bits, layout, Rounding::kNearest, 0);
   const AffineQuant ref = affine_quantize_ref(x, bits, layout, Rounding::kNearest, 0);
-  EXPECT_TRUE(at::equal(fast.lo.view(at::kShort), ref.lo.view(at::kShort)));
-  EXPECT_TRUE(at::equal(fast.hi.view(at::kShort), ref.hi.view(at::kShort)));
-  EXPECT_TRUE(at::equal(fast.codes, ref.codes));
+  for_each_lane_width([&] {  // 4 lanes: c10::Half's arithmetic; 8 and 16: F16C
+    const AffineQuant fast = affine_quantize(x, bits, layout, Rounding::kNearest, 0);
+    EXPECT_TRUE(at::equal(fast.lo.view(at::kShort), ref.lo.view(at::kShort)));
+    EXPECT_TRUE(at::equal(fast.hi.view(at::kShort), ref.hi.view(at::kShort)));
+    EXPECT_TRUE(at::equal(fast.codes, ref.codes));
+  });
 }
 
 }  // namespace
