@@ -7,12 +7,15 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "core/error.h"
+#include "quant/bitpack.h"
 #include "quant/multiversion.h"
 #include "quant/rotation.h"
 
@@ -24,42 +27,64 @@ namespace amaq::quant {
 
 namespace {
 
-// A range group's stored fp16 bounds (relative to the tensor's scale) and what they decode to.
-struct HalfRange {
-  uint16_t lo16, hi16;
-  float lo, hi;
-};
-
-HalfRange half_range_generic(float mn, float mx, float scale) {
-  HalfRange r;
-  r.lo16 = half_bits_rounded(mn / scale, false);
-  r.hi16 = half_bits_rounded(mx / scale, true);
-  r.lo = half_bits_to_float(r.lo16) * scale;
-  r.hi = half_bits_to_float(r.hi16) * scale;
-  return r;
+// Every range group's stored fp16 bounds: lo[g] and hi[g] hold the group's min and max; written are
+// their fp16 bits relative to the tensor's scale (the min rounded down, the max up) and, in place of
+// lo and hi, what those decode to.
+void half_ranges_generic(float* lo, float* hi, int64_t n, float scale, uint16_t* lo16, uint16_t* hi16) {
+  for (int64_t g = 0; g < n; ++g) {
+    lo16[g] = half_bits_rounded(lo[g] / scale, false);
+    hi16[g] = half_bits_rounded(hi[g] / scale, true);
+    lo[g] = half_bits_to_float(lo16[g]) * scale;
+    hi[g] = half_bits_to_float(hi16[g]) * scale;
+  }
 }
 
-// The same by the F16C instructions (every x86-64-v3 CPU has them): the same round-to-nearest-even
-// as c10::Half's bit arithmetic and __float2half_rn on CUDA (tested against c10::Half), without
-// its cost per group.
+// The same by the F16C instructions (every x86-64-v3 CPU has them), eight groups at a time: the same
+// round-to-nearest-even as c10::Half's bit arithmetic and __float2half_rn on CUDA (tested against
+// c10::Half), then nudge_half's step of one ulp where the rounding went the wrong way.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target("f16c"))) HalfRange half_range_f16c(float mn, float mx, float scale) {
-  const float a = mn / scale, b = mx / scale;
-  const auto ha = static_cast<uint16_t>(_cvtss_sh(a, _MM_FROUND_TO_NEAREST_INT));
-  const auto hb = static_cast<uint16_t>(_cvtss_sh(b, _MM_FROUND_TO_NEAREST_INT));
-  HalfRange r;
-  r.lo16 = nudge_half(ha, _cvtsh_ss(ha), a, false);
-  r.hi16 = nudge_half(hb, _cvtsh_ss(hb), b, true);
-  r.lo = _cvtsh_ss(r.lo16) * scale;
-  r.hi = _cvtsh_ss(r.hi16) * scale;
-  return r;
+__attribute__((target("arch=x86-64-v3"))) __m128i nudged_halves(__m256 v, bool up) {
+  const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+  const __m256 back = _mm256_cvtph_ps(h);
+  // Where back lies above v (below, for up): a 32-bit mask per lane, narrowed to 16 bits.
+  const __m256 wrong = up ? _mm256_cmp_ps(back, v, _CMP_NGE_UQ) : _mm256_cmp_ps(back, v, _CMP_NLE_UQ);
+  const __m128i move = _mm_packs_epi32(_mm256_castsi256_si128(_mm256_castps_si256(wrong)),
+                                       _mm256_extractf128_si256(_mm256_castps_si256(wrong), 1));
+  const __m128i negative = _mm_srai_epi16(h, 15);  // all ones where the sign bit is set
+  const __m128i zero = _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7fff)), _mm_setzero_si128());
+  // One ulp away from zero where the value moves away from it (down from a negative, up from a
+  // positive), toward it otherwise; from a zero, the smallest subnormal of the direction's sign.
+  const __m128i away = up ? _mm_andnot_si128(negative, _mm_set1_epi16(-1)) : negative;
+  const __m128i stepped =
+      _mm_blendv_epi8(_mm_sub_epi16(h, _mm_set1_epi16(1)), _mm_add_epi16(h, _mm_set1_epi16(1)), away);
+  const __m128i from_zero = _mm_set1_epi16(static_cast<int16_t>(up ? 0x0001 : 0x8001));
+  return _mm_blendv_epi8(h, _mm_blendv_epi8(stepped, from_zero, zero), move);
 }
-HalfRange half_range(float mn, float mx, float scale) {  // 8 lanes or more: an x86-64-v3 CPU, with F16C
-  return lane_width() >= 8 ? half_range_f16c(mn, mx, scale) : half_range_generic(mn, mx, scale);
+
+__attribute__((target("arch=x86-64-v3"))) void half_ranges_f16c(float* lo, float* hi, int64_t n, float scale,
+                                                                uint16_t* lo16, uint16_t* hi16) {
+  const __m256 s = _mm256_set1_ps(scale);
+  int64_t g = 0;
+  for (; g + 8 <= n; g += 8) {
+    const __m128i l = nudged_halves(_mm256_div_ps(_mm256_loadu_ps(lo + g), s), false);
+    const __m128i h = nudged_halves(_mm256_div_ps(_mm256_loadu_ps(hi + g), s), true);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo16 + g), l);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi16 + g), h);
+    _mm256_storeu_ps(lo + g, _mm256_mul_ps(_mm256_cvtph_ps(l), s));
+    _mm256_storeu_ps(hi + g, _mm256_mul_ps(_mm256_cvtph_ps(h), s));
+  }
+  half_ranges_generic(lo + g, hi + g, n - g, scale, lo16 + g, hi16 + g);
+}
+void half_ranges(float* lo, float* hi, int64_t n, float scale, uint16_t* lo16, uint16_t* hi16) {
+  // 8 lanes or more: an x86-64-v3 CPU, with F16C
+  if (lane_width() >= 8)
+    half_ranges_f16c(lo, hi, n, scale, lo16, hi16);
+  else
+    half_ranges_generic(lo, hi, n, scale, lo16, hi16);
 }
 #else
-HalfRange half_range(float mn, float mx, float scale) {
-  return half_range_generic(mn, mx, scale);
+void half_ranges(float* lo, float* hi, int64_t n, float scale, uint16_t* lo16, uint16_t* hi16) {
+  half_ranges_generic(lo, hi, n, scale, lo16, hi16);
 }
 #endif
 
@@ -134,29 +159,38 @@ AMAQ_LANES_INLINE float max_abs_run_lanes(const float* p, int64_t n, int64_t* no
 }
 AMAQ_LANE_VERSIONS(float, max_abs_run, (const float* p, int64_t n, int64_t* non_finite), (p, n, non_finite))
 
-// min and max of p[0, n) (finite values), exactly as the sequential `v < mn ? v : mn` and
+// min and max of p[0, n) (NaN ignored), exactly as the sequential `v < mn ? v : mn` and
 // `v > mx ? v : mx` from +-inf find them: lane by lane, then, where the result is a zero (whose
-// sign depends on which zero came first), again in order.
+// sign depends on which zero came first), again in order; and how many values are NaN or Inf.
 template <int L>
-AMAQ_LANES_INLINE void range_run_lanes(const float* p, int64_t n, float* lo, float* hi) {
+AMAQ_LANES_INLINE void range_run_lanes(const float* p, int64_t n, float* lo, float* hi, int64_t* non_finite) {
   using F = typename Lanes<L>::F;
+  using I = typename Lanes<L>::I;
   constexpr float inf = std::numeric_limits<float>::infinity();
+  const I magnitude = I{} + 0x7fffffff;
+  const F largest = F{} + std::numeric_limits<float>::max();
   F mn = F{} + inf, mx = F{} - inf;
+  I bad = {};
   int64_t i = 0;
   for (; i + L <= n; i += L) {
-    F v;
-    std::memcpy(&v, p + i, sizeof v);
+    I bits;
+    std::memcpy(&bits, p + i, sizeof bits);
+    const F v = reinterpret_cast<F>(bits);
     mn = v < mn ? v : mn;
     mx = v > mx ? v : mx;
+    bad -= ~(reinterpret_cast<F>(bits & magnitude) <= largest);  // +1 where NaN or Inf
   }
   float a = inf, b = -inf;
+  int64_t nb = 0;
   for (int j = 0; j < L; ++j) {
     a = mn[j] < a ? mn[j] : a;
     b = mx[j] > b ? mx[j] : b;
+    nb += bad[j];
   }
   for (; i < n; ++i) {
     a = p[i] < a ? p[i] : a;
     b = p[i] > b ? p[i] : b;
+    nb += !(std::fabs(p[i]) <= std::numeric_limits<float>::max());
   }
   if (a == 0.0f || b == 0.0f) {
     a = inf, b = -inf;
@@ -166,8 +200,10 @@ AMAQ_LANES_INLINE void range_run_lanes(const float* p, int64_t n, float* lo, flo
     }
   }
   *lo = a, *hi = b;
+  *non_finite = nb;
 }
-AMAQ_LANE_VERSIONS(void, range_run, (const float* p, int64_t n, float* lo, float* hi), (p, n, lo, hi))
+AMAQ_LANE_VERSIONS(void, range_run, (const float* p, int64_t n, float* lo, float* hi, int64_t* non_finite),
+                   (p, n, lo, hi, non_finite))
 
 // dequantize_one of codes[0, n) in range [lo, hi].
 AMAQ_MULTIVERSION void dequantize_run(const uint8_t* codes, const float* levels, int64_t n, float lo, float hi,
@@ -357,65 +393,63 @@ void check_rotation_layout(const AffineLayout& layout, int64_t block) {
               "a rotated encoding or decoding needs power-of-two groups of the rotation's size");
 }
 
-// max |H x| over x's rotated groups of `block` channels: the scale that block_hadamard then
-// checked_max_abs give, without the rotated copy. Where a rotated value is NaN or Inf, x's own are
-// named (checked_max_abs), or, all finite, the rotation overflowed.
-float rotated_max_abs(const at::Tensor& x, int64_t block) {
-  const float* xp = x.data_ptr<float>();
-  const int64_t rows = x.size(0), cols = x.size(1);
-  std::vector<float> row_max(static_cast<size_t>(rows), 0.0f);
-  std::vector<int64_t> row_bad(static_cast<size_t>(rows), 0);
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(static_cast<size_t>(block));
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t c0 = 0; c0 < cols; c0 += block) {
-        int64_t bad = 0;
-        hadamard_block(xp + r * cols + c0, buf.data(), block);
-        row_max[r] = std::max(row_max[r], max_abs_run(buf.data(), block, &bad));
-        row_bad[r] += bad;
-      }
-    }
-  });
-  float m = 0.0f;
-  int64_t bad = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    m = std::max(m, row_max[r]);
-    bad += row_bad[r];
-  }
-  if (bad > 0) {
-    checked_max_abs(x);
-    throw Error("rotating the tensor's channel groups overflowed fp32 (values near 3.4e38)",
-                "scale the activations down, or drop rot=hadamard");
-  }
-  return m;
-}
-
 }  // namespace
 
 AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
-                            uint64_t seed, at::Tensor* decoded, int64_t rotation_block) {
+                            uint64_t seed, at::Tensor* decoded, int64_t rotation_block, uint8_t* packed) {
   check_input(x, bits, layout);
   const int64_t rows = layout.rows, cols = layout.cols, G = layout.num_groups();
   const float* xp = x.data_ptr<float>();
   const uint8_t* b = bits.data_ptr<uint8_t>();
   AffineQuant q;
-  if (rotation_block > 0) {
-    check_rotation_layout(layout, rotation_block);
-    TORCH_CHECK(rounding == Rounding::kNearest, "a rotated encoding rounds to nearest");
-    q.scale = tensor_scale(rotated_max_abs(x, rotation_block));  // NaN/Inf named where they are in x
-  } else {
-    q.scale = tensor_scale(checked_max_abs(x));
-  }
-  const float scale = q.scale;
   q.lo = at::empty({G}, at::kHalf);
   q.hi = at::empty({G}, at::kHalf);
   auto* lo16 = reinterpret_cast<uint16_t*>(q.lo.data_ptr());
   auto* hi16 = reinterpret_cast<uint16_t*>(q.hi.data_ptr());
-  q.codes = at::empty({rows, cols}, at::kByte);
-  uint8_t* out = q.codes.data_ptr<uint8_t>();
+  if (rotation_block > 0) {
+    check_rotation_layout(layout, rotation_block);
+    TORCH_CHECK(rounding == Rounding::kNearest, "a rotated encoding rounds to nearest");
+  }
 
   if (rotation_block > 0 || (rounding == Rounding::kNearest && layout.granularity != Granularity::kChannel)) {
-    // One pass: each group's range, codes and decoded values while it is in cache.
+    // Two passes over x. The first finds each group's range (of the group rotated, with a rotation)
+    // and counts NaN/Inf; the tensor's scale, max |x|, is the largest |bound|. The fp16 bounds need
+    // the scale, so the codes (and the decoded values) come in a second pass. Each group is rotated
+    // in cache, in both passes, rather than a rotated copy written and read back.
+    std::vector<float> lo(static_cast<size_t>(G)), hi(static_cast<size_t>(G));
+    std::vector<float> row_max(static_cast<size_t>(rows), 0.0f);
+    std::vector<int64_t> row_bad(static_cast<size_t>(rows), 0);
+    const auto group_values = [&](int64_t row, int64_t c0, float* rotated) {
+      const float* p = xp + row * cols + c0;
+      if (rotation_block == 0) return p;
+      hadamard_block(p, rotated, rotation_block);
+      return static_cast<const float*>(rotated);
+    };
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      std::vector<float> rotated(static_cast<size_t>(rotation_block));
+      for (int64_t r = r0; r < r1; ++r) {
+        for_row_groups(layout, r, [&](int64_t row, int64_t c0, int64_t c1, int64_t g) {
+          int64_t bad = 0;
+          range_run(group_values(row, c0, rotated.data()), c1 - c0, &lo[g], &hi[g], &bad);
+          row_max[r] = std::max({row_max[r], -lo[g], hi[g]});
+          row_bad[r] += bad;
+        });
+      }
+    });
+    float max_abs = 0.0f;
+    int64_t bad = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      max_abs = std::max(max_abs, row_max[r]);
+      bad += row_bad[r];
+    }
+    if (bad > 0) {
+      checked_max_abs(x);  // names the NaN/Inf where they are in x
+      throw Error("rotating the tensor's channel groups overflowed fp32 (values near 3.4e38)",
+                  "scale the activations down, or drop rot=hadamard");
+    }
+    q.scale = tensor_scale(max_abs);
+    half_ranges(lo.data(), hi.data(), G, q.scale, lo16, hi16);  // lo and hi now the decoded bounds
+
     const std::vector<float> levels = levels_of(b, cols);
     const float uniform = uniform_level(levels);
     float* dp = nullptr;
@@ -423,33 +457,40 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
       *decoded = at::empty({rows, cols}, at::kFloat);
       dp = decoded->data_ptr<float>();
     }
-    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    // Packed output: each task's codes go through a buffer of kBlockRows rows, packed while in cache.
+    constexpr int64_t kUnit = 8, kBlockRows = 16;  // a block of 8k rows starts on a byte of the stream
+    std::optional<BlockPacker> packer;
+    if (packed) packer.emplace(bits, rows);
+    if (!packed) q.codes = at::empty({rows, cols}, at::kByte);
+    uint8_t* out = packed ? nullptr : q.codes.data_ptr<uint8_t>();
+    at::parallel_for(0, (rows + kUnit - 1) / kUnit, 1, [&](int64_t u0, int64_t u1) {
       std::vector<float> rotated(static_cast<size_t>(rotation_block));
-      for (int64_t r = r0; r < r1; ++r) {
-        for_row_groups(layout, r, [&](int64_t row, int64_t c0, int64_t c1, int64_t g) {
-          const float* p = xp + row * cols + c0;
-          if (rotation_block > 0) {  // the group rotated, in cache
-            hadamard_block(p, rotated.data(), rotation_block);
-            p = rotated.data();
-          }
-          float mn, mx;
-          range_run(p, c1 - c0, &mn, &mx);
-          const HalfRange h = half_range(mn, mx, scale);
-          lo16[g] = h.lo16;
-          hi16[g] = h.hi16;
-          const float lo = h.lo, hi = h.hi;
-          float* d = dp ? dp + row * cols + c0 : nullptr;
-          if (uniform > 0)
-            quantize_run_uniform(p, uniform, c1 - c0, lo, hi, out + row * cols + c0, d);
-          else
-            quantize_run(p, levels.data() + c0, c1 - c0, lo, hi, out + row * cols + c0, d);
-          if (d && rotation_block > 0) hadamard_block(d, d, rotation_block);  // rotated back
-        });
+      std::vector<uint8_t> block(packed ? static_cast<size_t>(kBlockRows * cols) : 0);
+      const int64_t end = std::min(rows, u1 * kUnit);
+      for (int64_t r0 = u0 * kUnit; r0 < end; r0 += kBlockRows) {
+        const int64_t r1 = std::min(end, r0 + kBlockRows);
+        for (int64_t r = r0; r < r1; ++r) {
+          uint8_t* codes = packed ? block.data() + (r - r0) * cols : out + r * cols;
+          for_row_groups(layout, r, [&](int64_t row, int64_t c0, int64_t c1, int64_t g) {
+            const float* p = group_values(row, c0, rotated.data());
+            float* d = dp ? dp + row * cols + c0 : nullptr;
+            if (uniform > 0)
+              quantize_run_uniform(p, uniform, c1 - c0, lo[g], hi[g], codes + c0, d);
+            else
+              quantize_run(p, levels.data() + c0, c1 - c0, lo[g], hi[g], codes + c0, d);
+            if (d && rotation_block > 0) hadamard_block(d, d, rotation_block);  // rotated back
+          });
+        }
+        if (packer) packer->pack(block.data(), r0, r1, packed);
       }
     });
     return q;
   }
 
+  q.scale = tensor_scale(checked_max_abs(x));
+  const float scale = q.scale;
+  q.codes = at::empty({rows, cols}, at::kByte);
+  uint8_t* out = q.codes.data_ptr<uint8_t>();
   // Ranges.
   if (layout.granularity == Granularity::kChannel) {
     at::Tensor mn = x.amin(0), mx = x.amax(0);  // exact reductions
@@ -493,6 +534,7 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
     }
   });
   if (decoded) *decoded = affine_dequantize(q, bits, layout);
+  if (packed) pack_fast(q.codes, bits, packed);
   return q;
 }
 

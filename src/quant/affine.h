@@ -51,16 +51,19 @@ AffineQuant affine_quantize_ref(const at::Tensor& x, const at::Tensor& bits, con
 at::Tensor affine_dequantize_ref(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout);
 
 /// Fast CPU path: the same arithmetic, multi-threaded over rows (or columns for per-channel ranges).
-/// With nearest rounding and range groups along rows (token, group), one pass per group computes
-/// its range, its codes and, when `decoded` is given, the decoded values (what
-/// affine_dequantize returns), while the group is in cache; the inner loops are compiled for
-/// AVX-512, AVX2 and plain x86-64 and chosen at run time.
+/// With nearest rounding and range groups along rows (token, group), two passes over x: the first
+/// finds every group's range (and the NaN/Inf), the second its codes and, when `decoded` is given,
+/// the decoded values (what affine_dequantize returns), a group at a time while it is in cache; the
+/// inner loops are compiled for AVX-512, AVX2 and plain x86-64 and chosen at run time.
 /// rotation_block > 0 (nearest rounding, group ranges of that size, a power of two): each group is
 /// Hadamard-rotated in cache (rotation.h) before its range and codes, and `decoded` is rotated back:
 /// bit for bit what block_hadamard, this function and block_hadamard_ of the decoded copy give,
 /// without the rotated copy (and NaN/Inf are named where they are in x).
+/// `packed` (packed_bytes(rows, bits) bytes): the codes are written there as pack_fast packs them,
+/// on that path a few rows at a time as they are computed, and q.codes stays undefined.
 AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
-                            uint64_t seed, at::Tensor* decoded = nullptr, int64_t rotation_block = 0);
+                            uint64_t seed, at::Tensor* decoded = nullptr, int64_t rotation_block = 0,
+                            uint8_t* packed = nullptr);
 /// rotation_block > 0 (group ranges of that size): each group rotated back in cache, bit for bit
 /// block_hadamard_ of the plain result.
 at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout,

@@ -353,26 +353,63 @@ at::Tensor unpack_portable(const uint8_t* data, int64_t size, int64_t rows, cons
   return unpack_portable_checked(data, rows, bits);
 }
 
+struct BlockPacker::Plan {
+  at::Tensor bits;
+  int64_t rows, cols, row_bits, total;
+  int flat;  // the one width of every channel where it is 1, 2, 4 or 8
+#if defined(__x86_64__) && defined(__GNUC__)
+  std::unique_ptr<Octets> octets;  // mixed widths with fast BMI2
+#endif
+};
+
+BlockPacker::BlockPacker(const at::Tensor& bits, int64_t rows) {
+  check_args(bits, bits.size(0));
+  auto plan = std::make_unique<Plan>();
+  plan->bits = bits;
+  plan->rows = rows;
+  plan->cols = bits.size(0);
+  plan->row_bits = row_bits(bits);
+  plan->total = packed_bytes(rows, bits);
+  plan->flat = flat_width(bits);
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (!plan->flat && fast_bmi2()) plan->octets = std::make_unique<Octets>(bits.data_ptr<uint8_t>(), plan->cols);
+#endif
+  plan_ = std::move(plan);
+}
+
+BlockPacker::~BlockPacker() = default;
+
+void BlockPacker::pack(const uint8_t* v, int64_t r0, int64_t r1, uint8_t* out) const {
+  const Plan& p = *plan_;
+  TORCH_CHECK(r0 % 8 == 0 && r0 <= r1 && r1 <= p.rows && (r1 % 8 == 0 || r1 == p.rows),
+              "a packed block of rows starts and ends on a multiple of 8 rows (or the last row)");
+  // r0 (and r1, unless it is the last row) is a multiple of 8: the block's bytes begin and end on bytes.
+  uint8_t* dst = out + (r0 * p.row_bits) / 8;
+  uint8_t* end = out + (r1 == p.rows ? p.total : (r1 * p.row_bits) / 8);
+  if (p.flat) {
+    pack_flat(v, (r1 - r0) * p.cols, p.flat, 0, end - dst, dst);
+    return;
+  }
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (p.octets) {
+    pack_rows_bmi2(v, *p.octets, p.cols, 0, r1 - r0, dst, end);
+    return;
+  }
+#endif
+  pack_rows_portable(v, p.bits.data_ptr<uint8_t>(), p.cols, 0, r1 - r0, dst, end);
+}
+
 void pack_fast(const at::Tensor& codes, const at::Tensor& bits, uint8_t* out) {
   check_codes(codes, bits);
   const int64_t rows = codes.size(0), cols = codes.size(1);
   const uint8_t* v = codes.data_ptr<uint8_t>();
-  const int64_t total = packed_bytes(rows, bits);
-  if (const int w = flat_width(bits)) {
-    at::parallel_for(0, total, kFlatGrain, [&](int64_t k0, int64_t k1) { pack_flat(v, rows * cols, w, k0, k1, out); });
+  if (const int w = flat_width(bits)) {  // split at bytes, not rows
+    at::parallel_for(0, packed_bytes(rows, bits), kFlatGrain,
+                     [&](int64_t k0, int64_t k1) { pack_flat(v, rows * cols, w, k0, k1, out); });
     return;
   }
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (fast_bmi2()) {
-    const Octets o(bits.data_ptr<uint8_t>(), cols);
-    const int64_t rb = row_bits(bits);
-    for_row_blocks(rows, [&](int64_t r0, int64_t r1) {
-      pack_rows_bmi2(v, o, cols, r0, r1, out + (r0 * rb) / 8, out + (r1 == rows ? total : (r1 * rb) / 8));
-    });
-    return;
-  }
-#endif
-  pack_portable_checked(v, bits, rows, cols, out);
+  const BlockPacker packer(bits, rows);
+  for_row_blocks(rows, [&](int64_t r0, int64_t r1) { packer.pack(v + r0 * cols, r0, r1, out); });
 }
 
 at::Tensor unpack_fast(const uint8_t* data, int64_t size, int64_t rows, const at::Tensor& bits) {

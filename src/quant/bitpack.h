@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 namespace amaq::quant {
@@ -25,6 +26,22 @@ at::Tensor unpack_ref(const uint8_t* data, int64_t size, int64_t rows, const at:
 /// packed_bytes(rows, bits) bytes.
 void pack_fast(const at::Tensor& codes, const at::Tensor& bits, uint8_t* out);
 at::Tensor unpack_fast(const uint8_t* data, int64_t size, int64_t rows, const at::Tensor& bits);
+
+/// pack_fast a block of rows at a time, for a producer that writes codes a few rows at a time: the
+/// rows [r0, r1) of a (rows, bits.size(0)) tensor, r0 a multiple of 8 (a block then starts on a
+/// byte of the stream), whose codes `v` holds (those rows only), become the bytes pack_fast writes
+/// for them in `out`, the whole stream's buffer (packed_bytes(rows, bits)). Blocks may be packed
+/// in any order and from several threads.
+class BlockPacker {
+ public:
+  BlockPacker(const at::Tensor& bits, int64_t rows);
+  ~BlockPacker();
+  void pack(const uint8_t* v, int64_t r0, int64_t r1, uint8_t* out) const;
+
+ private:
+  struct Plan;
+  std::unique_ptr<const Plan> plan_;
+};
 
 /// What pack_fast and unpack_fast run for mixed widths without fast BMI2: one code at a time
 /// through a 64-bit accumulator.

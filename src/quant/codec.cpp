@@ -245,7 +245,7 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
   const char* ranges = nullptr;
   const char* codes = nullptr;
   int64_t code_bytes = 0;
-  at::Tensor pairs;
+  at::Tensor pairs, packed_codes;
 #if AMAQ_HAVE_CUDA
   cuda::AffineEncoded g;
 #endif
@@ -269,8 +269,13 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
       e.quant = affine_quantize_ref(x2, bits, e.layout, spec_.rounding, args.seed);
       if (args.want_decoded) deq = affine_dequantize_ref(e.quant, bits, e.layout);
     } else {
+      // Packed as they are computed, unless the entropy coder wants them whole.
+      code_bytes = packed_bytes(e.layout.rows, bits);
+      if (!spec_.entropy) packed_codes = at::empty({code_bytes}, at::kByte);
       e.quant = affine_quantize(x2, bits, e.layout, spec_.rounding, args.seed, args.want_decoded ? &deq : nullptr,
-                                fused_rotation ? spec_.group : 0);
+                                fused_rotation ? spec_.group : 0,
+                                packed_codes.defined() ? packed_codes.data_ptr<uint8_t>() : nullptr);
+      if (packed_codes.defined()) codes = static_cast<const char*>(packed_codes.data_ptr());
     }
     if (args.want_decoded) e.decoded = deq.view(x.sizes()).to(x.scalar_type());
     pairs = at::stack({e.quant.lo, e.quant.hi}, 1).contiguous();
@@ -316,7 +321,7 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
   write_header(w, h, x.sizes());
   if (send_map) write_bit_map(w, bits);
   w.append(ranges, static_cast<size_t>(4 * e.layout.num_groups()));
-  if (codes && !(h.flags & kFlagEntropy)) {  // packed on the device
+  if (codes && !(h.flags & kFlagEntropy)) {  // packed on the device, or by the CPU encoder
     w.append(codes, static_cast<size_t>(code_bytes));
   } else {
     append_codes(w, coded, e.quant.codes, bits, impl_);

@@ -56,6 +56,39 @@ TEST(BitPack, FastEqualsRefForEveryWidthAndMixedMaps) {
   }
 }
 
+TEST(BitPack, BlocksPackedInAnyOrderMakeTheWholeStream) {
+  // A producer packs a few rows at a time (the CPU encoder, 16 rows): blocks of 8k rows, the last
+  // one short, packed last to first into junk, give pack_ref's stream.
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(8);
+  for (int64_t rows : {5, 8, 37, 64, 1001}) {
+    for (int64_t cols : {3, 130, 301}) {
+      std::vector<at::Tensor> maps = {at::full({cols}, 4, at::kByte), at::full({cols}, 3, at::kByte),
+                                      at::full({cols}, 1, at::kByte), at::randint(1, 9, {cols}, gen, at::kByte)};
+      for (const auto& bits : maps) {
+        const at::Tensor codes = random_codes(rows, bits, gen);
+        const std::string ref = pack_ref(codes, bits);
+        std::string blocks(ref.size(), '\x55');
+        const BlockPacker packer(bits, rows);
+        for (const int64_t block : {8, 16, 24}) {
+          const int64_t last = (rows - 1) / block * block;
+          for (int64_t r0 = last; r0 >= 0; r0 -= block) {
+            const int64_t r1 = std::min(rows, r0 + block);
+            const at::Tensor part = codes.slice(0, r0, r1).contiguous();
+            packer.pack(part.data_ptr<uint8_t>(), r0, r1, reinterpret_cast<uint8_t*>(blocks.data()));
+          }
+          ASSERT_EQ(blocks, ref) << rows << "x" << cols << " blocks of " << block << " bits " << bits;
+        }
+      }
+    }
+  }
+  const at::Tensor bits = at::full({3}, 4, at::kByte);
+  const BlockPacker packer(bits, 20);
+  std::vector<uint8_t> codes(60), out(30);
+  EXPECT_THROW(packer.pack(codes.data(), 4, 12, out.data()), c10::Error);   // not on a byte
+  EXPECT_THROW(packer.pack(codes.data(), 8, 12, out.data()), c10::Error);   // ends mid-stream off a multiple of 8
+  EXPECT_THROW(packer.pack(codes.data(), 16, 24, out.data()), c10::Error);  // past the last row
+}
+
 TEST(BitPack, RefusesWidthsOutsideOneToEight) {
   at::Tensor codes = at::zeros({2, 2}, at::kByte);
   EXPECT_THROW(pack_ref(codes, at::tensor({0, 3}, at::kByte)), c10::Error);

@@ -52,9 +52,9 @@ TEST(LaneVersions, TheCpuRunsAtLeastFourAndNoMoreIsForced) {
 
 TEST(LaneVersions, EveryVersionWritesTheReferencesPackets) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(11);
-  // Heavy tails with outlier channels, an odd channel count (tails of every lane width), zeros of
-  // both signs, a constant token and a negated one.
-  at::Tensor x = testing::with_outlier_channels(testing::student_t3({3, 40, 301}, gen)).contiguous();
+  // Heavy tails with outlier channels, an odd channel count (tails of every lane width), rows that
+  // end in a short block of the packer's, zeros of both signs, a constant token and a negated one.
+  at::Tensor x = testing::with_outlier_channels(testing::student_t3({3, 41, 301}, gen)).contiguous();
   float* p = x.data_ptr<float>();
   for (int64_t i = 0; i < x.numel(); i += 7) p[i] = (i / 7) % 3 ? -0.0f : 0.0f;
   x[1][3].fill_(0.25f);
@@ -104,6 +104,26 @@ TEST(LaneVersions, EveryVersionCountsNonFiniteValuesAndFindsTheMax) {
     } catch (const std::exception& e) {
       EXPECT_NE(std::string(e.what()).find("3 NaN/Inf values"), std::string::npos) << e.what();
       EXPECT_NE(std::string(e.what()).find("flat index 112"), std::string::npos) << e.what();
+    }
+    // The encoder's own count (its first pass): a NaN alone, an Inf alone, in a vector body and in
+    // a scalar tail, refused with checked_max_abs's message, rotated or not.
+    const at::Tensor y = at::randn({9, 264}, at::make_generator<at::CPUGeneratorImpl>(14));
+    for (const float v : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
+      for (const int64_t at_col : {5, 263}) {
+        at::Tensor bad_y = y.clone();
+        bad_y[7][at_col] = v;
+        for (const char* text :
+             {"fixed:bits=4,group=8", "fixed:bits=4,gran=token", "fixed:bits=4,group=8,rot=hadamard"}) {
+          try {
+            Codec(CodecSpec::parse(text)).encode(bad_y, EncodeArgs{});
+            ADD_FAILURE() << text << ": " << v << " not refused";
+          } catch (const std::exception& e) {
+            const std::string where = "flat index " + std::to_string(7 * 264 + at_col) + ")";
+            EXPECT_NE(std::string(e.what()).find("1 NaN/Inf values"), std::string::npos) << text << e.what();
+            EXPECT_NE(std::string(e.what()).find(where), std::string::npos) << text << e.what();
+          }
+        }
+      }
     }
   });
 }
