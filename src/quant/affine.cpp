@@ -7,7 +7,10 @@
 #include <immintrin.h>
 #endif
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -202,23 +205,46 @@ AMAQ_LANES_INLINE void range_run_lanes(const float* p, int64_t n, float* lo, flo
   *lo = a, *hi = b;
   *non_finite = nb;
 }
-AMAQ_LANE_VERSIONS(void, range_run, (const float* p, int64_t n, float* lo, float* hi, int64_t* non_finite),
-                   (p, n, lo, hi, non_finite))
+
+// range_run of each group of `group` values in p[0, n) (the last one shorter where group does not
+// divide n) into lo[g], hi[g]: one call per row, not per group; the NaN/Inf count of them all.
+template <int L>
+AMAQ_LANES_INLINE void range_groups_lanes(const float* p, int64_t n, int64_t group, float* lo, float* hi,
+                                          int64_t* non_finite) {
+  int64_t bad = 0;
+  for (int64_t c0 = 0, g = 0; c0 < n; c0 += group, ++g) {
+    int64_t nb = 0;
+    range_run_lanes<L>(p + c0, std::min(group, n - c0), lo + g, hi + g, &nb);
+    bad += nb;
+  }
+  *non_finite = bad;
+}
+AMAQ_LANE_VERSIONS(void, range_groups,
+                   (const float* p, int64_t n, int64_t group, float* lo, float* hi, int64_t* non_finite),
+                   (p, n, group, lo, hi, non_finite))
 
 // dequantize_one of codes[0, n) in range [lo, hi].
-AMAQ_MULTIVERSION void dequantize_run(const uint8_t* codes, const float* levels, int64_t n, float lo, float hi,
-                                      float* out) {
+AMAQ_LANES_INLINE void dequantize_mixed(const uint8_t* codes, const float* levels, int64_t n, float lo, float hi,
+                                        float* out) {
   for (int64_t i = 0; i < n; ++i) {
     const float step = (hi - lo) / levels[i];
     out[i] = lo + static_cast<float>(codes[i]) * step;
   }
 }
+AMAQ_MULTIVERSION void dequantize_run(const uint8_t* codes, const float* levels, int64_t n, float lo, float hi,
+                                      float* out) {
+  dequantize_mixed(codes, levels, n, lo, hi, out);
+}
 
 // The same where every channel has the same width: one step, no division per element.
-AMAQ_MULTIVERSION void dequantize_run_uniform(const uint8_t* codes, float level, int64_t n, float lo, float hi,
-                                              float* out) {
+AMAQ_LANES_INLINE void dequantize_uniform(const uint8_t* codes, float level, int64_t n, float lo, float hi,
+                                          float* out) {
   const float step = (hi - lo) / level;
   for (int64_t i = 0; i < n; ++i) out[i] = lo + static_cast<float>(codes[i]) * step;
+}
+AMAQ_MULTIVERSION void dequantize_run_uniform(const uint8_t* codes, float level, int64_t n, float lo, float hi,
+                                              float* out) {
+  dequantize_uniform(codes, level, n, lo, hi, out);
 }
 
 // quantize_one's nearest rounding of x into [lo, lo + level * step] (inlined into the loops below).
@@ -232,19 +258,83 @@ inline uint8_t nearest_code(float x, float lo, float step, float level) {
 
 // Nearest-rounding codes of p[0, n), channel i with levels[i] = 2^bits - 1, all in range [lo, hi]:
 // quantize_one's arithmetic; and, when `decoded` is given, dequantize_one's of each code.
-AMAQ_MULTIVERSION void quantize_run(const float* p, const float* levels, int64_t n, float lo, float hi, uint8_t* codes,
-                                    float* decoded) {
+AMAQ_LANES_INLINE void quantize_mixed(const float* p, const float* levels, int64_t n, float lo, float hi,
+                                      uint8_t* codes, float* decoded) {
   for (int64_t i = 0; i < n; ++i) codes[i] = nearest_code(p[i], lo, (hi - lo) / levels[i], levels[i]);
-  if (decoded) dequantize_run(codes, levels, n, lo, hi, decoded);
+  if (decoded) dequantize_mixed(codes, levels, n, lo, hi, decoded);
 }
 
 // The same where every channel has `level` levels: the step computed once (the same IEEE quotient),
 // which halves the divisions, the loop's bound.
-AMAQ_MULTIVERSION void quantize_run_uniform(const float* p, float level, int64_t n, float lo, float hi, uint8_t* codes,
-                                            float* decoded) {
+AMAQ_LANES_INLINE void quantize_uniform(const float* p, float level, int64_t n, float lo, float hi, uint8_t* codes,
+                                        float* decoded) {
   const float step = (hi - lo) / level;
   for (int64_t i = 0; i < n; ++i) codes[i] = nearest_code(p[i], lo, step, level);
-  if (decoded) dequantize_run_uniform(codes, level, n, lo, hi, decoded);
+  if (decoded) dequantize_uniform(codes, level, n, lo, hi, decoded);
+}
+
+// The decoded values of either, by stores that bypass the cache (for a copy larger than it): out
+// 16-byte aligned, n a multiple of 4. The same arithmetic: lo + code * step, step = (hi - lo) /
+// level, or (hi - lo) / levels[i] where level is 0.
+AMAQ_LANES_INLINE void dequantize_streamed(const uint8_t* codes, float level, const float* levels, int64_t n, float lo,
+                                           float hi, float* out) {
+  typedef float F4 __attribute__((vector_size(16)));
+  typedef uint8_t C4 __attribute__((vector_size(4)));
+  const F4 uniform_step = F4{} + (level > 0 ? (hi - lo) / level : 0.0f);
+  for (int64_t i = 0; i < n; i += 4) {
+    C4 c;
+    std::memcpy(&c, codes + i, sizeof c);
+    F4 step = uniform_step;
+    if (level == 0) {
+      F4 l;
+      std::memcpy(&l, levels + i, sizeof l);
+      step = (hi - lo) / l;
+    }
+    const F4 v = lo + __builtin_convertvector(c, F4) * step;
+#if defined(__x86_64__) && defined(__GNUC__)
+    _mm_stream_ps(out + i, v);
+#else
+    std::memcpy(out + i, &v, sizeof v);
+#endif
+  }
+}
+
+// Both over the groups of `group` values of p[0, n) (the last one shorter where group does not
+// divide n), group g in range [lo[g], hi[g]]: one call per row, not per group. `level` > 0: every
+// channel has that many levels; else channel c has levels[c]. `stream`: decoded values stored by
+// dequantize_streamed (decoded 16-byte aligned, n and group multiples of 4).
+AMAQ_MULTIVERSION void quantize_groups(const float* p, int64_t n, int64_t group, float level, const float* levels,
+                                       const float* lo, const float* hi, uint8_t* codes, float* decoded, bool stream) {
+  for (int64_t c0 = 0, g = 0; c0 < n; c0 += group, ++g) {
+    const int64_t m = std::min(group, n - c0);
+    float* d = decoded && !stream ? decoded + c0 : nullptr;
+    if (level > 0)
+      quantize_uniform(p + c0, level, m, lo[g], hi[g], codes + c0, d);
+    else
+      quantize_mixed(p + c0, levels + c0, m, lo[g], hi[g], codes + c0, d);
+    if (decoded && stream) dequantize_streamed(codes + c0, level, levels + c0, m, lo[g], hi[g], decoded + c0);
+  }
+}
+
+// Whether a decoded copy of `bytes` goes around the cache: where it is at least half the last-level
+// cache it would evict most of what the cache holds anyway, and a store that misses first reads the
+// line it writes (twice the memory traffic).
+// Streamed (non-temporal) stores are weakly ordered on x86: fenced before another thread may read them.
+void streamed_stores_done() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  _mm_sfence();
+#endif
+}
+
+std::atomic<int64_t> streamed_copy_from{-1};  // bytes; -1: half the last-level cache
+
+bool stream_decoded(int64_t bytes) {
+  static const int64_t half_cache = [] {
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return (l3 > 0 ? static_cast<int64_t>(l3) : int64_t{32} << 20) / 2;
+  }();
+  const int64_t from = streamed_copy_from.load(std::memory_order_relaxed);
+  return bytes >= (from < 0 ? half_cache : from);
 }
 
 // The one level count of every channel, or 0 where the widths differ.
@@ -262,6 +352,10 @@ std::vector<float> levels_of(const uint8_t* b, int64_t cols) {
 }
 
 }  // namespace
+
+void stream_decoded_copies_from(int64_t bytes) {
+  streamed_copy_from.store(bytes, std::memory_order_relaxed);
+}
 
 float checked_max_abs(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "checked_max_abs takes contiguous fp32");
@@ -419,21 +513,23 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
     std::vector<float> lo(static_cast<size_t>(G)), hi(static_cast<size_t>(G));
     std::vector<float> row_max(static_cast<size_t>(rows), 0.0f);
     std::vector<int64_t> row_bad(static_cast<size_t>(rows), 0);
-    const auto group_values = [&](int64_t row, int64_t c0, float* rotated) {
-      const float* p = xp + row * cols + c0;
+    const int64_t group = layout.granularity == Granularity::kToken ? cols : layout.group;
+    const int64_t per_row = layout.groups_per_row();
+    const auto row_values = [&](int64_t r, float* rotated) {  // row r, its groups rotated where asked
+      const float* p = xp + r * cols;
       if (rotation_block == 0) return p;
-      hadamard_block(p, rotated, rotation_block);
+      for (int64_t c0 = 0; c0 < cols; c0 += rotation_block) hadamard_block(p + c0, rotated + c0, rotation_block);
       return static_cast<const float*>(rotated);
     };
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      std::vector<float> rotated(static_cast<size_t>(rotation_block));
+      std::vector<float> rotated(rotation_block > 0 ? static_cast<size_t>(cols) : 0);
       for (int64_t r = r0; r < r1; ++r) {
-        for_row_groups(layout, r, [&](int64_t row, int64_t c0, int64_t c1, int64_t g) {
-          int64_t bad = 0;
-          range_run(group_values(row, c0, rotated.data()), c1 - c0, &lo[g], &hi[g], &bad);
-          row_max[r] = std::max({row_max[r], -lo[g], hi[g]});
-          row_bad[r] += bad;
-        });
+        float* l = lo.data() + r * per_row;
+        float* h = hi.data() + r * per_row;
+        range_groups(row_values(r, rotated.data()), cols, group, l, h, &row_bad[r]);
+        float m = 0.0f;
+        for (int64_t g = 0; g < per_row; ++g) m = std::max({m, -l[g], h[g]});
+        row_max[r] = m;
       }
     });
     float max_abs = 0.0f;
@@ -458,31 +554,32 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
       dp = decoded->data_ptr<float>();
     }
     // Packed output: each task's codes go through a buffer of kBlockRows rows, packed while in cache.
+    // A task's blocks run last to first: the rows the first pass read last are the likeliest still
+    // in the cache.
     constexpr int64_t kUnit = 8, kBlockRows = 16;  // a block of 8k rows starts on a byte of the stream
     std::optional<BlockPacker> packer;
     if (packed) packer.emplace(bits, rows);
     if (!packed) q.codes = at::empty({rows, cols}, at::kByte);
     uint8_t* out = packed ? nullptr : q.codes.data_ptr<uint8_t>();
+    const bool stream = dp && cols % 4 == 0 && group % 4 == 0 && stream_decoded(rows * cols * 4);
     at::parallel_for(0, (rows + kUnit - 1) / kUnit, 1, [&](int64_t u0, int64_t u1) {
-      std::vector<float> rotated(static_cast<size_t>(rotation_block));
+      std::vector<float> rotated(rotation_block > 0 ? static_cast<size_t>(cols) : 0);
       std::vector<uint8_t> block(packed ? static_cast<size_t>(kBlockRows * cols) : 0);
-      const int64_t end = std::min(rows, u1 * kUnit);
-      for (int64_t r0 = u0 * kUnit; r0 < end; r0 += kBlockRows) {
+      const int64_t begin = u0 * kUnit, end = std::min(rows, u1 * kUnit);
+      for (int64_t r0 = begin + (end - begin - 1) / kBlockRows * kBlockRows; r0 >= begin; r0 -= kBlockRows) {
         const int64_t r1 = std::min(end, r0 + kBlockRows);
         for (int64_t r = r0; r < r1; ++r) {
           uint8_t* codes = packed ? block.data() + (r - r0) * cols : out + r * cols;
-          for_row_groups(layout, r, [&](int64_t row, int64_t c0, int64_t c1, int64_t g) {
-            const float* p = group_values(row, c0, rotated.data());
-            float* d = dp ? dp + row * cols + c0 : nullptr;
-            if (uniform > 0)
-              quantize_run_uniform(p, uniform, c1 - c0, lo[g], hi[g], codes + c0, d);
-            else
-              quantize_run(p, levels.data() + c0, c1 - c0, lo[g], hi[g], codes + c0, d);
-            if (d && rotation_block > 0) hadamard_block(d, d, rotation_block);  // rotated back
-          });
+          float* d = dp ? dp + r * cols : nullptr;
+          quantize_groups(row_values(r, rotated.data()), cols, group, uniform, levels.data(), lo.data() + r * per_row,
+                          hi.data() + r * per_row, codes, d, stream);
+          if (d && rotation_block > 0) {  // rotated back
+            for (int64_t c0 = 0; c0 < cols; c0 += rotation_block) hadamard_block(d + c0, d + c0, rotation_block);
+          }
         }
         if (packer) packer->pack(block.data(), r0, r1, packed);
       }
+      if (stream) streamed_stores_done();
     });
     return q;
   }
