@@ -267,7 +267,10 @@ AMAQ_BMI2 void pack_rows_bmi2(const uint8_t* v, const Octets& o, int64_t cols, i
     const uint8_t* row = v + r * cols;
     for (int64_t j = 0; j < n; ++j) {
       uint64_t c8 = 0;
-      std::memcpy(&c8, row + 8 * j, j + 1 < n ? 8 : static_cast<size_t>(tail));
+      if (j + 1 < n)
+        std::memcpy(&c8, row + 8 * j, 8);  // a constant size: one load, not a call
+      else
+        std::memcpy(&c8, row + 8 * j, static_cast<size_t>(tail));
       const uint64_t bits = _pext_u64(c8, mask[j]);
       acc |= bits << fill;  // fill < 64
       fill += width[j];
@@ -300,7 +303,10 @@ AMAQ_BMI2 void unpack_rows_bmi2(const uint8_t* src, int64_t first_bit, const Oct
       unsigned __int128 window;
       std::memcpy(&window, src + (pos >> 3), 16);
       const uint64_t c8 = _pdep_u64(static_cast<uint64_t>(window >> (pos & 7)), mask[j]);
-      std::memcpy(row + 8 * j, &c8, j + 1 < n ? 8 : static_cast<size_t>(tail));
+      if (j + 1 < n)
+        std::memcpy(row + 8 * j, &c8, 8);
+      else
+        std::memcpy(row + 8 * j, &c8, static_cast<size_t>(tail));
     }
   }
 }
