@@ -7,10 +7,7 @@
 #include <immintrin.h>
 #endif
 
-#include <unistd.h>
-
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -273,68 +270,19 @@ AMAQ_LANES_INLINE void quantize_uniform(const float* p, float level, int64_t n, 
   if (decoded) dequantize_uniform(codes, level, n, lo, hi, decoded);
 }
 
-// The decoded values of either, by stores that bypass the cache (for a copy larger than it): out
-// 16-byte aligned, n a multiple of 4. The same arithmetic: lo + code * step, step = (hi - lo) /
-// level, or (hi - lo) / levels[i] where level is 0.
-AMAQ_LANES_INLINE void dequantize_streamed(const uint8_t* codes, float level, const float* levels, int64_t n, float lo,
-                                           float hi, float* out) {
-  typedef float F4 __attribute__((vector_size(16)));
-  typedef uint8_t C4 __attribute__((vector_size(4)));
-  const F4 uniform_step = F4{} + (level > 0 ? (hi - lo) / level : 0.0f);
-  for (int64_t i = 0; i < n; i += 4) {
-    C4 c;
-    std::memcpy(&c, codes + i, sizeof c);
-    F4 step = uniform_step;
-    if (level == 0) {
-      F4 l;
-      std::memcpy(&l, levels + i, sizeof l);
-      step = (hi - lo) / l;
-    }
-    const F4 v = lo + __builtin_convertvector(c, F4) * step;
-#if defined(__x86_64__) && defined(__GNUC__)
-    _mm_stream_ps(out + i, v);
-#else
-    std::memcpy(out + i, &v, sizeof v);
-#endif
-  }
-}
-
 // Both over the groups of `group` values of p[0, n) (the last one shorter where group does not
 // divide n), group g in range [lo[g], hi[g]]: one call per row, not per group. `level` > 0: every
-// channel has that many levels; else channel c has levels[c]. `stream`: decoded values stored by
-// dequantize_streamed (decoded 16-byte aligned, n and group multiples of 4).
+// channel has that many levels; else channel c has levels[c].
 AMAQ_MULTIVERSION void quantize_groups(const float* p, int64_t n, int64_t group, float level, const float* levels,
-                                       const float* lo, const float* hi, uint8_t* codes, float* decoded, bool stream) {
+                                       const float* lo, const float* hi, uint8_t* codes, float* decoded) {
   for (int64_t c0 = 0, g = 0; c0 < n; c0 += group, ++g) {
     const int64_t m = std::min(group, n - c0);
-    float* d = decoded && !stream ? decoded + c0 : nullptr;
+    float* d = decoded ? decoded + c0 : nullptr;
     if (level > 0)
       quantize_uniform(p + c0, level, m, lo[g], hi[g], codes + c0, d);
     else
       quantize_mixed(p + c0, levels + c0, m, lo[g], hi[g], codes + c0, d);
-    if (decoded && stream) dequantize_streamed(codes + c0, level, levels + c0, m, lo[g], hi[g], decoded + c0);
   }
-}
-
-// Whether a decoded copy of `bytes` goes around the cache: where it is at least half the last-level
-// cache it would evict most of what the cache holds anyway, and a store that misses first reads the
-// line it writes (twice the memory traffic).
-// Streamed (non-temporal) stores are weakly ordered on x86: fenced before another thread may read them.
-void streamed_stores_done() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  _mm_sfence();
-#endif
-}
-
-std::atomic<int64_t> streamed_copy_from{-1};  // bytes; -1: half the last-level cache
-
-bool stream_decoded(int64_t bytes) {
-  static const int64_t half_cache = [] {
-    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    return (l3 > 0 ? static_cast<int64_t>(l3) : int64_t{32} << 20) / 2;
-  }();
-  const int64_t from = streamed_copy_from.load(std::memory_order_relaxed);
-  return bytes >= (from < 0 ? half_cache : from);
 }
 
 // The one level count of every channel, or 0 where the widths differ.
@@ -352,10 +300,6 @@ std::vector<float> levels_of(const uint8_t* b, int64_t cols) {
 }
 
 }  // namespace
-
-void stream_decoded_copies_from(int64_t bytes) {
-  streamed_copy_from.store(bytes, std::memory_order_relaxed);
-}
 
 float checked_max_abs(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "checked_max_abs takes contiguous fp32");
@@ -561,7 +505,6 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
     if (packed) packer.emplace(bits, rows);
     if (!packed) q.codes = at::empty({rows, cols}, at::kByte);
     uint8_t* out = packed ? nullptr : q.codes.data_ptr<uint8_t>();
-    const bool stream = dp && cols % 4 == 0 && group % 4 == 0 && stream_decoded(rows * cols * 4);
     at::parallel_for(0, (rows + kUnit - 1) / kUnit, 1, [&](int64_t u0, int64_t u1) {
       std::vector<float> rotated(rotation_block > 0 ? static_cast<size_t>(cols) : 0);
       std::vector<uint8_t> block(packed ? static_cast<size_t>(kBlockRows * cols) : 0);
@@ -572,14 +515,13 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
           uint8_t* codes = packed ? block.data() + (r - r0) * cols : out + r * cols;
           float* d = dp ? dp + r * cols : nullptr;
           quantize_groups(row_values(r, rotated.data()), cols, group, uniform, levels.data(), lo.data() + r * per_row,
-                          hi.data() + r * per_row, codes, d, stream);
+                          hi.data() + r * per_row, codes, d);
           if (d && rotation_block > 0) {  // rotated back
             for (int64_t c0 = 0; c0 < cols; c0 += rotation_block) hadamard_block(d + c0, d + c0, rotation_block);
           }
         }
         if (packer) packer->pack(block.data(), r0, r1, packed);
       }
-      if (stream) streamed_stores_done();
     });
     return q;
   }

@@ -64,9 +64,6 @@ at::Tensor affine_dequantize_ref(const AffineQuant& q, const at::Tensor& bits, c
 AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
                             uint64_t seed, at::Tensor* decoded = nullptr, int64_t rotation_block = 0,
                             uint8_t* packed = nullptr);
-/// The fast path's decoded copy goes around the cache (streaming stores) from this many bytes on;
-/// -1 (the default): half the last-level cache. For tests of both ways.
-void stream_decoded_copies_from(int64_t bytes);
 /// rotation_block > 0 (group ranges of that size): each group rotated back in cache, bit for bit
 /// block_hadamard_ of the plain result.
 at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout,
