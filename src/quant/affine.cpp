@@ -498,8 +498,6 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
       dp = decoded->data_ptr<float>();
     }
     // Packed output: each task's codes go through a buffer of kBlockRows rows, packed while in cache.
-    // A task's blocks run last to first: the rows the first pass read last are the likeliest still
-    // in the cache.
     constexpr int64_t kUnit = 8, kBlockRows = 16;  // a block of 8k rows starts on a byte of the stream
     std::optional<BlockPacker> packer;
     if (packed) packer.emplace(bits, rows);
@@ -509,7 +507,7 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
       std::vector<float> rotated(rotation_block > 0 ? static_cast<size_t>(cols) : 0);
       std::vector<uint8_t> block(packed ? static_cast<size_t>(kBlockRows * cols) : 0);
       const int64_t begin = u0 * kUnit, end = std::min(rows, u1 * kUnit);
-      for (int64_t r0 = begin + (end - begin - 1) / kBlockRows * kBlockRows; r0 >= begin; r0 -= kBlockRows) {
+      for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
         const int64_t r1 = std::min(end, r0 + kBlockRows);
         for (int64_t r = r0; r < r1; ++r) {
           uint8_t* codes = packed ? block.data() + (r - r0) * cols : out + r * cols;
