@@ -27,19 +27,14 @@ namespace amaq::quant {
 
 namespace {
 
-// Every range group's stored fp16 bounds: lo[g] and hi[g] hold the group's min and max; written are
-// their fp16 bits relative to the tensor's scale (the min rounded down, the max up) and, in place of
-// lo and hi, what those decode to.
-void half_ranges_generic(float* lo, float* hi, int64_t n, float scale, uint16_t* lo16, uint16_t* hi16) {
+void half_bounds_generic(float* v, int64_t n, float scale, bool up, uint16_t* bits) {
   for (int64_t g = 0; g < n; ++g) {
-    lo16[g] = half_bits_rounded(lo[g] / scale, false);
-    hi16[g] = half_bits_rounded(hi[g] / scale, true);
-    lo[g] = half_bits_to_float(lo16[g]) * scale;
-    hi[g] = half_bits_to_float(hi16[g]) * scale;
+    bits[g] = half_bits_rounded(v[g] / scale, up);
+    v[g] = half_bits_to_float(bits[g]) * scale;
   }
 }
 
-// The same by the F16C instructions (every x86-64-v3 CPU has them), eight groups at a time: the same
+// The same by the F16C instructions (every x86-64-v3 CPU has them), eight values at a time: the same
 // round-to-nearest-even as c10::Half's bit arithmetic and __float2half_rn on CUDA (tested against
 // c10::Half), then nudge_half's step of one ulp where the rounding went the wrong way.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -61,30 +56,16 @@ __attribute__((target("arch=x86-64-v3"))) __m128i nudged_halves(__m256 v, bool u
   return _mm_blendv_epi8(h, _mm_blendv_epi8(stepped, from_zero, zero), move);
 }
 
-__attribute__((target("arch=x86-64-v3"))) void half_ranges_f16c(float* lo, float* hi, int64_t n, float scale,
-                                                                uint16_t* lo16, uint16_t* hi16) {
+__attribute__((target("arch=x86-64-v3"))) void half_bounds_f16c(float* v, int64_t n, float scale, bool up,
+                                                                uint16_t* bits) {
   const __m256 s = _mm256_set1_ps(scale);
   int64_t g = 0;
   for (; g + 8 <= n; g += 8) {
-    const __m128i l = nudged_halves(_mm256_div_ps(_mm256_loadu_ps(lo + g), s), false);
-    const __m128i h = nudged_halves(_mm256_div_ps(_mm256_loadu_ps(hi + g), s), true);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo16 + g), l);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi16 + g), h);
-    _mm256_storeu_ps(lo + g, _mm256_mul_ps(_mm256_cvtph_ps(l), s));
-    _mm256_storeu_ps(hi + g, _mm256_mul_ps(_mm256_cvtph_ps(h), s));
+    const __m128i h = nudged_halves(_mm256_div_ps(_mm256_loadu_ps(v + g), s), up);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(bits + g), h);
+    _mm256_storeu_ps(v + g, _mm256_mul_ps(_mm256_cvtph_ps(h), s));
   }
-  half_ranges_generic(lo + g, hi + g, n - g, scale, lo16 + g, hi16 + g);
-}
-void half_ranges(float* lo, float* hi, int64_t n, float scale, uint16_t* lo16, uint16_t* hi16) {
-  // 8 lanes or more: an x86-64-v3 CPU, with F16C
-  if (lane_width() >= 8)
-    half_ranges_f16c(lo, hi, n, scale, lo16, hi16);
-  else
-    half_ranges_generic(lo, hi, n, scale, lo16, hi16);
-}
-#else
-void half_ranges(float* lo, float* hi, int64_t n, float scale, uint16_t* lo16, uint16_t* hi16) {
-  half_ranges_generic(lo, hi, n, scale, lo16, hi16);
+  half_bounds_generic(v + g, n - g, scale, up, bits + g);
 }
 #endif
 
@@ -97,6 +78,16 @@ uint16_t half_bits_rounded(float v, bool up) {
 
 float half_bits_to_float(uint16_t h) {
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+void half_bounds(float* v, int64_t n, float scale, bool up, uint16_t* bits) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  if (lane_width() >= 8) {  // 8 lanes or more: an x86-64-v3 CPU, with F16C
+    half_bounds_f16c(v, n, scale, up, bits);
+    return;
+  }
+#endif
+  half_bounds_generic(v, n, scale, up, bits);
 }
 
 namespace {
@@ -121,12 +112,9 @@ void throw_non_finite(int64_t bad, int64_t n, int64_t first) {
               "training diverged: lower the learning rate, enable gradient clipping, or check the input data");
 }
 
-namespace {
-
 // L lanes as GCC vector types (multiversion.h): each version runs as many as its registers hold. A
 // lane computes exactly what the scalar code computes on its share of the elements.
 
-// max |p[i]| over [0, n) (NaN and Inf ignored) and how many are NaN or Inf.
 template <int L>
 AMAQ_LANES_INLINE float max_abs_run_lanes(const float* p, int64_t n, int64_t* non_finite) {
   using F = typename Lanes<L>::F;
@@ -158,6 +146,8 @@ AMAQ_LANES_INLINE float max_abs_run_lanes(const float* p, int64_t n, int64_t* no
   return r;
 }
 AMAQ_LANE_VERSIONS(float, max_abs_run, (const float* p, int64_t n, int64_t* non_finite), (p, n, non_finite))
+
+namespace {
 
 // min and max of p[0, n) (NaN ignored), exactly as the sequential `v < mn ? v : mn` and
 // `v > mx ? v : mx` from +-inf find them: lane by lane, then, where the result is a zero (whose
@@ -488,7 +478,8 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
                   "scale the activations down, or drop rot=hadamard");
     }
     q.scale = tensor_scale(max_abs);
-    half_ranges(lo.data(), hi.data(), G, q.scale, lo16, hi16);  // lo and hi now the decoded bounds
+    half_bounds(lo.data(), G, q.scale, /*up=*/false, lo16);  // lo and hi now the decoded bounds
+    half_bounds(hi.data(), G, q.scale, /*up=*/true, hi16);
 
     const std::vector<float> levels = levels_of(b, cols);
     const float uniform = uniform_level(levels);

@@ -74,6 +74,9 @@ at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const
 std::pair<at::Tensor, at::Tensor> affine_lo_step(const AffineQuant& q, const at::Tensor& bits,
                                                  const AffineLayout& layout);
 
+/// max |p[i]| over [0, n) (NaN ignored) and how many values are NaN or Inf (non_finite): one
+/// thread, the CPU's widest vectors.
+float max_abs_run(const float* p, int64_t n, int64_t* non_finite);
 /// max |x| over a contiguous fp32 tensor, multi-threaded; throws amaq::Error naming the count and
 /// first index of NaN/Inf values.
 float checked_max_abs(const at::Tensor& x);
@@ -84,5 +87,8 @@ float checked_max_abs(const at::Tensor& x);
 /// needed so that it does not lie above (below) v; returned as its bits.
 uint16_t half_bits_rounded(float v, bool up);
 float half_bits_to_float(uint16_t h);
+/// half_bits_rounded(v[i] / scale, up) into bits[i] for n values, and v[i] replaced by what that
+/// decodes to, half_bits_to_float(bits[i]) * scale: eight at a time by F16C where the CPU has it.
+void half_bounds(float* v, int64_t n, float scale, bool up, uint16_t* bits);
 
 }  // namespace amaq::quant

@@ -175,14 +175,16 @@ Encoded Codec::encode(const at::Tensor& x_in, const EncodeArgs& args) {
   TORCH_CHECK(x_in.dim() >= 1 && x_in.dim() <= 4, "codecs take tensors of 1 to 4 dims, got ", x_in.sizes());
   const bool gpu = on_gpu(x_in);
   at::Tensor x = gpu ? x_in.detach().contiguous() : x_in.detach().to(at::kCPU).contiguous();
-  // Refuse NaN/Inf before anything goes out (the fast affine quantizers check in their own max pass).
+  // Refuse NaN/Inf before anything goes out (the fast affine quantizers and the non-uniform levels
+  // check in their own first pass).
   // (A rotation would spread one NaN over its group: check before it.)
-  // (Non-uniform levels take their own path, which does not check.)
   const bool affine =
       (spec_.codec == CodecId::kFixed || spec_.codec == CodecId::kAmaq) && spec_.levels == LevelKind::kUniform;
+  const bool levels = spec_.codec == CodecId::kFixed && spec_.levels != LevelKind::kUniform;
   if (gpu && (!affine || spec_.hadamard)) {
     if (!at::isfinite(x).all().item<bool>()) checked_max_abs(x.to(at::kCPU, at::kFloat).contiguous());  // names them
-  } else if (!affine || impl_ == Impl::kRef || (spec_.hadamard && spec_.rounding != Rounding::kNearest)) {
+  } else if ((!affine && !(levels && !spec_.hadamard)) || impl_ == Impl::kRef ||
+             (spec_.hadamard && spec_.rounding != Rounding::kNearest)) {
     checked_max_abs(x.scalar_type() == at::kFloat ? x : x.to(at::kFloat));
   }
   Encoded e = encode_dispatch(x, args);

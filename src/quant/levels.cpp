@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -36,25 +37,6 @@ std::vector<float> thresholds_of(const std::vector<float>& levels) {
   for (size_t i = 0; i + 1 < levels.size(); ++i) t[i] = (levels[i] + levels[i + 1]) * 0.5f;
   return t;
 }
-
-// max |p[i]| over [0, n): L lanes (multiversion.h), then in order (the same value whatever the order).
-template <int L>
-AMAQ_LANES_INLINE float group_absmax_lanes(const float* p, int64_t n) {
-  using F = typename Lanes<L>::F;
-  F acc = {};
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    F v;
-    std::memcpy(&v, p + i, sizeof v);
-    const F a = v < 0 ? -v : v;
-    acc = a > acc ? a : acc;
-  }
-  float r = 0.0f;
-  for (int j = 0; j < L; ++j) r = acc[j] > r ? acc[j] : r;
-  for (; i < n; ++i) r = std::fabs(p[i]) > r ? std::fabs(p[i]) : r;
-  return r;
-}
-AMAQ_LANE_VERSIONS(float, group_absmax, (const float* p, int64_t n), (p, n))
 
 // The codes of p[0, n) * inv against the K - 1 ascending thresholds t: how many lie below each value.
 template <int L>
@@ -202,17 +184,27 @@ LevelQuant level_quantize(const at::Tensor& x, const AffineLayout& layout, Level
 
   // Each group's step: its max |x|, as fp16 relative to the largest.
   std::vector<float> stat(G), step(G), inv(G);
-  for_each_group(layout, fast,
-                 [&](int64_t g) { stat[g] = group_absmax(xp + group_start(layout, g), group_length(layout, g)); });
+  std::atomic<int64_t> non_finite{0};
+  for_each_group(layout, fast, [&](int64_t g) {
+    int64_t bad = 0;
+    stat[g] = max_abs_run(xp + group_start(layout, g), group_length(layout, g), &bad);
+    if (bad) non_finite += bad;
+  });
+  if (non_finite > 0) checked_max_abs(x);  // throws, naming the count and the first
   float largest = 0.0f;
   for (float s : stat) largest = s > largest ? s : largest;
   q.scale = largest > 0 ? largest : 1.0f;
   q.step.resize(G);
-  for (int64_t g = 0; g < G; ++g) {
-    q.step[g] = half_bits_rounded(stat[g] / q.scale, /*up=*/true);
-    step[g] = half_bits_to_float(q.step[g]) * q.scale;
-    inv[g] = step[g] > 0 ? 1.0f / step[g] : 0.0f;
+  step = stat;
+  if (fast) {
+    half_bounds(step.data(), G, q.scale, /*up=*/true, q.step.data());  // F16C, eight at a time
+  } else {
+    for (int64_t g = 0; g < G; ++g) {
+      q.step[g] = half_bits_rounded(stat[g] / q.scale, /*up=*/true);
+      step[g] = half_bits_to_float(q.step[g]) * q.scale;
+    }
   }
+  for (int64_t g = 0; g < G; ++g) inv[g] = step[g] > 0 ? 1.0f / step[g] : 0.0f;
   if (kind == LevelKind::kLloyd && n > 0) q.levels = fit_levels(xp, n, layout, step, inv, q.levels);
 
   const std::vector<float> t = thresholds_of(q.levels);

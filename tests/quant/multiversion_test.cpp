@@ -105,15 +105,15 @@ TEST(LaneVersions, EveryVersionCountsNonFiniteValuesAndFindsTheMax) {
       EXPECT_NE(std::string(e.what()).find("3 NaN/Inf values"), std::string::npos) << e.what();
       EXPECT_NE(std::string(e.what()).find("flat index 112"), std::string::npos) << e.what();
     }
-    // The encoder's own count (its first pass): a NaN alone, an Inf alone, in a vector body and in
-    // a scalar tail, refused with checked_max_abs's message, rotated or not.
+    // The encoders' own count (their first pass): a NaN alone, an Inf alone, in a vector body and in
+    // a scalar tail, refused with checked_max_abs's message, rotated or not, uniform levels or not.
     const at::Tensor y = at::randn({9, 264}, at::make_generator<at::CPUGeneratorImpl>(14));
     for (const float v : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
       for (const int64_t at_col : {5, 263}) {
         at::Tensor bad_y = y.clone();
         bad_y[7][at_col] = v;
-        for (const char* text :
-             {"fixed:bits=4,group=8", "fixed:bits=4,gran=token", "fixed:bits=4,group=8,rot=hadamard"}) {
+        for (const char* text : {"fixed:bits=4,group=8", "fixed:bits=4,gran=token", "fixed:bits=4,group=8,rot=hadamard",
+                                 "fixed:bits=4,group=8,levels=nf", "fixed:bits=3,gran=token,levels=lloyd"}) {
           try {
             Codec(CodecSpec::parse(text)).encode(bad_y, EncodeArgs{});
             ADD_FAILURE() << text << ": " << v << " not refused";
