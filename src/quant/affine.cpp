@@ -472,8 +472,8 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
       max_abs = std::max(max_abs, row_max[r]);
       bad += row_bad[r];
     }
-    if (bad > 0) {
-      checked_max_abs(x);  // names the NaN/Inf where they are in x
+    if (bad > 0) {  // NaN/Inf in x (checked_max_abs throws, naming them), or else the rotation overflowed
+      checked_max_abs(x);
       throw Error("rotating the tensor's channel groups overflowed fp32 (values near 3.4e38)",
                   "scale the activations down, or drop rot=hadamard");
     }

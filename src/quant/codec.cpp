@@ -181,10 +181,10 @@ Encoded Codec::encode(const at::Tensor& x_in, const EncodeArgs& args) {
   const bool affine =
       (spec_.codec == CodecId::kFixed || spec_.codec == CodecId::kAmaq) && spec_.levels == LevelKind::kUniform;
   const bool levels = spec_.codec == CodecId::kFixed && spec_.levels != LevelKind::kUniform;
+  const bool checks_itself = affine || (levels && !spec_.hadamard);
   if (gpu && (!affine || spec_.hadamard)) {
     if (!at::isfinite(x).all().item<bool>()) checked_max_abs(x.to(at::kCPU, at::kFloat).contiguous());  // names them
-  } else if ((!affine && !(levels && !spec_.hadamard)) || impl_ == Impl::kRef ||
-             (spec_.hadamard && spec_.rounding != Rounding::kNearest)) {
+  } else if (!checks_itself || impl_ == Impl::kRef || (spec_.hadamard && spec_.rounding != Rounding::kNearest)) {
     checked_max_abs(x.scalar_type() == at::kFloat ? x : x.to(at::kFloat));
   }
   Encoded e = encode_dispatch(x, args);
@@ -272,8 +272,7 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
       if (args.want_decoded) deq = affine_dequantize_ref(e.quant, bits, e.layout);
     } else {
       // Packed as they are computed, unless the entropy coder wants them whole.
-      code_bytes = packed_bytes(e.layout.rows, bits);
-      if (!spec_.entropy) packed_codes = at::empty({code_bytes}, at::kByte);
+      if (!spec_.entropy) packed_codes = at::empty({packed_bytes(e.layout.rows, bits)}, at::kByte);
       e.quant = affine_quantize(x2, bits, e.layout, spec_.rounding, args.seed, args.want_decoded ? &deq : nullptr,
                                 fused_rotation ? spec_.group : 0,
                                 packed_codes.defined() ? packed_codes.data_ptr<uint8_t>() : nullptr);
@@ -282,7 +281,7 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
     if (args.want_decoded) e.decoded = deq.view(x.sizes()).to(x.scalar_type());
     pairs = at::stack({e.quant.lo, e.quant.hi}, 1).contiguous();
     ranges = static_cast<const char*>(pairs.data_ptr());
-    code_bytes = packed_bytes(e.layout.rows, bits);  // packed below, unless entropy coding wins
+    code_bytes = packed_bytes(e.layout.rows, bits);
   }
 
   if (spec_.hadamard && !fused_rotation && e.decoded.defined()) {
