@@ -182,25 +182,25 @@ LevelQuant level_quantize(const at::Tensor& x, const AffineLayout& layout, Level
   // NormalFloat, where lloyd starts too (1 bit: the two halves' midpoints).
   q.levels = bits >= 2 ? normal_float_levels(bits) : std::vector<float>{-0.5f, 0.5f};
 
-  // Each group's step: its max |x|, as fp16 relative to the largest.
-  std::vector<float> stat(G), step(G), inv(G);
+  // Each group's step: its max |x|, as fp16 relative to the largest (step[g] holds the max until
+  // it is rounded in place).
+  std::vector<float> step(G), inv(G);
   std::atomic<int64_t> non_finite{0};
   for_each_group(layout, fast, [&](int64_t g) {
     int64_t bad = 0;
-    stat[g] = max_abs_run(xp + group_start(layout, g), group_length(layout, g), &bad);
+    step[g] = max_abs_run(xp + group_start(layout, g), group_length(layout, g), &bad);
     if (bad) non_finite += bad;
   });
   if (non_finite > 0) checked_max_abs(x);  // throws, naming the count and the first
   float largest = 0.0f;
-  for (float s : stat) largest = s > largest ? s : largest;
+  for (float s : step) largest = s > largest ? s : largest;
   q.scale = largest > 0 ? largest : 1.0f;
   q.step.resize(G);
-  step = stat;
   if (fast) {
     half_bounds(step.data(), G, q.scale, /*up=*/true, q.step.data());  // F16C, eight at a time
   } else {
     for (int64_t g = 0; g < G; ++g) {
-      q.step[g] = half_bits_rounded(stat[g] / q.scale, /*up=*/true);
+      q.step[g] = half_bits_rounded(step[g] / q.scale, /*up=*/true);
       step[g] = half_bits_to_float(q.step[g]) * q.scale;
     }
   }
