@@ -1,11 +1,15 @@
 #include "wire/packet_link.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <linux/if.h>
 #include <linux/if_tun.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sched.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -194,6 +198,31 @@ int PacketLink::socket_in(End end, int domain, int type) const {
       impl_->ns(end), [&] { return ::socket(domain, type | SOCK_CLOEXEC, 0); }, &why);
   if (fd < 0) throw Error("cannot open a socket in " + impl_->ns(end) + ": " + why, "");
   return fd;
+}
+
+std::pair<int, int> PacketLink::connect_tcp() const {
+  const int ls = socket_in(End::kB, AF_INET, SOCK_STREAM);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  ::inet_pton(AF_INET, kAddressB, &addr.sin_addr);
+  socklen_t len = sizeof addr;
+  auto* sa = reinterpret_cast<sockaddr*>(&addr);
+  if (::bind(ls, sa, sizeof addr) != 0 || ::listen(ls, 1) != 0 || ::getsockname(ls, sa, &len) != 0) {
+    const std::string why = std::strerror(errno);
+    ::close(ls);
+    throw Error("cannot listen at end B of the packet link: " + why, "");
+  }
+  const int cs = socket_in(End::kA, AF_INET, SOCK_STREAM);
+  const int ss = ::connect(cs, sa, sizeof addr) == 0 ? ::accept(ls, nullptr, nullptr) : -1;
+  const std::string why = std::strerror(errno);
+  ::close(ls);
+  if (ss < 0) {
+    ::close(cs);
+    throw Error("cannot connect across the packet link: " + why, "is the link's delay line running?");
+  }
+  const int one = 1;
+  for (int fd : {cs, ss}) ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  return {cs, ss};
 }
 
 uint64_t PacketLink::delivered() const {

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "wire/link_emulator.h"
 
@@ -36,6 +37,9 @@ class PacketLink {
   std::string netns(End end) const;
   /// A socket(domain, type, 0) created inside `end`'s namespace (usable from any thread).
   int socket_in(End end, int domain, int type) const;
+  /// A TCP connection across the link, no Nagle: {fd at end A (it connected), fd at end B (it
+  /// accepted)}; the caller closes both. Throws amaq::Error naming the step that failed.
+  std::pair<int, int> connect_tcp() const;
   /// Packets delivered and dropped (lost or over the queue), both directions together.
   uint64_t delivered() const;
   uint64_t dropped() const;

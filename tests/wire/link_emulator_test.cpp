@@ -1,6 +1,9 @@
-// The link emulator against what it models: a round trip takes the round-trip time (plus the
-// serialisation of the bytes), and a bulk transfer runs at the link's rate, both within a few
-// percent; a byte stream arrives whole and in order in both directions.
+// The link emulator against what it models: a round trip never takes less than the round-trip time
+// (plus the serialisation of the bytes), nor a bulk transfer less than its bytes at the link's rate;
+// neither takes grossly longer (a delay added twice, a rate off by a quarter); a byte stream arrives
+// whole and in order in both directions. How close to the model the emulator comes is measured by
+// `make bench` (`emulated/...`, counter over_model): on a loaded machine timer wake-ups run late by
+// milliseconds, so a few-percent bound here would test the scheduler, not the emulator.
 #include "wire/link_emulator.h"
 
 #include <gtest/gtest.h>
@@ -72,21 +75,24 @@ TEST(LinkEmulator, RoundTripAndRateAreTheLinksAndBytesArriveInOrder) {
   asio::io_context io;
   tcp::socket s = connect_to(io, link.port());
 
-  // Small messages: each round trip is the RTT (serialising 64 bytes twice adds 10 us).
+  // Small messages: each round trip is the RTT (serialising 64 bytes twice adds 10 us). None may be
+  // shorter; the fastest, less than 1.5 RTT (one delay too many would make it 2).
   std::vector<double> rtts;
   char byte[64] = {};
-  for (int i = 0; i < 5; ++i) {
+  const int round_trips = 9;
+  for (int i = 0; i < round_trips; ++i) {
     const auto t0 = Clock::now();
     asio::write(s, asio::buffer(byte));
     asio::read(s, asio::buffer(byte));
     rtts.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
   }
   std::sort(rtts.begin(), rtts.end());
-  EXPECT_GT(rtts[2], 20.0 * 0.98) << rtts[2];
-  EXPECT_LT(rtts[2], 20.0 * 1.05) << rtts[2];
+  EXPECT_GT(rtts.front(), 20.0 * 0.98) << rtts.front();
+  EXPECT_LT(rtts.front(), 20.0 * 1.5) << rtts.front();
 
   // 4 MB there and back: the echo's return leg overlaps the way out, so the whole takes one
-  // serialisation of 4 MB at 100 Mbit/s (0.32 s) plus the round trip.
+  // serialisation of 4 MB at 100 Mbit/s (0.32 s) plus the round trip; less than 1.25 times that
+  // (a second serialisation, on the way back, would make it 1.9).
   const size_t n = 4'000'000;
   std::string out(n, '\0');
   for (size_t i = 0; i < n; ++i) out[i] = static_cast<char>(i * 31 + i / 977);
@@ -99,9 +105,9 @@ TEST(LinkEmulator, RoundTripAndRateAreTheLinksAndBytesArriveInOrder) {
   EXPECT_TRUE(back == out) << "bytes lost, changed or reordered";
   const double expected = n * 8 / spec.rate_bits_per_second + 0.020;
   EXPECT_GT(seconds, expected * 0.97) << seconds;
-  EXPECT_LT(seconds, expected * 1.05) << seconds;
-  EXPECT_EQ(link.bytes_forward(), n + 5 * sizeof byte);
-  EXPECT_EQ(link.bytes_backward(), n + 5 * sizeof byte);
+  EXPECT_LT(seconds, expected * 1.25) << seconds;
+  EXPECT_EQ(link.bytes_forward(), n + round_trips * sizeof byte);
+  EXPECT_EQ(link.bytes_backward(), n + round_trips * sizeof byte);
   s.shutdown(tcp::socket::shutdown_send);
 }
 
