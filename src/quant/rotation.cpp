@@ -2,6 +2,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <utility>
@@ -52,45 +53,110 @@ AMAQ_LANES_INLINE void butterfly_in_lanes(typename Lanes<L>::F& x) {
   }
 }
 
-// The first pass reads src, the others work in place: the same additions in the same order as
-// block_hadamard_ops, so the same bits (and with any lane count: lane-wise the same). From L
-// channels on, the passes h < L run inside L-lane vectors (lane shuffles), the others between them.
+// Passes h = V .. V * W / 2 (in vectors) across the W vectors in x: vectors i and i + h, (a, c) ->
+// (a + c, a - c) for the vector without bit h.
+template <typename F, int W, int H = 1>
+AMAQ_LANES_INLINE void butterflies_across(F* x) {
+  if constexpr (H < W) {
+#pragma GCC unroll 16
+    for (int i = 0; i < W; i += 2 * H) {
+#pragma GCC unroll 16
+      for (int j = i; j < i + H; ++j) {
+        const F a = x[j], c = x[j + H];
+        x[j] = a + c;
+        x[j + H] = a - c;
+      }
+    }
+    butterflies_across<F, W, 2 * H>(x);
+  }
+}
+
+// The passes h < W * L over a chunk of W vectors of L floats, from s into v, in registers: inside
+// the lanes first, then across the vectors. `norm` != 0: these were the block's last passes, so the
+// chunk is scaled by it on the way out.
+template <int L, int W>
+AMAQ_LANES_INLINE void chunk_in_registers(const float* s, float* v, float norm) {
+  using F = typename Lanes<L>::F;
+  F x[W];
+#pragma GCC unroll 16
+  for (int i = 0; i < W; ++i) {
+    std::memcpy(&x[i], s + i * L, sizeof(F));
+    butterfly_in_lanes<L, 1>(x[i]);
+    butterfly_in_lanes<L, 2>(x[i]);
+    butterfly_in_lanes<L, 4>(x[i]);
+    butterfly_in_lanes<L, 8>(x[i]);
+  }
+  butterflies_across<F, W>(x);
+  if (norm != 0) {
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) x[i] *= norm;
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < W; ++i) std::memcpy(v + i * L, &x[i], sizeof(F));
+}
+
+template <int L, int W>
+AMAQ_LANES_INLINE void chunks_in_registers(const float* s, float* v, int64_t block, float norm) {
+  for (int64_t k = 0; k < block; k += W * L) chunk_in_registers<L, W>(s + k, v + k, norm);
+}
+
+// The same additions in the same order as block_hadamard_ops, so the same bits (and with any lane
+// count: lane-wise the same). The passes h < 16 vectors run in registers, chunk by chunk (the first
+// reads src); the rest in place in dst, the last of them scaling by 1 / sqrt(block) as it goes (one
+// rounding of the pass's result, as a separate multiplication would do).
 template <int L>
 AMAQ_LANES_INLINE void hadamard_block_lanes(const float* s, float* v, int64_t block) {
   const float norm = norm_of(block);
-  if (block == 1) {
-    v[0] = s[0] * norm;
-    return;
-  }
-  int64_t h = 2;
-  if (block >= L) {
-    for (int64_t k = 0; k < block; k += L) {
-      typename Lanes<L>::F x;
-      std::memcpy(&x, s + k, sizeof x);
-      butterfly_in_lanes<L, 1>(x);
-      butterfly_in_lanes<L, 2>(x);
-      butterfly_in_lanes<L, 4>(x);
-      butterfly_in_lanes<L, 8>(x);
-      std::memcpy(v + k, &x, sizeof x);
-    }
-    h = L;
-  } else {
-    for (int64_t j = 0; j < block; j += 2) {
+  if (block < L) {
+    if (block == 1) v[0] = s[0] * norm;
+    for (int64_t j = 0; j + 1 < block; j += 2) {
       const float a = s[j], c = s[j + 1];
       v[j] = a + c;
       v[j + 1] = a - c;
     }
+    for (int64_t h = 2; h < block; h *= 2) {
+      for (int64_t i = 0; i < block; i += 2 * h) {
+        for (int64_t j = i; j < i + h; ++j) {
+          const float a = v[j], c = v[j + h];
+          v[j] = a + c;
+          v[j + h] = a - c;
+        }
+      }
+    }
+    if (block > 1)
+      for (int64_t j = 0; j < block; ++j) v[j] *= norm;
+    return;
   }
-  for (; h < block; h *= 2) {
+  constexpr int64_t kMaxVectors = 16;
+  const int64_t vectors = std::min(block / L, kMaxVectors);
+  const float chunk_norm = vectors * L == block ? norm : 0.0f;
+  switch (vectors) {
+    case 1:
+      chunks_in_registers<L, 1>(s, v, block, chunk_norm);
+      break;
+    case 2:
+      chunks_in_registers<L, 2>(s, v, block, chunk_norm);
+      break;
+    case 4:
+      chunks_in_registers<L, 4>(s, v, block, chunk_norm);
+      break;
+    case 8:
+      chunks_in_registers<L, 8>(s, v, block, chunk_norm);
+      break;
+    default:
+      chunks_in_registers<L, 16>(s, v, block, chunk_norm);
+      break;
+  }
+  for (int64_t h = vectors * L; h < block; h *= 2) {
+    const float scale = 2 * h == block ? norm : 1.0f;  // x 1 is exact
     for (int64_t i = 0; i < block; i += 2 * h) {
       for (int64_t j = i; j < i + h; ++j) {
         const float a = v[j], c = v[j + h];
-        v[j] = a + c;
-        v[j + h] = a - c;
+        v[j] = (a + c) * scale;
+        v[j + h] = (a - c) * scale;
       }
     }
   }
-  for (int64_t j = 0; j < block; ++j) v[j] *= norm;
 }
 
 }  // namespace

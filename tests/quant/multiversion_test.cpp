@@ -80,9 +80,10 @@ TEST(LaneVersions, EveryVersionWritesTheReferencesPackets) {
 }
 
 TEST(LaneVersions, EveryVersionRotatesAsTheTensorOpsDo) {
-  const at::Tensor x = at::randn({5, 256}, at::make_generator<at::CPUGeneratorImpl>(12)) * 3;
+  // Blocks below one vector, in registers (up to 16 vectors) and with passes in memory beyond.
+  const at::Tensor x = at::randn({5, 2048}, at::make_generator<at::CPUGeneratorImpl>(12)) * 3;
   for_each_lane_width([&] {
-    for (int64_t block : {1, 2, 4, 8, 16, 32, 256}) {
+    for (int64_t block : {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048}) {
       EXPECT_TRUE(at::equal(block_hadamard(x, block), block_hadamard_ops(x, block))) << block;
     }
   });
