@@ -452,7 +452,7 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
     const auto row_values = [&](int64_t r, float* rotated) {  // row r, its groups rotated where asked
       const float* p = xp + r * cols;
       if (rotation_block == 0) return p;
-      for (int64_t c0 = 0; c0 < cols; c0 += rotation_block) hadamard_block(p + c0, rotated + c0, rotation_block);
+      hadamard_blocks(p, rotated, cols / rotation_block, rotation_block);
       return static_cast<const float*>(rotated);
     };
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
@@ -506,7 +506,7 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
           quantize_groups(row_values(r, rotated.data()), cols, group, uniform, levels.data(), lo.data() + r * per_row,
                           hi.data() + r * per_row, codes, d);
           if (d && rotation_block > 0) {  // rotated back
-            for (int64_t c0 = 0; c0 < cols; c0 += rotation_block) hadamard_block(d + c0, d + c0, rotation_block);
+            hadamard_blocks(d, d, cols / rotation_block, rotation_block);
           }
         }
         if (packer) packer->pack(block.data(), r0, r1, packed);
@@ -587,7 +587,7 @@ at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const
             dequantize_run_uniform(codes + row * cols + c0, uniform, c1 - c0, lo[g], hi[g], d);
           else
             dequantize_run(codes + row * cols + c0, levels.data() + c0, c1 - c0, lo[g], hi[g], d);
-          if (rotation_block > 0) hadamard_block(d, d, rotation_block);  // rotated back while in cache
+          if (rotation_block > 0) hadamard_blocks(d, d, 1, rotation_block);  // rotated back while in cache
           return;
         }
         for (int64_t c = c0; c < c1; ++c)  // a range per channel

@@ -27,9 +27,9 @@ float norm_of(int64_t block) {
 }
 
 // The transform of `blocks` runs of `block` floats from src into dst (which may be src), each in cache.
-void hadamard_blocks(const float* src, float* dst, int64_t blocks, int64_t block) {
+void hadamard_in_parallel(const float* src, float* dst, int64_t blocks, int64_t block) {
   at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) hadamard_block(src + b * block, dst + b * block, block);
+    hadamard_blocks(src + b0 * block, dst + b0 * block, b1 - b0, block);
   });
 }
 
@@ -159,16 +159,22 @@ AMAQ_LANES_INLINE void hadamard_block_lanes(const float* s, float* v, int64_t bl
   }
 }
 
+template <int L>
+AMAQ_LANES_INLINE void hadamard_blocks_lanes(const float* s, float* v, int64_t count, int64_t block) {
+  for (int64_t b = 0; b < count; ++b) hadamard_block_lanes<L>(s + b * block, v + b * block, block);
+}
+
 }  // namespace
 
-AMAQ_LANE_VERSIONS(void, hadamard_block, (const float* s, float* v, int64_t block), (s, v, block))
+AMAQ_LANE_VERSIONS(void, hadamard_blocks, (const float* s, float* v, int64_t count, int64_t block),
+                   (s, v, count, block))
 
 at::Tensor block_hadamard(const at::Tensor& x, int64_t block) {
   if (!x.device().is_cpu()) return block_hadamard_ops(x, block);
   check_block(x, block);
   const at::Tensor src = x.to(at::kFloat).contiguous();
   at::Tensor y = at::empty(src.sizes(), src.options());
-  hadamard_blocks(src.data_ptr<float>(), y.data_ptr<float>(), y.numel() / block, block);
+  hadamard_in_parallel(src.data_ptr<float>(), y.data_ptr<float>(), y.numel() / block, block);
   return y.view(x.sizes());
 }
 
@@ -178,7 +184,7 @@ void block_hadamard_(at::Tensor& y, int64_t block) {
     return;
   }
   check_block(y, block);
-  hadamard_blocks(y.data_ptr<float>(), y.data_ptr<float>(), y.numel() / block, block);
+  hadamard_in_parallel(y.data_ptr<float>(), y.data_ptr<float>(), y.numel() / block, block);
 }
 
 at::Tensor block_hadamard_ops(const at::Tensor& x, int64_t block) {

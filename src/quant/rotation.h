@@ -24,9 +24,9 @@ at::Tensor block_hadamard_ops(const at::Tensor& x, int64_t block);
 /// The same by an explicit matrix product with Sylvester's construction: the slow reference.
 at::Tensor block_hadamard_ref(const at::Tensor& x, int64_t block);
 
-/// One block: `block` floats (a power of two) from src into dst, which may be src; what
-/// block_hadamard does to each block, bit for bit.
-void hadamard_block(const float* src, float* dst, int64_t block);
+/// `count` consecutive blocks of `block` floats (a power of two) from src into dst, which may be
+/// src; what block_hadamard does to each block, bit for bit. One thread.
+void hadamard_blocks(const float* src, float* dst, int64_t count, int64_t block);
 
 bool is_power_of_two(int64_t n);
 
