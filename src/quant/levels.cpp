@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+#include <utility>
 
 #include "quant/multiversion.h"
 
@@ -38,38 +40,111 @@ std::vector<float> thresholds_of(const std::vector<float>& levels) {
   return t;
 }
 
-// The codes of p[0, n) * inv against the K - 1 ascending thresholds t: how many lie below each value.
+// The 4 L bytes of L int32 lanes. (GCC takes no vector_size that depends on a template parameter as
+// a shuffle's mask, so each width is spelled out.)
+typedef uint8_t Bytes16 __attribute__((vector_size(16)));
+typedef uint8_t Bytes32 __attribute__((vector_size(32)));
+typedef uint8_t Bytes64 __attribute__((vector_size(64)));
 template <int L>
-AMAQ_LANES_INLINE void code_run_lanes(const float* p, int64_t n, float inv, const float* t, int K, uint8_t* codes) {
+using LaneBytes = std::conditional_t<L == 4, Bytes16, std::conditional_t<L == 8, Bytes32, Bytes64>>;
+
+// The low byte of each of L int32 lanes, in order, into dst[0, L): one byte shuffle (pshufb and a
+// permute on AVX2).
+template <int L, typename = std::make_index_sequence<4 * L>>
+struct LowBytes;
+template <int L, size_t... k>
+struct LowBytes<L, std::index_sequence<k...>> {
+  using B = LaneBytes<L>;
+  static AMAQ_LANES_INLINE void store(typename Lanes<L>::I c, uint8_t* dst) {
+    constexpr B mask{static_cast<uint8_t>(4 * (k % L))...};
+    B bytes;
+    std::memcpy(&bytes, &c, sizeof bytes);
+    bytes = __builtin_shuffle(bytes, mask);
+    std::memcpy(dst, &bytes, L);
+  }
+};
+
+// code_run's vector loop for K levels known at compile time (the thresholds and levels broadcast
+// once); returns how many elements it did (a multiple of L).
+template <int L, int K, bool kDecode>
+AMAQ_LANES_INLINE int64_t code_vectors(const float* p, int64_t n, float inv, const float* t, const float* levels,
+                                       float step, uint8_t* codes, float* out) {
   using F = typename Lanes<L>::F;
   using I = typename Lanes<L>::I;
+  F tv[K - 1], lv[K];
+  for (int j = 0; j < K; ++j) {
+    if (j + 1 < K) tv[j] = F{} + t[j];
+    lv[j] = F{} + levels[j];
+  }
   int64_t i = 0;
-  if (K <= 16) {
-    for (; i + L <= n; i += L) {
-      F v;
-      std::memcpy(&v, p + i, sizeof v);
-      const F u = v * inv;
-      I c = {};
-      for (int j = 0; j + 1 < K; ++j) c -= (u > t[j]);  // a true comparison is -1
-      for (int l = 0; l < L; ++l) codes[i + l] = static_cast<uint8_t>(c[l]);
+  for (; i + L <= n; i += L) {
+    F v;
+    std::memcpy(&v, p + i, sizeof v);
+    const F u = v * inv;
+    I c = {};
+    F level = lv[0];
+#pragma GCC unroll 16
+    for (int j = 0; j + 1 < K; ++j) {  // thresholds ascend: the last one below u picks the level
+      const I above = u > tv[j];       // a true comparison is -1
+      c -= above;
+      if constexpr (kDecode) level = above ? lv[j + 1] : level;
     }
-    for (; i < n; ++i) {
-      const float u = p[i] * inv;
-      int c = 0;
-      for (int j = 0; j + 1 < K; ++j) c += u > t[j];
-      codes[i] = static_cast<uint8_t>(c);
+    LowBytes<L>::store(c, codes + i);
+    if constexpr (kDecode) {
+      const F d = level * step;
+      std::memcpy(out + i, &d, sizeof d);
     }
-    return;
+  }
+  return i;
+}
+
+// The codes of p[0, n) * inv against the K - 1 ascending thresholds t: how many lie below each value;
+// with `out`, also each code's level times `step` there (what decode_run gives, bit for bit).
+template <int L>
+AMAQ_LANES_INLINE void code_run_lanes(const float* p, int64_t n, float inv, const float* t, const float* levels, int K,
+                                      float step, uint8_t* codes, float* out) {
+  // (No lambda here: its body would not be compiled for this version's target.)
+  int64_t i = 0;
+  switch (K * 2 + (out != nullptr)) {
+    case 4:
+      i = code_vectors<L, 2, false>(p, n, inv, t, levels, step, codes, out);
+      break;
+    case 5:
+      i = code_vectors<L, 2, true>(p, n, inv, t, levels, step, codes, out);
+      break;
+    case 8:
+      i = code_vectors<L, 4, false>(p, n, inv, t, levels, step, codes, out);
+      break;
+    case 9:
+      i = code_vectors<L, 4, true>(p, n, inv, t, levels, step, codes, out);
+      break;
+    case 16:
+      i = code_vectors<L, 8, false>(p, n, inv, t, levels, step, codes, out);
+      break;
+    case 17:
+      i = code_vectors<L, 8, true>(p, n, inv, t, levels, step, codes, out);
+      break;
+    case 32:
+      i = code_vectors<L, 16, false>(p, n, inv, t, levels, step, codes, out);
+      break;
+    case 33:
+      i = code_vectors<L, 16, true>(p, n, inv, t, levels, step, codes, out);
+      break;
+    default:
+      break;  // 5 bits and more: the binary search below
   }
   for (; i < n; ++i) {  // a branch-free binary search over the K - 1 thresholds
     const float u = p[i] * inv;
     int c = 0;
     for (int s = K / 2; s >= 1; s /= 2) c += (u > t[c + s - 1]) ? s : 0;
     codes[i] = static_cast<uint8_t>(c);
+    if (out) out[i] = levels[c] * step;
   }
 }
-AMAQ_LANE_VERSIONS(void, code_run, (const float* p, int64_t n, float inv, const float* t, int K, uint8_t* codes),
-                   (p, n, inv, t, K, codes))
+AMAQ_LANE_VERSIONS(void, code_run,
+                   (const float* p, int64_t n, float inv, const float* t, const float* levels, int K, float step,
+                    uint8_t* codes, float* out),
+                   (p, n, inv, t, levels, K, step, codes, out))
 
 AMAQ_MULTIVERSION void decode_run(const uint8_t* codes, int64_t n, const float* levels, float step, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = levels[codes[i]] * step;
@@ -219,8 +294,7 @@ LevelQuant level_quantize(const at::Tensor& x, const AffineLayout& layout, Level
   for_each_group(layout, fast, [&](int64_t g) {
     const int64_t s = group_start(layout, g), len = group_length(layout, g);
     if (fast) {
-      code_run(xp + s, len, inv[g], t.data(), K, cp + s);
-      if (dp) decode_run(cp + s, len, q.levels.data(), step[g], dp + s);
+      code_run(xp + s, len, inv[g], t.data(), q.levels.data(), K, step[g], cp + s, dp ? dp + s : nullptr);
       return;
     }
     for (int64_t i = s; i < s + len; ++i) {

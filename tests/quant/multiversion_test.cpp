@@ -61,11 +61,12 @@ TEST(LaneVersions, EveryVersionWritesTheReferencesPackets) {
   x[2].neg_();
   const at::Tensor x256 = testing::with_outlier_channels(testing::student_t3({2, 33, 256}, gen));
   for_each_lane_width([&] {
-    for (const char* text : {"fixed:bits=4,group=64", "fixed:bits=3,gran=token", "fixed:bits=1,group=64",
-                             "fixed:bits=8,group=64", "fixed:bits=4,levels=lloyd,group=64",
-                             "fixed:bits=3,levels=nf,gran=token", "fixed:bits=6,levels=lloyd,group=64",
-                             "fixed:bits=4,group=8,rot=hadamard", "fixed:bits=4,group=128,rot=hadamard",
-                             "fixed:bits=3,levels=nf,group=128,rot=hadamard", "amaq:budget=4,group=32"}) {
+    for (const char* text :
+         {"fixed:bits=4,group=64", "fixed:bits=3,gran=token", "fixed:bits=1,group=64", "fixed:bits=8,group=64",
+          "fixed:bits=4,levels=lloyd,group=64", "fixed:bits=1,levels=lloyd,group=64", "fixed:bits=2,levels=nf,group=64",
+          "fixed:bits=3,levels=nf,gran=token", "fixed:bits=6,levels=lloyd,group=64",
+          "fixed:bits=4,group=8,rot=hadamard", "fixed:bits=4,group=128,rot=hadamard",
+          "fixed:bits=3,levels=nf,group=128,rot=hadamard", "amaq:budget=4,group=32"}) {
       const std::string spec(text);
       const at::Tensor& in = spec.find("rot=") != std::string::npos ? x256 : x;
       EncodeArgs args;
