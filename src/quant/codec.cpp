@@ -707,9 +707,14 @@ Encoded Codec::encode_levels(const at::Tensor& x_in, const EncodeArgs& args) {
   const at::Tensor x = host_input(x_in).view({-1, C});
   e.layout = AffineLayout{x.size(0), C, spec_.granularity, spec_.group};
   e.bits = at::full({C}, spec_.bits, at::kByte);
+  const int64_t code_bytes = packed_bytes(x.size(0), e.bits);
+  // The fast quantizer packs its codes as it computes them, unless the entropy coder wants them whole.
+  at::Tensor packed_codes;
+  if (impl_ == Impl::kFast && !spec_.entropy) packed_codes = at::empty({code_bytes}, at::kByte);
   at::Tensor deq;
   const LevelQuant q =
-      level_quantize(x, e.layout, spec_.levels, spec_.bits, impl_ == Impl::kFast, args.want_decoded ? &deq : nullptr);
+      level_quantize(x, e.layout, spec_.levels, spec_.bits, impl_ == Impl::kFast, args.want_decoded ? &deq : nullptr,
+                     packed_codes.defined() ? packed_codes.data_ptr<uint8_t>() : nullptr);
   PacketHeader h;
   h.codec = static_cast<uint8_t>(CodecId::kFixed);
   h.dtype = static_cast<uint8_t>(to_wire(x_in.scalar_type()));
@@ -718,13 +723,17 @@ Encoded Codec::encode_levels(const at::Tensor& x_in, const EncodeArgs& args) {
   h.group = static_cast<uint32_t>(spec_.group);
   h.bits = static_cast<uint8_t>(spec_.bits);
   h.scale = q.scale;
-  const std::string coded = spec_.entropy ? entropy_if_smaller(q.codes, e.bits, packed_bytes(x.size(0), e.bits)) : "";
+  const std::string coded = spec_.entropy ? entropy_if_smaller(q.codes, e.bits, code_bytes) : "";
   if (!coded.empty()) h.flags |= kFlagEntropy;
   ByteWriter w;
+  w.str().reserve(static_cast<size_t>(256 + 4 * q.levels.size() + 2 * q.step.size() + code_bytes));
   write_header(w, h, x_in.sizes());
   w.append(q.levels.data(), q.levels.size() * sizeof(float));
   w.append(q.step.data(), q.step.size() * sizeof(uint16_t));
-  append_codes(w, coded, q.codes, e.bits, impl_);
+  if (packed_codes.defined())
+    w.append(packed_codes.data_ptr(), static_cast<size_t>(code_bytes));
+  else
+    append_codes(w, coded, q.codes, e.bits, impl_);
   e.packet = std::move(w.str());
   finish_host_encoding(e, deq, x_in);
   return e;

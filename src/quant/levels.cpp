@@ -7,9 +7,11 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <utility>
 
+#include "quant/bitpack.h"
 #include "quant/multiversion.h"
 
 // Like affine.cpp, the loops marked AMAQ_MULTIVERSION compute lane by lane what the scalar code
@@ -146,9 +148,32 @@ AMAQ_LANE_VERSIONS(void, code_run,
                     uint8_t* codes, float* out),
                    (p, n, inv, t, levels, K, step, codes, out))
 
-AMAQ_MULTIVERSION void decode_run(const uint8_t* codes, int64_t n, const float* levels, float step, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = levels[codes[i]] * step;
+// out[i] = levels[codes[i]] * step. Up to 2 L levels: L codes at a time, each picking its level
+// from two vectors of the table by a lane shuffle (vpermps on AVX2); more levels one by one.
+template <int L>
+AMAQ_LANES_INLINE void decode_run_lanes(const uint8_t* codes, int64_t n, const float* levels, int K, float step,
+                                        float* out) {
+  using F = typename Lanes<L>::F;
+  using I = typename Lanes<L>::I;
+  typedef uint8_t B __attribute__((vector_size(L)));
+  int64_t i = 0;
+  if (K <= 2 * L) {
+    F low{}, high{};
+    std::memcpy(&low, levels, sizeof(float) * std::min(K, L));
+    if (K > L) std::memcpy(&high, levels + L, sizeof(float) * (K - L));
+    for (; i + L <= n; i += L) {
+      B b;
+      std::memcpy(&b, codes + i, sizeof b);
+      const I c = __builtin_convertvector(b, I) & (K - 1);  // in range whatever the bytes
+      const F d = __builtin_shuffle(low, high, c) * step;
+      std::memcpy(out + i, &d, sizeof d);
+    }
+  }
+  for (; i < n; ++i) out[i] = levels[codes[i] & (K - 1)] * step;
 }
+AMAQ_LANE_VERSIONS(void, decode_run,
+                   (const uint8_t* codes, int64_t n, const float* levels, int K, float step, float* out),
+                   (codes, n, levels, K, step, out))
 
 // The reference's code search: walk up the thresholds.
 uint8_t code_ref(float u, const std::vector<float>& t) {
@@ -157,15 +182,9 @@ uint8_t code_ref(float u, const std::vector<float>& t) {
   return static_cast<uint8_t>(c);
 }
 
-// Range group g of a token or group layout lies at [group_start, + group_length) of the flat tensor.
+// The range groups of a token layout are its rows; of a group layout, runs of `group` along a row.
 int64_t group_width(const AffineLayout& L) {
   return L.granularity == Granularity::kToken ? std::max<int64_t>(L.cols, 1) : L.group;
-}
-int64_t group_start(const AffineLayout& L, int64_t g) {
-  return (g / L.groups_per_row()) * L.cols + (g % L.groups_per_row()) * group_width(L);
-}
-int64_t group_length(const AffineLayout& L, int64_t g) {
-  return std::min(group_width(L), L.cols - (g % L.groups_per_row()) * group_width(L));
 }
 
 void check_layout(const AffineLayout& L) {
@@ -173,17 +192,22 @@ void check_layout(const AffineLayout& L) {
   TORCH_CHECK(group_width(L) > 0, "group size must be positive");
 }
 
-// f(g) for every range group; `parallel`: threads over rows.
+// f(g, start, length) for every range group of rows [r0, r1), in order: group g lies at
+// [start, start + length) of the flat tensor.
+template <typename F>
+void for_groups_of_rows(const AffineLayout& L, int64_t r0, int64_t r1, const F& f) {
+  const int64_t per = L.groups_per_row(), width = group_width(L);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t k = 0, c0 = 0; k < per; ++k, c0 += width)
+      f(r * per + k, r * L.cols + c0, std::min(width, L.cols - c0));
+}
+
+// for_groups_of_rows over every row; `parallel`: threads over rows.
 template <typename F>
 void for_each_group(const AffineLayout& L, bool parallel, const F& f) {
-  const int64_t per = L.groups_per_row();
-  if (!parallel) {
-    for (int64_t g = 0; g < L.num_groups(); ++g) f(g);
-    return;
-  }
-  at::parallel_for(0, L.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(L.cols, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t g = r0 * per; g < r1 * per; ++g) f(g);
-  });
+  if (!parallel) return for_groups_of_rows(L, 0, L.rows, f);
+  at::parallel_for(0, L.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(L.cols, 1)),
+                   [&](int64_t r0, int64_t r1) { for_groups_of_rows(L, r0, r1, f); });
 }
 
 // Lloyd's algorithm on a fixed sample of the normalised elements u (in [-1, 1]), weighted by their
@@ -245,7 +269,7 @@ std::vector<float> normal_float_levels(int bits) {
 }
 
 LevelQuant level_quantize(const at::Tensor& x, const AffineLayout& layout, LevelKind kind, int bits, bool fast,
-                          at::Tensor* decoded) {
+                          at::Tensor* decoded, uint8_t* packed) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "expected contiguous fp32 (rows, cols)");
   TORCH_CHECK(kind != LevelKind::kUniform, "uniform levels are the affine quantizer's (affine.h)");
@@ -261,9 +285,9 @@ LevelQuant level_quantize(const at::Tensor& x, const AffineLayout& layout, Level
   // it is rounded in place).
   std::vector<float> step(G), inv(G);
   std::atomic<int64_t> non_finite{0};
-  for_each_group(layout, fast, [&](int64_t g) {
+  for_each_group(layout, fast, [&](int64_t g, int64_t s, int64_t len) {
     int64_t bad = 0;
-    step[g] = max_abs_run(xp + group_start(layout, g), group_length(layout, g), &bad);
+    step[g] = max_abs_run(xp + s, len, &bad);
     if (bad) non_finite += bad;
   });
   if (non_finite > 0) checked_max_abs(x);  // throws, naming the count and the first
@@ -284,22 +308,44 @@ LevelQuant level_quantize(const at::Tensor& x, const AffineLayout& layout, Level
 
   const std::vector<float> t = thresholds_of(q.levels);
   const int K = static_cast<int>(q.levels.size());
-  q.codes = at::empty({layout.rows, layout.cols}, at::kByte);
-  uint8_t* cp = q.codes.data_ptr<uint8_t>();
   float* dp = nullptr;
   if (decoded) {
     *decoded = at::empty({layout.rows, layout.cols}, at::kFloat);
     dp = decoded->data_ptr<float>();
   }
-  for_each_group(layout, fast, [&](int64_t g) {
-    const int64_t s = group_start(layout, g), len = group_length(layout, g);
-    if (fast) {
-      code_run(xp + s, len, inv[g], t.data(), q.levels.data(), K, step[g], cp + s, dp ? dp + s : nullptr);
-      return;
+  if (!fast) {
+    q.codes = at::empty({layout.rows, layout.cols}, at::kByte);
+    uint8_t* cp = q.codes.data_ptr<uint8_t>();
+    for_each_group(layout, false, [&](int64_t g, int64_t s, int64_t len) {
+      for (int64_t i = s; i < s + len; ++i) {
+        cp[i] = code_ref(xp[i] * inv[g], t);
+        if (dp) dp[i] = q.levels[cp[i]] * step[g];
+      }
+    });
+    if (packed) {
+      const std::string stream = pack_ref(q.codes, at::full({layout.cols}, bits, at::kByte));
+      std::memcpy(packed, stream.data(), stream.size());
     }
-    for (int64_t i = s; i < s + len; ++i) {
-      cp[i] = code_ref(xp[i] * inv[g], t);
-      if (dp) dp[i] = q.levels[cp[i]] * step[g];
+    return q;
+  }
+  // Packed output: each task's codes go through a buffer of kBlockRows rows, packed while in cache
+  // (as affine_quantize does).
+  constexpr int64_t kUnit = 8, kBlockRows = 16;  // a block of 8k rows starts on a byte of the stream
+  std::optional<BlockPacker> packer;
+  if (packed) packer.emplace(at::full({layout.cols}, bits, at::kByte), layout.rows);
+  if (!packed) q.codes = at::empty({layout.rows, layout.cols}, at::kByte);
+  uint8_t* cp = packed ? nullptr : q.codes.data_ptr<uint8_t>();
+  at::parallel_for(0, (layout.rows + kUnit - 1) / kUnit, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<uint8_t> block(packed ? static_cast<size_t>(kBlockRows * layout.cols) : 0);
+    const int64_t begin = u0 * kUnit, end = std::min(layout.rows, u1 * kUnit);
+    for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
+      const int64_t r1 = std::min(end, r0 + kBlockRows);
+      // Element i of the rows goes to codes[i - r0 * cols] of the block, or cp[i].
+      uint8_t* codes = packed ? block.data() - r0 * layout.cols : cp;
+      for_groups_of_rows(layout, r0, r1, [&](int64_t g, int64_t s, int64_t len) {
+        code_run(xp + s, len, inv[g], t.data(), q.levels.data(), K, step[g], codes + s, dp ? dp + s : nullptr);
+      });
+      if (packer) packer->pack(block.data(), r0, r1, packed);
     }
   });
   return q;
@@ -311,9 +357,9 @@ at::Tensor level_dequantize(const LevelQuant& q, const AffineLayout& layout) {
   at::Tensor out = at::empty({layout.rows, layout.cols}, at::kFloat);
   const uint8_t* cp = q.codes.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  for_each_group(layout, true, [&](int64_t g) {
-    const int64_t s = group_start(layout, g);
-    decode_run(cp + s, group_length(layout, g), q.levels.data(), half_bits_to_float(q.step[g]) * q.scale, op + s);
+  for_each_group(layout, true, [&](int64_t g, int64_t s, int64_t len) {
+    decode_run(cp + s, len, q.levels.data(), static_cast<int>(q.levels.size()), half_bits_to_float(q.step[g]) * q.scale,
+               op + s);
   });
   return out;
 }
