@@ -101,10 +101,12 @@ at::Tensor unpack(ByteReader& r, int64_t rows, const at::Tensor& bits, Impl impl
 
 // ec=zstd: the codes entropy-coded (entropy.h), or nothing where that is not smaller than the
 // `code_bytes` they take packed.
-std::string entropy_if_smaller(const at::Tensor& codes, const at::Tensor& bits, int64_t code_bytes) {
-  std::string coded = entropy_encode(codes, bits);
+std::string if_smaller(std::string coded, int64_t code_bytes) {
   if (static_cast<int64_t>(coded.size()) + 4 < code_bytes && coded.size() <= UINT32_MAX) return coded;
   return {};
+}
+std::string entropy_if_smaller(const at::Tensor& codes, const at::Tensor& bits, int64_t code_bytes) {
+  return if_smaller(entropy_encode(codes, bits), code_bytes);
 }
 
 // The codes of a CPU encoding: `coded` (entropy-coded, with its u32 size) where it is not empty, else packed.
@@ -271,8 +273,8 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
       e.quant = affine_quantize_ref(x2, bits, e.layout, spec_.rounding, args.seed);
       if (args.want_decoded) deq = affine_dequantize_ref(e.quant, bits, e.layout);
     } else {
-      // Packed as they are computed, unless the entropy coder wants them whole.
-      if (!spec_.entropy) packed_codes = at::empty({packed_bytes(e.layout.rows, bits)}, at::kByte);
+      // Packed as they are computed (the entropy coder takes them packed too).
+      packed_codes = at::empty({packed_bytes(e.layout.rows, bits)}, at::kByte);
       e.quant = affine_quantize(x2, bits, e.layout, spec_.rounding, args.seed, args.want_decoded ? &deq : nullptr,
                                 fused_rotation ? spec_.group : 0,
                                 packed_codes.defined() ? packed_codes.data_ptr<uint8_t>() : nullptr);
@@ -312,10 +314,10 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
   }
   std::string coded;
   if (spec_.entropy) {
-    coded = entropy_if_smaller(
-        e.quant.codes.defined() ? e.quant.codes
-                                : unpack_fast(reinterpret_cast<const uint8_t*>(codes), code_bytes, e.layout.rows, bits),
-        bits, code_bytes);
+    coded = e.quant.codes.defined() ? entropy_if_smaller(e.quant.codes, bits, code_bytes)
+                                    : if_smaller(entropy_encode_packed(reinterpret_cast<const uint8_t*>(codes),
+                                                                       code_bytes, e.layout.rows, bits),
+                                                 code_bytes);
     if (!coded.empty()) h.flags |= kFlagEntropy;
   }
   w.str().reserve(static_cast<size_t>(256 + x.size(-1) + 4 * e.layout.num_groups() + code_bytes));
@@ -708,9 +710,9 @@ Encoded Codec::encode_levels(const at::Tensor& x_in, const EncodeArgs& args) {
   e.layout = AffineLayout{x.size(0), C, spec_.granularity, spec_.group};
   e.bits = at::full({C}, spec_.bits, at::kByte);
   const int64_t code_bytes = packed_bytes(x.size(0), e.bits);
-  // The fast quantizer packs its codes as it computes them, unless the entropy coder wants them whole.
+  // The fast quantizer packs its codes as it computes them (the entropy coder takes them packed too).
   at::Tensor packed_codes;
-  if (impl_ == Impl::kFast && !spec_.entropy) packed_codes = at::empty({code_bytes}, at::kByte);
+  if (impl_ == Impl::kFast) packed_codes = at::empty({code_bytes}, at::kByte);
   at::Tensor deq;
   const LevelQuant q =
       level_quantize(x, e.layout, spec_.levels, spec_.bits, impl_ == Impl::kFast, args.want_decoded ? &deq : nullptr,
@@ -723,14 +725,19 @@ Encoded Codec::encode_levels(const at::Tensor& x_in, const EncodeArgs& args) {
   h.group = static_cast<uint32_t>(spec_.group);
   h.bits = static_cast<uint8_t>(spec_.bits);
   h.scale = q.scale;
-  const std::string coded = spec_.entropy ? entropy_if_smaller(q.codes, e.bits, code_bytes) : "";
+  std::string coded;
+  if (spec_.entropy && packed_codes.defined())
+    coded =
+        if_smaller(entropy_encode_packed(packed_codes.data_ptr<uint8_t>(), code_bytes, x.size(0), e.bits), code_bytes);
+  else if (spec_.entropy)
+    coded = entropy_if_smaller(q.codes, e.bits, code_bytes);
   if (!coded.empty()) h.flags |= kFlagEntropy;
   ByteWriter w;
   w.str().reserve(static_cast<size_t>(256 + 4 * q.levels.size() + 2 * q.step.size() + code_bytes));
   write_header(w, h, x_in.sizes());
   w.append(q.levels.data(), q.levels.size() * sizeof(float));
   w.append(q.step.data(), q.step.size() * sizeof(uint16_t));
-  if (packed_codes.defined())
+  if (coded.empty() && packed_codes.defined())
     w.append(packed_codes.data_ptr(), static_cast<size_t>(code_bytes));
   else
     append_codes(w, coded, q.codes, e.bits, impl_);

@@ -6,6 +6,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "quant/bitpack.h"
 #include "quant/packet.h"
 
 namespace amaq::quant {
@@ -88,6 +90,37 @@ void gather(uint8_t* codes, int64_t rows, int64_t C, const std::vector<int64_t>&
   });
 }
 
+// The stream's n bytes as independent zstd frames of kChunk bytes (the last shorter), compressed in
+// parallel, appended to `out` after their total size (u32).
+void compress_stream(const uint8_t* stream, int64_t n, std::string& out) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const size_t slot = ZSTD_compressBound(static_cast<size_t>(std::min(kChunk, n)));
+  // Each frame into its own slot of one buffer (no allocation per frame), then appended in order.
+  std::unique_ptr<char[]> frames(new char[slot * static_cast<size_t>(chunks)]);
+  std::vector<size_t> sizes(static_cast<size_t>(chunks));
+  at::parallel_for(0, chunks, 1, [&](int64_t f0, int64_t f1) {
+    for (int64_t f = f0; f < f1; ++f) {
+      const size_t len = static_cast<size_t>(std::min(kChunk, n - f * kChunk));
+      char* frame = frames.get() + slot * static_cast<size_t>(f);
+      ZSTD_CCtx* ctx = thread_cctx();
+      const uint8_t* src = stream + f * kChunk;
+      const size_t got =
+          ctx ? ZSTD_compressCCtx(ctx, frame, slot, src, len, kLevel) : ZSTD_compress(frame, slot, src, len, kLevel);
+      sizes[f] = ZSTD_isError(got) ? 0 : got;  // an error: only for lack of memory
+    }
+  });
+  size_t total = 0;
+  for (size_t size : sizes) {
+    if (size == 0) throw Error("zstd could not compress the codes", "the machine may be out of memory");
+    total += size;
+  }
+  if (total > UINT32_MAX) throw Error("the entropy-coded codes of one width exceed 4 GiB", "send smaller tensors");
+  const auto size = static_cast<uint32_t>(total);
+  out.reserve(out.size() + sizeof size + total);
+  out.append(reinterpret_cast<const char*>(&size), sizeof size);
+  for (int64_t f = 0; f < chunks; ++f) out.append(frames.get() + slot * static_cast<size_t>(f), sizes[f]);
+}
+
 }  // namespace
 
 std::string entropy_encode(const at::Tensor& codes_in, const at::Tensor& bits_in) {
@@ -106,9 +139,9 @@ std::string entropy_encode(const at::Tensor& codes_in, const at::Tensor& bits_in
       gather(codes.data_ptr<uint8_t>(), rows, C, idx, picked.data(), false);
       flat = picked.data();
     }
-    std::vector<uint8_t> stream(static_cast<size_t>(n));
+    const std::unique_ptr<uint8_t[]> stream(new uint8_t[static_cast<size_t>(n)]);  // (not zeroed)
     at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
-      uint8_t* __restrict s = stream.data();
+      uint8_t* __restrict s = stream.get();
       const uint8_t* __restrict c = flat;
       if (w > 4) {
         std::memcpy(s + i0, c + i0, static_cast<size_t>(i1 - i0));
@@ -119,34 +152,22 @@ std::string entropy_encode(const at::Tensor& codes_in, const at::Tensor& bits_in
       for (int64_t i = i0; i < pairs_end; ++i) s[i] = static_cast<uint8_t>(c[2 * i] | c[2 * i + 1] << 4);
       if (count % 2 && i1 == n) s[n - 1] = c[count - 1];
     });
-    const int64_t chunks = (n + kChunk - 1) / kChunk;
-    std::vector<std::string> frames(static_cast<size_t>(chunks));
-    at::parallel_for(0, chunks, 1, [&](int64_t f0, int64_t f1) {
-      for (int64_t f = f0; f < f1; ++f) {
-        const size_t len = static_cast<size_t>(std::min(kChunk, n - f * kChunk));
-        std::string& frame = frames[f];
-        frame.resize(ZSTD_compressBound(len));
-        ZSTD_CCtx* ctx = thread_cctx();
-        const uint8_t* src = stream.data() + f * kChunk;
-        const size_t got = ctx ? ZSTD_compressCCtx(ctx, frame.data(), frame.size(), src, len, kLevel)
-                               : ZSTD_compress(frame.data(), frame.size(), src, len, kLevel);
-        if (ZSTD_isError(got)) {  // only for lack of memory
-          frame.clear();
-          continue;
-        }
-        frame.resize(got);
-      }
-    });
-    size_t total = 0;
-    for (const std::string& f : frames) {
-      if (f.empty()) throw Error("zstd could not compress the codes", "the machine may be out of memory");
-      total += f.size();
-    }
-    if (total > UINT32_MAX) throw Error("the entropy-coded codes of one width exceed 4 GiB", "send smaller tensors");
-    const auto size = static_cast<uint32_t>(total);
-    out.append(reinterpret_cast<const char*>(&size), sizeof size);
-    for (const std::string& f : frames) out += f;
+    compress_stream(stream.get(), n, out);
   }
+  return out;
+}
+
+std::string entropy_encode_packed(const uint8_t* packed, int64_t size, int64_t rows, const at::Tensor& bits_in) {
+  const at::Tensor bits = bits_in.to(at::kCPU, at::kByte).contiguous();
+  const uint8_t* b = bits.data_ptr<uint8_t>();
+  const int64_t C = bits.numel();
+  const int w = C > 0 ? b[0] : 0;
+  const bool one_width = std::all_of(b, b + C, [w](uint8_t bw) { return bw == w; });
+  if (!one_width || (w != 4 && w != 8)) return entropy_encode(unpack_fast(packed, size, rows, bits), bits);
+  // Width 4: the stream's code pairs, the first in the low nibble, are the packed bytes; width 8: the codes.
+  TORCH_CHECK(size == stream_bytes(rows * C, w), "expected ", stream_bytes(rows * C, w), " packed bytes, got ", size);
+  std::string out;
+  compress_stream(packed, size, out);
   return out;
 }
 
@@ -180,13 +201,13 @@ at::Tensor entropy_decode(const uint8_t* data, int64_t size, int64_t rows, const
       off += static_cast<int64_t>(len);
       if (f + 1 == chunks && off != at_byte + n) throw PacketError("bytes left after the entropy-coded frames");
     }
-    std::vector<uint8_t> stream(static_cast<size_t>(expect));
-    std::vector<const char*> failed(frames.size(), nullptr);  // zstd's reason, per frame
+    const std::unique_ptr<uint8_t[]> stream(new uint8_t[static_cast<size_t>(expect)]);  // (not zeroed)
+    std::vector<const char*> failed(frames.size(), nullptr);                            // zstd's reason, per frame
     at::parallel_for(0, chunks, 1, [&](int64_t f0, int64_t f1) {
       for (int64_t f = f0; f < f1; ++f) {
         const size_t want = static_cast<size_t>(std::min(kChunk, expect - f * kChunk));
         ZSTD_DCtx* ctx = thread_dctx();
-        uint8_t* dst = stream.data() + f * kChunk;
+        uint8_t* dst = stream.get() + f * kChunk;
         const uint8_t* src = data + frames[f].first;
         const auto len = static_cast<size_t>(frames[f].second);
         const size_t got = ctx ? ZSTD_decompressDCtx(ctx, dst, want, src, len) : ZSTD_decompress(dst, want, src, len);
@@ -204,11 +225,13 @@ at::Tensor entropy_decode(const uint8_t* data, int64_t size, int64_t rows, const
     const auto over_mask = static_cast<uint8_t>(w > 4 ? ~top : ~(top | top << 4));
     std::atomic<bool> too_wide{false};
     at::parallel_for(0, expect, 1 << 16, [&](int64_t i0, int64_t i1) {
-      const uint8_t* __restrict s = stream.data();
+      const uint8_t* __restrict s = stream.get();
       uint8_t* __restrict c = flat;
-      uint8_t over = 0;  // any bit above the width
-      for (int64_t i = i0; i < i1; ++i) over |= s[i] & over_mask;
-      if (over) too_wide = true;
+      if (over_mask) {     // (widths 4 and 8 fill their bytes)
+        uint8_t over = 0;  // any bit above the width
+        for (int64_t i = i0; i < i1; ++i) over |= s[i] & over_mask;
+        if (over) too_wide = true;
+      }
       if (w > 4) {
         std::memcpy(c + i0, s + i0, static_cast<size_t>(i1 - i0));
         return;
@@ -234,6 +257,10 @@ at::Tensor entropy_decode(const uint8_t* data, int64_t size, int64_t rows, const
 
 std::string entropy_encode(const at::Tensor&, const at::Tensor&) {
   throw Error("this build has no libzstd: ec=zstd is not available", "install libzstd-dev and rebuild");
+}
+
+std::string entropy_encode_packed(const uint8_t*, int64_t, int64_t, const at::Tensor& bits) {
+  return entropy_encode(at::Tensor(), bits);
 }
 
 at::Tensor entropy_decode(const uint8_t*, int64_t, int64_t, const at::Tensor&) {

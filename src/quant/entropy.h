@@ -16,6 +16,11 @@ bool entropy_coding_built();
 /// that width's channels, channel by channel, two codes a byte where the width is at most 4.
 std::string entropy_encode(const at::Tensor& codes, const at::Tensor& bits);
 
+/// The same from the codes packed at `bits` (`size` bytes, as pack_fast writes them): where every
+/// channel has width 4 or 8 the packed bytes are the stream entropy_encode compresses, so they are
+/// not unpacked; otherwise they are, first.
+std::string entropy_encode_packed(const uint8_t* packed, int64_t size, int64_t rows, const at::Tensor& bits);
+
 /// The (rows, C) codes back from a frame of `size` bytes; throws PacketError when the frame is
 /// malformed, does not hold exactly rows x C codes, or holds a code too wide for its channel's width.
 at::Tensor entropy_decode(const uint8_t* data, int64_t size, int64_t rows, const at::Tensor& bits);

@@ -112,6 +112,44 @@ TEST(EntropyCoding, LongStreamsGoAsSeveralFramesAndRoundTrip) {
 }
 #endif
 
+// What the fast encoders hand over, codes already packed: the same bytes as from the codes, whether
+// compressed as packed (widths 4 and 8 alone) or unpacked first (others, mixed); an odd count of
+// codes; and through the codec, fast packets (packed) equal to the reference's (codes) for fixed,
+// levels and amaq with ec=zstd.
+TEST(EntropyCoding, PackedCodesCodeToTheBytesOfTheirCodes) {
+  SKIP_WITHOUT_ZSTD();
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(6);
+  for (int w : {4, 8, 3, 0}) {  // 0: mixed widths
+    for (int64_t rows : {33, 256}) {
+      SCOPED_TRACE(::testing::Message() << "width " << w << ", rows " << rows);
+      const at::Tensor bits = w ? at::full({127}, w, at::kByte) : at::randint(1, 9, {127}, gen, at::kByte);
+      // Peaked codes (zstd shrinks them), each below its channel's 2^bits.
+      const at::Tensor top = at::pow(2, bits.to(at::kInt)) - 1;
+      const at::Tensor codes =
+          at::minimum((at::randn({rows, 127}, gen).abs() * 2).to(at::kInt), top).to(at::kByte).contiguous();
+      const std::string packed = pack_ref(codes, bits);
+      const std::string coded = entropy_encode(codes, bits);
+      EXPECT_EQ(entropy_encode_packed(reinterpret_cast<const uint8_t*>(packed.data()),
+                                      static_cast<int64_t>(packed.size()), rows, bits),
+                coded);
+      EXPECT_TRUE(at::equal(entropy_decode(reinterpret_cast<const uint8_t*>(coded.data()),
+                                           static_cast<int64_t>(coded.size()), rows, bits),
+                            codes));
+    }
+  }
+  const at::Tensor x = gaussian(301, 256, 7).view({7, 43, 256});
+  for (const char* text : {"fixed:bits=4,group=128,ec=zstd", "fixed:bits=8,gran=token,ec=zstd",
+                           "fixed:bits=3,group=64,ec=zstd", "fixed:bits=4,levels=lloyd,group=64,ec=zstd",
+                           "fixed:bits=4,group=128,rot=hadamard,ec=zstd", "amaq:budget=4,group=64,ec=zstd"}) {
+    EncodeArgs args;
+    if (std::string(text).rfind("amaq", 0) == 0) args.bits = at::randint(2, 9, {256}, gen, at::kByte);
+    const Encoded fast = Codec(CodecSpec::parse(text)).encode(x, args);
+    const Encoded ref = Codec(CodecSpec::parse(text), Impl::kRef).encode(x, args);
+    EXPECT_TRUE(static_cast<uint8_t>(fast.packet[7]) & kFlagEntropy) << text;
+    EXPECT_EQ(fast.packet, ref.packet) << text;
+  }
+}
+
 // Bits per element after coding against the codes' empirical entropy, and the whole packet against the
 // Gaussian rate-distortion bound 0.5 * log2(1 / NMSE) at the NMSE it reached.
 TEST(EntropyCoding, ComesWithinATenthOfABitOfTheCodesEntropy) {
