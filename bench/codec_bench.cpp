@@ -4,7 +4,8 @@
 // from a device tensor to the packet in host memory, decode from the host packet to a device
 // tensor (each includes its one host/device copy of the packed bytes), next to a device clone; the
 // cuda/kernel- rows time the kernels and that copy alone, to and from pinned host memory, as
-// tools/ref/codec_peer.py times the same codec written in PyTorch.
+// tools/ref/codec_peer.py times the same codec written in PyTorch. zstd-compress/-decompress time
+// libzstd alone on the packed 4-bit codes ec=zstd hands it.
 #include <benchmark/benchmark.h>
 
 #include <cmath>
@@ -12,7 +13,9 @@
 
 #include "core/device.h"
 #include "core/runtime.h"
+#include "quant/bitpack.h"
 #include "quant/codec.h"
+#include "quant/entropy.h"
 #if AMAQ_HAVE_CUDA
 #include "quant/cuda/codec_cuda.h"
 #endif
@@ -102,6 +105,25 @@ void BM_Decode(benchmark::State& state, const std::string& text) {
   std::string packet = sender.encode(activation(), args).packet;
   for (auto _ : state) benchmark::DoNotOptimize(receiver.decode(packet));
   set_counters(state, packet.size());
+}
+
+// zstd alone on what ec=zstd gives it for fixed 4-bit: the packed codes of the activation (its
+// Huffman stage bounds how close encode/decode with ec=zstd can come to plain fixed).
+void BM_Zstd(benchmark::State& state, bool compress) {
+  const CodecSpec spec = CodecSpec::parse("fixed:bits=4,group=128");
+  const Encoded e = Codec(spec, Impl::kRef).encode(activation());  // keeps the codes
+  const std::string packed = pack_ref(e.quant.codes, e.bits);
+  const auto* p = reinterpret_cast<const uint8_t*>(packed.data());
+  const int64_t rows = e.quant.codes.size(0), n = static_cast<int64_t>(packed.size());
+  const std::string coded = entropy_encode_packed(p, n, rows, e.bits);
+  for (auto _ : state) {
+    if (compress)
+      benchmark::DoNotOptimize(entropy_encode_packed(p, n, rows, e.bits));
+    else
+      benchmark::DoNotOptimize(entropy_decode(reinterpret_cast<const uint8_t*>(coded.data()),
+                                              static_cast<int64_t>(coded.size()), rows, e.bits));
+  }
+  set_counters(state, coded.size());
 }
 
 // ---- CUDA --------------------------------------------------------------------------------------
@@ -234,6 +256,14 @@ int register_all() {
         ->UseRealTime();
     if (std::string(c).rfind("amaq", 0) == 0) continue;  // the gates read the decoded copy
     benchmark::RegisterBenchmark((std::string("encode-packet-only/") + c).c_str(), BM_Encode, std::string(c), false)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+  }
+  if (entropy_coding_built()) {
+    benchmark::RegisterBenchmark("zstd-compress/fixed:bits=4,group=128", BM_Zstd, true)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+    benchmark::RegisterBenchmark("zstd-decompress/fixed:bits=4,group=128", BM_Zstd, false)
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
   }
