@@ -241,16 +241,25 @@ std::vector<float> fit_levels(const float* x, int64_t n, const AffineLayout& L, 
   } else {
     for (int64_t k = 0; k < kSampleRuns; ++k) add_run(k * (n / kSampleRuns), kRunLength);
   }
+  // The bins that hold any of the sample, with their means (the same in every round).
+  struct Bin {
+    float mean;
+    double w, wu;
+  };
+  std::vector<Bin> bins;
+  for (int b = 0; b < kBins; ++b)
+    if (bin_w[b] > 0) bins.push_back({static_cast<float>(bin_wu[b] / bin_w[b]), bin_w[b], bin_wu[b]});
   const int K = static_cast<int>(levels.size());
+  std::vector<double> sum(K), weight(K);
   for (int it = 0; it < 40; ++it) {
     const std::vector<float> t = thresholds_of(levels);
-    std::vector<double> sum(K, 0.0), weight(K, 0.0);
-    for (int b = 0, c = 0; b < kBins; ++b) {
-      if (!(bin_w[b] > 0)) continue;
-      const auto mean = static_cast<float>(bin_wu[b] / bin_w[b]);
-      while (c < K - 1 && mean > t[c]) ++c;  // bins ascend: so do their cells
-      sum[c] += bin_wu[b];
-      weight[c] += bin_w[b];
+    std::fill(sum.begin(), sum.end(), 0.0);
+    std::fill(weight.begin(), weight.end(), 0.0);
+    int c = 0;
+    for (const Bin& bin : bins) {
+      while (c < K - 1 && bin.mean > t[c]) ++c;  // bins ascend: so do their cells
+      sum[c] += bin.wu;
+      weight[c] += bin.w;
     }
     bool moved = false;
     for (int c = 0; c < K; ++c) {
