@@ -100,41 +100,27 @@ AMAQ_LANES_INLINE int64_t code_vectors(const float* p, int64_t n, float inv, con
   return i;
 }
 
+// code_vectors for K = k0, 2 k0, ... up to 16 levels (0 elements done for more: they are searched
+// one by one). (A template, not a lambda: a lambda's body would not be compiled for the lane
+// version's target.)
+template <int L, int k0>
+AMAQ_LANES_INLINE int64_t code_vectors_for(int K, const float* p, int64_t n, float inv, const float* t,
+                                           const float* levels, float step, uint8_t* codes, float* out) {
+  if constexpr (k0 > 16) {
+    return 0;
+  } else {
+    if (K != k0) return code_vectors_for<L, 2 * k0>(K, p, n, inv, t, levels, step, codes, out);
+    return out ? code_vectors<L, k0, true>(p, n, inv, t, levels, step, codes, out)
+               : code_vectors<L, k0, false>(p, n, inv, t, levels, step, codes, out);
+  }
+}
+
 // The codes of p[0, n) * inv against the K - 1 ascending thresholds t: how many lie below each value;
 // with `out`, also each code's level times `step` there (what decode_run gives, bit for bit).
 template <int L>
 AMAQ_LANES_INLINE void code_run_lanes(const float* p, int64_t n, float inv, const float* t, const float* levels, int K,
                                       float step, uint8_t* codes, float* out) {
-  // (No lambda here: its body would not be compiled for this version's target.)
-  int64_t i = 0;
-  switch (K * 2 + (out != nullptr)) {
-    case 4:
-      i = code_vectors<L, 2, false>(p, n, inv, t, levels, step, codes, out);
-      break;
-    case 5:
-      i = code_vectors<L, 2, true>(p, n, inv, t, levels, step, codes, out);
-      break;
-    case 8:
-      i = code_vectors<L, 4, false>(p, n, inv, t, levels, step, codes, out);
-      break;
-    case 9:
-      i = code_vectors<L, 4, true>(p, n, inv, t, levels, step, codes, out);
-      break;
-    case 16:
-      i = code_vectors<L, 8, false>(p, n, inv, t, levels, step, codes, out);
-      break;
-    case 17:
-      i = code_vectors<L, 8, true>(p, n, inv, t, levels, step, codes, out);
-      break;
-    case 32:
-      i = code_vectors<L, 16, false>(p, n, inv, t, levels, step, codes, out);
-      break;
-    case 33:
-      i = code_vectors<L, 16, true>(p, n, inv, t, levels, step, codes, out);
-      break;
-    default:
-      break;  // 5 bits and more: the binary search below
-  }
+  int64_t i = code_vectors_for<L, 2>(K, p, n, inv, t, levels, step, codes, out);
   for (; i < n; ++i) {  // a branch-free binary search over the K - 1 thresholds
     const float u = p[i] * inv;
     int c = 0;

@@ -100,31 +100,31 @@ AMAQ_LANES_INLINE void chunks_in_registers(const float* s, float* v, int64_t blo
   for (int64_t k = 0; k < block; k += W * L) chunk_in_registers<L, W>(s + k, v + k, norm);
 }
 
+// The passes h = h0, 2 h0, ... < block, the first from s into v (which may be s), the others in
+// place; the last scales by `norm` as it goes (one rounding of the pass's result, as a separate
+// multiplication would do).
+AMAQ_LANES_INLINE void passes_in_memory(const float* s, float* v, int64_t block, int64_t h0, float norm) {
+  for (int64_t h = h0; h < block; h *= 2, s = v) {
+    const float scale = 2 * h == block ? norm : 1.0f;  // x 1 is exact
+    for (int64_t i = 0; i < block; i += 2 * h) {
+      for (int64_t j = i; j < i + h; ++j) {
+        const float a = s[j], c = s[j + h];
+        v[j] = (a + c) * scale;
+        v[j + h] = (a - c) * scale;
+      }
+    }
+  }
+}
+
 // The same additions in the same order as block_hadamard_ops, so the same bits (and with any lane
 // count: lane-wise the same). The passes h < 16 vectors run in registers, chunk by chunk (the first
-// reads src); the rest in place in dst, the last of them scaling by 1 / sqrt(block) as it goes (one
-// rounding of the pass's result, as a separate multiplication would do).
+// reads src); the rest in place in dst, the last of them scaling by 1 / sqrt(block).
 template <int L>
 AMAQ_LANES_INLINE void hadamard_block_lanes(const float* s, float* v, int64_t block) {
   const float norm = norm_of(block);
   if (block < L) {
     if (block == 1) v[0] = s[0] * norm;
-    for (int64_t j = 0; j + 1 < block; j += 2) {
-      const float a = s[j], c = s[j + 1];
-      v[j] = a + c;
-      v[j + 1] = a - c;
-    }
-    for (int64_t h = 2; h < block; h *= 2) {
-      for (int64_t i = 0; i < block; i += 2 * h) {
-        for (int64_t j = i; j < i + h; ++j) {
-          const float a = v[j], c = v[j + h];
-          v[j] = a + c;
-          v[j + h] = a - c;
-        }
-      }
-    }
-    if (block > 1)
-      for (int64_t j = 0; j < block; ++j) v[j] *= norm;
+    passes_in_memory(s, v, block, 1, norm);
     return;
   }
   constexpr int64_t kMaxVectors = 16;
@@ -147,16 +147,7 @@ AMAQ_LANES_INLINE void hadamard_block_lanes(const float* s, float* v, int64_t bl
       chunks_in_registers<L, 16>(s, v, block, chunk_norm);
       break;
   }
-  for (int64_t h = vectors * L; h < block; h *= 2) {
-    const float scale = 2 * h == block ? norm : 1.0f;  // x 1 is exact
-    for (int64_t i = 0; i < block; i += 2 * h) {
-      for (int64_t j = i; j < i + h; ++j) {
-        const float a = v[j], c = v[j + h];
-        v[j] = (a + c) * scale;
-        v[j + h] = (a - c) * scale;
-      }
-    }
-  }
+  passes_in_memory(v, v, block, vectors * L, norm);
 }
 
 template <int L>
