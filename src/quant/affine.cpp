@@ -488,30 +488,17 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
       *decoded = at::empty({rows, cols}, at::kFloat);
       dp = decoded->data_ptr<float>();
     }
-    // Packed output: each task's codes go through a buffer of kBlockRows rows, packed while in cache.
-    constexpr int64_t kUnit = 8, kBlockRows = 16;  // a block of 8k rows starts on a byte of the stream
-    std::optional<BlockPacker> packer;
-    if (packed) packer.emplace(bits, rows);
     if (!packed) q.codes = at::empty({rows, cols}, at::kByte);
-    uint8_t* out = packed ? nullptr : q.codes.data_ptr<uint8_t>();
-    at::parallel_for(0, (rows + kUnit - 1) / kUnit, 1, [&](int64_t u0, int64_t u1) {
-      std::vector<float> rotated(rotation_block > 0 ? static_cast<size_t>(cols) : 0);
-      std::vector<uint8_t> block(packed ? static_cast<size_t>(kBlockRows * cols) : 0);
-      const int64_t begin = u0 * kUnit, end = std::min(rows, u1 * kUnit);
-      for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
-        const int64_t r1 = std::min(end, r0 + kBlockRows);
-        for (int64_t r = r0; r < r1; ++r) {
-          uint8_t* codes = packed ? block.data() + (r - r0) * cols : out + r * cols;
-          float* d = dp ? dp + r * cols : nullptr;
-          quantize_groups(row_values(r, rotated.data()), cols, group, uniform, levels.data(), lo.data() + r * per_row,
-                          hi.data() + r * per_row, codes, d);
-          if (d && rotation_block > 0) {  // rotated back
-            hadamard_blocks(d, d, cols / rotation_block, rotation_block);
-          }
-        }
-        if (packer) packer->pack(block.data(), r0, r1, packed);
-      }
-    });
+    produce_codes(bits, rows, packed, packed ? nullptr : q.codes.data_ptr<uint8_t>(),
+                  [&](int64_t r0, int64_t r1, uint8_t* codes) {
+                    std::vector<float> rotated(rotation_block > 0 ? static_cast<size_t>(cols) : 0);
+                    for (int64_t r = r0; r < r1; ++r) {
+                      float* d = dp ? dp + r * cols : nullptr;
+                      quantize_groups(row_values(r, rotated.data()), cols, group, uniform, levels.data(),
+                                      lo.data() + r * per_row, hi.data() + r * per_row, codes + (r - r0) * cols, d);
+                      if (d && rotation_block > 0) hadamard_blocks(d, d, cols / rotation_block, rotation_block);
+                    }
+                  });
     return q;
   }
 

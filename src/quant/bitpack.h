@@ -6,10 +6,14 @@
 // sum(bits) bits and the whole tensor ceil(rows * sum(bits) / 8) bytes.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
 namespace amaq::quant {
 
@@ -42,6 +46,27 @@ class BlockPacker {
   struct Plan;
   std::unique_ptr<const Plan> plan_;
 };
+
+/// The codes of a (rows, bits.size(0)) tensor produced a block of rows at a time on all threads:
+/// `produce(r0, r1, codes)` writes rows [r0, r1), row r at codes + (r - r0) * cols. With `packed`
+/// (packed_bytes(rows, bits) bytes), each block goes into a per-thread buffer and is packed while in
+/// cache (BlockPacker); otherwise `codes` points into `unpacked` (rows, cols).
+template <typename Produce>
+void produce_codes(const at::Tensor& bits, int64_t rows, uint8_t* packed, uint8_t* unpacked, const Produce& produce) {
+  constexpr int64_t kUnit = 8, kBlockRows = 16;  // a block of 8k rows starts on a byte of the stream
+  const int64_t cols = bits.size(0);
+  std::optional<BlockPacker> packer;
+  if (packed) packer.emplace(bits, rows);
+  at::parallel_for(0, (rows + kUnit - 1) / kUnit, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<uint8_t> block(packed ? static_cast<size_t>(kBlockRows * cols) : 0);
+    const int64_t begin = u0 * kUnit, end = std::min(rows, u1 * kUnit);
+    for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
+      const int64_t r1 = std::min(end, r0 + kBlockRows);
+      produce(r0, r1, packed ? block.data() : unpacked + r0 * cols);
+      if (packer) packer->pack(block.data(), r0, r1, packed);
+    }
+  });
+}
 
 /// What pack_fast and unpack_fast run for mixed widths without fast BMI2: one code at a time
 /// through a 64-bit accumulator.

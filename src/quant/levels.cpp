@@ -7,7 +7,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <optional>
 #include <type_traits>
 #include <utility>
 
@@ -134,32 +133,9 @@ AMAQ_LANE_VERSIONS(void, code_run,
                     uint8_t* codes, float* out),
                    (p, n, inv, t, levels, K, step, codes, out))
 
-// out[i] = levels[codes[i]] * step. Up to 2 L levels: L codes at a time, each picking its level
-// from two vectors of the table by a lane shuffle (vpermps on AVX2); more levels one by one.
-template <int L>
-AMAQ_LANES_INLINE void decode_run_lanes(const uint8_t* codes, int64_t n, const float* levels, int K, float step,
-                                        float* out) {
-  using F = typename Lanes<L>::F;
-  using I = typename Lanes<L>::I;
-  typedef uint8_t B __attribute__((vector_size(L)));
-  int64_t i = 0;
-  if (K <= 2 * L) {
-    F low{}, high{};
-    std::memcpy(&low, levels, sizeof(float) * std::min(K, L));
-    if (K > L) std::memcpy(&high, levels + L, sizeof(float) * (K - L));
-    for (; i + L <= n; i += L) {
-      B b;
-      std::memcpy(&b, codes + i, sizeof b);
-      const I c = __builtin_convertvector(b, I) & (K - 1);  // in range whatever the bytes
-      const F d = __builtin_shuffle(low, high, c) * step;
-      std::memcpy(out + i, &d, sizeof d);
-    }
-  }
-  for (; i < n; ++i) out[i] = levels[codes[i] & (K - 1)] * step;
+AMAQ_MULTIVERSION void decode_run(const uint8_t* codes, int64_t n, const float* levels, float step, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = levels[codes[i]] * step;
 }
-AMAQ_LANE_VERSIONS(void, decode_run,
-                   (const uint8_t* codes, int64_t n, const float* levels, int K, float step, float* out),
-                   (codes, n, levels, K, step, out))
 
 // The reference's code search: walk up the thresholds.
 uint8_t code_ref(float u, const std::vector<float>& t) {
@@ -281,6 +257,7 @@ LevelQuant level_quantize(const at::Tensor& x, const AffineLayout& layout, Level
   TORCH_CHECK(kind != LevelKind::kUniform, "uniform levels are the affine quantizer's (affine.h)");
   TORCH_CHECK(bits >= 1 && bits <= kMaxBits && (bits >= 2 || kind == LevelKind::kLloyd), "no ", bits, "-bit levels");
   check_layout(layout);
+  TORCH_CHECK(fast || !packed, "packed codes come from the fast quantizer only");
   const int64_t G = layout.num_groups(), n = x.numel();
   const float* xp = x.data_ptr<float>();
   LevelQuant q;
@@ -328,32 +305,16 @@ LevelQuant level_quantize(const at::Tensor& x, const AffineLayout& layout, Level
         if (dp) dp[i] = q.levels[cp[i]] * step[g];
       }
     });
-    if (packed) {
-      const std::string stream = pack_ref(q.codes, at::full({layout.cols}, bits, at::kByte));
-      std::memcpy(packed, stream.data(), stream.size());
-    }
     return q;
   }
-  // Packed output: each task's codes go through a buffer of kBlockRows rows, packed while in cache
-  // (as affine_quantize does).
-  constexpr int64_t kUnit = 8, kBlockRows = 16;  // a block of 8k rows starts on a byte of the stream
-  std::optional<BlockPacker> packer;
-  if (packed) packer.emplace(at::full({layout.cols}, bits, at::kByte), layout.rows);
   if (!packed) q.codes = at::empty({layout.rows, layout.cols}, at::kByte);
-  uint8_t* cp = packed ? nullptr : q.codes.data_ptr<uint8_t>();
-  at::parallel_for(0, (layout.rows + kUnit - 1) / kUnit, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<uint8_t> block(packed ? static_cast<size_t>(kBlockRows * layout.cols) : 0);
-    const int64_t begin = u0 * kUnit, end = std::min(layout.rows, u1 * kUnit);
-    for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
-      const int64_t r1 = std::min(end, r0 + kBlockRows);
-      // Element i of the rows goes to codes[i - r0 * cols] of the block, or cp[i].
-      uint8_t* codes = packed ? block.data() - r0 * layout.cols : cp;
-      for_groups_of_rows(layout, r0, r1, [&](int64_t g, int64_t s, int64_t len) {
-        code_run(xp + s, len, inv[g], t.data(), q.levels.data(), K, step[g], codes + s, dp ? dp + s : nullptr);
-      });
-      if (packer) packer->pack(block.data(), r0, r1, packed);
-    }
-  });
+  produce_codes(at::full({layout.cols}, bits, at::kByte), layout.rows, packed,
+                packed ? nullptr : q.codes.data_ptr<uint8_t>(), [&](int64_t r0, int64_t r1, uint8_t* codes) {
+                  for_groups_of_rows(layout, r0, r1, [&](int64_t g, int64_t s, int64_t len) {
+                    code_run(xp + s, len, inv[g], t.data(), q.levels.data(), K, step[g], codes + (s - r0 * layout.cols),
+                             dp ? dp + s : nullptr);
+                  });
+                });
   return q;
 }
 
@@ -364,8 +325,7 @@ at::Tensor level_dequantize(const LevelQuant& q, const AffineLayout& layout) {
   const uint8_t* cp = q.codes.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   for_each_group(layout, true, [&](int64_t g, int64_t s, int64_t len) {
-    decode_run(cp + s, len, q.levels.data(), static_cast<int>(q.levels.size()), half_bits_to_float(q.step[g]) * q.scale,
-               op + s);
+    decode_run(cp + s, len, q.levels.data(), half_bits_to_float(q.step[g]) * q.scale, op + s);
   });
   return out;
 }

@@ -41,8 +41,8 @@ struct LevelQuant {
 /// Quantizes x (rows, cols) fp32 contiguous with range groups along rows (Granularity::kToken or
 /// kGroup). `fast`: multi-threaded, the code search vectorised (AMAQ_MULTIVERSION); otherwise the
 /// plain reference loops. Both write the same levels, steps and codes. `decoded`, when given,
-/// receives what level_dequantize will return. `packed`, when given, receives the codes packed at
-/// `bits` (packed_bytes of them, as pack_fast writes) and `codes` stays undefined.
+/// receives what level_dequantize will return. `packed`, when given (fast only), receives the codes
+/// packed at `bits` (packed_bytes of them, as pack_fast writes) and `codes` stays undefined.
 LevelQuant level_quantize(const at::Tensor& x, const AffineLayout& layout, LevelKind kind, int bits, bool fast,
                           at::Tensor* decoded = nullptr, uint8_t* packed = nullptr);
 

@@ -95,8 +95,12 @@ AMAQ_LANES_INLINE void chunk_in_registers(const float* s, float* v, float norm) 
   for (int i = 0; i < W; ++i) std::memcpy(v + i * L, &x[i], sizeof(F));
 }
 
-template <int L, int W>
-AMAQ_LANES_INLINE void chunks_in_registers(const float* s, float* v, int64_t block, float norm) {
+// chunk_in_registers over the block, in chunks of `vectors` (W, 2 W, ... up to kMax) vectors.
+template <int L, int W, int kMax>
+AMAQ_LANES_INLINE void chunks_in_registers(int64_t vectors, const float* s, float* v, int64_t block, float norm) {
+  if constexpr (W < kMax) {
+    if (vectors != W) return chunks_in_registers<L, 2 * W, kMax>(vectors, s, v, block, norm);
+  }
   for (int64_t k = 0; k < block; k += W * L) chunk_in_registers<L, W>(s + k, v + k, norm);
 }
 
@@ -127,26 +131,10 @@ AMAQ_LANES_INLINE void hadamard_block_lanes(const float* s, float* v, int64_t bl
     passes_in_memory(s, v, block, 1, norm);
     return;
   }
-  constexpr int64_t kMaxVectors = 16;
-  const int64_t vectors = std::min(block / L, kMaxVectors);
+  constexpr int kMaxVectors = 16;
+  const int64_t vectors = std::min<int64_t>(block / L, kMaxVectors);
   const float chunk_norm = vectors * L == block ? norm : 0.0f;
-  switch (vectors) {
-    case 1:
-      chunks_in_registers<L, 1>(s, v, block, chunk_norm);
-      break;
-    case 2:
-      chunks_in_registers<L, 2>(s, v, block, chunk_norm);
-      break;
-    case 4:
-      chunks_in_registers<L, 4>(s, v, block, chunk_norm);
-      break;
-    case 8:
-      chunks_in_registers<L, 8>(s, v, block, chunk_norm);
-      break;
-    default:
-      chunks_in_registers<L, 16>(s, v, block, chunk_norm);
-      break;
-  }
+  chunks_in_registers<L, 1, kMaxVectors>(vectors, s, v, block, chunk_norm);
   passes_in_memory(v, v, block, vectors * L, norm);
 }
 
