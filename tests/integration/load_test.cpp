@@ -173,7 +173,7 @@ TEST(IntegrationLoad, SixteenClientsBesideHostilePeersAllCompleteInBoundedMemory
   // arenas): the peak of the last third (30 s on) against the peak of the middle one (15-30 s). A
   // run that leaked would grow it by a share of the ~16 runs in between; an allocator that reached
   // its plateau a few seconds late (a loaded machine) would not. (A 10-15 s window read the plateau
-  // before it was reached once: 188.6 -> 199.4 MB, where three reruns gave 196-198 -> 200-201 MB.)
+  // before it was reached once: 188.6 -> 199.4 MB, where three reruns gave 196.4-197.7 -> 199.9-200.9 MB.)
   int64_t warm = 0, later = 0;
   for (const auto& [t, kb] : rss) {
     if (t >= 15 && t < 30)
