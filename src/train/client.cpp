@@ -121,9 +121,10 @@ class ClientTrainer::Run {
     at::Tensor labels, mask;       // U-shaped split: the tail computes the loss here
   };
   wire::Status send_micro_batch(wire::Channel& ch, int64_t m, StepRecord* rec, InFlight* in);
-  wire::Status finish_micro_batch(wire::Channel& ch, InFlight& in, StepRecord* rec, double* server_sq_norm);
-  /// U-shaped split: the server's TAIL_FORWARD through the tail and the loss, its gradient back.
-  wire::Status run_tail(wire::Channel& ch, InFlight& in, StepRecord* rec);
+  /// Its BACKWARD `f` (the gradient at the split) into the client's graph.
+  wire::Status finish_micro_batch(const wire::Frame& f, InFlight& in, StepRecord* rec, double* server_sq_norm);
+  /// U-shaped split: its TAIL_FORWARD `f` through the tail and the loss, the gradient back.
+  wire::Status run_tail(wire::Channel& ch, const wire::Frame& f, InFlight& in, StepRecord* rec);
   /// The label type FORWARD and EVAL carry: none when the labels stay here (U-shaped split).
   wire::LabelType sent_label_type() const { return tail_link_ ? wire::LabelType::kNone : label_type_; }
   bool needs_sample_ids() const { return link_->needs_sample_ids() || (tail_link_ && tail_link_->needs_sample_ids()); }
@@ -239,9 +240,6 @@ ClientTrainer::Run::Run(const ClientConfig& c)
     check_tail_split(model_, c_.split, c_.tail_split);
     check_tail_codecs(c_.fwd_codec, c_.bwd_codec, c_.tail_fwd_codec, c_.tail_bwd_codec);
     if (!c_.federation.empty()) throw Error("--federation with --tail-split is not supported", "leave out one of them");
-    if (c_.in_flight > 1)
-      throw Error("--in-flight " + std::to_string(c_.in_flight) + " with --tail-split is not supported yet",
-                  "use --in-flight 1 with a U-shaped split");
   }
   if (c_.seq_len > model_.max_position_embeddings && !c_.beyond_positions) {
     throw Error("--seq-len " + std::to_string(c_.seq_len) + " is longer than the model's max_position_embeddings (" +
@@ -452,18 +450,33 @@ wire::Status ClientTrainer::Run::train_step(wire::Channel& ch, StepRecord* rec) 
   // `in_flight` - 1 more are computed and sent, so they travel and the server computes while this
   // side computes the next or its backward. Gradients enter the graph in order: the accumulation
   // is the serial run's (in_flight = 1). One thread does the channel's I/O, as before.
+  // U-shaped: each micro-batch's TAIL_FORWARD, then its BACKWARD, each kind in order; whichever
+  // comes first is computed first (the tail's parameters and the head's are apart, so each sees its
+  // micro-batches in the serial order).
   const int64_t M = c_.schedule.micro_batches, window = std::max<int64_t>(1, c_.in_flight);
   double server_sq = 0;
-  std::deque<InFlight> pending;
-  int64_t next = 0;
-  for (int64_t done = 0; done < M; ++done) {
+  std::deque<InFlight> pending;  // sent, their BACKWARD not yet in; the front is micro-batch `done`
+  int64_t next = 0, tailed = 0;  // micro-batches sent; U-shaped: those whose TAIL_FORWARD came
+  for (int64_t done = 0; done < M;) {
     while (next < M && next - done < window) {
       pending.emplace_back();
       wire::Status s = send_micro_batch(ch, next++, rec, &pending.back());
       if (!s.ok()) return s;
     }
-    wire::Status s = finish_micro_batch(ch, pending.front(), rec, &server_sq);
-    pending.pop_front();
+    const bool tail_due = tail_link_ && tailed < next, backward_due = !tail_link_ || tailed > done;
+    wire::Frame f;
+    wire::Status s = detail::expect_either(ch, backward_due ? wire::MessageType::kBackward : wire::MessageType::kTailForward,
+                                           tail_due ? wire::MessageType::kTailForward : wire::MessageType::kBackward,
+                                           std::chrono::minutes(10), &f);
+    if (!s.ok()) return s;
+    if (f.type == wire::MessageType::kTailForward) {
+      s = run_tail(ch, f, pending[tailed - done], rec);
+      ++tailed;
+    } else {
+      s = finish_micro_batch(f, pending.front(), rec, &server_sq);
+      pending.pop_front();
+      ++done;
+    }
     if (!s.ok()) return s;
   }
   const auto t0 = Clock::now();
@@ -524,16 +537,11 @@ wire::Status ClientTrainer::Run::send_micro_batch(wire::Channel& ch, int64_t m, 
 }
 
 // Micro-batch m, second half: the server's gradient back into the client's graph.
-wire::Status ClientTrainer::Run::finish_micro_batch(wire::Channel& ch, InFlight& in, StepRecord* rec,
+wire::Status ClientTrainer::Run::finish_micro_batch(const wire::Frame& f, InFlight& in, StepRecord* rec,
                                                     double* server_sq_norm) {
   const int64_t step = step_, M = c_.schedule.micro_batches;
-  if (tail_link_) {
-    if (wire::Status ts = run_tail(ch, in, rec); !ts.ok()) return ts;
-  }
-  wire::Frame f;
-  wire::Status s = detail::expect(ch, wire::MessageType::kBackward, std::chrono::minutes(10), &f);
   wire::BackwardMsg bm;
-  if (s.ok()) s = wire::BackwardMsg::decode(f.payload, &bm);
+  wire::Status s = wire::BackwardMsg::decode(f.payload, &bm);
   if (!s.ok()) return s;
   if (bm.step != static_cast<uint64_t>(step) || bm.micro_batch != static_cast<uint32_t>(in.m)) {
     return wire::Status::Fail(wire::ErrorCode::kBadMessage, "BACKWARD for another step or micro-batch");
@@ -571,12 +579,10 @@ wire::Status ClientTrainer::Run::finish_micro_batch(wire::Channel& ch, InFlight&
   return wire::Status::Ok();
 }
 
-wire::Status ClientTrainer::Run::run_tail(wire::Channel& ch, InFlight& in, StepRecord* rec) {
+wire::Status ClientTrainer::Run::run_tail(wire::Channel& ch, const wire::Frame& f, InFlight& in, StepRecord* rec) {
   const int64_t step = step_, M = c_.schedule.micro_batches;
-  wire::Frame f;
-  wire::Status s = detail::expect(ch, wire::MessageType::kTailForward, std::chrono::minutes(10), &f);
   wire::BackwardMsg tm;
-  if (s.ok()) s = wire::BackwardMsg::decode(f.payload, &tm);
+  wire::Status s = wire::BackwardMsg::decode(f.payload, &tm);
   if (!s.ok()) return s;
   if (tm.step != static_cast<uint64_t>(step) || tm.micro_batch != static_cast<uint32_t>(in.m))
     return wire::Status::Fail(wire::ErrorCode::kBadMessage, "TAIL_FORWARD for another step or micro-batch");

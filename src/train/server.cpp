@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <deque>
 #include <optional>
 
 #include "core/compute.h"
@@ -76,8 +77,13 @@ class TrainServer::Session {
   wire::Status build_run();
   wire::Status decode_inputs(const wire::Frame& f, bool train, Inputs* in);
   wire::Status on_forward(const wire::Frame& f);
-  /// U-shaped split: the middle layers out to the client and its gradient back in, then BACKWARD.
+  /// U-shaped split, FORWARD: the middle layers, their output out to the client as TAIL_FORWARD; the
+  /// graph waits in `tail_pending_` for the client's TAIL_BACKWARD.
   wire::Status on_forward_tail(const wire::Frame& f);
+  /// U-shaped split, TAIL_BACKWARD: the oldest waiting micro-batch backward, its gradient as BACKWARD.
+  wire::Status on_tail_backward(const wire::Frame& f);
+  /// A message that needs no micro-batch of a U-shaped step half done; otherwise why not.
+  wire::Status no_tail_pending(const char* what);
   wire::Status on_eval(const wire::Frame& f);
   /// Status page and latency histogram: one micro-batch served in `seconds`.
   void record_micro_batch(uint64_t fwd_packet_bytes, uint64_t bwd_packet_bytes, uint64_t elements, double seconds);
@@ -120,6 +126,17 @@ class TrainServer::Session {
   GraphedBackward graphed_;  // --cuda-graph
   std::unique_ptr<quant::Link> link_;
   std::unique_ptr<quant::Link> tail_link_;  // U-shaped split: this side sends the activations at the tail split
+  // U-shaped split: micro-batches sent out as TAIL_FORWARD whose TAIL_BACKWARD has not come yet, in
+  // order (the client's --in-flight keeps several on their way); at most the step's micro-batches.
+  struct TailPending {
+    Inputs in;
+    at::Tensor h;                      // the activations at K, a leaf whose gradient goes back
+    quant::SentActivations sent;       // the activations at M as sent (in this side's graph)
+    double seconds = 0, codec_seconds = 0;
+    double forward_arrival_seconds = 0;
+  };
+  std::deque<TailPending> tail_pending_;
+  int64_t tail_started_ = 0;  // FORWARDs of this step taken so far
   std::unique_ptr<JsonlLog> log_;
   int64_t step_ = 0;  // optimizer steps completed (the last one perhaps still pending)
   // STEP's lr and clip coefficient, applied when the next message needs the weights: while the
@@ -278,7 +295,8 @@ wire::Status TrainServer::Session::serve() {
     s = ch_.receive(&f, cfg_.idle_timeout);
     if (!s.ok()) return dropped(s);
     // A new step or an evaluation is the boundary where a stopping server tells its client.
-    if (srv_.stopping_ && micro_ == 0 && (f.type == wire::MessageType::kForward || f.type == wire::MessageType::kEval))
+    if (srv_.stopping_ && micro_ == 0 && tail_started_ == 0 &&
+        (f.type == wire::MessageType::kForward || f.type == wire::MessageType::kEval))
       return stop();
     switch (f.type) {
       case wire::MessageType::kBye:
@@ -286,7 +304,12 @@ wire::Status TrainServer::Session::serve() {
       case wire::MessageType::kForward:
         s = on_forward(f);
         break;
+      case wire::MessageType::kTailBackward:
+        if (!tail_link_) return fail(bad("TAIL_BACKWARD, but this run has no tail split"));
+        s = on_tail_backward(f);
+        break;
       case wire::MessageType::kEval:
+        if (s = no_tail_pending("EVAL"); !s.ok()) return fail(s);
         s = on_eval(f);
         break;
       case wire::MessageType::kControl:
@@ -601,49 +624,64 @@ void TrainServer::Session::record_micro_batch(uint64_t fwd_packet_bytes, uint64_
 }
 
 // U-shaped split, FORWARD (no labels): layers [k, m) forward, their output to the client as
-// TAIL_FORWARD; the client's TAIL_BACKWARD brings its gradient, which goes back through the layers
-// (and into the tail link's gates); the gradient at k goes back as BACKWARD. The server's time
-// excludes the wait for the client's tail.
+// TAIL_FORWARD. The graph waits for the client's TAIL_BACKWARD (on_tail_backward); meanwhile the
+// next micro-batches' FORWARDs may come (the client's --in-flight), in order, at most the step's.
 wire::Status TrainServer::Session::on_forward_tail(const wire::Frame& f) {
-  Inputs in;
+  TailPending p;
   wire::HeartbeatScope alive(ch_, std::chrono::seconds(2));
-  auto t0 = Clock::now();
-  double codec_seconds = 0, seconds = 0;
-  at::Tensor h;
-  quant::SentActivations sent;
+  const auto t0 = Clock::now();
   std::string tail_payload;
   wire::Status s = compute::run([&] {
     take_pending_step();
     const auto d0 = Clock::now();
-    wire::Status ds = decode_inputs(f, true, &in);
-    codec_seconds += seconds_since(d0);
+    wire::Status ds = decode_inputs(f, true, &p.in);
+    p.codec_seconds += seconds_since(d0);
     if (!ds.ok()) return ds;
-    h = in.h.to(side().part->dtype()).requires_grad_(true);
-    const at::Tensor out = side().part->forward(h, in.mask);
+    const wire::ForwardMsg& fm = p.in.msg;
+    if (tail_started_ >= schedule_.micro_batches) {
+      return bad("FORWARD for micro-batch " + std::to_string(fm.micro_batch) + ", beyond the step's " +
+                 std::to_string(schedule_.micro_batches) + " (a STEP comes first)");
+    }
+    if (fm.step != static_cast<uint64_t>(step_) || fm.micro_batch != static_cast<uint64_t>(tail_started_)) {
+      return bad("FORWARD for step " + std::to_string(fm.step) + " micro-batch " + std::to_string(fm.micro_batch) +
+                 ", but the server expects step " + std::to_string(step_) + " micro-batch " +
+                 std::to_string(tail_started_));
+    }
+    p.h = p.in.h.to(side().part->dtype()).requires_grad_(true);
+    const at::Tensor out = side().part->forward(p.h, p.in.mask);
     const auto e0 = Clock::now();
-    sent = tail_link_->send_activations(out, static_cast<int64_t>(in.msg.step), in.msg.micro_batch, in.msg.sample_ids);
-    codec_seconds += seconds_since(e0);
+    p.sent = tail_link_->send_activations(out, static_cast<int64_t>(fm.step), fm.micro_batch, fm.sample_ids);
+    p.codec_seconds += seconds_since(e0);
     wire::BackwardMsg tm;
-    tm.step = in.msg.step;
-    tm.micro_batch = in.msg.micro_batch;
+    tm.step = fm.step;
+    tm.micro_batch = fm.micro_batch;
     tm.forward_arrival_seconds = static_cast<float>(f.arrival_seconds);
-    tm.packet = sent.packet;
+    tm.packet = p.sent.packet;
     tail_payload = tm.encode();
     return wire::Status::Ok();
   });
   if (!s.ok()) return fail(s);
-  seconds += seconds_since(t0);
+  p.seconds = seconds_since(t0);
+  p.forward_arrival_seconds = f.arrival_seconds;
+  ++tail_started_;
+  tail_pending_.push_back(std::move(p));
   s = ch_.send({wire::MessageType::kTailForward, 0, std::move(tail_payload)});
-  if (!s.ok()) return dropped(s);
-  wire::Frame g;
-  s = detail::expect(ch_, wire::MessageType::kTailBackward, cfg_.idle_timeout, &g);
-  if (s.code == wire::ErrorCode::kBadMessage) return fail(s);
-  if (!s.ok()) return dropped(s);
-  t0 = Clock::now();
-  const wire::ForwardMsg& fm = in.msg;
+  return s.ok() ? s : dropped(s);
+}
+
+// U-shaped split, TAIL_BACKWARD: the client's gradient at m goes back through the oldest waiting
+// micro-batch's layers (and into the tail link's gates); the gradient at k goes back as BACKWARD.
+// The server's time excludes the wait for the client's tail.
+wire::Status TrainServer::Session::on_tail_backward(const wire::Frame& f) {
+  if (tail_pending_.empty()) return fail(bad("TAIL_BACKWARD with no micro-batch waiting for it"));
+  wire::HeartbeatScope alive(ch_, std::chrono::seconds(2));
+  const auto t0 = Clock::now();
+  TailPending p = std::move(tail_pending_.front());
+  tail_pending_.pop_front();
+  const wire::ForwardMsg& fm = p.in.msg;
   wire::BackwardMsg tb, bm;
   std::string packet;
-  s = wire::BackwardMsg::decode(g.payload, &tb);
+  wire::Status s = wire::BackwardMsg::decode(f.payload, &tb);
   if (s.ok() && (tb.step != fm.step || tb.micro_batch != fm.micro_batch))
     s = bad("TAIL_BACKWARD for another step or micro-batch");
   if (s.ok()) {
@@ -651,37 +689,43 @@ wire::Status TrainServer::Session::on_forward_tail(const wire::Frame& f) {
       const auto d0 = Clock::now();
       at::Tensor dh;
       try {
-        dh = tail_link_->receive_gradients(tb.packet, nullptr, side().device(), sent.value.numel());
+        dh = tail_link_->receive_gradients(tb.packet, nullptr, side().device(), p.sent.value.numel());
       } catch (const Error& e) {
         return bad(e.what());
       }
-      if (dh.sizes() != sent.value.sizes()) return bad("TAIL_BACKWARD gradient shape differs from the activation's");
-      codec_seconds += seconds_since(d0);
+      if (dh.sizes() != p.sent.value.sizes()) return bad("TAIL_BACKWARD gradient shape differs from the activation's");
+      p.codec_seconds += seconds_since(d0);
       // d(sum(value * dh))/dvalue = dh: the client's gradient enters this side's graph unchanged.
-      at::Tensor surrogate = (sent.value * dh.to(sent.value.scalar_type())).sum();
+      at::Tensor surrogate = (p.sent.value * dh.to(p.sent.value.scalar_type())).sum();
       at::Tensor reg = tail_link_->regularizer(static_cast<int64_t>(fm.step), schedule_.micro_batches, nullptr);
       if (reg.defined()) surrogate = surrogate + reg;
       surrogate.backward();
       const auto e0 = Clock::now();
-      packet = link_->send_gradients(h.grad(), static_cast<int64_t>(fm.step), fm.micro_batch);
-      codec_seconds += seconds_since(e0);
+      packet = link_->send_gradients(p.h.grad(), static_cast<int64_t>(fm.step), fm.micro_batch);
+      p.codec_seconds += seconds_since(e0);
       const bool last = fm.micro_batch + 1 == static_cast<uint64_t>(schedule_.micro_batches);
       bm.grad_sq_norm = last ? side().grad_sq_norm() : 0.0;
       return wire::Status::Ok();
     });
   }
   if (!s.ok()) return fail(s);
-  seconds += seconds_since(t0);
+  const double seconds = p.seconds + seconds_since(t0);
   bm.step = fm.step;
   bm.micro_batch = fm.micro_batch;
   bm.server_seconds = static_cast<float>(seconds);
-  bm.server_codec_seconds = static_cast<float>(codec_seconds);
-  bm.forward_arrival_seconds = static_cast<float>(f.arrival_seconds);
-  record_micro_batch(fm.packet.size() + tb.packet.size(), packet.size() + sent.packet.size(),
-                     static_cast<uint64_t>(in.h.numel()), seconds);
+  bm.server_codec_seconds = static_cast<float>(p.codec_seconds);
+  bm.forward_arrival_seconds = static_cast<float>(p.forward_arrival_seconds);
+  record_micro_batch(fm.packet.size() + tb.packet.size(), packet.size() + p.sent.packet.size(),
+                     static_cast<uint64_t>(p.in.h.numel()), seconds);
   bm.packet = packet;
   s = ch_.send({wire::MessageType::kBackward, 0, bm.encode()});
   return s.ok() ? s : dropped(s);
+}
+
+wire::Status TrainServer::Session::no_tail_pending(const char* what) {
+  if (tail_pending_.empty()) return wire::Status::Ok();
+  return bad(std::string(what) + " while " + std::to_string(tail_pending_.size()) +
+             " micro-batch(es) of the step still wait for their TAIL_BACKWARD");
 }
 
 // EVAL: per row NLL, labelled tokens and argmax hits, without gradients.
@@ -723,6 +767,9 @@ wire::Status TrainServer::Session::on_control(const wire::Frame& f) {
   const nlohmann::json j = nlohmann::json::parse(cm.json, nullptr, false);
   if (j.is_discarded() || !j.is_object()) return fail(bad("CONTROL body is not a JSON object"));
   try {
+    if (cm.kind != wire::ControlKind::kBitSync) {
+      if (s = no_tail_pending("CONTROL"); !s.ok()) return fail(s);
+    }
     switch (cm.kind) {
       case wire::ControlKind::kBitSync:
         link_->set_backward_budget(j.at("budget").get<double>());
@@ -766,6 +813,7 @@ wire::Status TrainServer::Session::on_step(const nlohmann::json& j) {
   log_->write(line);
   loss_sum_ = seconds_ = 0;
   micro_ = 0;
+  tail_started_ = 0;
   ++step_;
   {
     std::lock_guard<std::mutex> lock(srv_.admit_mu_);

@@ -25,16 +25,23 @@ bool stop_status(const wire::Frame& f, wire::Status* s) {
 
 }  // namespace
 
-wire::Status expect(wire::Channel& ch, wire::MessageType type, std::chrono::milliseconds timeout, wire::Frame* f) {
+wire::Status expect_either(wire::Channel& ch, wire::MessageType a, wire::MessageType b,
+                           std::chrono::milliseconds timeout, wire::Frame* f) {
   wire::Status s = ch.receive(f, timeout);
   if (!s.ok()) return s;
   if (f->type == wire::MessageType::kError) return wire::parse_error_payload(f->payload);
-  if (type != wire::MessageType::kControl && stop_status(*f, &s)) return s;
-  if (f->type != type) {
-    return wire::Status::Fail(wire::ErrorCode::kBadMessage, std::string("expected ") + wire::message_name(type) +
-                                                                ", got " + wire::message_name(f->type));
+  if (a != wire::MessageType::kControl && b != wire::MessageType::kControl && stop_status(*f, &s)) return s;
+  if (f->type != a && f->type != b) {
+    const std::string wanted =
+        a == b ? wire::message_name(a) : std::string(wire::message_name(a)) + " or " + wire::message_name(b);
+    return wire::Status::Fail(wire::ErrorCode::kBadMessage,
+                              "expected " + wanted + ", got " + wire::message_name(f->type));
   }
   return wire::Status::Ok();
+}
+
+wire::Status expect(wire::Channel& ch, wire::MessageType type, std::chrono::milliseconds timeout, wire::Frame* f) {
+  return expect_either(ch, type, type, timeout, f);
 }
 
 wire::Status parse_control(const wire::Frame& f, wire::ControlKind kind, nlohmann::json* j, std::string* blob) {

@@ -8,6 +8,7 @@
 #include <functional>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <thread>
 
 #include "core/fs.h"
@@ -167,17 +168,21 @@ TEST(TailSplit, TheServerNeverReceivesLabelsOrTheLossMask) {
   EXPECT_GT(evals, 0u);
 }
 
-// Interrupted after step 4 and resumed in a new server: the uninterrupted run's losses, bits,
-// evaluation and both sides' checkpoints, with AMAQ at both cuts (the server's tail gates in its
-// checkpoint, the client's tail budget following the schedule).
-TEST(TailSplit, ResumedRunEqualsTheUninterruptedOneWithAmaqAtBothCuts) {
+// Interrupted after step 4 and resumed in a new server: the uninterrupted serial run's losses, bits,
+// evaluation and both sides' checkpoints. With `in_flight` > 1 the interrupted and resumed parts keep
+// that many micro-batches in flight (the server answers FORWARDs while earlier micro-batches wait for
+// their TAIL_BACKWARD): pipelining changes nothing either.
+void expect_tail_resume_matches(const std::string& fwd, const std::string& bwd, const std::string& tail_fwd,
+                                const std::string& tail_bwd, int64_t in_flight) {
+  SCOPED_TRACE(fwd + " / " + bwd + " / " + tail_fwd + " / " + tail_bwd + ", in flight " + std::to_string(in_flight));
   testing::TempDir tmp;
   ClientConfig c = tail_config(tmp, "whole");
   c.schedule.steps = 8;
-  c.fwd_codec = quant::CodecSpec::parse("amaq:budget=3,decay=6,gran=token");
-  c.bwd_codec = quant::CodecSpec::parse("amaq:budget=6,decay=6,gran=token");
-  c.tail_fwd_codec = quant::CodecSpec::parse("amaq:budget=4,decay=6,gran=token");
-  c.tail_bwd_codec = quant::CodecSpec::parse("amaq:budget=6,decay=6,gran=token");
+  c.schedule.micro_batches = std::max<int64_t>(2, in_flight);
+  c.fwd_codec = quant::CodecSpec::parse(fwd);
+  c.bwd_codec = quant::CodecSpec::parse(bwd);
+  c.tail_fwd_codec = quant::CodecSpec::parse(tail_fwd);
+  c.tail_bwd_codec = quant::CodecSpec::parse(tail_bwd);
   c.checkpoint_every = 3;
   c.val_fraction = 0.2;
   c.eval_every = 4;
@@ -185,6 +190,7 @@ TEST(TailSplit, ResumedRunEqualsTheUninterruptedOneWithAmaqAtBothCuts) {
   const RunResult whole = run_in_process(srv, c);
   ClientConfig first = c;
   first.run_dir = tmp.file("parts");
+  first.in_flight = in_flight;
   first.stop_after = 4;
   const ServerConfig sc = tail_server_for(first);
   {
@@ -204,9 +210,27 @@ TEST(TailSplit, ResumedRunEqualsTheUninterruptedOneWithAmaqAtBothCuts) {
   ASSERT_EQ(part_runs.size(), 1u);
   const std::string server_ckpt = join_path(c.run_dir + "-server", whole_runs[0]);
   expect_same_checkpoint(server_ckpt, join_path(first.run_dir + "-server", part_runs[0]), 8);
-  // The server's checkpoint holds the tail link's gates; the client's the tail budget it follows.
-  EXPECT_TRUE(
-      load_safetensors(join_path(checkpoint_path(server_ckpt, 8), "state.safetensors")).count("tail.amaq.gates"));
+  // An AMAQ codec at M: the server's checkpoint holds its gates; the client's the tail budget it follows.
+  if (quant::CodecSpec::parse(tail_fwd).codec == quant::CodecId::kAmaq) {
+    EXPECT_TRUE(
+        load_safetensors(join_path(checkpoint_path(server_ckpt, 8), "state.safetensors")).count("tail.amaq.gates"));
+  }
+}
+
+TEST(TailSplit, ResumedRunEqualsTheUninterruptedOneWithAmaqAtBothCuts) {
+  expect_tail_resume_matches("amaq:budget=3,decay=6,gran=token", "amaq:budget=6,decay=6,gran=token",
+                             "amaq:budget=4,decay=6,gran=token", "amaq:budget=6,decay=6,gran=token", 1);
+}
+
+TEST(TailSplit, InFlightEqualsSerialWithAmaqAtBothCuts) {
+  expect_tail_resume_matches("amaq:budget=3,bmin=2,init=8,decay=5,gran=token", "amaq:budget=6,decay=6,gran=token",
+                             "amaq:budget=4,decay=6,gran=token", "amaq:budget=6,decay=6,gran=token", 3);
+}
+
+TEST(TailSplit, InFlightEqualsSerialWithNoneFixedAndAqsgd) {
+  expect_tail_resume_matches("none:fp32", "none:bf16", "fixed:bits=4,gran=token,round=stochastic",
+                             "fixed:bits=6,gran=token", 2);
+  expect_tail_resume_matches("aqsgd:bits=3", "aqsgd:bits=8", "aqsgd:bits=4", "aqsgd:bits=8", 3);
 }
 
 // `amaq export`: one PEFT adapter for the whole model (client head and tail, server middle), which
@@ -256,9 +280,6 @@ TEST(TailSplit, MismatchesAndUnsupportedOptionsAreRefusedByName) {
   bad.tail_split = 1;
   EXPECT_AMAQ_ERROR(ClientTrainer(bad).run({}), "tail split 1 is outside [2, 4]");
   bad.tail_split = 3;
-  bad.in_flight = 2;
-  EXPECT_AMAQ_ERROR(ClientTrainer(bad).run({}), "--in-flight 2 with --tail-split");
-  bad.in_flight = 1;
   bad.tail_fwd_codec = quant::CodecSpec::parse("amaq:budget=auto");
   EXPECT_AMAQ_ERROR(ClientTrainer(bad).run({}), "budget=auto");
   ServerConfig graphs = tail_server_for(c);
@@ -327,6 +348,48 @@ TEST(TailSplit, HostileTailMessagesAreRefusedByNameAndTheServerKeepsServing) {
   s = session("2123456789abcdef", tail_backward(1, 1));
   EXPECT_EQ(s.code, wire::ErrorCode::kBadMessage) << s.message;
   EXPECT_NE(s.message.find("TAIL_BACKWARD for another step or micro-batch"), std::string::npos) << s.message;
+
+  // Micro-batches in flight are bounded by the step's: FORWARDs of micro-batch 0 and 1 each get
+  // their TAIL_FORWARD, a third of this 2-micro-batch step, or a repeated one, is refused; a
+  // TAIL_BACKWARD with nothing waiting, and a STEP or EVAL while micro-batches wait, are too.
+  auto forwards = [&](std::vector<uint32_t> micro, std::optional<wire::Frame> last) {
+    return [&, micro, last](wire::Channel& ch) {
+      for (const uint32_t m : micro) {
+        wire::ForwardMsg fm;
+        fm.micro_batch = m;
+        fm.batch = 1;
+        fm.seq = 4;
+        fm.mask = std::string_view(reinterpret_cast<const char*>(mask), sizeof mask);
+        fm.packet = packet;
+        wire::Frame reply;
+        wire::Status fs = exchange(ch, {wire::MessageType::kForward, 0, fm.encode()}, &reply);
+        if (!fs.ok()) return fs;
+        EXPECT_EQ(reply.type, wire::MessageType::kTailForward);
+      }
+      if (!last) return wire::Status::Fail(wire::ErrorCode::kInternal, "the server took them all");
+      wire::Frame reply;
+      wire::Status fs = exchange(ch, *last, &reply);
+      return fs.ok() ? wire::Status::Fail(wire::ErrorCode::kInternal, "the server took it") : fs;
+    };
+  };
+  s = session("3123456789abcdef", forwards({0, 1, 2}, std::nullopt));
+  EXPECT_EQ(s.code, wire::ErrorCode::kBadMessage) << s.message;
+  EXPECT_NE(s.message.find("FORWARD for micro-batch 2, beyond the step's 2"), std::string::npos) << s.message;
+  s = session("4123456789abcdef", forwards({0, 0}, std::nullopt));
+  EXPECT_NE(s.message.find("FORWARD for step 0 micro-batch 0, but the server expects step 0 micro-batch 1"),
+            std::string::npos)
+      << s.message;
+  wire::BackwardMsg empty;
+  s = session("5123456789abcdef",
+              forwards({}, wire::Frame{wire::MessageType::kTailBackward, 0, empty.encode()}));
+  EXPECT_NE(s.message.find("TAIL_BACKWARD with no micro-batch waiting for it"), std::string::npos) << s.message;
+  const std::string step_body = nlohmann::json{{"step", 0}, {"lr", 0.01}, {"coef", 1.0}}.dump();
+  s = session("6123456789abcdef",
+              forwards({0, 1}, wire::Frame{wire::MessageType::kControl, 0,
+                                           wire::ControlMsg{wire::ControlKind::kStep, step_body, ""}.encode()}));
+  EXPECT_NE(s.message.find("CONTROL while 2 micro-batch(es) of the step still wait for their TAIL_BACKWARD"),
+            std::string::npos)
+      << s.message;
 
   EXPECT_EQ(run_in_process(srv, c).completed_steps, 2);
 }

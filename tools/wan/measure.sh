@@ -26,6 +26,10 @@ LOSS=${LOSS:-}
 # loss against the training time spent to reach it (steps' own seconds, evaluations not counted).
 EVAL=${EVAL:-0}
 BATCH=${BATCH:-2}  # sequences per micro-batch: 4 x 2 = the issue's 8 x 128 per step
+# SPLIT=K (default 2); TAIL=M: a U-shaped split (the client also holds layers [M, 4), the head and
+# the loss), each cut with the run's codecs.
+SPLIT=${SPLIT:-2}
+TAIL=${TAIL:-}
 AMAQ=$(realpath "$BUILD/amaq")
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=/usr/bin/python3
@@ -56,20 +60,22 @@ for link in $LINKS; do
     esac
     for k in $IN_FLIGHT; do
       run="run-${link//\//_}-${codec//[:=,]/_}-k$k"
+      cut=(--split "$SPLIT")
+      [ -n "$TAIL" ] && cut+=(--tail-split "$TAIL" --tail-fwd-codec "$codec" --tail-bwd-codec "$bwd")
       rm -rf "$run" srv && mkdir srv
       if [ -n "$LOSS" ]; then
         ns=amaq-wan-$$
         "$AMAQ" emulate-link --netns "$ns" --link "$link" --loss "$LOSS" >link.out 2>link.log &
         lpid=$!
         for _ in $(seq 200); do grep -q ready link.out 2>/dev/null && break; sleep 0.05; done
-        ip netns exec "$ns-b" "${SERVER[@]}" server --model model --split 2 --listen 10.211.0.2:0 --insecure \
+        ip netns exec "$ns-b" "${SERVER[@]}" server --model model "${cut[@]}" --listen 10.211.0.2:0 --insecure \
           --run-dir srv --exit-after-runs 1 --fwd-codec "$codec" --bwd-codec "$bwd" >srv/out 2>srv/log &
         spid=$!
         for _ in $(seq 200); do grep -q listening srv/out 2>/dev/null && break; sleep 0.05; done
         target="10.211.0.2:$(sed -n 's/.*10.211.0.2:\([0-9]*\).*/\1/p' srv/out)"
         client=(ip netns exec "$ns-a" "${CLIENT[@]}")
       else
-        "${SERVER[@]}" server --model model --split 2 --listen 127.0.0.1:0 --run-dir srv --exit-after-runs 1 \
+        "${SERVER[@]}" server --model model "${cut[@]}" --listen 127.0.0.1:0 --run-dir srv --exit-after-runs 1 \
           --fwd-codec "$codec" --bwd-codec "$bwd" >srv/out 2>srv/log &
         spid=$!
         sport=$(wait_port srv/out)
@@ -78,15 +84,15 @@ for link in $LINKS; do
         target="127.0.0.1:$(wait_port link.out)"
         client=("${CLIENT[@]}")
       fi
-      "${client[@]}" client --model model --split 2 --data train.txt --tokenizer byte --steps "$STEPS" \
+      "${client[@]}" client --model model "${cut[@]}" --data train.txt --tokenizer byte --steps "$STEPS" \
         --batch "$BATCH" --seq-len 128 --micro-batches "$MICRO" --lr 1e-3 --lora-r 8 --clip 1 --quiet --retries 0 \
         --fwd-codec "$codec" --bwd-codec "$bwd" --in-flight "$k" --run-dir "$run" --connect "$target" \
         $([ "$EVAL" -gt 0 ] && echo "--val-fraction 0.05 --eval-every $EVAL --eval-batches 4") 2>client.log
       wait $spid
       kill $lpid && wait $lpid || true
-      $PY - "$run" "$link" "$codec" "$k" "$MICRO" "$PIN" "${LOSS:-0}" <<'PY'
+      $PY - "$run" "$link" "$codec" "$k" "$MICRO" "$PIN" "${LOSS:-0}" "$SPLIT" "${TAIL:-0}" <<'PY'
 import json, statistics, sys
-run, link, codec, k, micro, pin, loss = sys.argv[1:]
+run, link, codec, k, micro, pin, loss, split, tail = sys.argv[1:]
 lines = [json.loads(l) for l in open(run + "/metrics.jsonl")]
 all_rows = [r for r in lines if "fwd_bits" in r]
 elapsed = {}  # step -> training seconds until it completed
@@ -100,6 +106,7 @@ rows = all_rows[2:]
 med = statistics.median
 step = med(r["tokens"] / r["tokens_per_second"] for r in rows)
 print(json.dumps({"link": link, "loss": float(loss), "codec": codec, "in_flight": int(k), "micro_batches": int(micro), "pinned": pin == "1",
+                  "split": int(split), **({"tail_split": int(tail)} if tail != "0" else {}),
                   "fwd_bits": round(med(r["fwd_bits"]["mean"] for r in rows), 2),
                   "step_s": round(step, 4),
                   "network_share": round(med(r["network_seconds"] for r in rows) / step, 3),
