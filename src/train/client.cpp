@@ -465,9 +465,9 @@ wire::Status ClientTrainer::Run::train_step(wire::Channel& ch, StepRecord* rec) 
     }
     const bool tail_due = tail_link_ && tailed < next, backward_due = !tail_link_ || tailed > done;
     wire::Frame f;
-    wire::Status s = detail::expect_either(ch, backward_due ? wire::MessageType::kBackward : wire::MessageType::kTailForward,
-                                           tail_due ? wire::MessageType::kTailForward : wire::MessageType::kBackward,
-                                           std::chrono::minutes(10), &f);
+    wire::Status s = detail::expect_either(
+        ch, backward_due ? wire::MessageType::kBackward : wire::MessageType::kTailForward,
+        tail_due ? wire::MessageType::kTailForward : wire::MessageType::kBackward, std::chrono::minutes(10), &f);
     if (!s.ok()) return s;
     if (f.type == wire::MessageType::kTailForward) {
       s = run_tail(ch, f, pending[tailed - done], rec);

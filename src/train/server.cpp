@@ -130,8 +130,8 @@ class TrainServer::Session {
   // order (the client's --in-flight keeps several on their way); at most the step's micro-batches.
   struct TailPending {
     Inputs in;
-    at::Tensor h;                      // the activations at K, a leaf whose gradient goes back
-    quant::SentActivations sent;       // the activations at M as sent (in this side's graph)
+    at::Tensor h;                 // the activations at K, a leaf whose gradient goes back
+    quant::SentActivations sent;  // the activations at M as sent (in this side's graph)
     double seconds = 0, codec_seconds = 0;
     double forward_arrival_seconds = 0;
   };

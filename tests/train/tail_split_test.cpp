@@ -380,8 +380,7 @@ TEST(TailSplit, HostileTailMessagesAreRefusedByNameAndTheServerKeepsServing) {
             std::string::npos)
       << s.message;
   wire::BackwardMsg empty;
-  s = session("5123456789abcdef",
-              forwards({}, wire::Frame{wire::MessageType::kTailBackward, 0, empty.encode()}));
+  s = session("5123456789abcdef", forwards({}, wire::Frame{wire::MessageType::kTailBackward, 0, empty.encode()}));
   EXPECT_NE(s.message.find("TAIL_BACKWARD with no micro-batch waiting for it"), std::string::npos) << s.message;
   const std::string step_body = nlohmann::json{{"step", 0}, {"lr", 0.01}, {"coef", 1.0}}.dump();
   s = session("6123456789abcdef",
