@@ -100,10 +100,6 @@ void check_input(const at::Tensor& x, const at::Tensor& bits, const AffineLayout
   TORCH_CHECK(layout.granularity != Granularity::kGroup || layout.group > 0, "group size must be positive");
 }
 
-float tensor_scale(float max_abs) {
-  return max_abs > 0 ? max_abs : 1.0f;
-}
-
 }  // namespace
 
 void throw_non_finite(int64_t bad, int64_t n, int64_t first) {
@@ -275,6 +271,19 @@ AMAQ_MULTIVERSION void quantize_groups(const float* p, int64_t n, int64_t group,
   }
 }
 
+// The largest |v[i]| and the smallest nonzero one of v[0, n) into *max_abs and *min_nonzero (which
+// hold the running values), without a branch per value.
+void block_magnitudes(const float* v, int64_t n, float* max_abs, float* min_nonzero) {
+  float mx = *max_abs, mn = *min_nonzero;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(v[i]);
+    mx = a > mx ? a : mx;
+    mn = a > 0.0f && a < mn ? a : mn;
+  }
+  *max_abs = mx;
+  *min_nonzero = mn;
+}
+
 // The one level count of every channel, or 0 where the widths differ.
 float uniform_level(const std::vector<float>& levels) {
   for (const float l : levels)
@@ -330,7 +339,7 @@ AffineQuant affine_quantize_ref(const at::Tensor& x, const at::Tensor& bits, con
   float max_abs = 0;
   for (int64_t i = 0; i < rows * cols; ++i) max_abs = std::max(max_abs, std::fabs(xp[i]));
   AffineQuant q;
-  q.scale = tensor_scale(max_abs);
+  q.scale = pow2_scale(max_abs);
   std::vector<float> mn(G, std::numeric_limits<float>::infinity()), mx(G, -std::numeric_limits<float>::infinity());
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < cols; ++c) {
@@ -440,47 +449,17 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
   }
 
   if (rotation_block > 0 || (rounding == Rounding::kNearest && layout.granularity != Granularity::kChannel)) {
-    // Two passes over x. The first finds each group's range (of the group rotated, with a rotation)
-    // and counts NaN/Inf; the tensor's scale, max |x|, is the largest |bound|. The fp16 bounds need
-    // the scale, so the codes (and the decoded values) come in a second pass. Each group is rotated
-    // in cache, in both passes, rather than a rotated copy written and read back.
+    // One pass over x, a block of rows at a time while it is in cache: each group's range (of the
+    // group rotated, with a rotation, rotated once into a per-thread buffer) and the NaN/Inf count,
+    // the fp16 bounds, the codes and the decoded values. The bounds are relative to the tensor's
+    // scale, a power of two known only at the end; relative to any power of two under which a
+    // bound is a normal fp16 number it rounds alike (pow2_scale), so each block rounds relative to
+    // its own and the fp16 numbers are re-expressed at the end (exactly). A block with a nonzero
+    // bound below fp16's normal range relative to the tensor's scale (groups 2^14 times smaller
+    // than the tensor's largest |value|) is encoded again once the scale is known.
     std::vector<float> lo(static_cast<size_t>(G)), hi(static_cast<size_t>(G));
-    std::vector<float> row_max(static_cast<size_t>(rows), 0.0f);
-    std::vector<int64_t> row_bad(static_cast<size_t>(rows), 0);
     const int64_t group = layout.granularity == Granularity::kToken ? cols : layout.group;
     const int64_t per_row = layout.groups_per_row();
-    const auto row_values = [&](int64_t r, float* rotated) {  // row r, its groups rotated where asked
-      const float* p = xp + r * cols;
-      if (rotation_block == 0) return p;
-      hadamard_blocks(p, rotated, cols / rotation_block, rotation_block);
-      return static_cast<const float*>(rotated);
-    };
-    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      std::vector<float> rotated(rotation_block > 0 ? static_cast<size_t>(cols) : 0);
-      for (int64_t r = r0; r < r1; ++r) {
-        float* l = lo.data() + r * per_row;
-        float* h = hi.data() + r * per_row;
-        range_groups(row_values(r, rotated.data()), cols, group, l, h, &row_bad[r]);
-        float m = 0.0f;
-        for (int64_t g = 0; g < per_row; ++g) m = std::max({m, -l[g], h[g]});
-        row_max[r] = m;
-      }
-    });
-    float max_abs = 0.0f;
-    int64_t bad = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-      max_abs = std::max(max_abs, row_max[r]);
-      bad += row_bad[r];
-    }
-    if (bad > 0) {  // NaN/Inf in x (checked_max_abs throws, naming them), or else the rotation overflowed
-      checked_max_abs(x);
-      throw Error("rotating the tensor's channel groups overflowed fp32 (values near 3.4e38)",
-                  "scale the activations down, or drop rot=hadamard");
-    }
-    q.scale = tensor_scale(max_abs);
-    half_bounds(lo.data(), G, q.scale, /*up=*/false, lo16);  // lo and hi now the decoded bounds
-    half_bounds(hi.data(), G, q.scale, /*up=*/true, hi16);
-
     const std::vector<float> levels = levels_of(b, cols);
     const float uniform = uniform_level(levels);
     float* dp = nullptr;
@@ -489,20 +468,79 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
       dp = decoded->data_ptr<float>();
     }
     if (!packed) q.codes = at::empty({rows, cols}, at::kByte);
-    produce_codes(bits, rows, packed, packed ? nullptr : q.codes.data_ptr<uint8_t>(),
-                  [&](int64_t r0, int64_t r1, uint8_t* codes) {
-                    std::vector<float> rotated(rotation_block > 0 ? static_cast<size_t>(cols) : 0);
-                    for (int64_t r = r0; r < r1; ++r) {
-                      float* d = dp ? dp + r * cols : nullptr;
-                      quantize_groups(row_values(r, rotated.data()), cols, group, uniform, levels.data(),
-                                      lo.data() + r * per_row, hi.data() + r * per_row, codes + (r - r0) * cols, d);
-                      if (d && rotation_block > 0) hadamard_blocks(d, d, cols / rotation_block, rotation_block);
-                    }
-                  });
+    struct Block {      // indexed by r0 / kCodeUnitRows
+      int64_t r1 = -1;  // -1: no block starts there
+      float max_abs = 0.0f, min_nonzero = std::numeric_limits<float>::infinity();
+      int64_t bad = 0;
+    };
+    std::vector<Block> blocks(static_cast<size_t>((rows + kCodeUnitRows - 1) / kCodeUnitRows));
+    float final_scale = 0.0f;  // the tensor's, once known; 0: each block's own
+    const auto encode_block = [&](int64_t r0, int64_t r1, uint8_t* codes) {
+      thread_local std::vector<float> rotated;
+      if (rotation_block > 0) rotated.resize(static_cast<size_t>(kCodeBlockRows * cols));
+      const auto values = [&](int64_t r) {
+        return rotation_block > 0 ? rotated.data() + (r - r0) * cols : xp + r * cols;
+      };
+      Block& k = blocks[r0 / kCodeUnitRows];
+      k = Block{r1};
+      for (int64_t r = r0; r < r1; ++r) {
+        if (rotation_block > 0)
+          hadamard_blocks(xp + r * cols, rotated.data() + (r - r0) * cols, cols / rotation_block, rotation_block);
+        int64_t nb = 0;
+        range_groups(values(r), cols, group, lo.data() + r * per_row, hi.data() + r * per_row, &nb);
+        k.bad += nb;
+      }
+      const int64_t g0 = r0 * per_row, n = (r1 - r0) * per_row;
+      block_magnitudes(lo.data() + g0, n, &k.max_abs, &k.min_nonzero);
+      block_magnitudes(hi.data() + g0, n, &k.max_abs, &k.min_nonzero);
+      const float scale = final_scale > 0 ? final_scale : pow2_scale(k.max_abs);
+      half_bounds(lo.data() + g0, n, scale, /*up=*/false, lo16 + g0);  // lo and hi now the decoded bounds
+      half_bounds(hi.data() + g0, n, scale, /*up=*/true, hi16 + g0);
+      for (int64_t r = r0; r < r1; ++r) {
+        float* d = dp ? dp + r * cols : nullptr;
+        quantize_groups(values(r), cols, group, uniform, levels.data(), lo.data() + r * per_row,
+                        hi.data() + r * per_row, codes + (r - r0) * cols, d);
+        if (d && rotation_block > 0) hadamard_blocks(d, d, cols / rotation_block, rotation_block);
+      }
+    };
+    uint8_t* unpacked = packed ? nullptr : q.codes.data_ptr<uint8_t>();
+    produce_codes(bits, rows, packed, unpacked, encode_block);
+    float max_abs = 0.0f;
+    int64_t bad = 0;
+    for (const Block& k : blocks) {
+      max_abs = std::max(max_abs, k.max_abs);
+      bad += k.bad;
+    }
+    if (bad > 0) {  // NaN/Inf in x (checked_max_abs throws, naming them), or else the rotation overflowed
+      checked_max_abs(x);
+      throw Error("rotating the tensor's channel groups overflowed fp32 (values near 3.4e38)",
+                  "scale the activations down, or drop rot=hadamard");
+    }
+    q.scale = pow2_scale(max_abs);
+    const float smallest_normal = std::ldexp(q.scale, -14);  // fp16's smallest normal, relative to the scale
+    std::vector<std::pair<int64_t, int64_t>> again;
+    for (int64_t u = 0; u < static_cast<int64_t>(blocks.size()); ++u) {
+      const Block& k = blocks[u];
+      if (k.r1 < 0) continue;
+      const int64_t r0 = u * kCodeUnitRows;
+      if (k.min_nonzero < smallest_normal) {
+        again.emplace_back(r0, k.r1);
+        continue;
+      }
+      // Its decoded bounds are normal fp16 numbers times its own power of two: relative to the
+      // tensor's scale they are fp16 numbers exactly, and stay what they are.
+      const int64_t g0 = r0 * per_row, n = (k.r1 - r0) * per_row;
+      half_bounds(lo.data() + g0, n, q.scale, /*up=*/false, lo16 + g0);
+      half_bounds(hi.data() + g0, n, q.scale, /*up=*/true, hi16 + g0);
+    }
+    if (!again.empty()) {
+      final_scale = q.scale;
+      produce_codes(bits, rows, packed, unpacked, encode_block, &again);
+    }
     return q;
   }
 
-  q.scale = tensor_scale(checked_max_abs(x));
+  q.scale = pow2_scale(checked_max_abs(x));
   const float scale = q.scale;
   q.codes = at::empty({rows, cols}, at::kByte);
   uint8_t* out = q.codes.data_ptr<uint8_t>();

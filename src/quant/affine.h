@@ -2,7 +2,8 @@
 // codecs. Ranges are kept per token, per channel, or per (token, group of g channels).
 //
 // Exactness contract: a group's range is stored as two fp16 numbers relative to one fp32 tensor
-// scale (lo rounded down, hi rounded up, so the range still covers the data), and every side
+// scale, a power of two (pow2_scale; lo rounded down, hi rounded up, so the range still covers the
+// data), and every side
 // computes step = (hi - lo) / (2^b - 1) and x' = lo + code * step from those stored numbers in the
 // same fp32 operations. So the value the sender's fake-quant uses is bit for bit what the receiver
 // decodes. The relative fp16 ranges survive outliers above fp16's 65504 and gradients below 6e-5.
@@ -51,10 +52,11 @@ AffineQuant affine_quantize_ref(const at::Tensor& x, const at::Tensor& bits, con
 at::Tensor affine_dequantize_ref(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout);
 
 /// Fast CPU path: the same arithmetic, multi-threaded over rows (or columns for per-channel ranges).
-/// With nearest rounding and range groups along rows (token, group), two passes over x: the first
-/// finds every group's range (and the NaN/Inf), the second its codes and, when `decoded` is given,
-/// the decoded values (what affine_dequantize returns), a group at a time while it is in cache; the
-/// inner loops are compiled for AVX-512, AVX2 and plain x86-64 and chosen at run time.
+/// With nearest rounding and range groups along rows (token, group), one pass over x, 16 rows at a
+/// time while they are in cache: their ranges (and the NaN/Inf), fp16 bounds, codes and, when
+/// `decoded` is given, the decoded values (what affine_dequantize returns); a block with groups
+/// below fp16's normal range relative to the tensor's scale is encoded again once the scale is
+/// known. The inner loops are compiled for AVX-512, AVX2 and plain x86-64 and chosen at run time.
 /// rotation_block > 0 (nearest rounding, group ranges of that size, a power of two): each group is
 /// Hadamard-rotated in cache (rotation.h) before its range and codes, and `decoded` is rotated back:
 /// bit for bit what block_hadamard, this function and block_hadamard_ of the decoded copy give,

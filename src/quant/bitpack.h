@@ -13,6 +13,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace amaq::quant {
@@ -50,21 +51,32 @@ class BlockPacker {
 /// The codes of a (rows, bits.size(0)) tensor produced a block of rows at a time on all threads:
 /// `produce(r0, r1, codes)` writes rows [r0, r1), row r at codes + (r - r0) * cols. With `packed`
 /// (packed_bytes(rows, bits) bytes), each block goes into a per-thread buffer and is packed while in
-/// cache (BlockPacker); otherwise `codes` points into `unpacked` (rows, cols).
+/// cache (BlockPacker); otherwise `codes` points into `unpacked` (rows, cols). Blocks start on a
+/// multiple of kCodeUnitRows and hold at most kCodeBlockRows. With `only`, exactly those blocks
+/// (of an earlier call) are produced again.
+constexpr int64_t kCodeUnitRows = 8, kCodeBlockRows = 16;  // a block of 8k rows starts on a byte of the stream
 template <typename Produce>
-void produce_codes(const at::Tensor& bits, int64_t rows, uint8_t* packed, uint8_t* unpacked, const Produce& produce) {
-  constexpr int64_t kUnit = 8, kBlockRows = 16;  // a block of 8k rows starts on a byte of the stream
+void produce_codes(const at::Tensor& bits, int64_t rows, uint8_t* packed, uint8_t* unpacked, const Produce& produce,
+                   const std::vector<std::pair<int64_t, int64_t>>* only = nullptr) {
   const int64_t cols = bits.size(0);
   std::optional<BlockPacker> packer;
   if (packed) packer.emplace(bits, rows);
-  at::parallel_for(0, (rows + kUnit - 1) / kUnit, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<uint8_t> block(packed ? static_cast<size_t>(kBlockRows * cols) : 0);
-    const int64_t begin = u0 * kUnit, end = std::min(rows, u1 * kUnit);
-    for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
-      const int64_t r1 = std::min(end, r0 + kBlockRows);
-      produce(r0, r1, packed ? block.data() : unpacked + r0 * cols);
-      if (packer) packer->pack(block.data(), r0, r1, packed);
-    }
+  const auto run = [&](std::vector<uint8_t>& block, int64_t r0, int64_t r1) {
+    if (packed && block.empty()) block.resize(static_cast<size_t>(kCodeBlockRows * cols));
+    produce(r0, r1, packed ? block.data() : unpacked + r0 * cols);
+    if (packer) packer->pack(block.data(), r0, r1, packed);
+  };
+  if (only) {
+    at::parallel_for(0, static_cast<int64_t>(only->size()), 1, [&](int64_t i0, int64_t i1) {
+      std::vector<uint8_t> block;
+      for (int64_t i = i0; i < i1; ++i) run(block, (*only)[i].first, (*only)[i].second);
+    });
+    return;
+  }
+  at::parallel_for(0, (rows + kCodeUnitRows - 1) / kCodeUnitRows, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<uint8_t> block;
+    const int64_t begin = u0 * kCodeUnitRows, end = std::min(rows, u1 * kCodeUnitRows);
+    for (int64_t r0 = begin; r0 < end; r0 += kCodeBlockRows) run(block, r0, std::min(end, r0 + kCodeBlockRows));
   });
 }
 

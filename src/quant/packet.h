@@ -52,7 +52,7 @@ struct PacketHeader {
   uint8_t wire_dtype = 0;  ///< WireDtype of raw values on the wire (none; aqsgd full samples)
   uint32_t group = 0;      ///< channels per range group (Granularity::kGroup)
   uint32_t map_id = 0;     ///< amaq: which bit map the codes use
-  float scale = 1.0f;      ///< tensor-wide multiplier of the fp16 ranges / scales
+  float scale = 1.0f;      ///< tensor-wide multiplier of the fp16 ranges (a power of two) / scales
 };
 #pragma pack(pop)
 static_assert(sizeof(PacketHeader) == 24, "the packet header is part of the wire format");

@@ -4,6 +4,7 @@
 // multiply-add (CPU sources build with -ffp-contract=off, the CUDA file with --fmad=false), so
 // every path computes the same bits from the same inputs.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #ifdef __CUDACC__
@@ -30,6 +31,18 @@ AMAQ_HD float stochastic_uniform(uint64_t seed, uint64_t index) {
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   z ^= z >> 31;
   return static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
+}
+
+/// The tensor scale of affine ranges: the smallest power of two >= max_abs (at most 2^127), or 1 for
+/// an all-zero tensor. A power of two, so that a bound's fp16 relative to it is the bound rounded to
+/// fp16's 11 significant bits, as relative to any other power of two under which it is a normal fp16
+/// number too: an encoder can round a block's bounds before it has seen the whole tensor.
+AMAQ_HD float pow2_scale(float max_abs) {
+  if (!(max_abs > 0)) return 1.0f;
+  int e = 0;
+  const float m = frexpf(max_abs, &e);  // max_abs = m * 2^e, m in [0.5, 1)
+  if (m == 0.5f) --e;
+  return ldexpf(1.0f, e < 127 ? e : 127);
 }
 
 /// The one formula for an affine step of b bits over [lo, hi].

@@ -15,6 +15,7 @@
 
 #include "quant/affine.h"
 #include "quant/codec.h"
+#include "quant/packet.h"
 #include "quant/quant_math.h"
 #include "quant/rotation.h"
 #include "testing.h"
@@ -76,6 +77,65 @@ TEST(LaneVersions, EveryVersionWritesTheReferencesPackets) {
       EXPECT_EQ(fast.packet, ref.packet) << spec;
       EXPECT_TRUE(at::equal(fast.decoded, ref.decoded)) << spec;
       EXPECT_TRUE(at::equal(Codec(CodecSpec::parse(spec)).decode(fast.packet), ref.decoded)) << spec;
+    }
+  });
+}
+
+// The one-pass encoder rounds each block of rows' fp16 bounds relative to the block's own power of
+// two: row blocks of every magnitude against the tensor's largest (equal; just inside fp16's normal
+// range relative to the tensor's scale; just below it, where the block is encoded again; in its
+// subnormals; underflowing to zero), blocks whose every value is in the binade below fp16's normal
+// range, zero rows, tensors whose largest |value| is a power of two, a float subnormal or near
+// fp32's largest: the reference's packets, and a power-of-two scale.
+TEST(LaneVersions, RowBlocksOfEveryMagnitudeWriteTheReferencesPackets) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(15);
+  const at::Tensor base = testing::with_outlier_channels(testing::student_t3({1, 200, 256}, gen)).contiguous();
+  std::vector<at::Tensor> inputs;
+  at::Tensor mixed = base.clone();
+  const float max_abs = mixed.abs().max().item<float>();
+  // Units of 8 rows (an encoder's block is one or two), each scaled so that its largest |value| is
+  // max_abs * 2^-k; the first unit keeps the largest.
+  const int exponents[] = {0, 3, 13, 14, 15, 17, 24, 30, 60, 140, 0, 12, 16};
+  for (int64_t i = 1, r = 8; r < 200; ++i, r += 8) {
+    at::Tensor rows = mixed.narrow(1, r, 8);
+    const float row_max = rows.abs().max().item<float>();
+    rows.mul_(std::ldexp(max_abs, -exponents[i % 13]) / row_max);
+  }
+  mixed.narrow(1, 40, 3).zero_();
+  inputs.push_back(mixed);
+  // Rows whose every value lies in [2^-15, 2^-14) of the scale (2, as max |x| is 1.75): fp16
+  // subnormals relative to it, though normal relative to their own power of two.
+  at::Tensor sub = base / base.abs().max() * 1.75f;
+  const at::Tensor magnitude = at::rand({1, 32, 256}, gen) * 0.85f + 1.05f;
+  const at::Tensor sign = at::randint(0, 2, {1, 32, 256}, gen).mul(2).sub(1);
+  sub.narrow(1, 64, 32).copy_(magnitude * sign * std::ldexp(2.0f, -15));
+  inputs.push_back(sub);
+  inputs.push_back(base / base.abs().max() * 4.0f);    // the largest |value| a power of two
+  inputs.push_back(base / base.abs().max() * 1e-39f);  // fp32 subnormals
+  inputs.push_back(base / base.abs().max() * 3e38f);   // near fp32's largest
+  for_each_lane_width([&] {
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      for (const char* text : {"fixed:bits=4,group=64", "fixed:bits=3,gran=token", "fixed:bits=8,group=32",
+                               "fixed:bits=4,group=64,rot=hadamard", "amaq:budget=4,group=32"}) {
+        const std::string spec(text);
+        if (i == 4 && spec.find("rot=") != std::string::npos) continue;  // a rotation overflows there
+        SCOPED_TRACE(spec + ", input " + std::to_string(i));
+        EncodeArgs args;
+        if (spec.rfind("amaq", 0) == 0) args.bits = at::randint(2, 9, {256}, gen, at::kByte);
+        const Encoded fast = Codec(CodecSpec::parse(spec)).encode(inputs[i], args);
+        const Encoded ref = Codec(CodecSpec::parse(spec), Impl::kRef).encode(inputs[i], args);
+        EXPECT_EQ(fast.packet, ref.packet);
+        EXPECT_TRUE(at::equal(fast.decoded, ref.decoded));
+        PacketHeader h;
+        std::memcpy(&h, fast.packet.data(), sizeof h);
+        int e = 0;
+        EXPECT_EQ(std::frexp(h.scale, &e), 0.5f) << h.scale;  // a power of two
+        if (spec.find("rot=") == std::string::npos) {         // the smallest >= max |x|, 2^127 at most
+          const float largest = std::min(inputs[i].abs().max().item<float>(), std::ldexp(1.0f, 127));
+          EXPECT_GE(h.scale, largest);
+          EXPECT_LT(h.scale / 2, largest);
+        }
+      }
     }
   });
 }

@@ -51,6 +51,13 @@ def half_rounded(v, up):
     return torch.where(need, moved, b)
 
 
+def pow2_scale(amax):
+    """amaq's tensor scale: the smallest power of two >= max |x| (at most 2^127), 1 for all zeros."""
+    m, e = torch.frexp(amax)
+    e = (e - (m == 0.5).to(e.dtype)).clamp(max=127)
+    return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), e), torch.ones_like(amax))
+
+
 def make_codec(bits):
     bits_d = bits.cuda()
     qmax = (2.0 ** bits_d.float() - 1).view(C // G, G)
@@ -66,7 +73,7 @@ def make_codec(bits):
     def encode(x, host):
         xf = x.float()
         amax = xf.abs().amax()
-        scale = torch.where(amax > 0, amax, torch.ones_like(amax))
+        scale = pow2_scale(amax)
         g = xf.view(R, C // G, G)
         lo16 = half_rounded(g.amin(-1) / scale, False)
         hi16 = half_rounded(g.amax(-1) / scale, True)
@@ -145,7 +152,7 @@ def main():
         host = torch.empty(4 * (R * C // G) + nbytes, dtype=torch.uint8).pin_memory()
         for dtype in (torch.float32, torch.bfloat16):
             x = activation(dtype)
-            scale = float(x.float().abs().amax())
+            scale = float(pow2_scale(x.float().abs().amax()))
             for mode in ("eager", "compile"):
                 try:
                     enc = encode if mode == "eager" else torch.compile(encode, dynamic=False)

@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "quant/cuda/kernels.h"
 #include "quant/packet.h"
+#include "quant/quant_math.h"
 
 namespace amaq::quant::cuda {
 namespace {
@@ -145,7 +146,7 @@ AffineEncoded affine_encode(const at::Tensor& x, const at::Tensor& bits, const A
   if (m.bad) throw_non_finite(static_cast<int64_t>(m.bad), xin.numel(), static_cast<int64_t>(m.first_bad));
   float max_abs_value;
   std::memcpy(&max_abs_value, &m.max_bits, sizeof max_abs_value);
-  e.scale = max_abs_value > 0 ? max_abs_value : 1.0f;
+  e.scale = pow2_scale(max_abs_value);
   const at::Tensor halves = e.host.slice(0, e.ranges_at, e.ranges_at + e.range_bytes).view(at::kHalf).view({G, 2});
   e.lo = halves.select(1, 0);
   e.hi = halves.select(1, 1);

@@ -148,10 +148,9 @@ __global__ void channel_minmax_kernel(const T* x, int64_t rows, int64_t cols, fl
   if (tx == 0) m.publish(stats);
 }
 
-// The tensor scale: max |x|, or 1 for an all-zero tensor (tensor_scale of affine.cpp).
+// The tensor scale: the power of two pow2_scale makes of max |x|, as affine.cpp's.
 __device__ __forceinline__ float scale_of(const MaxAbs* stats) {
-  const float m = __uint_as_float(stats->max_bits);
-  return m > 0 ? m : 1.0f;
+  return pow2_scale(__uint_as_float(stats->max_bits));
 }
 
 // Each group's range as the packet's interleaved fp16 (lo, hi) pair relative to the scale: the min
