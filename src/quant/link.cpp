@@ -181,8 +181,11 @@ void Link::set_backward_budget(double budget) {
   bwd_budget_ = budget, bwd_map_step_ = -1;
 }
 
-at::Tensor Link::receive_activations(std::string_view packet, at::Device device, int64_t max_elements) {
-  return fwd_->decode(packet, device, max_elements);
+at::Tensor Link::receive_activations(std::string_view packet, at::Device device, int64_t max_elements,
+                                     BitsStats* bits) {
+  at::Tensor h = fwd_->decode(packet, device, max_elements);
+  if (bits) *bits = stats_of(learns_map(fwd_spec_) ? fwd_->received_map() : at::Tensor(), fwd_spec_.nominal_bits());
+  return h;
 }
 
 at::Tensor Link::receive_eval(std::string_view packet, at::Device device, int64_t max_elements) {
@@ -215,7 +218,8 @@ LinkState Link::state() {
   }
   if (side_ == LinkSide::kServer && learns_map(bwd_spec_)) s.fields["bwd_budget"] = bwd_budget_;
   if (side_ == LinkSide::kClient && fwd_spec_.auto_budget) s.fields["fwd_auto_budget"] = fwd_spec_.budget;
-  if (side_ == LinkSide::kClient && bwd_spec_.auto_budget) s.fields["bwd_auto_budget"] = bwd_spec_.budget;
+  // Either end: the sender of gradients at a U-shaped split's tail is the receiving end (the client).
+  if (bwd_spec_.auto_budget) s.fields["bwd_auto_budget"] = bwd_spec_.budget;
   return s;
 }
 

@@ -105,13 +105,15 @@ class Link {
   // ---- server ----
   /// BIT_SYNC from the client.
   void set_backward_budget(double budget);
-  /// The receiving end of a U-shaped split's tail link (the client): both ends know the step, so
-  /// the backward budget follows the codec's schedule without a BIT_SYNC (budget=auto is refused there).
+  /// The receiving end of a U-shaped split's tail link (the client), which sends the gradients: the
+  /// backward budget follows the codec's schedule (toward the budget set_auto_budgets chose, with
+  /// budget=auto) without a BIT_SYNC.
   void follow_backward_schedule(int64_t step);
   double backward_budget() const { return bwd_budget_; }
-  /// Decodes a training (or evaluation) activation packet onto `device`.
+  /// Decodes a training (or evaluation) activation packet onto `device`; `bits` (when given) gets
+  /// the widths it travelled with.
   at::Tensor receive_activations(std::string_view packet, at::Device device = at::kCPU,
-                                 int64_t max_elements = kMaxPacketElements);
+                                 int64_t max_elements = kMaxPacketElements, BitsStats* bits = nullptr);
   at::Tensor receive_eval(std::string_view packet, at::Device device = at::kCPU,
                           int64_t max_elements = kMaxPacketElements);
   /// Encodes the gradient dh (B, T, C) of micro-batch `micro` of step `step`; the backward map (AMAQ)

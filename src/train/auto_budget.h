@@ -54,6 +54,8 @@ class AutoBudget {
   explicit AutoBudget(const AutoBudgetOptions& options, double fwd_start, double bwd_start);
   /// Feeds one step; true when the chosen budgets changed.
   bool observe(const LinkSample& s);
+  /// Whether the warm-up steps are over (the budgets are chosen, not only measured).
+  bool choosing() const { return steps_ > o_.warmup_steps; }
   double forward() const { return fwd_; }
   double backward() const { return bwd_; }
   /// The running estimates (0: not measured yet; a direction never waited for stays 0).

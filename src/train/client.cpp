@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <deque>
@@ -157,6 +158,9 @@ class ClientTrainer::Run {
   std::unique_ptr<quant::Link> tail_link_;  // U-shaped split: this side receives the activations at the tail split
   // budget=auto: the budgets chosen from the link and compute measured this session, and this step's measurements.
   std::optional<AutoBudget> auto_budget_;
+  // U-shaped split, budget=auto: the budget chosen for the server's gates at M, and the one it was
+  // last told on this connection (BIT_SYNC `tail_fwd_budget`).
+  std::optional<double> tail_fwd_budget_, tail_fwd_budget_sent_;
   LinkSample link_sample_;
   int64_t step_ = 0;      // optimizer steps completed
   int64_t position_ = 0;  // training examples consumed
@@ -397,16 +401,30 @@ wire::Status ClientTrainer::Run::connect(const Connector& connect, std::unique_p
   return s;
 }
 
+namespace {
+// A budget=auto choice within a codec's own range.
+double within(double budget, const quant::CodecSpec& spec) {
+  return std::clamp(budget, spec.budget_floor, static_cast<double>(spec.bits_max));
+}
+}  // namespace
+
 wire::Status ClientTrainer::Run::train(wire::Channel& ch) {
   Progress progress(step_, c_.schedule.steps, c_.progress_bar);
   if (link_->forward_budget_auto() || link_->backward_budget_auto()) {
-    // Measured again on every connection: a reconnect may take another path.
+    // Measured again on every connection: a reconnect may take another path. A U-shaped split's
+    // codecs at M share their direction's budget (check_tail_codecs): each keeps its own range.
     const quant::CodecSpec &f = link_->forward_spec(), &b = link_->backward_spec();
     AutoBudgetOptions o;
     o.fwd_floor = f.budget_floor, o.fwd_max = f.bits_max;
     o.bwd_floor = b.budget_floor, o.bwd_max = b.bits_max;
+    if (tail_link_) {
+      const quant::CodecSpec &tf = tail_link_->forward_spec(), &tb = tail_link_->backward_spec();
+      o.fwd_floor = std::min(o.fwd_floor, tb.budget_floor), o.fwd_max = std::max<double>(o.fwd_max, tb.bits_max);
+      o.bwd_floor = std::min(o.bwd_floor, tf.budget_floor), o.bwd_max = std::max<double>(o.bwd_max, tf.bits_max);
+    }
     auto_budget_.emplace(o, link_->forward_target(), link_->backward_target());
     link_sample_ = {};
+    tail_fwd_budget_.reset(), tail_fwd_budget_sent_.reset();  // the server keeps its own until told
   }
   const int64_t last = c_.stop_after >= 0 ? std::min<int64_t>(c_.stop_after, c_.schedule.steps) : c_.schedule.steps;
   wire::Status s;
@@ -435,11 +453,25 @@ wire::Status ClientTrainer::Run::train_step(wire::Channel& ch, StepRecord* rec) 
   const int64_t step = step_;
   rec->step = step;
   rec->lr = c_.schedule.lr_at(step);
-  if (auto budget = link_->backward_budget_to_sync(step)) {
-    wire::Status s = detail::send_control(ch, wire::ControlKind::kBitSync, {{"step", step}, {"budget", *budget}});
-    if (!s.ok()) return s;
+  {
+    nlohmann::json sync{{"step", step}};
+    if (auto budget = link_->backward_budget_to_sync(step)) sync["budget"] = *budget;
+    if (tail_fwd_budget_ && tail_fwd_budget_ != tail_fwd_budget_sent_) {
+      sync["tail_fwd_budget"] = *tail_fwd_budget_;  // the server's gates at M
+      tail_fwd_budget_sent_ = tail_fwd_budget_;
+    }
+    if (sync.size() > 1) {
+      wire::Status s = detail::send_control(ch, wire::ControlKind::kBitSync, sync);
+      if (!s.ok()) return s;
+    }
   }
-  if (tail_link_) tail_link_->follow_backward_schedule(step);
+  if (tail_link_) {
+    tail_link_->follow_backward_schedule(step);
+    const double b = tail_link_->backward_spec().codec == quant::CodecId::kAmaq
+                         ? tail_link_->backward_budget()
+                         : tail_link_->backward_spec().nominal_bits();
+    rec->tail_bwd_bits = BitsStats{b, b, b};
+  }
   const auto t_begin = Clock::now();
   compute::run([&] {
     side_.zero_grad();
@@ -586,13 +618,15 @@ wire::Status ClientTrainer::Run::run_tail(wire::Channel& ch, const wire::Frame& 
   if (!s.ok()) return s;
   if (tm.step != static_cast<uint64_t>(step) || tm.micro_batch != static_cast<uint32_t>(in.m))
     return wire::Status::Fail(wire::ErrorCode::kBadMessage, "TAIL_FORWARD for another step or micro-batch");
+  link_sample_.add_down(f.payload.size(), f.arrival_seconds);
   const auto t0 = Clock::now();
   std::string payload;
   compute::run([&] {
     at::Tensor h;
     const auto c0 = Clock::now();
     try {
-      h = tail_link_->receive_activations(tm.packet, side_.device(), in.value.numel());
+      rec->tail_fwd_bits.emplace();
+      h = tail_link_->receive_activations(tm.packet, side_.device(), in.value.numel(), &*rec->tail_fwd_bits);
     } catch (const Error& err) {
       s = wire::Status::Fail(wire::ErrorCode::kBadMessage, err.what());
       return;
@@ -651,8 +685,22 @@ void ClientTrainer::Run::log_step(StepRecord* rec, const wire::Channel& ch, cons
     l.compute_seconds = std::max(rec->client_seconds, rec->server_seconds);
     l.elements = rec->elements;
     l.fwd_bits = rec->fwd_bits.mean, l.bwd_bits = rec->bwd_bits.mean;
+    if (tail_link_) {  // each direction carries both cuts' tensors, as many elements each
+      l.fwd_bits = (l.fwd_bits + rec->tail_bwd_bits->mean) / 2;
+      l.bwd_bits = (l.bwd_bits + rec->tail_fwd_bits.value_or(rec->bwd_bits).mean) / 2;
+    }
     l.fwd_bytes = rec->fwd_wire_bytes, l.bwd_bytes = rec->bwd_wire_bytes;
-    if (auto_budget_->observe(l)) link_->set_auto_budgets(auto_budget_->forward(), auto_budget_->backward());
+    if (auto_budget_->observe(l)) {
+      link_->set_auto_budgets(within(auto_budget_->forward(), link_->forward_spec()),
+                              within(auto_budget_->backward(), link_->backward_spec()));
+    }
+    // At M the activations travel down and the gradients up; set once choosing (a reconnected
+    // session's first choice may equal the budgets restored at K but not those at M).
+    if (tail_link_ && auto_budget_->choosing()) {
+      if (tail_link_->forward_budget_auto())
+        tail_fwd_budget_ = within(auto_budget_->backward(), tail_link_->forward_spec());
+      tail_link_->set_auto_budgets(0, within(auto_budget_->forward(), tail_link_->backward_spec()));
+    }
     l = {};
     rec->auto_budget = StepRecord::AutoBudgetRecord{
         link_->forward_target(), link_->backward_target(), auto_budget_->up_bytes_per_second(),

@@ -50,6 +50,8 @@ nlohmann::json StepRecord::to_json() const {
                    {"tokens", tokens},
                    {"tokens_per_second", tokens_per_second}};
   if (!fwd_map.empty()) j["fwd_map"] = fwd_map;
+  if (tail_fwd_bits) j["tail_fwd_bits"] = bits(*tail_fwd_bits);
+  if (tail_bwd_bits) j["tail_bwd_bits"] = bits(*tail_bwd_bits);
   if (auto_budget) {
     const AutoBudgetRecord& a = *auto_budget;
     j["auto_budget"] = {{"fwd", a.fwd},
@@ -173,6 +175,10 @@ std::vector<StepRecord> read_metrics(const std::string& path) {
       dst->mean = j[key]["mean"];
       dst->min = j[key]["min"];
       dst->max = j[key]["max"];
+    }
+    for (auto [key, dst] :
+         {std::pair{"tail_fwd_bits", &r.tail_fwd_bits}, std::pair{"tail_bwd_bits", &r.tail_bwd_bits}}) {
+      if (j.contains(key)) *dst = BitsStats{j[key]["mean"], j[key]["min"], j[key]["max"]};
     }
     r.fwd_wire_bytes = j["fwd_wire_bytes"];
     r.bwd_wire_bytes = j["bwd_wire_bytes"];

@@ -24,6 +24,8 @@ struct StepRecord {
   double lr = 0;
   double grad_norm = 0;  ///< global, before clipping
   BitsStats fwd_bits, bwd_bits;
+  /// U-shaped split: the widths at the tail split (activations down, gradients up).
+  std::optional<BitsStats> tail_fwd_bits, tail_bwd_bits;
   uint64_t fwd_wire_bytes = 0, bwd_wire_bytes = 0;             ///< whole frames, headers included
   uint64_t fwd_packet_bytes = 0, bwd_packet_bytes = 0;         ///< the codecs' packets (their headers included)
   uint64_t forward_frame_bytes = 0, backward_frame_bytes = 0;  ///< the FORWARD / BACKWARD frames alone

@@ -2,6 +2,7 @@
 // A session opens its run from the client's SCHEDULE, then answers each message with its handler.
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <deque>
@@ -89,6 +90,9 @@ class TrainServer::Session {
   void record_micro_batch(uint64_t fwd_packet_bytes, uint64_t bwd_packet_bytes, uint64_t elements, double seconds);
   wire::Status on_control(const wire::Frame& f);
   wire::Status on_step(const nlohmann::json& j);
+  /// BIT_SYNC: the backward budget at the split; in a U-shaped run with budget=auto, the budget the
+  /// tail link's gates (this side's) walk to.
+  wire::Status on_bit_sync(const nlohmann::json& j);
   /// A federation member whose last STEP is not yet part of a complete round waits for it (its
   /// weights are the round's); false when the wait failed (`*s` says why).
   bool wait_for_round(wire::Status* s);
@@ -241,11 +245,10 @@ wire::ServerPolicy TrainServer::policy() const {
     p.tail_bwd_codec = cfg_.tail_bwd_codec.to_string();
   }
   if (cfg_.client_codecs) {
-    p.accept_codecs = [tail = cfg_.tail_split != 0](const std::string& fwd, const std::string& bwd) {
+    // Each cut's pair here; a U-shaped run's four together when the run is built.
+    p.accept_codecs = [](const std::string& fwd, const std::string& bwd) {
       try {
-        const quant::CodecSpec f = quant::CodecSpec::parse(fwd), b = quant::CodecSpec::parse(bwd);
-        quant::Link::validate(f, b);
-        if (tail) check_tail_codecs(f, b, f, b);
+        quant::Link::validate(quant::CodecSpec::parse(fwd), quant::CodecSpec::parse(bwd));
       } catch (const Error& e) {
         return wire::Status::Fail(wire::ErrorCode::kCodecMismatch,
                                   std::string("codecs this server cannot serve: ") + e.what());
@@ -462,6 +465,16 @@ wire::Status TrainServer::Session::build_run() {
     }
     wire::Status s = srv_.join_federation(federation_, fed_clients_, run_id_, &fed_);
     if (!s.ok()) return fail(s);
+  }
+  if (cfg_.client_codecs && cfg_.tail_split != 0) {
+    try {
+      check_tail_codecs(quant::CodecSpec::parse(hello_->fwd_codec), quant::CodecSpec::parse(hello_->bwd_codec),
+                        quant::CodecSpec::parse(hello_->tail_fwd_codec),
+                        quant::CodecSpec::parse(hello_->tail_bwd_codec));
+    } catch (const Error& e) {
+      return fail(wire::Status::Fail(wire::ErrorCode::kCodecMismatch,
+                                     std::string("codecs this server cannot serve: ") + e.what()));
+    }
   }
   bool own_state = true;  // whether a resumed run restores the server side from its checkpoint
   compute::run([&] {
@@ -772,8 +785,7 @@ wire::Status TrainServer::Session::on_control(const wire::Frame& f) {
     }
     switch (cm.kind) {
       case wire::ControlKind::kBitSync:
-        link_->set_backward_budget(j.at("budget").get<double>());
-        return wire::Status::Ok();
+        return on_bit_sync(j);
       case wire::ControlKind::kStep:
         return on_step(j);
       case wire::ControlKind::kCheckpoint:
@@ -789,6 +801,28 @@ wire::Status TrainServer::Session::on_control(const wire::Frame& f) {
     return fail(bad(std::string("CONTROL: ") + e.what()));
   }
   return fail(bad("CONTROL kind " + std::to_string(static_cast<int>(cm.kind)) + " is not expected during training"));
+}
+
+wire::Status TrainServer::Session::on_bit_sync(const nlohmann::json& j) {
+  const auto budget = [&](const char* key, double* out) {
+    if (!j.contains(key)) return false;
+    *out = j.at(key).get<double>();
+    return true;
+  };
+  double b = 0;
+  if (budget("budget", &b)) {
+    if (!(b >= 1 && b <= 8)) return fail(bad("BIT_SYNC budget " + std::to_string(b) + " outside [1, 8]"));
+    link_->set_backward_budget(b);
+  }
+  if (budget("tail_fwd_budget", &b)) {
+    if (!tail_link_ || !tail_link_->forward_budget_auto())
+      return fail(bad("BIT_SYNC with a tail budget, but this run's tail codec has no budget=auto"));
+    if (!(b >= 1 && b <= 8)) return fail(bad("BIT_SYNC tail budget " + std::to_string(b) + " outside [1, 8]"));
+    const quant::CodecSpec& tf = tail_link_->forward_spec();
+    tail_link_->set_auto_budgets(std::clamp(b, tf.budget_floor, static_cast<double>(tf.bits_max)),
+                                 tail_link_->backward_target());
+  }
+  return wire::Status::Ok();
 }
 
 // STEP: clip by the client's global coefficient and step (taken when the next message needs the weights);

@@ -191,8 +191,9 @@ struct RunResult {
   std::string summary;  ///< the summary table printed at the end
 };
 
-/// U-shaped split: the codecs at the tail split go together (quant::Link::validate), and no codec of
-/// the run has budget=auto (it measures one link's two directions). Throws amaq::Error naming the codec.
+/// U-shaped split: the codecs at the tail split go together (quant::Link::validate), and budget=auto
+/// is given to both codecs of a direction or to neither (up: --fwd-codec and --tail-bwd-codec; down:
+/// --bwd-codec and --tail-fwd-codec): it chooses one budget per direction. Throws amaq::Error naming them.
 void check_tail_codecs(const quant::CodecSpec& fwd, const quant::CodecSpec& bwd, const quant::CodecSpec& tail_fwd,
                        const quant::CodecSpec& tail_bwd);
 

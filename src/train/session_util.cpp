@@ -87,14 +87,19 @@ namespace amaq::train {
 void check_tail_codecs(const quant::CodecSpec& fwd, const quant::CodecSpec& bwd, const quant::CodecSpec& tail_fwd,
                        const quant::CodecSpec& tail_bwd) {
   quant::Link::validate(tail_fwd, tail_bwd);
-  for (const quant::CodecSpec* c : {&fwd, &bwd, &tail_fwd, &tail_bwd}) {
-    if (c->auto_budget) {
-      throw Error("codec " + c->to_string() +
-                      " picks its budget from the link (budget=auto), which a U-shaped split "
-                      "does not measure yet",
-                  "give a fixed budget (e.g. amaq:budget=4), or leave out --tail-split");
-    }
-  }
+  // budget=auto picks one budget per direction of the link, for both tensors that travel it.
+  const auto same_direction = [](const quant::CodecSpec& a, const char* a_flag, const quant::CodecSpec& b,
+                                 const char* b_flag, const char* direction) {
+    if (a.auto_budget == b.auto_budget) return;
+    const bool first = a.auto_budget;
+    throw Error(std::string("budget=auto in ") + (first ? a_flag : b_flag) + " " + (first ? a : b).to_string() +
+                    " but not in " + (first ? b_flag : a_flag) + " " + (first ? b : a).to_string() +
+                    ": with --tail-split both travel " + direction +
+                    ", and budget=auto chooses one budget for each direction of the link",
+                "give budget=auto to both, or to neither");
+  };
+  same_direction(fwd, "--fwd-codec", tail_bwd, "--tail-bwd-codec", "up");
+  same_direction(bwd, "--bwd-codec", tail_fwd, "--tail-fwd-codec", "down");
 }
 
 }  // namespace amaq::train

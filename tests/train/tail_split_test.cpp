@@ -22,6 +22,7 @@
 #include "train/session.h"
 #include "wire/channel.h"
 #include "wire/handshake.h"
+#include "wire/link_emulator.h"
 #include "wire/messages.h"
 
 namespace amaq::train {
@@ -233,6 +234,56 @@ TEST(TailSplit, InFlightEqualsSerialWithNoneFixedAndAqsgd) {
   expect_tail_resume_matches("aqsgd:bits=3", "aqsgd:bits=8", "aqsgd:bits=4", "aqsgd:bits=8", 3);
 }
 
+// budget=auto in a U-shaped run: each direction's budget serves both tensors that travel it (up:
+// the activations at K and the gradients at M; down: the gradients at K and the activations at M,
+// whose gates are on the server, told by BIT_SYNC). Over a 2 Mbit/s link each codec ends at its
+// own floor; over loopback every budget stays at bmax.
+TEST(TailSplit, AutoBudgetTakesEachDirectionsFloorsOnASlowLinkAndBmaxOnLoopback) {
+  testing::TempDir tmp;
+  ClientConfig c = tail_config(tmp, "slow");
+  c.batch = 8;
+  c.seq_len = 64;
+  c.schedule.steps = 7;
+  c.schedule.warmup = 0;
+  c.fwd_codec = c.tail_fwd_codec = quant::CodecSpec::parse("amaq:budget=auto,decay=2");
+  c.bwd_codec = c.tail_bwd_codec = quant::CodecSpec::parse("amaq:budget=auto,bmin=4,floor=4,decay=2");
+  TcpTrainServer tcp(tail_server_for(c));
+  const uint16_t server_port = tcp.server.port();
+  wire::LinkEmulator link(0, "127.0.0.1", server_port, wire::LinkSpec::parse("2mbit/4ms"));
+  for (const uint16_t port : {link.port(), server_port}) {
+    SCOPED_TRACE(port == link.port() ? "2 Mbit/s" : "loopback");
+    const bool slow = port == link.port();
+    const RunResult r = run_over_tcp(c, port);
+    ASSERT_EQ(r.steps.size(), 7u);
+    for (const StepRecord& s : r.steps) {
+      ASSERT_TRUE(s.auto_budget.has_value()) << s.step;
+      ASSERT_TRUE(s.tail_fwd_bits.has_value() && s.tail_bwd_bits.has_value()) << s.step;
+      if (s.step < 2) continue;  // warm-up: measured only
+      EXPECT_EQ(s.auto_budget->fwd, slow ? 3 : 8) << s.step;
+      EXPECT_EQ(s.auto_budget->bwd, slow ? 4 : 8) << s.step;
+    }
+    const StepRecord& last = r.steps.back();
+    if (slow) {
+      EXPECT_LE(last.fwd_bits.mean, 3);
+      EXPECT_LE(last.bwd_bits.mean, 4);
+      EXPECT_LE(last.tail_fwd_bits->mean, 3);  // the server's gates walked to the floor it was told
+      EXPECT_LE(last.tail_bwd_bits->mean, 4);
+      // Both ends' checkpoints hold the budgets chosen at M, for a resumed run to start from.
+      const auto state = [](const std::string& root) {
+        return nlohmann::json::parse(read_file(join_path(checkpoint_path(root, 7), "state.json")));
+      };
+      EXPECT_EQ(state(join_path(c.run_dir, "checkpoints")).at("tail_link").at("bwd_auto_budget"), 4.0);
+      const auto server_runs = list_subdirs(c.run_dir + "-server");
+      ASSERT_EQ(server_runs.size(), 1u);
+      EXPECT_EQ(state(join_path(c.run_dir + "-server", server_runs[0])).at("tail_link").at("fwd_auto_budget"), 3.0);
+    } else {
+      EXPECT_GT(last.tail_fwd_bits->mean, 7);
+      EXPECT_GT(last.tail_bwd_bits->mean, 7);
+    }
+    c.run_dir = tmp.file("loopback");
+  }
+}
+
 // `amaq export`: one PEFT adapter for the whole model (client head and tail, server middle), which
 // loaded into the unsplit model gives the run's final evaluation.
 TEST(TailSplit, ExportIsOneAdapterThatEvaluatesAsTheRunDid) {
@@ -281,7 +332,11 @@ TEST(TailSplit, MismatchesAndUnsupportedOptionsAreRefusedByName) {
   EXPECT_AMAQ_ERROR(ClientTrainer(bad).run({}), "tail split 1 is outside [2, 4]");
   bad.tail_split = 3;
   bad.tail_fwd_codec = quant::CodecSpec::parse("amaq:budget=auto");
-  EXPECT_AMAQ_ERROR(ClientTrainer(bad).run({}), "budget=auto");
+  EXPECT_AMAQ_ERROR(ClientTrainer(bad).run({}), "but not in --bwd-codec none:fp32: with --tail-split both travel down");
+  bad.tail_fwd_codec = c.tail_fwd_codec;
+  bad.fwd_codec = quant::CodecSpec::parse("amaq:budget=auto");
+  EXPECT_AMAQ_ERROR(ClientTrainer(bad).run({}),
+                    "but not in --tail-bwd-codec none:fp32: with --tail-split both travel up");
   ServerConfig graphs = tail_server_for(c);
   graphs.side.cuda_graph = true;
   EXPECT_AMAQ_ERROR(TrainServer{graphs}, "--cuda-graph");
@@ -387,6 +442,17 @@ TEST(TailSplit, HostileTailMessagesAreRefusedByNameAndTheServerKeepsServing) {
               forwards({0, 1}, wire::Frame{wire::MessageType::kControl, 0,
                                            wire::ControlMsg{wire::ControlKind::kStep, step_body, ""}.encode()}));
   EXPECT_NE(s.message.find("CONTROL while 2 micro-batch(es) of the step still wait for their TAIL_BACKWARD"),
+            std::string::npos)
+      << s.message;
+  // BIT_SYNC: a budget out of range, and a budget for gates at M this run does not have.
+  const auto bit_sync = [](const nlohmann::json& j) {
+    return wire::Frame{wire::MessageType::kControl, 0,
+                       wire::ControlMsg{wire::ControlKind::kBitSync, j.dump(), ""}.encode()};
+  };
+  s = session("7123456789abcdef", forwards({}, bit_sync({{"step", 0}, {"budget", 1e9}})));
+  EXPECT_NE(s.message.find("BIT_SYNC budget 1000000000.000000 outside [1, 8]"), std::string::npos) << s.message;
+  s = session("8123456789abcdef", forwards({}, bit_sync({{"step", 0}, {"tail_fwd_budget", 3}})));
+  EXPECT_NE(s.message.find("BIT_SYNC with a tail budget, but this run's tail codec has no budget=auto"),
             std::string::npos)
       << s.message;
 
