@@ -133,7 +133,8 @@ class TrainServer::Session {
   // U-shaped split: micro-batches sent out as TAIL_FORWARD whose TAIL_BACKWARD has not come yet, in
   // order (the client's --in-flight keeps several on their way); at most the step's micro-batches.
   struct TailPending {
-    Inputs in;
+    uint64_t step = 0, forward_packet_bytes = 0;  // (the FORWARD's views into its frame are not kept)
+    uint32_t micro_batch = 0;
     at::Tensor h;                 // the activations at K, a leaf whose gradient goes back
     quant::SentActivations sent;  // the activations at M as sent (in this side's graph)
     double seconds = 0, codec_seconds = 0;
@@ -640,6 +641,7 @@ void TrainServer::Session::record_micro_batch(uint64_t fwd_packet_bytes, uint64_
 // TAIL_FORWARD. The graph waits for the client's TAIL_BACKWARD (on_tail_backward); meanwhile the
 // next micro-batches' FORWARDs may come (the client's --in-flight), in order, at most the step's.
 wire::Status TrainServer::Session::on_forward_tail(const wire::Frame& f) {
+  Inputs in;
   TailPending p;
   wire::HeartbeatScope alive(ch_, std::chrono::seconds(2));
   const auto t0 = Clock::now();
@@ -647,10 +649,10 @@ wire::Status TrainServer::Session::on_forward_tail(const wire::Frame& f) {
   wire::Status s = compute::run([&] {
     take_pending_step();
     const auto d0 = Clock::now();
-    wire::Status ds = decode_inputs(f, true, &p.in);
+    wire::Status ds = decode_inputs(f, true, &in);
     p.codec_seconds += seconds_since(d0);
     if (!ds.ok()) return ds;
-    const wire::ForwardMsg& fm = p.in.msg;
+    const wire::ForwardMsg& fm = in.msg;
     if (tail_started_ >= schedule_.micro_batches) {
       return bad("FORWARD for micro-batch " + std::to_string(fm.micro_batch) + ", beyond the step's " +
                  std::to_string(schedule_.micro_batches) + " (a STEP comes first)");
@@ -660,8 +662,8 @@ wire::Status TrainServer::Session::on_forward_tail(const wire::Frame& f) {
                  ", but the server expects step " + std::to_string(step_) + " micro-batch " +
                  std::to_string(tail_started_));
     }
-    p.h = p.in.h.to(side().part->dtype()).requires_grad_(true);
-    const at::Tensor out = side().part->forward(p.h, p.in.mask);
+    p.h = in.h.to(side().part->dtype()).requires_grad_(true);
+    const at::Tensor out = side().part->forward(p.h, in.mask);
     const auto e0 = Clock::now();
     p.sent = tail_link_->send_activations(out, static_cast<int64_t>(fm.step), fm.micro_batch, fm.sample_ids);
     p.codec_seconds += seconds_since(e0);
@@ -676,6 +678,7 @@ wire::Status TrainServer::Session::on_forward_tail(const wire::Frame& f) {
   if (!s.ok()) return fail(s);
   p.seconds = seconds_since(t0);
   p.forward_arrival_seconds = f.arrival_seconds;
+  p.step = in.msg.step, p.micro_batch = in.msg.micro_batch, p.forward_packet_bytes = in.msg.packet.size();
   ++tail_started_;
   tail_pending_.push_back(std::move(p));
   s = ch_.send({wire::MessageType::kTailForward, 0, std::move(tail_payload)});
@@ -691,11 +694,10 @@ wire::Status TrainServer::Session::on_tail_backward(const wire::Frame& f) {
   const auto t0 = Clock::now();
   TailPending p = std::move(tail_pending_.front());
   tail_pending_.pop_front();
-  const wire::ForwardMsg& fm = p.in.msg;
   wire::BackwardMsg tb, bm;
   std::string packet;
   wire::Status s = wire::BackwardMsg::decode(f.payload, &tb);
-  if (s.ok() && (tb.step != fm.step || tb.micro_batch != fm.micro_batch))
+  if (s.ok() && (tb.step != p.step || tb.micro_batch != p.micro_batch))
     s = bad("TAIL_BACKWARD for another step or micro-batch");
   if (s.ok()) {
     s = compute::run([&] {
@@ -710,26 +712,26 @@ wire::Status TrainServer::Session::on_tail_backward(const wire::Frame& f) {
       p.codec_seconds += seconds_since(d0);
       // d(sum(value * dh))/dvalue = dh: the client's gradient enters this side's graph unchanged.
       at::Tensor surrogate = (p.sent.value * dh.to(p.sent.value.scalar_type())).sum();
-      at::Tensor reg = tail_link_->regularizer(static_cast<int64_t>(fm.step), schedule_.micro_batches, nullptr);
+      at::Tensor reg = tail_link_->regularizer(static_cast<int64_t>(p.step), schedule_.micro_batches, nullptr);
       if (reg.defined()) surrogate = surrogate + reg;
       surrogate.backward();
       const auto e0 = Clock::now();
-      packet = link_->send_gradients(p.h.grad(), static_cast<int64_t>(fm.step), fm.micro_batch);
+      packet = link_->send_gradients(p.h.grad(), static_cast<int64_t>(p.step), p.micro_batch);
       p.codec_seconds += seconds_since(e0);
-      const bool last = fm.micro_batch + 1 == static_cast<uint64_t>(schedule_.micro_batches);
+      const bool last = p.micro_batch + 1 == static_cast<uint64_t>(schedule_.micro_batches);
       bm.grad_sq_norm = last ? side().grad_sq_norm() : 0.0;
       return wire::Status::Ok();
     });
   }
   if (!s.ok()) return fail(s);
   const double seconds = p.seconds + seconds_since(t0);
-  bm.step = fm.step;
-  bm.micro_batch = fm.micro_batch;
+  bm.step = p.step;
+  bm.micro_batch = p.micro_batch;
   bm.server_seconds = static_cast<float>(seconds);
   bm.server_codec_seconds = static_cast<float>(p.codec_seconds);
   bm.forward_arrival_seconds = static_cast<float>(p.forward_arrival_seconds);
-  record_micro_batch(fm.packet.size() + tb.packet.size(), packet.size() + p.sent.packet.size(),
-                     static_cast<uint64_t>(p.in.h.numel()), seconds);
+  record_micro_batch(p.forward_packet_bytes + tb.packet.size(), packet.size() + p.sent.packet.size(),
+                     static_cast<uint64_t>(p.h.numel()), seconds);
   bm.packet = packet;
   s = ch_.send({wire::MessageType::kBackward, 0, bm.encode()});
   return s.ok() ? s : dropped(s);
