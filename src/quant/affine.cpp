@@ -455,7 +455,7 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
     // scale, a power of two known only at the end; relative to any power of two under which a
     // bound is a normal fp16 number it rounds alike (pow2_scale), so each block rounds relative to
     // its own and the fp16 numbers are re-expressed at the end (exactly). A block with a nonzero
-    // bound below fp16's normal range relative to the tensor's scale (groups 2^14 times smaller
+    // bound below fp16's normal range relative to the tensor's scale (groups 2^28 times smaller
     // than the tensor's largest |value|) is encoded again once the scale is known.
     std::vector<float> lo(static_cast<size_t>(G)), hi(static_cast<size_t>(G));
     const int64_t group = layout.granularity == Granularity::kToken ? cols : layout.group;
@@ -517,7 +517,7 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
                   "scale the activations down, or drop rot=hadamard");
     }
     q.scale = pow2_scale(max_abs);
-    const float smallest_normal = std::ldexp(q.scale, -14);  // fp16's smallest normal, relative to the scale
+    const float smallest_normal = std::ldexp(q.scale, -14);  // fp16's smallest normal relative to the scale
     std::vector<std::pair<int64_t, int64_t>> again;
     for (int64_t u = 0; u < static_cast<int64_t>(blocks.size()); ++u) {
       const Block& k = blocks[u];

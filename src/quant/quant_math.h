@@ -33,16 +33,18 @@ AMAQ_HD float stochastic_uniform(uint64_t seed, uint64_t index) {
   return static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
 }
 
-/// The tensor scale of affine ranges: the smallest power of two >= max_abs (at most 2^127), or 1 for
-/// an all-zero tensor. A power of two, so that a bound's fp16 relative to it is the bound rounded to
-/// fp16's 11 significant bits, as relative to any other power of two under which it is a normal fp16
-/// number too: an encoder can round a block's bounds before it has seen the whole tensor.
+/// The tensor scale of affine ranges: the power of two that puts max_abs in [2^14, 2^15) (at least
+/// 2^-149, fp32's smallest), or 1 for an all-zero tensor. Relative to it the bounds use fp16's whole
+/// range: normal (11 significant bits) down to 2^-28 of the largest, none above 32768. A power of
+/// two, so that a bound's fp16 relative to it is the bound rounded to 11 significant bits, as
+/// relative to any other power of two under which it is a normal fp16 number too: an encoder can
+/// round a block's bounds before it has seen the whole tensor.
 AMAQ_HD float pow2_scale(float max_abs) {
   if (!(max_abs > 0)) return 1.0f;
   int e = 0;
-  const float m = frexpf(max_abs, &e);  // max_abs = m * 2^e, m in [0.5, 1)
-  if (m == 0.5f) --e;
-  return ldexpf(1.0f, e < 127 ? e : 127);
+  frexpf(max_abs, &e);   // max_abs = m * 2^e, m in [0.5, 1)
+  const int k = e - 15;  // max_abs / 2^k in [2^14, 2^15)
+  return ldexpf(1.0f, k > -149 ? k : -149);
 }
 
 /// The one formula for an affine step of b bits over [lo, hi].

@@ -52,10 +52,10 @@ def half_rounded(v, up):
 
 
 def pow2_scale(amax):
-    """amaq's tensor scale: the smallest power of two >= max |x| (at most 2^127), 1 for all zeros."""
-    m, e = torch.frexp(amax)
-    e = (e - (m == 0.5).to(e.dtype)).clamp(max=127)
-    return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), e), torch.ones_like(amax))
+    """amaq's tensor scale: the power of two putting max |x| in [2^14, 2^15) (>= 2^-149), 1 for all zeros."""
+    _, e = torch.frexp(amax)
+    k = (e - 15).clamp(min=-149)
+    return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), k), torch.ones_like(amax))
 
 
 def make_codec(bits):
