@@ -259,6 +259,10 @@ std::string CodecSpec::to_string() const {
   return "?";
 }
 
+double CodecSpec::within_budget_range(double b) const {
+  return std::clamp(b, budget_floor, static_cast<double>(bits_max));
+}
+
 double CodecSpec::nominal_bits() const {
   switch (codec) {
     case CodecId::kNone:

@@ -68,6 +68,8 @@ struct CodecSpec {
   std::string to_string() const;
   /// Mean bits per element the codec aims at (nominal; packets report the measured figure).
   double nominal_bits() const;
+  /// budget=auto: a chosen budget within this codec's own range, [budget_floor, bits_max].
+  double within_budget_range(double budget) const;
 };
 
 const char* codec_name(CodecId id);

@@ -401,13 +401,6 @@ wire::Status ClientTrainer::Run::connect(const Connector& connect, std::unique_p
   return s;
 }
 
-namespace {
-// A budget=auto choice within a codec's own range.
-double within(double budget, const quant::CodecSpec& spec) {
-  return std::clamp(budget, spec.budget_floor, static_cast<double>(spec.bits_max));
-}
-}  // namespace
-
 wire::Status ClientTrainer::Run::train(wire::Channel& ch) {
   Progress progress(step_, c_.schedule.steps, c_.progress_bar);
   if (link_->forward_budget_auto() || link_->backward_budget_auto()) {
@@ -691,15 +684,15 @@ void ClientTrainer::Run::log_step(StepRecord* rec, const wire::Channel& ch, cons
     }
     l.fwd_bytes = rec->fwd_wire_bytes, l.bwd_bytes = rec->bwd_wire_bytes;
     if (auto_budget_->observe(l)) {
-      link_->set_auto_budgets(within(auto_budget_->forward(), link_->forward_spec()),
-                              within(auto_budget_->backward(), link_->backward_spec()));
+      link_->set_auto_budgets(link_->forward_spec().within_budget_range(auto_budget_->forward()),
+                              link_->backward_spec().within_budget_range(auto_budget_->backward()));
     }
     // At M the activations travel down and the gradients up; set once choosing (a reconnected
     // session's first choice may equal the budgets restored at K but not those at M).
     if (tail_link_ && auto_budget_->choosing()) {
       if (tail_link_->forward_budget_auto())
-        tail_fwd_budget_ = within(auto_budget_->backward(), tail_link_->forward_spec());
-      tail_link_->set_auto_budgets(0, within(auto_budget_->forward(), tail_link_->backward_spec()));
+        tail_fwd_budget_ = tail_link_->forward_spec().within_budget_range(auto_budget_->backward());
+      tail_link_->set_auto_budgets(0, tail_link_->backward_spec().within_budget_range(auto_budget_->forward()));
     }
     l = {};
     rec->auto_budget = StepRecord::AutoBudgetRecord{

@@ -820,9 +820,7 @@ wire::Status TrainServer::Session::on_bit_sync(const nlohmann::json& j) {
     if (!tail_link_ || !tail_link_->forward_budget_auto())
       return fail(bad("BIT_SYNC with a tail budget, but this run's tail codec has no budget=auto"));
     if (!(b >= 1 && b <= 8)) return fail(bad("BIT_SYNC tail budget " + std::to_string(b) + " outside [1, 8]"));
-    const quant::CodecSpec& tf = tail_link_->forward_spec();
-    tail_link_->set_auto_budgets(std::clamp(b, tf.budget_floor, static_cast<double>(tf.bits_max)),
-                                 tail_link_->backward_target());
+    tail_link_->set_auto_budgets(tail_link_->forward_spec().within_budget_range(b), tail_link_->backward_target());
   }
   return wire::Status::Ok();
 }
