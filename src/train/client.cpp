@@ -243,7 +243,6 @@ ClientTrainer::Run::Run(const ClientConfig& c)
   if (c_.tail_split != 0) {
     check_tail_split(model_, c_.split, c_.tail_split);
     check_tail_codecs(c_.fwd_codec, c_.bwd_codec, c_.tail_fwd_codec, c_.tail_bwd_codec);
-    if (!c_.federation.empty()) throw Error("--federation with --tail-split is not supported", "leave out one of them");
   }
   if (c_.seq_len > model_.max_position_embeddings && !c_.beyond_positions) {
     throw Error("--seq-len " + std::to_string(c_.seq_len) + " is longer than the model's max_position_embeddings (" +

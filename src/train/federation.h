@@ -6,12 +6,12 @@
 //
 // The shared side steps once per round: when every member has sent the STEP of its current step,
 // the members' gradients, each clipped by its own client's global coefficient and weighted by its
-// labelled tokens, are summed in run-id order and the side takes one AdamW step with the first
-// member's learning rate. Until then a member's next FORWARD waits (its weights would not be the
-// round's). Each member accumulates into its own gradients (swapped into the shared parameters for
-// its micro-batches), so a member's gradient is what a dedicated server computes for it: with one
-// member the federation is a normal run bit for bit, and two members with the same data and seed
-// are, too (g/2 + g/2 = g in floating point).
+// labelled tokens (input tokens in a U-shaped run: the server never sees labels), are summed in
+// run-id order and the side takes one AdamW step with the first member's learning rate. Until then
+// a member's next FORWARD waits (its weights would not be the round's). Each member accumulates into its own gradients
+// (swapped into the shared parameters for its micro-batches), so a member's gradient is what a dedicated server
+// computes for it: with one member the federation is a normal run bit for bit, and two members with the same data and
+// seed are, too (g/2 + g/2 = g in floating point).
 //
 // Membership: a run joins when its session opens and leaves when the session ends; a round completes
 // once at least --fed-clients runs have joined and every current member has sent its STEP or waits
@@ -61,7 +61,7 @@ class Federation {
   size_t leave(const std::string& run_id);
 
   // On the compute thread, around a member's micro-batch: its gradients in the shared parameters
-  // (install), and back out (uninstall), with the labelled tokens it trained on.
+  // (install), and back out (uninstall), with the tokens it trained on (labelled; U-shaped: input).
   void install(const std::string& run_id);
   void uninstall(const std::string& run_id, int64_t tokens);
 
@@ -87,7 +87,7 @@ class Federation {
  private:
   struct Member {
     std::vector<at::Tensor> grads;  // this round's, one per parameter of the shared side
-    int64_t tokens = 0;             // labelled tokens behind them
+    int64_t tokens = 0;             // tokens behind them (labelled; U-shaped: input)
     bool stepped = false;           // STEP sent for this round
     double lr = 0, coef = 1;
     int64_t round = 0;  // the round its STEP belongs to

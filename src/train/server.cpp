@@ -47,6 +47,26 @@ wire::Status read_step(const nlohmann::json& j, int64_t* step) {
   return wire::Status::Ok();
 }
 
+// A federation member's backward accumulates into its own gradients: in the shared parameters while
+// this lives (nothing without a federation), taken out with the tokens they were computed on.
+class FederationGradients {
+ public:
+  FederationGradients(Federation* fed, const std::string& run_id, int64_t tokens)
+      : fed_(fed), run_id_(run_id), tokens_(tokens) {
+    if (fed_) fed_->install(run_id_);
+  }
+  ~FederationGradients() {
+    if (fed_) fed_->uninstall(run_id_, tokens_);
+  }
+  FederationGradients(const FederationGradients&) = delete;
+  FederationGradients& operator=(const FederationGradients&) = delete;
+
+ private:
+  Federation* fed_;
+  const std::string& run_id_;
+  int64_t tokens_;
+};
+
 }  // namespace
 
 class TrainServer::Session {
@@ -139,6 +159,7 @@ class TrainServer::Session {
     quant::SentActivations sent;  // the activations at M as sent (in this side's graph)
     double seconds = 0, codec_seconds = 0;
     double forward_arrival_seconds = 0;
+    int64_t tokens = 0;  // the micro-batch's input tokens: its weight in a federation's round
   };
   std::deque<TailPending> tail_pending_;
   int64_t tail_started_ = 0;  // FORWARDs of this step taken so far
@@ -148,6 +169,7 @@ class TrainServer::Session {
   // client computes its own step and next forward, this process leaves the cores to it (on one
   // machine, two processes computing at once oversubscribe them).
   std::optional<std::pair<double, double>> pending_step_;
+  bool tail_gates_step_ = false;  // U-shaped: the tail link's gates step with the pending step
   double loss_sum_ = 0, seconds_ = 0;
   int micro_ = 0;
 };
@@ -452,11 +474,6 @@ wire::Status TrainServer::Session::build_run() {
                                        " already has checkpoints on the server\n  hint: resume it (--resume) "
                                        "instead of starting it again"));
   }
-  if (!federation_.empty() && cfg_.tail_split != 0) {
-    return fail(wire::Status::Fail(wire::ErrorCode::kFederation,
-                                   "this server runs a U-shaped split (--tail-split), which a federation cannot use"
-                                   "\n  hint: train without --federation"));
-  }
   if (!federation_.empty()) {
     if (cfg_.side.cuda_graph) {
       return fail(
@@ -568,16 +585,8 @@ wire::Status TrainServer::Session::on_forward(const wire::Frame& f) {
     codec_seconds += seconds_since(d0);
     if (!ds.ok()) return ds;
     const wire::ForwardMsg& fm = in.msg;
-    // A federation member accumulates into its own gradients, in the shared parameters while it computes.
-    struct Installed {
-      Federation* fed;
-      const std::string& run_id;
-      int64_t tokens;
-      ~Installed() {
-        if (fed) fed->uninstall(run_id, tokens);
-      }
-    } installed{fed_.get(), run_id_, fed_ ? (in.labels != kIgnoreLabel).sum().item<int64_t>() : 0};
-    if (fed_) fed_->install(run_id_);
+    const FederationGradients installed(fed_.get(), run_id_,
+                                        fed_ ? (in.labels != kIgnoreLabel).sum().item<int64_t>() : 0);
     // Eagerly the loss is checked before backward; a captured step (--cuda-graph) checks it after.
     at::Tensor h, loss, h_grad;
     if (side().options.cuda_graph) {
@@ -646,7 +655,9 @@ wire::Status TrainServer::Session::on_forward_tail(const wire::Frame& f) {
   wire::HeartbeatScope alive(ch_, std::chrono::seconds(2));
   const auto t0 = Clock::now();
   std::string tail_payload;
-  wire::Status s = compute::run([&] {
+  wire::Status s;
+  if (!wait_for_round(&s)) return s;
+  s = compute::run([&] {
     take_pending_step();
     const auto d0 = Clock::now();
     wire::Status ds = decode_inputs(f, true, &in);
@@ -663,6 +674,8 @@ wire::Status TrainServer::Session::on_forward_tail(const wire::Frame& f) {
                  std::to_string(tail_started_));
     }
     p.h = in.h.to(side().part->dtype()).requires_grad_(true);
+    // A federation weighs it by its input tokens: the server never sees which tokens have labels.
+    p.tokens = in.mask.defined() ? in.mask.sum().item<int64_t>() : in.h.size(0) * in.h.size(1);
     const at::Tensor out = side().part->forward(p.h, in.mask);
     const auto e0 = Clock::now();
     p.sent = tail_link_->send_activations(out, static_cast<int64_t>(fm.step), fm.micro_batch, fm.sample_ids);
@@ -710,6 +723,7 @@ wire::Status TrainServer::Session::on_tail_backward(const wire::Frame& f) {
       }
       if (dh.sizes() != p.sent.value.sizes()) return bad("TAIL_BACKWARD gradient shape differs from the activation's");
       p.codec_seconds += seconds_since(d0);
+      const FederationGradients installed(fed_.get(), run_id_, p.tokens);
       // d(sum(value * dh))/dvalue = dh: the client's gradient enters this side's graph unchanged.
       at::Tensor surrogate = (p.sent.value * dh.to(p.sent.value.scalar_type())).sum();
       at::Tensor reg = tail_link_->regularizer(static_cast<int64_t>(p.step), schedule_.micro_batches, nullptr);
@@ -838,6 +852,7 @@ wire::Status TrainServer::Session::on_step(const nlohmann::json& j) {
     fed_->submit_step(run_id_, lr, coef);
   else
     pending_step_ = {lr, coef};
+  tail_gates_step_ = tail_link_ != nullptr;
   nlohmann::json line{{"step", step},
                       {"lr", lr},
                       {"coef", coef},
@@ -869,14 +884,17 @@ bool TrainServer::Session::wait_for_round(wire::Status* s) {
 }
 
 void TrainServer::Session::take_pending_step() {
-  if (fed_) return fed_->take_pending_steps();
-  if (!pending_step_) return;
-  side().step(pending_step_->first, pending_step_->second);
-  side().zero_grad();
-  pending_step_.reset();
-  if (tail_link_) {  // the gates of the activations this side sends at the tail split
+  if (fed_) {
+    fed_->take_pending_steps();
+  } else if (pending_step_) {
+    side().step(pending_step_->first, pending_step_->second);
+    side().zero_grad();
+    pending_step_.reset();
+  }
+  if (tail_gates_step_) {  // the gates of the activations this side sends at the tail split: this run's own
     tail_link_->end_step(step_ - 1);
     tail_link_->begin_step();
+    tail_gates_step_ = false;
   }
 }
 

@@ -205,6 +205,85 @@ TEST(Federation, AMemberResumesFromItsCheckpointAsANormalRunDoes) {
   expect_same_checkpoint(server_root(normal.run_dir + "-server", normal), server_root(fed.run_dir + "-server", fed), 6);
 }
 
+// U-shaped (--tail-split): a member's gradients are installed around each TAIL_BACKWARD, with
+// micro-batches in flight and AMAQ at both cuts (the server's gates at M are each member's own).
+// Two members on the same data and seed train exactly as the one normal U-shaped run, on both sides.
+TEST(Federation, UShapedMembersOnTheSameDataTrainAsOneNormalUShapedRun) {
+  testing::TempDir tmp;
+  ClientConfig normal = tail_config(tmp, "normal");
+  normal.schedule.steps = 6;
+  normal.checkpoint_every = 3;
+  normal.fed_every = 2;
+  normal.in_flight = 2;
+  normal.fwd_codec = quant::CodecSpec::parse("amaq:budget=4,decay=4");
+  normal.bwd_codec = quant::CodecSpec::parse("fixed:bits=8");
+  normal.tail_fwd_codec = quant::CodecSpec::parse("amaq:budget=4,decay=4,gran=token");
+  normal.tail_bwd_codec = quant::CodecSpec::parse("fixed:bits=6");
+  normal.val_fraction = 0.2;
+  TrainServer alone(tail_server_for(normal));
+  const RunResult expected = run_in_process(alone, normal);
+  ASSERT_EQ(expected.steps.size(), 6u);
+
+  std::vector<ClientConfig> members;
+  for (const char* name : {"m0", "m1"}) {
+    ClientConfig c = normal;
+    c.run_dir = tmp.file(name);
+    c.federation = "u";
+    c.fed_clients = 2;
+    members.push_back(c);
+  }
+  ServerConfig sc = tail_server_for(members[0]);
+  sc.run_dir = tmp.file("fed-server");
+  TrainServer server(sc);
+  std::vector<std::string> errors;
+  const std::vector<RunResult> results = run_concurrently(server, members, &errors);
+  for (size_t i = 0; i < members.size(); ++i) {
+    SCOPED_TRACE(members[i].run_dir);
+    ASSERT_EQ(errors[i], "");
+    expect_same_steps(expected, results[i]);
+    for (int64_t step : {3, 6}) {
+      expect_same_checkpoint(normal.run_dir + "/checkpoints", members[i].run_dir + "/checkpoints", step);
+      expect_same_checkpoint(server_root(normal.run_dir + "-server", normal), server_root(sc.run_dir, members[i]),
+                             step);
+    }
+    expect_same_tensors(adapter_of(normal), adapter_of(members[i]));
+  }
+}
+
+// U-shaped members on different data: the head and tail are averaged with the rest of the client
+// side, the body is shared, so both end with the same tensors on both sides.
+TEST(Federation, UShapedMembersOnDifferentDataEndWithTheSameTensors) {
+  testing::TempDir tmp;
+  std::string other = corpus();
+  std::reverse(other.begin(), other.end());
+  testing::write_bytes(tmp.file("other.txt"), other);
+  std::vector<ClientConfig> members{tail_config(tmp, "m0"), tail_config(tmp, "m1")};
+  for (ClientConfig& c : members) {
+    c.schedule.steps = 5;
+    c.federation = "mixed-u";
+    c.fed_clients = 2;
+    c.fed_every = 2;
+    c.fwd_codec = c.tail_bwd_codec = quant::CodecSpec::parse("fixed:bits=6");
+  }
+  members[1].data = tmp.file("other.txt");
+  members[1].schedule.seed = 7;
+  TrainServer server(tail_server_for(members[0]));
+  std::vector<std::string> errors;
+  const std::vector<RunResult> results = run_concurrently(server, members, &errors);
+  ASSERT_EQ(errors[0], "");
+  ASSERT_EQ(errors[1], "");
+  EXPECT_NE(results[0].steps[0].task_loss, results[1].steps[0].task_loss);
+  expect_same_checkpoint(members[0].run_dir + "/checkpoints", members[1].run_dir + "/checkpoints", 5);
+  const std::string sr = members[0].run_dir + "-server";
+  expect_same_checkpoint(server_root(sr, members[0]), server_root(sr, members[1]), 5);
+  expect_same_tensors(adapter_of(members[0]), adapter_of(members[1]));
+  const auto state = load_safetensors(checkpoint_path(members[0].run_dir + "/checkpoints", 5) + "/state.safetensors");
+  bool tail_lora = false;  // the tail's layers are among what was averaged
+  for (const auto& [k, t] : state)
+    tail_lora |= k.find("layers.3.") != std::string::npos && k.find("lora_") != std::string::npos;
+  EXPECT_TRUE(tail_lora);
+}
+
 // Members out of phase (here: averaging every 2 and every 3 steps; after a resume, any phase) do not
 // wait for each other forever: a member waiting for an average sits the server's rounds out.
 TEST(Federation, MembersOutOfPhaseBothFinish) {

@@ -68,6 +68,23 @@ inline ServerConfig server_for(const ClientConfig& c, const SideOptions& side) {
   return s;
 }
 
+// A U-shaped run (--tail-split): the client holds layers [0, 1) and [tail_split, 4) of the fixture.
+inline ClientConfig tail_config(const testing::TempDir& tmp, const std::string& name, int64_t tail_split = 3) {
+  ClientConfig c = base_config(tmp, name);
+  c.split = 1;
+  c.tail_split = tail_split;
+  return c;
+}
+
+// The server for a U-shaped client configuration: its split, tail split and four codecs.
+inline ServerConfig tail_server_for(const ClientConfig& c) {
+  ServerConfig s = server_for(c, c.side);
+  s.tail_split = c.tail_split;
+  s.tail_fwd_codec = c.tail_fwd_codec;
+  s.tail_bwd_codec = c.tail_bwd_codec;
+  return s;
+}
+
 // An 8-step AMAQ run (the given forward and backward specs), evaluated every 4 steps on a 20%
 // validation split: where the device, CUDA-graph and report tests start.
 inline ClientConfig amaq_run_config(const testing::TempDir& tmp, const std::string& name, const std::string& fwd,

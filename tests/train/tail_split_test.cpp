@@ -28,21 +28,6 @@
 namespace amaq::train {
 namespace {
 
-ClientConfig tail_config(const testing::TempDir& tmp, const std::string& name, int64_t tail_split = 3) {
-  ClientConfig c = base_config(tmp, name);
-  c.split = 1;
-  c.tail_split = tail_split;
-  return c;
-}
-
-ServerConfig tail_server_for(const ClientConfig& c) {
-  ServerConfig s = server_for(c, c.side);
-  s.tail_split = c.tail_split;
-  s.tail_fwd_codec = c.tail_fwd_codec;
-  s.tail_bwd_codec = c.tail_bwd_codec;
-  return s;
-}
-
 TEST(TailSplit, UncompressedUShapedRunReproducesUnsplitTraining) {
   testing::TempDir tmp;
   for (const int64_t m : {3, 4}) {  // the server holds [1, 3); or [1, 4) with only norm and head on the client
