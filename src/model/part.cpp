@@ -121,7 +121,7 @@ at::Tensor DecoderPartImpl::forward(const at::Tensor& input, const at::Tensor& a
   if (!has_head()) return h;
   h = norm->forward(h);
   if (hidden) (*hidden)[config_.num_layers] = h;
-  return lm_head ? lm_head->forward(h) : functional::frozen_linear(h, embed_tokens->weight, {});
+  return logits(h);
 }
 
 at::Tensor DecoderPartImpl::forward_cached(const at::Tensor& input, std::vector<KvEntry>* cache) {
@@ -146,7 +146,22 @@ at::Tensor DecoderPartImpl::forward_cached(const at::Tensor& input, std::vector<
   }
   if (!has_head()) return h;
   h = norm->forward(h);
-  return lm_head ? lm_head->forward(h) : functional::frozen_linear(h, embed_tokens->weight, {});
+  return logits(h);
+}
+
+at::Tensor DecoderPartImpl::logits(const at::Tensor& h) {
+  if (lm_head) return lm_head->forward(h);
+  return functional::frozen_linear(h, tied_head_.defined() ? tied_head_ : embed_tokens->weight, {});
+}
+
+void DecoderPartImpl::tie_head_to(const at::Tensor& embed_weight) {
+  TORCH_CHECK(has_head() && !has_embedding() && lm_head, "tie_head_to: this part has no head of its own to tie");
+  TORCH_CHECK(embed_weight.sizes() == lm_head->weight.sizes() && embed_weight.scalar_type() == dtype_ &&
+                  embed_weight.device() == device_,
+              "tie_head_to: the embedding matrix differs from the head in shape, dtype or device");
+  unregister_module("lm_head");
+  lm_head = nullptr;
+  tied_head_ = embed_weight;
 }
 
 std::vector<std::pair<std::string, at::Tensor>> DecoderPartImpl::base_weights() {

@@ -64,8 +64,14 @@ class DecoderPartImpl : public torch::nn::Module {
   /// (HF module name such as "model.layers.3.mlp.up_proj", layer) for every linear layer.
   std::vector<std::pair<std::string, Linear>> linears();
   /// Makes every base weight trainable (full fine-tuning) or frozen. With tied embeddings split
-  /// across two parts, each side trains its own copy (the unsplit model shares one).
+  /// across two sides, each side trains its own copy (the unsplit model shares one; within one side,
+  /// tie_head_to).
   void set_base_trainable(bool trainable);
+  /// Ties this part's head (it holds no embedding) to `embed_weight`, another part's embedding
+  /// matrix: the tensor itself, not a copy, so that full fine-tuning trains the one matrix a tied
+  /// model has (the U-shaped client: [0, K) with the embedding and [M, L) with the head). The part's
+  /// own head is dropped; base_weights() no longer lists it.
+  void tie_head_to(const at::Tensor& embed_weight);
   /// Activation checkpointing: while gradients are on, each decoder layer keeps only its input and
   /// runs again in backward (less memory for long sequences, about one more forward of time).
   /// Refused when a LoRA layer has dropout; call after the adapters are attached.
@@ -87,6 +93,8 @@ class DecoderPartImpl : public torch::nn::Module {
   at::Device device_;
   at::Tensor inv_freq_;  // (head_dim / 2,) on device_
   bool checkpointing_ = false;
+  at::Tensor tied_head_;                   // tie_head_to's matrix
+  at::Tensor logits(const at::Tensor& h);  // the head of the normed hidden state
 };
 TORCH_MODULE(DecoderPart);
 

@@ -37,12 +37,6 @@ Side Side::build(const ModelConfig& config, const CheckpointReader& ckpt, SideRo
                  const SideOptions& options, uint64_t seed, double weight_decay,
                  const std::map<std::string, at::Tensor>* shared_base, int64_t tail_split) {
   check_config_matches_weights(config, ckpt);  // before the part allocates anything
-  if (role == SideRole::kClient && tail_split > 0 && options.full && config.tie_word_embeddings) {
-    throw Error(
-        "--full with a tail split on a model with tied embeddings is not supported: the client would train "
-        "the embedding and the head as two copies of one matrix",
-        "train LoRA (the default), or leave out --tail-split");
-  }
   const at::TensorOptions where = compute_options(options.device, options.dtype);
   const bool share = shared_base && !options.full;
   std::vector<DecoderPart> parts;
@@ -52,6 +46,10 @@ Side Side::build(const ModelConfig& config, const CheckpointReader& ckpt, SideRo
                                        : UnfilledBaseWeights::Storage::kAllocated);
     parts = side_parts(config, role, split, tail_split, where);
   }
+  // The U-shaped client holds the embedding and the head: trained in full, a tied model's are its one
+  // matrix (as unsplit), not two copies. (LoRA leaves both frozen: the head keeps its own copy.)
+  if (options.full && config.tie_word_embeddings && parts.size() > 1)
+    parts[1]->tie_head_to(parts[0]->embed_tokens->weight);
   for (DecoderPart& part : parts) {
     if (share) {
       part->share_base_weights(*shared_base);

@@ -111,10 +111,13 @@ struct TcpTrainServer {
 // The unsplit model trained with the same data order, accumulation, clipping (torch's
 // clip_grad_norm_ over all parameters) and schedule.
 inline std::vector<double> unsplit_losses(const ClientConfig& c) {
-  ModelConfig mc = ModelConfig::load(kModel);
+  ModelConfig mc = ModelConfig::load(c.model);
   DecoderPart full = full_model(mc, compute_options(c.side.device, c.side.dtype));
-  full->load_weights(CheckpointReader(kModel));
-  load_peft_adapter(full, c.side.init_adapter);
+  full->load_weights(CheckpointReader(c.model));
+  if (c.side.full)
+    full->set_base_trainable(true);
+  else
+    load_peft_adapter(full, c.side.init_adapter);
   auto params = full->trainable_parameters();
   torch::optim::AdamW opt(params, torch::optim::AdamWOptions(c.schedule.lr).weight_decay(c.schedule.weight_decay));
   ByteTokenizer tok;

@@ -44,6 +44,37 @@ TEST(TailSplit, UncompressedUShapedRunReproducesUnsplitTraining) {
   }
 }
 
+// Full fine-tuning of a model with tied embeddings (Qwen2 fixture): the client holds the embedding
+// and the head, which the unsplit model trains as one matrix; so does the U-shaped client (one
+// tensor in its checkpoint, and in the merged export), and the run reproduces the unsplit one.
+TEST(TailSplit, FullFineTuningOfATiedModelTrainsItsOneMatrixAsUnsplit) {
+  testing::TempDir tmp;
+  ClientConfig c = tail_config(tmp, "tied");
+  c.model = testing::data_path("hf/qwen2-tied");
+  c.side.full = true;
+  c.schedule.steps = 8;
+  c.schedule.lr = 3e-3;
+  TcpTrainServer tcp(tail_server_for(c));
+  const RunResult r = run_over_tcp(c, tcp.server.port());
+  const std::vector<double> ref = unsplit_losses(c);
+  ASSERT_EQ(r.steps.size(), ref.size());
+  for (size_t s = 0; s < ref.size(); ++s) EXPECT_NEAR(r.steps[s].task_loss, ref[s], 1e-5) << "step " << s;
+  EXPECT_LT(ref.back(), ref.front() - 0.1);
+  const auto state = load_safetensors(checkpoint_path(c.run_dir + "/checkpoints", 8) + "/state.safetensors");
+  int64_t embeddings = 0, heads = 0;
+  for (const auto& [k, t] : state) {
+    embeddings += k.find("embed_tokens.weight") != std::string::npos;
+    heads += k.find("lm_head") != std::string::npos;
+  }
+  EXPECT_EQ(embeddings, 1);
+  EXPECT_EQ(heads, 0);
+  // Merged, the model has the one trained matrix (HF ties the head to it on load).
+  export_merged(c.run_dir, tmp.file("merged"), c.run_dir + "-server");
+  const auto merged = load_safetensors(tmp.file("merged") + "/model.safetensors");
+  EXPECT_EQ(merged.count("lm_head.weight"), 0u);
+  EXPECT_TRUE(at::equal(merged.at("model.embed_tokens.weight"), state.at("model.embed_tokens.weight")));
+}
+
 // A channel that keeps a copy of every frame it receives (the server's end of the link).
 class RecordingChannel : public wire::Channel {
  public:
