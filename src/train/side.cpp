@@ -46,10 +46,15 @@ Side Side::build(const ModelConfig& config, const CheckpointReader& ckpt, SideRo
                                        : UnfilledBaseWeights::Storage::kAllocated);
     parts = side_parts(config, role, split, tail_split, where);
   }
-  // The U-shaped client holds the embedding and the head: trained in full, a tied model's are its one
-  // matrix (as unsplit), not two copies. (LoRA leaves both frozen: the head keeps its own copy.)
-  if (options.full && config.tie_word_embeddings && parts.size() > 1)
-    parts[1]->tie_head_to(parts[0]->embed_tokens->weight);
+  // The U-shaped client holds the embedding and the head: a tied model's are one matrix, as unsplit,
+  // not two copies (trained once in full; frozen, its memory once), unless LoRA adapts the head.
+  if (config.tie_word_embeddings && parts.size() > 1) {
+    const bool head_adapted =
+        !options.full && lora_target_matches("lm_head", options.init_adapter.empty()
+                                                            ? options.targets
+                                                            : AdapterConfig::load(options.init_adapter).target_modules);
+    if (!head_adapted) parts[1]->tie_head_to(parts[0]->embed_tokens->weight);
+  }
   for (DecoderPart& part : parts) {
     if (share) {
       part->share_base_weights(*shared_base);

@@ -44,6 +44,31 @@ TEST(TailSplit, UncompressedUShapedRunReproducesUnsplitTraining) {
   }
 }
 
+// A model with tied embeddings (Qwen2 fixture): the U-shaped client holds the embedding and the head,
+// the unsplit model's one matrix, and holds it once (the tail's head is the embedding tensor) unless
+// LoRA adapts the head; with LoRA the U-shaped run reproduces the unsplit one.
+TEST(TailSplit, ATiedModelsClientHoldsItsOneMatrixOnceUnlessLoRAAdaptsTheHead) {
+  testing::TempDir tmp;
+  const std::string model = testing::data_path("hf/qwen2-tied");
+  const ModelConfig config = ModelConfig::load(model);
+  const CheckpointReader ckpt(model);
+  SideOptions lora;
+  Side side = Side::build(config, ckpt, SideRole::kClient, 1, lora, 1, 0.0, nullptr, 3);
+  EXPECT_FALSE(side.tail->lm_head);
+  lora.targets = {"q_proj", "lm_head"};
+  Side adapted = Side::build(config, ckpt, SideRole::kClient, 1, lora, 1, 0.0, nullptr, 3);
+  EXPECT_TRUE(adapted.tail->lm_head);
+
+  ClientConfig c = tail_config(tmp, "tied-lora");
+  c.model = model;
+  c.side.init_adapter = model + "/adapter";
+  TcpTrainServer tcp(tail_server_for(c));
+  const RunResult r = run_over_tcp(c, tcp.server.port());
+  const std::vector<double> ref = unsplit_losses(c);
+  ASSERT_EQ(r.steps.size(), ref.size());
+  for (size_t s = 0; s < ref.size(); ++s) EXPECT_NEAR(r.steps[s].task_loss, ref[s], 1e-6) << "step " << s;
+}
+
 // Full fine-tuning of a model with tied embeddings (Qwen2 fixture): the client holds the embedding
 // and the head, which the unsplit model trains as one matrix; so does the U-shaped client (one
 // tensor in its checkpoint, and in the merged export), and the run reproduces the unsplit one.
