@@ -130,21 +130,50 @@ void export_adapter(const std::string& run_dir, const std::string& out) {
 }
 
 void export_merged(const std::string& run_dir, const std::string& out, const std::string& server_run_dir) {
-  const RunFiles f = read_run(run_dir, server_run_dir, /*need_server_weights=*/true);
+  RunFiles f = read_run(run_dir, server_run_dir, /*need_server_weights=*/true);
   const std::string model_dir = f.run.at("model").get<std::string>();
-  DecoderPart m = full_model(ModelConfig::load(model_dir));
-  m->load_weights(CheckpointReader(model_dir));
+  const ModelConfig config = ModelConfig::load(model_dir);
+  // A tied model split in two has the embedding on the client and the head on the server, and each
+  // side trains its own (full weights, or LoRA on lm_head): merged into a model with a head of its
+  // own, which is written untied where the two came apart. (A U-shaped client holds both, as one.)
+  const bool two_heads = config.tie_word_embeddings && f.run.value("tail_split", int64_t{0}) == 0;
+  ModelConfig built = config;
+  if (two_heads) {
+    built.tie_word_embeddings = false;
+    const auto head = f.server_state.find("model.embed_tokens.weight");  // the server's head, so named tied
+    if (head != f.server_state.end()) {
+      f.server_state.emplace("lm_head.weight", head->second);
+      f.server_state.erase(head);
+    }
+  }
+  DecoderPart m = full_model(built);
+  {
+    const CheckpointReader ckpt(model_dir);
+    at::NoGradGuard no_grad;
+    for (auto& [name, param] : m->base_weights()) {
+      const std::string from = two_heads && name == "lm_head.weight" ? "model.embed_tokens.weight" : name;
+      param.copy_(ckpt.load(from, param.scalar_type(), param.sizes().vec()));
+    }
+  }
   apply_side(m, f.client, f.client_state, "client");
   apply_side(m, f.server, f.server_state, "server");
+  const bool untied = two_heads && !at::equal(m->embed_tokens->weight, m->lm_head->weight);
   make_dirs(out);
   NamedTensors weights;
-  for (auto& [name, t] : m->base_weights()) weights.emplace_back(name, t.detach());
+  for (auto& [name, t] : m->base_weights())
+    if (name != "lm_head.weight" || !two_heads || untied) weights.emplace_back(name, t.detach());
   save_safetensors(join_path(out, "model.safetensors"), weights, {{"format", "pt"}});
-  // The model's own config and tokenizer files travel with it.
+  // The model's own config and tokenizer files travel with it; the config says when the head is its own.
   for (const char* name : {"config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
                            "tokenizer_config.json", "special_tokens_map.json"}) {
-    if (file_exists(join_path(model_dir, name)))
-      write_file_atomic(join_path(out, name), read_file(join_path(model_dir, name)));
+    if (!file_exists(join_path(model_dir, name))) continue;
+    std::string text = read_file(join_path(model_dir, name));
+    if (untied && std::string(name) == "config.json") {
+      nlohmann::json j = nlohmann::json::parse(text);
+      j["tie_word_embeddings"] = false;
+      text = j.dump(2) + "\n";
+    }
+    write_file_atomic(join_path(out, name), text);
   }
 }
 

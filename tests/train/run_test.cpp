@@ -372,6 +372,42 @@ TEST(SplitRun, MergedExportEqualsBasePlusAdapterAndCarriesFullWeights) {
   EXPECT_TRUE(file_exists(tmp.file("merged-full/config.json")));
 }
 
+// A tied model split in two: the client trains the embedding in full, the server's head (its own
+// copy) stays as it was, so the merged model has two matrices: written untied (its config says so),
+// it loads with each as trained. Where neither side changed them apart (LoRA on both) it stays tied.
+TEST(SplitRun, MergedExportOfATiedModelUntiesWhereTheSidesTrainedTheirOwn) {
+  testing::TempDir tmp;
+  const std::string model = testing::data_path("hf/qwen2-tied");
+  const CheckpointReader base(model);
+  const at::Tensor embed0 = base.load("model.embed_tokens.weight", at::kFloat);
+  ClientConfig c = base_config(tmp, "full-client");
+  c.model = model;
+  c.schedule.steps = 3;
+  c.side.full = true;
+  TrainServer srv(server_for(c, SideOptions{}));
+  run_in_process(srv, c);
+  export_merged(c.run_dir, tmp.file("merged"));
+  const auto out = load_safetensors(tmp.file("merged/model.safetensors"));
+  const auto client_ckpt = load_safetensors(checkpoint_path(c.run_dir + "/checkpoints", 3) + "/state.safetensors");
+  EXPECT_TRUE(at::equal(out.at("model.embed_tokens.weight"), client_ckpt.at("model.embed_tokens.weight")));
+  EXPECT_FALSE(at::equal(out.at("model.embed_tokens.weight"), embed0));
+  EXPECT_TRUE(at::equal(out.at("lm_head.weight"), embed0));  // the server's frozen head
+  const ModelConfig merged_config = ModelConfig::load(tmp.file("merged"));
+  EXPECT_FALSE(merged_config.tie_word_embeddings);
+  DecoderPart merged = full_model(merged_config);
+  merged->load_weights(CheckpointReader(tmp.file("merged")));
+  EXPECT_TRUE(at::equal(merged->lm_head->weight, embed0));
+
+  ClientConfig l = base_config(tmp, "lora");
+  l.model = model;
+  l.schedule.steps = 3;
+  TrainServer srv_l(server_for(l, l.side));
+  run_in_process(srv_l, l);
+  export_merged(l.run_dir, tmp.file("merged-lora"));
+  EXPECT_EQ(load_safetensors(tmp.file("merged-lora/model.safetensors")).count("lm_head.weight"), 0u);
+  EXPECT_TRUE(ModelConfig::load(tmp.file("merged-lora")).tie_word_embeddings);
+}
+
 TEST(SplitRun, MismatchedCodecOrSplitIsRefusedByName) {
   testing::TempDir tmp;
   ClientConfig c = base_config(tmp, "run");
