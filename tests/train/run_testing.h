@@ -4,11 +4,15 @@
 #include <torch/nn/utils/clip_grad.h>
 #include <torch/optim/adamw.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "core/device.h"
@@ -187,6 +191,34 @@ inline std::vector<RunResult> run_concurrently(TrainServer& srv, const std::vect
   }
   for (auto& t : clients) t.join();
   return results;
+}
+
+// budget=auto's choice for one direction, against what its step logged: the smoothed compute and
+// link rate allow `hideable` bits per element (90% of the compute at that rate, over the step's
+// activation elements, counted here from the configuration: a micro-batch's B x T x hidden, twice in a
+// U-shaped run, whose directions carry both cuts' tensors); less the packets' bytes beyond the map
+// (ranges, labels, headers: 0 to 2 bits per element at this size), rounded down to a quarter bit and
+// clamped to [floor, bmax]. On an idle machine these models' compute hides less than the floor, so
+// the choice is the floor; on a loaded one the compute grows and rightly hides more bits.
+// auto_choice_range gives the range [lowest, highest] the choice may take.
+inline std::pair<double, double> auto_choice_range(double compute_seconds, double bytes_per_second,
+                                                   const ClientConfig& c, double floor, double bmax) {
+  const double elements = static_cast<double>(c.schedule.micro_batches * c.batch * c.seq_len *
+                                              ModelConfig::load(c.model).hidden_size * (c.tail_split > 0 ? 2 : 1));
+  const double hideable = 8 * 0.9 * compute_seconds * bytes_per_second / elements;
+  const auto pick = [&](double bits) { return std::clamp(std::floor(bits * 4) / 4, floor, bmax); };
+  if (hideable >= floor) {
+    std::printf("[ auto budget ] the compute (%.3f s, a loaded machine?) hides %.2f bits, above the floor %.0f\n",
+                compute_seconds, hideable, floor);
+  }
+  return {pick(hideable - 2), pick(hideable)};
+}
+
+inline void expect_auto_choice(double chosen, double compute_seconds, double bytes_per_second, const ClientConfig& c,
+                               double floor, double bmax, const std::string& what) {
+  const auto [lo, hi] = auto_choice_range(compute_seconds, bytes_per_second, c, floor, bmax);
+  EXPECT_GE(chosen, lo) << what << ": compute " << compute_seconds << " s at " << bytes_per_second << " B/s";
+  EXPECT_LE(chosen, hi) << what << ": compute " << compute_seconds << " s at " << bytes_per_second << " B/s";
 }
 
 // Two runs equal step for step (losses, gradient norm, bits each way: bit for bit) and in their
