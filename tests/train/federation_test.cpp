@@ -208,18 +208,23 @@ TEST(Federation, AMemberResumesFromItsCheckpointAsANormalRunDoes) {
 // U-shaped (--tail-split): a member's gradients are installed around each TAIL_BACKWARD, with
 // micro-batches in flight and AMAQ at both cuts (the server's gates at M are each member's own).
 // Two members on the same data and seed train exactly as the one normal U-shaped run, on both sides.
+ClientConfig ushaped_config(const testing::TempDir& tmp, const std::string& name) {
+  ClientConfig c = tail_config(tmp, name);
+  c.schedule.steps = 6;
+  c.checkpoint_every = 3;
+  c.fed_every = 2;
+  c.in_flight = 2;
+  c.fwd_codec = quant::CodecSpec::parse("amaq:budget=4,decay=4");
+  c.bwd_codec = quant::CodecSpec::parse("fixed:bits=8");
+  c.tail_fwd_codec = quant::CodecSpec::parse("amaq:budget=4,decay=4,gran=token");
+  c.tail_bwd_codec = quant::CodecSpec::parse("fixed:bits=6");
+  c.val_fraction = 0.2;
+  return c;
+}
+
 TEST(Federation, UShapedMembersOnTheSameDataTrainAsOneNormalUShapedRun) {
   testing::TempDir tmp;
-  ClientConfig normal = tail_config(tmp, "normal");
-  normal.schedule.steps = 6;
-  normal.checkpoint_every = 3;
-  normal.fed_every = 2;
-  normal.in_flight = 2;
-  normal.fwd_codec = quant::CodecSpec::parse("amaq:budget=4,decay=4");
-  normal.bwd_codec = quant::CodecSpec::parse("fixed:bits=8");
-  normal.tail_fwd_codec = quant::CodecSpec::parse("amaq:budget=4,decay=4,gran=token");
-  normal.tail_bwd_codec = quant::CodecSpec::parse("fixed:bits=6");
-  normal.val_fraction = 0.2;
+  const ClientConfig normal = ushaped_config(tmp, "normal");
   TrainServer alone(tail_server_for(normal));
   const RunResult expected = run_in_process(alone, normal);
   ASSERT_EQ(expected.steps.size(), 6u);
@@ -248,6 +253,27 @@ TEST(Federation, UShapedMembersOnTheSameDataTrainAsOneNormalUShapedRun) {
     }
     expect_same_tensors(adapter_of(normal), adapter_of(members[i]));
   }
+}
+
+// A U-shaped member stopped after step 4 and resumed (its gates at M restored from the server's
+// checkpoint) ends as the uninterrupted normal U-shaped run.
+TEST(Federation, AUShapedMemberResumesAsANormalUShapedRunDoes) {
+  testing::TempDir tmp;
+  const ClientConfig normal = ushaped_config(tmp, "normal");
+  TrainServer alone(tail_server_for(normal));
+  const RunResult expected = run_in_process(alone, normal);
+  ClientConfig fed = normal;
+  fed.run_dir = tmp.file("fed");
+  fed.federation = "solo-u";
+  fed.stop_after = 4;
+  TrainServer server(tail_server_for(fed));
+  EXPECT_EQ(run_in_process(server, fed).completed_steps, 4);
+  fed.stop_after = -1;
+  fed.resume = true;
+  const RunResult resumed = run_in_process(server, fed);
+  expect_same_steps(expected, resumed);
+  expect_same_checkpoint(normal.run_dir + "/checkpoints", fed.run_dir + "/checkpoints", 6);
+  expect_same_checkpoint(server_root(normal.run_dir + "-server", normal), server_root(fed.run_dir + "-server", fed), 6);
 }
 
 // U-shaped members on different data: the head and tail are averaged with the rest of the client
