@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <thread>
 
 #include "core/fs.h"
@@ -81,6 +82,54 @@ void expect_same_tensors(const std::map<std::string, at::Tensor>& a, const std::
   for (const auto& [k, t] : a) EXPECT_TRUE(at::equal(t, b.at(k))) << k;
 }
 
+// Two members of federation `name` with `normal`'s data and seed, on a server `sc` (normal's, its
+// run directory aside): each trains exactly as `expected`, normal's own run, on both sides.
+void expect_two_members_train_as(const testing::TempDir& tmp, const ClientConfig& normal, const RunResult& expected,
+                                 ServerConfig sc, const std::string& name) {
+  std::vector<ClientConfig> members;
+  for (const char* dir : {"m0", "m1"}) {
+    ClientConfig c = normal;
+    c.run_dir = tmp.file(dir);
+    c.federation = name;
+    c.fed_clients = 2;
+    members.push_back(c);
+  }
+  sc.run_dir = tmp.file("fed-server");
+  TrainServer server(sc);
+  std::vector<std::string> errors;
+  const std::vector<RunResult> results = run_concurrently(server, members, &errors);
+  for (size_t i = 0; i < members.size(); ++i) {
+    SCOPED_TRACE(members[i].run_dir);
+    ASSERT_EQ(errors[i], "");
+    expect_same_steps(expected, results[i]);
+    for (int64_t step : {3, 6}) {
+      expect_same_checkpoint(normal.run_dir + "/checkpoints", members[i].run_dir + "/checkpoints", step);
+      expect_same_checkpoint(server_root(normal.run_dir + "-server", normal), server_root(sc.run_dir, members[i]),
+                             step);
+    }
+    expect_same_tensors(adapter_of(normal), adapter_of(members[i]));
+  }
+}
+
+// A federation of one (`name`, on a server `sc` made for it) stopped after step 4 and resumed ends as
+// `expected`, normal's uninterrupted run.
+void expect_member_resumes_as(const testing::TempDir& tmp, const ClientConfig& normal, const RunResult& expected,
+                              const std::function<ServerConfig(const ClientConfig&)>& server_of,
+                              const std::string& name) {
+  ClientConfig fed = normal;
+  fed.run_dir = tmp.file("fed");
+  fed.federation = name;
+  fed.stop_after = 4;  // checkpoints at 3 and 4
+  TrainServer server(server_of(fed));
+  EXPECT_EQ(run_in_process(server, fed).completed_steps, 4);
+  fed.stop_after = -1;
+  fed.resume = true;
+  const RunResult resumed = run_in_process(server, fed);
+  expect_same_steps(expected, resumed);
+  expect_same_checkpoint(normal.run_dir + "/checkpoints", fed.run_dir + "/checkpoints", 6);
+  expect_same_checkpoint(server_root(normal.run_dir + "-server", normal), server_root(fed.run_dir + "-server", fed), 6);
+}
+
 // A federation of one is a normal run: the same losses, bits, evaluation and tensors on both sides.
 TEST(Federation, OfOneClientTrainsAsANormalRun) {
   testing::TempDir tmp;
@@ -116,30 +165,7 @@ TEST(Federation, TwoClientsOnTheSameDataTrainAsOneNormalRun) {
   TrainServer alone(server_for(normal, side));
   const RunResult expected = run_in_process(alone, normal);
 
-  std::vector<ClientConfig> members;
-  for (const char* name : {"m0", "m1"}) {
-    ClientConfig c = normal;
-    c.run_dir = tmp.file(name);
-    c.federation = "pair";
-    c.fed_clients = 2;
-    members.push_back(c);
-  }
-  ServerConfig sc = server_for(members[0], side);
-  sc.run_dir = tmp.file("fed-server");
-  TrainServer server(sc);
-  std::vector<std::string> errors;
-  const std::vector<RunResult> results = run_concurrently(server, members, &errors);
-  for (size_t i = 0; i < members.size(); ++i) {
-    SCOPED_TRACE(members[i].run_dir);
-    ASSERT_EQ(errors[i], "");
-    expect_same_steps(expected, results[i]);
-    for (int64_t step : {3, 6}) {
-      expect_same_checkpoint(normal.run_dir + "/checkpoints", members[i].run_dir + "/checkpoints", step);
-      expect_same_checkpoint(server_root(normal.run_dir + "-server", normal), server_root(sc.run_dir, members[i]),
-                             step);
-    }
-    expect_same_tensors(adapter_of(normal), adapter_of(members[i]));
-  }
+  expect_two_members_train_as(tmp, normal, expected, server_for(normal, side), "pair");
 }
 
 // Two members on different data: their client sides are averaged at the end, and they share the
@@ -191,18 +217,8 @@ TEST(Federation, AMemberResumesFromItsCheckpointAsANormalRunDoes) {
   const SideOptions side = base_config(tmp, "x").side;
   TrainServer alone(server_for(normal, side));
   const RunResult expected = run_in_process(alone, normal);
-  ClientConfig fed = normal;
-  fed.run_dir = tmp.file("fed");
-  fed.federation = "solo";
-  fed.stop_after = 4;  // checkpoints at 3 and 4
-  TrainServer server(server_for(fed, side));
-  EXPECT_EQ(run_in_process(server, fed).completed_steps, 4);
-  fed.stop_after = -1;
-  fed.resume = true;
-  const RunResult resumed = run_in_process(server, fed);
-  expect_same_steps(expected, resumed);
-  expect_same_checkpoint(normal.run_dir + "/checkpoints", fed.run_dir + "/checkpoints", 6);
-  expect_same_checkpoint(server_root(normal.run_dir + "-server", normal), server_root(fed.run_dir + "-server", fed), 6);
+  expect_member_resumes_as(
+      tmp, normal, expected, [&](const ClientConfig& c) { return server_for(c, side); }, "solo");
 }
 
 // U-shaped (--tail-split): a member's gradients are installed around each TAIL_BACKWARD, with
@@ -229,30 +245,7 @@ TEST(Federation, UShapedMembersOnTheSameDataTrainAsOneNormalUShapedRun) {
   const RunResult expected = run_in_process(alone, normal);
   ASSERT_EQ(expected.steps.size(), 6u);
 
-  std::vector<ClientConfig> members;
-  for (const char* name : {"m0", "m1"}) {
-    ClientConfig c = normal;
-    c.run_dir = tmp.file(name);
-    c.federation = "u";
-    c.fed_clients = 2;
-    members.push_back(c);
-  }
-  ServerConfig sc = tail_server_for(members[0]);
-  sc.run_dir = tmp.file("fed-server");
-  TrainServer server(sc);
-  std::vector<std::string> errors;
-  const std::vector<RunResult> results = run_concurrently(server, members, &errors);
-  for (size_t i = 0; i < members.size(); ++i) {
-    SCOPED_TRACE(members[i].run_dir);
-    ASSERT_EQ(errors[i], "");
-    expect_same_steps(expected, results[i]);
-    for (int64_t step : {3, 6}) {
-      expect_same_checkpoint(normal.run_dir + "/checkpoints", members[i].run_dir + "/checkpoints", step);
-      expect_same_checkpoint(server_root(normal.run_dir + "-server", normal), server_root(sc.run_dir, members[i]),
-                             step);
-    }
-    expect_same_tensors(adapter_of(normal), adapter_of(members[i]));
-  }
+  expect_two_members_train_as(tmp, normal, expected, tail_server_for(normal), "u");
 }
 
 // A U-shaped member stopped after step 4 and resumed (its gates at M restored from the server's
@@ -262,18 +255,7 @@ TEST(Federation, AUShapedMemberResumesAsANormalUShapedRunDoes) {
   const ClientConfig normal = ushaped_config(tmp, "normal");
   TrainServer alone(tail_server_for(normal));
   const RunResult expected = run_in_process(alone, normal);
-  ClientConfig fed = normal;
-  fed.run_dir = tmp.file("fed");
-  fed.federation = "solo-u";
-  fed.stop_after = 4;
-  TrainServer server(tail_server_for(fed));
-  EXPECT_EQ(run_in_process(server, fed).completed_steps, 4);
-  fed.stop_after = -1;
-  fed.resume = true;
-  const RunResult resumed = run_in_process(server, fed);
-  expect_same_steps(expected, resumed);
-  expect_same_checkpoint(normal.run_dir + "/checkpoints", fed.run_dir + "/checkpoints", 6);
-  expect_same_checkpoint(server_root(normal.run_dir + "-server", normal), server_root(fed.run_dir + "-server", fed), 6);
+  expect_member_resumes_as(tmp, normal, expected, tail_server_for, "solo-u");
 }
 
 // U-shaped members on different data: the head and tail are averaged with the rest of the client
