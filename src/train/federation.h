@@ -8,10 +8,11 @@
 // the members' gradients, each clipped by its own client's global coefficient and weighted by its
 // labelled tokens (input tokens in a U-shaped run: the server never sees labels), are summed in
 // run-id order and the side takes one AdamW step with the first member's learning rate. Until then
-// a member's next FORWARD waits (its weights would not be the round's). Each member accumulates into its own gradients
-// (swapped into the shared parameters for its micro-batches), so a member's gradient is what a dedicated server
-// computes for it: with one member the federation is a normal run bit for bit, and two members with the same data and
-// seed are, too (g/2 + g/2 = g in floating point).
+// a member's next FORWARD waits (its weights would not be the round's). Each member accumulates
+// into its own gradients (swapped into the shared parameters for its micro-batches: a U-shaped
+// member's around each TAIL_BACKWARD), so a member's gradient is what a dedicated server computes
+// for it: with one member the federation is a normal run bit for bit, and two members with the same
+// data and seed are, too (g/2 + g/2 = g in floating point).
 //
 // Membership: a run joins when its session opens and leaves when the session ends; a round completes
 // once at least --fed-clients runs have joined and every current member has sent its STEP or waits
