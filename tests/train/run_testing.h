@@ -221,6 +221,16 @@ inline void expect_auto_choice(double chosen, double compute_seconds, double byt
   EXPECT_LE(chosen, hi) << what << ": compute " << compute_seconds << " s at " << bytes_per_second << " B/s";
 }
 
+// The most bits the last step's packets may have, one direction of budget=auto (`budget` reads a
+// step's record): the bits walk toward each new budget over `decay` = 2 steps, always between where
+// they were and the budget, so they stay at or below the largest of the last three choices before it.
+inline double auto_bits_ceiling(const std::vector<StepRecord>& steps,
+                                const std::function<double(const StepRecord&)>& budget) {
+  double most = 0;
+  for (size_t k = 2; k <= 4 && k <= steps.size(); ++k) most = std::max(most, budget(steps[steps.size() - k]));
+  return most;
+}
+
 // Two runs equal step for step (losses, gradient norm, bits each way: bit for bit) and in their
 // final evaluation.
 inline void expect_same_steps(const RunResult& a, const RunResult& b) {

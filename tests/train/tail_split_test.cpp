@@ -311,12 +311,10 @@ TEST(TailSplit, AutoBudgetTakesEachDirectionsFloorsOnASlowLinkAndBmaxOnLoopback)
     }
     const StepRecord& last = r.steps.back();
     if (slow) {
-      // The packets follow the budgets (decay=2: within two steps of a choice): both cuts' codecs of
-      // a direction, the server's gates at M too, which walk to the budget they were told.
-      const auto& st = r.steps;
-      const size_t n = st.size();
-      const double up = std::max(st[n - 2].auto_budget->fwd, st[n - 3].auto_budget->fwd);
-      const double down = std::max(st[n - 2].auto_budget->bwd, st[n - 3].auto_budget->bwd);
+      // The packets follow the budgets: both cuts' codecs of a direction, the server's gates at M
+      // too, which walk to the budget they were told.
+      const double up = auto_bits_ceiling(r.steps, [](auto& s) { return s.auto_budget->fwd; });
+      const double down = auto_bits_ceiling(r.steps, [](auto& s) { return s.auto_budget->bwd; });
       EXPECT_LE(last.fwd_bits.mean, up);
       EXPECT_LE(last.tail_bwd_bits->mean, std::max(up, 4.0));  // (its floor is 4)
       EXPECT_LE(last.bwd_bits.mean, down);
