@@ -168,8 +168,9 @@ class TrainServer::Session {
   // STEP's lr and clip coefficient, applied when the next message needs the weights: while the
   // client computes its own step and next forward, this process leaves the cores to it (on one
   // machine, two processes computing at once oversubscribe them).
+  // In a federation the shared side steps by rounds (Federation): this then steps only the run's own
+  // gates at M.
   std::optional<std::pair<double, double>> pending_step_;
-  bool tail_gates_step_ = false;  // U-shaped: the tail link's gates step with the pending step
   double loss_sum_ = 0, seconds_ = 0;
   int micro_ = 0;
 };
@@ -675,7 +676,7 @@ wire::Status TrainServer::Session::on_forward_tail(const wire::Frame& f) {
     }
     p.h = in.h.to(side().part->dtype()).requires_grad_(true);
     // A federation weighs it by its input tokens: the server never sees which tokens have labels.
-    p.tokens = in.mask.defined() ? in.mask.sum().item<int64_t>() : in.h.size(0) * in.h.size(1);
+    if (fed_) p.tokens = in.mask.defined() ? in.mask.sum().item<int64_t>() : in.h.size(0) * in.h.size(1);
     const at::Tensor out = side().part->forward(p.h, in.mask);
     const auto e0 = Clock::now();
     p.sent = tail_link_->send_activations(out, static_cast<int64_t>(fm.step), fm.micro_batch, fm.sample_ids);
@@ -848,11 +849,8 @@ wire::Status TrainServer::Session::on_step(const nlohmann::json& j) {
   if (step != step_)
     return fail(bad("STEP " + std::to_string(step) + " but the server is at step " + std::to_string(step_)));
   if (!(coef > 0 && coef <= 1) || !(lr >= 0)) return fail(bad("STEP with lr or clip coefficient out of range"));
-  if (fed_)
-    fed_->submit_step(run_id_, lr, coef);
-  else
-    pending_step_ = {lr, coef};
-  tail_gates_step_ = tail_link_ != nullptr;
+  if (fed_) fed_->submit_step(run_id_, lr, coef);
+  pending_step_ = {lr, coef};
   nlohmann::json line{{"step", step},
                       {"lr", lr},
                       {"coef", coef},
@@ -884,17 +882,16 @@ bool TrainServer::Session::wait_for_round(wire::Status* s) {
 }
 
 void TrainServer::Session::take_pending_step() {
-  if (fed_) {
-    fed_->take_pending_steps();
-  } else if (pending_step_) {
+  if (fed_) fed_->take_pending_steps();  // the shared side's completed rounds (this member's STEP in one)
+  if (!pending_step_) return;
+  if (!fed_) {
     side().step(pending_step_->first, pending_step_->second);
     side().zero_grad();
-    pending_step_.reset();
   }
-  if (tail_gates_step_) {  // the gates of the activations this side sends at the tail split: this run's own
+  pending_step_.reset();
+  if (tail_link_) {  // the gates of the activations this side sends at the tail split: this run's own
     tail_link_->end_step(step_ - 1);
     tail_link_->begin_step();
-    tail_gates_step_ = false;
   }
 }
 
