@@ -256,11 +256,23 @@ AMAQ_LANES_INLINE void quantize_uniform(const float* p, float level, int64_t n, 
   if (decoded) dequantize_uniform(codes, level, n, lo, hi, decoded);
 }
 
+// AMAQ's gate gradient term of x's code in [lo, lo + level * step] (fake_quant): (code - u) * dstep/db
+// with u = (x - lo) / step and dstep/db = -step ln2 2^b / (2^b - 1), 0 where the step is 0; each
+// operation as fake_quant's tensor operations compute it (their float ln2 included).
+inline float gate_slope_one(float x, float lo, float step, float level, uint8_t code) {
+  constexpr float kLn2 = static_cast<float>(0.69314718055994530942);
+  const float u = (x - lo) / (step > 0 ? step : 1.0f);
+  const float residual = step > 0 ? static_cast<float>(code) - u : 0.0f;
+  const float pow2 = level + 1.0f;  // 2^b, exactly
+  return residual * ((((-step) * kLn2) * pow2) / level);
+}
+
 // Both over the groups of `group` values of p[0, n) (the last one shorter where group does not
 // divide n), group g in range [lo[g], hi[g]]: one call per row, not per group. `level` > 0: every
-// channel has that many levels; else channel c has levels[c].
+// channel has that many levels; else channel c has levels[c]. With `slope`, each value's
+// gate_slope_one too.
 AMAQ_MULTIVERSION void quantize_groups(const float* p, int64_t n, int64_t group, float level, const float* levels,
-                                       const float* lo, const float* hi, uint8_t* codes, float* decoded) {
+                                       const float* lo, const float* hi, uint8_t* codes, float* decoded, float* slope) {
   for (int64_t c0 = 0, g = 0; c0 < n; c0 += group, ++g) {
     const int64_t m = std::min(group, n - c0);
     float* d = decoded ? decoded + c0 : nullptr;
@@ -268,6 +280,15 @@ AMAQ_MULTIVERSION void quantize_groups(const float* p, int64_t n, int64_t group,
       quantize_uniform(p + c0, level, m, lo[g], hi[g], codes + c0, d);
     else
       quantize_mixed(p + c0, levels + c0, m, lo[g], hi[g], codes + c0, d);
+    if (!slope) continue;
+    const float a = lo[g], b = hi[g];
+    if (level > 0) {
+      const float step = (b - a) / level;
+      for (int64_t i = c0; i < c0 + m; ++i) slope[i] = gate_slope_one(p[i], a, step, level, codes[i]);
+    } else {
+      for (int64_t i = c0; i < c0 + m; ++i)
+        slope[i] = gate_slope_one(p[i], a, (b - a) / levels[i], levels[i], codes[i]);
+    }
   }
 }
 
@@ -433,7 +454,8 @@ void check_rotation_layout(const AffineLayout& layout, int64_t block) {
 }  // namespace
 
 AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
-                            uint64_t seed, at::Tensor* decoded, int64_t rotation_block, uint8_t* packed) {
+                            uint64_t seed, at::Tensor* decoded, int64_t rotation_block, uint8_t* packed,
+                            at::Tensor* gate_slope) {
   check_input(x, bits, layout);
   const int64_t rows = layout.rows, cols = layout.cols, G = layout.num_groups();
   const float* xp = x.data_ptr<float>();
@@ -468,6 +490,11 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
       dp = decoded->data_ptr<float>();
     }
     if (!packed) q.codes = at::empty({rows, cols}, at::kByte);
+    float* sp = nullptr;
+    if (gate_slope) {
+      *gate_slope = at::empty({rows, cols}, at::kFloat);
+      sp = gate_slope->data_ptr<float>();
+    }
     struct Block {      // indexed by r0 / kCodeUnitRows
       int64_t r1 = -1;  // -1: no block starts there
       float max_abs = 0.0f, min_nonzero = std::numeric_limits<float>::infinity();
@@ -499,7 +526,7 @@ AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const A
       for (int64_t r = r0; r < r1; ++r) {
         float* d = dp ? dp + r * cols : nullptr;
         quantize_groups(values(r), cols, group, uniform, levels.data(), lo.data() + r * per_row,
-                        hi.data() + r * per_row, codes + (r - r0) * cols, d);
+                        hi.data() + r * per_row, codes + (r - r0) * cols, d, sp ? sp + r * cols : nullptr);
         if (d && rotation_block > 0) hadamard_blocks(d, d, cols / rotation_block, rotation_block);
       }
     };
@@ -618,6 +645,35 @@ at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const
         for (int64_t c = c0; c < c1; ++c)  // a range per channel
           o[row * cols + c] = dequantize_one(codes[row * cols + c], lo[c], step_of(lo[c], hi[c], b[c]));
       });
+    }
+  });
+  return out;
+}
+
+namespace {
+
+// out[i] += a[i] * b[i] over [0, n).
+AMAQ_MULTIVERSION void multiply_add_run(const float* a, const float* b, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] += a[i] * b[i];
+}
+
+}  // namespace
+
+at::Tensor column_dots(const at::Tensor& a_in, const at::Tensor& b_in) {
+  TORCH_CHECK(a_in.dim() == 2 && a_in.sizes() == b_in.sizes() && a_in.scalar_type() == at::kFloat &&
+                  b_in.scalar_type() == at::kFloat && a_in.is_cpu() && b_in.is_cpu(),
+              "column_dots takes two (rows, cols) fp32 CPU tensors of one shape");
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const int64_t rows = a.size(0), cols = a.size(1);
+  at::Tensor out = at::zeros({cols}, at::kFloat);
+  const float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  constexpr int64_t kColumns = 512;  // a thread's run of columns in each row
+  at::parallel_for(0, (cols + kColumns - 1) / kColumns, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t c0 = k * kColumns, n = std::min(kColumns, cols - c0);
+      for (int64_t r = 0; r < rows; ++r) multiply_add_run(ap + r * cols + c0, bp + r * cols + c0, n, op + c0);
     }
   });
   return out;

@@ -63,13 +63,21 @@ at::Tensor affine_dequantize_ref(const AffineQuant& q, const at::Tensor& bits, c
 /// without the rotated copy (and NaN/Inf are named where they are in x).
 /// `packed` (packed_bytes(rows, bits) bytes): the codes are written there as pack_fast packs them,
 /// on that path a few rows at a time as they are computed, and q.codes stays undefined.
+/// `gate_slope`, on the one-pass path only (else left undefined): each value's term of AMAQ's gate
+/// gradient, (code - u) * dstep/db as (rows, cols) fp32, what fake_quant would compute from the
+/// codes with tensor operations (bit for bit), computed while the values are in cache.
 AffineQuant affine_quantize(const at::Tensor& x, const at::Tensor& bits, const AffineLayout& layout, Rounding rounding,
                             uint64_t seed, at::Tensor* decoded = nullptr, int64_t rotation_block = 0,
-                            uint8_t* packed = nullptr);
+                            uint8_t* packed = nullptr, at::Tensor* gate_slope = nullptr);
 /// rotation_block > 0 (group ranges of that size): each group rotated back in cache, bit for bit
 /// block_hadamard_ of the plain result.
 at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const AffineLayout& layout,
                              int64_t rotation_block = 0);
+
+/// sum over rows of a * b, two (rows, cols) fp32 CPU tensors, as (cols,) fp32: AMAQ's gate gradient
+/// from the upstream gradient and Encoded::gate_slope without their (rows, cols) product. Each
+/// column summed in row order: the same on any number of threads and in every CPU version.
+at::Tensor column_dots(const at::Tensor& a, const at::Tensor& b);
 
 /// Per-element range start and step (rows, cols) fp32, from the stored ranges: what the gates'
 /// gradient needs.

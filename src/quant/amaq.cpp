@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "quant/affine.h"
 #include "quant/rotation.h"
 
 namespace amaq::quant {
@@ -74,7 +75,7 @@ struct FakeQuantFn : public torch::autograd::Function<FakeQuantFn> {
     ctx->saved_data["rotation_block"] = rotation_block;
     ctx->saved_data["has_bits"] = bits.numel() > 0;
     ctx->saved_data["bits_on_cuda"] = bits.is_cuda();  // the gates may live apart from x
-    return decoded.clone();
+    return decoded;                                    // autograd returns an input as a view of it: no copy
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
@@ -87,7 +88,7 @@ struct FakeQuantFn : public torch::autograd::Function<FakeQuantFn> {
       const int64_t block = ctx->saved_data["rotation_block"].toInt();
       at::Tensor g = dy.reshape(rd.sizes()).to(at::kFloat);
       if (block > 0) g = block_hadamard(g, block);
-      dbits = (g * rd).sum(0);
+      dbits = g.is_cpu() ? column_dots(g, rd) : (g * rd).sum(0);
       if (!ctx->saved_data["bits_on_cuda"].toBool()) dbits = dbits.to(at::kCPU);
     }
     return {dy, dbits, at::Tensor(), at::Tensor(), at::Tensor()};
@@ -131,7 +132,9 @@ std::pair<at::Tensor, at::Tensor> lo_step_on(const Encoded& e, at::Device device
 at::Tensor fake_quant(const at::Tensor& x, const Encoded& e, const at::Tensor& bits_continuous) {
   at::Tensor decoded = e.decoded.to(x.device()).to(x.scalar_type());
   at::Tensor residual_dstep;
-  if (bits_continuous.defined()) {
+  if (bits_continuous.defined() && e.gate_slope.defined()) {
+    residual_dstep = e.gate_slope.to(x.device());  // the encoder's, computed while x was in cache
+  } else if (bits_continuous.defined()) {
     TORCH_CHECK(e.quant.lo.defined(), "bit-width gradients need an affine (fixed/amaq) encoding");
     // With the codes on the host (CPU encoders) they are used as they are; without (the fused CUDA
     // encoder), they are recomputed where x is, by round-to-nearest-even as quantize_one does it.

@@ -276,7 +276,8 @@ Encoded Codec::encode_affine(const at::Tensor& x_in, const at::Tensor& bits, con
       // Packed as they are computed (the entropy coder takes them packed too).
       packed_codes = at::empty({packed_bytes(e.layout.rows, bits)}, at::kByte);
       e.quant = affine_quantize(x2, bits, e.layout, spec_.rounding, args.seed, args.want_decoded ? &deq : nullptr,
-                                fused_rotation ? spec_.group : 0, packed_codes.data_ptr<uint8_t>());
+                                fused_rotation ? spec_.group : 0, packed_codes.data_ptr<uint8_t>(),
+                                args.want_gate_slope ? &e.gate_slope : nullptr);
       codes = static_cast<const char*>(packed_codes.data_ptr());
     }
     if (args.want_decoded) e.decoded = deq.view(x.sizes()).to(x.scalar_type());

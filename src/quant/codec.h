@@ -29,6 +29,7 @@ struct EncodeArgs {
   std::vector<int64_t> sample_ids;  ///< aqsgd: one id per batch row
   uint64_t seed = 0;                ///< stochastic rounding
   bool want_decoded = true;         ///< false: Encoded::decoded is left undefined where that saves a copy
+  bool want_gate_slope = false;     ///< amaq with gates: Encoded::gate_slope where the encoder can give it
 };
 
 struct Encoded {
@@ -39,6 +40,10 @@ struct Encoded {
   AffineLayout layout;
   at::Tensor bits;             ///< (C,) uint8 bit-width per channel used (quantizing codecs)
   int64_t rotation_block = 0;  ///< rot=hadamard: quant and codes are of x's groups rotated by this block
+  /// With EncodeArgs::want_gate_slope, from the fast CPU encoder with nearest rounding and ranges
+  /// along rows (else undefined): (rows, C) fp32, each value's term of the gates' gradient, which
+  /// fake_quant otherwise computes from the codes (the same numbers).
+  at::Tensor gate_slope;
   int64_t elements = 0;
   double bits_per_element() const { return 8.0 * static_cast<double>(packet.size()) / static_cast<double>(elements); }
 };

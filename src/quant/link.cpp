@@ -1,5 +1,7 @@
 #include "quant/link.h"
 
+#include <torch/csrc/autograd/autograd.h>
+
 #include "core/error.h"
 #include "core/torch_io.h"
 
@@ -114,6 +116,7 @@ SentActivations Link::send_activations(const at::Tensor& h, int64_t step, int64_
   // it a CUDA activation is encoded on the CPU (the same packet; slower).
   const bool host = gates_ && h.is_cuda() && fwd_spec_.rounding != Rounding::kNearest;
   args.want_decoded = static_cast<bool>(gates_);  // only the gates' gradient reads the decoded values
+  args.want_gate_slope = static_cast<bool>(gates_);
   Encoded e = fwd_->encode(host ? h.detach().to(at::kCPU) : h, args);
   SentActivations out;
   out.value = gates_ ? fake_quant(h, e, gates_->bits_continuous()) : h;
@@ -126,6 +129,17 @@ at::Tensor Link::receive_gradients(std::string_view packet, BitsStats* bits, at:
   at::Tensor dh = bwd_->decode(packet, device, max_elements);
   if (bits) *bits = stats_of(learns_map(bwd_spec_) ? bwd_->received_map() : at::Tensor(), bwd_spec_.nominal_bits());
   return dh;
+}
+
+void Link::backward(const at::Tensor& value, const at::Tensor& dh, int64_t step, int64_t micro_batches,
+                    double* reg_value) {
+  std::vector<at::Tensor> roots{value}, grads{dh.to(value.scalar_type())};
+  at::Tensor reg = regularizer(step, micro_batches, reg_value);
+  if (reg.defined()) {
+    roots.push_back(reg);
+    grads.push_back(at::ones_like(reg));
+  }
+  torch::autograd::backward(roots, grads);
 }
 
 at::Tensor Link::regularizer(int64_t step, int64_t micro_batches, double* value) {

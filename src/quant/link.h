@@ -84,6 +84,10 @@ class Link {
   /// The gates' bit regulariser for one micro-batch, weighted for `micro_batches` per step
   /// (undefined without gates); `value` gets the unweighted regulariser.
   at::Tensor regularizer(int64_t step, int64_t micro_batches, double* value);
+  /// The sender's backward for one micro-batch: the peer's gradient `dh` enters the graph at the
+  /// sent value (SentActivations::value) unchanged, with no surrogate product, beside the
+  /// regularizer's (`reg_value` as above).
+  void backward(const at::Tensor& value, const at::Tensor& dh, int64_t step, int64_t micro_batches, double* reg_value);
   /// The weight of the regulariser in the logged loss (0 without gates).
   double regularizer_weight() const;
   /// After the step's micro-batches: steps the gates (and projects them onto the budget).

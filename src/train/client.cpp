@@ -588,11 +588,7 @@ wire::Status ClientTrainer::Run::finish_micro_batch(const wire::Frame& f, InFlig
       s = wire::Status::Fail(wire::ErrorCode::kBadMessage, "gradient shape differs from the activation's");
       return;
     }
-    // d(sum(value * dh))/dvalue = dh: the server's gradient enters the client's graph unchanged.
-    at::Tensor surrogate = (in.value * dh.to(in.value.scalar_type())).sum();
-    at::Tensor reg = link_->regularizer(step, M, &rec->reg_loss);
-    if (reg.defined()) surrogate = surrogate + reg;
-    surrogate.backward();
+    link_->backward(in.value, dh, step, M, &rec->reg_loss);
   });
   if (!s.ok()) return s;
   rec->client_seconds += seconds_since(t0);

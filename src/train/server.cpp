@@ -725,11 +725,7 @@ wire::Status TrainServer::Session::on_tail_backward(const wire::Frame& f) {
       if (dh.sizes() != p.sent.value.sizes()) return bad("TAIL_BACKWARD gradient shape differs from the activation's");
       p.codec_seconds += seconds_since(d0);
       const FederationGradients installed(fed_.get(), run_id_, p.tokens);
-      // d(sum(value * dh))/dvalue = dh: the client's gradient enters this side's graph unchanged.
-      at::Tensor surrogate = (p.sent.value * dh.to(p.sent.value.scalar_type())).sum();
-      at::Tensor reg = tail_link_->regularizer(static_cast<int64_t>(p.step), schedule_.micro_batches, nullptr);
-      if (reg.defined()) surrogate = surrogate + reg;
-      surrogate.backward();
+      tail_link_->backward(p.sent.value, dh, static_cast<int64_t>(p.step), schedule_.micro_batches, nullptr);
       const auto e0 = Clock::now();
       packet = link_->send_gradients(p.h.grad(), static_cast<int64_t>(p.step), p.micro_batch);
       p.codec_seconds += seconds_since(e0);

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <torch/optim/adam.h>
 
+#include "quant/affine.h"
 #include "quant/codec.h"
 #include "quant/link.h"
 
@@ -35,30 +36,60 @@ TEST(Amaq, GatesGetTheirGradientAndActivationsPassStraightThrough) {
   EXPECT_EQ((g < 0).sum().item<int64_t>(), 64) << g;
 }
 
-// The fused CUDA encoder leaves no codes on the host; fake_quant then recomputes them (and each
-// element's range) where x is. Against the codes the CPU encoder kept: the same gate gradient, bit
-// for bit, at every granularity.
-TEST(Amaq, GateGradientWithoutHostCodesEqualsTheOneFromTheCodes) {
-  for (const std::string gran : {"token", "channel", "group,group=16"}) {
+// Three ways to the same gate gradient, bit for bit, at every granularity: the term the fast CPU
+// encoder computes while the values are in cache (EncodeArgs::want_gate_slope; ranges along rows
+// only), fake_quant's tensor operations on the codes the CPU encoder kept, and, as after the fused
+// CUDA encoder, which leaves no codes on the host, on codes recomputed where x is.
+TEST(Amaq, GateGradientFromTheEncoderOrWithoutHostCodesEqualsTheOneFromTheCodes) {
+  for (const std::string gran : {"token", "channel", "group,group=16", "group,group=16,rot=hadamard"}) {
     SCOPED_TRACE(gran);
     CodecSpec spec = CodecSpec::parse("amaq:budget=4,gran=" + gran);
     AmaqGates gates(64, spec);
+    {
+      at::NoGradGuard no_grad;
+      gates->gates.copy_(at::linspace(-3, 3, 64).flip(0));  // every width from bmax down to bmin
+    }
     Codec codec(spec);
     auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
     at::Tensor x = at::randn({3, 16, 64}, gen) * at::linspace(0.1, 4.0, 64);
-    Encoded e = codec.encode(x, with_bits(gates->bit_map()));
-    Encoded without = e;
+    x[1][2].fill_(0.5);  // a constant token: a step of 0 in its ranges
+    EncodeArgs args = with_bits(gates->bit_map());
+    args.want_gate_slope = true;
+    Encoded fused = codec.encode(x, args);
+    EXPECT_EQ(fused.gate_slope.defined(), gran != "channel");
+    EXPECT_GE(std::get<0>(at::_unique(fused.bits)).numel(), 5);
+    Encoded codes = fused;
+    codes.gate_slope = at::Tensor();
+    Encoded without = codes;
     without.quant.codes = at::Tensor();
     at::Tensor up = at::randn({3, 16, 64}, gen);
-    at::Tensor grads[2];
-    for (int i = 0; i < 2; ++i) {
+    std::vector<at::Tensor> grads;
+    for (const Encoded* e : {&fused, &codes, &without}) {
       gates->gates.mutable_grad() = at::Tensor();
-      (fake_quant(x, i == 0 ? e : without, gates->bits_continuous()) * up).sum().backward();
-      grads[i] = gates->gates.grad().clone();
+      (fake_quant(x, *e, gates->bits_continuous()) * up).sum().backward();
+      grads.push_back(gates->gates.grad().clone());
     }
     EXPECT_GT(grads[0].abs().sum().item<double>(), 0.0);
     EXPECT_TRUE(at::equal(grads[0], grads[1])) << (grads[0] - grads[1]).abs().max();
+    EXPECT_TRUE(at::equal(grads[1], grads[2])) << (grads[1] - grads[2]).abs().max();
   }
+}
+
+// The gates' gradient from the upstream gradient and the encoder's term, without their product:
+// the sums of a * b over rows to float rounding (against double sums), and the same bits on one
+// thread as on several (each column is summed in row order).
+TEST(Amaq, ColumnDotsSumEachColumnInRowOrder) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(8);
+  const at::Tensor a = at::randn({301, 1037}, gen), b = at::randn({301, 1037}, gen);  // runs with tails
+  const at::Tensor got = column_dots(a, b);
+  const at::Tensor want = (a.to(at::kDouble) * b.to(at::kDouble)).sum(0);
+  EXPECT_LT((got.to(at::kDouble) - want).abs().max().item<double>(), 1e-4 * want.abs().max().item<double>());
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  const at::Tensor one = column_dots(a, b);
+  at::set_num_threads(threads);
+  EXPECT_TRUE(at::equal(one, got));
+  EXPECT_THROW(column_dots(a, b.narrow(0, 0, 300)), c10::Error);
 }
 
 double train_gates(const std::string& spec_text, int steps, std::vector<double>* budget_trace = nullptr,

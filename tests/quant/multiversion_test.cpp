@@ -67,11 +67,11 @@ TEST(LaneVersions, EveryVersionWritesTheReferencesPackets) {
           "fixed:bits=4,levels=lloyd,group=64", "fixed:bits=1,levels=lloyd,group=64", "fixed:bits=2,levels=nf,group=64",
           "fixed:bits=3,levels=nf,gran=token", "fixed:bits=6,levels=lloyd,group=64",
           "fixed:bits=4,group=8,rot=hadamard", "fixed:bits=4,group=128,rot=hadamard",
-          "fixed:bits=3,levels=nf,group=128,rot=hadamard", "amaq:budget=4,group=32"}) {
+          "fixed:bits=3,levels=nf,group=128,rot=hadamard", "amaq:budget=4,group=32", "amaq:budget=3,gran=token"}) {
       const std::string spec(text);
       const at::Tensor& in = spec.find("rot=") != std::string::npos ? x256 : x;
       EncodeArgs args;
-      if (spec.rfind("amaq", 0) == 0) args.bits = at::randint(2, 9, {in.size(-1)}, gen, at::kByte);
+      if (spec.rfind("amaq", 0) == 0) args.bits = at::randint(1, 9, {in.size(-1)}, gen, at::kByte);  // every width
       const Encoded fast = Codec(CodecSpec::parse(spec)).encode(in, args);
       const Encoded ref = Codec(CodecSpec::parse(spec), Impl::kRef).encode(in, args);
       EXPECT_EQ(fast.packet, ref.packet) << spec;

@@ -34,9 +34,12 @@ RunResult expect_ushaped_run_is_unsplit(const ClientConfig& c, double tolerance)
   const RunResult r = run_over_tcp(c, tcp.server.port());
   const std::vector<double> ref = unsplit_losses(c);
   EXPECT_EQ(r.steps.size(), ref.size());
-  for (size_t s = 0; s < ref.size() && s < r.steps.size(); ++s)
+  for (size_t s = 0; s < ref.size() && s < r.steps.size(); ++s) {
     EXPECT_NEAR(r.steps[s].task_loss, ref[s], tolerance) << "step " << s;
-  if (!ref.empty()) EXPECT_LT(ref.back(), ref.front() - 0.1);  // it did learn
+  }
+  if (!ref.empty()) {
+    EXPECT_LT(ref.back(), ref.front() - 0.1);  // it did learn
+  }
   return r;
 }
 
