@@ -148,8 +148,8 @@ __attribute__((target("arch=x86-64-v3"))) int64_t decode_small_avx2(const uint8_
   for (; i + 8 <= n; i += 8) {
     const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
     const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(code, 28));  // bit 3 as the sign
-    _mm256_storeu_ps(out + i, _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, code),
-                                               _mm256_permutevar8x32_ps(high, code), upper));
+    _mm256_storeu_ps(
+        out + i, _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, code), _mm256_permutevar8x32_ps(high, code), upper));
   }
   return i;
 }
