@@ -5,7 +5,8 @@
 // tensor (each includes its one host/device copy of the packed bytes), next to a device clone; the
 // cuda/kernel- rows time the kernels and that copy alone, to and from pinned host memory, as
 // tools/ref/codec_peer.py times the same codec written in PyTorch. zstd-compress/-decompress time
-// libzstd alone on the packed 4-bit codes ec=zstd hands it.
+// libzstd alone on the packed 4-bit codes ec=zstd hands it. encode-with-gates/ times what a sender with
+// AMAQ's learned widths pays per micro-batch: the encode, fake_quant and the backward into the gates.
 #include <benchmark/benchmark.h>
 
 #include <cmath>

@@ -75,7 +75,8 @@ struct FakeQuantFn : public torch::autograd::Function<FakeQuantFn> {
     ctx->saved_data["rotation_block"] = rotation_block;
     ctx->saved_data["has_bits"] = bits.numel() > 0;
     ctx->saved_data["bits_on_cuda"] = bits.is_cuda();  // the gates may live apart from x
-    return decoded;                                    // autograd returns an input as a view of it: no copy
+    // Returned as it is: autograd makes an input it is given back a view of it (no copy).
+    return decoded;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
