@@ -230,13 +230,15 @@ AMAQ_MULTIVERSION void dequantize_run_uniform(const uint8_t* codes, float level,
   dequantize_uniform(codes, level, n, lo, hi, out);
 }
 
-// quantize_one's nearest rounding of x into [lo, lo + level * step] (inlined into the loops below).
-inline uint8_t nearest_code(float x, float lo, float step, float level) {
-  const float u = (x - lo) / step;
+// quantize_one's nearest rounding of u = (x - lo) / step into [0, level] (inlined into the loops below).
+inline uint8_t nearest_code_of(float u, float step, float level) {
   const float below = u < 0.0f ? 0.0f : u;
   const float v = level < below ? level : below;
   const float rounded = (v + 12582912.0f) - 12582912.0f;  // round_half_even
   return static_cast<uint8_t>(static_cast<int32_t>(step > 0 ? rounded : 0.0f));
+}
+inline uint8_t nearest_code(float x, float lo, float step, float level) {
+  return nearest_code_of((x - lo) / step, step, level);
 }
 
 // Nearest-rounding codes of p[0, n), channel i with levels[i] = 2^bits - 1, all in range [lo, hi]:
@@ -256,38 +258,54 @@ AMAQ_LANES_INLINE void quantize_uniform(const float* p, float level, int64_t n, 
   if (decoded) dequantize_uniform(codes, level, n, lo, hi, decoded);
 }
 
-// AMAQ's gate gradient term of x's code in [lo, lo + level * step] (fake_quant): (code - u) * dstep/db
-// with u = (x - lo) / step and dstep/db = -step ln2 2^b / (2^b - 1), 0 where the step is 0; each
-// operation as fake_quant's tensor operations compute it (their float ln2 included).
-inline float gate_slope_one(float x, float lo, float step, float level, uint8_t code) {
+// AMAQ's gate gradient term of a code and its u = (x - lo) / step (fake_quant): (code - u) * dstep/db
+// with dstep/db = -step ln2 2^b / (2^b - 1), 0 where the step is 0; each operation as fake_quant's
+// tensor operations compute it (their float ln2 included).
+inline float gate_slope_of(float u, uint8_t code, float step, float level) {
   constexpr float kLn2 = static_cast<float>(0.69314718055994530942);
-  const float u = (x - lo) / (step > 0 ? step : 1.0f);
   const float residual = step > 0 ? static_cast<float>(code) - u : 0.0f;
   const float pow2 = level + 1.0f;  // 2^b, exactly
   return residual * ((((-step) * kLn2) * pow2) / level);
 }
 
+// quantize_uniform's (Uniform: every channel `level` levels) or quantize_mixed's codes with each
+// value's gate_slope_of, both from one u.
+template <bool Uniform>
+AMAQ_LANES_INLINE void quantize_with_slope(const float* p, float level, const float* levels, int64_t n, float lo,
+                                           float hi, uint8_t* codes, float* slope) {
+  const float uniform_step = Uniform ? (hi - lo) / level : 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float lv = Uniform ? level : levels[i];
+    const float step = Uniform ? uniform_step : (hi - lo) / lv;
+    const float u = (p[i] - lo) / step;
+    codes[i] = nearest_code_of(u, step, lv);
+    slope[i] = gate_slope_of(u, codes[i], step, lv);
+  }
+}
+
 // Both over the groups of `group` values of p[0, n) (the last one shorter where group does not
 // divide n), group g in range [lo[g], hi[g]]: one call per row, not per group. `level` > 0: every
 // channel has that many levels; else channel c has levels[c]. With `slope`, each value's
-// gate_slope_one too.
+// gate_slope_of too.
 AMAQ_MULTIVERSION void quantize_groups(const float* p, int64_t n, int64_t group, float level, const float* levels,
                                        const float* lo, const float* hi, uint8_t* codes, float* decoded, float* slope) {
   for (int64_t c0 = 0, g = 0; c0 < n; c0 += group, ++g) {
     const int64_t m = std::min(group, n - c0);
     float* d = decoded ? decoded + c0 : nullptr;
-    if (level > 0)
+    if (slope) {
+      float* sl = slope + c0;
+      if (level > 0)
+        quantize_with_slope<true>(p + c0, level, nullptr, m, lo[g], hi[g], codes + c0, sl);
+      else
+        quantize_with_slope<false>(p + c0, 0.0f, levels + c0, m, lo[g], hi[g], codes + c0, sl);
+      if (d && level > 0)
+        dequantize_uniform(codes + c0, level, m, lo[g], hi[g], d);
+      else if (d)
+        dequantize_mixed(codes + c0, levels + c0, m, lo[g], hi[g], d);
+    } else if (level > 0) {
       quantize_uniform(p + c0, level, m, lo[g], hi[g], codes + c0, d);
-    else
-      quantize_mixed(p + c0, levels + c0, m, lo[g], hi[g], codes + c0, d);
-    if (!slope) continue;
-    const float a = lo[g], b = hi[g];
-    if (level > 0) {
-      const float step = (b - a) / level;
-      for (int64_t i = c0; i < c0 + m; ++i) slope[i] = gate_slope_one(p[i], a, step, level, codes[i]);
     } else {
-      for (int64_t i = c0; i < c0 + m; ++i)
-        slope[i] = gate_slope_one(p[i], a, (b - a) / levels[i], levels[i], codes[i]);
+      quantize_mixed(p + c0, levels + c0, m, lo[g], hi[g], codes + c0, d);
     }
   }
 }

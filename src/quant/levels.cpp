@@ -155,14 +155,12 @@ __attribute__((target("arch=x86-64-v3"))) int64_t decode_small_avx2(const uint8_
 }
 #endif
 
-// Each code's level times `step` (the 8- and 16-lane versions, on x86-64-v3 CPUs or better, through
-// decode_small_avx2 where there are at most 16 levels: the same products).
-template <int L>
-AMAQ_LANES_INLINE void decode_run_lanes(const uint8_t* codes, int64_t n, const float* levels, int K, float step,
-                                        float* out) {
+// Each code's level times `step`; with at most 16 levels on an x86-64-v3 CPU or better, through
+// decode_small_avx2 (the same products).
+AMAQ_MULTIVERSION void decode_run(const uint8_t* codes, int64_t n, const float* levels, int K, float step, float* out) {
   int64_t i = 0;
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  if (L >= 8 && K <= 16) {
+  if (K <= 16 && lane_width() >= 8) {
     float t[16] = {};
     for (int k = 0; k < K; ++k) t[k] = levels[k] * step;
     i = decode_small_avx2(codes, n, t, out);
@@ -170,9 +168,6 @@ AMAQ_LANES_INLINE void decode_run_lanes(const uint8_t* codes, int64_t n, const f
 #endif
   for (; i < n; ++i) out[i] = levels[codes[i]] * step;
 }
-AMAQ_LANE_VERSIONS(void, decode_run,
-                   (const uint8_t* codes, int64_t n, const float* levels, int K, float step, float* out),
-                   (codes, n, levels, K, step, out))
 
 // The reference's code search: walk up the thresholds.
 uint8_t code_ref(float u, const std::vector<float>& t) {
