@@ -675,6 +675,11 @@ AMAQ_MULTIVERSION void multiply_add_run(const float* a, const float* b, int64_t 
   for (int64_t i = 0; i < n; ++i) out[i] += a[i] * b[i];
 }
 
+// out[i] += a[i] over [0, n).
+AMAQ_MULTIVERSION void add_run(const float* a, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] += a[i];
+}
+
 }  // namespace
 
 at::Tensor column_dots(const at::Tensor& a_in, const at::Tensor& b_in) {
@@ -687,13 +692,20 @@ at::Tensor column_dots(const at::Tensor& a_in, const at::Tensor& b_in) {
   const float* ap = a.data_ptr<float>();
   const float* bp = b.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  constexpr int64_t kColumns = 512;  // a thread's run of columns in each row
-  at::parallel_for(0, (cols + kColumns - 1) / kColumns, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t c0 = k * kColumns, n = std::min(kColumns, cols - c0);
-      for (int64_t r = 0; r < rows; ++r) multiply_add_run(ap + r * cols + c0, bp + r * cols + c0, n, op + c0);
-    }
+  // Blocks of kRows whole rows, each summed by one thread in row order while it streams through
+  // them; the blocks' sums then added in block order. The blocks do not depend on the thread count.
+  // (Column runs summed over all rows had each thread jump a row's length after every run: it read
+  // at half the speed of a copy.)
+  constexpr int64_t kRows = 64;
+  const int64_t blocks = (rows + kRows - 1) / kRows;
+  at::Tensor partial = at::zeros({blocks, cols}, at::kFloat);
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t r = k * kRows; r < std::min(rows, (k + 1) * kRows); ++r)
+        multiply_add_run(ap + r * cols, bp + r * cols, cols, pp + k * cols);
   });
+  for (int64_t k = 0; k < blocks; ++k) add_run(pp + k * cols, cols, op);
   return out;
 }
 

@@ -76,7 +76,8 @@ at::Tensor affine_dequantize(const AffineQuant& q, const at::Tensor& bits, const
 
 /// sum over rows of a * b, two (rows, cols) fp32 CPU tensors, as (cols,) fp32: AMAQ's gate gradient
 /// from the upstream gradient and Encoded::gate_slope without their (rows, cols) product. Each
-/// column summed in row order: the same on any number of threads and in every CPU version.
+/// column summed in row order within blocks of 64 rows, then the blocks' sums in order: the same
+/// on any number of threads and in every CPU version.
 at::Tensor column_dots(const at::Tensor& a, const at::Tensor& b);
 
 /// Per-element range start and step (rows, cols) fp32, from the stored ranges: what the gates'

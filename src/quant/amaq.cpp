@@ -131,7 +131,8 @@ std::pair<at::Tensor, at::Tensor> lo_step_on(const Encoded& e, at::Device device
 }  // namespace
 
 at::Tensor fake_quant(const at::Tensor& x, const Encoded& e, const at::Tensor& bits_continuous) {
-  at::Tensor decoded = e.decoded.to(x.device()).to(x.scalar_type());
+  // Without a decoded copy the value is x itself: the gradients need none of its numbers.
+  at::Tensor decoded = e.decoded.defined() ? e.decoded.to(x.device()).to(x.scalar_type()) : x;
   at::Tensor residual_dstep;
   if (bits_continuous.defined() && e.gate_slope.defined()) {
     residual_dstep = e.gate_slope.to(x.device());  // the encoder's, computed while x was in cache

@@ -45,7 +45,9 @@ TORCH_MODULE(AmaqGates);
 /// decay_steps (the forward gates' schedule; the server's backward map follows it too).
 double budget_at(const CodecSpec& spec, int64_t step);
 
-/// The value decode(encode(x)) in the autograd graph. dy/dx is the identity (straight-through);
+/// The value decode(encode(x)) in the autograd graph (x's own values where `encoded` has no decoded
+/// copy: a sender whose peer decodes the packet needs only the gradients below). dy/dx is the
+/// identity (straight-through);
 /// when `bits_continuous` (C,) is given, it receives the LSQ-style gradient
 ///   dL/db_c = sum over channel c of dL/dy * (code - u) * dstep/db,  u = (x - lo) / step,
 /// i.e. how the loss changes when the channel's step shrinks with one more bit.

@@ -115,7 +115,7 @@ SentActivations Link::send_activations(const at::Tensor& h, int64_t step, int64_
   // round-to-nearest; stochastic rounding's codes exist only inside the fused CUDA encoder, so with
   // it a CUDA activation is encoded on the CPU (the same packet; slower).
   const bool host = gates_ && h.is_cuda() && fwd_spec_.rounding != Rounding::kNearest;
-  args.want_decoded = static_cast<bool>(gates_);  // only the gates' gradient reads the decoded values
+  args.want_decoded = false;  // the peer decodes the packet; the gates' gradient needs no decoded copy
   args.want_gate_slope = static_cast<bool>(gates_);
   Encoded e = fwd_->encode(host ? h.detach().to(at::kCPU) : h, args);
   SentActivations out;

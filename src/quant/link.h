@@ -36,9 +36,9 @@ enum class LinkSide { kClient, kServer };
 /// client's graph (decode(packet), straight-through; AMAQ's gates receive their gradient through it).
 struct SentActivations {
   std::string packet;
-  /// (B, T, C), in the graph of the activations sent: what the peer's gradient is applied to. With
-  /// AMAQ gates, the decoded activations (the gates' gradient flows through them); otherwise the
-  /// activations themselves, as every other codec's gradient passes straight through (no decoded copy).
+  /// (B, T, C), in the graph of the activations sent: what the peer's gradient is applied to. Its
+  /// values are the activations themselves (the peer decodes the packet); with AMAQ gates it is
+  /// fake_quant's node, through which the gradient also reaches the gates.
   at::Tensor value;
   BitsStats bits;
 };

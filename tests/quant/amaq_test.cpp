@@ -39,7 +39,8 @@ TEST(Amaq, GatesGetTheirGradientAndActivationsPassStraightThrough) {
 // Three ways to the same gate gradient, bit for bit, at every granularity: the term the fast CPU
 // encoder computes while the values are in cache (EncodeArgs::want_gate_slope; ranges along rows
 // only), fake_quant's tensor operations on the codes the CPU encoder kept, and, as after the fused
-// CUDA encoder, which leaves no codes on the host, on codes recomputed where x is.
+// CUDA encoder, which leaves no codes on the host, on codes recomputed where x is; and without the
+// decoded copy, as the sender of activations encodes them.
 TEST(Amaq, GateGradientFromTheEncoderOrWithoutHostCodesEqualsTheOneFromTheCodes) {
   for (const std::string gran : {"token", "channel", "group,group=16", "group,group=16,rot=hadamard"}) {
     SCOPED_TRACE(gran);
@@ -62,26 +63,49 @@ TEST(Amaq, GateGradientFromTheEncoderOrWithoutHostCodesEqualsTheOneFromTheCodes)
     codes.gate_slope = at::Tensor();
     Encoded without = codes;
     without.quant.codes = at::Tensor();
+    Encoded no_copy = fused;  // as Link::send_activations encodes: the peer decodes the packet
+    no_copy.decoded = at::Tensor();
     at::Tensor up = at::randn({3, 16, 64}, gen);
     std::vector<at::Tensor> grads;
-    for (const Encoded* e : {&fused, &codes, &without}) {
+    for (const Encoded* e : {&fused, &codes, &without, &no_copy}) {
       gates->gates.mutable_grad() = at::Tensor();
-      (fake_quant(x, *e, gates->bits_continuous()) * up).sum().backward();
+      const at::Tensor xl = x.clone().requires_grad_(true);
+      const at::Tensor y = fake_quant(xl, *e, gates->bits_continuous());
+      // Its value: the decoded copy where there is one, else x itself.
+      EXPECT_TRUE(at::equal(y.detach(), e->decoded.defined() ? e->decoded : x));
+      (y * up).sum().backward();
+      EXPECT_TRUE(at::equal(xl.grad(), up));  // straight through
       grads.push_back(gates->gates.grad().clone());
     }
     EXPECT_GT(grads[0].abs().sum().item<double>(), 0.0);
     EXPECT_TRUE(at::equal(grads[0], grads[1])) << (grads[0] - grads[1]).abs().max();
     EXPECT_TRUE(at::equal(grads[1], grads[2])) << (grads[1] - grads[2]).abs().max();
+    EXPECT_TRUE(at::equal(grads[0], grads[3])) << (grads[0] - grads[3]).abs().max();
   }
 }
 
 // The gates' gradient from the upstream gradient and the encoder's term, without their product:
-// the sums of a * b over rows to float rounding (against double sums), and the same bits on one
-// thread as on several (each column is summed in row order).
-TEST(Amaq, ColumnDotsSumEachColumnInRowOrder) {
+// bit for bit the sums in the documented order (each column in row order within blocks of 64 rows,
+// then the blocks in order), close to double sums, and the same bits on one thread as on several.
+TEST(Amaq, ColumnDotsSumEachColumnInRowBlocks) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(8);
-  const at::Tensor a = at::randn({301, 1037}, gen), b = at::randn({301, 1037}, gen);  // runs with tails
+  const at::Tensor a = at::randn({301, 1037}, gen), b = at::randn({301, 1037}, gen);  // runs and blocks with tails
   const at::Tensor got = column_dots(a, b);
+  const auto A = a.accessor<float, 2>(), B = b.accessor<float, 2>();
+  at::Tensor order = at::zeros({1037}, at::kFloat);
+  for (int64_t c = 0; c < 1037; ++c) {
+    float sum = 0.0f;
+    for (int64_t r0 = 0; r0 < 301; r0 += 64) {
+      float block = 0.0f;
+      for (int64_t r = r0; r < std::min<int64_t>(301, r0 + 64); ++r) {
+        const float product = A[r][c] * B[r][c];
+        block = block + product;
+      }
+      sum = sum + block;
+    }
+    order[c] = sum;
+  }
+  EXPECT_TRUE(at::equal(got, order)) << (got - order).abs().max();
   const at::Tensor want = (a.to(at::kDouble) * b.to(at::kDouble)).sum(0);
   EXPECT_LT((got.to(at::kDouble) - want).abs().max().item<double>(), 1e-4 * want.abs().max().item<double>());
   const int threads = at::get_num_threads();
