@@ -46,6 +46,20 @@ AMAQ_MULTIVERSION void symbols_run(const float* x, int64_t n, float step, int32_
   }
 }
 
+// The sum of x[i]^2 over [0, n) in fp32, in a fixed order (16 running sums, lane j taking every
+// i = j mod 16, then added in order), so every CPU version vectorises it to the same result.
+AMAQ_MULTIVERSION float sum_squares_run(const float* x, int64_t n) {
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j] * x[i + j];
+  for (int j = 0; i < n; ++i, ++j) acc[j] += x[i] * x[i];
+  float sum = 0;
+  for (float a : acc) sum += a;
+  return sum;
+}
+
 struct ChunkStats {
   std::vector<uint16_t> symbols;  // kept for the coding pass: 2 bytes an element, not a second division
   std::vector<uint64_t> counts;
@@ -62,14 +76,15 @@ float ecsq_step(double rms, int bits) {
 
 double ecsq_rms(const float* x, int64_t n) {
   if (n == 0) return 0;
-  const double sum = at::parallel_reduce(
-      0, n, kChunk, 0.0,
-      [&](int64_t b, int64_t e, double acc) {
-        float part = 0;  // a chunk's squares in fp32 (vectorised), chunks summed in fp64
-        for (int64_t i = b; i < e; ++i) part += x[i] * x[i];
-        return acc + part;
-      },
-      std::plus<double>());
+  // Per chunk of kChunk its squares in fp32, the chunks summed in order in fp64: the same on any
+  // number of threads.
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<float> part(static_cast<size_t>(chunks));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) part[c] = sum_squares_run(x + c * kChunk, std::min(kChunk, n - c * kChunk));
+  });
+  double sum = 0;
+  for (float v : part) sum += v;
   return std::sqrt(sum / static_cast<double>(n));
 }
 
@@ -99,6 +114,7 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
   std::vector<ChunkStats> stats(static_cast<size_t>(chunks));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> resid(static_cast<size_t>(std::min(kChunk, n)));
+    std::vector<double> sub[4];
     for (int64_t c = c0; c < c1; ++c) {
       ChunkStats& st = stats[c];
       st.counts.assign(symbols, 0);
@@ -107,9 +123,24 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
       st.symbols.resize(static_cast<size_t>(len));
       const uint16_t* sym = st.symbols.data();
       codes(c, st.symbols.data(), resid.data(), &st.escapes);
-      for (int64_t j = 0; j < len; ++j) {
-        ++st.counts[sym[j]];
-        st.residual[sym[j]] += static_cast<double>(resid[j]);
+      // Four histograms, element j in j % 4, added at the end, so that runs of one symbol (the
+      // middle codes) update four bins, not one bin after its previous store.
+      for (auto& h : sub) h.assign(static_cast<size_t>(2 * symbols), 0.0);  // per symbol: count, residual
+      int64_t j = 0;
+      for (; j + 4 <= len; j += 4)
+        for (int k = 0; k < 4; ++k) {
+          double* bin = sub[k].data() + 2 * sym[j + k];
+          bin[0] += 1.0;
+          bin[1] += static_cast<double>(resid[j + k]);
+        }
+      for (int k = 0; j < len; ++j, ++k) {
+        double* bin = sub[k].data() + 2 * sym[j];
+        bin[0] += 1.0;
+        bin[1] += static_cast<double>(resid[j]);
+      }
+      for (int64_t v = 0; v < symbols; ++v) {
+        st.counts[v] = static_cast<uint64_t>(sub[0][2 * v] + sub[1][2 * v] + sub[2][2 * v] + sub[3][2 * v]);
+        st.residual[v] = ((sub[0][2 * v + 1] + sub[1][2 * v + 1]) + sub[2][2 * v + 1]) + sub[3][2 * v + 1];
       }
     }
   });

@@ -100,10 +100,11 @@ void encode(const uint16_t* symbols, size_t n, const std::vector<uint16_t>& freq
   // Written back to front into room for the worst case (4 bytes a symbol: a state grows by at most
   // 15 bits per symbol, so a 32-bit word leaves at most once), since the decoder reads front to back.
   // Symbol i goes through state i % kStates: independent chains the decoder can overlap.
+  // The room is a per-thread buffer that only grows, not `out` resized (which zero-fills it all).
   const size_t room = 4 * n + 8 * kStates;
-  const size_t at = out->size();
-  out->resize(at + room);
-  auto* const first = reinterpret_cast<uint8_t*>(out->data() + at);
+  thread_local std::vector<uint8_t> scratch;
+  if (scratch.size() < room) scratch.resize(room);
+  uint8_t* const first = scratch.data();
   uint8_t* p = first + room;
   auto put = [&](uint64_t & xs, uint16_t sym) __attribute__((always_inline)) {
     const EncSymbol& e = table[sym];
@@ -135,9 +136,7 @@ void encode(const uint16_t* symbols, size_t n, const std::vector<uint16_t>& freq
     p -= 8;
     std::memcpy(p, &x[k], 8);
   }
-  const auto used = static_cast<size_t>(first + room - p);
-  std::memmove(first, p, used);
-  out->resize(at + used);
+  out->append(reinterpret_cast<const char*>(p), static_cast<size_t>(first + room - p));
 }
 
 Decoder::Decoder(const std::vector<uint16_t>& freqs) : freq_(freqs), start_(freqs.size()), symbol_of_slot_(kProbScale) {

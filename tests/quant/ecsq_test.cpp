@@ -138,6 +138,34 @@ TEST(Ecsq, PacketsDecodeToTheSendersCopyOnEveryPath) {
   EXPECT_AMAQ_ERROR(c.decode(c.encode(at::zeros({5, 8})).packet, at::kCPU, 32), "declares 40 values, more than the 32");
 }
 
+// The packet (its step from the tensor's rms included) is the same on one thread as on two, and
+// the rms is the documented sum: per 65,536 values their squares in fp32, 16 running sums (value i
+// in sum i mod 16) added in order, the chunks added in order in fp64.
+TEST(Ecsq, PacketsDoNotDependOnTheThreadCount) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(9);
+  const at::Tensor x = at::randn({5, 300, 100}, gen) * 3;  // 150,000 values: three chunks, the last short
+  const float* p = x.data_ptr<float>();
+  double sum = 0;
+  for (int64_t c0 = 0; c0 < x.numel(); c0 += 65536) {
+    float lanes[16] = {};
+    for (int64_t i = c0; i < std::min<int64_t>(x.numel(), c0 + 65536); ++i) {
+      const float sq = p[i] * p[i];
+      lanes[(i - c0) % 16] += sq;
+    }
+    float chunk = 0;
+    for (float l : lanes) chunk += l;
+    sum += chunk;
+  }
+  EXPECT_EQ(ecsq_rms(p, x.numel()), std::sqrt(sum / static_cast<double>(x.numel())));
+  Codec c(CodecSpec::parse("ecsq:bits=4"));
+  const std::string two = c.encode(x).packet;
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  const std::string one = c.encode(x).packet;
+  at::set_num_threads(threads);
+  EXPECT_EQ(one, two);
+}
+
 // Issue 17's goal: at equal NMSE, within 0.3 bit of the Gaussian bound 0.5 log2(1 / NMSE) at 3 and
 // 4 bits, every byte of the packet counted. Beside it, what fixed codes with zstd need.
 TEST(Ecsq, MeasuredBitsAreWithinThreeTenthsOfTheGaussianBound) {
