@@ -114,7 +114,6 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
   std::vector<ChunkStats> stats(static_cast<size_t>(chunks));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> resid(static_cast<size_t>(std::min(kChunk, n)));
-    std::vector<double> sub[4];
     for (int64_t c = c0; c < c1; ++c) {
       ChunkStats& st = stats[c];
       st.counts.assign(symbols, 0);
@@ -123,24 +122,9 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
       st.symbols.resize(static_cast<size_t>(len));
       const uint16_t* sym = st.symbols.data();
       codes(c, st.symbols.data(), resid.data(), &st.escapes);
-      // Four histograms, element j in j % 4, added at the end, so that runs of one symbol (the
-      // middle codes) update four bins, not one bin after its previous store.
-      for (auto& h : sub) h.assign(static_cast<size_t>(2 * symbols), 0.0);  // per symbol: count, residual
-      int64_t j = 0;
-      for (; j + 4 <= len; j += 4)
-        for (int k = 0; k < 4; ++k) {
-          double* bin = sub[k].data() + 2 * sym[j + k];
-          bin[0] += 1.0;
-          bin[1] += static_cast<double>(resid[j + k]);
-        }
-      for (int k = 0; j < len; ++j, ++k) {
-        double* bin = sub[k].data() + 2 * sym[j];
-        bin[0] += 1.0;
-        bin[1] += static_cast<double>(resid[j]);
-      }
-      for (int64_t v = 0; v < symbols; ++v) {
-        st.counts[v] = static_cast<uint64_t>(sub[0][2 * v] + sub[1][2 * v] + sub[2][2 * v] + sub[3][2 * v]);
-        st.residual[v] = ((sub[0][2 * v + 1] + sub[1][2 * v + 1]) + sub[2][2 * v + 1]) + sub[3][2 * v + 1];
+      for (int64_t j = 0; j < len; ++j) {
+        ++st.counts[sym[j]];
+        st.residual[sym[j]] += static_cast<double>(resid[j]);
       }
     }
   });
