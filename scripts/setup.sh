@@ -9,7 +9,7 @@ packages=(
   libboost-dev libssl-dev openssl
   nlohmann-json3-dev libtomlplusplus-dev libcli11-dev
   libfmt-dev libspdlog-dev libpcre2-dev libicu-dev
-  libsentencepiece-dev libzstd-dev
+  libsentencepiece-dev libzstd-dev libhtscodecs-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   clang libclang-rt-14-dev clang-format
   python3  # the study data script (tools/study/prepare_data.py, standard library only)

@@ -3,21 +3,26 @@
 // costs about B bits per element after entropy coding. Tokens of other scales need no range of
 // their own: entropy-coded, a uniform step gives every element the same error and spends the bits
 // where the values are large, which at high rate minimises the mean squared error for the rate
-// (Gish and Pierce). Each level is reconstructed at the mean of the values
-// that rounded to it (MSE-optimal, non-uniform reconstruction points: Lloyd's centroid condition for
-// these cells), and the codes are range-ANS coded (rans.h) with one table per packet. What is left
-// above the Gaussian bound is the uniform quantizer's own 0.25 bit (docs/amaq.md).
+// (Gish and Pierce). Each level is reconstructed at the mean of the values that rounded to it
+// (MSE-optimal, non-uniform reconstruction points: Lloyd's centroid condition for these cells),
+// estimated from how many fell in each eighth of the code's cell, and the codes are range-ANS coded (rans.h, htscodecs)
+// a chunk at a time. What is left above the Gaussian bound is the uniform quantizer's own 0.25 bit (docs/amaq.md).
+//
+// rANS codes bytes: a code c's symbol is its coarse part c >> S (floor) plus K, where S = max(0, B - 6)
+// low bits go raw (at 7 and 8 bits, where a step is a thirtieth of the RMS and they are all but
+// uniform) and K = min(2^(B+1-S), 127); coarse parts outside [-K, K] are escaped (symbol 2K + 1).
+// The table's codes are [-K 2^S, (K + 1) 2^S), code c at index c + K 2^S.
 //
 // Body (after the packet header, whose `scale` is the step and `bits` the target, and the dims):
-//   u32 K = 2^(bits+1)                      codes in [-K, K] are table symbols (symbol = code + K),
-//                                           others escaped (symbol 2K + 1)
-//   u16 lo, u16 end                         the table symbols that may occur: [lo, end)
-//   (end - lo) x u16 frequencies, u16 escape frequency    the rANS table, summing to 2^15
-//   per symbol in [lo, end) with a nonzero frequency: its level's offset from its code, in steps,
-//   as fp16 (within half a step); the level is the code plus the offset
+//   u32 K
+//   u16 lo, u16 end                         the table's code indices with a level: [lo, end)
+//   (end - lo) x fp16                       per code, its level's offset from it, in steps (within
+//                                           half a step); the level is the code plus the offset
+//                                           (codes outside [lo, end) have offset 0)
 //   u32 chunk                               elements per independently coded chunk
 //   chunks x (u32 escapes, u32 bytes)       per chunk
 //   escapes x i32                           the escaped codes, in order
+//   ceil(n S / 8) bytes                     the low bits, S per element, least significant first
 //   the chunks' rANS streams, one after another
 #pragma once
 #include <cstdint>

@@ -29,7 +29,7 @@
 namespace amaq::quant {
 
 constexpr uint32_t kPacketMagic = 0x50514D41;  // "AMQP"
-constexpr uint8_t kPacketVersion = 2;          // 2: ec=zstd streams in 1 MiB frames; non-uniform levels
+constexpr uint8_t kPacketVersion = 3;  // 2: ec=zstd streams in 1 MiB frames; non-uniform levels; 3: ecsq by htscodecs
 constexpr int64_t kMaxPacketElements = int64_t{1} << 34;
 
 enum PacketFlags : uint8_t {

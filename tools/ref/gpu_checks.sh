@@ -9,7 +9,7 @@
 #      .carry/peers/, copied from ../shared/peers/), results in OUT_DIR/bench-train.jsonl.
 # Usage: tools/ref/gpu_checks.sh OUT_DIR [steps...]   (steps: build tests gputests sanitize bench codecpeer
 # peft train; default build tests sanitize bench peft). BENCH_FILTER narrows `bench` (a --benchmark_filter). SKIP_INTEGRATION=1 leaves the two-process tests out of `tests`.
-# Packages the image lacks may be carried in .carry/ (Google Benchmark, OpenSSL headers).
+# Packages the image lacks may be carried in .carry/ (Google Benchmark, OpenSSL headers, htscodecs).
 set -u
 OUT=${1:?usage: gpu_checks.sh OUT_DIR [steps]}
 shift
@@ -22,7 +22,7 @@ mkdir -p "$OUT"
 log() { echo "== $*" | tee -a "$SUMMARY"; }
 trap 'tar czf "$OUT.tgz" -C "$OUT" . && rm -rf "$OUT"' EXIT
 want() { [[ " $STEPS " == *" $1 "* ]]; }
-export LD_LIBRARY_PATH=$PWD/.carry/bench/lib:${LD_LIBRARY_PATH:-}
+export LD_LIBRARY_PATH=$PWD/.carry/bench/lib:$PWD/.carry/hts/lib:${LD_LIBRARY_PATH:-}
 
 if want build; then
   extra=()

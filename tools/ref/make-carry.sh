@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Copies Debian's Google Benchmark and OpenSSL development files into .carry/ for the GPU machine
+# Copies Debian's Google Benchmark, OpenSSL and htscodecs development files into .carry/ for the GPU machine
 # (see tools/ref/README.md). Run from the repository root after scripts/setup.sh.
 set -euo pipefail
 grep -qx '/.carry/' .git/info/exclude || echo '/.carry/' >> .git/info/exclude
@@ -21,4 +21,10 @@ CMAKE
 cp -r /usr/include/openssl .carry/ssl/include/
 cp /usr/include/x86_64-linux-gnu/openssl/* .carry/ssl/include/openssl/
 cp -L /usr/lib/x86_64-linux-gnu/libssl.so /usr/lib/x86_64-linux-gnu/libcrypto.so .carry/ssl/lib/
+# htscodecs (ecsq's rANS coder; CMakeLists.txt looks in .carry/hts first).
+mkdir -p .carry/hts/include .carry/hts/lib
+cp -r /usr/include/htscodecs .carry/hts/include/
+lib=$(readlink -f /usr/lib/x86_64-linux-gnu/libhtscodecs.so)
+cp "$lib" .carry/hts/lib/libhtscodecs.so
+cp "$lib" ".carry/hts/lib/$(objdump -p "$lib" | awk '/SONAME/ {print $2}')"
 du -sh .carry
