@@ -128,8 +128,37 @@ struct Chunk {
   std::string stream;
   std::vector<uint32_t> cells;   // counts per cell (and the escapes' count last)
   std::vector<int32_t> escapes;  // the escaped codes, in order
-  std::vector<uint16_t> cell;    // per element, kept for the sender's decoded copy
+  std::vector<uint8_t> sym;      // the symbols, kept for the sender's decoded copy
 };
+
+// What the receiver decodes for the table's codes: value[k] for code index k, and (without low
+// bits) lut[s] for symbol s, 0 past the table.
+struct Values {
+  std::vector<float> value, lut;
+};
+
+// The values of elements [begin, begin + len) from their symbols sym[0, len), the packed low bits
+// and the chunk's escaped codes esc[0, escapes): symbols past the escape and a count of escapes
+// other than the chunk's are refused by name.
+void chunk_values(const Table& t, const Values& v, const uint8_t* sym, int64_t begin, int64_t len,
+                  const uint8_t* low_bits, const int32_t* esc, uint64_t escapes, float step, float* out) {
+  if (t.shift) {
+    for (int64_t i = 0; i < len; ++i) {
+      const int32_t s = sym[i];
+      if (s < t.escape()) out[i] = v.value[(s << t.shift) | get_low(low_bits, begin + i, t.shift)];
+    }
+  } else {
+    lookup_run(sym, len, v.lut.data(), out);
+  }
+  uint64_t e = 0;
+  const auto escape = static_cast<uint8_t>(t.escape());
+  for (int64_t i = find_at_least(sym, 0, len, escape); i < len; i = find_at_least(sym, i + 1, len, escape)) {
+    if (sym[i] != escape) throw PacketError("ecsq symbol " + std::to_string(sym[i]) + " outside the table");
+    if (e == escapes) throw PacketError("an ecsq chunk has more escapes than it declares");
+    out[i] = step * static_cast<float>(esc[e++]);
+  }
+  if (e != escapes) throw PacketError("an ecsq chunk has fewer escapes than it declares");
+}
 
 }  // namespace
 
@@ -189,13 +218,13 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
       }
       rans::encode(sym.data(), static_cast<size_t>(len), &ch.stream);
       if (t.shift) put_low(low.data(), begin, len, t.shift, low_bits.data());
-      if (decoded) ch.cell.assign(cell.begin(), cell.begin() + len);
+      if (decoded) ch.sym.assign(sym.begin(), sym.begin() + len);
     }
   });
   // Each code's level: the mean of what rounded to it, from its sub-cells' counts (each at its
   // middle; within half a step of the code by construction). The offsets travel as fp16, so the sender
   // decodes with the rounded ones too.
-  std::vector<float> value(static_cast<size_t>(t.codes()));
+  Values v{std::vector<float>(static_cast<size_t>(t.codes())), std::vector<float>(256, 0.0f)};
   std::vector<c10::Half> offset(static_cast<size_t>(t.codes()), c10::Half(0.0f));
   int64_t lo = 0, hi = -1;  // the codes in use: [lo, hi]
   for (int64_t k = 0; k < t.codes(); ++k) {
@@ -212,8 +241,9 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
       if (hi < lo) lo = k;
       hi = k;
     }
-    value[k] = step * level_of(k + t.first(), offset[k]);
+    v.value[k] = step * level_of(k + t.first(), offset[k]);
   }
+  if (!t.shift) std::copy(v.value.begin(), v.value.end(), v.lut.begin());
   w.put<uint16_t>(static_cast<uint16_t>(lo));
   w.put<uint16_t>(static_cast<uint16_t>(hi + 1));
   for (int64_t k = lo; k <= hi; ++k) w.put(offset[k]);
@@ -234,10 +264,8 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const Chunk& ch = chunk[c];
-      float* d = decoded + c * kChunk;
-      size_t e = 0;
-      for (size_t j = 0; j < ch.cell.size(); ++j)
-        d[j] = ch.cell[j] == cells ? step * static_cast<float>(ch.escapes[e++]) : value[ch.cell[j] / kCells];
+      chunk_values(t, v, ch.sym.data(), c * kChunk, static_cast<int64_t>(ch.sym.size()), low_bits.data(),
+                   ch.escapes.data(), ch.escapes.size(), step, decoded + c * kChunk);
     }
   });
 }
@@ -252,7 +280,7 @@ void ecsq_decode(ByteReader& r, int64_t n, float step, int bits, float* out) {
   const int64_t lo = r.get<uint16_t>("ecsq first code"), end = r.get<uint16_t>("ecsq codes end");
   if (lo > end || end > t.codes())
     throw PacketError("ecsq codes [" + std::to_string(lo) + ", " + std::to_string(end) + ") outside the table");
-  std::vector<float> value(static_cast<size_t>(t.codes()));
+  Values v{std::vector<float>(static_cast<size_t>(t.codes())), std::vector<float>(256, 0.0f)};
   for (int64_t k = 0; k < t.codes(); ++k) {
     c10::Half off(0.0f);
     if (k >= lo && k < end) {
@@ -260,11 +288,15 @@ void ecsq_decode(ByteReader& r, int64_t n, float step, int bits, float* out) {
       if (!(std::fabs(static_cast<float>(off)) <= 0.5f))
         throw PacketError("ecsq level of code " + std::to_string(k + t.first()) + " is not within half a step of it");
     }
-    value[k] = step * level_of(k + t.first(), off);
+    v.value[k] = step * level_of(k + t.first(), off);
   }
+  if (!t.shift) std::copy(v.value.begin(), v.value.end(), v.lut.begin());
   const int64_t chunk = r.get<uint32_t>("ecsq chunk");
   if (chunk < 1) throw PacketError("ecsq chunk of 0 elements");
   const int64_t chunks = (n + chunk - 1) / chunk;
+  if (static_cast<uint64_t>(chunks) > r.remaining() / 8)
+    throw PacketError("ecsq chunks of " + std::to_string(chunk) + " elements: " + std::to_string(chunks) +
+                      " chunks' sizes do not fit in the packet");
   // Where each chunk's escapes and stream start (the sizes are checked against what is there).
   std::vector<uint64_t> esc_at(chunks + 1, 0), bytes_at(chunks + 1, 0);
   for (int64_t c = 0; c < chunks; ++c) {
@@ -281,10 +313,6 @@ void ecsq_decode(ByteReader& r, int64_t n, float step, int bits, float* out) {
   }
   const uint8_t* low = t.shift ? r.take(static_cast<uint64_t>((n * t.shift + 7) / 8), "ecsq low bits") : nullptr;
   const auto* streams = reinterpret_cast<const char*>(r.take(bytes_at[chunks], "ecsq streams"));
-  // Without low bits a symbol's value is one lookup: symbols past the table read 0 and are checked
-  // afterwards, by their largest.
-  std::vector<float> lut(256, 0.0f);
-  if (!t.shift) std::copy(value.begin(), value.end(), lut.begin());
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     thread_local std::vector<uint8_t> sym;  // reused: fresh buffers of this size are page faults
     sym.resize(static_cast<size_t>(std::min(chunk, n)));
@@ -292,24 +320,8 @@ void ecsq_decode(ByteReader& r, int64_t n, float step, int bits, float* out) {
       const int64_t begin = c * chunk, len = std::min(n, begin + chunk) - begin;
       rans::decode(std::string_view(streams + bytes_at[c], bytes_at[c + 1] - bytes_at[c]), sym.data(),
                    static_cast<size_t>(len));
-      float* o = out + begin;
-      if (t.shift) {
-        for (int64_t i = 0; i < len; ++i) {
-          const int32_t s = sym[i];
-          if (s < t.escape()) o[i] = value[(s << t.shift) | get_low(low, begin + i, t.shift)];
-        }
-      } else {
-        lookup_run(sym.data(), len, lut.data(), o);
-      }
-      uint64_t e = esc_at[c];
-      const auto escape = static_cast<uint8_t>(t.escape());
-      for (int64_t i = find_at_least(sym.data(), 0, len, escape); i < len;
-           i = find_at_least(sym.data(), i + 1, len, escape)) {
-        if (sym[i] != escape) throw PacketError("ecsq symbol " + std::to_string(sym[i]) + " outside the table");
-        if (e == esc_at[c + 1]) throw PacketError("an ecsq chunk has more escapes than it declares");
-        o[i] = step * static_cast<float>(esc[e++]);
-      }
-      if (e != esc_at[c + 1]) throw PacketError("an ecsq chunk has fewer escapes than it declares");
+      chunk_values(t, v, sym.data(), begin, len, low, esc.data() + esc_at[c], esc_at[c + 1] - esc_at[c], step,
+                   out + begin);
     }
   });
 }

@@ -308,6 +308,7 @@ TEST(Ecsq, NamedRefusals) {
   const size_t stream = chunk + 12 + 4 * escapes;
   ASSERT_EQ(stream + bytes, p.size());
   ASSERT_EQ(escapes, 0u);  // N(0, 1) at 3 bits: the table reaches 8 RMS
+  EXPECT_AMAQ_ERROR(c.decode(with(chunk, uint32_t{1})), "4096 chunks' sizes do not fit in the packet");
   EXPECT_AMAQ_ERROR(c.decode(with(stream, uint8_t{RANS_ORDER_NOSZ | RANS_ORDER_RLE})), "rANS stream of method");
   // A stream with a symbol past the escape (2K + 1 = 33 at 3 bits) is refused.
   auto with_stream = [&](const std::vector<uint8_t>& sym) {
