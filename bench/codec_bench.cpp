@@ -5,8 +5,9 @@
 // tensor (each includes its one host/device copy of the packed bytes), next to a device clone; the
 // cuda/kernel- rows time the kernels and that copy alone, to and from pinned host memory, as
 // tools/ref/codec_peer.py times the same codec written in PyTorch. zstd-compress/-decompress time
-// libzstd alone on the packed 4-bit codes ec=zstd hands it. encode-with-gates/ times what a sender with
-// AMAQ's learned widths pays per micro-batch: the encode, fake_quant and the backward into the gates.
+// libzstd alone on the packed 4-bit codes ec=zstd hands it; rans-encode/-decode time htscodecs'
+// rANS alone on ecsq:bits=4's byte symbols, in ecsq's chunks on all threads. encode-with-gates/ times what a sender
+// with AMAQ's learned widths pays per micro-batch: the encode, fake_quant and the backward into the gates.
 #include <benchmark/benchmark.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -18,7 +19,9 @@
 #include "quant/amaq.h"
 #include "quant/bitpack.h"
 #include "quant/codec.h"
+#include "quant/ecsq.h"
 #include "quant/entropy.h"
+#include "quant/rans.h"
 #if AMAQ_HAVE_CUDA
 #include "quant/cuda/codec_cuda.h"
 #endif
@@ -152,6 +155,41 @@ void BM_Zstd(benchmark::State& state, bool compress) {
                                               static_cast<int64_t>(coded.size()), rows, e.bits));
   }
   set_counters(state, coded.size());
+}
+
+// ecsq:bits=4's symbols of the activation (code + 32 within [-32, 32], else the escape 65), coded or
+// decoded in ecsq's chunks of 2^18 on all threads.
+void BM_Rans(benchmark::State& state, bool encode) {
+  const at::Tensor& x = activation();
+  const float step = ecsq_step(ecsq_rms(x.data_ptr<float>(), x.numel()), 4);
+  const at::Tensor q = at::round(x / step);
+  const at::Tensor sym = at::where(q.abs() <= 32, q + 32, at::full_like(q, 65)).to(at::kByte).contiguous();
+  const uint8_t* p = sym.data_ptr<uint8_t>();
+  const int64_t n = sym.numel(), chunk = int64_t{1} << 18, chunks = (n + chunk - 1) / chunk;
+  std::vector<std::string> streams(static_cast<size_t>(chunks));
+  auto code = [&] {
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        streams[c].clear();
+        rans::encode(p + c * chunk, static_cast<size_t>(std::min(chunk, n - c * chunk)), &streams[c]);
+      }
+    });
+  };
+  code();
+  std::vector<uint8_t> back(static_cast<size_t>(n));
+  for (auto _ : state) {
+    if (encode) {
+      code();
+    } else {
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c)
+          rans::decode(streams[c], back.data() + c * chunk, static_cast<size_t>(std::min(chunk, n - c * chunk)));
+      });
+    }
+  }
+  size_t bytes = 0;
+  for (const std::string& s : streams) bytes += s.size();
+  set_counters(state, bytes);
 }
 
 // ---- CUDA --------------------------------------------------------------------------------------
@@ -298,6 +336,8 @@ int register_all() {
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
   }
+  benchmark::RegisterBenchmark("rans-encode/ecsq:bits=4", BM_Rans, true)->Unit(benchmark::kMillisecond)->UseRealTime();
+  benchmark::RegisterBenchmark("rans-decode/ecsq:bits=4", BM_Rans, false)->Unit(benchmark::kMillisecond)->UseRealTime();
   for (const char* c : {"fixed:bits=3,group=128", "fixed:bits=4,group=128", "fixed:bits=4,group=128,ec=zstd",
                         "fixed:bits=3,gran=token,ec=zstd", "fixed:bits=4,gran=token,ec=zstd",
                         "fixed:bits=2,group=128,levels=lloyd", "fixed:bits=3,group=128,levels=lloyd",
