@@ -111,7 +111,8 @@ AMAQ_MULTIVERSION int64_t find_at_least(const uint8_t* sym, int64_t i, int64_t n
   return n;
 }
 
-// The low bits (`shift` each, least significant first) of elements [begin, begin + n).
+// The low bits (`shift` each, least significant first) of elements [begin, begin + n) into `bits`.
+// Chunks of kChunk start on a byte, so chunks on different threads write different bytes.
 void put_low(const uint8_t* low, int64_t begin, int64_t n, int shift, uint8_t* bits) {
   for (int64_t i = 0; i < n; ++i) {
     const int64_t at = (begin + i) * shift;
