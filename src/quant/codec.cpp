@@ -183,7 +183,8 @@ Encoded Codec::encode(const at::Tensor& x_in, const EncodeArgs& args) {
   const bool affine =
       (spec_.codec == CodecId::kFixed || spec_.codec == CodecId::kAmaq) && spec_.levels == LevelKind::kUniform;
   const bool levels = spec_.codec == CodecId::kFixed && spec_.levels != LevelKind::kUniform;
-  const bool checks_itself = affine || (levels && !spec_.hadamard);
+  const bool ecsq = spec_.codec == CodecId::kEcsq;
+  const bool checks_itself = affine || ((levels || ecsq) && !spec_.hadamard);
   if (gpu && (!affine || spec_.hadamard)) {
     if (!at::isfinite(x).all().item<bool>()) checked_max_abs(x.to(at::kCPU, at::kFloat).contiguous());  // names them
   } else if (!checks_itself || impl_ == Impl::kRef || (spec_.hadamard && spec_.rounding != Rounding::kNearest)) {
@@ -672,6 +673,9 @@ Encoded Codec::encode_ecsq(const at::Tensor& x_in, const EncodeArgs& args) {
   Encoded e;
   const at::Tensor x = host_input(x_in);
   const double rms = ecsq_rms(x.data_ptr<float>(), x.numel());
+  // NaN or Inf makes the sum of squares so: then name them (Codec::encode left the check to this
+  // pass, without a rotation); a finite sum that overflowed passes.
+  if (!std::isfinite(rms)) checked_max_abs(x);
   PacketHeader h;
   h.codec = static_cast<uint8_t>(CodecId::kEcsq);
   h.dtype = static_cast<uint8_t>(to_wire(x_in.scalar_type()));

@@ -178,6 +178,11 @@ TEST(Ecsq, PacketsDecodeToTheSendersCopyOnEveryPath) {
   const at::Tensor empty = at::zeros({0, 8});
   EXPECT_EQ(c.decode(c.encode(empty).packet).numel(), 0);
   EXPECT_AMAQ_ERROR(c.encode(at::full({2, 8}, NAN)), "NaN");
+  at::Tensor one_inf = at::zeros({3, 8});
+  one_inf[2][5] = -INFINITY;
+  EXPECT_AMAQ_ERROR(c.encode(one_inf), "Inf");
+  EXPECT_AMAQ_ERROR(c.encode(one_inf.to(at::kBFloat16)), "Inf");
+  EXPECT_AMAQ_ERROR(Codec(CodecSpec::parse("ecsq:bits=4,rot=hadamard,group=8")).encode(one_inf), "Inf");
   // A receiver that expects 32 values refuses a packet that declares more, before decoding it.
   EXPECT_AMAQ_ERROR(c.decode(c.encode(at::zeros({5, 8})).packet, at::kCPU, 32), "declares 40 values, more than the 32");
 }
