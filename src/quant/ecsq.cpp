@@ -132,24 +132,24 @@ struct Chunk {
   std::vector<uint8_t> sym;      // the symbols, kept for the sender's decoded copy
 };
 
-// What the receiver decodes for the table's codes: value[k] for code index k, and (without low
-// bits) lut[s] for symbol s, 0 past the table.
-struct Values {
-  std::vector<float> value, lut;
-};
+// Room for each table code's value (code index k), and at least 256 entries so that without low
+// bits (symbol = code index) a byte symbol indexes it directly.
+std::vector<float> values_for(const Table& t) {
+  return std::vector<float>(static_cast<size_t>(std::max(t.codes(), int32_t{256})), 0.0f);
+}
 
 // The values of elements [begin, begin + len) from their symbols sym[0, len), the packed low bits
 // and the chunk's escaped codes esc[0, escapes): symbols past the escape and a count of escapes
 // other than the chunk's are refused by name.
-void chunk_values(const Table& t, const Values& v, const uint8_t* sym, int64_t begin, int64_t len,
+void chunk_values(const Table& t, const std::vector<float>& value, const uint8_t* sym, int64_t begin, int64_t len,
                   const uint8_t* low_bits, const int32_t* esc, uint64_t escapes, float step, float* out) {
   if (t.shift) {
     for (int64_t i = 0; i < len; ++i) {
       const int32_t s = sym[i];
-      if (s < t.escape()) out[i] = v.value[(s << t.shift) | get_low(low_bits, begin + i, t.shift)];
+      if (s < t.escape()) out[i] = value[(s << t.shift) | get_low(low_bits, begin + i, t.shift)];
     }
   } else {
-    lookup_run(sym, len, v.lut.data(), out);
+    lookup_run(sym, len, value.data(), out);  // symbol = code index; 0 past the table
   }
   uint64_t e = 0;
   const auto escape = static_cast<uint8_t>(t.escape());
@@ -225,7 +225,7 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
   // Each code's level: the mean of what rounded to it, from its sub-cells' counts (each at its
   // middle; within half a step of the code by construction). The offsets travel as fp16, so the sender
   // decodes with the rounded ones too.
-  Values v{std::vector<float>(static_cast<size_t>(t.codes())), std::vector<float>(256, 0.0f)};
+  std::vector<float> value = values_for(t);
   std::vector<c10::Half> offset(static_cast<size_t>(t.codes()), c10::Half(0.0f));
   int64_t lo = 0, hi = -1;  // the codes in use: [lo, hi]
   for (int64_t k = 0; k < t.codes(); ++k) {
@@ -242,9 +242,8 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
       if (hi < lo) lo = k;
       hi = k;
     }
-    v.value[k] = step * level_of(k + t.first(), offset[k]);
+    value[k] = step * level_of(k + t.first(), offset[k]);
   }
-  if (!t.shift) std::copy(v.value.begin(), v.value.end(), v.lut.begin());
   w.put<uint16_t>(static_cast<uint16_t>(lo));
   w.put<uint16_t>(static_cast<uint16_t>(hi + 1));
   for (int64_t k = lo; k <= hi; ++k) w.put(offset[k]);
@@ -265,7 +264,7 @@ void ecsq_encode(const float* x, int64_t n, float step, int bits, std::string* o
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const Chunk& ch = chunk[c];
-      chunk_values(t, v, ch.sym.data(), c * kChunk, static_cast<int64_t>(ch.sym.size()), low_bits.data(),
+      chunk_values(t, value, ch.sym.data(), c * kChunk, static_cast<int64_t>(ch.sym.size()), low_bits.data(),
                    ch.escapes.data(), ch.escapes.size(), step, decoded + c * kChunk);
     }
   });
@@ -281,7 +280,7 @@ void ecsq_decode(ByteReader& r, int64_t n, float step, int bits, float* out) {
   const int64_t lo = r.get<uint16_t>("ecsq first code"), end = r.get<uint16_t>("ecsq codes end");
   if (lo > end || end > t.codes())
     throw PacketError("ecsq codes [" + std::to_string(lo) + ", " + std::to_string(end) + ") outside the table");
-  Values v{std::vector<float>(static_cast<size_t>(t.codes())), std::vector<float>(256, 0.0f)};
+  std::vector<float> value = values_for(t);
   for (int64_t k = 0; k < t.codes(); ++k) {
     c10::Half off(0.0f);
     if (k >= lo && k < end) {
@@ -289,9 +288,8 @@ void ecsq_decode(ByteReader& r, int64_t n, float step, int bits, float* out) {
       if (!(std::fabs(static_cast<float>(off)) <= 0.5f))
         throw PacketError("ecsq level of code " + std::to_string(k + t.first()) + " is not within half a step of it");
     }
-    v.value[k] = step * level_of(k + t.first(), off);
+    value[k] = step * level_of(k + t.first(), off);
   }
-  if (!t.shift) std::copy(v.value.begin(), v.value.end(), v.lut.begin());
   const int64_t chunk = r.get<uint32_t>("ecsq chunk");
   if (chunk < 1) throw PacketError("ecsq chunk of 0 elements");
   const int64_t chunks = (n + chunk - 1) / chunk;
@@ -321,7 +319,7 @@ void ecsq_decode(ByteReader& r, int64_t n, float step, int bits, float* out) {
       const int64_t begin = c * chunk, len = std::min(n, begin + chunk) - begin;
       rans::decode(std::string_view(streams + bytes_at[c], bytes_at[c + 1] - bytes_at[c]), sym.data(),
                    static_cast<size_t>(len));
-      chunk_values(t, v, sym.data(), begin, len, low, esc.data() + esc_at[c], esc_at[c + 1] - esc_at[c], step,
+      chunk_values(t, value, sym.data(), begin, len, low, esc.data() + esc_at[c], esc_at[c + 1] - esc_at[c], step,
                    out + begin);
     }
   });

@@ -5,11 +5,12 @@
 // where the values are large, which at high rate minimises the mean squared error for the rate
 // (Gish and Pierce). Each level is reconstructed at the mean of the values that rounded to it
 // (MSE-optimal, non-uniform reconstruction points: Lloyd's centroid condition for these cells),
-// estimated from how many fell in each eighth of the code's cell, and the codes are range-ANS coded (rans.h, htscodecs)
-// a chunk at a time. What is left above the Gaussian bound is the uniform quantizer's own 0.25 bit (docs/amaq.md).
+// estimated from how many fell in each of 15 equal sub-cells of the code's cell, and the codes are
+// range-ANS coded (rans.h, htscodecs) a chunk at a time. What is left above the Gaussian bound is
+// the uniform quantizer's own 0.25 bit (docs/amaq.md).
 //
-// rANS codes bytes: a code c's symbol is its coarse part c >> S (floor) plus K, where S = max(0, B - 6)
-// low bits go raw (at 7 and 8 bits, where a step is a thirtieth of the RMS and they are all but
+// rANS codes bytes: a code c's symbol is its coarse part c >> S (floor) plus K, where
+// S = max(0, B - 6) low bits go raw (at 7 and 8 bits, where a step is a thirtieth of the RMS and they are all but
 // uniform) and K = min(2^(B+1-S), 127); coarse parts outside [-K, K] are escaped (symbol 2K + 1).
 // The table's codes are [-K 2^S, (K + 1) 2^S), code c at index c + K 2^S.
 //

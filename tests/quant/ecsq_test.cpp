@@ -238,6 +238,39 @@ TEST(Ecsq, MeasuredBitsAreWithinThreeTenthsOfTheGaussianBound) {
               e.bits_per_element() - 0.5 * std::log2(1.0 / err));
 }
 
+// Each code decodes at the mean of the values that rounded to it, estimated from 15 sub-cells: within
+// a thirtieth of a step (half a sub-cell) plus fp16's rounding of the offset, against the exact means
+// computed here in plain loops. At 2 bits the step is coarse and the cells' means far from the codes.
+TEST(Ecsq, LevelsAreTheirValuesMeansWithinAThirtiethOfAStep) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(12);
+  const at::Tensor x = at::randn({256, 1024}, gen).pow(3);  // skewed within each cell
+  Codec c(CodecSpec::parse("ecsq:bits=2"));
+  const Encoded e = c.encode(x);
+  PacketHeader h;
+  std::memcpy(&h, e.packet.data(), sizeof h);
+  std::map<int64_t, std::pair<double, double>> exact, level;  // code: sum of q - code, count
+  const float* p = x.data_ptr<float>();
+  const float* d = e.decoded.data_ptr<float>();
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    const float q = p[i] / h.scale, code = std::nearbyint(q);
+    auto& [sum, count] = exact[static_cast<int64_t>(code)];
+    sum += q - code;
+    count += 1;
+    level[static_cast<int64_t>(code)] = {d[i] / h.scale - code, 0};
+  }
+  int checked = 0;
+  double largest = 0;
+  for (const auto& [code, sc] : exact) {
+    if (sc.second < 1000 || std::abs(code) > 8) continue;  // escapes beyond the table at 2 bits
+    const double mean = sc.first / sc.second, got = level[code].first;
+    largest = std::max(largest, std::abs(mean));
+    EXPECT_NEAR(got, mean, 1.0 / 30 + 1e-3) << "code " << code;
+    ++checked;
+  }
+  EXPECT_GE(checked, 5);
+  EXPECT_GT(largest, 0.05);  // the means are far enough from the codes for the check to mean something
+}
+
 // At 7 and 8 bits a code's low bits go raw, the rest is a byte symbol: on a Gaussian that costs
 // about the bits asked for (escaping what a byte table cannot hold would cost 1.3 bits more at 8),
 // and the error is a uniform quantizer's, step^2 / 12.

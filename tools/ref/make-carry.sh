@@ -21,7 +21,7 @@ CMAKE
 cp -r /usr/include/openssl .carry/ssl/include/
 cp /usr/include/x86_64-linux-gnu/openssl/* .carry/ssl/include/openssl/
 cp -L /usr/lib/x86_64-linux-gnu/libssl.so /usr/lib/x86_64-linux-gnu/libcrypto.so .carry/ssl/lib/
-# htscodecs (ecsq's rANS coder; CMakeLists.txt looks in .carry/hts first).
+# htscodecs (ecsq's rANS coder; CMakeLists.txt looks in .carry/hts after the system's paths).
 mkdir -p .carry/hts/include .carry/hts/lib
 cp -r /usr/include/htscodecs .carry/hts/include/
 lib=$(readlink -f /usr/lib/x86_64-linux-gnu/libhtscodecs.so)
