@@ -240,13 +240,14 @@ MeanStd mean_std(const std::vector<double>& v) {
   return m;
 }
 
-std::string pair_at_or_above(double bits, const std::vector<std::pair<std::string, double>>& candidates) {
-  std::string best;
-  double best_bits = std::numeric_limits<double>::infinity();
-  for (const auto& [name, b] : candidates) {
-    if (b >= bits && b < best_bits) best = name, best_bits = b;
+std::string pair_at_or_above(double fwd_bits, double bwd_bits, const std::vector<PairCandidate>& candidates) {
+  const PairCandidate* best = nullptr;
+  for (const PairCandidate& c : candidates) {
+    if (c.fwd_bits < fwd_bits || c.bwd_bits < bwd_bits) continue;
+    const double total = c.fwd_bits + c.bwd_bits, best_total = best ? best->fwd_bits + best->bwd_bits : 0;
+    if (!best || total < best_total || (total == best_total && c.fwd_bits < best->fwd_bits)) best = &c;
   }
-  return best;
+  return best ? best->name : std::string();
 }
 
 namespace {
@@ -486,16 +487,18 @@ std::string task_section(const ReportInput& in, const StudyTask& task, std::map<
   o += md_table(rows) + "\n";
 
   // Pairing: each AMAQ codec against the fixed-precision codec with the fewest measured bits at or above its own.
-  std::vector<std::pair<std::string, double>> fixed;
+  std::vector<PairCandidate> fixed;
   for (const StudyCodec& c : in.codecs) {
-    if (c.family.rfind("fixed", 0) == 0 && cells.at(c.name).fwd_bits.n)
-      fixed.emplace_back(c.name, cells.at(c.name).fwd_bits.mean);
+    const Cell& cell = cells.at(c.name);
+    if (c.family.rfind("fixed", 0) == 0 && cell.fwd_bits.n)
+      fixed.push_back({c.name, cell.fwd_bits.mean, cell.bwd_bits.mean});
   }
   // The pairing and the ablation, on one quality measure (`get`), in one direction.
   auto comparisons = [&](const std::string& title, const std::function<const MeanStd&(const Cell&)>& get, double scale,
                          bool up, int decimals) {
-    std::vector<std::vector<std::string>> pairs{
-        {"AMAQ", "eff. bits", title, "fixed precision", "eff. bits", title, "AMAQ − fixed", "2 × SE", "verdict"}};
+    std::vector<std::vector<std::string>> pairs{{"AMAQ", "eff. bits", "grad. bits", title, "fixed precision",
+                                                 "eff. bits", "grad. bits", title, "AMAQ − fixed", "2 × SE",
+                                                 "verdict"}};
     std::vector<std::vector<std::string>> abl{{"AMAQ (learned map)", "eff. bits", title, "random map, same histogram",
                                                "eff. bits", title, "learned − random", "2 × SE", "verdict"}};
     auto compare = [&](const Cell& a, const Cell& b, const char* win, const char* lose) {
@@ -509,15 +512,15 @@ std::string task_section(const ReportInput& in, const StudyTask& task, std::map<
     for (const StudyCodec& c : in.codecs) {
       if (c.family != "amaq" || !get(cells.at(c.name)).n) continue;
       const Cell& a = cells.at(c.name);
-      const std::string f = pair_at_or_above(a.fwd_bits.mean, fixed);
+      const std::string f = pair_at_or_above(a.fwd_bits.mean, a.bwd_bits.mean, fixed);
       if (f.empty()) {
-        pairs.push_back({c.name, pm(a.fwd_bits, 2), pm(get(a), decimals, scale), "none at or above these bits", "-",
-                         "-", "-", "-", "-"});
+        pairs.push_back({c.name, pm(a.fwd_bits, 2), pm(a.bwd_bits, 2), pm(get(a), decimals, scale),
+                         "none at or above these bits", "-", "-", "-", "-", "-", "-"});
       } else {
         const Cell& b = cells.at(f);
         auto [d, se, v] = compare(a, b, "AMAQ better", "AMAQ worse");
-        pairs.push_back({c.name, pm(a.fwd_bits, 2), pm(get(a), decimals, scale), f, pm(b.fwd_bits, 2),
-                         pm(get(b), decimals, scale), d, se, v});
+        pairs.push_back({c.name, pm(a.fwd_bits, 2), pm(a.bwd_bits, 2), pm(get(a), decimals, scale), f,
+                         pm(b.fwd_bits, 2), pm(b.bwd_bits, 2), pm(get(b), decimals, scale), d, se, v});
       }
       const auto r = cells.find(c.name + "-random");
       if (c.ablation && r != cells.end() && get(r->second).n) {
@@ -533,9 +536,9 @@ std::string task_section(const ReportInput& in, const StudyTask& task, std::map<
     return t;
   };
   o +=
-      "Each AMAQ codec is paired with the fixed-precision codec (per token or per group) whose measured forward bits, "
-      "averaged over "
-      "the run, are the fewest at or above AMAQ's. A difference within twice its standard error (over seeds) is a tie. "
+      "Each AMAQ codec is paired with the fixed-precision codec (per token or per group) whose measured bits, "
+      "averaged over the run, are at or above AMAQ's in both directions (activations forward, gradients back), with "
+      "the fewest in total. A difference within twice its standard error (over seeds) is a tie. "
       "The ablation's random-map run sends each channel at one width for the whole run: the AMAQ run's final map with "
       "its channels "
       "shuffled (`fixed:map=RUN/fwd_bit_map.json,shuffle=SEED` with the AMAQ codec's `gran`/`group`); the AMAQ run's "

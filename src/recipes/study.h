@@ -88,8 +88,16 @@ struct MeanStd {
 };
 MeanStd mean_std(const std::vector<double>& v);
 
-/// The pairing rule of the report: among `candidates` (name, measured bits), the one with the fewest
-/// bits at or above `bits`; empty when none reaches it.
-std::string pair_at_or_above(double bits, const std::vector<std::pair<std::string, double>>& candidates);
+/// A fixed-precision codec the report may pair an AMAQ codec with: its measured bits per element,
+/// forward (activations) and backward (gradients).
+struct PairCandidate {
+  std::string name;
+  double fwd_bits = 0, bwd_bits = 0;
+};
+
+/// The pairing rule of the report: among `candidates`, the one whose forward and backward bits are
+/// both at or above `fwd_bits` and `bwd_bits` with the fewest in total (then the fewest forward);
+/// empty when none reaches both.
+std::string pair_at_or_above(double fwd_bits, double bwd_bits, const std::vector<PairCandidate>& candidates);
 
 }  // namespace amaq::recipes

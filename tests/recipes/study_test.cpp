@@ -62,11 +62,22 @@ TEST(Study, MeanStdSpikesAndPairing) {
   std::iota(falling.rbegin(), falling.rend(), 1.0);
   EXPECT_EQ(count_spikes(falling), 0);
 
-  const std::vector<std::pair<std::string, double>> fixed{{"f4", 4.17}, {"f3", 3.17}, {"f2", 2.17}, {"g4", 4.5}};
-  EXPECT_EQ(pair_at_or_above(3.5, fixed), "f4");
-  EXPECT_EQ(pair_at_or_above(3.17, fixed), "f3");
-  EXPECT_EQ(pair_at_or_above(1.0, fixed), "f2");
-  EXPECT_EQ(pair_at_or_above(4.6, fixed), "");
+  // Gradients at 8.17 bits throughout: the forward bits decide.
+  const std::vector<PairCandidate> fixed{{"f4", 4.17, 8.17}, {"f3", 3.17, 8.17}, {"f2", 2.17, 8.17}, {"g4", 4.5, 8.17}};
+  EXPECT_EQ(pair_at_or_above(3.5, 8.17, fixed), "f4");
+  EXPECT_EQ(pair_at_or_above(3.17, 8.17, fixed), "f3");
+  EXPECT_EQ(pair_at_or_above(1.0, 8.17, fixed), "f2");
+  EXPECT_EQ(pair_at_or_above(4.6, 8.17, fixed), "");
+  EXPECT_EQ(pair_at_or_above(3.0, 8.2, fixed), "");  // no candidate sends that many gradient bits
+  // Both directions: the fewest total bits at or above in each, then the fewest forward bits.
+  const std::vector<PairCandidate> both{
+      {"f4b8", 4.17, 8.17}, {"f4b6", 4.17, 6.17}, {"f3b6", 3.17, 6.17}, {"f3b4", 3.17, 4.17}, {"f5b4", 5.17, 4.17}};
+  EXPECT_EQ(pair_at_or_above(3.1, 6.0, both), "f3b6");  // not f3b4 (too few gradient bits), not f4b6 (more bits)
+  EXPECT_EQ(pair_at_or_above(3.1, 4.0, both), "f3b4");
+  EXPECT_EQ(pair_at_or_above(4.0, 4.0, both), "f5b4");  // 9.34 in total, f4b6 10.34
+  EXPECT_EQ(pair_at_or_above(4.0, 7.0, both), "f4b8");
+  const std::vector<PairCandidate> tied{{"a", 5.0, 5.0}, {"b", 4.0, 6.0}};
+  EXPECT_EQ(pair_at_or_above(3.0, 3.0, tied), "b");  // equal totals: the fewer forward bits
 }
 
 nlohmann::json tiny_plan() {
