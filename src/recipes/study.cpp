@@ -192,19 +192,22 @@ RunStats read_run_stats(const std::string& run_dir, const std::string& metric) {
   r.metric = r.complete ? eval.value(metric, std::nan("")) : std::nan("");
   r.eval_loss = r.complete ? eval.value("loss", std::nan("")) : std::nan("");
   const size_t n = steps.size(), tail = static_cast<size_t>(std::floor(0.9 * static_cast<double>(n)));
-  double fp = 0, bp = 0, el = 0, fp_t = 0, el_t = 0, fw = 0, bw = 0;
+  double fp = 0, bp = 0, el = 0, fp_t = 0, bp_t = 0, el_t = 0, fw = 0, bw = 0;
   for (size_t i = 0; i < n; ++i) {
     const StepRecord& s = steps[i];
     fp += static_cast<double>(s.fwd_packet_bytes), bp += static_cast<double>(s.bwd_packet_bytes),
         el += static_cast<double>(s.elements);
     fw += static_cast<double>(s.fwd_wire_bytes), bw += static_cast<double>(s.bwd_wire_bytes);
-    if (i >= tail) fp_t += static_cast<double>(s.fwd_packet_bytes), el_t += static_cast<double>(s.elements);
+    if (i >= tail)
+      fp_t += static_cast<double>(s.fwd_packet_bytes), bp_t += static_cast<double>(s.bwd_packet_bytes),
+          el_t += static_cast<double>(s.elements);
     r.task_loss.push_back(s.task_loss);
     r.map_bits.push_back(s.fwd_bits.mean);
   }
   r.fwd_bits = el > 0 ? 8 * fp / el : 0;
   r.bwd_bits = el > 0 ? 8 * bp / el : 0;
   r.fwd_bits_last10 = el_t > 0 ? 8 * fp_t / el_t : 0;
+  r.bwd_bits_last10 = el_t > 0 ? 8 * bp_t / el_t : 0;
   r.fwd_mb_per_step = fw / 1e6 / static_cast<double>(n);
   r.bwd_mb_per_step = bw / 1e6 / static_cast<double>(n);
   const size_t tenth = std::max<size_t>(1, n / 10);
@@ -371,25 +374,25 @@ int run_jobs(std::vector<Job>& jobs, const StudyOptions& opt, int cores, JsonlLo
 
 struct Cell {  // one (task, codec): its seeds
   std::vector<RunStats> runs;
-  MeanStd metric, eval_loss, fwd_bits, fwd_bits_last10, bwd_bits, fwd_mb, bwd_mb;
+  MeanStd metric, eval_loss, fwd_bits, fwd_bits_last10, bwd_bits, bwd_bits_last10, fwd_mb, bwd_mb;
   int64_t diverged = 0, spiking = 0, incomplete = 0;
 };
 
 Cell make_cell(std::vector<RunStats> runs) {
   Cell c;
-  std::vector<double> m, l, fb, fbl, bb, fm, bm;
+  std::vector<double> m, l, fb, fbl, bb, bbl, fm, bm;
   for (const RunStats& r : runs) {
     if (!r.complete) {
       ++c.incomplete;
       continue;
     }
     m.push_back(r.metric), l.push_back(r.eval_loss), fb.push_back(r.fwd_bits), fbl.push_back(r.fwd_bits_last10),
-        bb.push_back(r.bwd_bits);
+        bb.push_back(r.bwd_bits), bbl.push_back(r.bwd_bits_last10);
     fm.push_back(r.fwd_mb_per_step), bm.push_back(r.bwd_mb_per_step);
     c.diverged += r.diverged, c.spiking += r.spikes > 0;
   }
   c.metric = mean_std(m), c.eval_loss = mean_std(l), c.fwd_bits = mean_std(fb), c.fwd_bits_last10 = mean_std(fbl);
-  c.bwd_bits = mean_std(bb), c.fwd_mb = mean_std(fm), c.bwd_mb = mean_std(bm);
+  c.bwd_bits = mean_std(bb), c.bwd_bits_last10 = mean_std(bbl), c.fwd_mb = mean_std(fm), c.bwd_mb = mean_std(bm);
   c.runs = std::move(runs);
   return c;
 }
@@ -473,15 +476,15 @@ std::string task_section(const ReportInput& in, const StudyTask& task, std::map<
                      100 * share);
   }
   std::vector<std::vector<std::string>> rows{{"codec", "activations (forward)", "eff. bits", "bits, last 10%",
-                                              "grad. bits", "MB/step fwd", "MB/step bwd", metric_title(task.metric),
-                                              "val loss", "diverged", "spiking", "runs"}};
+                                              "grad. bits", "grad. bits, last 10%", "MB/step fwd", "MB/step bwd",
+                                              metric_title(task.metric), "val loss", "diverged", "spiking", "runs"}};
   for (const StudyCodec& c : in.codecs) {
     const Cell& cell = cells.at(c.name);
     rows.push_back(
         {c.name, "`" + (c.family == "amaq-random" ? std::string("fixed:map=<learned map>,shuffle") : c.fwd) + "`",
-         pm(cell.fwd_bits, 2), pm(cell.fwd_bits_last10, 2), pm(cell.bwd_bits, 2), pm(cell.fwd_mb, 3),
-         pm(cell.bwd_mb, 3), pm(cell.metric, 1, sc), pm(cell.eval_loss, 4), std::to_string(cell.diverged),
-         std::to_string(cell.spiking),
+         pm(cell.fwd_bits, 2), pm(cell.fwd_bits_last10, 2), pm(cell.bwd_bits, 2), pm(cell.bwd_bits_last10, 2),
+         pm(cell.fwd_mb, 3), pm(cell.bwd_mb, 3), pm(cell.metric, 1, sc), pm(cell.eval_loss, 4),
+         std::to_string(cell.diverged), std::to_string(cell.spiking),
          fmt::format("{}{}", cell.metric.n, cell.incomplete ? fmt::format(" ({} missing)", cell.incomplete) : "")});
   }
   o += md_table(rows) + "\n";
@@ -639,9 +642,8 @@ std::map<std::string, std::string> render_report(const ReportInput& in) {
   }
   o += "- *eff. bits*: 8 × the codec's packet bytes (header, scales and bit map included) / activation elements, over "
        "the whole run; "
-       "*bits, last 10%*: the same over the last tenth of the steps. MB/step counts whole frames. *grad. bits*: the "
-       "same for the "
-       "gradients going back.\n"
+       "*bits, last 10%*: the same over the last tenth of the steps. MB/step counts whole frames. *grad. bits* and "
+       "*grad. bits, last 10%*: the same for the gradients going back.\n"
        "- *diverged*: a non-finite loss, or the mean task loss of the last 10% of steps above that of the first 10%. "
        "*spiking*: runs "
        "with a step whose loss exceeds twice the median of the 10 steps before it.\n\n";

@@ -68,8 +68,8 @@ struct RunStats {
   bool complete = false;
   int64_t steps = 0;
   double metric = 0, eval_loss = 0;
-  double fwd_bits = 0, fwd_bits_last10 = 0;  ///< 8 x packet bytes / elements, whole run and last 10% of steps
-  double bwd_bits = 0;
+  double fwd_bits = 0, fwd_bits_last10 = 0;         ///< 8 x packet bytes / elements, whole run and last 10% of steps
+  double bwd_bits = 0, bwd_bits_last10 = 0;         ///< the same for the gradients
   double fwd_mb_per_step = 0, bwd_mb_per_step = 0;  ///< whole frames
   bool diverged = false;
   int64_t spikes = 0;

@@ -145,7 +145,8 @@ TEST(IntegrationStudy, TinyPlanRunsEndToEndResumesAndReports) {
   EXPECT_LT(bf16.fwd_bits, 16.5);
   EXPECT_GE(f4.fwd_bits, 4.0 + 32.0 / 32);
   EXPECT_LT(f4.fwd_bits, 4.0 + 32.0 / 32 + 0.5);
-  EXPECT_NEAR(f4.bwd_bits, f4.fwd_bits + 4, 0.2);  // gradients at 8 bits, same layout
+  EXPECT_NEAR(f4.bwd_bits, f4.fwd_bits + 4, 0.2);                // gradients at 8 bits, same layout
+  EXPECT_NEAR(f4.bwd_bits_last10, f4.fwd_bits_last10 + 4, 0.2);  // the same over the last tenth of the steps
   // The task's metric is the run's last evaluation: an exact-match fraction over its validation rows.
   nlohmann::json bf16_eval;
   std::istringstream log(read_file(join_path(opt.out, "runs/wp/bf16/seed-1/metrics.jsonl")));
@@ -176,8 +177,9 @@ TEST(IntegrationStudy, TinyPlanRunsEndToEndResumesAndReports) {
   }
   const std::string md = read_file(join_path(opt.out, "report/results.md"));
   for (const char* s : {"| bf16 |", "| fixed-4-token |", "| amaq-3 |", "| amaq-3-random |", "wp-pareto.svg",
-                        "Outlier channels", "at every layer boundary (`amaq outliers`): after layer 1:",
-                        "Hardest to quantize: after layer", "commit `test`"}) {
+                        "grad. bits, last 10%", "Outlier channels",
+                        "at every layer boundary (`amaq outliers`): after layer 1:", "Hardest to quantize: after layer",
+                        "commit `test`"}) {
     EXPECT_NE(md.find(s), std::string::npos) << s;
   }
   for (const char* f :
