@@ -470,10 +470,26 @@ std::string task_section(const ReportInput& in, const StudyTask& task, std::map<
   const bool higher = is_higher_better(task.metric);
   std::string o = fmt::format("## Task `{}`: {} ({} is better)\n\n", task.name, metric_title(task.metric),
                               higher ? "higher" : "lower");
+  // What answering without learning scores: the majority label of a classification task, else 0.
+  double floor = 0;
   if (const auto m = in.majority.find(task.name); m != in.majority.end()) {
     const auto& [share, label] = m->second;
+    floor = share;
     o += fmt::format("Always answering the majority label `{}` scores {:.1f}% on the evaluated rows.\n\n", label,
                      100 * share);
+  }
+  // The uncompressed baseline must learn the task, or no comparison below means anything.
+  for (const StudyCodec& c : in.codecs) {
+    const MeanStd& b = cells.at(c.name).metric;
+    if (c.family != "none" || !b.n || !higher) continue;
+    const double se = b.n > 1 ? b.std / std::sqrt(static_cast<double>(b.n)) : 0;
+    const bool learned = b.n > 1 && b.mean - floor > 2 * se && b.mean > floor;
+    o += fmt::format(
+        "**Did the baseline learn?** {} (`{}`) scores {} against {:.1f}{} without learning: {}.\n\n", c.name, c.fwd,
+        pm(b, 1, sc), sc * floor, sc == 100 ? "%" : "",
+        learned ? fmt::format("yes, {:.1f} standard errors above it", (b.mean - floor) / se)
+                : "**no** (not more than two standard errors above it, or one seed): this grid is void for this task, "
+                  "and the comparisons below measure nothing");
   }
   std::vector<std::vector<std::string>> rows{{"codec", "activations (forward)", "eff. bits", "bits, last 10%",
                                               "grad. bits", "grad. bits, last 10%", "MB/step fwd", "MB/step bwd",
