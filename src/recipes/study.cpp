@@ -471,10 +471,10 @@ std::string task_section(const ReportInput& in, const StudyTask& task, std::map<
   std::string o = fmt::format("## Task `{}`: {} ({} is better)\n\n", task.name, metric_title(task.metric),
                               higher ? "higher" : "lower");
   // What answering without learning scores: the majority label of a classification task, else 0.
-  double floor = 0;
+  double chance = 0;
   if (const auto m = in.majority.find(task.name); m != in.majority.end()) {
     const auto& [share, label] = m->second;
-    floor = share;
+    chance = share;
     o += fmt::format("Always answering the majority label `{}` scores {:.1f}% on the evaluated rows.\n\n", label,
                      100 * share);
   }
@@ -483,13 +483,15 @@ std::string task_section(const ReportInput& in, const StudyTask& task, std::map<
     const MeanStd& b = cells.at(c.name).metric;
     if (c.family != "none" || !b.n || !higher) continue;
     const double se = b.n > 1 ? b.std / std::sqrt(static_cast<double>(b.n)) : 0;
-    const bool learned = b.n > 1 && b.mean - floor > 2 * se && b.mean > floor;
-    o += fmt::format(
-        "**Did the baseline learn?** {} (`{}`) scores {} against {:.1f}{} without learning: {}.\n\n", c.name, c.fwd,
-        pm(b, 1, sc), sc * floor, sc == 100 ? "%" : "",
-        learned ? fmt::format("yes, {:.1f} standard errors above it", (b.mean - floor) / se)
-                : "**no** (not more than two standard errors above it, or one seed): this grid is void for this task, "
-                  "and the comparisons below measure nothing");
+    const bool learned = b.n > 1 && b.mean > chance && b.mean - chance > 2 * se;
+    std::string verdict =
+        "**no** (not more than two standard errors above it, or one seed): this grid is void for this task, and the "
+        "comparisons below measure nothing";
+    if (learned)
+      verdict = se > 0 ? fmt::format("yes, {:.1f} standard errors above it", (b.mean - chance) / se)
+                       : std::string("yes, every seed alike above it");
+    o += fmt::format("**Did the baseline learn?** {} (`{}`) scores {} against {:.1f}{} without learning: {}.\n\n",
+                     c.name, c.fwd, pm(b, 1, sc), sc * chance, sc == 100 ? "%" : "", verdict);
   }
   std::vector<std::vector<std::string>> rows{{"codec", "activations (forward)", "eff. bits", "bits, last 10%",
                                               "grad. bits", "grad. bits, last 10%", "MB/step fwd", "MB/step bwd",
@@ -505,7 +507,8 @@ std::string task_section(const ReportInput& in, const StudyTask& task, std::map<
   }
   o += md_table(rows) + "\n";
 
-  // Pairing: each AMAQ codec against the fixed-precision codec with the fewest measured bits at or above its own.
+  // Pairing: each AMAQ codec against a fixed-precision codec at or above its measured bits both ways
+  // (pair_at_or_above).
   std::vector<PairCandidate> fixed;
   for (const StudyCodec& c : in.codecs) {
     const Cell& cell = cells.at(c.name);
