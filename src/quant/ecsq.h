@@ -10,8 +10,9 @@
 // the uniform quantizer's own 0.25 bit (docs/amaq.md).
 //
 // rANS codes bytes: a code c's symbol is its coarse part c >> S (floor) plus K, where
-// S = max(0, B - 6) low bits go raw (at 7 and 8 bits, where a step is a thirtieth of the RMS and they are all but
-// uniform) and K = min(2^(B+1-S), 127); coarse parts outside [-K, K] are escaped (symbol 2K + 1).
+// S = max(0, B - 6) low bits go raw (at 7 and 8 bits, where a step is a thirtieth of the RMS and
+// they are all but uniform) and K = min(2^(B+1-S), 127); coarse parts outside [-K, K] are escaped
+// (symbol 2K + 1).
 // The table's codes are [-K 2^S, (K + 1) 2^S), code c at index c + K 2^S.
 //
 // Body (after the packet header, whose `scale` is the step and `bits` the target, and the dims):

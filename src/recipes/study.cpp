@@ -482,8 +482,8 @@ std::string task_section(const ReportInput& in, const StudyTask& task, std::map<
   for (const StudyCodec& c : in.codecs) {
     const MeanStd& b = cells.at(c.name).metric;
     if (c.family != "none" || !b.n || !higher) continue;
-    const double se = b.n > 1 ? b.std / std::sqrt(static_cast<double>(b.n)) : 0;
-    const bool learned = b.n > 1 && b.mean > chance && b.mean - chance > 2 * se;
+    const double se = std::sqrt(b.mean_variance());
+    const bool learned = b.n > 1 && b.mean - chance > 2 * se;
     std::string verdict =
         "**no** (not more than two standard errors above it, or one seed): this grid is void for this task, and the "
         "comparisons below measure nothing";
@@ -526,7 +526,7 @@ std::string task_section(const ReportInput& in, const StudyTask& task, std::map<
     auto compare = [&](const Cell& a, const Cell& b, const char* win, const char* lose) {
       const MeanStd &ma = get(a), &mb = get(b);
       const double d = (ma.mean - mb.mean) * scale;
-      const double se = std::sqrt((ma.n ? ma.std * ma.std / ma.n : 0) + (mb.n ? mb.std * mb.std / mb.n : 0)) * scale;
+      const double se = std::sqrt(ma.mean_variance() + mb.mean_variance()) * scale;
       std::string verdict = std::abs(d) <= 2 * se || d == 0 ? "tie (within noise)" : (up ? d > 0 : d < 0) ? win : lose;
       if (ma.n < 2 || mb.n < 2) verdict += " (one seed: no noise estimate)";
       return std::tuple{fmt::format("{:+.{}f}", d, decimals), fmt::format("{:.{}f}", 2 * se, decimals), verdict};

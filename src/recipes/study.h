@@ -85,6 +85,8 @@ int64_t count_spikes(const std::vector<double>& loss, int window = 10, double fa
 struct MeanStd {
   double mean = 0, std = 0;  ///< std: sample standard deviation (0 for one value)
   int64_t n = 0;
+  /// The squared standard error of the mean, std^2 / n (0 without values).
+  double mean_variance() const { return n ? std * std / static_cast<double>(n) : 0; }
 };
 MeanStd mean_std(const std::vector<double>& v);
 
