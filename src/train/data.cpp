@@ -108,10 +108,16 @@ Dataset Dataset::load(const std::string& path, const Tokenizer& tok, int64_t seq
       if (tok.eos_id() >= 0) e.ids.push_back(tok.eos_id());
       e.labels = e.ids;
       std::fill(e.labels.begin(), e.labels.begin() + static_cast<std::ptrdiff_t>(n_prompt), kIgnoreLabel);
-      if (static_cast<int64_t>(e.ids.size()) > seq_len) {  // keep the completion: cut the prompt's front
+      if (static_cast<int64_t>(e.ids.size()) > seq_len) {
+        // Keep the completion. An instruction loses its prompt's front (the question is at the end);
+        // a text to classify its tail, as a classifier's tokenizer truncates (the front says most:
+        // subject, greeting, first sentence), unless the label alone is too long for that.
         const auto cut = static_cast<std::ptrdiff_t>(e.ids.size()) - seq_len;
-        e.ids.erase(e.ids.begin(), e.ids.begin() + cut);
-        e.labels.erase(e.labels.begin(), e.labels.begin() + cut);
+        const auto from = d.format == DataFormat::kClassification && cut <= static_cast<std::ptrdiff_t>(n_prompt)
+                              ? static_cast<std::ptrdiff_t>(n_prompt) - cut
+                              : 0;
+        e.ids.erase(e.ids.begin() + from, e.ids.begin() + from + cut);
+        e.labels.erase(e.labels.begin() + from, e.labels.begin() + from + cut);
       }
       d.examples.push_back(std::move(e));
     }

@@ -55,6 +55,11 @@ TEST(Data, ClassificationCollectsLabelWords) {
   EXPECT_EQ(d.format, DataFormat::kClassification);
   EXPECT_EQ(d.label_words, (std::vector<std::string>{"1", "neg", "pos"}));
   EXPECT_EQ(tok.decode(d.examples[0].ids), "good pos");
+  // Too long: the text's tail is cut, its front and the label kept (the label word's loss intact).
+  Dataset cut = Dataset::load(tmp.file("c.jsonl"), tok, 6);
+  EXPECT_EQ(tok.decode(cut.examples[0].ids), "g pos");
+  EXPECT_EQ(cut.examples[0].labels, (std::vector<int64_t>{kIgnoreLabel, ' ', 'p', 'o', 's', ByteTokenizer::kEos}));
+  EXPECT_EQ(tok.decode(cut.examples[1].ids), "b neg");
 }
 
 TEST(Data, MalformedInputNamesFileAndLine) {
