@@ -60,6 +60,8 @@ TEST(Data, ClassificationCollectsLabelWords) {
   EXPECT_EQ(tok.decode(cut.examples[0].ids), "g pos");
   EXPECT_EQ(cut.examples[0].labels, (std::vector<int64_t>{kIgnoreLabel, ' ', 'p', 'o', 's', ByteTokenizer::kEos}));
   EXPECT_EQ(tok.decode(cut.examples[1].ids), "b neg");
+  // A window shorter than the label: what is left of the label, as for an instruction.
+  EXPECT_EQ(tok.decode(Dataset::load(tmp.file("c.jsonl"), tok, 3).examples[0].ids), "os");
 }
 
 TEST(Data, MalformedInputNamesFileAndLine) {
