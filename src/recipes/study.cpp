@@ -253,6 +253,15 @@ std::string pair_at_or_above(double fwd_bits, double bwd_bits, const std::vector
   return best ? best->name : std::string();
 }
 
+std::string baseline_verdict(const MeanStd& baseline, double chance) {
+  const double se = std::sqrt(baseline.mean_variance());
+  if (baseline.n < 2 || !(baseline.mean - chance > 2 * se))
+    return "**no** (not more than two standard errors above it, or one seed): this grid is void for this task, and "
+           "the comparisons below measure nothing";
+  return se > 0 ? fmt::format("yes, {:.1f} standard errors above it", (baseline.mean - chance) / se)
+                : std::string("yes, every seed alike above it");
+}
+
 namespace {
 
 // ---- running ----
@@ -482,16 +491,8 @@ std::string task_section(const ReportInput& in, const StudyTask& task, std::map<
   for (const StudyCodec& c : in.codecs) {
     const MeanStd& b = cells.at(c.name).metric;
     if (c.family != "none" || !b.n || !higher) continue;
-    const double se = std::sqrt(b.mean_variance());
-    const bool learned = b.n > 1 && b.mean - chance > 2 * se;
-    std::string verdict =
-        "**no** (not more than two standard errors above it, or one seed): this grid is void for this task, and the "
-        "comparisons below measure nothing";
-    if (learned)
-      verdict = se > 0 ? fmt::format("yes, {:.1f} standard errors above it", (b.mean - chance) / se)
-                       : std::string("yes, every seed alike above it");
     o += fmt::format("**Did the baseline learn?** {} (`{}`) scores {} against {:.1f}{} without learning: {}.\n\n",
-                     c.name, c.fwd, pm(b, 1, sc), sc * chance, sc == 100 ? "%" : "", verdict);
+                     c.name, c.fwd, pm(b, 1, sc), sc * chance, sc == 100 ? "%" : "", baseline_verdict(b, chance));
   }
   std::vector<std::vector<std::string>> rows{{"codec", "activations (forward)", "eff. bits", "bits, last 10%",
                                               "grad. bits", "grad. bits, last 10%", "MB/step fwd", "MB/step bwd",

@@ -102,4 +102,9 @@ struct PairCandidate {
 /// empty when none reaches both.
 std::string pair_at_or_above(double fwd_bits, double bwd_bits, const std::vector<PairCandidate>& candidates);
 
+/// Whether the uncompressed baseline learned a task, as the report words it: "yes, ..." when its
+/// mean over seeds (more than one) is more than two standard errors above `chance` (what answering
+/// without learning scores), else "**no** ..." (the grid is void for that task).
+std::string baseline_verdict(const MeanStd& baseline, double chance);
+
 }  // namespace amaq::recipes

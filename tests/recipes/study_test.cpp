@@ -80,6 +80,18 @@ TEST(Study, MeanStdSpikesAndPairing) {
   EXPECT_EQ(pair_at_or_above(3.0, 3.0, tied), "b");  // equal totals: the fewer forward bits
 }
 
+TEST(Study, BaselineLearnedOnlyBeyondTwoStandardErrorsOfChance) {
+  const auto learned = [](const MeanStd& b, double chance) { return baseline_verdict(b, chance).rfind("yes", 0) == 0; };
+  // The small plan's bf16: 0.809 ± 0.056 over 5 seeds against 0.647: (0.809 - 0.647) / (0.056 / sqrt 5) = 6.5 SE.
+  EXPECT_EQ(baseline_verdict({0.809, 0.056, 5}, 0.647), "yes, 6.5 standard errors above it");
+  EXPECT_FALSE(learned({0.70, 0.10, 4}, 0.647));  // 1.1 SE
+  EXPECT_TRUE(learned({0.76, 0.10, 4}, 0.647));   // 2.26 SE
+  EXPECT_FALSE(learned({0.90, 0.0, 1}, 0.647));   // one seed: no noise estimate
+  EXPECT_EQ(baseline_verdict({0.5, 0.0, 3}, 0.0), "yes, every seed alike above it");
+  EXPECT_FALSE(learned({0.0, 0.0, 3}, 0.0));  // exact match 0 on every seed
+  EXPECT_NE(baseline_verdict({0.3, 0.2, 2}, 0.4).find("void"), std::string::npos);
+}
+
 nlohmann::json tiny_plan() {
   return nlohmann::json::parse(R"({
     "name": "tiny", "split": 1, "seeds": [1, 2],
